@@ -1,0 +1,39 @@
+"""safelora-ray: Safe LoRA (NeurIPS 2024) as a distributed batch processor on Ray.
+
+Python API (the same verbs as the CLI)::
+
+    from safelora_ray import BuildConfig, build, inspect
+    result = build(BuildConfig(base="hf://meta-llama/Llama-2-7b-hf",
+                               aligned="hf://meta-llama/Llama-2-7b-chat-hf",
+                               out="s3://bucket/alignment/llama2-7b-qv"))
+    print(inspect(result.uri).summary())
+"""
+
+from safelora_ray._version import __version__
+from safelora_ray.build import BuildConfig, BuildResult, build, inspect
+from safelora_ray.errors import (
+    AdapterError,
+    AlignmentSetError,
+    CheckpointError,
+    ConfigError,
+    SafeLoraError,
+    SafetensorsFormatError,
+    StorageError,
+)
+from safelora_ray.formats.alignment_set import AlignmentSet
+
+__all__ = [
+    "AdapterError",
+    "AlignmentSet",
+    "AlignmentSetError",
+    "BuildConfig",
+    "BuildResult",
+    "CheckpointError",
+    "ConfigError",
+    "SafeLoraError",
+    "SafetensorsFormatError",
+    "StorageError",
+    "__version__",
+    "build",
+    "inspect",
+]

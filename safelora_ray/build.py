@@ -1,0 +1,437 @@
+"""Alignment-set build on Ray: plan on the driver, one actor per shard of layers.
+
+Each actor streams its modules: a reader thread fetches the next modules' base and aligned
+tensors (ranged reads) while the current one is computed, so a worker holds only a few modules
+in memory whatever the model size. Output files are written to a local temp file with a
+precomputed safetensors header, then published atomically; ``manifest.parquet`` and, last,
+``alignment.json`` are written by the driver once every shard is in place.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import queue
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import torch
+from tqdm.auto import tqdm
+
+from safelora_ray._version import __version__
+from safelora_ray.errors import AlignmentSetError, CheckpointError, ConfigError
+from safelora_ray.formats.alignment_set import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    METADATA_FILE,
+    AlignmentSet,
+    ManifestRow,
+    content_id,
+    manifest_table,
+    parquet_bytes,
+    read_metadata,
+)
+from safelora_ray.formats.checkpoint import Checkpoint, read_ref
+from safelora_ray.formats.safetensors_io import SafetensorsWriter
+from safelora_ray.math_core import compute_alignment
+from safelora_ray.plan import (
+    DEFAULT_MAX_FILE_BYTES,
+    DEFAULT_TARGETS,
+    FilePlan,
+    ModulePlan,
+    parse_targets,
+    plan_build,
+)
+from safelora_ray.ray_utils import (
+    ensure_ray,
+    get_unwrapped,
+    pick_device,
+    plan_workers,
+    wait_one,
+    worker_runtime_env,
+)
+from safelora_ray.storage import Storage, open_storage
+
+logger = logging.getLogger(__name__)
+
+METHOD_NAME = "safelora-fast"
+
+
+@dataclass
+class BuildConfig:
+    """Parameters of one alignment-set build.
+
+    Attributes:
+        base: URI of the base (unaligned) checkpoint.
+        aligned: URI of the aligned checkpoint.
+        out: URI where the alignment set is written.
+        targets: Module-name suffixes (``q_proj,v_proj``).
+        workers: Worker actors; None = one per GPU, or one per CPU without GPUs.
+        use_gpu: Force GPU (True) or CPU (False); None = GPUs when the cluster has them.
+        max_file_bytes: Cap on one output safetensors file.
+        prefetch: Modules read ahead per worker (bounds worker memory).
+        task_timeout_s: Longest a single output file may take before the build fails.
+        progress: Show a progress bar.
+        ray_address: Cluster address; None = ``RAY_ADDRESS`` or a new local Ray.
+    """
+
+    base: str
+    aligned: str
+    out: str
+    targets: Sequence[str] | str = DEFAULT_TARGETS
+    workers: int | None = None
+    use_gpu: bool | None = None
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    prefetch: int = 2
+    task_timeout_s: float = 3600.0
+    progress: bool = True
+    ray_address: str | None = None
+
+    def __post_init__(self) -> None:
+        self.targets = parse_targets(self.targets)
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"workers must be ≥ 1, got {self.workers}")
+        if self.max_file_bytes < 1:
+            raise ConfigError("max_file_bytes must be positive")
+        if self.prefetch < 1:
+            raise ConfigError("prefetch must be ≥ 1")
+        if self.task_timeout_s <= 0:
+            raise ConfigError("task_timeout_s must be positive")
+        for name in ("base", "aligned", "out"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name} is required")
+
+
+@dataclass
+class BuildResult:
+    """What a build did."""
+
+    uri: str
+    content_id: str
+    num_modules: int
+    source_bytes: int
+    bytes_read: int
+    stored_bytes: int
+    duration_s: float
+    reused: bool = False
+    workers: int = 0
+    device: str = "cpu"
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Fetched:
+    module: ModulePlan
+    base: torch.Tensor
+    aligned: torch.Tensor
+    digest: str
+    read_s: float
+
+
+class ShardBuilder:
+    """Builds the output files of one shard; plain Python (wrapped as a Ray actor below).
+
+    Args:
+        files: The shard's output files, in the order they will be requested.
+        out_uri: The alignment set's URI.
+        device: ``cpu`` or ``cuda``.
+        prefetch: Modules read ahead.
+    """
+
+    def __init__(self, files: Sequence[FilePlan], out_uri: str, device: str, prefetch: int = 2):
+        self.files = list(files)
+        self.out = open_storage(out_uri)
+        self.device = device
+        self.prefetch = prefetch
+        self._storages: dict[str, Storage] = {}
+        self._queue: queue.Queue[_Fetched | BaseException | None] | None = None
+        self._next_file = -1
+        self._stop = threading.Event()
+        self._pool = cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="safelora-read")
+
+    def bytes_fetched(self) -> int:
+        """Bytes read from source storages so far (their own counters)."""
+        return sum(s.bytes_read for s in self._storages.values())
+
+    def _storage(self, uri: str) -> Storage:
+        if uri not in self._storages:
+            self._storages[uri] = open_storage(uri)
+        return self._storages[uri]
+
+    def _fetch(self, m: ModulePlan) -> _Fetched:
+        t0 = time.perf_counter()
+        fb = self._pool.submit(read_ref, self._storage(m.base.uri), m.base)
+        fa = self._pool.submit(read_ref, self._storage(m.aligned.uri), m.aligned)
+        (tb, bb), (ta, ba) = fb.result(), fa.result()
+        h = hashlib.sha256()
+        h.update(bb)  # hashlib releases the GIL on large buffers: overlaps with compute
+        h.update(ba)
+        return _Fetched(m, tb, ta, "sha256:" + h.hexdigest(), time.perf_counter() - t0)
+
+    def _start_reader(self, first_file: int) -> None:
+        self._stop.set()
+        self._stop = stop = threading.Event()
+        q: queue.Queue[_Fetched | BaseException | None] = queue.Queue(maxsize=self.prefetch)
+        self._queue = q
+        modules = [m for f in self.files[first_file:] for m in f.modules]
+
+        def run() -> None:
+            try:
+                for m in modules:
+                    if stop.is_set():
+                        return
+                    item = self._fetch(m)
+                    while not stop.is_set():
+                        try:
+                            q.put(item, timeout=0.5)
+                            break
+                        except queue.Full:
+                            continue
+            except BaseException as e:  # surfaced to the consumer, which raises it
+                q.put(e)
+
+        threading.Thread(target=run, name="safelora-prefetch", daemon=True).start()
+
+    def _modules(self, index: int) -> Iterator[_Fetched]:
+        if self._queue is None or index != self._next_file:
+            self._start_reader(index)  # first call, or a retry after a restart
+        self._next_file = index + 1
+        assert self._queue is not None
+        for _ in self.files[index].modules:
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._queue = None
+                raise item
+            assert item is not None
+            yield item
+
+    def build_file(self, index: int) -> dict[str, Any]:
+        """Compute and publish output file ``index``; returns its manifest rows and timings."""
+        fplan = self.files[index]
+        layout = [(m.module, "F32", m.stored_shape) for m in fplan.modules]
+        rows: list[ManifestRow] = []
+        read_s = compute_s = 0.0
+        fd, tmp = tempfile.mkstemp(prefix="safelora-shard-", suffix=".safetensors")
+        os.close(fd)
+        try:
+            with SafetensorsWriter(tmp, layout, {"format": FORMAT}) as writer:
+                for item in self._modules(index):
+                    m = item.module
+                    read_s += item.read_s
+                    t0 = time.perf_counter()
+                    try:
+                        am = compute_alignment(
+                            item.base.to(self.device, non_blocking=True),
+                            item.aligned.to(self.device, non_blocking=True),
+                            form=m.form,
+                        )
+                    except ValueError as e:
+                        raise CheckpointError(f"module {m.module!r}: {e}") from None
+                    writer.write(m.module, am.tensor.cpu())
+                    compute_s += time.perf_counter() - t0
+                    rows.append(ManifestRow(
+                        module=m.module, tensor=m.base.name, layer=m.layer, kind=m.kind,
+                        shape=m.shape, form=m.form, stored_shape=m.stored_shape,
+                        shard=fplan.path, norm=am.norm, source_digest=item.digest,
+                        base_dtype=m.base.dtype, aligned_dtype=m.aligned.dtype,
+                    ))
+                    del item, am
+            t0 = time.perf_counter()
+            self.out.put_file(fplan.path, tmp)
+            write_s = time.perf_counter() - t0
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return {
+            "rows": rows,
+            "input_bytes": fplan.input_bytes,
+            "bytes_fetched": self.bytes_fetched(),
+            "read_s": read_s,
+            "compute_s": compute_s,
+            "write_s": write_s,
+            "device": self.device,
+        }
+
+
+@ray.remote(max_restarts=2, max_task_retries=2)
+class _BuildActor:
+    def __init__(self, files: Sequence[FilePlan], out_uri: str, num_gpus: float, prefetch: int):
+        device = pick_device(num_gpus)
+        if device == "cpu":
+            cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+            torch.set_num_threads(cpus)
+        self.builder = ShardBuilder(files, out_uri, device, prefetch)
+
+    def build_file(self, index: int) -> dict[str, Any]:
+        return self.builder.build_file(index)
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver side
+# ---------------------------------------------------------------------------------------------
+
+
+def _source_info(ckpt: Checkpoint, files: set[str]) -> dict[str, Any]:
+    info: dict[str, Any] = {"uri": ckpt.uri, "layout": ckpt.layout, "files": ckpt.versions(files)}
+    commit = getattr(ckpt.storage, "commit", None)
+    if commit:
+        info["revision"] = commit
+    return info
+
+
+def _same_inputs(existing: dict[str, Any], proposed: dict[str, Any]) -> bool:
+    keys = ("targets", "method")
+    if any(existing.get(k) != proposed.get(k) for k in keys):
+        return False
+    for side in ("base", "aligned"):
+        a, b = existing.get(side, {}), proposed.get(side, {})
+        if a.get("files") != b.get("files") or a.get("revision") != b.get("revision"):
+            return False
+    return True
+
+
+def build(config: BuildConfig) -> BuildResult:
+    """Build an alignment set (SPEC §1) on Ray.
+
+    Args:
+        config: What to build and where.
+
+    Returns:
+        A :class:`BuildResult`. If ``config.out`` already holds a complete set built from the
+        same inputs (same files and versions, targets and method), it is reused as it is.
+
+    Raises:
+        CheckpointError: bad or mismatched inputs (names the tensor).
+        AlignmentSetError: ``config.out`` holds a complete set built from other inputs.
+    """
+    t_start = time.perf_counter()
+    base = Checkpoint.open(config.base)
+    aligned = Checkpoint.open(config.aligned)
+    out = open_storage(config.out)
+
+    ensure_ray(config.ray_address)
+    res = plan_workers(config.workers, config.use_gpu)
+    plan = plan_build(base, aligned, config.targets, num_shards=res.num_workers,
+                      max_file_bytes=config.max_file_bytes)
+    method = {"name": METHOD_NAME, "compute_dtype": "float32", "stored_dtype": "float32",
+              "forms": {"C": "C = V Vᵀ/‖V‖_F", "V": "V; C B = V (Vᵀ B)/‖V‖_F"}}
+    base_files = {m.base.path for m in plan.modules}
+    aligned_files = {m.aligned.path for m in plan.modules}
+    proposed = {
+        "targets": list(plan.targets),
+        "method": method,
+        "base": _source_info(base, base_files),
+        "aligned": _source_info(aligned, aligned_files),
+    }
+    existing = read_metadata(out)
+    if existing is not None:
+        if _same_inputs(existing, proposed):
+            logger.info("%s already holds this alignment set (%s); reusing it",
+                        out.uri, existing["content_id"])
+            return BuildResult(out.uri, existing["content_id"], existing["num_modules"],
+                               existing.get("source_bytes", 0), 0,
+                               existing.get("stored_bytes", 0), time.perf_counter() - t_start,
+                               reused=True)
+        raise AlignmentSetError(
+            f"{out.uri} already holds alignment set {existing['content_id']} built from other "
+            "inputs; alignment sets are immutable: choose another --out"
+        )
+    # An interrupted build may have left shards: they are overwritten, and nothing reads them
+    # without alignment.json.
+    logger.info(
+        "building %d modules (%s) from %s and %s on %d %s worker(s): %.2f GB to read",
+        len(plan.modules), ",".join(plan.targets), base.uri, aligned.uri, len(plan.shards),
+        "GPU" if res.uses_gpu else "CPU", plan.input_bytes / 1e9,
+    )
+    actors = [
+        _BuildActor.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+                            runtime_env=worker_runtime_env()).remote(
+            files, out.uri, res.num_gpus, config.prefetch
+        )
+        for files in plan.shards
+    ]
+    pending: dict[ray.ObjectRef, int] = {}
+    for i, (actor, files) in enumerate(zip(actors, plan.shards, strict=False)):
+        for j in range(len(files)):
+            pending[actor.build_file.remote(j)] = i
+    rows: list[ManifestRow] = []
+    stats = {"read_s": 0.0, "compute_s": 0.0, "write_s": 0.0}
+    fetched_by_actor: dict[int, int] = {}
+    device = "cpu"
+    bar = tqdm(total=plan.input_bytes, unit="B", unit_scale=True, desc="build",
+               disable=not config.progress)
+    try:
+        while pending:
+            ref = wait_one(list(pending), config.task_timeout_s, "alignment shard file")
+            shard = pending.pop(ref)
+            result = get_unwrapped(ref, config.task_timeout_s)
+            rows.extend(result["rows"])
+            device = result["device"]
+            # Counters are cumulative per actor: keep the latest (calls finish in order).
+            fetched_by_actor[shard] = max(fetched_by_actor.get(shard, 0), result["bytes_fetched"])
+            for k in stats:
+                stats[k] += result[k]
+            bar.update(result["input_bytes"])
+    finally:
+        bar.close()
+        for a in actors:
+            ray.kill(a)
+
+    files_out = sorted({f.path for s in plan.shards for f in s})
+    # Everything fetched from the sources: the driver's index/header reads + the workers'.
+    bytes_read = base.storage.bytes_read + aligned.storage.bytes_read
+    bytes_read += sum(fetched_by_actor.values())
+    core = {"method": method, "targets": list(plan.targets)}
+    cid = content_id(core, rows)
+    out.put_bytes(MANIFEST_FILE, parquet_bytes(manifest_table(rows)))
+    duration = time.perf_counter() - t_start
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "content_id": cid,
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "tool_version": __version__,
+        **proposed,
+        "dtypes": {
+            "base": sorted({m.base.dtype for m in plan.modules}),
+            "aligned": sorted({m.aligned.dtype for m in plan.modules}),
+            "stored": "F32",
+        },
+        "num_modules": len(rows),
+        "shards": files_out,
+        "source_bytes": plan.input_bytes,
+        "bytes_read": bytes_read,
+        "stored_bytes": plan.output_bytes,
+        "build": {"workers": len(plan.shards), "device": device,
+                  "duration_s": round(duration, 3),
+                  **{k: round(v, 3) for k, v in stats.items()}},
+    }
+    # Written last: its presence is what makes the set complete.
+    out.put_bytes(METADATA_FILE, json.dumps(metadata, indent=2, ensure_ascii=False).encode())
+    logger.info("alignment set %s written to %s in %.1f s", cid, out.uri, duration)
+    return BuildResult(out.uri, cid, len(rows), plan.input_bytes, bytes_read,
+                       plan.output_bytes, duration, workers=len(plan.shards), device=device,
+                       stats=stats)
+
+
+def inspect(uri: str) -> AlignmentSet:
+    """Open the alignment set at ``uri`` (see :meth:`AlignmentSet.summary`)."""
+    return AlignmentSet.open(uri)
+
+
+__all__ = ["BuildConfig", "BuildResult", "ShardBuilder", "build", "inspect"]

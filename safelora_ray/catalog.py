@@ -1,0 +1,148 @@
+"""Adapter catalogs: where tenant adapters are and what their ids are.
+
+A catalog is either a directory tree (local or ``s3://``) in which every directory holding
+``adapter_config.json`` is an adapter whose id is its path relative to the catalog root, or a
+manifest file (``.parquet`` / ``.jsonl``) with a ``uri`` column (and optionally ``id``).
+Catalogs are listed lazily: the driver never holds the whole catalog in memory.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import posixpath
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from safelora_ray.errors import ConfigError, StorageError
+from safelora_ray.storage import open_storage
+from safelora_ray.storage.base import split_uri
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "adapter_config.json"
+MANIFEST_SUFFIXES = (".parquet", ".jsonl")
+MAX_MANIFEST_BYTES = 1024**3
+#: Output names the tool itself uses at the top of ``--out``; no adapter id may start so.
+RESERVED_PREFIX = "_"
+_ID_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=@-]*$")
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """One adapter of a catalog.
+
+    Attributes:
+        adapter_id: Stable id; also its output path under ``--out``.
+        uri: Storage root URI holding the adapter.
+        prefix: The adapter directory inside that storage (``""`` for the root itself).
+    """
+
+    adapter_id: str
+    uri: str
+    prefix: str
+
+
+def validate_id(adapter_id: str) -> str:
+    """Check an adapter id is a safe relative path; returns it.
+
+    Ids become output paths, so they may not be absolute, contain ``..`` or empty segments,
+    start with the reserved ``_``, or use characters outside ``[A-Za-z0-9._+=@-]``.
+
+    Raises:
+        ConfigError: naming the id and what is wrong.
+    """
+    if not adapter_id or adapter_id.startswith("/") or "\\" in adapter_id:
+        raise ConfigError(f"adapter id {adapter_id!r} is empty or absolute")
+    if adapter_id.startswith(RESERVED_PREFIX):
+        raise ConfigError(f"adapter id {adapter_id!r} starts with '_', reserved for reports")
+    for seg in adapter_id.split("/"):
+        if seg in ("", ".", ".."):
+            raise ConfigError(f"adapter id {adapter_id!r} has an empty, '.' or '..' segment")
+        if not _ID_SEGMENT.match(seg):
+            raise ConfigError(f"adapter id {adapter_id!r} has unsupported characters in {seg!r}")
+    return adapter_id
+
+
+def iter_catalog(uri: str) -> Iterator[AdapterRef | tuple[str, str]]:
+    """Yield the catalog's adapters in a stable order.
+
+    Yields:
+        :class:`AdapterRef` for each adapter, or ``(id_or_path, error message)`` for an entry
+        that cannot be an adapter (a bad id): the fleet run reports those and goes on.
+
+    Raises:
+        StorageError / ConfigError: the catalog itself cannot be read.
+    """
+    if uri.rstrip("/").endswith(MANIFEST_SUFFIXES):
+        yield from _iter_manifest(uri.rstrip("/"))
+        return
+    storage = open_storage(uri)
+    found = False
+    for obj in storage.list(""):
+        if posixpath.basename(obj.path) != CONFIG_FILE:
+            continue
+        found = True
+        prefix = posixpath.dirname(obj.path)
+        adapter_id = prefix or _root_name(storage.uri)
+        try:
+            validate_id(adapter_id)
+        except ConfigError as e:
+            yield (adapter_id, str(e))
+            continue
+        yield AdapterRef(adapter_id, storage.uri, prefix)
+    if not found:
+        logger.warning("no %s found under %s: the catalog is empty", CONFIG_FILE, storage.uri)
+
+
+def _root_name(uri: str) -> str:
+    _, rest = split_uri(uri)
+    return posixpath.basename(rest.rstrip("/")) or "adapter"
+
+
+def _iter_manifest(uri: str) -> Iterator[AdapterRef | tuple[str, str]]:
+    parent, name = uri.rsplit("/", 1) if "/" in uri else (".", uri)
+    storage = open_storage(parent)
+    raw = storage.read(name, max_bytes=MAX_MANIFEST_BYTES)
+    records: list[dict[str, object]]
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(io.BytesIO(raw))
+        except Exception as e:
+            raise ConfigError(f"{uri}: not a Parquet file: {e}") from e
+        if "uri" not in table.column_names:
+            raise ConfigError(f"{uri}: the manifest needs a 'uri' column")
+        cols = [c for c in ("id", "uri") if c in table.column_names]
+        records = table.select(cols).to_pylist()
+    else:
+        records = []
+        for i, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{uri}: line {i} is not JSON: {e}") from e
+            if not isinstance(rec, dict) or not isinstance(rec.get("uri"), str):
+                raise ConfigError(f"{uri}: line {i} needs a string 'uri'")
+            records.append(rec)
+    seen: set[str] = set()
+    for rec in records:
+        adapter_uri = str(rec["uri"]).rstrip("/")
+        adapter_id = str(rec.get("id") or _root_name(adapter_uri))
+        try:
+            validate_id(adapter_id)
+            if adapter_id in seen:
+                raise ConfigError(f"adapter id {adapter_id!r} appears twice in {uri}")
+        except ConfigError as e:
+            yield (adapter_id, str(e))
+            continue
+        seen.add(adapter_id)
+        yield AdapterRef(adapter_id, adapter_uri, "")
+
+
+__all__ = ["AdapterRef", "StorageError", "iter_catalog", "validate_id"]

@@ -1,0 +1,1 @@
+"""File formats: streaming, validating readers and writers (safetensors)."""

@@ -1,0 +1,288 @@
+"""The alignment set: what a build persists and every sanitize run reads.
+
+Layout under the set's URI::
+
+    shards/part-SSSSS-FFFF.safetensors   float32 tensors keyed by module name
+    manifest.parquet                     one row per module (see MANIFEST_SCHEMA)
+    alignment.json                       metadata; written last: its presence marks the set
+                                         complete
+
+A set is immutable: a build refuses to write over a complete set made from other inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from safelora_ray.errors import AlignmentSetError, NotFoundError, SafeLoraError
+from safelora_ray.formats.safetensors_io import SafetensorsHeader, read_header, read_tensor
+from safelora_ray.math_core import AlignmentMatrix
+from safelora_ray.storage import Storage, open_storage
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "safelora-ray/alignment-set"
+FORMAT_VERSION = 1
+METADATA_FILE = "alignment.json"
+MANIFEST_FILE = "manifest.parquet"
+MAX_METADATA_BYTES = 16 * 1024 * 1024
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field("module", pa.string(), nullable=False),
+        pa.field("tensor", pa.string(), nullable=False),
+        pa.field("layer", pa.int32()),
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("shape", pa.list_(pa.int64()), nullable=False),
+        pa.field("form", pa.string(), nullable=False),
+        pa.field("stored_shape", pa.list_(pa.int64()), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("norm", pa.float64(), nullable=False),
+        pa.field("source_digest", pa.string(), nullable=False),
+        pa.field("base_dtype", pa.string(), nullable=False),
+        pa.field("aligned_dtype", pa.string(), nullable=False),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One module of the set (a row of ``manifest.parquet``)."""
+
+    module: str
+    tensor: str
+    layer: int | None
+    kind: str
+    shape: tuple[int, ...]
+    form: str
+    stored_shape: tuple[int, ...]
+    shard: str
+    norm: float
+    source_digest: str
+    base_dtype: str
+    aligned_dtype: str
+
+
+def manifest_table(rows: Iterable[ManifestRow]) -> pa.Table:
+    """Rows → an Arrow table with :data:`MANIFEST_SCHEMA`, sorted by (layer, module)."""
+    rows = sorted(rows, key=lambda r: (r.layer if r.layer is not None else -1, r.module))
+    cols: dict[str, list[Any]] = {f.name: [] for f in MANIFEST_SCHEMA}
+    for r in rows:
+        for name in cols:
+            v = getattr(r, name)
+            cols[name].append(list(v) if isinstance(v, tuple) else v)
+    return pa.table(cols, schema=MANIFEST_SCHEMA)
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """Serialize a table to Parquet bytes (zstd)."""
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def content_id(metadata_core: dict[str, Any], rows: Iterable[ManifestRow]) -> str:
+    """A content id: a digest of the method, targets and every module's source digest and form.
+
+    Two builds from the same source bytes with the same parameters get the same id, whatever
+    the storage, sharding or hardware.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps(metadata_core, sort_keys=True).encode())
+    for r in sorted(rows, key=lambda r: r.module):
+        h.update(f"\n{r.module}|{r.source_digest}|{r.form}|{list(r.stored_shape)}".encode())
+    return "als-" + h.hexdigest()[:32]
+
+
+@dataclass
+class AlignmentSet:
+    """A complete alignment set opened for reading; tensors are loaded lazily per module.
+
+    Attributes:
+        storage: Where the set lives.
+        metadata: The parsed ``alignment.json``.
+        rows: Module name → manifest row.
+    """
+
+    storage: Storage
+    metadata: dict[str, Any]
+    rows: dict[str, ManifestRow]
+    _headers: dict[str, SafetensorsHeader] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def uri(self) -> str:
+        return self.storage.uri
+
+    @property
+    def content_id(self) -> str:
+        return str(self.metadata["content_id"])
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.metadata.get("targets", []))
+
+    @classmethod
+    def open(cls, uri_or_storage: str | Storage) -> AlignmentSet:
+        """Open a complete set.
+
+        Raises:
+            AlignmentSetError: no set there, an interrupted build (no ``alignment.json``), an
+                unknown format version, or a manifest that disagrees with the metadata.
+        """
+        storage = (
+            open_storage(uri_or_storage) if isinstance(uri_or_storage, str) else uri_or_storage
+        )
+        metadata = read_metadata(storage)
+        if metadata is None:
+            if storage.exists(MANIFEST_FILE) or any(True for _ in storage.list("shards/")):
+                raise AlignmentSetError(
+                    f"{storage.uri}: incomplete alignment set ({METADATA_FILE} is missing: the "
+                    "build was interrupted); run the build again"
+                )
+            raise AlignmentSetError(f"{storage.uri}: no alignment set ({METADATA_FILE} not found)")
+        try:
+            raw = storage.read(MANIFEST_FILE, max_bytes=MAX_MANIFEST_BYTES)
+            table = pq.read_table(io.BytesIO(raw))
+        except NotFoundError as e:
+            raise AlignmentSetError(f"{storage.uri}: {MANIFEST_FILE} is missing") from e
+        except (pa.ArrowException, OSError) as e:
+            raise AlignmentSetError(f"{storage.describe(MANIFEST_FILE)}: unreadable: {e}") from e
+        missing = [f.name for f in MANIFEST_SCHEMA if f.name not in table.column_names]
+        if missing:
+            raise AlignmentSetError(
+                f"{storage.describe(MANIFEST_FILE)}: columns missing: {', '.join(missing)}"
+            )
+        rows: dict[str, ManifestRow] = {}
+        for rec in table.select([f.name for f in MANIFEST_SCHEMA]).to_pylist():
+            rec["shape"] = tuple(rec["shape"])
+            rec["stored_shape"] = tuple(rec["stored_shape"])
+            rows[rec["module"]] = ManifestRow(**rec)
+        if len(rows) != metadata.get("num_modules"):
+            raise AlignmentSetError(
+                f"{storage.uri}: manifest has {len(rows)} modules, {METADATA_FILE} says "
+                f"{metadata.get('num_modules')}"
+            )
+        return cls(storage, metadata, rows)
+
+    def header(self, shard: str) -> SafetensorsHeader:
+        with self._lock:
+            h = self._headers.get(shard)
+        if h is None:
+            try:
+                h = read_header(self.storage, shard)
+            except NotFoundError as e:
+                raise AlignmentSetError(f"{self.storage.describe(shard)} is missing") from e
+            with self._lock:
+                self._headers[shard] = h
+        return h
+
+    def load(self, module: str, device: str = "cpu") -> AlignmentMatrix:
+        """Load one module's :class:`AlignmentMatrix` (a ranged read of its tensor)."""
+        row = self.rows.get(module)
+        if row is None:
+            raise AlignmentSetError(f"{self.uri}: module {module!r} is not in the alignment set")
+        header = self.header(row.shard)
+        if module not in header.tensors:
+            raise AlignmentSetError(f"{self.storage.describe(row.shard)}: no tensor {module!r}")
+        t = read_tensor(self.storage, header, module)
+        if tuple(t.shape) != row.stored_shape or str(t.dtype) != "torch.float32":
+            raise AlignmentSetError(
+                f"{self.storage.describe(row.shard)}: tensor {module!r} is {t.dtype} "
+                f"{list(t.shape)}, the manifest says float32 {list(row.stored_shape)}"
+            )
+        return AlignmentMatrix(row.form, t.to(device), row.norm)  # type: ignore[arg-type]
+
+    def summary(self) -> str:
+        """A readable multi-line summary (what ``safelora-ray inspect`` prints)."""
+        md = self.metadata
+        kinds: dict[str, int] = {}
+        forms: dict[str, int] = {}
+        for r in self.rows.values():
+            kinds[r.kind] = kinds.get(r.kind, 0) + 1
+            forms[r.form] = forms.get(r.form, 0) + 1
+        layers = sorted({r.layer for r in self.rows.values() if r.layer is not None})
+        norms = [r.norm for r in self.rows.values()]
+        lines = [
+            f"alignment set  {self.uri}",
+            f"content id     {self.content_id}",
+            f"method         {md.get('method', {}).get('name')}",
+            f"base           {_source_line(md.get('base', {}))}",
+            f"aligned        {_source_line(md.get('aligned', {}))}",
+            f"targets        {','.join(self.targets)}",
+            "modules        "
+            + f"{len(self.rows)} ("
+            + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
+            + f"), layers {layers[0] if layers else '-'}..{layers[-1] if layers else '-'}",
+            "stored forms   " + ", ".join(f"{k} {v}" for k, v in sorted(forms.items())),
+            f"stored bytes   {_human(int(md.get('stored_bytes', 0)))} in "
+            f"{len(md.get('shards', []))} shard file(s)",
+            f"source bytes   {_human(int(md.get('source_bytes', 0)))} read",
+            f"‖V‖_F          min {min(norms):.4g}  max {max(norms):.4g}" if norms else "",
+            f"built          {md.get('created_at')} by safelora-ray {md.get('tool_version')}"
+            f" on {md.get('build', {}).get('device')} x{md.get('build', {}).get('workers')}",
+        ]
+        return "\n".join(line for line in lines if line)
+
+
+def read_metadata(storage: Storage) -> dict[str, Any] | None:
+    """The parsed ``alignment.json``, or None when absent; validates the format."""
+    try:
+        raw = storage.read(METADATA_FILE, max_bytes=MAX_METADATA_BYTES)
+    except NotFoundError:
+        return None
+    where = storage.describe(METADATA_FILE)
+    try:
+        md = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AlignmentSetError(f"{where}: not JSON: {e}") from e
+    if not isinstance(md, dict) or md.get("format") != FORMAT:
+        raise AlignmentSetError(f"{where}: not a {FORMAT} metadata file")
+    if md.get("format_version") != FORMAT_VERSION:
+        raise AlignmentSetError(
+            f"{where}: format version {md.get('format_version')} is not supported "
+            f"(this safelora-ray reads version {FORMAT_VERSION})"
+        )
+    for key in ("content_id", "num_modules", "targets"):
+        if key not in md:
+            raise AlignmentSetError(f"{where}: field {key!r} is missing")
+    return md
+
+
+def _source_line(src: dict[str, Any]) -> str:
+    rev = src.get("revision")
+    return f"{src.get('uri')}" + (f" @ {rev}" if rev else "") + f" ({src.get('layout')})"
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{n} B"
+
+
+__all__ = [
+    "FORMAT",
+    "MANIFEST_FILE",
+    "METADATA_FILE",
+    "AlignmentSet",
+    "ManifestRow",
+    "SafeLoraError",
+    "content_id",
+    "manifest_table",
+    "parquet_bytes",
+    "read_metadata",
+]

@@ -1,0 +1,262 @@
+"""The Safe LoRA rule as pure tensor math (no I/O, no Ray).
+
+SPEC.md §1 and §2. Everything here takes torch tensors and returns tensors or plain numbers,
+so it can be tested exhaustively against a dense float64 computation.
+
+Conventions:
+    ``V = W_aligned - W_base`` (d_out x d_in), ``C = V Vᵀ / ‖V‖_F`` (d_out x d_out).
+    A LoRA module has ``A`` (r x d_in) and ``B`` (d_out x r); ΔW = B A.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: Stored forms of an alignment matrix:
+#: ``C``: the d_out x d_out matrix itself; ``V``: the difference V, with C B = V (Vᵀ B) / ‖V‖;
+#: ``U``: an orthonormal basis U_k of the exact truncated projection (SPEC §1, optional form).
+Form = Literal["C", "V", "U"]
+
+#: Decimals the reference rounds cosines to before comparing them with the threshold.
+COS_DECIMALS = 5
+
+
+def choose_form(d_out: int, d_in: int) -> Form:
+    """The smaller of the two equivalent stored forms of C for a d_out x d_in weight.
+
+    C has d_out² numbers and V has d_out·d_in; on a tie C wins because applying it costs one
+    matrix product instead of two.
+    """
+    return "C" if d_out <= d_in else "V"
+
+
+def alignment_difference(w_base: torch.Tensor, w_aligned: torch.Tensor) -> torch.Tensor:
+    """``V = W_aligned − W_base`` in float32, whatever the stored dtype (SPEC §1)."""
+    if w_base.shape != w_aligned.shape:
+        raise ValueError(f"shape mismatch: base {tuple(w_base.shape)} vs aligned "
+                         f"{tuple(w_aligned.shape)}")
+    if w_base.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(w_base.shape)}")
+    return w_aligned.to(torch.float32) - w_base.to(torch.float32)
+
+
+def frobenius_norm(t: torch.Tensor) -> float:
+    """‖t‖_F accumulated in float64 (a float32 sum over ~10⁸ squares loses digits)."""
+    return float(torch.linalg.vector_norm(t, dtype=torch.float64))
+
+
+@dataclass
+class AlignmentMatrix:
+    """The stored form of one module's alignment matrix.
+
+    Attributes:
+        form: ``"C"``, ``"V"`` or ``"U"`` (see :data:`Form`).
+        tensor: float32; C (d_out x d_out), V (d_out x d_in) or U_k (d_out x k).
+        norm: ‖V‖_F (float64 precision); used by the ``V`` form and reported for all.
+    """
+
+    form: Form
+    tensor: torch.Tensor
+    norm: float
+
+    @property
+    def d_out(self) -> int:
+        return int(self.tensor.shape[0])
+
+    def apply(self, b: torch.Tensor) -> torch.Tensor:
+        """``C B`` in float32 for B of shape d_out x n (n may be many adapters' ranks)."""
+        if b.dim() != 2 or b.shape[0] != self.d_out:
+            raise ValueError(f"B has shape {tuple(b.shape)}, expected ({self.d_out}, r)")
+        m = self.tensor
+        b = b.to(device=m.device, dtype=torch.float32)
+        if self.form == "C":
+            return m @ b
+        if self.form == "V":
+            return (m @ (m.T @ b)) / self.norm
+        return m @ (m.T @ b)
+
+    def dense(self) -> torch.Tensor:
+        """The d_out x d_out matrix (for tests and small models only)."""
+        m = self.tensor
+        if self.form == "C":
+            return m
+        if self.form == "V":
+            return (m @ m.T) / self.norm
+        return m @ m.T
+
+    def to(self, device: torch.device | str) -> AlignmentMatrix:
+        return AlignmentMatrix(self.form, self.tensor.to(device), self.norm)
+
+
+def compute_alignment(
+    w_base: torch.Tensor,
+    w_aligned: torch.Tensor,
+    *,
+    form: Form | None = None,
+    rank: int | None = None,
+    energy: float | None = None,
+) -> AlignmentMatrix:
+    """Build one module's alignment matrix from its base and aligned weights.
+
+    Args:
+        w_base: Base (unaligned) weight, d_out x d_in, any float dtype, on any device.
+        w_aligned: Aligned weight, same shape.
+        form: Stored form; default :func:`choose_form`. ``"U"`` selects the exact truncated
+            projection and needs ``rank`` or ``energy``.
+        rank: For form ``U``: keep the top ``rank`` left singular vectors.
+        energy: For form ``U``: keep the smallest k with Σ_{i≤k}σᵢ²/Σσᵢ² ≥ energy.
+
+    Returns:
+        The :class:`AlignmentMatrix` in float32 on the weights' device.
+
+    Raises:
+        ValueError: shapes differ, not 2-D, or ‖V‖_F = 0 (C undefined).
+    """
+    v = alignment_difference(w_base, w_aligned)
+    norm = frobenius_norm(v)
+    if norm == 0.0 or not math.isfinite(norm):
+        raise ValueError(
+            "‖W_aligned − W_base‖_F is 0 (identical weights): C = V Vᵀ/‖V‖_F is undefined"
+            if norm == 0.0 else f"‖W_aligned − W_base‖_F is {norm} (NaN/Inf in the weights)"
+        )
+    form = form or choose_form(*v.shape)
+    if form == "C":
+        return AlignmentMatrix("C", (v @ v.T) / norm, norm)
+    if form == "V":
+        return AlignmentMatrix("V", v.contiguous(), norm)
+    if form == "U":
+        return AlignmentMatrix("U", truncated_basis(v, rank=rank, energy=energy), norm)
+    raise ValueError(f"unknown form {form!r}")
+
+
+def truncated_basis(v: torch.Tensor, *, rank: int | None, energy: float | None) -> torch.Tensor:
+    """U_k: the top-k left singular vectors of V (SPEC §1, exact projection)."""
+    if (rank is None) == (energy is None):
+        raise ValueError("the exact projection needs exactly one of rank or energy")
+    u, s, _ = torch.linalg.svd(v.to(torch.float64), full_matrices=False)
+    if rank is not None:
+        if not 1 <= rank <= s.numel():
+            raise ValueError(f"rank {rank} outside 1..{s.numel()}")
+        k = rank
+    else:
+        assert energy is not None
+        if not 0.0 < energy <= 1.0:
+            raise ValueError(f"energy {energy} outside (0, 1]")
+        cum = torch.cumsum(s**2, 0) / torch.sum(s**2)
+        k = int(torch.searchsorted(cum, torch.tensor(energy, dtype=cum.dtype)).item()) + 1
+        k = min(k, s.numel())
+    return u[:, :k].to(torch.float32).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sanitizing: scores, selection, projection (SPEC §2)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModuleScore:
+    """Per-module figures of one adapter.
+
+    Attributes:
+        cos: cos(ΔW, C ΔW) = ⟨BA, CBA⟩_F / (‖BA‖_F ‖CBA‖_F), unrounded (NaN if a norm is 0).
+        cos_rounded: ``round(cos, 5)`` as the reference compares it.
+        norm_delta: ‖B A‖_F.
+        norm_projected: ‖C B A‖_F.
+        dist: ‖B − C B‖_F (for Pdst of an unprojected module).
+    """
+
+    cos: float
+    cos_rounded: float
+    norm_delta: float
+    norm_projected: float
+    dist: float
+
+
+def module_score(a: torch.Tensor, b: torch.Tensor, cb: torch.Tensor) -> ModuleScore:
+    """Score one module without any d x d matrix (SPEC §2).
+
+    With G = A Aᵀ (r x r): ⟨BA, WA⟩ = tr(BᵀW G), ‖BA‖² = tr(BᵀB G), ‖WA‖² = tr(WᵀW G).
+    The r x r products are formed in float64; ``cb`` = C B comes from the (float32) apply.
+
+    Args:
+        a: A, r x d_in.
+        b: B, d_out x r.
+        cb: C B, d_out x r.
+    """
+    a64 = a.to(torch.float64)
+    b64 = b.to(device=a.device, dtype=torch.float64)
+    w64 = cb.to(device=a.device, dtype=torch.float64)
+    g = a64 @ a64.T
+    inner = float(torch.sum((b64.T @ w64) * g))  # tr(Bᵀ W G) with G symmetric
+    nb2 = float(torch.sum((b64.T @ b64) * g))
+    nw2 = float(torch.sum((w64.T @ w64) * g))
+    nb = math.sqrt(max(nb2, 0.0))
+    nw = math.sqrt(max(nw2, 0.0))
+    cos = inner / (nb * nw) if nb > 0 and nw > 0 else float("nan")
+    dist = float(torch.linalg.vector_norm(b64 - w64))
+    return ModuleScore(cos, round_cos(cos), nb, nw, dist)
+
+
+def round_cos(cos: float) -> float:
+    """The reference's ``round(cos, 5)`` (NaN stays NaN)."""
+    return cos if math.isnan(cos) else round(cos, COS_DECIMALS)
+
+
+def select_modules(
+    cos_rounded: Mapping[str, float],
+    *,
+    threshold: float | None = None,
+    num_proj_layers: int | None = None,
+    strict: bool = False,
+) -> set[str]:
+    """The modules to project, by threshold or by number (SPEC §2, the reference's rule).
+
+    Args:
+        cos_rounded: Module name → rounded cosine.
+        threshold: Project every module with rounded cos ≤ threshold.
+        num_proj_layers: τ := the k-th smallest rounded cos, then the threshold rule (ties
+            may project more than k), unless ``strict``.
+        strict: With ``num_proj_layers``: exactly k modules, ties broken by module name.
+
+    Returns:
+        The set of selected module names. NaN cosines (a zero update) are never selected:
+        projecting a zero update changes nothing.
+    """
+    if (threshold is None) == (num_proj_layers is None):
+        raise ValueError("give exactly one of threshold or num_proj_layers")
+    finite = {m: c for m, c in cos_rounded.items() if not math.isnan(c)}
+    if threshold is not None:
+        return {m for m, c in finite.items() if c <= threshold}
+    k = int(num_proj_layers)  # type: ignore[arg-type]
+    if k < 0:
+        raise ValueError(f"num_proj_layers must be ≥ 0, got {k}")
+    if k == 0 or not finite:
+        return set()
+    ordered = sorted(finite.items(), key=lambda kv: (kv[1], kv[0]))
+    if strict:
+        return {m for m, _ in ordered[:k]}
+    tau = ordered[min(k, len(ordered)) - 1][1]
+    return {m for m, c in finite.items() if c <= tau}
+
+
+def pdst(dists: Sequence[float]) -> float:
+    """Pdst = mean of 1/(1 + ‖B_out − C B_in‖_F) over modules (1.0 for a projected module)."""
+    if not dists:
+        return float("nan")
+    return sum(1.0 / (1.0 + d) for d in dists) / len(dists)
+
+
+def residual_cosine(delta: torch.Tensor, projected: torch.Tensor) -> float:
+    """cos(ΔW, CΔW) for a full fine-tune residual (SPEC §3), in float64."""
+    d = delta.to(torch.float64).flatten()
+    p = projected.to(torch.float64).flatten()
+    nd, np_ = float(d.norm()), float(p.norm())
+    return float(d @ p) / (nd * np_) if nd > 0 and np_ > 0 else float("nan")

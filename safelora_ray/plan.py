@@ -1,0 +1,256 @@
+"""Build planning: which tensors to read, paired and checked, split into balanced shards.
+
+Source URI → :class:`Checkpoint` (index + headers only) → :class:`BuildPlan`. Nothing here
+reads tensor data.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from safelora_ray.errors import CheckpointError, ConfigError
+from safelora_ray.formats.checkpoint import Checkpoint, TensorRef
+from safelora_ray.math_core import Form, choose_form
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "v_proj")
+#: Stored dtypes a target weight may have.
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+#: Default cap on one output safetensors file of the alignment set.
+DEFAULT_MAX_FILE_BYTES = 2 * 1024**3
+
+_LAYER_RE = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+_TARGET_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.]*$")
+
+
+def parse_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
+    """Normalize ``--targets q_proj,v_proj`` into a sorted tuple of module-name suffixes."""
+    items = targets.split(",") if isinstance(targets, str) else list(targets)
+    out = sorted({t.strip() for t in items if t.strip()})
+    if not out:
+        raise ConfigError("no target modules given (e.g. --targets q_proj,v_proj)")
+    for t in out:
+        if not _TARGET_RE.match(t) or t.endswith("."):
+            raise ConfigError(f"invalid target module name {t!r}")
+    return tuple(out)
+
+
+def match_target(module: str, targets: Sequence[str]) -> str | None:
+    """The target that ``module`` matches (PEFT's suffix rule: equal, or ends with ``.t``)."""
+    for t in targets:
+        if module == t or module.endswith("." + t):
+            return t
+    return None
+
+
+def layer_index(module: str) -> int | None:
+    """The first integer path component (``model.layers.7.self_attn.q_proj`` → 7)."""
+    m = _LAYER_RE.search(module)
+    return int(m.group(1)) if m else None
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """One target module: both source tensors and what will be stored.
+
+    Attributes:
+        module: Module name (the tensor name without ``.weight``).
+        kind: The target it matched (``q_proj``).
+        layer: Layer index, if the name has one.
+        base: The base weight.
+        aligned: The aligned weight.
+        form: Stored form (``C`` or ``V``).
+        stored_shape: Shape of the stored float32 tensor.
+    """
+
+    module: str
+    kind: str
+    layer: int | None
+    base: TensorRef
+    aligned: TensorRef
+    form: Form
+    stored_shape: tuple[int, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.base.shape
+
+    @property
+    def input_bytes(self) -> int:
+        return self.base.nbytes + self.aligned.nbytes
+
+    @property
+    def output_bytes(self) -> int:
+        n = 4
+        for d in self.stored_shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class FilePlan:
+    """One output safetensors file of the alignment set: its path and modules in order."""
+
+    path: str
+    modules: tuple[ModulePlan, ...]
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(m.input_bytes for m in self.modules)
+
+
+@dataclass
+class BuildPlan:
+    """Everything a build needs to know before reading any tensor data.
+
+    Attributes:
+        base: The base checkpoint.
+        aligned: The aligned checkpoint.
+        targets: Target module suffixes.
+        modules: The target modules in layer order.
+        shards: One list of output files per worker.
+    """
+
+    base: Checkpoint
+    aligned: Checkpoint
+    targets: tuple[str, ...]
+    modules: list[ModulePlan]
+    shards: list[list[FilePlan]] = field(default_factory=list)
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(m.input_bytes for m in self.modules)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(m.output_bytes for m in self.modules)
+
+
+def plan_build(
+    base: Checkpoint,
+    aligned: Checkpoint,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    *,
+    num_shards: int = 1,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+) -> BuildPlan:
+    """Select, pair and check the target tensors, then shard them.
+
+    Args:
+        base: Base (unaligned) checkpoint.
+        aligned: Aligned checkpoint.
+        targets: Module-name suffixes to build (``q_proj``, ``v_proj``...).
+        num_shards: How many workers will share the work.
+        max_file_bytes: Cap on one output file's bytes (a module larger than this gets a file
+            of its own).
+
+    Raises:
+        CheckpointError: a target tensor is missing on one side, or shapes/dtypes differ, or a
+            target weight is not a 2-D float tensor; the message names the tensor.
+    """
+    targets = parse_targets(targets)
+    if num_shards < 1:
+        raise ConfigError(f"num_shards must be ≥ 1, got {num_shards}")
+
+    def selected(ckpt: Checkpoint) -> dict[str, str]:
+        out = {}
+        for name in ckpt.weight_map:
+            if name.endswith(".weight"):
+                kind = match_target(name[: -len(".weight")], targets)
+                if kind is not None:
+                    out[name] = kind
+        return out
+
+    sel_base, sel_aligned = selected(base), selected(aligned)
+    missing_aligned = sorted(set(sel_base) - set(sel_aligned))
+    missing_base = sorted(set(sel_aligned) - set(sel_base))
+    if missing_aligned or missing_base:
+        parts = []
+        if missing_aligned:
+            parts.append(f"missing from the aligned model {aligned.uri}: "
+                         + ", ".join(missing_aligned[:5]))
+        if missing_base:
+            parts.append(f"missing from the base model {base.uri}: " + ", ".join(missing_base[:5]))
+        raise CheckpointError("target tensors differ between base and aligned: " + "; ".join(parts))
+    if not sel_base:
+        raise CheckpointError(
+            f"no tensor of {base.uri} matches the targets {','.join(targets)} "
+            "(names must end with '.<target>.weight')"
+        )
+    found = set(sel_base.values())
+    absent = [t for t in targets if t not in found]
+    if absent:
+        raise CheckpointError(
+            f"target(s) {', '.join(absent)} match no tensor in {base.uri}; "
+            f"matched: {', '.join(sorted(found))}"
+        )
+
+    modules: list[ModulePlan] = []
+    for name, kind in sel_base.items():
+        b, a = base.ref(name), aligned.ref(name)
+        for ref in (b, a):
+            if ref.dtype not in FLOAT_DTYPES:
+                raise CheckpointError(f"{ref.describe()}: dtype {ref.dtype} is not a float type")
+            if len(ref.shape) != 2:
+                raise CheckpointError(f"{ref.describe()}: shape {list(ref.shape)} is not 2-D")
+            if 0 in ref.shape:
+                raise CheckpointError(f"{ref.describe()}: empty shape {list(ref.shape)}")
+        if b.shape != a.shape:
+            raise CheckpointError(
+                f"tensor {name!r}: shape {list(b.shape)} in base {base.uri} but "
+                f"{list(a.shape)} in aligned {aligned.uri}"
+            )
+        if b.dtype != a.dtype:
+            raise CheckpointError(
+                f"tensor {name!r}: dtype {b.dtype} in base {base.uri} but {a.dtype} in aligned "
+                f"{aligned.uri}"
+            )
+        module = name[: -len(".weight")]
+        d_out, d_in = b.shape
+        form = choose_form(d_out, d_in)
+        stored = (d_out, d_out) if form == "C" else (d_out, d_in)
+        modules.append(ModulePlan(module, kind, layer_index(module), b, a, form, stored))
+
+    modules.sort(key=lambda m: (m.layer if m.layer is not None else -1, m.module))
+    plan = BuildPlan(base, aligned, targets, modules)
+    plan.shards = shard_modules(modules, num_shards, max_file_bytes)
+    return plan
+
+
+def shard_modules(
+    modules: Sequence[ModulePlan], num_shards: int, max_file_bytes: int
+) -> list[list[FilePlan]]:
+    """Split modules (in layer order) into ≤ ``num_shards`` contiguous runs of balanced input
+    bytes, each run cut into output files of at most ``max_file_bytes``.
+
+    Contiguous runs keep a shard's layers together (its reads then hit few checkpoint files).
+    """
+    total = sum(m.input_bytes for m in modules)
+    n = max(1, min(num_shards, len(modules)))
+    runs: list[list[ModulePlan]] = [[] for _ in range(n)]
+    acc = 0
+    for m in modules:
+        # Place each module by the midpoint of its byte range: balanced within one module.
+        idx = min(n - 1, int((acc + m.input_bytes / 2) * n / total)) if total else 0
+        runs[idx].append(m)
+        acc += m.input_bytes
+    shards: list[list[FilePlan]] = []
+    for i, run in enumerate(r for r in runs if r):
+        files: list[FilePlan] = []
+        cur: list[ModulePlan] = []
+        cur_bytes = 0
+        for m in run:
+            if cur and cur_bytes + m.output_bytes > max_file_bytes:
+                files.append(FilePlan("", tuple(cur)))
+                cur, cur_bytes = [], 0
+            cur.append(m)
+            cur_bytes += m.output_bytes
+        if cur:
+            files.append(FilePlan("", tuple(cur)))
+        shards.append([FilePlan(f"shards/part-{i:05d}-{j:04d}.safetensors", f.modules)
+                       for j, f in enumerate(files)])
+    return shards

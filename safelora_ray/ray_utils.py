@@ -1,0 +1,126 @@
+"""Small Ray helpers shared by the build and the sanitizer (connection, resources, waiting)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+logger = logging.getLogger(__name__)
+
+
+#: Storage settings forwarded from the driver to worker actors. Secrets (keys, tokens) are
+#: deliberately absent: workers get credentials from the platform (IRSA, instance profiles,
+#: mounted secrets), and a runtime_env is visible in the dashboard.
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "HF_HOME",
+    "HF_HUB_CACHE",
+    "HF_HUB_OFFLINE",
+    "HF_ENDPOINT",
+)
+
+
+def worker_runtime_env() -> dict[str, Any]:
+    """A runtime_env that gives worker actors the driver's storage settings."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    return {"env_vars": env} if env else {}
+
+
+def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
+    """Connect to the cluster in ``address`` / ``RAY_ADDRESS``, or start a local one.
+
+    A driver already connected (tests, Ray Jobs) is left as it is.
+    """
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True}
+    if address is None:
+        kwargs["include_dashboard"] = False
+    kwargs.update(init_kwargs)
+    logger.info("connecting to Ray at %s", address or "a new local instance")
+    ray.init(address=address, **kwargs)
+
+
+@dataclass(frozen=True)
+class WorkerResources:
+    """What one worker actor asks of the scheduler and where it computes."""
+
+    num_workers: int
+    num_cpus: float
+    num_gpus: float
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self.num_gpus > 0
+
+
+def plan_workers(
+    requested: int | None, use_gpu: bool | None, cpus_per_worker: float = 1.0
+) -> WorkerResources:
+    """Decide how many worker actors to start and what each asks for.
+
+    Args:
+        requested: Number of workers, or None for one per GPU (GPU clusters) or one per
+            ``cpus_per_worker`` CPUs.
+        use_gpu: True/False to force; None uses GPUs when the cluster has any.
+        cpus_per_worker: CPUs a CPU worker takes.
+
+    GPU workers take a fractional CPU (0.25): a whole CPU each would starve the driver and
+    the readers on small nodes and can deadlock a 2-CPU pipeline.
+    """
+    res = ray.cluster_resources()
+    gpus = int(res.get("GPU", 0))
+    cpus = float(res.get("CPU", 1))
+    gpu = gpus > 0 if use_gpu is None else use_gpu
+    if gpu and gpus == 0:
+        raise RuntimeError("use_gpu=True but the Ray cluster has no GPU")
+    if gpu:
+        n = requested or gpus
+        return WorkerResources(n, 0.25, 1.0)
+    n = requested or max(1, int(cpus // cpus_per_worker))
+    return WorkerResources(n, cpus_per_worker, 0.0)
+
+
+def wait_one(refs: Sequence[ray.ObjectRef], timeout_s: float, what: str) -> ray.ObjectRef:
+    """Wait for the next of ``refs`` to finish; raise TimeoutError naming ``what`` if none does."""
+    ready, _ = ray.wait(list(refs), num_returns=1, timeout=timeout_s)
+    if not ready:
+        raise TimeoutError(f"no {what} finished within {timeout_s:.0f} s")
+    return ready[0]
+
+
+def pick_device(num_gpus: float) -> str:
+    """``cuda`` when the actor was given a GPU and torch sees one, else ``cpu``."""
+    import torch
+
+    if num_gpus > 0 and ray.get_gpu_ids() and torch.cuda.is_available():
+        return "cuda"
+    if num_gpus > 0:
+        logger.warning("worker was scheduled on a GPU but torch sees no CUDA device; using CPU")
+    return "cpu"
+
+
+def get_unwrapped(ref: ray.ObjectRef, timeout_s: float) -> Any:
+    """``ray.get`` with a timeout that re-raises our own errors without Ray's wrapper.
+
+    A :class:`~safelora_ray.errors.SafeLoraError` raised in a worker reaches the user as the
+    same one-line message it would have locally, not a remote traceback.
+    """
+    from safelora_ray.errors import SafeLoraError
+
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except ray.exceptions.RayTaskError as e:
+        cause = e.cause
+        if isinstance(cause, SafeLoraError):
+            raise cause from None
+        raise

@@ -1,0 +1,516 @@
+"""Fleet sanitization: an alignment set + a catalog of LoRA adapters → sanitized adapters.
+
+The driver streams the catalog into batches and keeps a bounded number of batches in flight
+on a pool of worker actors, each holding the alignment set once (on its GPU when it has one).
+A worker reads its batch's adapters, multiplies every adapter's B of one module by that
+module's C in a single matrix product, scores and selects modules per adapter exactly as
+SPEC §2 says, writes each adapter atomically, records it in the ledger and returns one row per
+adapter and per module. The driver streams those rows into Parquet reports.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+import traceback
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import torch
+from tqdm.auto import tqdm
+
+from safelora_ray.catalog import AdapterRef, iter_catalog
+from safelora_ray.errors import AdapterError, ConfigError, NotFoundError, SafeLoraError
+from safelora_ray.formats.alignment_set import AlignmentSet
+from safelora_ray.formats.peft_adapter import Adapter, output_digest, read_adapter, write_adapter
+from safelora_ray.math_core import AlignmentMatrix, module_score, pdst, select_modules
+from safelora_ray.ray_utils import (
+    ensure_ray,
+    get_unwrapped,
+    pick_device,
+    plan_workers,
+    wait_one,
+    worker_runtime_env,
+)
+from safelora_ray.reports import ReportWriter
+from safelora_ray.storage import Storage, open_storage
+
+logger = logging.getLogger(__name__)
+
+LEDGER_PREFIX = "_ledger"
+REPORTS_PREFIX = "_reports"
+
+
+@dataclass
+class SanitizeConfig:
+    """Parameters of one fleet sanitization run.
+
+    Attributes:
+        alignment: URI of a complete alignment set.
+        adapters: Catalog URI: a directory tree (local or ``s3://``) or a ``.parquet`` /
+            ``.jsonl`` manifest with a ``uri`` column.
+        out: Output root; adapter ``<id>`` goes to ``<out>/<id>/``, reports to
+            ``<out>/_reports/<run_id>/``.
+        threshold: Project every module whose rounded cosine is ≤ this (SPEC §2).
+        num_proj_layers: Or: project the k modules with the smallest cosines (ties included).
+        strict_k: With ``num_proj_layers``: exactly k modules, ties broken by module name.
+        force: Redo adapters the ledger says are already done.
+        workers: Worker actors (default: one per GPU, else one per CPU).
+        use_gpu: Force GPU/CPU workers; None = GPUs when the cluster has them.
+        batch_size: Adapters per task (their B matrices are batched per module).
+        max_in_flight: Batches queued per worker (backpressure).
+        run_id: Report folder name; default ``YYYYmmddTHHMMSSZ-<random>``.
+        progress: Show a progress bar.
+        task_timeout_s: Longest one batch may take.
+        max_adapter_bytes: Largest adapter weights file read into memory.
+        ray_address: Cluster address; None = ``RAY_ADDRESS`` or a new local Ray.
+    """
+
+    alignment: str
+    adapters: str
+    out: str
+    threshold: float | None = None
+    num_proj_layers: int | None = None
+    strict_k: bool = False
+    force: bool = False
+    workers: int | None = None
+    use_gpu: bool | None = None
+    batch_size: int = 8
+    max_in_flight: int = 2
+    run_id: str | None = None
+    progress: bool = True
+    task_timeout_s: float = 1800.0
+    max_adapter_bytes: int = 4 * 1024**3
+    ray_address: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.threshold is None) == (self.num_proj_layers is None):
+            raise ConfigError("give exactly one of --threshold or --num-proj-layers")
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise ConfigError(f"threshold must be a finite number, got {self.threshold}")
+        if self.num_proj_layers is not None and self.num_proj_layers < 1:
+            raise ConfigError(f"num_proj_layers must be ≥ 1, got {self.num_proj_layers}")
+        if self.strict_k and self.num_proj_layers is None:
+            raise ConfigError("strict_k needs num_proj_layers")
+        for name in ("batch_size", "max_in_flight"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be ≥ 1")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError("workers must be ≥ 1")
+        if self.run_id is None:
+            now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            self.run_id = f"{now}-{uuid.uuid4().hex[:6]}"
+        elif not self.run_id.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise ConfigError(f"run_id {self.run_id!r} may only use letters, digits, . _ -")
+
+    @property
+    def selection(self) -> dict[str, Any]:
+        """The selection parameters, as recorded in the ledger and reports."""
+        if self.threshold is not None:
+            return {"mode": "threshold", "threshold": self.threshold}
+        return {"mode": "number", "num_proj_layers": self.num_proj_layers,
+                "strict": self.strict_k}
+
+
+@dataclass
+class SanitizeResult:
+    """Counts and locations of one run."""
+
+    run_id: str
+    out: str
+    report_uri: str
+    total: int = 0
+    ok: int = 0
+    skipped: int = 0
+    error: int = 0
+    modules: int = 0
+    projected: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    duration_s: float = 0.0
+    alignment_id: str = ""
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def exit_ok(self) -> bool:
+        return self.error == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side
+# ---------------------------------------------------------------------------------------------
+
+
+def _params_id(selection: dict[str, Any]) -> str:
+    return json.dumps(selection, sort_keys=True)
+
+
+def ledger_path(adapter_id: str) -> str:
+    """Where the ledger record of ``adapter_id`` lives under ``--out``."""
+    return f"{LEDGER_PREFIX}/{adapter_id}.json"
+
+
+class FleetSanitizer:
+    """Sanitizes batches of adapters against one alignment set (plain Python; a Ray actor
+    wraps it). The set's matrices are loaded once, on first use, and stay on ``device``.
+
+    Args:
+        alignment_uri: The alignment set.
+        out_uri: Output root.
+        selection: :attr:`SanitizeConfig.selection`.
+        device: ``cpu`` or ``cuda``.
+        force: Ignore the ledger.
+        max_adapter_bytes: Cap on one adapter's weights file.
+    """
+
+    def __init__(self, alignment_uri: str, out_uri: str, selection: dict[str, Any],
+                 device: str = "cpu", force: bool = False,
+                 max_adapter_bytes: int = 4 * 1024**3):
+        self.aset = AlignmentSet.open(alignment_uri)
+        self.out = open_storage(out_uri)
+        self.selection = selection
+        self.device = device
+        self.force = force
+        self.max_adapter_bytes = max_adapter_bytes
+        self._matrices: dict[str, AlignmentMatrix] = {}
+        self._storages: dict[str, Storage] = {}
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _storage(self, uri: str) -> Storage:
+        if uri not in self._storages:
+            self._storages[uri] = open_storage(uri)
+        return self._storages[uri]
+
+    def matrix(self, module: str) -> AlignmentMatrix:
+        m = self._matrices.get(module)
+        if m is None:
+            m = self._matrices[module] = self.aset.load(module, device=self.device)
+        return m
+
+    def _ledger_key(self, digest: str) -> dict[str, str]:
+        return {"content_digest": digest, "alignment_id": self.aset.content_id,
+                "params": _params_id(self.selection)}
+
+    def _read_ledger(self, adapter_id: str) -> dict[str, Any] | None:
+        try:
+            rec = json.loads(self.out.read(ledger_path(adapter_id), max_bytes=1024**2))
+        except NotFoundError:
+            return None
+        except (ValueError, SafeLoraError):
+            logger.warning("unreadable ledger record for %s; redoing it", adapter_id)
+            return None
+        return rec if isinstance(rec, dict) else None
+
+    def _fingerprint(self, ref: AdapterRef) -> str | None:
+        """Cheap change detector from object versions (no weight download)."""
+        st = self._storage(ref.uri)
+        try:
+            parts = [st.version(f"{ref.prefix}/{n}" if ref.prefix else n)
+                     for n in ("adapter_config.json", "adapter_model.safetensors")]
+        except SafeLoraError:
+            return None
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+    def _done(self, ledger: dict[str, Any] | None, key: dict[str, str], ref: AdapterRef) -> bool:
+        if self.force or not ledger or ledger.get("key") != key:
+            return False
+        return self.out.exists(f"{ref.adapter_id}/adapter_config.json")
+
+    # -- the work --------------------------------------------------------------------------
+    def process(self, refs: Sequence[AdapterRef]) -> dict[str, Any]:
+        """Sanitize one batch; never raises for a bad adapter (it becomes an error row).
+
+        Returns:
+            ``{"adapters": [row, ...], "layers": [row, ...]}``.
+        """
+        t_batch = time.perf_counter()
+        rows: dict[str, dict[str, Any]] = {}
+        loaded: dict[str, tuple[AdapterRef, Adapter, float]] = {}
+        for ref in refs:
+            t0 = time.perf_counter()
+            row = rows[ref.adapter_id] = _base_row(ref)
+            try:
+                ledger = self._read_ledger(ref.adapter_id)
+                fp = self._fingerprint(ref)
+                if (not self.force and ledger and fp and ledger.get("fingerprint") == fp
+                        and ledger.get("key", {}).get("alignment_id") == self.aset.content_id
+                        and ledger.get("key", {}).get("params") == _params_id(self.selection)
+                        and self._done(ledger, ledger["key"], ref)):
+                    _skip(row, ledger, "unchanged since the last run (ledger)")
+                    continue
+                adapter = read_adapter(self._storage(ref.uri), ref.prefix, ref.adapter_id,
+                                       max_bytes=self.max_adapter_bytes)
+                row["source_digest"] = adapter.digest
+                row["bytes_in"] = adapter.nbytes
+                row["base_model"] = adapter.base_model
+                key = self._ledger_key(adapter.digest)
+                if self._done(ledger, key, ref):
+                    _skip(row, ledger, "already sanitized with this alignment set and selection")
+                    continue
+                self._check(adapter)
+                loaded[ref.adapter_id] = (ref, adapter, time.perf_counter() - t0)
+            except Exception as e:  # one bad adapter never stops the batch
+                _fail(row, e)
+        layers: list[dict[str, Any]] = []
+        if loaded:
+            projected = self._project_all([a for _, a, _ in loaded.values()])
+            for adapter_id, (ref, adapter, read_s) in loaded.items():
+                row = rows[adapter_id]
+                try:
+                    layers.extend(self._finish(ref, adapter, projected[adapter_id], row))
+                    row["read_s"] = round(read_s, 4)
+                except Exception as e:
+                    _fail(row, e)
+        for row in rows.values():
+            row["batch_s"] = round(time.perf_counter() - t_batch, 4)
+        return {"adapters": list(rows.values()), "layers": layers}
+
+    def _check(self, adapter: Adapter) -> None:
+        missing = [m for m in adapter.modules if m not in self.aset.rows]
+        if missing:
+            raise AdapterError(
+                f"adapter {adapter.adapter_id!r}: {len(missing)} module(s) have no entry in "
+                f"alignment set {self.aset.content_id} (targets {','.join(self.aset.targets)}): "
+                + ", ".join(sorted(missing)[:5])
+            )
+        if not adapter.modules:
+            raise AdapterError(f"adapter {adapter.adapter_id!r}: no LoRA modules found")
+        for m, lm in adapter.modules.items():
+            d_out, d_in = self.aset.rows[m].shape
+            if next(iter(lm.b.shape)) != d_out or tuple(lm.a.shape)[1] != d_in:
+                raise AdapterError(
+                    f"adapter {adapter.adapter_id!r}: module {m!r} has A {list(lm.a.shape)} and "
+                    f"B {list(lm.b.shape)}, but the alignment set's weight is {d_out}x{d_in} "
+                    "(an adapter for another base model?)"
+                )
+
+    def _project_all(self, adapters: Sequence[Adapter]) -> dict[str, dict[str, torch.Tensor]]:
+        """C B for every adapter and module: one matrix product per module for the batch."""
+        by_module: dict[str, list[tuple[str, torch.Tensor]]] = {}
+        for ad in adapters:
+            for m, lm in ad.modules.items():
+                by_module.setdefault(m, []).append((ad.adapter_id, lm.b))
+        out: dict[str, dict[str, torch.Tensor]] = {ad.adapter_id: {} for ad in adapters}
+        for m, items in by_module.items():
+            mat = self.matrix(m)
+            bcat = torch.cat([b.to(self.device, torch.float32) for _, b in items], dim=1)
+            cb = mat.apply(bcat).cpu()
+            col = 0
+            for adapter_id, b in items:
+                r = b.shape[1]
+                out[adapter_id][m] = cb[:, col:col + r]
+                col += r
+        return out
+
+    def _finish(self, ref: AdapterRef, adapter: Adapter, cbs: dict[str, torch.Tensor],
+                row: dict[str, Any]) -> list[dict[str, Any]]:
+        t0 = time.perf_counter()
+        scores = {m: module_score(lm.a, lm.b, cbs[m]) for m, lm in adapter.modules.items()}
+        sel = self.selection
+        chosen = select_modules(
+            {m: s.cos_rounded for m, s in scores.items()},
+            threshold=sel.get("threshold"),
+            num_proj_layers=sel.get("num_proj_layers"),
+            strict=bool(sel.get("strict", False)),
+        )
+        new_b = {m: cbs[m] for m in chosen}
+        compute_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        tmp = tempfile.mkdtemp(prefix="safelora-adapter-")
+        try:
+            files = write_adapter(adapter, new_b, tmp, self._storage(ref.uri), ref.prefix)
+            out_digest = output_digest(files)
+            bytes_out = sum(os.path.getsize(p) for _, p in files)
+            self.out.put_tree(ref.adapter_id, files)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dists = [0.0 if m in chosen else s.dist for m, s in scores.items()]
+        ledger = {
+            "adapter_id": ref.adapter_id,
+            "source": f"{ref.uri.rstrip('/')}/{ref.prefix}".rstrip("/"),
+            "key": self._ledger_key(adapter.digest),
+            "fingerprint": self._fingerprint(ref),
+            "output_digest": out_digest,
+            "projected": sorted(chosen),
+            "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        # The ledger record goes last: an adapter is "done" only once its output is in place.
+        self.out.put_bytes(ledger_path(ref.adapter_id), json.dumps(ledger, indent=1).encode())
+        row.update(
+            status="ok", modules=len(scores), projected=len(chosen), pdst=pdst(dists),
+            output_digest=out_digest, bytes_out=bytes_out, compute_s=round(compute_s, 4),
+            write_s=round(time.perf_counter() - t1, 4),
+            untouched=len(adapter.untouched),
+            note=("modules_to_save left as is: " + ",".join(adapter.modules_to_save)
+                  if adapter.modules_to_save else None),
+        )
+        layers = []
+        for m, s in scores.items():
+            info = self.aset.rows[m]
+            layers.append({
+                "adapter_id": ref.adapter_id, "module": m, "layer": info.layer,
+                "kind": info.kind, "rank": int(adapter.modules[m].rank),
+                "cos": s.cos, "cos_rounded": s.cos_rounded, "projected": m in chosen,
+                "norm_delta": s.norm_delta, "norm_projected": s.norm_projected,
+                "dist": 0.0 if m in chosen else s.dist,
+            })
+        return layers
+
+
+def _base_row(ref: AdapterRef) -> dict[str, Any]:
+    return {
+        "adapter_id": ref.adapter_id, "source_uri": f"{ref.uri.rstrip('/')}/{ref.prefix}".rstrip(
+            "/"), "status": "error", "error": None, "modules": 0, "projected": 0,
+        "pdst": None, "source_digest": None, "output_digest": None, "base_model": None,
+        "bytes_in": 0, "bytes_out": 0, "read_s": 0.0, "compute_s": 0.0, "write_s": 0.0,
+        "batch_s": 0.0, "untouched": 0, "note": None,
+    }
+
+
+def _skip(row: dict[str, Any], ledger: dict[str, Any], why: str) -> None:
+    row.update(status="skipped", note=why, output_digest=ledger.get("output_digest"),
+               source_digest=ledger.get("key", {}).get("content_digest"),
+               projected=len(ledger.get("projected", [])))
+
+
+def _fail(row: dict[str, Any], e: BaseException) -> None:
+    row["status"] = "error"
+    if isinstance(e, SafeLoraError):
+        row["error"] = str(e)
+    else:  # unexpected: keep the type and the last frame for the operator
+        tb = traceback.extract_tb(e.__traceback__)
+        where = f" at {tb[-1].filename}:{tb[-1].lineno}" if tb else ""
+        row["error"] = f"adapter {row['adapter_id']!r}: {type(e).__name__}: {e}{where}"
+    logger.warning("%s", row["error"])
+
+
+@ray.remote(max_restarts=2, max_task_retries=2)
+class _SanitizeActor:
+    def __init__(self, alignment_uri: str, out_uri: str, selection: dict[str, Any],
+                 num_gpus: float, force: bool, max_adapter_bytes: int):
+        device = pick_device(num_gpus)
+        if device == "cpu":
+            cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+            torch.set_num_threads(cpus)
+        self.worker = FleetSanitizer(alignment_uri, out_uri, selection, device, force,
+                                     max_adapter_bytes)
+
+    def process(self, refs: Sequence[AdapterRef]) -> dict[str, Any]:
+        return self.worker.process(refs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver side
+# ---------------------------------------------------------------------------------------------
+
+
+def _batches(items: Iterator[AdapterRef | tuple[str, str]], size: int,
+             on_invalid) -> Iterator[list[AdapterRef]]:
+    batch: list[AdapterRef] = []
+    for item in items:
+        if isinstance(item, tuple):
+            on_invalid(*item)
+            continue
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def sanitize(config: SanitizeConfig) -> SanitizeResult:
+    """Sanitize every adapter of a catalog (SPEC §2) on Ray.
+
+    Returns:
+        A :class:`SanitizeResult`; bad adapters are counted as errors (and reported), never
+        raised.
+
+    Raises:
+        AlignmentSetError: the alignment set is missing or incomplete.
+        StorageError / ConfigError: the catalog or the output cannot be used at all.
+    """
+    t_start = time.perf_counter()
+    aset = AlignmentSet.open(config.alignment)  # fail fast, before any worker starts
+    out = open_storage(config.out)
+    ensure_ray(config.ray_address)
+    res = plan_workers(config.workers, config.use_gpu)
+    assert config.run_id is not None
+    report_prefix = f"{REPORTS_PREFIX}/{config.run_id}"
+    result = SanitizeResult(config.run_id, out.uri, out.describe(report_prefix),
+                            alignment_id=aset.content_id)
+    report = ReportWriter(config.run_id, aset, config.selection, config.adapters)
+
+    def record(payload: dict[str, Any]) -> None:
+        for row in payload["adapters"]:
+            result.total += 1
+            status = row["status"]
+            setattr(result, status, getattr(result, status) + 1)
+            result.modules += row["modules"]
+            result.projected += row["projected"] if status == "ok" else 0
+            result.bytes_in += row["bytes_in"]
+            result.bytes_out += row["bytes_out"]
+            if status == "error" and len(result.errors) < 1000:
+                result.errors.append((row["adapter_id"], row["error"]))
+        report.add(payload["adapters"], payload["layers"])
+        bar.update(len(payload["adapters"]))
+
+    def invalid(adapter_id: str, message: str) -> None:
+        row = _base_row(AdapterRef(adapter_id, config.adapters, ""))
+        row["error"] = message
+        record({"adapters": [row], "layers": []})
+
+    actors = [
+        _SanitizeActor.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+                               runtime_env=worker_runtime_env()).remote(
+            aset.uri, out.uri, config.selection, res.num_gpus, config.force,
+            config.max_adapter_bytes)
+        for _ in range(res.num_workers)
+    ]
+    logger.info("sanitizing %s with alignment set %s (%s) on %d %s worker(s) → %s",
+                config.adapters, aset.content_id, config.selection, len(actors),
+                "GPU" if res.uses_gpu else "CPU", out.uri)
+    bar = tqdm(desc="sanitize", unit="adapter", disable=not config.progress)
+    pending: dict[ray.ObjectRef, int] = {}
+    load = [0] * len(actors)
+    batches = _batches(iter_catalog(config.adapters), config.batch_size, invalid)
+    try:
+        exhausted = False
+        while True:
+            # Fill every worker up to max_in_flight batches: bounded memory on both sides.
+            while not exhausted and min(load) < config.max_in_flight:
+                batch = next(batches, None)
+                if batch is None:
+                    exhausted = True
+                    break
+                i = load.index(min(load))
+                pending[actors[i].process.remote(batch)] = i
+                load[i] += 1
+            if not pending:
+                break
+            ref = wait_one(list(pending), config.task_timeout_s, "adapter batch")
+            i = pending.pop(ref)
+            load[i] -= 1
+            record(get_unwrapped(ref, config.task_timeout_s))
+    finally:
+        bar.close()
+        for a in actors:
+            ray.kill(a)
+    result.duration_s = time.perf_counter() - t_start
+    report.finish(out, report_prefix, result)
+    logger.info("run %s: %d ok, %d skipped, %d failed in %.1f s; reports at %s", result.run_id,
+                result.ok, result.skipped, result.error, result.duration_s, result.report_uri)
+    return result
+
+
+__all__ = ["FleetSanitizer", "SanitizeConfig", "SanitizeResult", "ledger_path", "sanitize"]

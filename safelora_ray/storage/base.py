@@ -1,0 +1,177 @@
+"""The storage interface and URI dispatch."""
+
+from __future__ import annotations
+
+import abc
+import logging
+import os
+import posixpath
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from safelora_ray.errors import StorageError
+
+logger = logging.getLogger(__name__)
+
+#: Largest object :meth:`Storage.read` loads whole into memory unless told otherwise.
+DEFAULT_MAX_READ_BYTES = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One listed object.
+
+    Attributes:
+        path: Path relative to the storage root, ``/``-separated.
+        size: Size in bytes.
+        version: An opaque token that changes when the content changes (S3 ETag, Hub blob id,
+            local ``mtime_ns-size``).
+    """
+
+    path: str
+    size: int
+    version: str
+
+
+class Storage(abc.ABC):
+    """A root URI under which objects are read and written by relative path.
+
+    Implementations must be safe to use from several threads at once (the readers issue
+    concurrent ranged reads) and picklable (they travel to Ray workers); picklability is
+    provided by re-opening from :attr:`uri`.
+    """
+
+    #: The root URI, normalized (no trailing ``/``).
+    uri: str
+    #: Bytes fetched by reads on this instance (for "read only the targets" accounting).
+    bytes_read: int = 0
+    _count_lock = threading.Lock()
+
+    def _count(self, n: int) -> None:
+        with Storage._count_lock:
+            self.bytes_read += n
+
+    def __reduce__(self):  # re-open on the other side instead of pickling clients
+        return (open_storage, (self.uri,))
+
+    # -- reading -----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def size(self, path: str) -> int:
+        """Size in bytes of the object at ``path``; :class:`NotFoundError` if absent."""
+
+    @abc.abstractmethod
+    def read_range(self, path: str, start: int, length: int) -> bytes:
+        """Exactly ``length`` bytes from offset ``start``; error if the object is shorter."""
+
+    def read_into(self, path: str, start: int, buffer: memoryview) -> None:
+        """Fill ``buffer`` with the bytes at ``[start, start + len(buffer))``.
+
+        Backends override this to read without an intermediate copy or with parallel ranges.
+        """
+        buffer[:] = self.read_range(path, start, len(buffer))
+
+    def read(self, path: str, max_bytes: int = DEFAULT_MAX_READ_BYTES) -> bytes:
+        """The whole object; refuses objects larger than ``max_bytes``."""
+        n = self.size(path)
+        if n > max_bytes:
+            raise StorageError(
+                f"{self.describe(path)} is {n} bytes, more than the {max_bytes} allowed here"
+            )
+        return self.read_range(path, 0, n) if n else b""
+
+    @abc.abstractmethod
+    def exists(self, path: str) -> bool:
+        """Whether an object exists at ``path``."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Objects under ``prefix`` (recursive), lazily, in lexicographic order of path."""
+
+    @abc.abstractmethod
+    def version(self, path: str) -> str:
+        """The object's version token (see :class:`ObjectInfo`)."""
+
+    # -- writing -----------------------------------------------------------------------------
+    def put_bytes(self, path: str, data: bytes) -> None:
+        """Atomically write ``data`` at ``path``: readers see the old object or the new one."""
+        raise StorageError(f"{self.uri} is read-only")
+
+    def put_file(self, path: str, local_path: str) -> None:
+        """Atomically upload the local file ``local_path`` to ``path``."""
+        raise StorageError(f"{self.uri} is read-only")
+
+    def put_tree(self, prefix: str, files: list[tuple[str, str]]) -> None:
+        """Publish a set of files under ``prefix`` as one unit, as far as the backend allows.
+
+        ``files`` are ``(relative path, local file)`` pairs, in the order to publish them; the
+        last one is the marker that makes the tree visible (e.g. ``adapter_config.json``).
+        Backends with directories (local) stage the tree and rename it into place; object
+        stores upload each object atomically and the marker last.
+        """
+        for rel, local in files:
+            self.put_file(posixpath.join(prefix, rel), local)
+
+    def delete(self, path: str) -> None:
+        """Delete the object at ``path`` if it exists."""
+        raise StorageError(f"{self.uri} is read-only")
+
+    # -- misc ----------------------------------------------------------------------------------
+    def describe(self, path: str) -> str:
+        """A human-readable URI for ``path`` (used in error messages; never contains secrets)."""
+        return join_uri(self.uri, path)
+
+    def local_path(self, path: str) -> str | None:
+        """A local filesystem path holding the object's bytes, when there is one."""
+        return None
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """Split ``uri`` into ``(scheme, rest)``; plain paths have scheme ``file``."""
+    if "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        return scheme.lower(), rest
+    return "file", uri
+
+
+def join_uri(uri: str, path: str) -> str:
+    """``uri`` joined with a relative ``path`` using ``/``."""
+    if not path:
+        return uri
+    return uri.rstrip("/") + "/" + path.lstrip("/")
+
+
+def normalize_relpath(path: str) -> str:
+    """Validate a relative object path: no absolute paths, no ``..``, no empty segments."""
+    if path in ("", "."):
+        return ""
+    p = path.replace("\\", "/")
+    if p.startswith("/") or any(seg in ("..", "") for seg in p.split("/")):
+        raise StorageError(f"invalid relative path {path!r}")
+    return p
+
+
+def open_storage(uri: str) -> Storage:
+    """Open the storage rooted at ``uri``.
+
+    Args:
+        uri: A local path, ``file:///abs/path``, ``s3://bucket[/prefix]`` or
+            ``hf://org/name[@revision]`` (optionally followed by ``/subdir``).
+
+    Returns:
+        A :class:`Storage` rooted there.
+    """
+    scheme, rest = split_uri(str(uri))
+    if scheme == "file":
+        from safelora_ray.storage.local import LocalStorage
+
+        return LocalStorage(os.path.abspath(os.path.expanduser(rest)))
+    if scheme == "s3":
+        from safelora_ray.storage.s3 import S3Storage
+
+        return S3Storage(rest)
+    if scheme == "hf":
+        from safelora_ray.storage.hf import HfStorage
+
+        return HfStorage(rest)
+    raise StorageError(f"unsupported URI scheme {scheme!r} in {uri!r} (use a path, s3:// or hf://)")

@@ -1,0 +1,64 @@
+"""A naive, dense float64 implementation of SPEC.md, independent of the product's code.
+
+Everything is formed explicitly (C as a d x d matrix, ΔW = B A as a d_out x d_in matrix) and
+computed in float64: slow, obvious, and the yardstick every numeric path is tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def dense_c(w_base: torch.Tensor, w_aligned: torch.Tensor) -> torch.Tensor:
+    """C = V Vᵀ / ‖V‖_F with V = W_aligned − W_base, in float64."""
+    v = w_aligned.to(torch.float64) - w_base.to(torch.float64)
+    return (v @ v.T) / torch.sqrt((v * v).sum())
+
+
+def dense_cos(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
+    """cos(ΔW, C ΔW) with ΔW = B A, every matrix dense, float64."""
+    a, b, c = a.to(torch.float64), b.to(torch.float64), c.to(torch.float64)
+    delta = b @ a
+    proj = (c @ b) @ a
+    num = (delta * proj).sum()
+    den = torch.sqrt((delta * delta).sum()) * torch.sqrt((proj * proj).sum())
+    return float(num / den)
+
+
+def sanitize_dense(
+    c_by_module: dict[str, torch.Tensor],
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    threshold: float | None = None,
+    num_proj_layers: int | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, float], set[str], float]:
+    """Apply SPEC §2 to one adapter.
+
+    Args:
+        c_by_module: module → C (float64, dense).
+        lora: module → (A, B).
+        threshold / num_proj_layers: the selection mode.
+
+    Returns:
+        (new B per module in float64, rounded cos per module, projected modules, Pdst).
+    """
+    cos = {m: round(dense_cos(c_by_module[m], a, b), 5) for m, (a, b) in lora.items()}
+    if threshold is None:
+        assert num_proj_layers is not None
+        tau = sorted(cos.values())[num_proj_layers - 1]
+    else:
+        tau = threshold
+    selected = {m for m, v in cos.items() if v <= tau}
+    new_b: dict[str, torch.Tensor] = {}
+    dists = []
+    for m, (_a, b) in lora.items():
+        b64 = b.to(torch.float64)
+        cb = c_by_module[m].to(torch.float64) @ b64
+        if m in selected:
+            new_b[m] = cb
+            dists.append(0.0)
+        else:
+            new_b[m] = b64
+            dists.append(float(torch.sqrt(((b64 - cb) ** 2).sum())))
+    pdst = sum(1 / (1 + d) for d in dists) / len(dists)
+    return new_b, cos, selected, pdst
