@@ -7,6 +7,8 @@ Python API (the same verbs as the CLI)::
                                aligned="hf://meta-llama/Llama-2-7b-chat-hf",
                                out="s3://bucket/alignment/llama2-7b-qv"))
     print(inspect(result.uri).summary())
+    run = sanitize(SanitizeConfig(alignment=result.uri, adapters="s3://bucket/tenants/",
+                                  out="s3://bucket/sanitized/", threshold=0.35))
 """
 
 from safelora_ray._version import __version__
@@ -21,6 +23,7 @@ from safelora_ray.errors import (
     StorageError,
 )
 from safelora_ray.formats.alignment_set import AlignmentSet
+from safelora_ray.sanitize import SanitizeConfig, SanitizeResult, sanitize
 
 __all__ = [
     "AdapterError",
@@ -32,8 +35,11 @@ __all__ = [
     "ConfigError",
     "SafeLoraError",
     "SafetensorsFormatError",
+    "SanitizeConfig",
+    "SanitizeResult",
     "StorageError",
     "__version__",
     "build",
     "inspect",
+    "sanitize",
 ]

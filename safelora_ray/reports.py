@@ -178,7 +178,7 @@ def _bars_svg(values: list[float], labels: list[str], title: str, color: str,
                      f'height="{h:.1f}" fill="{color}"><title>{html.escape(labels[i])}: '
                      f"{v:g}</title></rect>")
     step = max(1, n // 10)
-    for i in range(0, n, step):
+    for i in range(0, len(values), step):
         parts.append(f'<text x="{30 + i * bw:.1f}" y="{height + 14}" font-size="10">'
                      f"{html.escape(labels[i])}</text>")
     parts.append(f'<text x="0" y="{height - (height - 30) + 4}" font-size="10">{top:g}</text>')

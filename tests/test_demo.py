@@ -1,0 +1,30 @@
+"""The README's first command: ``safelora-ray demo`` on a local Ray, twice (the second run
+shows the incremental path)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from safelora_ray.cli import main as cli_main
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def test_demo_runs_and_reruns_incrementally(tmp_path, capsys):
+    root = tmp_path / "demo"
+    assert cli_main(["demo", "--dir", str(root), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "ok 12   skipped 0   failed 1" in out
+    assert "report.html" in out and "dora-adapter" in out
+    reports = sorted((root / "sanitized" / "_reports").iterdir())
+    assert len(reports) == 1
+    summary = json.loads((reports[0] / "summary.json").read_text())
+    assert summary["counts"] == {"total": 13, "ok": 12, "skipped": 0, "error": 1}
+    assert (root / "sanitized" / "tenant-1" / "adapter-03" / "adapter_config.json").exists()
+    html = (reports[0] / "report.html").read_text()
+    assert "<svg" in html and "tenant-0/dora-adapter" in html
+
+    assert cli_main(["demo", "--dir", str(root), "--no-progress"]) == 0
+    assert "ok 0   skipped 12   failed 1" in capsys.readouterr().out
