@@ -10,6 +10,7 @@ adapter and per module. The driver streams those rows into Parquet reports.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -44,6 +45,7 @@ from safelora_ray.ray_utils import (
 )
 from safelora_ray.reports import ReportWriter
 from safelora_ray.storage import Storage, open_storage
+from safelora_ray.storage.local import STAGING_PREFIX, TMP_PREFIX, TRASH_PREFIX, LocalStorage
 
 logger = logging.getLogger(__name__)
 
@@ -414,6 +416,52 @@ class _SanitizeActor:
 # ---------------------------------------------------------------------------------------------
 
 
+def _adapter_counter() -> Any:
+    """A Ray metrics counter of processed adapters by status (exported with Ray's metrics)."""
+    try:
+        from ray.util.metrics import Counter
+
+        return Counter("safelora_adapters_processed",
+                       description="Adapters processed by safelora-ray sanitize, by status.",
+                       tag_keys=("status",))
+    except Exception as e:  # metrics are optional: never fail a run for them
+        logger.debug("Ray metrics unavailable: %s", e)
+        return None
+
+
+def sweep_stale_writes(out: Storage) -> int:
+    """Remove what killed writers left under a local ``--out``: ``.tmp-*`` files and
+    ``.staging-*`` / ``.trash-*`` trees (never listed or read, but they take space).
+
+    A run owns its ``--out`` while it runs (the nightly job holds a lease on it), so whatever
+    is there when a run starts is stale. Other tools' top-level ``_*`` folders (``_nightly``)
+    are left alone. Object stores need nothing: an interrupted upload is never visible.
+
+    Returns:
+        How many were removed.
+    """
+    if not isinstance(out, LocalStorage):
+        return 0
+    stale = (TMP_PREFIX, STAGING_PREFIX, TRASH_PREFIX)
+    removed = 0
+    for parent, dirs, files in os.walk(out.root):
+        if parent == out.root:
+            dirs[:] = [d for d in dirs if not d.startswith("_")
+                       or d in (LEDGER_PREFIX, REPORTS_PREFIX)]
+        for name in [d for d in dirs if d.startswith(stale)]:
+            dirs.remove(name)
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            removed += 1
+        for name in files:
+            if name.startswith(stale):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(parent, name))
+                removed += 1
+    if removed:
+        logger.info("removed %d leftover(s) of an interrupted run under %s", removed, out.uri)
+    return removed
+
+
 def _batches(items: Iterator[AdapterRef | tuple[str, str]], size: int,
              on_invalid) -> Iterator[list[AdapterRef]]:
     batch: list[AdapterRef] = []
@@ -443,6 +491,7 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
     t_start = time.perf_counter()
     aset = AlignmentSet.open(config.alignment)  # fail fast, before any worker starts
     out = open_storage(config.out)
+    sweep_stale_writes(out)
     ensure_ray(config.ray_address)
     res = plan_workers(config.workers, config.use_gpu)
     assert config.run_id is not None
@@ -451,10 +500,14 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
                             alignment_id=aset.content_id)
     report = ReportWriter(config.run_id, aset, config.selection, config.adapters)
 
+    counter = _adapter_counter()
+
     def record(payload: dict[str, Any]) -> None:
         for row in payload["adapters"]:
             result.total += 1
             status = row["status"]
+            if counter is not None:
+                counter.inc(1, tags={"status": status})
             setattr(result, status, getattr(result, status) + 1)
             result.modules += row["modules"]
             result.projected += row["projected"] if status == "ok" else 0
@@ -513,4 +566,5 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
     return result
 
 
-__all__ = ["FleetSanitizer", "SanitizeConfig", "SanitizeResult", "ledger_path", "sanitize"]
+__all__ = ["FleetSanitizer", "SanitizeConfig", "SanitizeResult", "ledger_path", "sanitize",
+           "sweep_stale_writes"]

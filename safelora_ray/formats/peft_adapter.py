@@ -34,7 +34,12 @@ from typing import Any
 
 import torch
 
-from safelora_ray.errors import AdapterError, SafeLoraError, SafetensorsFormatError
+from safelora_ray.errors import (
+    AdapterError,
+    NotFoundError,
+    SafeLoraError,
+    SafetensorsFormatError,
+)
 from safelora_ray.formats.safetensors_io import (
     MAX_HEADER_BYTES,
     SafetensorsHeader,
@@ -283,6 +288,14 @@ def read_adapter(
                 f"pickle-only adapter: {uri} has {PICKLE_WEIGHTS_NAME} but no {WEIGHTS_NAME}; "
                 "pickles are never unpickled; convert the adapter to safetensors"
             )
+        # Listings skip what the storage refuses to serve (a symlink out of its root): name
+        # the reason rather than calling the file missing.
+        try:
+            storage.size(posixpath.join(prefix, WEIGHTS_NAME))
+        except NotFoundError:
+            pass
+        except SafeLoraError as e:
+            raise fail(f"cannot read {WEIGHTS_NAME}: {e}") from e
         raise fail(f"{WEIGHTS_NAME} is missing in {uri}")
 
     weights_path = posixpath.join(prefix, WEIGHTS_NAME)

@@ -97,6 +97,20 @@ class Storage(abc.ABC):
         """Atomically write ``data`` at ``path``: readers see the old object or the new one."""
         raise StorageError(f"{self.uri} is read-only")
 
+    def put_bytes_if(self, path: str, data: bytes, *, if_version: str | None) -> bool:
+        """Conditional atomic write, for leases and other compare-and-swap records.
+
+        Args:
+            path: Object path.
+            data: New content.
+            if_version: None: write only if no object exists; else write only if the current
+                object's :meth:`version` equals this.
+
+        Returns:
+            True if written; False if the condition did not hold (someone else won).
+        """
+        raise StorageError(f"{self.uri} does not support conditional writes")
+
     def put_file(self, path: str, local_path: str) -> None:
         """Atomically upload the local file ``local_path`` to ``path``."""
         raise StorageError(f"{self.uri} is read-only")

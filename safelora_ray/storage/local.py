@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import shutil
@@ -335,6 +336,24 @@ class LocalStorage(Storage):
         """Atomically write ``data`` (temp file + fsync + rename)."""
         full = self._resolve(path)
         self._atomic_write(full, lambda f: f.write(data))
+
+    def put_bytes_if(self, path: str, data: bytes, *, if_version: str | None) -> bool:
+        """Compare-and-swap under an exclusive ``flock`` of the file's directory."""
+        full = self._resolve(path)
+        self._makedirs(os.path.dirname(full))
+        dfd = os.open(os.path.dirname(full), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            fcntl.flock(dfd, fcntl.LOCK_EX)  # serializes writers on this host's filesystem
+            try:
+                current = self.version(path)
+            except NotFoundError:
+                current = None
+            if current != if_version:
+                return False
+            self._atomic_write(full, lambda f: f.write(data))
+            return True
+        finally:
+            os.close(dfd)  # releases the lock
 
     def put_file(self, path: str, local_path: str) -> None:
         """Atomically copy the local file ``local_path`` to ``path``."""

@@ -311,6 +311,21 @@ class S3Storage(Storage):
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
             self._raise(exc, path, "PUT")
 
+    def put_bytes_if(self, path: str, data: bytes, *, if_version: str | None) -> bool:
+        """A conditional PUT (``If-None-Match: *`` / ``If-Match: <etag>``); False on 412/409."""
+        key = self._key(path)
+        cond = {"IfNoneMatch": "*"} if if_version is None else {"IfMatch": f'"{if_version}"'}
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=bytes(data), **cond)
+        except botocore.exceptions.ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
+                return False
+            self._raise(exc, path, "conditional PUT")
+        except botocore.exceptions.BotoCoreError as exc:
+            self._raise(exc, path, "conditional PUT")
+        return True
+
     def put_file(self, path: str, local_path: str) -> None:
         """Upload a local file (multipart above 64 MiB; atomic: visible on completion)."""
         key = self._key(path)
