@@ -168,7 +168,7 @@ def _tie(path: Path, c: dict[str, torch.Tensor], modules: list[str]) -> None:
 
 @dataclass
 class Catalog:
-    """A catalog directory and, per adapter id, its pair."""
+    """A catalog directory, the pair its adapters belong to and the alignment set to use."""
 
     root: Path
     pair: Pair
@@ -716,7 +716,7 @@ def test_cli_s3_end_to_end(tmp_path: Path, qv_catalog: Catalog, s3_bucket: str,
              if not k.startswith("_reports/")}
     assert after == before
     # One adapter changes in the catalog: only it is redone.
-    changed = qv_catalog.root.parent / "changed"
+    changed = tmp_path / "changed"
     shutil.copytree(qv_catalog.root / "solo", changed)
     _scale_b(changed, 2.0)
     s3.upload_file(str(changed / "adapter_model.safetensors"), s3_bucket,

@@ -1,0 +1,868 @@
+"""Shared pieces of the benchmarks: inputs in the real formats, Ray set-up, process memory,
+timing, and JSON + table output.
+
+The scripts in this folder import it as ``common`` (they are run as ``python
+benchmarks/bench_*.py``, which puts this folder first on ``sys.path``). Nothing here imports
+from ``tests/``: the checkpoint writers are re-implemented below in the same on-disk format as
+``tests/factory.py`` (Hugging Face layout, safetensors, optional sparse holes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+logger = logging.getLogger("benchmarks")
+
+GiB = 1024**3
+MiB = 1024**2
+
+# ---------------------------------------------------------------------------------------------
+# Architectures
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A Llama-like architecture (GQA when ``kv_heads < heads``); tensor names as in HF."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+
+    @property
+    def kv_dim(self) -> int:
+        return self.hidden // self.heads * self.kv_heads
+
+    def layer_shapes(self, layer: int) -> list[tuple[str, tuple[int, ...]]]:
+        h, kv, i = self.hidden, self.kv_dim, self.intermediate
+        p = f"model.layers.{layer}."
+        return [
+            (p + "self_attn.q_proj.weight", (h, h)),
+            (p + "self_attn.k_proj.weight", (kv, h)),
+            (p + "self_attn.v_proj.weight", (kv, h)),
+            (p + "self_attn.o_proj.weight", (h, h)),
+            (p + "mlp.gate_proj.weight", (i, h)),
+            (p + "mlp.up_proj.weight", (i, h)),
+            (p + "mlp.down_proj.weight", (h, i)),
+            (p + "input_layernorm.weight", (h,)),
+            (p + "post_attention_layernorm.weight", (h,)),
+        ]
+
+    def shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Every tensor of ``LlamaForCausalLM``, in the order ``save_pretrained`` shards them."""
+        out: list[tuple[str, tuple[int, ...]]] = [
+            ("model.embed_tokens.weight", (self.vocab, self.hidden))]
+        for layer in range(self.layers):
+            out.extend(self.layer_shapes(layer))
+        out.append(("model.norm.weight", (self.hidden,)))
+        out.append(("lm_head.weight", (self.vocab, self.hidden)))
+        return out
+
+    @property
+    def params(self) -> int:
+        return sum(numel(s) for _, s in self.shapes())
+
+
+#: Llama-2-7B (no GQA), Llama-2-70B (GQA, 8 kv heads) and a ~100M-class pair for the fleet.
+LLAMA2_7B = Arch(layers=32, hidden=4096, heads=32, kv_heads=32, intermediate=11008, vocab=32000)
+LLAMA2_70B = Arch(layers=80, hidden=8192, heads=64, kv_heads=8, intermediate=28672, vocab=32000)
+FLEET_100M = Arch(layers=12, hidden=768, heads=12, kv_heads=12, intermediate=2048, vocab=32000)
+TINY = Arch(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=96, vocab=128)
+
+
+def numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def is_target(name: str, targets: Sequence[str]) -> bool:
+    return name.endswith(".weight") and name[: -len(".weight")].rsplit(".", 1)[-1] in targets
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic weights (base, aligned) and adapters
+# ---------------------------------------------------------------------------------------------
+
+
+def _gen(seed: int, *keys: object) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr((seed, *keys)).encode()))
+
+
+#: rank of the aligned − base update, its scale, and the noise on top of it.
+UPDATE_RANK = 8
+UPDATE_SCALE = 2e-3
+NOISE_SCALE = 2e-4
+
+
+def base_weight(name: str, shape: Sequence[int], seed: int) -> torch.Tensor:
+    """The base model's tensor ``name`` (bf16, N(0, 0.02²))."""
+    return (torch.randn(*shape, generator=_gen(seed, name, "w")) * 0.02).to(torch.bfloat16)
+
+
+def update_basis(name: str, shape: Sequence[int], seed: int) -> torch.Tensor:
+    """U (d_out x UPDATE_RANK): the column space of the aligned − base update of ``name``."""
+    return torch.randn(shape[0], UPDATE_RANK, generator=_gen(seed, name, "U"))
+
+
+def aligned_weight(name: str, shape: Sequence[int], seed: int) -> torch.Tensor:
+    """The aligned model's tensor: base + a rank-8 update + noise, stored in bf16."""
+    w = base_weight(name, shape, seed).to(torch.float32)
+    if len(shape) == 2:
+        u = update_basis(name, shape, seed)
+        wt = torch.randn(UPDATE_RANK, shape[1], generator=_gen(seed, name, "W"))
+        w.addmm_(u, wt, alpha=UPDATE_SCALE / UPDATE_RANK**0.5)
+        w.add_(torch.randn(*shape, generator=_gen(seed, name, "n")), alpha=NOISE_SCALE)
+    return w.to(torch.bfloat16)
+
+
+_FILLER: bytes | None = None
+
+
+def _filler() -> bytes:
+    """16 MiB of valid bf16 values (N(0, 0.02²)) to tile over non-target tensors."""
+    global _FILLER
+    if _FILLER is None:
+        t = (torch.randn(8 * MiB, generator=torch.Generator().manual_seed(7)) * 0.02)
+        _FILLER = t.to(torch.bfloat16).view(torch.uint8).numpy().tobytes()
+    return _FILLER
+
+
+def write_checkpoint(
+    path: str | Path,
+    entries: Sequence[tuple[str, tuple[int, ...]]],
+    tensor: Callable[[str, tuple[int, ...]], torch.Tensor | None],
+    *,
+    fill: str = "dense",
+    max_shard_bytes: int = 10 * GiB,
+) -> dict[str, int]:
+    """Write an HF-layout bf16 checkpoint, one tensor in memory at a time.
+
+    Args:
+        path: Checkpoint directory.
+        entries: ``(name, shape)`` in ``save_pretrained`` order; shards are cut in this order
+            at ``max_shard_bytes`` (one ``model.safetensors`` when everything fits).
+        tensor: The bf16 tensor for a name, or None for "content does not matter".
+        fill: What None tensors become: ``dense`` (real bf16 values written to disk) or
+            ``holes`` (sparse-file holes: apparent size only, read back as zeros).
+        max_shard_bytes: Shard size cap.
+
+    Returns:
+        ``{"apparent_bytes", "allocated_bytes", "files"}``.
+    """
+    if fill not in ("dense", "holes"):
+        raise ValueError(f"fill must be dense or holes, got {fill!r}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in entries:
+        n = numel(shape) * 2
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += n
+    weight_map: dict[str, str] = {}
+    total = 0
+    files: list[Path] = []
+    for s, chunk in enumerate(shards):
+        fname = ("model.safetensors" if len(shards) == 1
+                 else f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors")
+        total += _write_safetensors(path / fname, chunk, tensor, fill)
+        files.append(path / fname)
+        weight_map.update(dict.fromkeys((n for n, _ in chunk), fname))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return {"apparent_bytes": sum(f.stat().st_size for f in files),
+            "allocated_bytes": sum(f.stat().st_blocks * 512 for f in files),
+            "files": len(files)}
+
+
+def _write_safetensors(fname: Path, chunk: Sequence[tuple[str, tuple[int, ...]]],
+                       tensor: Callable[[str, tuple[int, ...]], torch.Tensor | None],
+                       fill: str) -> int:
+    ordered = sorted(chunk)  # the safetensors library's order for one dtype: by name
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    off = 0
+    for name, shape in ordered:
+        n = numel(shape) * 2
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * ((8 - len(hb) % 8) % 8)
+    data_start = 8 + len(hb)
+    with open(fname, "wb") as f:
+        f.write(len(hb).to_bytes(8, "little"))
+        f.write(hb)
+        for name, shape in ordered:
+            start = data_start + header[name]["data_offsets"][0]
+            n = numel(shape) * 2
+            t = tensor(name, shape)
+            if t is not None:
+                if t.dtype != torch.bfloat16 or tuple(t.shape) != tuple(shape):
+                    raise ValueError(f"{name}: expected bf16 {shape}, got {t.dtype} {t.shape}")
+                f.seek(start)
+                f.write(memoryview(t.contiguous().view(torch.uint8).numpy()))
+            elif fill == "dense":
+                f.seek(start)
+                block = _filler()
+                left = n
+                while left:
+                    k = min(left, len(block))
+                    f.write(memoryview(block)[:k])
+                    left -= k
+        f.truncate(data_start + off)
+    return off
+
+
+def write_pair(root: str | Path, arch: Arch, *, targets: Sequence[str] = ("q_proj", "v_proj"),
+               seed: int = 0, fill: str = "dense", max_shard_bytes: int = 10 * GiB,
+               entries: Sequence[tuple[str, tuple[int, ...]]] | None = None,
+               ) -> dict[str, Any]:
+    """Write ``base/`` and ``aligned/`` under ``root``: targets real and different, every
+    other tensor identical filler (``dense``) or sparse holes (``holes``).
+
+    Returns:
+        ``{"base", "aligned", "target_bytes", "apparent_bytes", "allocated_bytes", ...}``
+        (bytes per model).
+    """
+    root = Path(root)
+    entries = list(entries if entries is not None else arch.shapes())
+
+    def make(which: str) -> Callable[[str, tuple[int, ...]], torch.Tensor | None]:
+        def tensor(name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+            if not is_target(name, targets):
+                return None
+            return (aligned_weight if which == "aligned" else base_weight)(name, shape, seed)
+        return tensor
+
+    info = {}
+    for which in ("base", "aligned"):
+        info[which] = write_checkpoint(root / which, entries, make(which), fill=fill,
+                                       max_shard_bytes=max_shard_bytes)
+    target_bytes = sum(numel(s) * 2 for n, s in entries if is_target(n, targets))
+    return {"base": str(root / "base"), "aligned": str(root / "aligned"),
+            "target_bytes_per_model": target_bytes,
+            "target_modules": sum(1 for n, _ in entries if is_target(n, targets)),
+            "apparent_bytes_per_model": info["base"]["apparent_bytes"],
+            "allocated_bytes_per_model": info["base"]["allocated_bytes"],
+            "files_per_model": info["base"]["files"], "fill": fill,
+            "params": sum(numel(s) for _, s in entries)}
+
+
+def write_adapters(root: str | Path, arch: Arch, n: int, *, rank: int = 8, seed: int = 0,
+                   targets: Sequence[str] = ("q_proj", "v_proj"),
+                   lean_every: int = 3) -> list[Path]:
+    """Write ``n`` PEFT LoRA adapters (``adapter_config.json`` + ``adapter_model.safetensors``,
+    bf16, rank ``rank`` on every layer's target modules) as ``root/tenant-T/adapter-NNNNN``.
+
+    One module in ``lean_every`` has B leaning on the alignment update's column space (high
+    cosine: kept); the others are random (low cosine: projected at τ = 0.35), so the selection
+    is a real mix.
+    """
+    from safelora_ray.demo import write_adapter
+
+    root = Path(root)
+    shapes = dict(arch.shapes())
+    modules = [f"model.layers.{i}.self_attn.{t}" for i in range(arch.layers) for t in targets]
+    bases = {m: update_basis(m + ".weight", shapes[m + ".weight"], seed) for m in modules}
+    paths = []
+    for k in range(n):
+        g = _gen(seed, "adapter", k)
+        lora = {}
+        for j, m in enumerate(modules):
+            d_out, d_in = shapes[m + ".weight"]
+            a = torch.randn(rank, d_in, generator=g) * 0.01
+            b = torch.randn(d_out, rank, generator=g) * 0.01
+            if (j + k) % lean_every == 0:
+                b = b + bases[m] @ torch.randn(UPDATE_RANK, rank, generator=g) * 0.05
+            lora[m] = (a.to(torch.bfloat16), b.to(torch.bfloat16))
+        p = root / f"tenant-{k % 8}" / f"adapter-{k:05d}"
+        write_adapter(p, lora, rank)
+        paths.append(p)
+    return paths
+
+
+def link_catalog(pool: Sequence[Path], pool_root: Path, dest: Path) -> Path:
+    """A directory-tree catalog of the given adapters made of hard links (no extra disk)."""
+    for p in pool:
+        rel = p.relative_to(pool_root)
+        (dest / rel).mkdir(parents=True, exist_ok=True)
+        for f in p.iterdir():
+            os.link(f, dest / rel / f.name)
+    return dest
+
+
+def target_refs(base_uri: str, aligned_uri: str, targets: Sequence[str]) -> list[Any]:
+    """The TensorRefs a build reads (base and aligned of every target module), in plan order."""
+    from safelora_ray.formats.checkpoint import Checkpoint
+    from safelora_ray.plan import plan_build
+
+    plan = plan_build(Checkpoint.open(base_uri), Checkpoint.open(aligned_uri), list(targets))
+    return [r for m in plan.modules for r in (m.base, m.aligned)]
+
+
+def evict_page_cache(paths: Iterable[str | Path]) -> int:
+    """Ask the kernel to drop the cached pages of these files (``POSIX_FADV_DONTNEED``, no root
+    needed; clean pages only, so files are fsynced first). Returns the number of files."""
+    n = 0
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            n += 1
+        finally:
+            os.close(fd)
+    return n
+
+
+def checkpoint_files(*dirs: str | Path) -> list[Path]:
+    return [f for d in dirs for f in sorted(Path(d).glob("*.safetensors"))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage: local or S3 through a moto server started here
+# ---------------------------------------------------------------------------------------------
+
+
+class MotoS3:
+    """A moto S3 server on 127.0.0.1 (a free port) with the AWS environment pointing at it.
+
+    Must be started **before** ``ray.init`` so that the Ray workers inherit the environment.
+    Objects live in the server's process (this driver): its memory counts in the driver's RSS.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        host, port = self.server.get_host_and_port()
+        self.endpoint = f"http://{host}:{port}"
+        empty = workdir / "aws-none"
+        empty.write_text("")
+        os.environ.update({
+            "AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": str(empty),
+            "AWS_SHARED_CREDENTIALS_FILE": str(empty),
+        })
+        for var in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
+            os.environ.pop(var, None)
+        import boto3
+
+        self.client = boto3.session.Session().client("s3", endpoint_url=self.endpoint)
+        self.bucket = "safelora-bench"
+        self.client.create_bucket(Bucket=self.bucket)
+
+    def upload_tree(self, local: str | Path, prefix: str) -> str:
+        """Upload a directory tree; returns its ``s3://`` URI."""
+        from boto3.s3.transfer import TransferConfig
+
+        cfg = TransferConfig(multipart_chunksize=64 * MiB, max_concurrency=4)
+        local = Path(local)
+        for f in sorted(p for p in local.rglob("*") if p.is_file()):
+            key = f"{prefix}/{f.relative_to(local).as_posix()}"
+            self.client.upload_file(str(f), self.bucket, key, Config=cfg)
+        return f"s3://{self.bucket}/{prefix}"
+
+    def uri(self, prefix: str) -> str:
+        return f"s3://{self.bucket}/{prefix}"
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.server.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray
+# ---------------------------------------------------------------------------------------------
+
+
+def start_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> float:
+    """Start a fresh local Ray for this benchmark (never joins another cluster on the machine).
+
+    Returns:
+        Seconds ``ray.init`` took.
+    """
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    t0 = time.perf_counter()
+    kwargs: dict[str, Any] = {}
+    if num_gpus is not None:
+        kwargs["num_gpus"] = num_gpus
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+             log_to_driver=False, configure_logging=False,
+             object_store_memory=512 * MiB, **kwargs)
+    return time.perf_counter() - t0
+
+
+def actor_startup_s(n: int, use_gpu: bool) -> float:
+    """Seconds to start ``n`` actors that import torch and safelora_ray and answer once: the
+    fixed Ray cost every build / sanitize call pays before its first byte is read."""
+    import ray
+
+    from safelora_ray.ray_utils import plan_workers
+
+    @ray.remote
+    class _Probe:
+        def __init__(self) -> None:
+            import safelora_ray.build  # noqa: F401  (what the real actors import)
+            import safelora_ray.sanitize  # noqa: F401
+
+        def ping(self) -> int:
+            return os.getpid()
+
+    res = plan_workers(n, use_gpu)
+    t0 = time.perf_counter()
+    actors = [_Probe.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus).remote()
+              for _ in range(res.num_workers)]
+    ray.get([a.ping.remote() for a in actors])
+    dt = time.perf_counter() - t0
+    for a in actors:
+        ray.kill(a)
+    return dt
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory of every process of the session
+# ---------------------------------------------------------------------------------------------
+
+
+def _vm_hwm(pid: int) -> int | None:
+    """Peak RSS (``VmHWM``) of a process in bytes, or None where /proc has no such line."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_hwm(pid: int) -> None:
+    """Reset a process's ``VmHWM`` to its current RSS (Linux ``clear_refs`` 5); best effort."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+
+
+#: Roles a process may still leave (a starting or idle worker becomes an actor).
+_TRANSIENT_ROLES = ("ray worker (idle)", "ray worker (starting)", "?")
+_RAY_SYSTEM_TITLES = ("DashboardAgent", "RuntimeEnvAgent", "JobAgent")
+
+
+def _role(proc: psutil.Process, driver: int) -> str:
+    if proc.pid == driver:
+        return "driver"
+    try:
+        cmd = proc.cmdline()
+    except (psutil.Error, OSError):
+        return "?"
+    head = cmd[0] if cmd else proc.name()
+    if head.startswith("ray::"):
+        words = head[5:].split()
+        title = words[0] if words else "worker"
+        if title.startswith("IDLE"):
+            return "ray worker (idle)"
+        if title.startswith(_RAY_SYSTEM_TITLES):
+            return "ray system"
+        return title.split(".")[0].lstrip("_") or "ray worker"
+    text = " ".join(cmd)
+    if "default_worker.py" in text:
+        return "ray worker (starting)"
+    for key in ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "agent"):
+        if key in text:
+            return "ray system"
+    return proc.name() or "other"
+
+
+class ProcessMonitor:
+    """Peak RSS of the driver and of every process it started (Ray's GCS, raylet, workers),
+    sampled in a background thread.
+
+    Per process the peak is the kernel's ``VmHWM`` (exact, reset when the monitor starts),
+    read every ``interval`` seconds while the process lives (a process that exits between two
+    samples loses at most its last ``interval`` of growth); ``peak_total`` is the largest sum
+    of the current RSS of all of them seen in one sample (shared pages counted in each).
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.driver = os.getpid()
+        self.peaks: dict[int, dict[str, Any]] = {}
+        self.peak_total = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _procs(self) -> list[psutil.Process]:
+        me = psutil.Process(self.driver)
+        try:
+            return [me, *me.children(recursive=True)]
+        except psutil.Error:
+            return [me]
+
+    def _sample(self, first: bool = False) -> None:
+        total = 0
+        for p in self._procs():
+            try:
+                if first:
+                    _reset_hwm(p.pid)
+                rss = p.memory_info().rss
+            except (psutil.Error, OSError):
+                continue
+            total += rss
+            hwm = _vm_hwm(p.pid) or rss
+            rec = self.peaks.get(p.pid)
+            if rec is None:
+                rec = self.peaks[p.pid] = {"pid": p.pid, "role": _role(p, self.driver),
+                                           "peak_rss": 0}
+            elif rec["role"] in _TRANSIENT_ROLES:
+                rec["role"] = _role(p, self.driver)  # an idle worker that became an actor
+            rec["peak_rss"] = max(rec["peak_rss"], hwm, rss)
+        self.peak_total = max(self.peak_total, total)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> ProcessMonitor:
+        self._sample(first=True)
+        self._thread = threading.Thread(target=self._run, name="bench-monitor", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample()
+
+    def summary(self) -> dict[str, Any]:
+        """Per role: process count and the largest per-process peak; plus every process."""
+        roles: dict[str, dict[str, Any]] = {}
+        for rec in self.peaks.values():
+            r = roles.setdefault(rec["role"], {"processes": 0, "max_peak_rss": 0,
+                                               "sum_peak_rss": 0})
+            r["processes"] += 1
+            r["max_peak_rss"] = max(r["max_peak_rss"], rec["peak_rss"])
+            r["sum_peak_rss"] += rec["peak_rss"]
+        return {"roles": roles, "peak_total_rss": self.peak_total,
+                "processes": sorted(self.peaks.values(), key=lambda r: r["pid"])}
+
+
+def memory_rows(summary: dict[str, Any]) -> list[list[Any]]:
+    rows = []
+    for role, r in sorted(summary["roles"].items()):
+        rows.append([role, r["processes"], mib(r["max_peak_rss"]), mib(r["sum_peak_rss"])])
+    rows.append(["all (largest simultaneous sum)", "", "", mib(summary["peak_total_rss"])])
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing, machine, output
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def timer() -> Iterator[dict[str, float]]:
+    """``with timer() as t: ...`` then ``t["s"]`` is the elapsed wall time."""
+    t: dict[str, float] = {}
+    t0 = time.perf_counter()
+    try:
+        yield t
+    finally:
+        t["s"] = time.perf_counter() - t0
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def mib(n: float) -> float:
+    return round(n / MiB, 1)
+
+
+def gbps(nbytes: float, seconds: float) -> float:
+    return round(nbytes / seconds / 1e9, 3) if seconds > 0 else float("nan")
+
+
+def machine_info() -> dict[str, Any]:
+    """What the figures were measured on."""
+    import ray
+
+    import safelora_ray
+
+    gpu = None
+    if torch.cuda.is_available():
+        gpu = {"name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(),
+               "capability": list(torch.cuda.get_device_capability(0))}
+    cpu_model = platform.processor()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    load = os.getloadavg()
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "hostname_hash": f"{zlib.crc32(platform.node().encode()):08x}",
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "memory_gib": round(psutil.virtual_memory().total / GiB, 1),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "ray": ray.__version__,
+        "safelora_ray": safelora_ray.__version__,
+        "gpu": gpu,
+        "loadavg_at_start": [round(x, 2) for x in load],
+        # Other processes were already busy when the run started: the figures are noisy.
+        "shared_machine": load[0] > 0.5,
+    }
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+        return str(v)
+
+    cells = [[cell(v) for v in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
+              for i, h in enumerate(headers)]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    body = ["| " + " | ".join(
+        c.rjust(w) if isinstance(v, int | float) else c.ljust(w)
+        for c, v, w in zip(cells[i], r, widths, strict=True)) + " |"
+        for i, r in enumerate(rows)]
+    return "\n".join([line, sep, *body])
+
+
+def emit(result: dict[str, Any], tables: Sequence[tuple[str, Sequence[str],
+                                                        Sequence[Sequence[Any]]]],
+         out_json: str | None) -> None:
+    """Print the tables, then the JSON (also written to ``out_json`` when given)."""
+    for title, headers, rows in tables:
+        print(f"\n## {title}\n")
+        print(format_table(headers, rows))
+    text = json.dumps(result, indent=2, default=_json_default)
+    if out_json:
+        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_json).write_text(text + "\n")
+        print(f"\nJSON written to {out_json}")
+    else:
+        print("\n" + text)
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "__dataclass_fields__"):
+        return asdict(o)
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def common_args(p: argparse.ArgumentParser, *, storage: bool = True) -> None:
+    """Flags every benchmark has."""
+    p.add_argument("--workers", type=int, default=None,
+                   help="Ray worker actors (default: one per GPU, else one per CPU)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda = GPU workers (use_gpu=True; the --gpu of the CLI)")
+    p.add_argument("--gpu", dest="device", action="store_const", const="cuda",
+                   help="same as --device cuda")
+    if storage:
+        p.add_argument("--storage", choices=("local", "s3"), default="local",
+                       help="where inputs and outputs live (s3: a moto server started here)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per figure (median reported)")
+    p.add_argument("--workdir", default=None,
+                   help="where inputs are written (default: a temp dir, removed at the end)")
+    p.add_argument("--keep", action="store_true", help="keep the workdir")
+    p.add_argument("--out-json", default=None, help="write the JSON result here")
+    p.add_argument("--smoke", action="store_true", help="tiniest sizes (for the smoke test)")
+
+
+@contextlib.contextmanager
+def workdir(arg: str | None, keep: bool, prefix: str) -> Iterator[Path]:
+    if arg:
+        path = Path(arg)
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("BENCH_TMPDIR")))
+    try:
+        yield path
+    finally:
+        if keep:
+            print(f"workdir kept: {path}")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("safelora_ray", "werkzeug", "botocore", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+# ---------------------------------------------------------------------------------------------
+# Build measurement (shared by bench_build and bench_scale)
+# ---------------------------------------------------------------------------------------------
+
+
+def raw_read_s(refs: Sequence[Any], base_uri: str, aligned_uri: str, threads: int) -> dict:
+    """Time reading exactly the build's target byte ranges with the same Storage class
+    (``read_into`` into reused buffers), with ``threads`` concurrent readers (1 = sequential).
+    """
+    import concurrent.futures as cf
+
+    from safelora_ray.storage import open_storage
+
+    storages = {base_uri: open_storage(base_uri), aligned_uri: open_storage(aligned_uri)}
+    biggest = max(r.nbytes for r in refs)
+    local = threading.local()
+
+    def read(ref: Any) -> int:
+        buf = getattr(local, "buf", None)
+        if buf is None:
+            buf = local.buf = bytearray(biggest)
+        storages[ref.uri].read_into(ref.path, ref.start, memoryview(buf)[: ref.nbytes])
+        return ref.nbytes
+
+    t0 = time.perf_counter()
+    if threads <= 1:
+        total = sum(read(r) for r in refs)
+    else:
+        with cf.ThreadPoolExecutor(threads) as pool:
+            total = sum(pool.map(read, refs))
+    dt = time.perf_counter() - t0
+    counted = sum(s.bytes_read for s in storages.values())
+    assert counted == total, (counted, total)
+    return {"threads": threads, "bytes": total, "s": round(dt, 4), "gbps": gbps(total, dt)}
+
+
+def measure_build(*, base_uri: str, aligned_uri: str, out_uri: Callable[[int], str],
+                  targets: Sequence[str], workers: int | None, use_gpu: bool, repeats: int,
+                  read_threads: int, cold_files: Sequence[Path] | None = None) -> dict:
+    """Per repeat: raw sequential read, raw threaded read, then the build, of the same bytes.
+
+    With ``cold_files`` the files' cached pages are dropped before each of the three.
+    """
+    from safelora_ray.build import BuildConfig, build
+
+    refs = target_refs(base_uri, aligned_uri, targets)
+    target_bytes = sum(r.nbytes for r in refs)
+    runs = []
+    for rep in range(repeats):
+        rec: dict[str, Any] = {"repeat": rep}
+        for key, threads in (("raw_seq", 1), ("raw_threads", read_threads)):
+            if cold_files:
+                evict_page_cache(cold_files)
+            rec[key] = raw_read_s(refs, base_uri, aligned_uri, threads)
+        if cold_files:
+            evict_page_cache(cold_files)
+        with ProcessMonitor() as mon, timer() as t:
+            res = build(BuildConfig(base=base_uri, aligned=aligned_uri, out=out_uri(rep),
+                                    targets=list(targets), workers=workers, use_gpu=use_gpu,
+                                    progress=False))
+        assert res.source_bytes == target_bytes, (res.source_bytes, target_bytes)
+        rec.update({
+            "build_s": round(t["s"], 3), "build_duration_s": round(res.duration_s, 3),
+            "bytes_read": res.bytes_read, "read_ratio": round(res.bytes_read / target_bytes, 5),
+            "build_gbps": gbps(target_bytes, t["s"]), "workers": res.workers,
+            "device": res.device, "stats": {k: round(v, 3) for k, v in res.stats.items()},
+            "num_modules": res.num_modules, "memory": mon.summary(),
+        })
+        best_raw = min(rec["raw_seq"]["s"], rec["raw_threads"]["s"])
+        rec["build_over_raw"] = round(t["s"] / best_raw, 2) if best_raw > 0 else None
+        runs.append(rec)
+        print(f"  repeat {rep}: build {t['s']:.2f} s ({rec['build_gbps']} GB/s), raw read "
+              f"{rec['raw_seq']['s']:.2f} s seq / {rec['raw_threads']['s']:.2f} s "
+              f"x{read_threads}, bytes read / target = {rec['read_ratio']}", flush=True)
+    mid = sorted(runs, key=lambda r: r["build_s"])[len(runs) // 2]
+    summary = {
+        "target_bytes": target_bytes,
+        "num_modules": runs[0]["num_modules"],
+        "bytes_read": runs[0]["bytes_read"],
+        "read_ratio": runs[0]["read_ratio"],
+        "build_s_median": median([r["build_s"] for r in runs]),
+        "raw_seq_s_median": median([r["raw_seq"]["s"] for r in runs]),
+        "raw_threads_s_median": median([r["raw_threads"]["s"] for r in runs]),
+        "read_threads": read_threads,
+        "median_run": mid["repeat"],
+    }
+    summary["build_gbps_median"] = gbps(target_bytes, summary["build_s_median"])
+    summary["raw_seq_gbps_median"] = gbps(target_bytes, summary["raw_seq_s_median"])
+    summary["raw_threads_gbps_median"] = gbps(target_bytes, summary["raw_threads_s_median"])
+    best = min(summary["raw_seq_s_median"], summary["raw_threads_s_median"])
+    summary["build_over_raw_median"] = round(summary["build_s_median"] / best, 2)
+    return {"summary": summary, "runs": runs}
+
+
+def build_tables(m: dict, arch_line: str) -> list[tuple[str, list[str], list[list[Any]]]]:
+    s = m["summary"]
+    runs = m["runs"]
+    mid = next(r for r in runs if r["repeat"] == s["median_run"])
+    main = [
+        ["target tensor bytes (base + aligned)", f"{s['target_bytes']:,}"],
+        ["target modules", s["num_modules"]],
+        ["bytes read by the build", f"{s['bytes_read']:,}"],
+        ["bytes read / target bytes", s["read_ratio"]],
+        ["raw read, sequential (s, GB/s)",
+         f"{s['raw_seq_s_median']:.3f} s, {s['raw_seq_gbps_median']} GB/s"],
+        [f"raw read, {s['read_threads']} threads (s, GB/s)",
+         f"{s['raw_threads_s_median']:.3f} s, {s['raw_threads_gbps_median']} GB/s"],
+        ["build wall time (s, GB/s of target bytes)",
+         f"{s['build_s_median']:.3f} s, {s['build_gbps_median']} GB/s"],
+        ["build time / best raw read time", s["build_over_raw_median"]],
+        ["repeats (median reported)", len(runs)],
+    ]
+    st = mid["stats"]
+    w = max(1, mid["workers"])
+    where = [
+        ["workers x device", f"{mid['workers']} x {mid['device']}"],
+        ["read_s (sum over workers; overlapped with compute)", st.get("read_s")],
+        ["compute_s (sum over workers)", st.get("compute_s")],
+        ["write_s (sum over workers)", st.get("write_s")],
+        ["(compute_s + write_s) / workers", round((st.get("compute_s", 0)
+                                                   + st.get("write_s", 0)) / w, 3)],
+        ["build wall time (median run)", mid["build_s"]],
+    ]
+    return [
+        (f"build: {arch_line}", ["figure", "value"], main),
+        ("where the time goes (median run)", ["figure", "seconds"], where),
+        ("peak RSS by process role, MiB (median run)",
+         ["role", "processes", "max per process", "sum"], memory_rows(mid["memory"])),
+    ]

@@ -1,0 +1,124 @@
+"""The nightly workflow in-process (grouping, unmatched adapters, lock, config errors) and the
+lease it relies on, on local storage and S3."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import yaml
+
+from safelora_ray.demo import write_adapter, write_model
+from safelora_ray.errors import ConfigError
+from safelora_ray.lease import Lease, LeaseHeldError
+from safelora_ray.nightly import NightlyConfig, main
+from safelora_ray.storage import open_storage
+from tests.factory import Arch, aligned_from, llama_tensors
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage(request, tmp_path):
+    if request.param == "local":
+        return open_storage(str(tmp_path / "out"))
+    bucket = request.getfixturevalue("s3_bucket")
+    return open_storage(f"s3://{bucket}/out")
+
+
+def test_lease_excludes_a_second_holder_and_expires(storage):
+    first = Lease(storage, "_nightly/lock.json", owner="run-1", ttl_s=60)
+    first.acquire()
+    with pytest.raises(LeaseHeldError, match="held by run 'run-1'"):
+        Lease(storage, "_nightly/lock.json", owner="run-2", ttl_s=60).acquire()
+    first.release()
+    assert not storage.exists("_nightly/lock.json")
+    # A run that died: its lease expires and is taken over.
+    dead = Lease(storage, "_nightly/lock.json", owner="dead", ttl_s=1)
+    dead.acquire()
+    dead._stop.set()  # simulate the process dying: no more renewals
+    time.sleep(1.2)
+    with Lease(storage, "_nightly/lock.json", owner="run-3", ttl_s=60):
+        rec = json.loads(storage.read("_nightly/lock.json"))
+        assert rec["owner"] == "run-3"
+    dead.release()  # not its lease any more: leaves nothing behind, removes nothing
+    assert not storage.exists("_nightly/lock.json")
+
+
+def test_conditional_put_semantics(storage):
+    assert storage.put_bytes_if("x", b"1", if_version=None)
+    assert not storage.put_bytes_if("x", b"2", if_version=None)
+    v = storage.version("x")
+    assert storage.put_bytes_if("x", b"three", if_version=v)
+    assert not storage.put_bytes_if("x", b"4", if_version=v)
+    assert storage.read("x") == b"three"
+
+
+def _setup(tmp_path):
+    base = llama_tensors(Arch())
+    write_model(tmp_path / "base", base)
+    write_model(tmp_path / "aligned", aligned_from(base))
+    mods = sorted(k[:-7] for k in base if k.endswith(("q_proj.weight", "v_proj.weight")))
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    for i, model_id in enumerate(["acme/chat", "acme/chat", "other/model"]):
+        lora = {m: (torch.randn(4, base[m + ".weight"].shape[1], generator=g),
+                    torch.randn(base[m + ".weight"].shape[0], 4, generator=g)) for m in mods}
+        path = tmp_path / "cat" / f"a{i}"
+        write_adapter(path, lora, 4)
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        cfg["base_model_name_or_path"] = model_id
+        (path / "adapter_config.json").write_text(json.dumps(cfg))
+    config = {
+        "output_root": str(tmp_path / "out"), "alignment_root": str(tmp_path / "sets"),
+        "catalogs": [{"name": "main", "uri": str(tmp_path / "cat")}],
+        "pairs": [{"name": "p", "base": str(tmp_path / "base"),
+                   "aligned": str(tmp_path / "aligned"), "base_model_ids": ["acme/chat"]}],
+        "selection": {"num_proj_layers": 1},
+    }
+    path = tmp_path / "nightly.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path, config
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_nightly_reports_unmatched_and_respects_the_lock(tmp_path, capsys):
+    path, _ = _setup(tmp_path)
+    assert main(["--config", str(path), "--dry-run", "--no-progress"]) == 0
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
+    # The unmatched adapter makes the run partial: exit 3, named in the record and output.
+    assert main(["--config", str(path), "--run-id", "r1", "--no-progress"]) == 3
+    out = capsys.readouterr().out
+    assert "unmatched: main/a2 (base model 'other/model')" in out
+    rec = json.loads((tmp_path / "out" / "_nightly" / "runs" / "r1.json").read_text())
+    assert rec["status"] == "partial"
+    assert rec["counts"] == {"adapters": 3, "ok": 2, "skipped": 0, "error": 0, "unmatched": 1}
+    assert rec["unmatched"] == [{"catalog": "main", "adapter_id": "a2",
+                                 "base_model": "other/model"}]
+    assert (tmp_path / "out" / "main" / "a0" / "adapter_config.json").exists()
+    assert not (tmp_path / "out" / "main" / "a2").exists()
+    assert (tmp_path / "sets" / "p" / "alignment.json").exists()  # built when missing
+    # A live lease: a second run refuses with exit 4.
+    out_storage = open_storage(str(tmp_path / "out"))
+    with Lease(out_storage, "_nightly/lock.json", owner="other-run", ttl_s=600):
+        assert main(["--config", str(path), "--no-progress"]) == 4
+    assert "another run is in progress" in capsys.readouterr().err
+
+
+def test_nightly_config_errors(tmp_path):
+    _, config = _setup(tmp_path)
+    NightlyConfig.from_dict(config)
+    bad = [
+        ({**config, "surprise": 1}, "unknown keys"),
+        ({**config, "selection": {}}, "exactly one of"),
+        ({**config, "selection": {"threshold": 0.3, "num_proj_layers": 2}}, "exactly one of"),
+        ({**config, "catalogs": []}, "at least one catalog"),
+        ({**config, "pairs": [config["pairs"][0], config["pairs"][0]]}, "unique"),
+        ({**config, "pairs": [{"name": "x"}]}, "missing or malformed"),
+        ({**config, "sanitize": {"bogus": 1}}, "unknown sanitize keys"),
+    ]
+    for cfg, match in bad:
+        with pytest.raises(ConfigError, match=match):
+            NightlyConfig.from_dict(cfg)
+    (tmp_path / "broken.yaml").write_text("output_root: [unclosed")
+    assert main(["--config", str(tmp_path / "broken.yaml")]) == 2
