@@ -771,7 +771,15 @@ def test_incremental_runs(tmp_path: Path, qv_catalog: Catalog) -> None:
     os.utime(cat.root / "solo" / "adapter_model.safetensors")
     touched = _run(cat.alignment, cat.root, out, threshold=0.35, run_id="r3")
     assert set(_statuses(touched).values()) == {"skipped"}
-    assert _mtimes(out) == outputs
+    assert touched.adapters["solo"]["note"] == (
+        "already sanitized with this alignment set and selection")
+    # Outputs untouched; only the ledger record learns the new object versions...
+    after = _mtimes(out)
+    assert {k for k in after if after[k] != outputs[k]} == {"_ledger/solo.json"}
+    # ...so the next run skips it again without downloading its weights.
+    cheap = _run(cat.alignment, cat.root, out, threshold=0.35, run_id="r3a")
+    assert cheap.adapters["solo"]["note"] == "unchanged since the last run (ledger)"
+    assert _mtimes(out) == after
 
     # An output removed by hand is written again (the ledger alone does not make it done).
     shutil.rmtree(out / "globex")
