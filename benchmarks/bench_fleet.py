@@ -232,12 +232,14 @@ def main(argv: list[str] | None = None) -> int:
             def uri(rel: str) -> str:
                 return str(root / rel)
         try:
-            from safelora_ray.build import BuildConfig, build
-            from safelora_ray.sanitize import SanitizeConfig, sanitize
-
             import ray
 
+            from safelora_ray.build import BuildConfig, build
+            from safelora_ray.ray_utils import plan_workers
+            from safelora_ray.sanitize import SanitizeConfig, sanitize
+
             ray_init_s = common.start_ray()
+            workers = plan_workers(args.workers, use_gpu).num_workers
             builds = []
             for rep in range(args.repeats):
                 with common.ProcessMonitor() as mon, common.timer() as t:
@@ -270,8 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "memory": mon.summary()})
                     print(f"  sanitize N={n} run {rep}: {t['s']:.2f} s "
                           f"({n / t['s']:.1f} adapters/s)", flush=True)
-            startup = common.actor_startup_s(len(ray.nodes()) and (args.workers or 0)
-                                             or None, use_gpu)
+            startup = common.actor_startup_s(args.workers, use_gpu)
             check = compare_outputs(pool[:k_base], pool_root, base_out,
                                     runs[max(ns)][0]["out"], baseline)
             ray.shutdown()
@@ -306,7 +307,6 @@ def main(argv: list[str] | None = None) -> int:
                      round(base_t, 1) if measured else f"{base_t:.1f} (extrap.)",
                      rec["baseline_adapters_per_s"], rec["ratio"],
                      rec["ratio_incl_ray_init"]])
-    workers = builds[0]["stats"] and (args.workers or None)
     result = {
         "benchmark": "fleet",
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None

@@ -427,7 +427,7 @@ def start_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> float
     return time.perf_counter() - t0
 
 
-def actor_startup_s(n: int, use_gpu: bool) -> float:
+def actor_startup_s(n: int | None, use_gpu: bool) -> float:
     """Seconds to start ``n`` actors that import torch and safelora_ray and answer once: the
     fixed Ray cost every build / sanitize call pays before its first byte is read."""
     import ray
@@ -437,7 +437,7 @@ def actor_startup_s(n: int, use_gpu: bool) -> float:
     @ray.remote
     class _Probe:
         def __init__(self) -> None:
-            import safelora_ray.build  # noqa: F401  (what the real actors import)
+            import safelora_ray.build
             import safelora_ray.sanitize  # noqa: F401
 
         def ping(self) -> int:
@@ -572,6 +572,8 @@ class ProcessMonitor:
         """Per role: process count and the largest per-process peak; plus every process."""
         roles: dict[str, dict[str, Any]] = {}
         for rec in self.peaks.values():
+            if not rec["peak_rss"]:
+                continue  # gone before it could be read
             r = roles.setdefault(rec["role"], {"processes": 0, "max_peak_rss": 0,
                                                "sum_peak_rss": 0})
             r["processes"] += 1

@@ -45,10 +45,11 @@ from safelora_ray.formats.safetensors_io import (
     SafetensorsHeader,
     SafetensorsWriter,
     TensorInfo,
-    _torch_dtype,
-    _torch_shape,
+    json_type,
     parse_header,
     require_little_endian,
+    torch_dtype_of,
+    torch_shape_of,
 )
 from safelora_ray.storage.base import Storage, normalize_relpath
 
@@ -429,7 +430,7 @@ def check_config(config: Mapping[str, Any], fail: Fail | None = None) -> None:
         if pattern is None:
             continue
         if not isinstance(pattern, dict):
-            raise fail(f"{CONFIG_NAME}: {name} must be an object, got {_json_type(pattern)}")
+            raise fail(f"{CONFIG_NAME}: {name} must be an object, got {json_type(pattern)}")
         if len(pattern) > _MAX_PATTERNS:
             raise fail(f"{CONFIG_NAME}: {name} has {len(pattern)} keys (limit {_MAX_PATTERNS})")
         for k, v in pattern.items():
@@ -471,7 +472,7 @@ def _parse_config(raw: bytes, fail: Fail) -> dict[str, Any]:
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
         raise fail(f"{CONFIG_NAME} is not valid JSON: {e}") from None
     if not isinstance(config, dict):
-        raise fail(f"{CONFIG_NAME} is a JSON {_json_type(config)}, not an object")
+        raise fail(f"{CONFIG_NAME} is a JSON {json_type(config)}, not an object")
     return config
 
 
@@ -498,8 +499,8 @@ def _parse_buffer_header(buf: bytearray, path: str, uri: str) -> SafetensorsHead
 
 def _view(buf: bytearray, uri: str, info: TensorInfo) -> torch.Tensor:
     """Tensor ``info`` as a view into ``buf`` (no copy)."""
-    dtype = _torch_dtype(uri, info)
-    shape = _torch_shape(uri, info)
+    dtype = torch_dtype_of(uri, info)
+    shape = torch_shape_of(uri, info)
     if info.nbytes == 0:
         return torch.empty(shape, dtype=dtype)  # frombuffer rejects empty ranges
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -750,15 +751,3 @@ def _is_number(v: Any) -> bool:
     return type(v) in (int, float) and v == v and abs(v) != float("inf")
 
 
-def _json_type(v: Any) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "boolean"
-    if isinstance(v, int | float):
-        return "number"
-    if isinstance(v, str):
-        return "string"
-    if isinstance(v, list):
-        return "array"
-    return "object"

@@ -277,7 +277,7 @@ def parse_header(
         # ValueError covers JSONDecodeError and Python's int-digit limit.
         raise SafetensorsFormatError(f"{uri}: header is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
-        raise SafetensorsFormatError(f"{uri}: header is a JSON {_json_type(obj)}, not an object")
+        raise SafetensorsFormatError(f"{uri}: header is a JSON {json_type(obj)}, not an object")
 
     metadata: dict[str, str] | None = None
     entries: list[tuple[str, str, tuple[int, ...], int, int]] = []
@@ -373,8 +373,8 @@ def read_tensor(
     """
     require_little_endian()
     info = header.tensor(name)
-    tdtype = _torch_dtype(header.uri, info)
-    shape = _torch_shape(header.uri, info)
+    tdtype = torch_dtype_of(header.uri, info)
+    shape = torch_shape_of(header.uri, info)
     buf = read_tensor_bytes(storage, header, name)
     if not buf:
         tensor = torch.empty(shape, dtype=tdtype)  # frombuffer rejects empty buffers
@@ -630,7 +630,8 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _json_type(v: Any) -> str:
+def json_type(v: Any) -> str:
+    """The JSON type name of a parsed value (for error messages)."""
     if v is None:
         return "null"
     if isinstance(v, bool):
@@ -663,13 +664,13 @@ def _parse_metadata(uri: str, value: Any) -> dict[str, str] | None:
         return None
     if not isinstance(value, dict):
         raise SafetensorsFormatError(
-            f"{uri}: __metadata__ must be an object of strings, not a JSON {_json_type(value)}"
+            f"{uri}: __metadata__ must be an object of strings, not a JSON {json_type(value)}"
         )
     for k, v in value.items():
         _check_text(uri, k, "__metadata__ key")
         if not isinstance(v, str):
             raise SafetensorsFormatError(
-                f"{uri}: __metadata__[{k!r}] must be a string, not a JSON {_json_type(v)}"
+                f"{uri}: __metadata__[{k!r}] must be a string, not a JSON {json_type(v)}"
             )
         _check_text(uri, v, f"__metadata__[{k!r}]")
     return dict(value)
@@ -680,7 +681,7 @@ def _parse_entry(uri: str, name: str, value: Any) -> tuple[str, str, tuple[int, 
     if not isinstance(value, dict):
         raise SafetensorsFormatError(
             f"{where}: entry must be an object with dtype, shape and data_offsets, "
-            f"not a JSON {_json_type(value)}"
+            f"not a JSON {json_type(value)}"
         )
     missing = [f for f in _FIELDS if f not in value]
     if missing:
@@ -748,7 +749,7 @@ def _check_read(uri: str, start: int, length: int, data: bytes) -> None:
         )
 
 
-def _torch_dtype(uri: str, info: TensorInfo) -> torch.dtype:
+def torch_dtype_of(uri: str, info: TensorInfo) -> torch.dtype:
     tdtype = DTYPES[info.dtype][0]
     if tdtype is None:
         raise SafetensorsFormatError(
@@ -758,7 +759,7 @@ def _torch_dtype(uri: str, info: TensorInfo) -> torch.dtype:
     return tdtype
 
 
-def _torch_shape(uri: str, info: TensorInfo) -> tuple[int, ...]:
+def torch_shape_of(uri: str, info: TensorInfo) -> tuple[int, ...]:
     if info.dtype != "F4":
         return info.shape
     # torch's float4_e2m1fn_x2 packs two F4 values per element along the last dimension.
