@@ -82,7 +82,9 @@ def plan_workers(
     cpus = float(res.get("CPU", 1))
     gpu = gpus > 0 if use_gpu is None else use_gpu
     if gpu and gpus == 0:
-        raise RuntimeError("use_gpu=True but the Ray cluster has no GPU")
+        from safelora_ray.errors import ConfigError
+
+        raise ConfigError("GPU workers were required (--gpu) but the Ray cluster has no GPU")
     if gpu:
         n = requested or gpus
         return WorkerResources(n, 0.25, 1.0)

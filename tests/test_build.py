@@ -353,3 +353,10 @@ def test_shards_load_with_safetensors_and_keys_are_modules(tmp_path):
         all_keys |= set(tensors)
     assert all_keys == set(AlignmentSet.open(res.uri).rows)
     save_file({"x": torch.zeros(1)}, str(tmp_path / "unused.safetensors"))  # library available
+
+
+def test_gpu_required_on_a_cpu_cluster_is_a_clear_error(tmp_path):
+    base, aligned, b, a = _pair(tmp_path)
+    with pytest.raises(ConfigError, match="has no GPU"):
+        build(BuildConfig(base=b, aligned=a, out=str(tmp_path / "set"), use_gpu=True,
+                          progress=False))

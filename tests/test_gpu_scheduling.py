@@ -1,0 +1,56 @@
+"""GPU scheduling on a Ray with fake GPUs (``num_gpus=2``): workers ask for one GPU and a
+fraction of a CPU each (a whole CPU each would starve a 2-CPU node), and compute on the CPU
+when torch sees no CUDA device, with unchanged results."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+import torch
+
+from safelora_ray import AlignmentSet, BuildConfig, SanitizeConfig, build, sanitize
+from safelora_ray.demo import write_adapter, write_model
+from safelora_ray.ray_utils import plan_workers
+from tests.factory import Arch, aligned_from, llama_tensors
+from tests.reference import dense_c
+
+
+@pytest.fixture(scope="module")
+def ray_fake_gpus(s3_server):
+    ray.init(num_cpus=2, num_gpus=2, object_store_memory=150 * 1024**2,
+             include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.usefixtures("ray_fake_gpus")
+def test_gpu_workers_are_scheduled_and_results_unchanged(tmp_path):
+    res = plan_workers(None, None)
+    assert (res.num_workers, res.num_gpus, res.num_cpus) == (2, 1.0, 0.25)
+    assert plan_workers(None, False).num_gpus == 0  # --cpu
+    base = llama_tensors(Arch(layers=4))
+    aligned = aligned_from(base)
+    write_model(tmp_path / "b", base)
+    write_model(tmp_path / "a", aligned)
+    out = build(BuildConfig(base=str(tmp_path / "b"), aligned=str(tmp_path / "a"),
+                            out=str(tmp_path / "set"), progress=False))
+    assert out.workers == 2
+    assert out.device == ("cuda" if torch.cuda.is_available() else "cpu")
+    aset = AlignmentSet.open(out.uri)
+    for m in aset.rows:
+        ref = dense_c(base[m + ".weight"], aligned[m + ".weight"])
+        torch.testing.assert_close(aset.load(m).dense().double(), ref, rtol=2e-5, atol=1e-7)
+
+    g = torch.Generator().manual_seed(0)
+    for i in range(3):
+        lora = {m: (torch.randn(2, 32, generator=g), torch.randn(aset.rows[m].shape[0], 2,
+                                                                 generator=g))
+                for m in aset.rows}
+        write_adapter(tmp_path / "cat" / f"a{i}", lora, 2)
+    run = sanitize(SanitizeConfig(alignment=out.uri, adapters=str(tmp_path / "cat"),
+                                  out=str(tmp_path / "out"), num_proj_layers=2, progress=False))
+    assert (run.ok, run.error) == (3, 0)
+    # Nothing left holding the fake GPUs.
+    assert ray.available_resources().get("GPU", 0) == 2
