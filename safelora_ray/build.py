@@ -43,7 +43,7 @@ from safelora_ray.formats.alignment_set import (
 )
 from safelora_ray.formats.checkpoint import Checkpoint, read_ref
 from safelora_ray.formats.safetensors_io import SafetensorsWriter
-from safelora_ray.math_core import compute_alignment
+from safelora_ray.math_core import compute_alignment, full_precision_matmul
 from safelora_ray.plan import (
     DEFAULT_MAX_FILE_BYTES,
     DEFAULT_TARGETS,
@@ -275,6 +275,7 @@ class _BuildActor:
         if device == "cpu":
             cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
             torch.set_num_threads(cpus)
+        full_precision_matmul()  # no TF32: SPEC equality needs full float32 products
         self.builder = ShardBuilder(files, out_uri, device, prefetch)
 
     def build_file(self, index: int) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import time
 import traceback
 import uuid
@@ -34,7 +35,13 @@ from safelora_ray.catalog import AdapterRef, iter_catalog
 from safelora_ray.errors import AdapterError, ConfigError, NotFoundError, SafeLoraError
 from safelora_ray.formats.alignment_set import AlignmentSet
 from safelora_ray.formats.peft_adapter import Adapter, output_digest, read_adapter, write_adapter
-from safelora_ray.math_core import AlignmentMatrix, module_score, pdst, select_modules
+from safelora_ray.math_core import (
+    AlignmentMatrix,
+    full_precision_matmul,
+    module_score,
+    pdst,
+    select_modules,
+)
 from safelora_ray.ray_utils import (
     ensure_ray,
     get_unwrapped,
@@ -186,17 +193,27 @@ class FleetSanitizer:
         self.max_adapter_bytes = max_adapter_bytes
         self._matrices: dict[str, AlignmentMatrix] = {}
         self._storages: dict[str, Storage] = {}
+        # process() may run in two threads at once (one batch reads while another computes):
+        # the lazy caches are filled under this lock, so each matrix is loaded once.
+        self._lock = threading.Lock()
 
     # -- helpers ---------------------------------------------------------------------------
     def _storage(self, uri: str) -> Storage:
-        if uri not in self._storages:
-            self._storages[uri] = open_storage(uri)
-        return self._storages[uri]
+        st = self._storages.get(uri)
+        if st is None:
+            with self._lock:
+                st = self._storages.get(uri)
+                if st is None:
+                    st = self._storages[uri] = open_storage(uri)
+        return st
 
     def matrix(self, module: str) -> AlignmentMatrix:
         m = self._matrices.get(module)
         if m is None:
-            m = self._matrices[module] = self.aset.load(module, device=self.device)
+            with self._lock:
+                m = self._matrices.get(module)
+                if m is None:
+                    m = self._matrices[module] = self.aset.load(module, device=self.device)
         return m
 
     def _ledger_key(self, digest: str | None) -> dict[str, str | None]:
@@ -401,7 +418,9 @@ def _fail(row: dict[str, Any], e: BaseException) -> None:
     logger.warning("%s", row["error"])
 
 
-@ray.remote(max_restarts=2, max_task_retries=2)
+# Two batches at a time per worker (a threaded actor): with max_in_flight ≥ 2 one batch reads
+# and writes (I/O, fsync, S3 round trips: the GIL is released) while the other computes.
+@ray.remote(max_restarts=2, max_task_retries=2, max_concurrency=2)
 class _SanitizeActor:
     def __init__(self, alignment_uri: str, out_uri: str, selection: dict[str, Any],
                  num_gpus: float, force: bool, max_adapter_bytes: int):
@@ -409,6 +428,7 @@ class _SanitizeActor:
         if device == "cpu":
             cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
             torch.set_num_threads(cpus)
+        full_precision_matmul()  # no TF32: SPEC equality needs full float32 products
         self.worker = FleetSanitizer(alignment_uri, out_uri, selection, device, force,
                                      max_adapter_bytes)
 

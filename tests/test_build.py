@@ -356,7 +356,7 @@ def test_shards_load_with_safetensors_and_keys_are_modules(tmp_path):
 
 
 def test_gpu_required_on_a_cpu_cluster_is_a_clear_error(tmp_path):
-    base, aligned, b, a = _pair(tmp_path)
+    _, _, b, a = _pair(tmp_path)
     with pytest.raises(ConfigError, match="has no GPU"):
         build(BuildConfig(base=b, aligned=a, out=str(tmp_path / "set"), use_gpu=True,
                           progress=False))
