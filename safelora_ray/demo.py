@@ -128,7 +128,9 @@ def write_demo_inputs(root: Path, seed: int = 0, tenants: int = 3,
                 v = (aligned[m + ".weight"].float() - w.float())
                 a = torch.randn(r, w.shape[1], generator=g) * 0.01
                 b = torch.randn(w.shape[0], r, generator=g) * 0.01
-                if (j + k + t) % 3 == 0:  # some updates lean on the alignment direction
+                # Most updates keep close to the alignment direction (as fine-tunes of a chat
+                # model mostly do); every 8th drifts away and is what Safe LoRA projects.
+                if (j + 3 * k + 5 * t) % 8:
                     b = b + v @ torch.randn(v.shape[1], r, generator=g) * 0.5
                 lora[m] = (a.to(torch.bfloat16), b.to(torch.bfloat16))
             write_adapter(catalog / f"tenant-{t}" / f"adapter-{k:02d}", lora, r)
