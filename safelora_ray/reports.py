@@ -9,6 +9,7 @@ adapters uses as much driver memory as one over 10. At the end everything is pub
 from __future__ import annotations
 
 import datetime as _dt
+import heapq
 import html
 import json
 import logging
@@ -77,6 +78,7 @@ class ReportWriter:
         self.layer_projected: Counter[int] = Counter()
         self.status: Counter[str] = Counter()
         self.errors: list[tuple[str, str]] = []  # first 50, for the summaries
+        self.most_projected: list[tuple[int, str, float]] = []  # bounded heap, top 20
 
     def add(self, adapters: list[dict[str, Any]], layers: list[dict[str, Any]]) -> None:
         """Append rows (one batch) to the reports and update the aggregates."""
@@ -91,6 +93,11 @@ class ReportWriter:
             p = row.get("pdst")
             if row["status"] == "ok" and p is not None and math.isfinite(p):
                 self.pdst_hist[_bin(p, 0.0, 1.0)] += 1
+                item = (int(row["projected"]), row["adapter_id"], float(p))
+                if len(self.most_projected) < 20:
+                    heapq.heappush(self.most_projected, item)
+                else:
+                    heapq.heappushpop(self.most_projected, item)
         for row in layers:
             c = row["cos"]
             if c is not None and math.isfinite(c):
@@ -122,6 +129,8 @@ class ReportWriter:
             "adapters_per_s": round(result.total / result.duration_s, 3)
             if result.duration_s > 0 else None,
             "errors": [{"adapter_id": a, "error": e} for a, e in self.errors],
+            "most_projected": [{"adapter_id": a, "projected": n, "pdst": p}
+                               for n, a, p in sorted(self.most_projected, reverse=True)],
             "histograms": {"cos": self.cos_hist, "pdst": self.pdst_hist,
                            "projected_by_layer": {str(k): [self.layer_projected[k], v]
                                                   for k, v in sorted(self.layer_total.items())}},
@@ -164,7 +173,8 @@ def text_summary(result: SanitizeResult, max_errors: int = 10) -> str:
 
 
 def _bars_svg(values: list[float], labels: list[str], title: str, color: str,
-              width: int = 560, height: int = 180) -> str:
+              width: int = 560, height: int = 180, marker: float | None = None) -> str:
+    """A bar chart; ``marker`` (a fraction of the x axis) draws a dashed vertical line."""
     top = max(values) if values and max(values) > 0 else 1.0
     n = max(1, len(values))
     bw = (width - 40) / n
@@ -181,7 +191,11 @@ def _bars_svg(values: list[float], labels: list[str], title: str, color: str,
     for i in range(0, len(values), step):
         parts.append(f'<text x="{30 + i * bw:.1f}" y="{height + 14}" font-size="10">'
                      f"{html.escape(labels[i])}</text>")
-    parts.append(f'<text x="0" y="{height - (height - 30) + 4}" font-size="10">{top:g}</text>')
+    parts.append(f'<text x="0" y="{height - (height - 30) + 4}" font-size="10">{top:.3g}</text>')
+    if marker is not None:
+        mx = 30 + marker * (width - 40)
+        parts.append(f'<line x1="{mx:.1f}" y1="24" x2="{mx:.1f}" y2="{height}" stroke="#a4161a" '
+                     'stroke-dasharray="4 3"><title>threshold</title></line>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -198,15 +212,20 @@ def render_html(summary: dict[str, Any]) -> str:
     err_rows = "".join(f"<tr><td>{esc(e['adapter_id'])}</td><td>{esc(e['error'] or '')}</td></tr>"
                        for e in summary["errors"])
     sel = ", ".join(f"{k}={v}" for k, v in summary["selection"].items())
+    threshold = summary["selection"].get("threshold")
     al = summary["alignment"]
     hist = summary["histograms"]
     targets = ",".join(al["targets"])
     plots = "\n".join([
-        _bars_svg(hist["cos"], cos_labels, "cos(ΔW, CΔW) of every scored module", "#3867d6"),
+        _bars_svg(hist["cos"], cos_labels, "cos(ΔW, CΔW) of every scored module"
+                  + (" (dashed: threshold)" if threshold is not None else ""), "#3867d6",
+                  marker=None if threshold is None else (threshold + 1) / 2),
         _bars_svg(frac, layer_keys, "fraction of modules projected, by layer", "#eb8a1f"),
         _bars_svg(hist["pdst"], pdst_labels, "Pdst per sanitized adapter", "#20bf6b"),
     ])
     fail_cls = "bad" if c["error"] else "ok"
+    top_rows = "".join(f"<tr><td>{esc(t['adapter_id'])}</td><td>{t['projected']}</td>"
+                       f"<td>{t['pdst']:.4f}</td></tr>" for t in summary["most_projected"])
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>safelora-ray run {esc(summary['run_id'])}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1000px}}td,th{{padding:2px 8px;
@@ -227,6 +246,8 @@ text-align:left;vertical-align:top}}.ok{{color:#17692a}}.bad{{color:#a4161a}}</s
 </table>
 <h2>Plots</h2>
 {plots}
+<h2>Adapters with the most projected modules</h2>
+<table><tr><th>adapter</th><th>projected modules</th><th>Pdst</th></tr>{top_rows}</table>
 <h2>Failures ({c['error']})</h2>
 <table><tr><th>adapter</th><th>error</th></tr>{err_rows}</table>
 <p>Machine-readable: adapters.parquet, layers.parquet and summary.json beside this page.</p>
