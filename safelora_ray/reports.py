@@ -8,6 +8,7 @@ adapters uses as much driver memory as one over 10. At the end everything is pub
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import heapq
 import html
@@ -105,6 +106,13 @@ class ReportWriter:
             layer = row["layer"] if row["layer"] is not None else -1
             self.layer_total[layer] += 1
             self.layer_projected[layer] += bool(row["projected"])
+
+    def abort(self) -> None:
+        """Drop the partial reports of a run that failed (nothing is published)."""
+        for w in (self._adapters, self._layers):
+            with contextlib.suppress(Exception):
+                w.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
 
     def finish(self, out: Storage, prefix: str, result: SanitizeResult) -> dict[str, Any]:
         """Publish ``adapters.parquet``, ``layers.parquet``, ``report.html``, ``summary.json``."""

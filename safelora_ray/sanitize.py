@@ -10,6 +10,7 @@ adapter and per module. The driver streams those rows into Parquet reports.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime as _dt
 import hashlib
@@ -548,38 +549,63 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
         row["error"] = message
         record({"adapters": [row], "layers": []})
 
-    actors = [
-        _SanitizeActor.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus,
-                               runtime_env=worker_runtime_env()).remote(
-            aset.uri, out.uri, config.selection, res.num_gpus, config.force,
-            config.max_adapter_bytes)
-        for _ in range(res.num_workers)
-    ]
+    def new_actor() -> Any:
+        return _SanitizeActor.options(
+            num_cpus=res.num_cpus, num_gpus=res.num_gpus, runtime_env=worker_runtime_env()
+        ).remote(aset.uri, out.uri, config.selection, res.num_gpus, config.force,
+                 config.max_adapter_bytes)
+
+    def lost(batch: list[AdapterRef], e: BaseException) -> None:
+        # Ray already retried the batch on a restarted worker (max_task_retries); it still
+        # kills its worker. Split it so one poison adapter cannot fail its batch-mates.
+        if len(batch) > 1:
+            retry.extend([ref] for ref in batch)
+            return
+        row = _base_row(batch[0])
+        row["error"] = (f"adapter {batch[0].adapter_id!r}: the worker died while sanitizing it "
+                        f"({type(e).__name__}); the rest of the fleet went on")
+        logger.warning("%s", row["error"])
+        record({"adapters": [row], "layers": []})
+
+    actors = [new_actor() for _ in range(res.num_workers)]
     logger.info("sanitizing %s with alignment set %s (%s) on %d %s worker(s) → %s",
                 config.adapters, aset.content_id, config.selection, len(actors),
                 "GPU" if res.uses_gpu else "CPU", out.uri)
     bar = tqdm(desc="sanitize", unit="adapter", disable=not config.progress)
-    pending: dict[ray.ObjectRef, int] = {}
+    pending: dict[ray.ObjectRef, tuple[int, list[AdapterRef]]] = {}
+    retry: collections.deque[list[AdapterRef]] = collections.deque()
     load = [0] * len(actors)
     batches = _batches(iter_catalog(config.adapters), config.batch_size, invalid)
     try:
         exhausted = False
         while True:
             # Fill every worker up to max_in_flight batches: bounded memory on both sides.
-            while not exhausted and min(load) < config.max_in_flight:
-                batch = next(batches, None)
+            while min(load) < config.max_in_flight:
+                batch = retry.popleft() if retry else None
+                if batch is None and not exhausted:
+                    batch = next(batches, None)
+                    exhausted = batch is None
                 if batch is None:
-                    exhausted = True
                     break
                 i = load.index(min(load))
-                pending[actors[i].process.remote(batch)] = i
+                pending[actors[i].process.remote(batch)] = (i, batch)
                 load[i] += 1
             if not pending:
                 break
             ref = wait_one(list(pending), config.task_timeout_s, "adapter batch")
-            i = pending.pop(ref)
+            i, batch = pending.pop(ref)
             load[i] -= 1
-            record(get_unwrapped(ref, config.task_timeout_s))
+            try:
+                payload = get_unwrapped(ref, config.task_timeout_s)
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
+                ray.kill(actors[i])
+                actors[i] = new_actor()
+                lost(batch, e)
+                continue
+            record(payload)
+    except BaseException:
+        report.abort()
+        raise
     finally:
         bar.close()
         for a in actors:
