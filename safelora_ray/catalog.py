@@ -9,8 +9,10 @@ Catalogs are listed lazily: the driver never holds the whole catalog in memory.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
+import os
 import posixpath
 import re
 from collections.abc import Iterator
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from safelora_ray.errors import ConfigError, StorageError
 from safelora_ray.storage import open_storage
 from safelora_ray.storage.base import split_uri
+from safelora_ray.storage.local import LocalStorage
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +84,20 @@ def iter_catalog(uri: str) -> Iterator[AdapterRef | tuple[str, str]]:
         return
     storage = open_storage(uri)
     found = False
-    for obj in storage.list(""):
-        if posixpath.basename(obj.path) != CONFIG_FILE:
+    # Symlinks out of a local catalog are never read; an adapter directory or config that is
+    # one becomes an error row instead of silently vanishing from the run.
+    refused: list[tuple[str, bool, str]] = []
+    if isinstance(storage, LocalStorage):
+        listing = storage.list("", on_refused=lambda *r: refused.append(r))
+    else:
+        listing = storage.list("")
+    for obj in itertools.chain(listing, [None]):
+        while refused:
+            item = _refused_entry(storage, *refused.pop(0))
+            if item is not None:
+                found = True
+                yield item
+        if obj is None or posixpath.basename(obj.path) != CONFIG_FILE:
             continue
         found = True
         prefix = posixpath.dirname(obj.path)
@@ -95,6 +110,24 @@ def iter_catalog(uri: str) -> Iterator[AdapterRef | tuple[str, str]]:
         yield AdapterRef(adapter_id, storage.uri, prefix)
     if not found:
         logger.warning("no %s found under %s: the catalog is empty", CONFIG_FILE, storage.uri)
+
+
+def _refused_entry(storage: LocalStorage, rel: str, is_dir: bool,
+                   message: str) -> tuple[str, str] | None:
+    """The error entry for a symlink out of a local catalog, when it stands for an adapter:
+    an ``adapter_config.json`` link, or a directory link whose target holds one (only its
+    existence is checked; nothing outside the catalog is read)."""
+    if is_dir:
+        if not os.path.isfile(os.path.join(storage.describe(rel), CONFIG_FILE)):
+            logger.warning("catalog %s: ignoring %s", storage.uri, message)
+            return None
+        adapter_id = rel
+    elif posixpath.basename(rel) == CONFIG_FILE:
+        adapter_id = posixpath.dirname(rel) or _root_name(storage.uri)
+    else:
+        return None  # another file of an adapter: reading that adapter reports it
+    return (adapter_id, f"adapter {adapter_id!r}: {message}; symlinks out of the catalog are "
+                        "never followed")
 
 
 def _root_name(uri: str) -> str:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from safelora_ray._version import __version__
 from safelora_ray.errors import ConfigError, SafeLoraError
+from safelora_ray.redact import quiet_wire_logs, redact
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ def _configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    quiet_wire_logs()  # their DEBUG output prints request headers (session tokens)
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
@@ -177,10 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _COMMANDS[args.command](args)
     except ConfigError as e:
-        print(f"safelora-ray {args.command}: error: {e}", file=sys.stderr)
+        print(f"safelora-ray {args.command}: error: {redact(str(e))}", file=sys.stderr)
         return EXIT_USAGE
     except SafeLoraError as e:
-        print(f"safelora-ray {args.command}: error: {e}", file=sys.stderr)
+        print(f"safelora-ray {args.command}: error: {redact(str(e))}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -35,6 +35,7 @@ from safelora_ray.errors import AlignmentSetError, ConfigError, SafeLoraError
 from safelora_ray.formats.alignment_set import AlignmentSet
 from safelora_ray.lease import Lease, LeaseHeldError
 from safelora_ray.plan import parse_targets
+from safelora_ray.redact import quiet_wire_logs, redact
 from safelora_ray.reports import text_summary
 from safelora_ray.sanitize import SanitizeConfig, sanitize
 from safelora_ray.storage import open_storage
@@ -327,18 +328,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_wire_logs()  # their DEBUG output prints request headers (session tokens)
     try:
         cfg = NightlyConfig.load(args.config)
         record = run_nightly(cfg, run_id=args.run_id, dry_run=args.dry_run,
                              progress=not args.no_progress)
     except ConfigError as e:
-        print(f"nightly: error: {e}", file=sys.stderr)
+        print(f"nightly: error: {redact(str(e))}", file=sys.stderr)
         return EXIT_USAGE
     except LeaseHeldError as e:
         print(f"nightly: another run is in progress: {e}", file=sys.stderr)
         return EXIT_LOCKED
     except SafeLoraError as e:
-        print(f"nightly: error: {e}", file=sys.stderr)
+        print(f"nightly: error: {redact(str(e))}", file=sys.stderr)
         return EXIT_FAILED
     c = record["counts"]
     buf = io.StringIO()

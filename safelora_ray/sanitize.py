@@ -51,6 +51,7 @@ from safelora_ray.ray_utils import (
     wait_one,
     worker_runtime_env,
 )
+from safelora_ray.redact import redact
 from safelora_ray.reports import ReportWriter
 from safelora_ray.storage import Storage, open_storage
 from safelora_ray.storage.local import STAGING_PREFIX, TMP_PREFIX, TRASH_PREFIX, LocalStorage
@@ -362,7 +363,7 @@ class FleetSanitizer:
         dists = [0.0 if m in chosen else s.dist for m, s in scores.items()]
         ledger = {
             "adapter_id": ref.adapter_id,
-            "source": f"{ref.uri.rstrip('/')}/{ref.prefix}".rstrip("/"),
+            "source": _source_uri(ref),
             "key": self._ledger_key(adapter.digest),
             "fingerprint": self._fingerprint(ref),
             "output_digest": out_digest,
@@ -392,10 +393,15 @@ class FleetSanitizer:
         return layers
 
 
+def _source_uri(ref: AdapterRef) -> str:
+    """The adapter's URI as reports and the ledger show it (signed-URL parts masked)."""
+    return redact(f"{ref.uri.rstrip('/')}/{ref.prefix}".rstrip("/")) or ""
+
+
 def _base_row(ref: AdapterRef) -> dict[str, Any]:
     return {
-        "adapter_id": ref.adapter_id, "source_uri": f"{ref.uri.rstrip('/')}/{ref.prefix}".rstrip(
-            "/"), "status": "error", "error": None, "modules": 0, "projected": 0,
+        "adapter_id": ref.adapter_id, "source_uri": _source_uri(ref), "status": "error",
+        "error": None, "modules": 0, "projected": 0,
         "pdst": None, "source_digest": None, "output_digest": None, "base_model": None,
         "bytes_in": 0, "bytes_out": 0, "read_s": 0.0, "compute_s": 0.0, "write_s": 0.0,
         "batch_s": 0.0, "untouched": 0, "note": None,
@@ -411,11 +417,13 @@ def _skip(row: dict[str, Any], ledger: dict[str, Any], why: str) -> None:
 def _fail(row: dict[str, Any], e: BaseException) -> None:
     row["status"] = "error"
     if isinstance(e, SafeLoraError):
-        row["error"] = str(e)
+        msg = str(e)
+        name = f"adapter {row['adapter_id']!r}"
+        row["error"] = redact(msg if msg.startswith(name) else f"{name}: {msg}")
     else:  # unexpected: keep the type and the last frame for the operator
         tb = traceback.extract_tb(e.__traceback__)
         where = f" at {tb[-1].filename}:{tb[-1].lineno}" if tb else ""
-        row["error"] = f"adapter {row['adapter_id']!r}: {type(e).__name__}: {e}{where}"
+        row["error"] = redact(f"adapter {row['adapter_id']!r}: {type(e).__name__}: {e}{where}")
     logger.warning("%s", row["error"])
 
 
@@ -546,7 +554,7 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
 
     def invalid(adapter_id: str, message: str) -> None:
         row = _base_row(AdapterRef(adapter_id, config.adapters, ""))
-        row["error"] = message
+        row["error"] = redact(message)
         record({"adapters": [row], "layers": []})
 
     def new_actor() -> Any:

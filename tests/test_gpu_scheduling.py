@@ -4,6 +4,8 @@ when torch sees no CUDA device, with unchanged results."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import ray
 import torch
@@ -52,5 +54,8 @@ def test_gpu_workers_are_scheduled_and_results_unchanged(tmp_path):
     run = sanitize(SanitizeConfig(alignment=out.uri, adapters=str(tmp_path / "cat"),
                                   out=str(tmp_path / "out"), num_proj_layers=2, progress=False))
     assert (run.ok, run.error) == (3, 0)
-    # Nothing left holding the fake GPUs.
+    # Nothing left holding the fake GPUs (killed actors release them asynchronously).
+    deadline = time.time() + 30
+    while ray.available_resources().get("GPU", 0) != 2 and time.time() < deadline:
+        time.sleep(0.5)
     assert ray.available_resources().get("GPU", 0) == 2

@@ -144,7 +144,8 @@ class WalkEntry:
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
-def walk_sorted(top: str, rel: str = "", follow: bool = False) -> Iterator[WalkEntry]:
+def walk_sorted(top: str, rel: str = "", follow: bool = False,
+                links: bool = False) -> Iterator[WalkEntry]:
     """Regular files under ``top``, lazily, in lexicographic order of their ``/``-joined path.
 
     Sorting each directory's entries with directories keyed as ``name + "/"`` yields exactly
@@ -158,15 +159,17 @@ def walk_sorted(top: str, rel: str = "", follow: bool = False) -> Iterator[WalkE
         rel: Relative path of ``top`` (prefix of the yielded ``rel`` paths).
         follow: Whether to descend into symlinked directories (no loop protection; only for
             trees we trust, like Hub snapshots). Symlinked files are always followed.
+        links: Also yield symlinks whose target is not a regular file (a directory that is
+            not descended into), so that callers can report them instead of losing them.
     """
     try:
         fd = os.open(top, _DIR_FLAGS)
     except (FileNotFoundError, NotADirectoryError):
         return
-    yield from _walk_fd(fd, top, rel, follow)
+    yield from _walk_fd(fd, top, rel, follow, links)
 
 
-def _walk_fd(fd: int, path: str, rel: str, follow: bool) -> Iterator[WalkEntry]:
+def _walk_fd(fd: int, path: str, rel: str, follow: bool, links: bool) -> Iterator[WalkEntry]:
     """Walk the directory open as ``fd`` (closed when done or when the generator is dropped)."""
     try:
         with os.scandir(fd) as it:  # scandir dups the fd; ours stays open for openat/fstatat
@@ -190,14 +193,14 @@ def _walk_fd(fd: int, path: str, rel: str, follow: bool) -> Iterator[WalkEntry]:
                     child_fd = os.open(e.name, flags, dir_fd=fd)
                 except OSError:
                     continue  # removed (or replaced by a non-directory) since scandir
-                yield from _walk_fd(child_fd, child_path, child_rel, follow)
+                yield from _walk_fd(child_fd, child_path, child_rel, follow, links)
                 continue
             try:
                 link = os.readlink(e.name, dir_fd=fd) if e.is_symlink() else None
                 st = os.stat(e.name, dir_fd=fd)  # follows symlinks to files
             except OSError:
                 continue  # vanished since scandir (concurrent delete/replace) or dangling
-            if stat.S_ISREG(st.st_mode):
+            if stat.S_ISREG(st.st_mode) or (links and link is not None):
                 yield WalkEntry(child_rel, child_path, st, link)
     finally:
         os.close(fd)
@@ -311,19 +314,35 @@ class LocalStorage(Storage):
         """Whether a regular file exists at ``path``."""
         return os.path.isfile(self._resolve(path))
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list(self, prefix: str = "",
+             on_refused: Callable[[str, bool, str], None] | None = None) -> Iterator[ObjectInfo]:
         """Files under the directory ``prefix``, recursively, lazily, sorted by path.
 
         Temporary files and staging/trash directories of in-flight writes are skipped, as are
-        symlinks that point outside the root.
+        symlinks that point outside the root (reading them fails anyway).
+
+        Args:
+            prefix: Directory to list.
+            on_refused: Called as ``on_refused(rel, is_dir, message)`` for each symlink (to a
+                file or a directory) skipped because it resolves outside the root, when it is
+                met in the walk, so that a caller can report it rather than lose it silently.
         """
         top = self._resolve(prefix.rstrip("/"), allow_root=True)
         rel0 = normalize_relpath(prefix.rstrip("/"))
         real_root = os.path.realpath(self.root).rstrip(os.sep) + os.sep
-        for entry in walk_sorted(top, rel0):
-            if entry.link is not None and not os.path.realpath(entry.path).startswith(real_root):
-                continue  # symlink pointing outside the root: not ours to expose
+        for entry in walk_sorted(top, rel0, links=on_refused is not None):
             st = entry.stat
+            if entry.link is not None:
+                real = os.path.realpath(entry.path)
+                if not real.startswith(real_root):
+                    # A symlink pointing outside the root: not ours to expose.
+                    if on_refused is not None:
+                        on_refused(entry.rel, stat.S_ISDIR(st.st_mode),
+                                   f"path {entry.rel!r} resolves to {real}, outside the storage "
+                                   f"root {self.root}")
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    continue  # a symlinked directory inside the root: not descended into
             yield ObjectInfo(entry.rel, st.st_size, f"{st.st_mtime_ns}-{st.st_size}")
 
     def version(self, path: str) -> str:
