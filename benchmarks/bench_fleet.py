@@ -12,9 +12,11 @@ the first N adapters of the pool.
   load_file``, as ``from_pretrained`` reads them), compute ``C = V Vᵀ/‖V‖`` for each target
   module, compute every module's cosine on the dense d x d products and project per SPEC §2
   (rounded to 5 decimals, ``<=`` τ), write the adapter with ``safetensors.torch.save_file``.
-  Its per-adapter cost is constant (no state is shared between adapters), so it is measured on
-  the first ``--baseline-max`` adapters and its time for a larger N is N x the median
-  per-adapter time (``--baseline-max 0`` measures every adapter).
+  The baseline runs in the driver between our runs (Ray idle), ``--baseline-per-repeat``
+  distinct adapters per repeat, so both sides see the same load on a shared machine. Its
+  per-adapter cost is constant (nothing is shared between adapters), so its time for N is N x
+  its median per-adapter time (``--baseline-per-repeat 0``: every adapter of the largest
+  catalog, once, summed).
 
 The baseline's outputs are compared with ours (same projected modules, B within one bf16
 rounding step), so the ratio compares equal work.
@@ -22,8 +24,9 @@ rounding step), so the ratio compares equal work.
 Example::
 
     python benchmarks/bench_fleet.py                              # N = 1, 16, 64, 256 on CPU
-    python benchmarks/bench_fleet.py --arch llama2-7b --fill holes --n 256,1024,4096 \\
-        --device cuda --batch-size 64 --baseline-max 2 --out-json fleet-7b-h100.json
+    python benchmarks/bench_fleet.py --arch llama2-7b --fill holes --n 256,1024,2048 \\
+        --device cuda --batch-size 64 --max-in-flight 4 --baseline-per-repeat 1 \\
+        --out-json fleet-7b-h100.json
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import shutil
 import sys
 import time
@@ -42,6 +46,10 @@ import common
 import torch
 
 TARGETS = ("q_proj", "v_proj")
+#: Ray system setting (read from the environment by ``ray.init``): modules every worker
+#: process imports when it starts, before any task or actor needs it.
+PRELOAD_ENV = "RAY_preload_python_modules"
+PRELOAD = "torch,safelora_ray.build,safelora_ray.sanitize"
 ARCHS = {"fleet-100m": common.FLEET_100M, "llama2-7b": common.LLAMA2_7B}
 
 
@@ -62,7 +70,10 @@ def baseline_one(base_dir: str, aligned_dir: str, adapter_dir: Path, out_dir: Pa
     for d in (base_dir, aligned_dir):  # both models, every tensor (from_pretrained reads all)
         sd: dict[str, torch.Tensor] = {}
         for f in sorted(Path(d).glob("*.safetensors")):
-            sd.update(load_file(str(f), device=device))
+            # load_file maps the file lazily on CPU: copy every tensor into its own memory,
+            # as from_pretrained's load_state_dict (or .to("cuda")) does.
+            loaded = load_file(str(f), device=device)
+            sd.update({k: t.clone() for k, t in loaded.items()} if device == "cpu" else loaded)
         models.append(sd)
     base, aligned = models
     t_load = time.perf_counter() - t0
@@ -101,43 +112,59 @@ def baseline_one(base_dir: str, aligned_dir: str, adapter_dir: Path, out_dir: Pa
     shutil.copyfile(adapter_dir / "adapter_config.json", out_dir / "adapter_config.json")
     if device == "cuda":
         torch.cuda.synchronize()
+        del proj, ad
+        torch.cuda.empty_cache()  # give the GPU memory back to our workers' processes
     return {"s": time.perf_counter() - t0, "load_s": t_load,
             "compute_write_s": time.perf_counter() - t1, "cos": cos,
             "projected": sorted(projected)}
 
 
-def compare_outputs(pool_adapters: list[Path], pool_root: Path, baseline_out: Path,
-                    ours_uri: str, baseline: list[dict[str, Any]]) -> dict[str, Any]:
-    """Our sanitized adapters vs the baseline's: projected modules and B values."""
-    from safetensors.torch import load, load_file
+class Comparison:
+    """Our sanitized adapters vs the baseline's (projected modules and B values), checked
+    after each of our runs for the baseline adapters that run covered."""
 
-    from safelora_ray.storage import open_storage
+    def __init__(self, pool_adapters: list[Path], pool_root: Path, baseline_out: Path) -> None:
+        self.pool, self.root, self.baseline_out = pool_adapters, pool_root, baseline_out
+        self.done: dict[int, tuple[bool, float, str | None]] = {}
 
-    ours = open_storage(ours_uri)
-    same_selection = 0
-    max_rel = 0.0
-    diffs = []
-    for p, b in zip(pool_adapters, baseline, strict=False):
-        aid = p.relative_to(pool_root).as_posix()
-        src = load_file(str(p / "adapter_model.safetensors"))
-        mine = load(ours.read(f"{aid}/adapter_model.safetensors"))
-        theirs = load_file(str(baseline_out / aid / "adapter_model.safetensors"))
-        if set(mine) != set(theirs):
-            diffs.append(f"{aid}: different tensor names")
-            continue
-        sel_mine = sorted(k[len("base_model.model."): -len(".lora_B.weight")] for k in mine
-                          if k.endswith("lora_B.weight") and not torch.equal(mine[k], src[k]))
-        if sel_mine == b["projected"]:
-            same_selection += 1
-        else:
-            diffs.append(f"{aid}: ours projected {sel_mine}, baseline {b['projected']}")
-        for k in mine:
-            x, y = mine[k].float(), theirs[k].float()
-            scale = float(y.abs().max()) or 1.0
-            max_rel = max(max_rel, float((x - y).abs().max()) / scale)
-    return {"adapters_compared": len(baseline), "same_selection": same_selection,
-            "max_abs_diff_over_max_abs": max_rel, "differences": diffs[:10],
-            "equal": same_selection == len(baseline) and max_rel <= 2**-7}
+    def check_run(self, out_uri: str, n: int, baseline: list[dict[str, Any]]) -> None:
+        from safetensors.torch import load, load_file
+
+        from safelora_ray.storage import open_storage
+
+        st = open_storage(out_uri)
+        for b in baseline:
+            i = b["index"]
+            if i >= n or i in self.done:
+                continue
+            aid = self.pool[i].relative_to(self.root).as_posix()
+            src = load_file(str(self.pool[i] / "adapter_model.safetensors"))
+            mine = load(st.read(f"{aid}/adapter_model.safetensors"))
+            theirs = load_file(str(self.baseline_out / aid / "adapter_model.safetensors"))
+            if set(mine) != set(theirs):
+                self.done[i] = (False, float("inf"), f"{aid}: different tensor names")
+                continue
+            sel = sorted(k[len("base_model.model."): -len(".lora_B.weight")] for k in mine
+                         if k.endswith("lora_B.weight") and not torch.equal(mine[k], src[k]))
+            rel = 0.0
+            for k in mine:
+                x, y = mine[k].float(), theirs[k].float()
+                rel = max(rel, float((x - y).abs().max()) / (float(y.abs().max()) or 1.0))
+            same = sel == b["projected"]
+            self.done[i] = (same, rel, None if same else
+                            f"{aid}: ours projected {sel}, baseline {b['projected']}")
+
+    def summary(self, baseline: list[dict[str, Any]]) -> dict[str, Any]:
+        same = sum(1 for ok, _, _ in self.done.values() if ok)
+        rel = max((r for _, r, _ in self.done.values()), default=0.0)
+        wanted = len({b["index"] for b in baseline})
+        return {"adapters_compared": len(self.done), "same_selection": same,
+                "max_abs_diff_over_max_abs": rel,
+                "differences": [d for _, _, d in self.done.values() if d][:10],
+                # one bf16 rounding step of the largest |B| (C is float32 on both sides, the
+                # norm float64 here and float32 there: the cast to bf16 may round either way)
+                "equal": (len(self.done) == wanted and same == len(self.done)
+                          and rel <= 2**-7)}
 
 
 def report_timings(out_uri: str, run_id: str, batch_size: int) -> dict[str, float]:
@@ -168,13 +195,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold", type=float, default=0.35)
     p.add_argument("--batch-size", type=int, default=8, help="adapters per sanitize task")
     p.add_argument("--max-in-flight", type=int, default=2, help="batches queued per worker")
-    p.add_argument("--baseline-max", type=int, default=8,
-                   help="adapters the baseline is measured on (0 = every adapter of the "
-                        "largest N); larger N are extrapolated from its median")
+    p.add_argument("--baseline-per-repeat", type=int, default=3,
+                   help="adapters the baseline processes in each repeat (distinct adapters; "
+                        "0 = every adapter of the largest N, once); a larger N is timed as "
+                        "N x the median per-adapter time")
     p.add_argument("--fill", choices=("dense", "holes"), default="dense",
                    help="non-target tensors of the pair: real bytes or sparse holes")
+    p.add_argument("--keep-outputs", action="store_true",
+                   help="keep every run's sanitized adapters (local storage; default: removed "
+                        "after each run once checked)")
+    p.add_argument("--warm-workers", action="store_true",
+                   help="start Ray with RAY_preload_python_modules=torch,safelora_ray.build,"
+                        "safelora_ray.sanitize: worker processes import torch before they are "
+                        "needed, as on a long-lived cluster configured for safelora-ray")
     common.common_args(p)
-    p.set_defaults(repeats=3)
     args = p.parse_args(argv)
     common.setup_logging()
 
@@ -183,9 +217,16 @@ def main(argv: list[str] | None = None) -> int:
         arch = replace(arch, layers=args.layers)
     ns = sorted({int(x) for x in args.n.split(",") if x.strip()})
     if args.smoke:
-        arch, ns, args.repeats, args.baseline_max = common.TINY, [1, 3], 1, 2
+        arch, ns, args.repeats, args.baseline_per_repeat = common.TINY, [2], 1, 2
+        args.batch_size = 1  # several batches in flight per worker: the threaded actor path
     use_gpu = args.device == "cuda"
-    k_base = max(ns) if args.baseline_max == 0 else min(max(ns), args.baseline_max)
+    if use_gpu and args.workers and args.workers > torch.cuda.device_count():
+        p.error(f"--workers {args.workers} > {torch.cuda.device_count()} GPU(s): GPU workers "
+                "take a whole GPU each, the extra ones would never be scheduled")
+    if args.baseline_per_repeat == 0:
+        plan = [max(ns)] + [0] * (args.repeats - 1)
+    else:
+        plan = [min(args.baseline_per_repeat, max(ns))] * args.repeats
     info = common.machine_info()
 
     with common.workdir(args.workdir, args.keep, "bench-fleet-") as root:
@@ -201,21 +242,6 @@ def main(argv: list[str] | None = None) -> int:
                         for n in ns}
         print(f"  written in {tw['s']:.1f} s", flush=True)
 
-        # -- baseline first, before Ray starts: it has the machine to itself ---------------
-        print(f"baseline (official approach) on {k_base} adapter(s) ...", flush=True)
-        torch.set_num_threads(info["cpu_count"] or 1)
-        base_out = root / "baseline-out"
-        baseline = []
-        with common.ProcessMonitor() as bmon:
-            for i, ad in enumerate(pool[:k_base]):
-                out = base_out / ad.relative_to(pool_root)
-                baseline.append(baseline_one(pair["base"], pair["aligned"], ad, out,
-                                             args.threshold, args.device))
-                print(f"  adapter {i}: {baseline[-1]['s']:.2f} s "
-                      f"(load {baseline[-1]['load_s']:.2f} s)", flush=True)
-        per_adapter = common.median([b["s"] for b in baseline])
-
-        # -- ours ------------------------------------------------------------------------------
         s3 = None
         if args.storage == "s3":
             s3 = common.MotoS3(root)
@@ -231,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
 
             def uri(rel: str) -> str:
                 return str(root / rel)
+        if args.warm_workers:
+            os.environ[PRELOAD_ENV] = PRELOAD
         try:
             import ray
 
@@ -240,8 +268,27 @@ def main(argv: list[str] | None = None) -> int:
 
             ray_init_s = common.start_ray()
             workers = plan_workers(args.workers, use_gpu).num_workers
-            builds = []
+            # The baseline runs in this process between our runs (Ray idle), so that both
+            # sides see the same load on a shared machine.
+            torch.set_num_threads(info["cpu_count"] or 1)
+            base_out = root / "baseline-out"
+            baseline: list[dict[str, Any]] = []
+            bmon = common.ProcessMonitor(pids=[os.getpid()])
+            comparison = Comparison(pool, pool_root, base_out)
+            builds: list[dict[str, Any]] = []
+            runs: dict[int, list[dict[str, Any]]] = {n: [] for n in ns}
             for rep in range(args.repeats):
+                with bmon:
+                    for _ in range(plan[rep]):
+                        idx = len(baseline) % len(pool)  # distinct adapters while there are
+                        ad = pool[idx]
+                        out = base_out / ad.relative_to(pool_root)
+                        baseline.append(baseline_one(pair["base"], pair["aligned"], ad, out,
+                                                     args.threshold, args.device))
+                        baseline[-1]["index"] = idx
+                        print(f"  baseline adapter {len(baseline) - 1}: "
+                              f"{baseline[-1]['s']:.2f} s (load {baseline[-1]['load_s']:.2f} s)",
+                              flush=True)
                 with common.ProcessMonitor() as mon, common.timer() as t:
                     res = build(BuildConfig(base=base_uri, aligned=aligned_uri,
                                             out=uri(f"sets/run-{rep}"), targets=list(TARGETS),
@@ -250,18 +297,12 @@ def main(argv: list[str] | None = None) -> int:
                 builds.append({"s": round(t["s"], 3), "stats": res.stats,
                                "memory": mon.summary()})
                 print(f"  build {rep}: {t['s']:.2f} s", flush=True)
-            build_s = common.median([b["s"] for b in builds])
-            set_uri = uri("sets/run-0")
-
-            runs: dict[int, list[dict[str, Any]]] = {}
-            for n in ns:
-                runs[n] = []
-                for rep in range(args.repeats):
+                for n in ns:
                     run_id = f"bench-n{n}-r{rep}"
                     out = uri(f"out-{n}-{rep}")
                     with common.ProcessMonitor() as mon, common.timer() as t:
                         r = sanitize(SanitizeConfig(
-                            alignment=set_uri, adapters=cat_uri[n], out=out,
+                            alignment=uri(f"sets/run-{rep}"), adapters=cat_uri[n], out=out,
                             threshold=args.threshold, workers=args.workers, use_gpu=use_gpu,
                             batch_size=args.batch_size, max_in_flight=args.max_in_flight,
                             run_id=run_id, progress=False))
@@ -270,43 +311,53 @@ def main(argv: list[str] | None = None) -> int:
                                     "projected": r.projected, "out": out,
                                     "timings": report_timings(out, run_id, args.batch_size),
                                     "memory": mon.summary()})
+                    comparison.check_run(out, n, baseline)
+                    if args.storage == "local" and not args.keep_outputs:
+                        shutil.rmtree(out, ignore_errors=True)  # bounded disk at large N
                     print(f"  sanitize N={n} run {rep}: {t['s']:.2f} s "
                           f"({n / t['s']:.1f} adapters/s)", flush=True)
-            startup = common.actor_startup_s(args.workers, use_gpu)
-            check = compare_outputs(pool[:k_base], pool_root, base_out,
-                                    runs[max(ns)][0]["out"], baseline)
+            startup = (common.actor_startup_s(args.workers, use_gpu)
+                       if not args.smoke else float("nan"))
+            check = comparison.summary(baseline)
             ray.shutdown()
         finally:
+            os.environ.pop(PRELOAD_ENV, None)
             if s3 is not None:
                 s3.stop()
 
+    build_s = common.median([b["s"] for b in builds])
+    build_cpu = common.median([b["memory"]["cpu_s"] for b in builds])
+    per_adapter = common.median([b["s"] for b in baseline])
+    k_base = len(baseline)
+    # CPU seconds (user + system, every process): the load-independent cost of each side.
+    base_cpu_per_adapter = bmon.summary()["cpu_s"] / max(k_base, 1)
     rows, results = [], []
     for n in ns:
         san = common.median([r["s"] for r in runs[n]])
         total = build_s + san
-        if n <= k_base:
-            base_t = sum(b["s"] for b in baseline[:n])
-            measured = True
-        else:
-            base_t = n * per_adapter
-            measured = False
-        ratio = base_t / total
+        measured = n <= k_base and args.baseline_per_repeat == 0
+        base_t = sum(b["s"] for b in baseline[:n]) if measured else n * per_adapter
+        ours_cpu = build_cpu + common.median([r["memory"]["cpu_s"] for r in runs[n]])
+        base_cpu = n * base_cpu_per_adapter
         rec = {
             "n": n, "build_s": build_s, "sanitize_s": san, "total_s": round(total, 3),
+            "ours_cpu_s": round(ours_cpu, 2), "baseline_cpu_s": round(base_cpu, 2),
+            "cpu_ratio": round(base_cpu / ours_cpu, 2) if ours_cpu > 0 else None,
             "ours_adapters_per_s": round(n / total, 3),
             "sanitize_only_adapters_per_s": round(n / san, 3),
-            "baseline_s": round(base_t, 3), "baseline_measured": measured,
+            "baseline_s": round(base_t, 3), "baseline_measured_sum": measured,
             "baseline_adapters_per_s": round(n / base_t, 3),
-            "ratio": round(ratio, 2),
+            "ratio": round(base_t / total, 2),
+            "ratio_sanitize_only": round(base_t / san, 2),
             "ratio_incl_ray_init": round(base_t / (total + ray_init_s), 2),
             "runs": runs[n],
         }
         results.append(rec)
         rows.append([n, round(build_s, 2), round(san, 2), round(total, 2),
                      rec["ours_adapters_per_s"], rec["sanitize_only_adapters_per_s"],
-                     round(base_t, 1) if measured else f"{base_t:.1f} (extrap.)",
-                     rec["baseline_adapters_per_s"], rec["ratio"],
-                     rec["ratio_incl_ray_init"]])
+                     round(base_t, 1), rec["baseline_adapters_per_s"], rec["ratio"],
+                     rec["ratio_sanitize_only"], rec["ratio_incl_ray_init"],
+                     rec["ours_cpu_s"], rec["baseline_cpu_s"], rec["cpu_ratio"]])
     result = {
         "benchmark": "fleet",
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None
@@ -314,12 +365,14 @@ def main(argv: list[str] | None = None) -> int:
         "machine": info, "arch": asdict(arch), "params": arch.params,
         "targets": list(TARGETS), "rank": args.rank, "threshold": args.threshold,
         "storage": args.storage, "device": args.device, "workers": workers,
+        "warm_workers": args.warm_workers,
         "batch_size": args.batch_size, "max_in_flight": args.max_in_flight,
         "repeats": args.repeats, "inputs": {k: v for k, v in pair.items()
                                             if k not in ("base", "aligned")},
         "ray_init_s": round(ray_init_s, 3), "actor_startup_s": round(startup, 3),
         "build_runs": builds, "build_s_median": build_s,
         "baseline": {"adapters_measured": k_base, "per_adapter_s_median": round(per_adapter, 3),
+                     "cpu_s_per_adapter": round(base_cpu_per_adapter, 3),
                      "load_s_median": round(common.median([b["load_s"] for b in baseline]), 3),
                      "compute_write_s_median": round(
                          common.median([b["compute_write_s"] for b in baseline]), 3),
@@ -328,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         "equality": check,
         "results": results,
     }
-    biggest = results[-1]["runs"][len(results[-1]["runs"]) // 2]
+    biggest = sorted(runs[max(ns)], key=lambda r: r["s"])[len(runs[max(ns)]) // 2]
     tm = biggest["timings"]
     where = [
         ["Ray: ray.init (once per cluster, not in the totals)", round(ray_init_s, 3)],
@@ -343,22 +396,24 @@ def main(argv: list[str] | None = None) -> int:
         ["baseline per adapter: C, cosines, projection, save",
          result["baseline"]["compute_write_s_median"]],
     ]
-    mem = biggest["memory"]
+    extrap = "" if args.baseline_per_repeat == 0 else " (N x median per adapter)"
     common.emit(result, [
         (f"fleet: {arch.params / 1e6:.0f}M-parameter pair, r={args.rank} q/v adapters, "
-         f"{args.storage}, {args.device}",
+         f"{args.storage}, {workers} {args.device} worker(s)"
+         + (", warm workers" if args.warm_workers else ""),
          ["N", "build s", "sanitize s", "total s", "ours ad/s", "sanitize-only ad/s",
-          "baseline s", "baseline ad/s", "ratio", "ratio incl. ray.init"], rows),
+          f"baseline s{extrap}", "baseline ad/s", "ratio", "ratio sanitize-only",
+          "ratio incl. ray.init", "CPU-s ours", "CPU-s baseline", "CPU-s ratio"], rows),
         ("baseline vs ours: equal outputs", ["figure", "value"],
          [["adapters compared", check["adapters_compared"]],
           ["same projected modules", check["same_selection"]],
           ["max |B_ours − B_baseline| / max |B|", f"{check['max_abs_diff_over_max_abs']:.2e}"],
-          ["equal", check["equal"]]]),
+          ["equal", str(check["equal"])]]),
         (f"where the time goes (N={max(ns)}, median run)", ["figure", "seconds"], where),
-        (f"peak RSS by process role, MiB (sanitize N={max(ns)})",
-         ["role", "processes", "max per process", "sum"], common.memory_rows(mem)),
-        ("peak RSS, MiB (baseline process)", ["role", "processes", "max per process", "sum"],
-         common.memory_rows(result["baseline"]["memory"])),
+        (f"peak RSS and CPU time by process role (sanitize N={max(ns)}, median run)",
+         common.MEMORY_HEADERS, common.memory_rows(biggest["memory"])),
+        ("peak RSS and CPU time (baseline, all its adapters, in the driver process)",
+         common.MEMORY_HEADERS, common.memory_rows(result["baseline"]["memory"])),
     ], args.out_json)
     if not check["equal"]:
         print("WARNING: the baseline's outputs differ from ours: " + json.dumps(check))

@@ -477,9 +477,19 @@ def _reset_hwm(pid: int) -> None:
         f.write("5")
 
 
-#: Roles a process may still leave (a starting or idle worker becomes an actor).
-_TRANSIENT_ROLES = ("ray worker (idle)", "ray worker (starting)", "?")
+#: Generic roles, least specific first; any other role is an actor's class name. A process
+#: is re-classified when a later sample gives a more specific role (an idle worker becomes an
+#: actor; a command line read mid-exec looks like ``bash``).
+_GENERIC_ROLES = ("?", "ray worker (starting)", "ray worker (idle)", "ray system")
 _RAY_SYSTEM_TITLES = ("DashboardAgent", "RuntimeEnvAgent", "JobAgent")
+
+
+def _specificity(role: str) -> int:
+    if role in _GENERIC_ROLES:
+        return 1 + _GENERIC_ROLES.index(role)
+    if role == "driver" or role[:1].isupper():  # an actor class name
+        return 10
+    return 0  # some other program name, seen mid-exec
 
 
 def _role(proc: psutil.Process, driver: int) -> str:
@@ -517,15 +527,19 @@ class ProcessMonitor:
     of the current RSS of all of them seen in one sample (shared pages counted in each).
     """
 
-    def __init__(self, interval: float = 0.05) -> None:
+    def __init__(self, interval: float = 0.05, pids: Sequence[int] | None = None) -> None:
         self.interval = interval
         self.driver = os.getpid()
+        self.only = list(pids) if pids is not None else None
         self.peaks: dict[int, dict[str, Any]] = {}
         self.peak_total = 0
+        self._cpu_last: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _procs(self) -> list[psutil.Process]:
+        if self.only is not None:
+            return [psutil.Process(p) for p in self.only if psutil.pid_exists(p)]
         me = psutil.Process(self.driver)
         try:
             return [me, *me.children(recursive=True)]
@@ -543,12 +557,25 @@ class ProcessMonitor:
                 continue
             total += rss
             hwm = _vm_hwm(p.pid) or rss
+            try:
+                ct = p.cpu_times()
+                cpu = ct.user + ct.system
+            except (psutil.Error, OSError):
+                cpu = None
             rec = self.peaks.get(p.pid)
             if rec is None:
                 rec = self.peaks[p.pid] = {"pid": p.pid, "role": _role(p, self.driver),
-                                           "peak_rss": 0}
-            elif rec["role"] in _TRANSIENT_ROLES:
-                rec["role"] = _role(p, self.driver)  # an idle worker that became an actor
+                                           "peak_rss": 0, "cpu_s": 0.0}
+            elif rec["role"] != "driver":
+                role = _role(p, self.driver)
+                if _specificity(role) > _specificity(rec["role"]):
+                    rec["role"] = role
+            if cpu is not None:
+                last = self._cpu_last.get(p.pid)
+                # CPU time spent since the previous sample (or since the process started,
+                # when it started inside the measured block).
+                rec["cpu_s"] += cpu - last if last is not None else (0.0 if first else cpu)
+                self._cpu_last[p.pid] = cpu
             rec["peak_rss"] = max(rec["peak_rss"], hwm, rss)
         self.peak_total = max(self.peak_total, total)
 
@@ -557,6 +584,9 @@ class ProcessMonitor:
             self._sample()
 
     def __enter__(self) -> ProcessMonitor:
+        """Start sampling (again: peaks and CPU time accumulate over every ``with`` block)."""
+        self._stop = threading.Event()
+        self._cpu_last = {}
         self._sample(first=True)
         self._thread = threading.Thread(target=self._run, name="bench-monitor", daemon=True)
         self._thread.start()
@@ -569,25 +599,33 @@ class ProcessMonitor:
         self._sample()
 
     def summary(self) -> dict[str, Any]:
-        """Per role: process count and the largest per-process peak; plus every process."""
+        """Per role: process count, the largest per-process peak RSS and the CPU seconds used
+        inside the measured blocks; plus every process."""
         roles: dict[str, dict[str, Any]] = {}
         for rec in self.peaks.values():
             if not rec["peak_rss"]:
                 continue  # gone before it could be read
             r = roles.setdefault(rec["role"], {"processes": 0, "max_peak_rss": 0,
-                                               "sum_peak_rss": 0})
+                                               "sum_peak_rss": 0, "cpu_s": 0.0})
             r["processes"] += 1
             r["max_peak_rss"] = max(r["max_peak_rss"], rec["peak_rss"])
             r["sum_peak_rss"] += rec["peak_rss"]
+            r["cpu_s"] = round(r["cpu_s"] + rec["cpu_s"], 3)
         return {"roles": roles, "peak_total_rss": self.peak_total,
+                "cpu_s": round(sum(rec["cpu_s"] for rec in self.peaks.values()), 3),
                 "processes": sorted(self.peaks.values(), key=lambda r: r["pid"])}
+
+
+MEMORY_HEADERS = ["role", "processes", "max peak RSS per process, MiB", "sum, MiB", "CPU s"]
 
 
 def memory_rows(summary: dict[str, Any]) -> list[list[Any]]:
     rows = []
     for role, r in sorted(summary["roles"].items()):
-        rows.append([role, r["processes"], mib(r["max_peak_rss"]), mib(r["sum_peak_rss"])])
-    rows.append(["all (largest simultaneous sum)", "", "", mib(summary["peak_total_rss"])])
+        rows.append([role, r["processes"], mib(r["max_peak_rss"]), mib(r["sum_peak_rss"]),
+                     round(r["cpu_s"], 2)])
+    rows.append(["all (RSS: largest simultaneous sum)", "", "", mib(summary["peak_total_rss"]),
+                 round(summary["cpu_s"], 2)])
     return rows
 
 
@@ -680,13 +718,24 @@ def emit(result: dict[str, Any], tables: Sequence[tuple[str, Sequence[str],
     for title, headers, rows in tables:
         print(f"\n## {title}\n")
         print(format_table(headers, rows))
-    text = json.dumps(result, indent=2, default=_json_default)
+    text = json.dumps(_finite(result), indent=2, default=_json_default, allow_nan=False)
     if out_json:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
         Path(out_json).write_text(text + "\n")
         print(f"\nJSON written to {out_json}")
     else:
         print("\n" + text)
+
+
+def _finite(o: Any) -> Any:
+    """NaN / inf (a figure not measured) become null: the output is strict JSON."""
+    if isinstance(o, float) and (o != o or o in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_finite(v) for v in o]
+    return o
 
 
 def _json_default(o: Any) -> Any:
@@ -775,6 +824,27 @@ def raw_read_s(refs: Sequence[Any], base_uri: str, aligned_uri: str, threads: in
     return {"threads": threads, "bytes": total, "s": round(dt, 4), "gbps": gbps(total, dt)}
 
 
+def reader_ceiling_s(base_uri: str, aligned_uri: str, targets: Sequence[str],
+                     scratch: str) -> dict:
+    """One build worker's reader loop with no compute: ``ShardBuilder._fetch`` (ranged reads of
+    base and aligned in two threads, then sha256 of both for the manifest) over every target
+    module in order. The most one worker can feed its device; a GPU build is bounded by it."""
+    from safelora_ray.build import ShardBuilder
+    from safelora_ray.formats.checkpoint import Checkpoint
+    from safelora_ray.plan import plan_build
+
+    plan = plan_build(Checkpoint.open(base_uri), Checkpoint.open(aligned_uri), list(targets))
+    builder = ShardBuilder([], scratch, "cpu")
+    fetch = getattr(builder, "_fetch", None)
+    if fetch is None:  # the build changed: nothing to measure
+        return {"s": None, "gbps": None}
+    t0 = time.perf_counter()
+    for m in plan.modules:
+        fetch(m)
+    dt = time.perf_counter() - t0
+    return {"bytes": plan.input_bytes, "s": round(dt, 4), "gbps": gbps(plan.input_bytes, dt)}
+
+
 def measure_build(*, base_uri: str, aligned_uri: str, out_uri: Callable[[int], str],
                   targets: Sequence[str], workers: int | None, use_gpu: bool, repeats: int,
                   read_threads: int, cold_files: Sequence[Path] | None = None) -> dict:
@@ -793,6 +863,10 @@ def measure_build(*, base_uri: str, aligned_uri: str, out_uri: Callable[[int], s
             if cold_files:
                 evict_page_cache(cold_files)
             rec[key] = raw_read_s(refs, base_uri, aligned_uri, threads)
+        if cold_files:
+            evict_page_cache(cold_files)
+        with tempfile.TemporaryDirectory(prefix="bench-scratch-") as scratch:
+            rec["reader_ceiling"] = reader_ceiling_s(base_uri, aligned_uri, targets, scratch)
         if cold_files:
             evict_page_cache(cold_files)
         with ProcessMonitor() as mon, timer() as t:
@@ -822,12 +896,16 @@ def measure_build(*, base_uri: str, aligned_uri: str, out_uri: Callable[[int], s
         "build_s_median": median([r["build_s"] for r in runs]),
         "raw_seq_s_median": median([r["raw_seq"]["s"] for r in runs]),
         "raw_threads_s_median": median([r["raw_threads"]["s"] for r in runs]),
+        "reader_ceiling_s_median": median([r["reader_ceiling"]["s"] or float("nan")
+                                           for r in runs]),
         "read_threads": read_threads,
         "median_run": mid["repeat"],
     }
     summary["build_gbps_median"] = gbps(target_bytes, summary["build_s_median"])
     summary["raw_seq_gbps_median"] = gbps(target_bytes, summary["raw_seq_s_median"])
     summary["raw_threads_gbps_median"] = gbps(target_bytes, summary["raw_threads_s_median"])
+    summary["reader_ceiling_gbps_median"] = gbps(target_bytes,
+                                                 summary["reader_ceiling_s_median"])
     best = min(summary["raw_seq_s_median"], summary["raw_threads_s_median"])
     summary["build_over_raw_median"] = round(summary["build_s_median"] / best, 2)
     return {"summary": summary, "runs": runs}
@@ -841,14 +919,16 @@ def build_tables(m: dict, arch_line: str) -> list[tuple[str, list[str], list[lis
         ["target tensor bytes (base + aligned)", f"{s['target_bytes']:,}"],
         ["target modules", s["num_modules"]],
         ["bytes read by the build", f"{s['bytes_read']:,}"],
-        ["bytes read / target bytes", s["read_ratio"]],
+        ["bytes read / target bytes", f"{s['read_ratio']:.4f}"],
         ["raw read, sequential (s, GB/s)",
          f"{s['raw_seq_s_median']:.3f} s, {s['raw_seq_gbps_median']} GB/s"],
         [f"raw read, {s['read_threads']} threads (s, GB/s)",
          f"{s['raw_threads_s_median']:.3f} s, {s['raw_threads_gbps_median']} GB/s"],
+        ["one worker's reader loop, no compute (read + sha256; s, GB/s)",
+         f"{s['reader_ceiling_s_median']:.3f} s, {s['reader_ceiling_gbps_median']} GB/s"],
         ["build wall time (s, GB/s of target bytes)",
          f"{s['build_s_median']:.3f} s, {s['build_gbps_median']} GB/s"],
-        ["build time / best raw read time", s["build_over_raw_median"]],
+        ["build time / best raw read time", f"{s['build_over_raw_median']:.2f}"],
         ["repeats (median reported)", len(runs)],
     ]
     st = mid["stats"]
@@ -865,6 +945,6 @@ def build_tables(m: dict, arch_line: str) -> list[tuple[str, list[str], list[lis
     return [
         (f"build: {arch_line}", ["figure", "value"], main),
         ("where the time goes (median run)", ["figure", "seconds"], where),
-        ("peak RSS by process role, MiB (median run)",
-         ["role", "processes", "max per process", "sum"], memory_rows(mid["memory"])),
+        ("peak RSS and CPU time by process role (median run)", MEMORY_HEADERS,
+         memory_rows(mid["memory"])),
     ]

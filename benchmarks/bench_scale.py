@@ -1,0 +1,135 @@
+"""Benchmark: a Llama-2-70B-shaped pair built end to end, non-target tensors as sparse holes.
+
+Both checkpoints have the exact tensor names and shapes of Llama-2-70B (hidden 8192, 80
+layers, 64 heads, 8 kv heads: q_proj 8192x8192, v_proj 1024x8192, intermediate 28672, vocab
+32000), bf16, sharded at 10 GB with an index, as on the Hub. The q_proj/v_proj of the first
+``--layers`` layers are real (random, aligned = base + a rank-8 update + noise); every other
+tensor — k/o/MLP/norms of all 80 layers, embeddings, lm_head — is a sparse hole: the files
+have the full apparent size (~127 GB per model with 8 real layers) but occupy only the real
+tensors on disk. Layers past ``--layers`` have no q/v at all (holes would read as zeros,
+and an identical pair has no alignment matrix), so the read ratio stays meaningful: the build
+must find ~1% of the bytes in ~127 GB files.
+
+Reports the apparent and allocated sizes, bytes read against target bytes, raw read speed of
+the same bytes, wall time, and the peak RSS of the driver and every Ray process; a worker
+must stay bounded by a few modules (a q_proj C is 8192² float32 = 256 MiB).
+
+Example::
+
+    python benchmarks/bench_scale.py                           # 8 real layers (CPU: ~2 min)
+    python benchmarks/bench_scale.py --layers 80 --device cuda # the full 70B q/v set (24 GB
+                                                               # real on disk for the pair)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import common
+
+TARGETS = ("q_proj", "v_proj")
+C_Q_BYTES = common.LLAMA2_70B.hidden ** 2 * 4  # one q_proj C in float32: 256 MiB
+
+
+def entries(arch: common.Arch, real_layers: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Every tensor of the 70B model, minus the q/v of the layers past ``real_layers``."""
+    out = []
+    for name, shape in arch.shapes():
+        if common.is_target(name, TARGETS) and int(name.split(".")[2]) >= real_layers:
+            continue
+        out.append((name, shape))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=8,
+                   help="layers with real q_proj/v_proj (80 = the full 70B target set)")
+    p.add_argument("--total-layers", type=int, default=common.LLAMA2_70B.layers,
+                   help="layers of hole tensors (80 = Llama-2-70B)")
+    p.add_argument("--shard-gb", type=float, default=10.0, help="checkpoint shard size (GB)")
+    p.add_argument("--read-threads", type=int, default=None,
+                   help="threads of the raw threaded read (default 2 x workers)")
+    p.add_argument("--cold", action="store_true",
+                   help="drop the files' cached pages before each measurement")
+    common.common_args(p, storage=False)
+    p.set_defaults(repeats=1)
+    args = p.parse_args(argv)
+    common.setup_logging()
+
+    arch = replace(common.LLAMA2_70B, layers=args.total_layers)
+    real = min(args.layers, arch.layers)
+    if args.smoke:  # 70B names, tiny widths: the same code path in a second
+        arch = replace(common.TINY, layers=4)
+        real, args.repeats = 2, 1
+    use_gpu = args.device == "cuda"
+    info = common.machine_info()
+
+    with common.workdir(args.workdir, args.keep, "bench-scale-") as root:
+        ents = entries(arch, real)
+        print(f"writing the pair: {len(ents)} tensors per model, q/v real in {real} of "
+              f"{arch.layers} layers, everything else sparse holes, under {root} ...",
+              flush=True)
+        with common.timer() as tw:
+            pair = common.write_pair(root / "models", arch, targets=TARGETS, fill="holes",
+                                     max_shard_bytes=int(args.shard_gb * 1e9), entries=ents)
+        print(f"  written in {tw['s']:.1f} s: {pair['files_per_model']} file(s) of "
+              f"{pair['apparent_bytes_per_model'] / 1e9:.1f} GB apparent per model, "
+              f"{pair['allocated_bytes_per_model'] / 1e9:.2f} GB on disk", flush=True)
+        ray_init_s = common.start_ray()
+        import ray
+
+        from safelora_ray.ray_utils import plan_workers
+
+        res = plan_workers(args.workers, use_gpu)
+        threads = args.read_threads or 2 * res.num_workers
+        cold = common.checkpoint_files(pair["base"], pair["aligned"]) if args.cold else None
+        m = common.measure_build(
+            base_uri=pair["base"], aligned_uri=pair["aligned"],
+            out_uri=lambda rep: str(root / "sets" / f"run-{rep}"), targets=TARGETS,
+            workers=args.workers, use_gpu=use_gpu, repeats=args.repeats,
+            read_threads=threads, cold_files=cold)
+        ray.shutdown()
+
+    s = m["summary"]
+    mid = next(r for r in m["runs"] if r["repeat"] == s["median_run"])
+    roles = mid["memory"]["roles"]
+    worker_peak = max((r["max_peak_rss"] for k, r in roles.items() if k == "BuildActor"),
+                      default=0)
+    result = {
+        "benchmark": "scale",
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None
+                                                       else sys.argv[1:])]),
+        "machine": info, "arch": asdict(arch), "real_layers": real,
+        "targets": list(TARGETS),
+        "inputs": {k: v for k, v in pair.items() if k not in ("base", "aligned")},
+        "write_s": round(tw["s"], 1),
+        "cache": "cold (fadvise)" if args.cold else "warm",
+        "device": args.device, "workers": res.num_workers, "ray_init_s": round(ray_init_s, 3),
+        "worker_peak_rss": worker_peak,
+        "worker_peak_in_q_proj_C": round(worker_peak / C_Q_BYTES, 2),
+        **m,
+    }
+    apparent = 2 * pair["apparent_bytes_per_model"]
+    tables = common.build_tables(m, f"Llama-2-70B shapes, q/v real in {real} of "
+                                    f"{arch.layers} layers, {res.num_workers} "
+                                    f"{args.device} worker(s), {result['cache']} cache")
+    tables[0][2][0:0] = [
+        ["apparent size of the pair (2 models)", f"{apparent / 1e9:.1f} GB"],
+        ["allocated on disk (2 models)", f"{2 * pair['allocated_bytes_per_model'] / 1e9:.2f} GB"],
+        ["files per model", pair["files_per_model"]],
+        ["bytes read / apparent size", f"{s['bytes_read'] / apparent:.5f}"],
+    ]
+    tables[0][2].append(["largest worker peak RSS (in q_proj C = 256 MiB units)",
+                         f"{common.mib(worker_peak)} MiB "
+                         f"({result['worker_peak_in_q_proj_C']})"])
+    common.emit(result, tables, args.out_json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

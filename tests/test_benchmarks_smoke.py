@@ -1,0 +1,59 @@
+"""The benchmarks stay runnable: each script at its tiniest size (``--smoke``), in a subprocess
+as a user runs it. No timing assertions (the figures are in docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _run(script: str, tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / f"{script}.json"
+    env = {**os.environ, "BENCH_TMPDIR": str(tmp_path)}
+    env.pop("RAY_ADDRESS", None)
+    for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):  # the scripts start their own
+        env.pop(var, None)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / f"{script}.py"), "--smoke", "--out-json", str(out),
+         *extra],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "|" in proc.stdout  # the table
+    result = json.loads(out.read_text())
+    assert result["machine"]["cpu_count"] >= 1 and result["machine"]["torch"]
+    return result
+
+
+@pytest.mark.timeout(180)
+def test_bench_build_smoke(tmp_path):
+    r = _run("bench_build", tmp_path, "--storage", "s3")  # a moto server started by the script
+    assert r["storage"] == "s3"
+    s = r["summary"]
+    assert s["bytes_read"] >= s["target_bytes"] > 0
+    assert s["raw_seq_s_median"] > 0 and s["build_s_median"] > 0
+    roles = r["runs"][0]["memory"]["roles"]
+    assert "driver" in roles and "BuildActor" in roles
+
+
+@pytest.mark.timeout(180)
+def test_bench_fleet_smoke(tmp_path):
+    r = _run("bench_fleet", tmp_path)
+    assert r["equality"]["equal"], r["equality"]
+    (res,) = r["results"]
+    assert res["n"] == 2 and res["total_s"] > 0 and res["baseline_s"] > 0
+    assert "SanitizeActor" in res["runs"][0]["memory"]["roles"]
+
+
+@pytest.mark.timeout(180)
+def test_bench_scale_smoke(tmp_path):
+    r = _run("bench_scale", tmp_path)
+    assert r["inputs"]["fill"] == "holes" and r["inputs"]["files_per_model"] >= 1
+    assert r["summary"]["num_modules"] == 4 and r["worker_peak_rss"] > 0
