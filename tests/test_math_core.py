@@ -166,3 +166,14 @@ def test_residual_cosine():
     d = torch.randn(6, 5)
     assert mc.residual_cosine(d, d) == pytest.approx(1.0)
     assert mc.residual_cosine(d, -d) == pytest.approx(-1.0)
+
+
+@pytest.mark.parametrize("n", [2048, 2101])
+def test_blocked_gram_equals_dense_and_is_symmetric(n):
+    v = torch.randn(n, 48, generator=torch.Generator().manual_seed(n))
+    g = mc.gram(v)
+    assert torch.equal(g, g.T)
+    torch.testing.assert_close(g.double(), v.double() @ v.double().T, rtol=1e-5, atol=1e-4)
+    wb = torch.zeros(n, 48)
+    am = mc.compute_alignment(wb, v)  # the large path inside compute_alignment
+    torch.testing.assert_close(am.dense().double(), dense_c(wb, v), rtol=1e-5, atol=1e-6)
