@@ -40,6 +40,9 @@ def ray_head(s3_server, tmp_path_factory):
     # Ray 2.60 enables token auth: the head and this client both use ~/.ray/auth_token.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_AUTH_MODE"] = "token"
+    # A job's `python` is looked up on the head's PATH: make it this interpreter (CI runs
+    # `.venv/bin/python -m pytest` without activating the venv).
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     temp = tmp_path_factory.mktemp("rayhead")
     log = open(temp / "ray-start.log", "w")  # noqa: SIM115 - closed at teardown
     cmd = [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
