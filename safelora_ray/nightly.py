@@ -123,8 +123,14 @@ class NightlyConfig:
         allowed_b = {"workers", "use_gpu", "max_file_bytes", "task_timeout_s"}
         if set(self.build) - allowed_b:
             raise ConfigError(f"unknown build keys: {sorted(set(self.build) - allowed_b)}")
-        # Validate the selection now, not at the first sanitize.
-        SanitizeConfig(alignment="-", adapters="-", out="-", **self._selection_kwargs())
+        # Validate the selection now, not at the first sanitize, in the YAML's own terms.
+        if (self.selection.get("threshold") is None) == (
+                self.selection.get("num_proj_layers") is None):
+            raise ConfigError("selection: give exactly one of threshold or num_proj_layers")
+        try:
+            SanitizeConfig(alignment="-", adapters="-", out="-", **self._selection_kwargs())
+        except ConfigError as e:
+            raise ConfigError(f"selection: {e}") from None
         if self.lock_ttl_s <= 0:
             raise ConfigError("lock.ttl_s must be positive")
 
