@@ -468,8 +468,13 @@ def _list_dir(storage: Storage, prefix: str) -> list[tuple[str, int]]:
 
 def _parse_config(raw: bytes, fail: Fail) -> dict[str, Any]:
     try:
-        config = json.loads(raw)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+        text = raw.decode("utf-8")  # as PEFT reads it; json.loads(bytes) would guess UTF-16/32
+    except UnicodeDecodeError as e:
+        raise fail(f"{CONFIG_NAME} is not valid JSON: not UTF-8 (byte 0x{raw[e.start]:02x} "
+                   f"at offset {e.start})") from None
+    try:
+        config = json.loads(text)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError
         raise fail(f"{CONFIG_NAME} is not valid JSON: {e}") from None
     if not isinstance(config, dict):
         raise fail(f"{CONFIG_NAME} is a JSON {json_type(config)}, not an object")
