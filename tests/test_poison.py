@@ -51,7 +51,9 @@ def test_poison_adapter_fails_alone(tmp_path, monkeypatch):
     run = sanitize(SanitizeConfig(alignment=res.uri, adapters=str(tmp_path / "cat"),
                                   out=str(tmp_path / "out"), threshold=0.35, batch_size=3,
                                   workers=2, progress=False))
-    assert (run.total, run.ok, run.error) == (6, 5, 1)
+    # A task whose reply was lost when its worker died right after it may be retried by Ray;
+    # the ledger then reports that adapter as skipped (done once, never twice).
+    assert (run.total, run.ok + run.skipped, run.error) == (6, 5, 1)
     assert run.errors[0][0] == "t9/poison"
     assert "the worker died while sanitizing it" in run.errors[0][1]
     assert not (tmp_path / "out" / "t9").exists()
