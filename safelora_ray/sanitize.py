@@ -618,6 +618,12 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
         bar.close()
         for a in actors:
             ray.kill(a)
+        # A worker killed mid-write (and retried elsewhere) leaves its temp files behind; no
+        # writer is left now, so they go.
+        try:
+            sweep_stale_writes(out)
+        except Exception as e:  # never mask the run's own outcome
+            logger.warning("could not remove stale temp files under %s: %s", out.uri, e)
     result.duration_s = time.perf_counter() - t_start
     report.finish(out, report_prefix, result)
     logger.info("run %s: %d ok, %d skipped, %d failed in %.1f s; reports at %s", result.run_id,
