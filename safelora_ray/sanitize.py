@@ -257,7 +257,7 @@ class FleetSanitizer:
         """
         t_batch = time.perf_counter()
         rows: dict[str, dict[str, Any]] = {}
-        loaded: dict[str, tuple[AdapterRef, Adapter, float]] = {}
+        loaded: dict[str, tuple[AdapterRef, Adapter, str | None, float]] = {}
         for ref in refs:
             t0 = time.perf_counter()
             row = rows[ref.adapter_id] = _base_row(ref)
@@ -284,16 +284,16 @@ class FleetSanitizer:
                     _skip(row, ledger, "already sanitized with this alignment set and selection")
                     continue
                 self._check(adapter)
-                loaded[ref.adapter_id] = (ref, adapter, time.perf_counter() - t0)
+                loaded[ref.adapter_id] = (ref, adapter, fp, time.perf_counter() - t0)
             except Exception as e:  # one bad adapter never stops the batch
                 _fail(row, e)
         layers: list[dict[str, Any]] = []
         if loaded:
-            projected = self._project_all([a for _, a, _ in loaded.values()])
-            for adapter_id, (ref, adapter, read_s) in loaded.items():
+            projected = self._project_all([a for _, a, _, _ in loaded.values()])
+            for adapter_id, (ref, adapter, fp, read_s) in loaded.items():
                 row = rows[adapter_id]
                 try:
-                    layers.extend(self._finish(ref, adapter, projected[adapter_id], row))
+                    layers.extend(self._finish(ref, adapter, fp, projected[adapter_id], row))
                     row["read_s"] = round(read_s, 4)
                 except Exception as e:
                     _fail(row, e)
@@ -338,8 +338,8 @@ class FleetSanitizer:
                 col += r
         return out
 
-    def _finish(self, ref: AdapterRef, adapter: Adapter, cbs: dict[str, torch.Tensor],
-                row: dict[str, Any]) -> list[dict[str, Any]]:
+    def _finish(self, ref: AdapterRef, adapter: Adapter, fingerprint: str | None,
+                cbs: dict[str, torch.Tensor], row: dict[str, Any]) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
         scores = {m: module_score(lm.a, lm.b, cbs[m]) for m, lm in adapter.modules.items()}
         sel = self.selection
@@ -365,7 +365,8 @@ class FleetSanitizer:
             "adapter_id": ref.adapter_id,
             "source": _source_uri(ref),
             "key": self._ledger_key(adapter.digest),
-            "fingerprint": self._fingerprint(ref),
+            # The versions seen before reading (not re-fetched: two HEADs per adapter saved).
+            "fingerprint": fingerprint,
             "output_digest": out_digest,
             "projected": sorted(chosen),
             "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
