@@ -5,8 +5,16 @@ parameters: hidden 768, 12 layers, intermediate 2048, vocab 32000, bf16, HF layo
 pool of PEFT LoRA adapters (r = 8 on every q_proj and v_proj, bf16); the catalog of size N is
 the first N adapters of the pool.
 
-- **ours**: ``build`` once + ``sanitize`` the catalog of N (both counted in the total; the
-  sanitize-only figure is reported too) on a local Ray, fresh output each run.
+- **ours**: one job = ``build`` + ``sanitize`` of the catalog of N inside one
+  ``worker_session`` (both counted in the total), fresh alignment set and output each run, in
+  each of ``--modes``:
+
+  - ``auto``: the product's default on a machine with no Ray cluster configured (the CLI on a
+    laptop or a CI runner): a job this small runs in this process, no Ray started;
+  - ``inline``: ``workers=0`` (in this process whatever the size);
+  - ``ray``: worker actors on a local Ray started once for the mode (``ray.init`` is not in
+    the totals: a cluster is started once; the ratio including it is reported too); every
+    job starts its workers (one import of torch per worker process), as a Ray Job does.
 - **baseline** (the official IBM/SafeLoRA approach, one process): for every adapter, load the
   base and the aligned models fully (every tensor of every shard, ``safetensors.torch.
   load_file``, as ``from_pretrained`` reads them), compute ``C = V Vᵀ/‖V‖`` for each target
@@ -25,7 +33,7 @@ Example::
 
     python benchmarks/bench_fleet.py                              # N = 1, 16, 64, 256 on CPU
     python benchmarks/bench_fleet.py --arch llama2-7b --fill holes --n 256,1024,2048 \\
-        --device cuda --batch-size 64 --max-in-flight 4 --baseline-per-repeat 1 \\
+        --modes ray --device cuda --batch-size 64 --max-in-flight 4 --baseline-per-repeat 1 \\
         --out-json fleet-7b-h100.json
 """
 
@@ -191,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", choices=sorted(ARCHS), default="fleet-100m")
     p.add_argument("--layers", type=int, default=None, help="override the arch's layer count")
     p.add_argument("--n", default="1,16,64,256", help="catalog sizes, comma-separated")
+    p.add_argument("--modes", default="auto,ray",
+                   help="how ours runs, comma-separated: auto (the product's default on a "
+                        "machine with no Ray cluster configured: this process for a small "
+                        "job, else a local Ray it starts, counted), inline (workers=0), ray "
+                        "(worker actors on a local Ray started once, not counted)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--threshold", type=float, default=0.35)
     p.add_argument("--batch-size", type=int, default=8, help="adapters per sanitize task")
@@ -223,10 +236,15 @@ def main(argv: list[str] | None = None) -> int:
     if use_gpu and args.workers and args.workers > torch.cuda.device_count():
         p.error(f"--workers {args.workers} > {torch.cuda.device_count()} GPU(s): GPU workers "
                 "take a whole GPU each, the extra ones would never be scheduled")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or set(modes) - {"auto", "inline", "ray"}:
+        p.error("--modes: a comma-separated list of auto, inline, ray")
+    modes = sorted(set(modes), key=["auto", "inline", "ray"].index)
+    chunks = args.repeats * len(modes)  # the baseline runs before each repeat of each mode
     if args.baseline_per_repeat == 0:
-        plan = [max(ns)] + [0] * (args.repeats - 1)
+        plan = [max(ns)] + [0] * (chunks - 1)
     else:
-        plan = [min(args.baseline_per_repeat, max(ns))] * args.repeats
+        plan = [min(args.baseline_per_repeat, max(ns))] * chunks
     info = common.machine_info()
 
     with common.workdir(args.workdir, args.keep, "bench-fleet-") as root:
@@ -257,120 +275,145 @@ def main(argv: list[str] | None = None) -> int:
 
             def uri(rel: str) -> str:
                 return str(root / rel)
+        os.environ.pop("RAY_ADDRESS", None)  # "auto" is a machine with no cluster configured
+        import ray
+
+        from safelora_ray.build import BuildConfig, build
+        from safelora_ray.sanitize import SanitizeConfig, sanitize
+        from safelora_ray.workers import worker_session
+
+        torch.set_num_threads(info["cpu_count"] or 1)
+        base_out = root / "baseline-out"
+        baseline: list[dict[str, Any]] = []
+        bmon = common.ProcessMonitor(pids=[os.getpid()])
+        comparison = Comparison(pool, pool_root, base_out)
+        runs: dict[str, dict[int, list[dict[str, Any]]]] = {m: {n: [] for n in ns}
+                                                            for m in modes}
+        ray_init_s = startup = float("nan")
+        workers = 1
+
+        def run_baseline(k: int) -> None:
+            # In this process between our runs (no work of ours in flight), so that both
+            # sides see the same load on a shared machine.
+            with bmon:
+                for _ in range(k):
+                    idx = len(baseline) % len(pool)  # distinct adapters while there are
+                    ad = pool[idx]
+                    out = base_out / ad.relative_to(pool_root)
+                    baseline.append(baseline_one(pair["base"], pair["aligned"], ad, out,
+                                                 args.threshold, args.device))
+                    baseline[-1]["index"] = idx
+                    print(f"  baseline adapter {len(baseline) - 1}: "
+                          f"{baseline[-1]['s']:.2f} s (load {baseline[-1]['load_s']:.2f} s)",
+                          flush=True)
+
+        def one_job(mode: str, rep: int, n: int) -> dict[str, Any]:
+            """build + sanitize of N adapters, as one job: the workers start once."""
+            nonlocal workers
+            wk = {"auto": None, "inline": 0, "ray": args.workers}[mode]
+            gpu = use_gpu if mode == "ray" else None
+            tag = f"{mode}-n{n}-r{rep}"
+            was_up = ray.is_initialized()
+            with common.ProcessMonitor() as mon, worker_session(), common.timer() as t:
+                with common.timer() as tb:
+                    bres = build(BuildConfig(base=base_uri, aligned=aligned_uri,
+                                             out=uri(f"sets/{tag}"), targets=list(TARGETS),
+                                             workers=wk, use_gpu=gpu, progress=False))
+                with common.timer() as ts:
+                    r = sanitize(SanitizeConfig(
+                        alignment=bres.uri, adapters=cat_uri[n], out=uri(f"out-{tag}"),
+                        threshold=args.threshold, workers=wk, use_gpu=gpu,
+                        batch_size=args.batch_size, max_in_flight=args.max_in_flight,
+                        run_id=tag, progress=False))
+            assert r.ok == n and r.error == 0, (r.ok, r.error, r.errors[:3])
+            if ray.is_initialized() and not was_up:
+                ray.shutdown()  # auto started a local Ray for this job (its time is counted)
+            workers = max(workers, bres.workers)
+            out = uri(f"out-{tag}")
+            rec = {"s": round(t["s"], 3), "build_s": round(tb["s"], 3),
+                   "sanitize_s": round(ts["s"], 3), "executor": bres.device
+                   if bres.workers == 0 else f"{bres.workers} worker(s)",
+                   "build": {"workers": bres.workers, "device": bres.device,
+                             "stats": bres.stats},
+                   "ok": r.ok, "projected": r.projected, "out": out,
+                   "timings": report_timings(out, tag, args.batch_size),
+                   "memory": mon.summary()}
+            comparison.check_run(out, n, baseline)
+            if args.storage == "local" and not args.keep_outputs:
+                shutil.rmtree(out, ignore_errors=True)  # bounded disk at large N
+                shutil.rmtree(uri(f"sets/{tag}"), ignore_errors=True)
+            print(f"  {mode} N={n} run {rep}: {t['s']:.2f} s (build {tb['s']:.2f} s, "
+                  f"sanitize {ts['s']:.2f} s; {n / t['s']:.1f} adapters/s)", flush=True)
+            return rec
+
         if args.warm_workers:
             os.environ[PRELOAD_ENV] = PRELOAD
         try:
-            import ray
-
-            from safelora_ray.build import BuildConfig, build
-            from safelora_ray.ray_utils import plan_workers
-            from safelora_ray.sanitize import SanitizeConfig, sanitize
-
-            ray_init_s = common.start_ray()
-            workers = plan_workers(args.workers, use_gpu).num_workers
-            # The baseline runs in this process between our runs (Ray idle), so that both
-            # sides see the same load on a shared machine.
-            torch.set_num_threads(info["cpu_count"] or 1)
-            base_out = root / "baseline-out"
-            baseline: list[dict[str, Any]] = []
-            bmon = common.ProcessMonitor(pids=[os.getpid()])
-            comparison = Comparison(pool, pool_root, base_out)
-            builds: list[dict[str, Any]] = []
-            runs: dict[int, list[dict[str, Any]]] = {n: [] for n in ns}
-            for rep in range(args.repeats):
-                with bmon:
-                    for _ in range(plan[rep]):
-                        idx = len(baseline) % len(pool)  # distinct adapters while there are
-                        ad = pool[idx]
-                        out = base_out / ad.relative_to(pool_root)
-                        baseline.append(baseline_one(pair["base"], pair["aligned"], ad, out,
-                                                     args.threshold, args.device))
-                        baseline[-1]["index"] = idx
-                        print(f"  baseline adapter {len(baseline) - 1}: "
-                              f"{baseline[-1]['s']:.2f} s (load {baseline[-1]['load_s']:.2f} s)",
-                              flush=True)
-                with common.ProcessMonitor() as mon, common.timer() as t:
-                    res = build(BuildConfig(base=base_uri, aligned=aligned_uri,
-                                            out=uri(f"sets/run-{rep}"), targets=list(TARGETS),
-                                            workers=args.workers, use_gpu=use_gpu,
-                                            progress=False))
-                builds.append({"s": round(t["s"], 3), "stats": res.stats,
-                               "memory": mon.summary()})
-                print(f"  build {rep}: {t['s']:.2f} s", flush=True)
-                for n in ns:
-                    run_id = f"bench-n{n}-r{rep}"
-                    out = uri(f"out-{n}-{rep}")
-                    with common.ProcessMonitor() as mon, common.timer() as t:
-                        r = sanitize(SanitizeConfig(
-                            alignment=uri(f"sets/run-{rep}"), adapters=cat_uri[n], out=out,
-                            threshold=args.threshold, workers=args.workers, use_gpu=use_gpu,
-                            batch_size=args.batch_size, max_in_flight=args.max_in_flight,
-                            run_id=run_id, progress=False))
-                    assert r.ok == n and r.error == 0, (r.ok, r.error, r.errors[:3])
-                    runs[n].append({"s": round(t["s"], 3), "ok": r.ok,
-                                    "projected": r.projected, "out": out,
-                                    "timings": report_timings(out, run_id, args.batch_size),
-                                    "memory": mon.summary()})
-                    comparison.check_run(out, n, baseline)
-                    if args.storage == "local" and not args.keep_outputs:
-                        shutil.rmtree(out, ignore_errors=True)  # bounded disk at large N
-                    print(f"  sanitize N={n} run {rep}: {t['s']:.2f} s "
-                          f"({n / t['s']:.1f} adapters/s)", flush=True)
-            startup = (common.actor_startup_s(args.workers, use_gpu)
-                       if not args.smoke else float("nan"))
+            k = 0
+            for mode in modes:  # auto/inline first: they expect no Ray running
+                if mode == "ray":
+                    ray_init_s = common.start_ray()
+                for rep in range(args.repeats):
+                    run_baseline(plan[k])
+                    k += 1
+                    for n in ns:
+                        runs[mode][n].append(one_job(mode, rep, n))
+                if mode == "ray":
+                    startup = (common.actor_startup_s(args.workers, use_gpu)
+                               if not args.smoke else float("nan"))
+                    ray.shutdown()
             check = comparison.summary(baseline)
-            ray.shutdown()
         finally:
             os.environ.pop(PRELOAD_ENV, None)
             if s3 is not None:
                 s3.stop()
 
-    build_s = common.median([b["s"] for b in builds])
-    build_cpu = common.median([b["memory"]["cpu_s"] for b in builds])
     per_adapter = common.median([b["s"] for b in baseline])
     k_base = len(baseline)
     # CPU seconds (user + system, every process): the load-independent cost of each side.
     base_cpu_per_adapter = bmon.summary()["cpu_s"] / max(k_base, 1)
     rows, results = [], []
-    for n in ns:
-        san = common.median([r["s"] for r in runs[n]])
-        total = build_s + san
-        measured = n <= k_base and args.baseline_per_repeat == 0
-        base_t = sum(b["s"] for b in baseline[:n]) if measured else n * per_adapter
-        ours_cpu = build_cpu + common.median([r["memory"]["cpu_s"] for r in runs[n]])
-        base_cpu = n * base_cpu_per_adapter
-        rec = {
-            "n": n, "build_s": build_s, "sanitize_s": san, "total_s": round(total, 3),
-            "ours_cpu_s": round(ours_cpu, 2), "baseline_cpu_s": round(base_cpu, 2),
-            "cpu_ratio": round(base_cpu / ours_cpu, 2) if ours_cpu > 0 else None,
-            "ours_adapters_per_s": round(n / total, 3),
-            "sanitize_only_adapters_per_s": round(n / san, 3),
-            "baseline_s": round(base_t, 3), "baseline_measured_sum": measured,
-            "baseline_adapters_per_s": round(n / base_t, 3),
-            "ratio": round(base_t / total, 2),
-            "ratio_sanitize_only": round(base_t / san, 2),
-            "ratio_incl_ray_init": round(base_t / (total + ray_init_s), 2),
-            "runs": runs[n],
-        }
-        results.append(rec)
-        rows.append([n, round(build_s, 2), round(san, 2), round(total, 2),
-                     rec["ours_adapters_per_s"], rec["sanitize_only_adapters_per_s"],
-                     round(base_t, 1), rec["baseline_adapters_per_s"], rec["ratio"],
-                     rec["ratio_sanitize_only"], rec["ratio_incl_ray_init"],
-                     rec["ours_cpu_s"], rec["baseline_cpu_s"], rec["cpu_ratio"]])
+    for mode in modes:
+        for n in ns:
+            rs = runs[mode][n]
+            total = common.median([r["s"] for r in rs])
+            build_s = common.median([r["build_s"] for r in rs])
+            san = common.median([r["sanitize_s"] for r in rs])
+            measured = n <= k_base and args.baseline_per_repeat == 0
+            base_t = sum(b["s"] for b in baseline[:n]) if measured else n * per_adapter
+            ours_cpu = common.median([r["memory"]["cpu_s"] for r in rs])
+            base_cpu = n * base_cpu_per_adapter
+            init = ray_init_s if mode == "ray" else 0.0
+            rec = {
+                "mode": mode, "n": n, "executor": rs[0]["executor"], "build_s": build_s,
+                "sanitize_s": san, "total_s": round(total, 3),
+                "ours_cpu_s": round(ours_cpu, 2), "baseline_cpu_s": round(base_cpu, 2),
+                "cpu_ratio": round(base_cpu / ours_cpu, 2) if ours_cpu > 0 else None,
+                "ours_adapters_per_s": round(n / total, 3),
+                "baseline_s": round(base_t, 3), "baseline_measured_sum": measured,
+                "baseline_adapters_per_s": round(n / base_t, 3),
+                "ratio": round(base_t / total, 2),
+                "ratio_incl_ray_init": round(base_t / (total + init), 2),
+                "runs": rs,
+            }
+            results.append(rec)
+            rows.append([mode, n, rec["executor"], round(build_s, 2), round(san, 2),
+                         round(total, 2), rec["ours_adapters_per_s"], round(base_t, 1),
+                         rec["baseline_adapters_per_s"], rec["ratio"],
+                         rec["ratio_incl_ray_init"], rec["ours_cpu_s"], rec["baseline_cpu_s"],
+                         rec["cpu_ratio"]])
     result = {
         "benchmark": "fleet",
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None
                                                        else sys.argv[1:])]),
         "machine": info, "arch": asdict(arch), "params": arch.params,
         "targets": list(TARGETS), "rank": args.rank, "threshold": args.threshold,
-        "storage": args.storage, "device": args.device, "workers": workers,
+        "storage": args.storage, "device": args.device, "modes": modes, "workers": workers,
         "warm_workers": args.warm_workers,
         "batch_size": args.batch_size, "max_in_flight": args.max_in_flight,
         "repeats": args.repeats, "inputs": {k: v for k, v in pair.items()
                                             if k not in ("base", "aligned")},
         "ray_init_s": round(ray_init_s, 3), "actor_startup_s": round(startup, 3),
-        "build_runs": builds, "build_s_median": build_s,
         "baseline": {"adapters_measured": k_base, "per_adapter_s_median": round(per_adapter, 3),
                      "cpu_s_per_adapter": round(base_cpu_per_adapter, 3),
                      "load_s_median": round(common.median([b["load_s"] for b in baseline]), 3),
@@ -381,13 +424,15 @@ def main(argv: list[str] | None = None) -> int:
         "equality": check,
         "results": results,
     }
-    biggest = sorted(runs[max(ns)], key=lambda r: r["s"])[len(runs[max(ns)]) // 2]
+    last = modes[-1]
+    biggest = sorted(runs[last][max(ns)], key=lambda r: r["s"])[len(runs[last][max(ns)]) // 2]
     tm = biggest["timings"]
     where = [
-        ["Ray: ray.init (once per cluster, not in the totals)", round(ray_init_s, 3)],
+        ["Ray: ray.init (once per cluster; in no total except 'ratio incl. ray.init')",
+         round(ray_init_s, 3)],
         ["Ray: start-up of the worker actors (probe)", round(startup, 3)],
-        ["build wall time (median; includes its actor start-up)", build_s],
-        [f"sanitize wall time, N={max(ns)}", biggest["s"]],
+        [f"{last}, N={max(ns)} (median run): build wall time", biggest["build_s"]],
+        [f"{last}, N={max(ns)}: sanitize wall time", biggest["sanitize_s"]],
         ["  Σ read_s (ledger, listing, read + validate adapters)", tm["read_s"]],
         ["  Σ compute_s (scores + selection; C B is in batch_s)", tm["compute_s"]],
         ["  Σ write_s (write, digest, publish, ledger)", tm["write_s"]],
@@ -399,18 +444,18 @@ def main(argv: list[str] | None = None) -> int:
     extrap = "" if args.baseline_per_repeat == 0 else " (N x median per adapter)"
     common.emit(result, [
         (f"fleet: {arch.params / 1e6:.0f}M-parameter pair, r={args.rank} q/v adapters, "
-         f"{args.storage}, {workers} {args.device} worker(s)"
+         f"{args.storage}, {args.device}; ours = build + sanitize as one job"
          + (", warm workers" if args.warm_workers else ""),
-         ["N", "build s", "sanitize s", "total s", "ours ad/s", "sanitize-only ad/s",
-          f"baseline s{extrap}", "baseline ad/s", "ratio", "ratio sanitize-only",
-          "ratio incl. ray.init", "CPU-s ours", "CPU-s baseline", "CPU-s ratio"], rows),
+         ["mode", "N", "ran on", "build s", "sanitize s", "total s", "ours ad/s",
+          f"baseline s{extrap}", "baseline ad/s", "ratio", "ratio incl. ray.init",
+          "CPU-s ours", "CPU-s baseline", "CPU-s ratio"], rows),
         ("baseline vs ours: equal outputs", ["figure", "value"],
          [["adapters compared", check["adapters_compared"]],
           ["same projected modules", check["same_selection"]],
           ["max |B_ours − B_baseline| / max |B|", f"{check['max_abs_diff_over_max_abs']:.2e}"],
           ["equal", str(check["equal"])]]),
         (f"where the time goes (N={max(ns)}, median run)", ["figure", "seconds"], where),
-        (f"peak RSS and CPU time by process role (sanitize N={max(ns)}, median run)",
+        (f"peak RSS and CPU time by process role ({last}, N={max(ns)}, median run)",
          common.MEMORY_HEADERS, common.memory_rows(biggest["memory"])),
         ("peak RSS and CPU time (baseline, all its adapters, in the driver process)",
          common.MEMORY_HEADERS, common.memory_rows(result["baseline"]["memory"])),

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     s = m["summary"]
     mid = next(r for r in m["runs"] if r["repeat"] == s["median_run"])
     roles = mid["memory"]["roles"]
-    worker_peak = max((r["max_peak_rss"] for k, r in roles.items() if k == "BuildActor"),
+    worker_peak = max((r["max_peak_rss"] for k, r in roles.items() if k == "SafeLoraWorker"),
                       default=0)
     result = {
         "benchmark": "scale",

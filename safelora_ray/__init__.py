@@ -24,6 +24,7 @@ from safelora_ray.errors import (
 )
 from safelora_ray.formats.alignment_set import AlignmentSet
 from safelora_ray.sanitize import SanitizeConfig, SanitizeResult, sanitize
+from safelora_ray.workers import worker_session
 
 __all__ = [
     "AdapterError",
@@ -42,4 +43,5 @@ __all__ = [
     "build",
     "inspect",
     "sanitize",
+    "worker_session",
 ]

@@ -1,10 +1,12 @@
-"""Alignment-set build on Ray: plan on the driver, one actor per shard of layers.
+"""Alignment-set build on Ray: plan on the driver, one worker per shard of layers.
 
-Each actor streams its modules: a reader thread fetches the next modules' base and aligned
-tensors (ranged reads) while the current one is computed, so a worker holds only a few modules
-in memory whatever the model size. Output files are written to a local temp file with a
-precomputed safetensors header, then published atomically; ``manifest.parquet`` and, last,
-``alignment.json`` are written by the driver once every shard is in place.
+Each worker (a :class:`~safelora_ray.workers.SafeLoraWorker` actor, or this process for a
+small pair: see :mod:`safelora_ray.workers`) streams its modules: a reader thread fetches the
+next modules' base and aligned tensors (ranged reads) while the current one is computed, so a
+worker holds only a few modules in memory whatever the model size. Output files are written
+to a local temp file with a precomputed safetensors header, then published atomically;
+``manifest.parquet`` and, last, ``alignment.json`` are written by the driver once every shard
+is in place.
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ import queue
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import ray
 import torch
 from tqdm.auto import tqdm
 
@@ -43,7 +45,7 @@ from safelora_ray.formats.alignment_set import (
 )
 from safelora_ray.formats.checkpoint import Checkpoint, read_ref
 from safelora_ray.formats.safetensors_io import SafetensorsWriter
-from safelora_ray.math_core import compute_alignment, full_precision_matmul
+from safelora_ray.math_core import compute_alignment
 from safelora_ray.plan import (
     DEFAULT_MAX_FILE_BYTES,
     DEFAULT_TARGETS,
@@ -52,15 +54,8 @@ from safelora_ray.plan import (
     parse_targets,
     plan_build,
 )
-from safelora_ray.ray_utils import (
-    ensure_ray,
-    get_unwrapped,
-    pick_device,
-    plan_workers,
-    wait_one,
-    worker_runtime_env,
-)
 from safelora_ray.storage import Storage, open_storage
+from safelora_ray.workers import INLINE_MAX_BUILD_BYTES, open_executor, plan_size
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +71,9 @@ class BuildConfig:
         aligned: URI of the aligned checkpoint.
         out: URI where the alignment set is written.
         targets: Module-name suffixes (``q_proj,v_proj``).
-        workers: Worker actors; None = one per GPU, or one per CPU without GPUs.
+        workers: Worker actors; 0 = in this process; None = one per GPU, or one per CPU
+            without GPUs (in this process for a small pair when no Ray cluster is
+            configured: see :mod:`safelora_ray.workers`).
         use_gpu: Force GPU (True) or CPU (False); None = GPUs when the cluster has them.
         max_file_bytes: Cap on one output safetensors file.
         prefetch: Modules read ahead per worker (bounds worker memory).
@@ -99,8 +96,8 @@ class BuildConfig:
 
     def __post_init__(self) -> None:
         self.targets = parse_targets(self.targets)
-        if self.workers is not None and self.workers < 1:
-            raise ConfigError(f"workers must be ≥ 1, got {self.workers}")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"workers must be ≥ 0 (0 = in this process), got {self.workers}")
         if self.max_file_bytes < 1:
             raise ConfigError("max_file_bytes must be positive")
         if self.prefetch < 1:
@@ -124,7 +121,7 @@ class BuildResult:
     stored_bytes: int
     duration_s: float
     reused: bool = False
-    workers: int = 0
+    workers: int = 0  # worker actors used; 0 = this process (or nothing built: reused)
     device: str = "cpu"
     stats: dict[str, float] = field(default_factory=dict)
 
@@ -163,6 +160,12 @@ class ShardBuilder:
         self._next_file = -1
         self._stop = threading.Event()
         self._pool = cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="safelora-read")
+
+    def close(self) -> None:
+        """Stop the reader thread and its pool (a long-lived worker moves on to other work)."""
+        self._stop.set()
+        self._queue = None
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def bytes_fetched(self) -> int:
         """Bytes read from source storages so far (their own counters)."""
@@ -268,20 +271,6 @@ class ShardBuilder:
         }
 
 
-@ray.remote(max_restarts=2, max_task_retries=2)
-class _BuildActor:
-    def __init__(self, files: Sequence[FilePlan], out_uri: str, num_gpus: float, prefetch: int):
-        device = pick_device(num_gpus)
-        if device == "cpu":
-            cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
-            torch.set_num_threads(cpus)
-        full_precision_matmul()  # no TF32: SPEC equality needs full float32 products
-        self.builder = ShardBuilder(files, out_uri, device, prefetch)
-
-    def build_file(self, index: int) -> dict[str, Any]:
-        return self.builder.build_file(index)
-
-
 # ---------------------------------------------------------------------------------------------
 # Driver side
 # ---------------------------------------------------------------------------------------------
@@ -325,10 +314,12 @@ def build(config: BuildConfig) -> BuildResult:
     aligned = Checkpoint.open(config.aligned)
     out = open_storage(config.out)
 
-    ensure_ray(config.ray_address)
-    res = plan_workers(config.workers, config.use_gpu)
-    plan = plan_build(base, aligned, config.targets, num_shards=res.num_workers,
-                      max_file_bytes=config.max_file_bytes)
+    plan = plan_build(base, aligned, config.targets, max_file_bytes=config.max_file_bytes)
+    small = plan.input_bytes <= INLINE_MAX_BUILD_BYTES
+    size = plan_size(config.workers, config.use_gpu, config.ray_address, small)
+    if size > 1:
+        plan = plan_build(base, aligned, config.targets, num_shards=size,
+                          max_file_bytes=config.max_file_bytes)
     method = {"name": METHOD_NAME, "compute_dtype": "float32", "stored_dtype": "float32",
               "forms": {"C": "C = V Vᵀ/‖V‖_F", "V": "V; C B = V (Vᵀ B)/‖V‖_F"}}
     base_files = {m.base.path for m in plan.modules}
@@ -352,51 +343,53 @@ def build(config: BuildConfig) -> BuildResult:
             f"{out.uri} already holds alignment set {existing['content_id']} built from other "
             "inputs; alignment sets are immutable: choose another --out"
         )
+    ex = open_executor(config.workers, config.use_gpu, config.ray_address, small,
+                       n=len(plan.shards))
     # An interrupted build may have left shards: they are overwritten, and nothing reads them
     # without alignment.json.
     logger.info(
         "building %d modules (%s) from %s and %s on %d %s worker(s): %.2f GB to read",
         len(plan.modules), ",".join(plan.targets), base.uri, aligned.uri, len(plan.shards),
-        "GPU" if res.uses_gpu else "CPU", plan.input_bytes / 1e9,
+        ex.kind, plan.input_bytes / 1e9,
     )
-    actors = [
-        _BuildActor.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus,
-                            runtime_env=worker_runtime_env()).remote(
-            files, out.uri, res.num_gpus, config.prefetch
-        )
-        for files in plan.shards
-    ]
-    pending: dict[ray.ObjectRef, int] = {}
-    for i, (actor, files) in enumerate(zip(actors, plan.shards, strict=False)):
+    build_id = uuid.uuid4().hex
+    pending: dict[Any, int] = {}
+    for i, files in enumerate(plan.shards):
+        shipped = ex.put(files)
         for j in range(len(files)):
-            pending[actor.build_file.remote(j)] = i
+            pending[ex.submit(i, "build_file", build_id, shipped, out.uri, config.prefetch,
+                              j)] = i
     rows: list[ManifestRow] = []
     stats = {"read_s": 0.0, "compute_s": 0.0, "write_s": 0.0}
-    fetched_by_actor: dict[int, int] = {}
+    fetched_by_worker: dict[int, int] = {}
     device = "cpu"
     bar = tqdm(total=plan.input_bytes, unit="B", unit_scale=True, desc="build",
                disable=not config.progress)
+    ok = False
     try:
         while pending:
-            ref = wait_one(list(pending), config.task_timeout_s, "alignment shard file")
+            ref = ex.wait(list(pending), config.task_timeout_s, "alignment shard file")
             shard = pending.pop(ref)
-            result = get_unwrapped(ref, config.task_timeout_s)
+            result = ex.result(ref, config.task_timeout_s)
             rows.extend(result["rows"])
             device = result["device"]
-            # Counters are cumulative per actor: keep the latest (calls finish in order).
-            fetched_by_actor[shard] = max(fetched_by_actor.get(shard, 0), result["bytes_fetched"])
+            # Counters are cumulative per worker: keep the latest (calls finish in order).
+            fetched_by_worker[shard] = max(fetched_by_worker.get(shard, 0),
+                                           result["bytes_fetched"])
             for k in stats:
                 stats[k] += result[k]
             bar.update(result["input_bytes"])
+        ok = True
     finally:
         bar.close()
-        for a in actors:
-            ray.kill(a)
+        if ok and not ex.owns_workers:
+            ex.notify("end_build", build_id)  # workers kept by a session: stop its readers
+        ex.close(ok)
 
     files_out = sorted({f.path for s in plan.shards for f in s})
     # Everything fetched from the sources: the driver's index/header reads + the workers'.
     bytes_read = base.storage.bytes_read + aligned.storage.bytes_read
-    bytes_read += sum(fetched_by_actor.values())
+    bytes_read += sum(fetched_by_worker.values())
     core = {"method": method, "targets": list(plan.targets)}
     cid = content_id(core, rows)
     out.put_bytes(MANIFEST_FILE, parquet_bytes(manifest_table(rows)))
@@ -418,7 +411,7 @@ def build(config: BuildConfig) -> BuildResult:
         "source_bytes": plan.input_bytes,
         "bytes_read": bytes_read,
         "stored_bytes": plan.output_bytes,
-        "build": {"workers": len(plan.shards), "device": device,
+        "build": {"workers": 0 if ex.in_process else len(plan.shards), "device": device,
                   "duration_s": round(duration, 3),
                   **{k: round(v, 3) for k, v in stats.items()}},
     }
@@ -426,7 +419,8 @@ def build(config: BuildConfig) -> BuildResult:
     out.put_bytes(METADATA_FILE, json.dumps(metadata, indent=2, ensure_ascii=False).encode())
     logger.info("alignment set %s written to %s in %.1f s", cid, out.uri, duration)
     return BuildResult(out.uri, cid, len(rows), plan.input_bytes, bytes_read,
-                       plan.output_bytes, duration, workers=len(plan.shards), device=device,
+                       plan.output_bytes, duration,
+                       workers=0 if ex.in_process else len(plan.shards), device=device,
                        stats=stats)
 
 

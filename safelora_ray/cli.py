@@ -35,7 +35,9 @@ def _add_ray(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", default=None,
                    help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)")
     p.add_argument("--workers", type=int, default=None,
-                   help="worker actors (default: one per GPU, or one per CPU without GPUs)")
+                   help="worker actors; 0 = in this process (default: one per GPU, or one per "
+                        "CPU without GPUs; a small job runs in this process when no Ray "
+                        "cluster is configured)")
     dev = p.add_mutually_exclusive_group()
     dev.add_argument("--gpu", dest="use_gpu", action="store_true", default=None,
                      help="require GPU workers")
@@ -91,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dir", default="safelora-demo",
                    help="where to write (default ./safelora-demo)")
     d.add_argument("--threshold", type=float, default=0.35)
-    d.add_argument("--workers", type=int, default=None)
+    d.add_argument("--workers", type=int, default=None,
+                   help="worker actors; 0 = in this process (default: one per CPU)")
     _add_common(d)
 
     i = sub.add_parser("inspect", help="print a readable summary of an alignment set")
@@ -123,8 +126,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
     verb = "reused" if res.reused else "built"
     print(f"{verb} alignment set {res.content_id}: {res.num_modules} modules at {res.uri}")
     if not res.reused:
+        where = (f"on {res.workers} {res.device} worker(s)" if res.workers
+                 else f"in this process ({res.device})")
         print(f"read {res.bytes_read / 1e6:.1f} MB of target tensors in {res.duration_s:.1f} s "
-              f"on {res.workers} {res.device} worker(s)")
+              f"{where}")
     return EXIT_OK
 
 

@@ -147,8 +147,10 @@ def run_demo(root: str, threshold: float = 0.35, workers: int | None = None,
     """Write the inputs, build, sanitize; print where everything is. Returns an exit code."""
     from safelora_ray.build import BuildConfig, build
     from safelora_ray.formats.alignment_set import AlignmentSet
+    from safelora_ray.ray_utils import ensure_ray
     from safelora_ray.reports import text_summary
     from safelora_ray.sanitize import SanitizeConfig, sanitize
+    from safelora_ray.workers import worker_session
 
     rootp = Path(root).resolve()
     rootp.mkdir(parents=True, exist_ok=True)
@@ -160,14 +162,19 @@ def run_demo(root: str, threshold: float = 0.35, workers: int | None = None,
         print(f"[1/3] writing a synthetic base/aligned pair and a tenant catalog under {rootp}")
         paths = write_demo_inputs(rootp)
     aset_uri = str(rootp / "alignment" / "llama-mini-qv")
-    print("[2/3] building the alignment set (q_proj, v_proj) on a local Ray")
-    res = build(BuildConfig(base=paths["base"], aligned=paths["aligned"], out=aset_uri,
-                            workers=workers, progress=progress))
-    print(AlignmentSet.open(res.uri).summary())
-    print(f"[3/3] sanitizing the catalog {paths['catalog']} (threshold {threshold})")
-    result = sanitize(SanitizeConfig(alignment=aset_uri, adapters=paths["catalog"],
-                                     out=str(rootp / "sanitized"), threshold=threshold,
-                                     workers=workers, progress=progress))
+    where = "in this process" if workers == 0 else "on a local Ray"
+    if workers != 0:
+        ensure_ray()  # the demo shows the Ray path, small as its inputs are
+    # One set of worker actors for both steps (a worker process imports torch once).
+    with worker_session():
+        print(f"[2/3] building the alignment set (q_proj, v_proj) {where}")
+        res = build(BuildConfig(base=paths["base"], aligned=paths["aligned"], out=aset_uri,
+                                workers=workers, progress=progress))
+        print(AlignmentSet.open(res.uri).summary())
+        print(f"[3/3] sanitizing the catalog {paths['catalog']} (threshold {threshold})")
+        result = sanitize(SanitizeConfig(alignment=aset_uri, adapters=paths["catalog"],
+                                         out=str(rootp / "sanitized"), threshold=threshold,
+                                         workers=workers, progress=progress))
     print(text_summary(result))
     print()
     print(f"sanitized adapters: {rootp / 'sanitized'}/<tenant>/<adapter>/")

@@ -40,6 +40,7 @@ from safelora_ray.reports import text_summary
 from safelora_ray.sanitize import SanitizeConfig, sanitize
 from safelora_ray.storage import open_storage
 from safelora_ray.storage.base import join_uri
+from safelora_ray.workers import worker_session
 
 logger = logging.getLogger(__name__)
 
@@ -252,34 +253,37 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, dry_run: bool = F
             record["status"] = "dry-run"
             return record
 
-        pairs = {p.name: p for p in cfg.pairs}
-        for pair_name in sorted({p for _, p in groups}):
-            record["alignment_ids"][pair_name] = _ensure_alignment(cfg, pairs[pair_name],
-                                                                   progress)
-        cats = {c.name: c for c in cfg.catalogs}
-        for (cat_name, pair_name), entries in sorted(groups.items()):
-            manifest = f"{NIGHTLY_PREFIX}/runs/{run_id}/manifests/{cat_name}--{pair_name}.jsonl"
-            out.put_bytes(manifest, "".join(json.dumps(e) + "\n" for e in entries).encode())
-            res = sanitize(SanitizeConfig(
-                alignment=join_uri(cfg.alignment_root, pair_name),
-                adapters=out.describe(manifest),
-                out=join_uri(cfg.output_root, cat_name),
-                run_id=f"{run_id}-{pair_name}", progress=progress,
-                **cfg._selection_kwargs(), **cfg.sanitize,
-            ))
-            print(text_summary(res))
-            for k in ("ok", "skipped", "error"):
-                record["counts"][k] += getattr(res, k)
-            record["bytes_in"] += res.bytes_in
-            record["bytes_out"] += res.bytes_out
-            for adapter_id, err in res.errors:
-                _note(record, "errors", {"catalog": cat_name, "adapter_id": adapter_id,
-                                         "error": err})
-            record["groups"].append({
-                "catalog": cat_name, "catalog_uri": cats[cat_name].uri, "pair": pair_name,
-                "adapters": res.total, "ok": res.ok, "skipped": res.skipped,
-                "error": res.error, "report": res.report_uri,
-            })
+        # One set of workers for every build and sanitize of the run: each worker process
+        # imports torch once and keeps the alignment set it last used resident.
+        with worker_session():
+            pairs = {p.name: p for p in cfg.pairs}
+            for pair_name in sorted({p for _, p in groups}):
+                record["alignment_ids"][pair_name] = _ensure_alignment(cfg, pairs[pair_name],
+                                                                       progress)
+            cats = {c.name: c for c in cfg.catalogs}
+            for (cat_name, pair_name), entries in sorted(groups.items()):
+                manifest = f"{NIGHTLY_PREFIX}/runs/{run_id}/manifests/{cat_name}--{pair_name}.jsonl"
+                out.put_bytes(manifest, "".join(json.dumps(e) + "\n" for e in entries).encode())
+                res = sanitize(SanitizeConfig(
+                    alignment=join_uri(cfg.alignment_root, pair_name),
+                    adapters=out.describe(manifest),
+                    out=join_uri(cfg.output_root, cat_name),
+                    run_id=f"{run_id}-{pair_name}", progress=progress,
+                    **cfg._selection_kwargs(), **cfg.sanitize,
+                ))
+                print(text_summary(res))
+                for k in ("ok", "skipped", "error"):
+                    record["counts"][k] += getattr(res, k)
+                record["bytes_in"] += res.bytes_in
+                record["bytes_out"] += res.bytes_out
+                for adapter_id, err in res.errors:
+                    _note(record, "errors", {"catalog": cat_name, "adapter_id": adapter_id,
+                                             "error": err})
+                record["groups"].append({
+                    "catalog": cat_name, "catalog_uri": cats[cat_name].uri, "pair": pair_name,
+                    "adapters": res.total, "ok": res.ok, "skipped": res.skipped,
+                    "error": res.error, "report": res.report_uri,
+                })
         c = record["counts"]
         record["status"] = "success" if c["error"] == 0 and c["unmatched"] == 0 else "partial"
     except Exception as e:

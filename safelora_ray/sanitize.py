@@ -1,7 +1,8 @@
 """Fleet sanitization: an alignment set + a catalog of LoRA adapters → sanitized adapters.
 
 The driver streams the catalog into batches and keeps a bounded number of batches in flight
-on a pool of worker actors, each holding the alignment set once (on its GPU when it has one).
+on a pool of worker actors (:mod:`safelora_ray.workers`; this process for a small catalog),
+each holding the alignment set once (on its GPU when it has one).
 A worker reads its batch's adapters, multiplies every adapter's B of one module by that
 module's C in a single matrix product, scores and selects modules per adapter exactly as
 SPEC §2 says, writes each adapter atomically, records it in the ledger and returns one row per
@@ -14,6 +15,7 @@ import collections
 import contextlib
 import datetime as _dt
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -28,7 +30,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import ray
 import torch
 from tqdm.auto import tqdm
 
@@ -38,23 +39,16 @@ from safelora_ray.formats.alignment_set import AlignmentSet
 from safelora_ray.formats.peft_adapter import Adapter, output_digest, read_adapter, write_adapter
 from safelora_ray.math_core import (
     AlignmentMatrix,
-    full_precision_matmul,
-    module_score,
+    ModuleScore,
+    module_scores,
     pdst,
     select_modules,
-)
-from safelora_ray.ray_utils import (
-    ensure_ray,
-    get_unwrapped,
-    pick_device,
-    plan_workers,
-    wait_one,
-    worker_runtime_env,
 )
 from safelora_ray.redact import redact
 from safelora_ray.reports import ReportWriter
 from safelora_ray.storage import Storage, open_storage
 from safelora_ray.storage.local import STAGING_PREFIX, TMP_PREFIX, TRASH_PREFIX, LocalStorage
+from safelora_ray.workers import INLINE_MAX_ADAPTERS, WORKER_LOST, SanitizeJob, open_executor
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +70,9 @@ class SanitizeConfig:
         num_proj_layers: Or: project the k modules with the smallest cosines (ties included).
         strict_k: With ``num_proj_layers``: exactly k modules, ties broken by module name.
         force: Redo adapters the ledger says are already done.
-        workers: Worker actors (default: one per GPU, else one per CPU).
+        workers: Worker actors; 0 = in this process; None = one per GPU, else one per CPU
+            (in this process for a catalog of at most ``INLINE_MAX_ADAPTERS`` adapters when
+            no Ray cluster is configured: see :mod:`safelora_ray.workers`).
         use_gpu: Force GPU/CPU workers; None = GPUs when the cluster has them.
         batch_size: Adapters per task (their B matrices are batched per module).
         max_in_flight: Batches queued per worker (backpressure).
@@ -116,8 +112,8 @@ class SanitizeConfig:
         for name in ("batch_size", "max_in_flight"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be ≥ 1")
-        if self.workers is not None and self.workers < 1:
-            raise ConfigError("workers must be ≥ 1")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"workers must be ≥ 0 (0 = in this process), got {self.workers}")
         if self.run_id is None:
             now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
             self.run_id = f"{now}-{uuid.uuid4().hex[:6]}"
@@ -171,6 +167,35 @@ def ledger_path(adapter_id: str) -> str:
     return f"{LEDGER_PREFIX}/{adapter_id}.json"
 
 
+class MatrixCache:
+    """An alignment set's matrices on one device, each loaded on first use, once (several
+    threads, and several runs against the same set in one worker, share it).
+
+    Args:
+        aset: The opened alignment set.
+        device: ``cpu`` or ``cuda``.
+    """
+
+    def __init__(self, aset: AlignmentSet, device: str) -> None:
+        self.aset = aset
+        self.device = device
+        self._matrices: dict[str, AlignmentMatrix] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, alignment_uri: str, device: str) -> MatrixCache:
+        return cls(AlignmentSet.open(alignment_uri), device)
+
+    def get(self, module: str) -> AlignmentMatrix:
+        m = self._matrices.get(module)
+        if m is None:
+            with self._lock:
+                m = self._matrices.get(module)
+                if m is None:
+                    m = self._matrices[module] = self.aset.load(module, device=self.device)
+        return m
+
+
 class FleetSanitizer:
     """Sanitizes batches of adapters against one alignment set (plain Python; a Ray actor
     wraps it). The set's matrices are loaded once, on first use, and stay on ``device``.
@@ -182,21 +207,23 @@ class FleetSanitizer:
         device: ``cpu`` or ``cuda``.
         force: Ignore the ledger.
         max_adapter_bytes: Cap on one adapter's weights file.
+        matrices: The set's matrices already resident on ``device`` (shared between runs);
+            None opens the set.
     """
 
     def __init__(self, alignment_uri: str, out_uri: str, selection: dict[str, Any],
                  device: str = "cpu", force: bool = False,
-                 max_adapter_bytes: int = 4 * 1024**3):
-        self.aset = AlignmentSet.open(alignment_uri)
+                 max_adapter_bytes: int = 4 * 1024**3, matrices: MatrixCache | None = None):
+        self.matrices = matrices or MatrixCache.open(alignment_uri, device)
+        self.aset = self.matrices.aset
         self.out = open_storage(out_uri)
         self.selection = selection
         self.device = device
         self.force = force
         self.max_adapter_bytes = max_adapter_bytes
-        self._matrices: dict[str, AlignmentMatrix] = {}
         self._storages: dict[str, Storage] = {}
         # process() may run in two threads at once (one batch reads while another computes):
-        # the lazy caches are filled under this lock, so each matrix is loaded once.
+        # the storage cache is filled under this lock.
         self._lock = threading.Lock()
 
     # -- helpers ---------------------------------------------------------------------------
@@ -210,13 +237,7 @@ class FleetSanitizer:
         return st
 
     def matrix(self, module: str) -> AlignmentMatrix:
-        m = self._matrices.get(module)
-        if m is None:
-            with self._lock:
-                m = self._matrices.get(module)
-                if m is None:
-                    m = self._matrices[module] = self.aset.load(module, device=self.device)
-        return m
+        return self.matrices.get(module)
 
     def _ledger_key(self, digest: str | None) -> dict[str, str | None]:
         return {"content_digest": digest, "alignment_id": self.aset.content_id,
@@ -289,12 +310,16 @@ class FleetSanitizer:
                 _fail(row, e)
         layers: list[dict[str, Any]] = []
         if loaded:
-            projected = self._project_all([a for _, a, _, _ in loaded.values()])
+            t0 = time.perf_counter()
+            projected, scores = self._project_all([a for _, a, _, _ in loaded.values()])
+            share = (time.perf_counter() - t0) / len(loaded)  # batch compute, per adapter
             for adapter_id, (ref, adapter, fp, read_s) in loaded.items():
                 row = rows[adapter_id]
                 try:
-                    layers.extend(self._finish(ref, adapter, fp, projected[adapter_id], row))
+                    layers.extend(self._finish(ref, adapter, fp, projected[adapter_id],
+                                               scores[adapter_id], row))
                     row["read_s"] = round(read_s, 4)
+                    row["compute_s"] = round(row["compute_s"] + share, 4)
                 except Exception as e:
                     _fail(row, e)
         for row in rows.values():
@@ -320,28 +345,58 @@ class FleetSanitizer:
                     "(an adapter for another base model?)"
                 )
 
-    def _project_all(self, adapters: Sequence[Adapter]) -> dict[str, dict[str, torch.Tensor]]:
-        """C B for every adapter and module: one matrix product per module for the batch."""
+    def _project_all(self, adapters: Sequence[Adapter]
+                     ) -> tuple[dict[str, dict[str, torch.Tensor]],
+                                dict[str, dict[str, ModuleScore]]]:
+        """C B and the scores of every adapter and module of a batch: one matrix product per
+        module for the batch, one batched scoring per shape (SPEC §2).
+
+        Returns:
+            ``(cb, scores)``, each ``{adapter_id: {module: ...}}``; C B in each B's dtype (the
+            scores use the float32 product).
+        """
         by_module: dict[str, list[tuple[str, torch.Tensor]]] = {}
         for ad in adapters:
             for m, lm in ad.modules.items():
                 by_module.setdefault(m, []).append((ad.adapter_id, lm.b))
         out: dict[str, dict[str, torch.Tensor]] = {ad.adapter_id: {} for ad in adapters}
+        cast: dict[str, dict[str, torch.Tensor]] = {ad.adapter_id: {} for ad in adapters}
         for m, items in by_module.items():
-            mat = self.matrix(m)
-            bcat = torch.cat([b.to(self.device, torch.float32) for _, b in items], dim=1)
-            cb = mat.apply(bcat).cpu()
+            # cat promotes mixed half dtypes to float32; one conversion per module
+            bcat = torch.cat([b for _, b in items], dim=1).to(self.device, torch.float32)
+            cb = self.matrix(m).apply(bcat).cpu()
+            # C B in B's dtype, as written (elementwise, so converting the batch at once is
+            # the same as converting each adapter's columns)
+            dtypes = {b.dtype for _, b in items}
+            cbc = cb.to(dtypes.pop()) if len(dtypes) == 1 else None
             col = 0
             for adapter_id, b in items:
                 r = b.shape[1]
                 out[adapter_id][m] = cb[:, col:col + r]
+                cast[adapter_id][m] = (cbc[:, col:col + r] if cbc is not None
+                                       else cb[:, col:col + r].to(b.dtype))
                 col += r
-        return out
+        # Modules of equal shapes (every q_proj of the batch, ...) are scored together.
+        groups: dict[tuple[Any, ...], list[tuple[str, str]]] = {}
+        mods = {ad.adapter_id: ad.modules for ad in adapters}
+        for ad in adapters:
+            for m, lm in ad.modules.items():
+                groups.setdefault((tuple(lm.a.shape), tuple(lm.b.shape)), []).append(
+                    (ad.adapter_id, m))
+        scores: dict[str, dict[str, ModuleScore]] = {ad.adapter_id: {} for ad in adapters}
+        for keys in groups.values():
+            # stack promotes mixed dtypes; module_scores converts to float64 once
+            got = module_scores(torch.stack([mods[i][m].a for i, m in keys]),
+                                torch.stack([mods[i][m].b for i, m in keys]),
+                                torch.stack([out[i][m] for i, m in keys]))
+            for (i, m), sc in zip(keys, got, strict=True):
+                scores[i][m] = sc
+        return cast, scores
 
     def _finish(self, ref: AdapterRef, adapter: Adapter, fingerprint: str | None,
-                cbs: dict[str, torch.Tensor], row: dict[str, Any]) -> list[dict[str, Any]]:
+                cbs: dict[str, torch.Tensor], scores: dict[str, ModuleScore],
+                row: dict[str, Any]) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
-        scores = {m: module_score(lm.a, lm.b, cbs[m]) for m, lm in adapter.modules.items()}
         sel = self.selection
         chosen = select_modules(
             {m: s.cos_rounded for m, s in scores.items()},
@@ -428,24 +483,6 @@ def _fail(row: dict[str, Any], e: BaseException) -> None:
     logger.warning("%s", row["error"])
 
 
-# Two batches at a time per worker (a threaded actor): with max_in_flight ≥ 2 one batch reads
-# and writes (I/O, fsync, S3 round trips: the GIL is released) while the other computes.
-@ray.remote(max_restarts=2, max_task_retries=2, max_concurrency=2)
-class _SanitizeActor:
-    def __init__(self, alignment_uri: str, out_uri: str, selection: dict[str, Any],
-                 num_gpus: float, force: bool, max_adapter_bytes: int):
-        device = pick_device(num_gpus)
-        if device == "cpu":
-            cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
-            torch.set_num_threads(cpus)
-        full_precision_matmul()  # no TF32: SPEC equality needs full float32 products
-        self.worker = FleetSanitizer(alignment_uri, out_uri, selection, device, force,
-                                     max_adapter_bytes)
-
-    def process(self, refs: Sequence[AdapterRef]) -> dict[str, Any]:
-        return self.worker.process(refs)
-
-
 # ---------------------------------------------------------------------------------------------
 # Driver side
 # ---------------------------------------------------------------------------------------------
@@ -527,15 +564,20 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
     aset = AlignmentSet.open(config.alignment)  # fail fast, before any worker starts
     out = open_storage(config.out)
     sweep_stale_writes(out)
-    ensure_ray(config.ray_address)
-    res = plan_workers(config.workers, config.use_gpu)
+    # A look at the catalog's head says whether it is small enough for this process.
+    items = iter_catalog(config.adapters)
+    head = list(itertools.islice(items, INLINE_MAX_ADAPTERS + 1))
+    ex = open_executor(config.workers, config.use_gpu, config.ray_address,
+                       small=len(head) <= INLINE_MAX_ADAPTERS)
     assert config.run_id is not None
     report_prefix = f"{REPORTS_PREFIX}/{config.run_id}"
     result = SanitizeResult(config.run_id, out.uri, out.describe(report_prefix),
                             alignment_id=aset.content_id)
     report = ReportWriter(config.run_id, aset, config.selection, config.adapters)
+    job = SanitizeJob.of(aset.uri, out.uri, config.selection, config.force,
+                         config.max_adapter_bytes)
 
-    counter = _adapter_counter()
+    counter = _adapter_counter() if not ex.in_process else None
 
     def record(payload: dict[str, Any]) -> None:
         for row in payload["adapters"]:
@@ -558,16 +600,12 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
         row["error"] = redact(message)
         record({"adapters": [row], "layers": []})
 
-    def new_actor() -> Any:
-        return _SanitizeActor.options(
-            num_cpus=res.num_cpus, num_gpus=res.num_gpus, runtime_env=worker_runtime_env()
-        ).remote(aset.uri, out.uri, config.selection, res.num_gpus, config.force,
-                 config.max_adapter_bytes)
-
-    def lost(batch: list[AdapterRef], e: BaseException) -> None:
+    def lost(batch: list[AdapterRef], suspect: bool, e: BaseException) -> None:
         # Ray already retried the batch on a restarted worker (max_task_retries); it still
-        # kills its worker. Split it so one poison adapter cannot fail its batch-mates.
-        if len(batch) > 1:
+        # kills its worker. Its adapters are retried one by one, each alone on a worker, so a
+        # poison adapter fails alone and its batch-mates (or an adapter that merely shared a
+        # worker with it) do not.
+        if not suspect:
             retry.extend([ref] for ref in batch)
             return
         row = _base_row(batch[0])
@@ -576,49 +614,61 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
         logger.warning("%s", row["error"])
         record({"adapters": [row], "layers": []})
 
-    actors = [new_actor() for _ in range(res.num_workers)]
     logger.info("sanitizing %s with alignment set %s (%s) on %d %s worker(s) → %s",
-                config.adapters, aset.content_id, config.selection, len(actors),
-                "GPU" if res.uses_gpu else "CPU", out.uri)
+                config.adapters, aset.content_id, config.selection, ex.size, ex.kind, out.uri)
     bar = tqdm(desc="sanitize", unit="adapter", disable=not config.progress)
-    pending: dict[ray.ObjectRef, tuple[int, list[AdapterRef]]] = {}
+    pending: dict[Any, tuple[int, list[AdapterRef], bool]] = {}
     retry: collections.deque[list[AdapterRef]] = collections.deque()
-    load = [0] * len(actors)
-    batches = _batches(iter_catalog(config.adapters), config.batch_size, invalid)
+    load = [0] * ex.size
+    alone: set[int] = set()  # workers running a suspect adapter, with nothing else
+    batches = _batches(itertools.chain(head, items), config.batch_size, invalid)
+    ok = False
     try:
         exhausted = False
         while True:
             # Fill every worker up to max_in_flight batches: bounded memory on both sides.
-            while min(load) < config.max_in_flight:
-                batch = retry.popleft() if retry else None
-                if batch is None and not exhausted:
+            # Suspects (adapters of a batch that killed its worker) go first, each to an idle
+            # worker that gets nothing else until it answers.
+            while True:
+                if retry:
+                    idle = [i for i in range(ex.size) if load[i] == 0]
+                    if not idle:
+                        break
+                    i, batch, suspect = idle[0], retry.popleft(), True
+                    alone.add(i)
+                else:
+                    free = [i for i in range(ex.size)
+                            if i not in alone and load[i] < config.max_in_flight]
+                    if exhausted or not free:
+                        break
                     batch = next(batches, None)
-                    exhausted = batch is None
-                if batch is None:
-                    break
-                i = load.index(min(load))
-                pending[actors[i].process.remote(batch)] = (i, batch)
+                    if batch is None:
+                        exhausted = True
+                        break
+                    i, suspect = min(free, key=load.__getitem__), False
+                pending[ex.submit(i, "sanitize", job, batch)] = (i, batch, suspect)
                 load[i] += 1
             if not pending:
                 break
-            ref = wait_one(list(pending), config.task_timeout_s, "adapter batch")
-            i, batch = pending.pop(ref)
+            ref = ex.wait(list(pending), config.task_timeout_s, "adapter batch")
+            i, batch, suspect = pending.pop(ref)
             load[i] -= 1
+            if suspect:
+                alone.discard(i)
             try:
-                payload = get_unwrapped(ref, config.task_timeout_s)
-            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
-                ray.kill(actors[i])
-                actors[i] = new_actor()
-                lost(batch, e)
+                payload = ex.result(ref, config.task_timeout_s)
+            except WORKER_LOST as e:
+                ex.replace(i)
+                lost(batch, suspect, e)
                 continue
             record(payload)
+        ok = True
     except BaseException:
         report.abort()
         raise
     finally:
         bar.close()
-        for a in actors:
-            ray.kill(a)
+        ex.close(ok)
         # A worker killed mid-write (and retried elsewhere) leaves its temp files behind; no
         # writer is left now, so they go.
         try:
@@ -632,5 +682,5 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
     return result
 
 
-__all__ = ["FleetSanitizer", "SanitizeConfig", "SanitizeResult", "ledger_path", "sanitize",
-           "sweep_stale_writes"]
+__all__ = ["FleetSanitizer", "MatrixCache", "SanitizeConfig", "SanitizeResult", "ledger_path",
+           "sanitize", "sweep_stale_writes"]

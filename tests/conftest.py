@@ -79,11 +79,14 @@ def ray_local(s3_server: str) -> Iterator[None]:
     """A real local Ray for one test module (2 CPUs, a small object store).
 
     Depends on ``s3_server`` so that the workers inherit the AWS settings of the moto server.
+    Started as the product starts a local Ray (``ensure_ray``: preloaded worker processes).
     """
     import ray
 
-    ray.init(num_cpus=2, object_store_memory=150 * 1024**2, include_dashboard=False,
-             log_to_driver=False, configure_logging=False)
+    from safelora_ray.ray_utils import ensure_ray
+
+    ensure_ray(num_cpus=2, object_store_memory=150 * 1024**2, include_dashboard=False,
+               log_to_driver=False, configure_logging=False)
     try:
         yield
     finally:

@@ -40,16 +40,21 @@ def test_bench_build_smoke(tmp_path):
     assert s["bytes_read"] >= s["target_bytes"] > 0
     assert s["raw_seq_s_median"] > 0 and s["build_s_median"] > 0
     roles = r["runs"][0]["memory"]["roles"]
-    assert "driver" in roles and "BuildActor" in roles
+    assert "driver" in roles and "SafeLoraWorker" in roles
 
 
 @pytest.mark.timeout(180)
 def test_bench_fleet_smoke(tmp_path):
     r = _run("bench_fleet", tmp_path)
     assert r["equality"]["equal"], r["equality"]
-    (res,) = r["results"]
-    assert res["n"] == 2 and res["total_s"] > 0 and res["baseline_s"] > 0
-    assert "SanitizeActor" in res["runs"][0]["memory"]["roles"]
+    auto, on_ray = r["results"]
+    assert (auto["mode"], on_ray["mode"]) == ("auto", "ray")
+    for res in (auto, on_ray):
+        assert res["n"] == 2 and res["total_s"] > 0 and res["baseline_s"] > 0
+    # auto: a job this small runs in the driver; ray: on worker actors
+    assert auto["executor"] == "cpu" and auto["runs"][0]["build"]["workers"] == 0
+    assert "SafeLoraWorker" not in auto["runs"][0]["memory"]["roles"]
+    assert "SafeLoraWorker" in on_ray["runs"][0]["memory"]["roles"]
 
 
 @pytest.mark.timeout(180)

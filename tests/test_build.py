@@ -53,12 +53,14 @@ def _check_against_reference(uri, base, aligned, targets):
     return aset
 
 
+@pytest.mark.parametrize("workers", [2, 0], ids=["ray", "in-process"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_build_sharded_matches_reference(tmp_path, dtype):
+def test_build_sharded_matches_reference(tmp_path, dtype, workers):
     base, aligned, b, a = _pair(tmp_path, dtype=dtype)
-    res = build(BuildConfig(base=b, aligned=a, out=str(tmp_path / "set"), workers=2,
+    res = build(BuildConfig(base=b, aligned=a, out=str(tmp_path / "set"), workers=workers,
                             progress=False))
     assert res.num_modules == 4 and not res.reused
+    assert res.workers == workers and res.device == "cpu"
     aset = _check_against_reference(res.uri, base, aligned, ["q_proj", "v_proj"])
     md = aset.metadata
     assert md["content_id"] == res.content_id and md["targets"] == ["q_proj", "v_proj"]
@@ -106,6 +108,10 @@ def test_content_id_is_independent_of_sharding_and_storage_layout(tmp_path):
     r2 = build(BuildConfig(base=str(single_b), aligned=a, out=str(tmp_path / "s2"), workers=2,
                            max_file_bytes=1024, progress=False))
     assert r1.content_id == r2.content_id
+    # Built in this process (no worker actor): the same set.
+    r3 = build(BuildConfig(base=b, aligned=a, out=str(tmp_path / "s3"), workers=0,
+                           progress=False))
+    assert r3.workers == 0 and r3.content_id == r1.content_id
 
 
 def test_interrupted_build_is_not_a_set(tmp_path):

@@ -97,9 +97,9 @@ def _descendants(pid: int) -> dict[int, str]:
 
 
 def _sanitize_actor_pids() -> set[int]:
-    """The _SanitizeActor worker processes of this test process's own Ray instance."""
+    """The SafeLoraWorker processes of this test process's own Ray instance."""
     return {p for p, cmd in _descendants(os.getpid()).items()
-            if cmd.startswith("ray::_SanitizeActor")}
+            if cmd.startswith("ray::SafeLoraWorker")}
 
 
 def _ledger_count(out: Path) -> int:

@@ -111,6 +111,36 @@ def test_module_score_matches_dense(seed, shape, r):
     assert s.dist == pytest.approx(float((b.double() - c @ b.double()).norm()), rel=1e-5)
 
 
+def test_batched_scores_match_dense_per_module():
+    """module_scores over a batch (mixed half dtypes, one zero update) = the dense float64
+    figures of each module on its own."""
+    wb, wa = _pair(24, 40, torch.float32, 7)
+    am = mc.compute_alignment(wb, wa)
+    c = dense_c(wb, wa)
+    g = torch.Generator().manual_seed(7)
+    n, r = 6, 3
+    a = torch.randn(n, r, 40, generator=g)
+    b = torch.randn(n, 24, r, generator=g)
+    a[2] = 0  # a zero update: NaN cosine, like the single-module path
+    dtypes = [torch.bfloat16, torch.float16, torch.float32] * 2
+    a_in = torch.stack([a[i].to(dtypes[i]) for i in range(n)])  # stack promotes: float32
+    b_in = [b[i].to(dtypes[i]) for i in range(n)]
+    cb = torch.stack([am.apply(bi) for bi in b_in])
+    got = mc.module_scores(a_in, torch.stack(b_in), cb)
+    for i in range(n):
+        ai, bi = a_in[i].double(), b_in[i].double()
+        one = mc.module_score(a_in[i], b_in[i], cb[i])
+        if i == 2:
+            assert math.isnan(got[i].cos) and math.isnan(one.cos)
+            continue
+        assert got[i].cos == pytest.approx(dense_cos(c, ai, bi), abs=1e-6)
+        assert got[i].cos_rounded == round(got[i].cos, 5)
+        assert got[i].cos == pytest.approx(one.cos, abs=1e-12)
+        assert got[i].norm_delta == pytest.approx(float((bi @ ai).norm()), rel=1e-9)
+        assert got[i].norm_projected == pytest.approx(float((c @ bi @ ai).norm()), rel=1e-5)
+        assert got[i].dist == pytest.approx(float((bi - c @ bi).norm()), rel=1e-5)
+
+
 def test_zero_update_scores_nan_and_is_never_selected():
     a = torch.zeros(2, 8)
     b = torch.randn(8, 2)

@@ -14,8 +14,7 @@ from safelora_ray import AlignmentSet, BuildConfig, SanitizeConfig, build, sanit
 from safelora_ray.demo import write_adapter, write_model
 from tests.factory import Arch, aligned_from, llama_tensors
 
-# The package exports the function `sanitize`, which shadows the module's attribute name.
-sanitize_mod = importlib.import_module("safelora_ray.sanitize")
+workers_mod = importlib.import_module("safelora_ray.workers")
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -39,15 +38,15 @@ def test_poison_adapter_fails_alone(tmp_path, monkeypatch):
     # here so Ray ships it by value; few restarts keep the test short.
     @ray.remote(max_restarts=1, max_task_retries=1)
     class Crashy:
-        def __init__(self, *args):
-            self.inner = sanitize_mod.FleetSanitizer(*args[:3], "cpu", *args[4:])
+        def __init__(self, num_gpus):
+            self.core = workers_mod.WorkerCore("cpu")
 
-        def process(self, refs):
+        def sanitize(self, job, refs):
             if any(r.adapter_id.endswith("poison") for r in refs):
                 os._exit(1)
-            return self.inner.process(refs)
+            return self.core.sanitize(job, refs)
 
-    monkeypatch.setattr(sanitize_mod, "_SanitizeActor", Crashy)
+    monkeypatch.setattr(workers_mod, "SafeLoraWorker", Crashy)
     run = sanitize(SanitizeConfig(alignment=res.uri, adapters=str(tmp_path / "cat"),
                                   out=str(tmp_path / "out"), threshold=0.35, batch_size=3,
                                   workers=2, progress=False))

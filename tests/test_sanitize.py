@@ -423,15 +423,17 @@ def _mid_threshold(cat: Catalog) -> float:
     return (ordered[i - 1] + ordered[i]) / 2
 
 
+@pytest.mark.parametrize("workers", [1, 0], ids=["ray", "in-process"])
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("which", ["catalog", "gqa_catalog"])
 def test_matches_dense_reference(request: pytest.FixtureRequest, tmp_path: Path, which: str,
-                                 mode: str) -> None:
+                                 mode: str, workers: int) -> None:
     cat: Catalog = request.getfixturevalue(which)
     sel = dict(MODES[mode])
     if "threshold" in sel and sel["threshold"] is None:
         sel["threshold"] = _mid_threshold(cat)
-    kw: dict[str, Any] = {"batch_size": 2}
+    # batch 4: a batch mixes adapters of different dtypes and ranks (batched C B and scores)
+    kw: dict[str, Any] = {"batch_size": 4, "workers": workers}
     if "threshold" in sel:
         kw["threshold"] = sel["threshold"]
     else:
@@ -1024,7 +1026,7 @@ def test_exit_code_2_argparse(tmp_path: Path, qv_catalog: Catalog, extra: list[s
     (["--threshold", "0.3", "--strict-k"], "strict_k needs num_proj_layers"),
     (["--threshold", "0.3", "--batch-size", "0"], "batch_size must be ≥ 1"),
     (["--threshold", "0.3", "--max-in-flight", "0"], "max_in_flight must be ≥ 1"),
-    (["--threshold", "0.3", "--workers", "0"], "workers must be ≥ 1"),
+    (["--threshold", "0.3", "--workers", "-1"], "workers must be ≥ 0"),
     (["--threshold", "0.3", "--run-id", "../x"], "run_id"),
 ])
 def test_exit_code_2_bad_values(tmp_path: Path, qv_catalog: Catalog, extra: list[str],

@@ -564,6 +564,12 @@ def _pair_modules(
         modules[module] = _check_pair(config, header, tensors, module, a_key, b_key, fail)
     if not modules:
         raise fail(f"{WEIGHTS_NAME} has no LoRA modules (no lora_A/lora_B weight pairs)")
+    bad = _first_non_finite({k: tensors[k] for m in modules.values()
+                             for k in (m.a_key, m.b_key)})
+    if bad is not None:
+        t = tensors[bad]
+        n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        raise fail(f"tensor {bad!r} has non-finite values ({n_nan} NaN, {n_inf} Inf)")
     return modules, untouched
 
 
@@ -608,13 +614,25 @@ def _check_pair(
             f"{where}: rank mismatch: the tensors have r={r_a} but {CONFIG_NAME} gives "
             f"r={expected} (from {source}); PEFT would not load this adapter"
         )
-    a, b = tensors[a_key], tensors[b_key]
-    for key, t in ((a_key, a), (b_key, b)):
-        if not bool(torch.isfinite(t).all()):
-            n_nan = int(torch.isnan(t).sum())
-            n_inf = int(torch.isinf(t).sum())
-            raise fail(f"tensor {key!r} has non-finite values ({n_nan} NaN, {n_inf} Inf)")
-    return LoraModule(module, a_key, b_key, a, b, r_a, float(alpha))
+    return LoraModule(module, a_key, b_key, tensors[a_key], tensors[b_key], r_a, float(alpha))
+
+
+def _first_non_finite(named: Mapping[str, torch.Tensor]) -> str | None:
+    """The first key of ``named`` whose tensor has a NaN or an Inf, or None.
+
+    One float64 sum per dtype over all the tensors: it is finite exactly when every value is
+    (NaN and ±Inf propagate; finite half/float32 values cannot overflow a float64 sum), and a
+    per-tensor ``isfinite`` costs a dispatch per tensor, most of the time of a small adapter.
+    The per-tensor search runs only when something is wrong.
+    """
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in named.values():
+        if t.numel():
+            by_dtype.setdefault(t.dtype, []).append(t.reshape(-1))
+    if all(bool(torch.cat(ts).sum(dtype=torch.float64).isfinite())
+           for ts in by_dtype.values()):
+        return None
+    return next(k for k, t in named.items() if not bool(torch.isfinite(t).all()))
 
 
 # -- writing -------------------------------------------------------------------------------
@@ -665,10 +683,11 @@ def write_adapter(
                 f"module {module!r}: new lora_B has shape {list(b.shape)}, expected "
                 f"{list(mod.b.shape)}"
             )
-        cast = b.detach().to(device="cpu", dtype=mod.b.dtype).contiguous()
-        if not bool(torch.isfinite(cast).all()):
-            raise fail(f"module {module!r}: new lora_B has non-finite values in {mod.b.dtype}")
-        replaced[mod.b_key] = cast
+        replaced[mod.b_key] = b.detach().to(device="cpu", dtype=mod.b.dtype).contiguous()
+    bad = _first_non_finite(replaced)
+    if bad is not None:
+        mod = next(m for m in adapter.modules.values() if m.b_key == bad)
+        raise fail(f"module {mod.module!r}: new lora_B has non-finite values in {mod.b.dtype}")
 
     os.makedirs(out_dir, exist_ok=True)
     files: list[tuple[str, str]] = []

@@ -1,0 +1,424 @@
+"""Where build and sanitize work runs: long-lived worker actors, or this process.
+
+A :class:`WorkerCore` is what one worker process holds between calls: the shard builders of
+the current build and the alignment sets it sanitizes against (loaded once, on its GPU when it
+has one). :class:`SafeLoraWorker` is that core as a Ray actor. The driver loops of
+:func:`~safelora_ray.build.build` and :func:`~safelora_ray.sanitize.sanitize` talk to an
+*executor*:
+
+- :class:`RayExecutor` runs on worker actors. Inside :func:`worker_session` the actors are
+  started once and shared by every call (a nightly run builds and then sanitizes several
+  catalogs on the same warm workers, with the alignment set already resident); outside one,
+  each call starts its own and stops them when it returns, so no cluster resource stays held.
+- :class:`InlineExecutor` runs in the driver process (``workers=0``, like PyTorch's
+  ``DataLoader(num_workers=0)``), and is what ``workers=None`` picks for a small job when no
+  Ray cluster is configured: starting a private local Ray (4-7 s) and worker processes that
+  import torch (~2 s) would cost more than the job.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import contextlib
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import torch
+
+from safelora_ray.errors import ConfigError
+from safelora_ray.math_core import full_precision_matmul
+from safelora_ray.ray_utils import (
+    WorkerResources,
+    ensure_ray,
+    get_unwrapped,
+    pick_device,
+    plan_workers,
+    worker_runtime_env,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Exceptions that mean a worker process died (its task may have been lost with it).
+WORKER_LOST: tuple[type[BaseException], ...] = (
+    ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError)
+
+#: A sanitize job of at most this many adapters runs in this process when no cluster is
+#: configured (``workers=None``). On 2 cores the break-even against a private local Ray is
+#: ~700 adapters; bigger machines gain more from Ray's processes, so the bar is lower.
+INLINE_MAX_ADAPTERS = 256
+#: The same for a build: target bytes of the pair (a ~1B-parameter pair's q/v).
+INLINE_MAX_BUILD_BYTES = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class SanitizeJob:
+    """What a worker needs to sanitize batches of one run (hashable: workers cache on it)."""
+
+    alignment_uri: str
+    out_uri: str
+    selection_json: str
+    force: bool
+    max_adapter_bytes: int
+
+    @classmethod
+    def of(cls, alignment_uri: str, out_uri: str, selection: dict[str, Any], force: bool,
+           max_adapter_bytes: int) -> SanitizeJob:
+        return cls(alignment_uri, out_uri, json.dumps(selection, sort_keys=True), force,
+                   max_adapter_bytes)
+
+
+class WorkerCore:
+    """One worker's state between calls (plain Python; :class:`SafeLoraWorker` wraps it).
+
+    Args:
+        device: ``cpu`` or ``cuda``.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self._builders: dict[str, Any] = {}
+        # One alignment set resident at a time (a 70B set is ~23 GB on the GPU); the
+        # sanitizer of the latest job is kept so the next batches of a run reuse it.
+        self._sets: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self._sanitizers: collections.OrderedDict[SanitizeJob, Any] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    # -- build -----------------------------------------------------------------------------
+    def build_file(self, build_id: str, files: Sequence[Any], out_uri: str, prefetch: int,
+                   index: int) -> dict[str, Any]:
+        """Compute and publish output file ``index`` of a shard (see ``ShardBuilder``)."""
+        from safelora_ray.build import ShardBuilder
+
+        builder = self._builders.get(build_id)
+        if builder is None:
+            self.end_build()  # a worker serves one build at a time
+            builder = self._builders[build_id] = ShardBuilder(files, out_uri, self.device,
+                                                              prefetch)
+        return builder.build_file(index)
+
+    def end_build(self, build_id: str | None = None) -> None:
+        """Stop the reader threads of ``build_id`` (all builds when None)."""
+        for bid in [b for b in self._builders if build_id in (None, b)]:
+            self._builders.pop(bid).close()
+
+    # -- sanitize --------------------------------------------------------------------------
+    def _sanitizer(self, job: SanitizeJob) -> Any:
+        from safelora_ray.sanitize import FleetSanitizer, MatrixCache
+
+        with self._lock:
+            san = self._sanitizers.get(job)
+            if san is not None:
+                return san
+            cache = self._sets.get(job.alignment_uri)
+            if cache is None:
+                self._sets.clear()  # drop the previous set before loading another
+                self._sanitizers.clear()
+                cache = self._sets[job.alignment_uri] = MatrixCache.open(job.alignment_uri,
+                                                                         self.device)
+            while len(self._sanitizers) >= 2:
+                self._sanitizers.popitem(last=False)
+            san = self._sanitizers[job] = FleetSanitizer(
+                job.alignment_uri, job.out_uri, json.loads(job.selection_json), self.device,
+                job.force, job.max_adapter_bytes, matrices=cache)
+            return san
+
+    def sanitize(self, job: SanitizeJob, refs: Sequence[Any]) -> dict[str, Any]:
+        """Sanitize one batch of adapters (see ``FleetSanitizer.process``)."""
+        return self._sanitizer(job).process(refs)
+
+
+def _configure_process(num_gpus: float) -> str:
+    device = pick_device(num_gpus)
+    if device == "cpu":
+        cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+        torch.set_num_threads(cpus)
+    full_precision_matmul()  # no TF32: SPEC equality needs full float32 products
+    return device
+
+
+# One build file at a time (a shard's files are read in order by one prefetch thread); two
+# sanitize batches at a time: one reads and writes (I/O releases the GIL) while the other
+# computes.
+@ray.remote(max_restarts=2, max_task_retries=2,
+            concurrency_groups={"build": 1, "sanitize": 2})
+class SafeLoraWorker:
+    """A worker process: builds alignment-set shard files and sanitizes adapter batches."""
+
+    def __init__(self, num_gpus: float) -> None:
+        self.core = WorkerCore(_configure_process(num_gpus))
+
+    def ready(self) -> str:
+        """The device this worker computes on (answers once the process is up)."""
+        return self.core.device
+
+    @ray.method(concurrency_group="build")
+    def build_file(self, build_id: str, files: Sequence[Any], out_uri: str, prefetch: int,
+                   index: int) -> dict[str, Any]:
+        return self.core.build_file(build_id, files, out_uri, prefetch, index)
+
+    @ray.method(concurrency_group="build")
+    def end_build(self, build_id: str) -> None:
+        self.core.end_build(build_id)
+
+    @ray.method(concurrency_group="sanitize")
+    def sanitize(self, job: SanitizeJob, refs: Sequence[Any]) -> dict[str, Any]:
+        return self.core.sanitize(job, refs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker sessions: actors shared by the calls made inside one
+# ---------------------------------------------------------------------------------------------
+
+
+class WorkerSession:
+    """Worker actors kept between calls. One set of actors at a time: a call asking for other
+    resources (GPU after CPU) stops the current ones first, so they never hold what the new
+    ones need."""
+
+    def __init__(self) -> None:
+        self._key: tuple[Any, ...] | None = None
+        self._actors: list[Any] = []
+        self._start: Any = None
+        self._lock = threading.Lock()
+
+    def acquire(self, res: WorkerResources, n: int, runtime_env: dict[str, Any]) -> list[Any]:
+        """``n`` workers with resources ``res``: the running ones, plus new ones if needed."""
+        cls = SafeLoraWorker  # looked up at call time (tests substitute a crashing class)
+        key = (id(cls), res.num_cpus, res.num_gpus, json.dumps(runtime_env, sort_keys=True),
+               ray.get_runtime_context().get_job_id())
+        with self._lock:
+            if key != self._key:
+                self._stop_locked()
+                self._key = key
+                self._start = lambda: cls.options(
+                    num_cpus=res.num_cpus, num_gpus=res.num_gpus, runtime_env=runtime_env
+                ).remote(res.num_gpus)
+            while len(self._actors) < n:
+                self._actors.append(self._start())
+            return list(self._actors[:n])
+
+    def replace(self, i: int, dead: Any) -> Any:
+        """A fresh worker ``i`` in place of ``dead``, which is killed (if another call replaced
+        it already: that replacement)."""
+        with self._lock:
+            if i < len(self._actors) and self._actors[i] != dead:
+                return self._actors[i]
+            with contextlib.suppress(Exception):
+                ray.kill(dead)
+            while len(self._actors) <= i:  # the session was stopped meanwhile
+                self._actors.append(self._start())
+            if self._actors[i] == dead:
+                self._actors[i] = self._start()
+            return self._actors[i]
+
+    def shutdown(self) -> None:
+        """Stop every worker of the session."""
+        with self._lock:
+            self._stop_locked()
+
+    def _stop_locked(self) -> None:
+        if self._actors and ray.is_initialized():
+            for a in self._actors:
+                with contextlib.suppress(Exception):
+                    ray.kill(a)
+        self._actors = []
+        self._key = None
+
+
+_session: WorkerSession | None = None
+_session_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def worker_session() -> Iterator[WorkerSession]:
+    """Share worker actors between the build and sanitize calls made inside the block.
+
+    Workers start once (importing torch takes seconds) and keep the alignment set they last
+    used resident (on the GPU when they have one); they are stopped when the block exits.
+    Nested blocks share the outer session.
+
+    Example::
+
+        with worker_session():
+            build(BuildConfig(...))
+            sanitize(SanitizeConfig(...))
+    """
+    global _session
+    with _session_lock:
+        outer = _session
+        if outer is None:
+            _session = WorkerSession()
+        session = _session
+    assert session is not None
+    try:
+        yield session
+    finally:
+        if outer is None:
+            with _session_lock:
+                _session = None
+            session.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# Executors: what the driver loops of build and sanitize talk to
+# ---------------------------------------------------------------------------------------------
+
+
+class RayExecutor:
+    """Runs worker methods on ``n`` worker actors (those of the active :func:`worker_session`,
+    else actors of its own, stopped by :meth:`close`)."""
+
+    in_process = False
+
+    def __init__(self, res: WorkerResources, n: int) -> None:
+        self.res = res
+        self.owns_workers = _session is None
+        self.session = _session if _session is not None else WorkerSession()
+        self.actors = self.session.acquire(res, n, worker_runtime_env())
+
+    @property
+    def size(self) -> int:
+        return len(self.actors)
+
+    @property
+    def kind(self) -> str:
+        return "GPU" if self.res.uses_gpu else "CPU"
+
+    def put(self, value: Any) -> Any:
+        """Ship ``value`` to the object store once (passed to many calls)."""
+        return ray.put(value)
+
+    def submit(self, i: int, method: str, *args: Any) -> Any:
+        return getattr(self.actors[i], method).remote(*args)
+
+    def wait(self, handles: Sequence[Any], timeout_s: float, what: str) -> Any:
+        ready, _ = ray.wait(list(handles), num_returns=1, timeout=timeout_s)
+        if not ready:
+            raise TimeoutError(f"no {what} finished within {timeout_s:.0f} s")
+        return ready[0]
+
+    def result(self, handle: Any, timeout_s: float) -> Any:
+        """The call's return value; raises one of :data:`WORKER_LOST` if its worker died."""
+        return get_unwrapped(handle, timeout_s)
+
+    def replace(self, i: int) -> None:
+        """Put a fresh worker in place of worker ``i`` (after it died)."""
+        self.actors[i] = self.session.replace(i, self.actors[i])
+
+    def notify(self, method: str, *args: Any) -> None:
+        """Call ``method`` on every worker without waiting (housekeeping)."""
+        for a in self.actors:
+            with contextlib.suppress(Exception):
+                getattr(a, method).remote(*args)
+
+    def close(self, ok: bool) -> None:
+        """Release the workers: stopped unless a session keeps them (and the call ended
+        normally: after a failure they may still run its abandoned tasks)."""
+        if self.owns_workers or not ok:
+            self.session.shutdown()
+
+
+class InlineExecutor:
+    """Runs worker methods in this process: one :class:`WorkerCore`, build calls one at a
+    time, up to two sanitize batches at a time (threads, as in a worker actor)."""
+
+    in_process = True
+    owns_workers = True
+    size = 1
+    kind = "in-process"
+
+    def __init__(self, use_gpu: bool | None) -> None:
+        cuda = torch.cuda.is_available()
+        if use_gpu and not cuda:
+            raise ConfigError("GPU workers were required (--gpu) but this process sees no "
+                              "CUDA device")
+        device = "cuda" if (use_gpu or use_gpu is None) and cuda else "cpu"
+        full_precision_matmul()  # no TF32: SPEC equality needs full float32 products
+        self.core = WorkerCore(device)
+        self._pools = {"build": cf.ThreadPoolExecutor(1, thread_name_prefix="safelora-build"),
+                       "sanitize": cf.ThreadPoolExecutor(2, thread_name_prefix="safelora-san")}
+
+    def put(self, value: Any) -> Any:
+        return value
+
+    def submit(self, i: int, method: str, *args: Any) -> cf.Future[Any]:
+        group = "build" if method in ("build_file", "end_build") else "sanitize"
+        return self._pools[group].submit(getattr(self.core, method), *args)
+
+    def wait(self, handles: Sequence[cf.Future[Any]], timeout_s: float, what: str) -> Any:
+        done, _ = cf.wait(handles, timeout=timeout_s, return_when=cf.FIRST_COMPLETED)
+        if not done:
+            raise TimeoutError(f"no {what} finished within {timeout_s:.0f} s")
+        return next(h for h in handles if h in done)  # the oldest finished: deterministic
+
+    def result(self, handle: cf.Future[Any], timeout_s: float) -> Any:
+        return handle.result(timeout=timeout_s)
+
+    def replace(self, i: int) -> None:  # pragma: no cover - a thread cannot die alone
+        raise AssertionError("in-process workers are never replaced")
+
+    def notify(self, method: str, *args: Any) -> None:  # pragma: no cover - owns its core
+        getattr(self.core, method)(*args)
+
+    def close(self, ok: bool) -> None:
+        for pool in self._pools.values():
+            pool.shutdown(wait=ok, cancel_futures=True)
+        self.core.end_build()
+
+
+Executor = RayExecutor | InlineExecutor
+
+
+def cluster_configured(ray_address: str | None) -> bool:
+    """Whether work should go to a Ray cluster: connected already, or an address is given."""
+    return ray.is_initialized() or bool(ray_address or os.environ.get("RAY_ADDRESS"))
+
+
+def in_process(requested: int | None, use_gpu: bool | None, ray_address: str | None,
+               small: bool) -> bool:
+    """Whether a call runs in this process (see the module docstring)."""
+    if requested == 0:
+        return True
+    if requested is not None or use_gpu or not small or cluster_configured(ray_address):
+        return False
+    # A local GPU that use_gpu=None would use: Ray's GPU workers pipeline better.
+    return use_gpu is False or not torch.cuda.is_available()
+
+
+def open_executor(requested: int | None, use_gpu: bool | None, ray_address: str | None,
+                  small: bool, n: int | None = None) -> Executor:
+    """The executor a call runs on.
+
+    Args:
+        requested: ``workers`` of the config: 0 = this process, None = decide.
+        use_gpu: ``use_gpu`` of the config.
+        ray_address: Cluster address of the config.
+        small: Whether the job is small enough for this process (see ``in_process``).
+        n: Workers wanted (None: :func:`plan_workers` decides).
+    """
+    if in_process(requested, use_gpu, ray_address, small):
+        return InlineExecutor(use_gpu)
+    ensure_ray(ray_address)
+    res = plan_workers(requested, use_gpu)
+    return RayExecutor(res, n if n is not None else res.num_workers)
+
+
+def plan_size(requested: int | None, use_gpu: bool | None, ray_address: str | None,
+              small: bool) -> int:
+    """How many shards or workers a call will use (1 in this process)."""
+    if in_process(requested, use_gpu, ray_address, small):
+        return 1
+    ensure_ray(ray_address)
+    return plan_workers(requested, use_gpu).num_workers
+
+
+__all__ = ["INLINE_MAX_ADAPTERS", "INLINE_MAX_BUILD_BYTES", "WORKER_LOST", "InlineExecutor",
+           "RayExecutor", "SafeLoraWorker", "SanitizeJob", "WorkerCore", "WorkerSession",
+           "in_process", "open_executor", "plan_size", "worker_session"]

@@ -1,0 +1,130 @@
+"""Where work runs: the in-process choice for small jobs, and worker sessions that share
+actors (and the resident alignment set) between build and sanitize calls."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from safelora_ray import AlignmentSet, BuildConfig, SanitizeConfig, build, sanitize
+from safelora_ray.demo import write_adapter, write_model
+from tests.factory import Arch, aligned_from, llama_tensors
+
+workers_mod = importlib.import_module("safelora_ray.workers")
+
+
+def _inputs(root: Path, n: int) -> tuple[str, str, Path]:
+    base = llama_tensors(Arch())
+    write_model(root / "b", base)
+    write_model(root / "a", aligned_from(base))
+    return str(root / "b"), str(root / "a"), root / "cat"
+
+
+def _catalog(set_uri: str, cat: Path, n: int) -> None:
+    rows = AlignmentSet.open(set_uri).rows
+    g = torch.Generator().manual_seed(3)
+    for i in range(n):
+        lora = {m: (torch.randn(2, r.shape[1], generator=g), torch.randn(r.shape[0], 2,
+                                                                         generator=g))
+                for m, r in rows.items()}
+        write_adapter(cat / f"t{i}" / "a", lora, 2)
+
+
+@pytest.mark.parametrize(
+    ("requested", "use_gpu", "address", "small", "ray_up", "cuda", "expected"),
+    [
+        (0, None, "ray://x:10001", False, True, True, True),  # workers=0: always here
+        (None, None, None, True, False, False, True),  # small, no cluster configured
+        (None, False, None, True, False, True, True),  # CPU forced: a local GPU is no matter
+        (None, None, None, False, False, False, False),  # big: a local Ray pays off
+        (None, None, "auto", True, False, False, False),  # a cluster is configured
+        (None, None, None, True, True, False, False),  # this process is connected to Ray
+        (2, None, None, True, False, False, False),  # workers asked for
+        (None, True, None, True, False, True, False),  # GPU workers asked for
+        (None, None, None, True, False, True, False),  # a local GPU: Ray's GPU workers
+    ],
+)
+def test_in_process_policy(monkeypatch, requested, use_gpu, address, small, ray_up, cuda,
+                           expected):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(workers_mod.ray, "is_initialized", lambda: ray_up)
+    monkeypatch.setattr(workers_mod.torch.cuda, "is_available", lambda: cuda)
+    assert workers_mod.in_process(requested, use_gpu, address, small) is expected
+
+
+def test_ray_address_env_counts_as_a_configured_cluster(monkeypatch):
+    monkeypatch.setattr(workers_mod.ray, "is_initialized", lambda: False)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert not workers_mod.in_process(None, None, None, True)
+
+
+def test_in_process_gpu_without_cuda_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(workers_mod.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(workers_mod.ConfigError, match="no CUDA device"):
+        workers_mod.InlineExecutor(use_gpu=True)
+
+
+def test_small_job_without_a_cluster_runs_here_and_starts_no_ray(tmp_path, monkeypatch):
+    """The CLI/API default on a machine with no Ray cluster configured: a small build and
+    sanitize run in this process, no Ray is started, and the outputs are complete."""
+    if ray.is_initialized():  # another module's Ray is still up: not this test's situation
+        pytest.skip("a Ray instance is running in this process")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    b, a, cat = _inputs(tmp_path, 3)
+    res = build(BuildConfig(base=b, aligned=a, out=str(tmp_path / "set"), progress=False))
+    assert res.workers == 0 and not ray.is_initialized()
+    assert AlignmentSet.open(res.uri).metadata["build"]["workers"] == 0
+    _catalog(res.uri, cat, 3)
+    run = sanitize(SanitizeConfig(alignment=res.uri, adapters=str(cat),
+                                  out=str(tmp_path / "out"), threshold=0.35, progress=False))
+    assert (run.ok, run.error) == (3, 0) and not ray.is_initialized()
+    for i in range(3):
+        assert (tmp_path / "out" / f"t{i}" / "a" / "adapter_config.json").exists()
+
+
+@pytest.mark.timeout(300)
+def test_session_shares_workers_between_build_and_sanitize(tmp_path, ray_local):
+    b, a, cat = _inputs(tmp_path, 4)
+    with workers_mod.worker_session() as session:
+        res = build(BuildConfig(base=b, aligned=a, out=str(tmp_path / "set"), workers=2,
+                                progress=False))
+        after_build = list(session._actors)
+        assert len(after_build) == 2
+        _catalog(res.uri, cat, 4)
+        runs = [sanitize(SanitizeConfig(alignment=res.uri, adapters=str(cat),
+                                        out=str(tmp_path / f"out{k}"), threshold=0.35,
+                                        batch_size=1, workers=2, progress=False))
+                for k in range(2)]
+        assert [(r.ok, r.error) for r in runs] == [(4, 0), (4, 0)]
+        # The same worker actors did all three calls, and are still up.
+        assert session._actors == after_build
+        assert ray.get([w.ready.remote() for w in after_build], timeout=60) == ["cpu", "cpu"]
+        # Two runs against one set, different outputs: the same files.
+        for i in range(4):
+            rel = Path(f"t{i}") / "a" / "adapter_model.safetensors"
+            assert (tmp_path / "out0" / rel).read_bytes() == (tmp_path / "out1" / rel).read_bytes()
+    # Leaving the session stops them.
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(after_build[0].ready.remote(), timeout=60)
+
+
+@pytest.mark.timeout(300)
+def test_without_a_session_each_call_stops_its_workers(tmp_path, ray_local, monkeypatch):
+    b, a, _cat = _inputs(tmp_path, 1)
+    seen: list[object] = []
+    real = workers_mod.RayExecutor.__init__
+
+    def spy(self, res, n):
+        real(self, res, n)
+        seen.extend(self.actors)
+
+    monkeypatch.setattr(workers_mod.RayExecutor, "__init__", spy)
+    build(BuildConfig(base=b, aligned=a, out=str(tmp_path / "set"), workers=1,
+                      progress=False))
+    assert len(seen) == 1
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(seen[0].ready.remote(), timeout=60)
