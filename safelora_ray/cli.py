@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=8, help="adapters per task (default 8)")
     s.add_argument("--max-in-flight", type=int, default=2,
                    help="batches queued per worker (default 2)")
+    s.add_argument("--workers-per-gpu", type=int, default=1,
+                   help="GPU workers sharing one GPU, each with its own copy of the alignment "
+                        "set (default 1; 4 suits 7B sets on an 80 GB GPU)")
     s.add_argument("--run-id", default=None, help="report folder name (default: timestamp)")
     s.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds one batch may take before the run fails")
@@ -157,6 +160,7 @@ def _cmd_sanitize(args: argparse.Namespace) -> int:
         threshold=args.threshold, num_proj_layers=args.num_proj_layers, strict_k=args.strict_k,
         force=args.force, workers=args.workers, use_gpu=args.use_gpu,
         batch_size=args.batch_size, max_in_flight=args.max_in_flight, run_id=args.run_id,
+        workers_per_gpu=args.workers_per_gpu,
         progress=not args.no_progress, task_timeout_s=args.timeout,
         ray_address=args.ray_address,
     )

@@ -79,7 +79,8 @@ class NightlyConfig:
         pairs: The model pairs.
         selection: ``{"threshold": T}`` or ``{"num_proj_layers": K, "strict_k": bool}``.
         lock_ttl_s: Lease TTL.
-        sanitize: Extra SanitizeConfig fields (batch_size, max_in_flight, workers, use_gpu).
+        sanitize: Extra SanitizeConfig fields (batch_size, max_in_flight, workers, use_gpu,
+            workers_per_gpu, task_timeout_s).
         build: Extra BuildConfig fields (workers, use_gpu, max_file_bytes).
     """
 
@@ -118,7 +119,8 @@ class NightlyConfig:
         extra = set(self.selection) - allowed
         if extra:
             raise ConfigError(f"unknown selection keys: {sorted(extra)}")
-        allowed_s = {"batch_size", "max_in_flight", "workers", "use_gpu", "task_timeout_s"}
+        allowed_s = {"batch_size", "max_in_flight", "workers", "use_gpu", "task_timeout_s",
+                     "workers_per_gpu"}
         if set(self.sanitize) - allowed_s:
             raise ConfigError(f"unknown sanitize keys: {sorted(set(self.sanitize) - allowed_s)}")
         allowed_b = {"workers", "use_gpu", "max_file_bytes", "task_timeout_s"}

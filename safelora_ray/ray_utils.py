@@ -99,15 +99,19 @@ class WorkerResources:
 
 
 def plan_workers(
-    requested: int | None, use_gpu: bool | None, cpus_per_worker: float = 1.0
+    requested: int | None, use_gpu: bool | None, cpus_per_worker: float = 1.0,
+    workers_per_gpu: int = 1,
 ) -> WorkerResources:
     """Decide how many worker actors to start and what each asks for.
 
     Args:
-        requested: Number of workers, or None for one per GPU (GPU clusters) or one per
-            ``cpus_per_worker`` CPUs.
+        requested: Number of workers, or None for ``workers_per_gpu`` per GPU (GPU clusters)
+            or one per ``cpus_per_worker`` CPUs.
         use_gpu: True/False to force; None uses GPUs when the cluster has any.
         cpus_per_worker: CPUs a CPU worker takes.
+        workers_per_gpu: GPU workers sharing one GPU (each takes ``1/workers_per_gpu`` of
+            it): sanitizing is bound by each worker's Python (reading, checking, writing
+            adapters), not by the GPU, so several processes per GPU go faster.
 
     GPU workers take a fractional CPU (0.25): a whole CPU each would starve the driver and
     the readers on small nodes and can deadlock a 2-CPU pipeline.
@@ -121,8 +125,8 @@ def plan_workers(
 
         raise ConfigError("GPU workers were required (--gpu) but the Ray cluster has no GPU")
     if gpu:
-        n = requested or gpus
-        return WorkerResources(n, 0.25, 1.0)
+        n = requested or gpus * workers_per_gpu
+        return WorkerResources(n, 0.25, 1.0 / workers_per_gpu)
     n = requested or max(1, int(cpus // cpus_per_worker))
     return WorkerResources(n, cpus_per_worker, 0.0)
 

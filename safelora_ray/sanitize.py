@@ -74,6 +74,8 @@ class SanitizeConfig:
             (in this process for a catalog of at most ``INLINE_MAX_ADAPTERS`` adapters when
             no Ray cluster is configured: see :mod:`safelora_ray.workers`).
         use_gpu: Force GPU/CPU workers; None = GPUs when the cluster has them.
+        workers_per_gpu: GPU workers per GPU (default: workers = ``workers_per_gpu`` x
+            GPUs, each with that fraction of a GPU and its own copy of the alignment set).
         batch_size: Adapters per task (their B matrices are batched per module).
         max_in_flight: Batches queued per worker (backpressure).
         run_id: Report folder name; default ``YYYYmmddTHHMMSSZ-<random>``.
@@ -92,6 +94,7 @@ class SanitizeConfig:
     force: bool = False
     workers: int | None = None
     use_gpu: bool | None = None
+    workers_per_gpu: int = 1
     batch_size: int = 8
     max_in_flight: int = 2
     run_id: str | None = None
@@ -109,7 +112,7 @@ class SanitizeConfig:
             raise ConfigError(f"num_proj_layers must be ≥ 1, got {self.num_proj_layers}")
         if self.strict_k and self.num_proj_layers is None:
             raise ConfigError("strict_k needs num_proj_layers")
-        for name in ("batch_size", "max_in_flight"):
+        for name in ("batch_size", "max_in_flight", "workers_per_gpu"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be ≥ 1")
         if self.workers is not None and self.workers < 0:
@@ -568,7 +571,8 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
     items = iter_catalog(config.adapters)
     head = list(itertools.islice(items, INLINE_MAX_ADAPTERS + 1))
     ex = open_executor(config.workers, config.use_gpu, config.ray_address,
-                       small=len(head) <= INLINE_MAX_ADAPTERS)
+                       small=len(head) <= INLINE_MAX_ADAPTERS,
+                       workers_per_gpu=config.workers_per_gpu)
     assert config.run_id is not None
     report_prefix = f"{REPORTS_PREFIX}/{config.run_id}"
     result = SanitizeResult(config.run_id, out.uri, out.describe(report_prefix),

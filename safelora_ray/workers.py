@@ -393,7 +393,7 @@ def in_process(requested: int | None, use_gpu: bool | None, ray_address: str | N
 
 
 def open_executor(requested: int | None, use_gpu: bool | None, ray_address: str | None,
-                  small: bool, n: int | None = None) -> Executor:
+                  small: bool, n: int | None = None, workers_per_gpu: int = 1) -> Executor:
     """The executor a call runs on.
 
     Args:
@@ -402,11 +402,12 @@ def open_executor(requested: int | None, use_gpu: bool | None, ray_address: str 
         ray_address: Cluster address of the config.
         small: Whether the job is small enough for this process (see ``in_process``).
         n: Workers wanted (None: :func:`plan_workers` decides).
+        workers_per_gpu: GPU workers sharing one GPU.
     """
     if in_process(requested, use_gpu, ray_address, small):
         return InlineExecutor(use_gpu)
     ensure_ray(ray_address)
-    res = plan_workers(requested, use_gpu)
+    res = plan_workers(requested, use_gpu, workers_per_gpu=workers_per_gpu)
     return RayExecutor(res, n if n is not None else res.num_workers)
 
 

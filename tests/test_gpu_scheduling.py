@@ -52,9 +52,27 @@ def test_gpu_workers_are_scheduled_and_results_unchanged(tmp_path):
                 for m in aset.rows}
         write_adapter(tmp_path / "cat" / f"a{i}", lora, 2)
     run = sanitize(SanitizeConfig(alignment=out.uri, adapters=str(tmp_path / "cat"),
-                                  out=str(tmp_path / "out"), num_proj_layers=2, progress=False))
+                                  out=str(tmp_path / "out"), num_proj_layers=2, batch_size=1,
+                                  progress=False))
     assert (run.ok, run.error) == (3, 0)
     # Nothing left holding the fake GPUs (killed actors release them asynchronously).
+    _wait_gpus_free()
+
+    # Two workers sharing each GPU: 4 workers of half a GPU, the same outputs (same batches:
+    # float32 bits depend on the width of the batched product).
+    res2 = plan_workers(None, None, workers_per_gpu=2)
+    assert (res2.num_workers, res2.num_gpus, res2.num_cpus) == (4, 0.5, 0.25)
+    run2 = sanitize(SanitizeConfig(alignment=out.uri, adapters=str(tmp_path / "cat"),
+                                   out=str(tmp_path / "out2"), num_proj_layers=2,
+                                   workers_per_gpu=2, batch_size=1, progress=False))
+    assert (run2.ok, run2.error) == (3, 0)
+    for i in range(3):
+        rel = f"a{i}/adapter_model.safetensors"
+        assert (tmp_path / "out" / rel).read_bytes() == (tmp_path / "out2" / rel).read_bytes()
+    _wait_gpus_free()
+
+
+def _wait_gpus_free() -> None:
     deadline = time.time() + 30
     while ray.available_resources().get("GPU", 0) != 2 and time.time() < deadline:
         time.sleep(0.5)
