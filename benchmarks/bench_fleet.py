@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         [f"{last}, N={max(ns)} (median run): build wall time", biggest["build_s"]],
         [f"{last}, N={max(ns)}: sanitize wall time", biggest["sanitize_s"]],
         ["  Σ read_s (ledger, listing, read + validate adapters)", tm["read_s"]],
-        ["  Σ compute_s (scores + selection; C B is in batch_s)", tm["compute_s"]],
+        ["  Σ compute_s (C B, scores, selection; a batch's share per adapter)", tm["compute_s"]],
         ["  Σ write_s (write, digest, publish, ledger)", tm["write_s"]],
         ["  Σ batch_s (worker time in batches, all included)", tm["batch_s_sum"]],
         ["baseline per adapter: load both models", result["baseline"]["load_s_median"]],

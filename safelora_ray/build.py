@@ -16,9 +16,7 @@ import datetime as _dt
 import hashlib
 import json
 import logging
-import os
 import queue
-import tempfile
 import threading
 import time
 import uuid
@@ -228,10 +226,10 @@ class ShardBuilder:
         fplan = self.files[index]
         layout = [(m.module, "F32", m.stored_shape) for m in fplan.modules]
         rows: list[ManifestRow] = []
-        read_s = compute_s = 0.0
-        fd, tmp = tempfile.mkstemp(prefix="safelora-shard-", suffix=".safetensors")
-        os.close(fd)
-        try:
+        read_s = compute_s = write_s = 0.0
+        # Written straight into place on local storage (temp file beside it, then a rename);
+        # through a temp file and an upload on object stores.
+        with self.out.writing_file(fplan.path) as tmp:
             with SafetensorsWriter(tmp, layout, {"format": FORMAT}) as writer:
                 for item in self._modules(index):
                     m = item.module
@@ -245,21 +243,20 @@ class ShardBuilder:
                         )
                     except ValueError as e:
                         raise CheckpointError(f"module {m.module!r}: {e}") from None
-                    writer.write(m.module, am.tensor.cpu())
-                    compute_s += time.perf_counter() - t0
+                    tensor = am.tensor.cpu()
+                    t1 = time.perf_counter()
+                    compute_s += t1 - t0
+                    writer.write(m.module, tensor)
+                    write_s += time.perf_counter() - t1
                     rows.append(ManifestRow(
                         module=m.module, tensor=m.base.name, layer=m.layer, kind=m.kind,
                         shape=m.shape, form=m.form, stored_shape=m.stored_shape,
                         shard=fplan.path, norm=am.norm, source_digest=item.digest,
                         base_dtype=m.base.dtype, aligned_dtype=m.aligned.dtype,
                     ))
-                    del item, am
+                    del item, am, tensor
             t0 = time.perf_counter()
-            self.out.put_file(fplan.path, tmp)
-            write_s = time.perf_counter() - t0
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_s += time.perf_counter() - t0  # the commit: fsync + rename (or the upload)
         return {
             "rows": rows,
             "input_bytes": fplan.input_bytes,

@@ -224,6 +224,24 @@ def test_put_tree_default_and_local(rw_store: Storage, tmp_path: pathlib.Path) -
     assert got == {f"out/ad1/{n}": n.encode() for n, _ in files}
 
 
+def test_writing_file_publishes_only_on_success(rw_store: Storage) -> None:
+    with rw_store.writing_file("sets/x/part-0.bin") as local:
+        with open(local, "wb") as f:
+            f.write(_pattern(3000))
+        assert not rw_store.exists("sets/x/part-0.bin")  # not visible before the block ends
+    assert rw_store.read("sets/x/part-0.bin") == _pattern(3000)
+    with (pytest.raises(RuntimeError, match="compute failed"),
+          rw_store.writing_file("sets/x/part-1.bin") as local):
+        with open(local, "wb") as f:
+            f.write(b"partial")
+        raise RuntimeError("compute failed")
+    # nothing published, no temp file left beside the target
+    assert [i.path for i in rw_store.list("sets")] == ["sets/x/part-0.bin"]
+    root = rw_store.local_path("sets/x/part-0.bin")
+    if root is not None:
+        assert sorted(os.listdir(os.path.dirname(root))) == ["part-0.bin"]
+
+
 # -- local ---------------------------------------------------------------------------------------
 def test_local_uri_and_open(tmp_path: pathlib.Path) -> None:
     s = open_storage(f"file://{tmp_path}/r")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
 import os
 import posixpath
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -114,6 +116,23 @@ class Storage(abc.ABC):
     def put_file(self, path: str, local_path: str) -> None:
         """Atomically upload the local file ``local_path`` to ``path``."""
         raise StorageError(f"{self.uri} is read-only")
+
+    @contextlib.contextmanager
+    def writing_file(self, path: str) -> Iterator[str]:
+        """A local file to write the content of ``path`` into, published atomically when the
+        block exits normally (nothing is published when it raises).
+
+        This default writes a temp file and uploads it with :meth:`put_file`; local storage
+        writes next to the target and renames it into place, so the bytes are written once.
+        """
+        fd, tmp = tempfile.mkstemp(prefix="safelora-", suffix=".part")
+        os.close(fd)
+        try:
+            yield tmp
+            self.put_file(path, tmp)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
     def put_tree(self, prefix: str, files: list[tuple[str, str]]) -> None:
         """Publish a set of files under ``prefix`` as one unit, as far as the backend allows.

@@ -384,6 +384,30 @@ class LocalStorage(Storage):
         with src:
             self._atomic_write(full, lambda f: shutil.copyfileobj(src, f, _COPY_CHUNK))
 
+    @contextlib.contextmanager
+    def writing_file(self, path: str) -> Iterator[str]:
+        """A temp file beside ``path``, fsynced and renamed into place when the block exits
+        normally (removed when it raises): the bytes are written once, never copied."""
+        full = self._resolve(path)
+        parent = os.path.dirname(full)
+        self._makedirs(parent)
+        tmp = os.path.join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex}")
+        try:
+            yield tmp
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, full)
+        except BaseException as exc:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            if isinstance(exc, OSError):
+                raise StorageError(f"writing {full} failed: {exc.strerror or exc}") from exc
+            raise
+        _fsync_dir(parent)
+
     def _atomic_write(self, full: str, write: Callable[[BinaryIO], object]) -> None:
         parent = os.path.dirname(full)
         self._makedirs(parent)
