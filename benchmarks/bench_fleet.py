@@ -33,7 +33,8 @@ Example::
 
     python benchmarks/bench_fleet.py                              # N = 1, 16, 64, 256 on CPU
     python benchmarks/bench_fleet.py --arch llama2-7b --fill holes --n 256,1024,2048 \\
-        --modes ray --device cuda --batch-size 64 --max-in-flight 4 --baseline-per-repeat 1 \\
+        --modes ray --device cuda --workers-per-gpu 4 --batch-size 64 --max-in-flight 4 \\
+        --baseline-per-repeat 1 \\
         --out-json fleet-7b-h100.json
 """
 
@@ -208,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold", type=float, default=0.35)
     p.add_argument("--batch-size", type=int, default=8, help="adapters per sanitize task")
     p.add_argument("--max-in-flight", type=int, default=2, help="batches queued per worker")
+    p.add_argument("--workers-per-gpu", type=int, default=1,
+                   help="sanitize workers sharing one GPU (ray mode, --device cuda)")
     p.add_argument("--baseline-per-repeat", type=int, default=3,
                    help="adapters the baseline processes in each repeat (distinct adapters; "
                         "0 = every adapter of the largest N, once); a larger N is timed as "
@@ -233,9 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         arch, ns, args.repeats, args.baseline_per_repeat = common.TINY, [2], 1, 2
         args.batch_size = 1  # several batches in flight per worker: the threaded actor path
     use_gpu = args.device == "cuda"
-    if use_gpu and args.workers and args.workers > torch.cuda.device_count():
-        p.error(f"--workers {args.workers} > {torch.cuda.device_count()} GPU(s): GPU workers "
-                "take a whole GPU each, the extra ones would never be scheduled")
+    gpus = torch.cuda.device_count()
+    if use_gpu and args.workers and args.workers > gpus * args.workers_per_gpu:
+        p.error(f"--workers {args.workers} > {gpus} GPU(s) x --workers-per-gpu "
+                f"{args.workers_per_gpu}: the extra workers would never be scheduled")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or set(modes) - {"auto", "inline", "ray"}:
         p.error("--modes: a comma-separated list of auto, inline, ray")
@@ -324,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                         alignment=bres.uri, adapters=cat_uri[n], out=uri(f"out-{tag}"),
                         threshold=args.threshold, workers=wk, use_gpu=gpu,
                         batch_size=args.batch_size, max_in_flight=args.max_in_flight,
+                        workers_per_gpu=args.workers_per_gpu,
                         run_id=tag, progress=False))
             assert r.ok == n and r.error == 0, (r.ok, r.error, r.errors[:3])
             if ray.is_initialized() and not was_up:
@@ -411,8 +416,8 @@ def main(argv: list[str] | None = None) -> int:
         "storage": args.storage, "device": args.device, "modes": modes, "workers": workers,
         "warm_workers": args.warm_workers,
         "batch_size": args.batch_size, "max_in_flight": args.max_in_flight,
-        "repeats": args.repeats, "inputs": {k: v for k, v in pair.items()
-                                            if k not in ("base", "aligned")},
+        "workers_per_gpu": args.workers_per_gpu, "repeats": args.repeats,
+        "inputs": {k: v for k, v in pair.items() if k not in ("base", "aligned")},
         "ray_init_s": round(ray_init_s, 3), "actor_startup_s": round(startup, 3),
         "baseline": {"adapters_measured": k_base, "per_adapter_s_median": round(per_adapter, 3),
                      "cpu_s_per_adapter": round(base_cpu_per_adapter, 3),
