@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,7 +185,7 @@ class WorkerSession:
     def __init__(self) -> None:
         self._key: tuple[Any, ...] | None = None
         self._actors: list[Any] = []
-        self._start: Any = None
+        self._start: Callable[[], Any] | None = None  # starts one worker like the others
         self._lock = threading.Lock()
 
     def acquire(self, res: WorkerResources, n: int, runtime_env: dict[str, Any]) -> list[Any]:
@@ -200,6 +200,7 @@ class WorkerSession:
                 self._start = lambda: cls.options(
                     num_cpus=res.num_cpus, num_gpus=res.num_gpus, runtime_env=runtime_env
                 ).remote(res.num_gpus)
+            assert self._start is not None
             while len(self._actors) < n:
                 self._actors.append(self._start())
             return list(self._actors[:n])
@@ -212,6 +213,7 @@ class WorkerSession:
                 return self._actors[i]
             with contextlib.suppress(Exception):
                 ray.kill(dead)
+            assert self._start is not None
             while len(self._actors) <= i:  # the session was stopped meanwhile
                 self._actors.append(self._start())
             if self._actors[i] == dead:
@@ -327,7 +329,11 @@ class RayExecutor:
 
 class InlineExecutor:
     """Runs worker methods in this process: one :class:`WorkerCore`, build calls one at a
-    time, up to two sanitize batches at a time (threads, as in a worker actor)."""
+    time, up to two sanitize batches at a time (threads, as in a worker actor).
+
+    Like a worker process, it sets this process's float32 matmul precision to ``highest``
+    (no TF32), which SPEC equality needs.
+    """
 
     in_process = True
     owns_workers = True
