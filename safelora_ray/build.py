@@ -16,6 +16,7 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -136,6 +137,64 @@ class _Fetched:
     aligned: torch.Tensor
     digest: str
     read_s: float
+    buffers: tuple[bytearray, bytearray]
+
+
+#: Chunk of the source digest's hash tree: chunks are hashed in parallel threads.
+DIGEST_CHUNK = 16 * 1024 * 1024
+DIGEST_SCHEME = "sha256-tree16m"
+
+
+def source_digest(parts: Sequence[bytes | bytearray | memoryview],
+                  pool: cf.Executor | None = None) -> str:
+    """The manifest's ``source_digest`` of a module: a SHA-256 hash tree over its base and
+    aligned bytes.
+
+    Each part is cut into 16 MiB chunks; the root is SHA-256 of a scheme tag, then per part
+    its length (8 bytes, little-endian) and its chunks' SHA-256 digests in order. The chunks
+    are hashed in ``pool``'s threads (hashlib releases the GIL), so hashing keeps up with the
+    reads: one SHA-256 stream runs at ~1.8 GB/s here, slower than the storage.
+    """
+    views = [memoryview(p).cast("B") for p in parts]
+    jobs = [[v[i:i + DIGEST_CHUNK] for i in range(0, len(v), DIGEST_CHUNK)] for v in views]
+
+    def leaf(chunk: memoryview) -> bytes:
+        return hashlib.sha256(chunk).digest()
+
+    root = hashlib.sha256(DIGEST_SCHEME.encode() + b"\0")
+    for v, chunks in zip(views, jobs, strict=True):
+        root.update(len(v).to_bytes(8, "little"))
+        leaves = pool.map(leaf, chunks) if pool is not None else map(leaf, chunks)
+        for d in leaves:
+            root.update(d)
+    return f"{DIGEST_SCHEME}:{root.hexdigest()}"
+
+
+class _BufferPool:
+    """Read buffers kept for reuse, by size. A buffer read into once stays mapped: reading
+    into fresh memory costs a page fault per 4 KiB, more than the read itself (1.4 GB/s into
+    fresh buffers, 5.9 GB/s into reused ones, here). Bounded: at most ``max_free`` bytes wait
+    for reuse."""
+
+    def __init__(self, max_free: int) -> None:
+        self.max_free = max_free
+        self._free: dict[int, list[bytearray]] = {}
+        self._free_bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, size: int) -> bytearray:
+        with self._lock:
+            bufs = self._free.get(size)
+            if bufs:
+                self._free_bytes -= size
+                return bufs.pop()
+        return bytearray(size)
+
+    def put(self, buf: bytearray) -> None:
+        with self._lock:
+            if self._free_bytes + len(buf) <= self.max_free:
+                self._free.setdefault(len(buf), []).append(buf)
+                self._free_bytes += len(buf)
 
 
 class ShardBuilder:
@@ -158,12 +217,24 @@ class ShardBuilder:
         self._next_file = -1
         self._stop = threading.Event()
         self._pool = cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="safelora-read")
+        self._hash_pool = cf.ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)),
+                                                thread_name_prefix="safelora-hash")
+        # Enough for the modules in flight: the prefetch queue, one computing, one reading.
+        biggest = max((m.base.nbytes + m.aligned.nbytes for f in self.files for m in f.modules),
+                      default=0)
+        self._buffers = _BufferPool(max_free=(prefetch + 2) * biggest)
 
     def close(self) -> None:
-        """Stop the reader thread and its pool (a long-lived worker moves on to other work)."""
+        """Stop the reader thread and its pools (a long-lived worker moves on to other work)."""
         self._stop.set()
         self._queue = None
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._hash_pool.shutdown(wait=False, cancel_futures=True)
+
+    def release(self, item: _Fetched) -> None:
+        """Give a fetched module's read buffers back once nothing uses its tensors."""
+        for buf in item.buffers:
+            self._buffers.put(buf)
 
     def bytes_fetched(self) -> int:
         """Bytes read from source storages so far (their own counters)."""
@@ -176,13 +247,12 @@ class ShardBuilder:
 
     def _fetch(self, m: ModulePlan) -> _Fetched:
         t0 = time.perf_counter()
-        fb = self._pool.submit(read_ref, self._storage(m.base.uri), m.base)
-        fa = self._pool.submit(read_ref, self._storage(m.aligned.uri), m.aligned)
+        bufs = (self._buffers.get(m.base.nbytes), self._buffers.get(m.aligned.nbytes))
+        fb = self._pool.submit(read_ref, self._storage(m.base.uri), m.base, bufs[0])
+        fa = self._pool.submit(read_ref, self._storage(m.aligned.uri), m.aligned, bufs[1])
         (tb, bb), (ta, ba) = fb.result(), fa.result()
-        h = hashlib.sha256()
-        h.update(bb)  # hashlib releases the GIL on large buffers: overlaps with compute
-        h.update(ba)
-        return _Fetched(m, tb, ta, "sha256:" + h.hexdigest(), time.perf_counter() - t0)
+        digest = source_digest([bb, ba], self._hash_pool)
+        return _Fetched(m, tb, ta, digest, time.perf_counter() - t0, bufs)
 
     def _start_reader(self, first_file: int) -> None:
         self._stop.set()
@@ -243,18 +313,23 @@ class ShardBuilder:
                         )
                     except ValueError as e:
                         raise CheckpointError(f"module {m.module!r}: {e}") from None
-                    tensor = am.tensor.cpu()
+                    tensor = am.tensor.cpu()  # on a GPU this waits for the copies too
                     t1 = time.perf_counter()
                     compute_s += t1 - t0
+                    digest = item.digest
+                    # The inputs are consumed (converted, or copied to the device): their
+                    # buffers can take the next module's bytes.
+                    self.release(item)
+                    del item
                     writer.write(m.module, tensor)
                     write_s += time.perf_counter() - t1
                     rows.append(ManifestRow(
                         module=m.module, tensor=m.base.name, layer=m.layer, kind=m.kind,
                         shape=m.shape, form=m.form, stored_shape=m.stored_shape,
-                        shard=fplan.path, norm=am.norm, source_digest=item.digest,
+                        shard=fplan.path, norm=am.norm, source_digest=digest,
                         base_dtype=m.base.dtype, aligned_dtype=m.aligned.dtype,
                     ))
-                    del item, am, tensor
+                    del am, tensor
             t0 = time.perf_counter()
         write_s += time.perf_counter() - t0  # the commit: fsync + rename (or the upload)
         return {

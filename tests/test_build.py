@@ -70,7 +70,7 @@ def test_build_sharded_matches_reference(tmp_path, dtype, workers):
     assert table.num_rows == 4
     row = table.to_pylist()[0]
     assert row["layer"] == 0 and row["kind"] in ("q_proj", "v_proj")
-    assert row["source_digest"].startswith("sha256:")
+    assert row["source_digest"].startswith("sha256-tree16m:")
     # Shards are keyed by module name and load with the safetensors library.
     for shard in md["shards"]:
         assert set(load_file(tmp_path / "set" / shard)) <= set(aset.rows)
@@ -366,3 +366,27 @@ def test_gpu_required_on_a_cpu_cluster_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="has no GPU"):
         build(BuildConfig(base=b, aligned=a, out=str(tmp_path / "set"), use_gpu=True,
                           progress=False))
+
+
+def test_source_digest_is_a_sha256_tree_over_both_parts():
+    """An independent computation of the documented scheme, on parts of 0, 1 and 3+ chunks."""
+    import concurrent.futures as cf
+    import hashlib
+
+    from safelora_ray.build import DIGEST_CHUNK, source_digest
+
+    g = torch.Generator().manual_seed(5)
+    big = torch.randint(0, 256, (2 * DIGEST_CHUNK + 12345,), dtype=torch.uint8,
+                        generator=g).numpy().tobytes()
+    for parts in ([big, b"abc"], [b"", big], [b"x" * DIGEST_CHUNK, b"y"]):
+        root = hashlib.sha256(b"sha256-tree16m\0")
+        for p in parts:
+            root.update(len(p).to_bytes(8, "little"))
+            for i in range(0, len(p), DIGEST_CHUNK):
+                root.update(hashlib.sha256(p[i:i + DIGEST_CHUNK]).digest())
+        expected = "sha256-tree16m:" + root.hexdigest()
+        with cf.ThreadPoolExecutor(3) as pool:
+            assert source_digest([bytearray(p) for p in parts], pool) == expected
+        assert source_digest(parts) == expected
+    # the split between base and aligned is part of the digest
+    assert source_digest([b"ab", b"c"]) != source_digest([b"a", b"bc"])

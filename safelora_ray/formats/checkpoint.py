@@ -57,8 +57,15 @@ class TensorRef:
         return f"tensor {self.name!r} in {self.uri.rstrip('/')}/{self.path}"
 
 
-def read_ref(storage: Storage, ref: TensorRef) -> tuple[torch.Tensor, bytearray]:
-    """Read one tensor's bytes with a single ranged read into a fresh buffer.
+def read_ref(storage: Storage, ref: TensorRef,
+             buffer: bytearray | None = None) -> tuple[torch.Tensor, bytearray]:
+    """Read one tensor's bytes with a single ranged read.
+
+    Args:
+        storage: Where the tensor's file is.
+        ref: The tensor.
+        buffer: A buffer of exactly ``ref.nbytes`` to read into (reused: its pages are
+            already mapped); None allocates a fresh one.
 
     Returns:
         The tensor (a view on the buffer, on CPU) and the raw buffer (for hashing).
@@ -66,7 +73,9 @@ def read_ref(storage: Storage, ref: TensorRef) -> tuple[torch.Tensor, bytearray]
     torch_dtype = DTYPES[ref.dtype][0]
     if torch_dtype is None:
         raise CheckpointError(f"{ref.describe()}: dtype {ref.dtype} has no torch equivalent")
-    buf = bytearray(ref.nbytes)
+    if buffer is not None and len(buffer) != ref.nbytes:
+        raise ValueError(f"buffer of {len(buffer)} bytes for {ref.nbytes} bytes of {ref.name}")
+    buf = buffer if buffer is not None else bytearray(ref.nbytes)
     if ref.nbytes:
         storage.read_into(ref.path, ref.start, memoryview(buf))
         t = torch.frombuffer(buf, dtype=torch_dtype)
