@@ -926,7 +926,7 @@ def build_tables(m: dict, arch_line: str) -> list[tuple[str, list[str], list[lis
          f"{s['raw_seq_s_median']:.3f} s, {s['raw_seq_gbps_median']} GB/s"],
         [f"raw read, {s['read_threads']} threads (s, GB/s)",
          f"{s['raw_threads_s_median']:.3f} s, {s['raw_threads_gbps_median']} GB/s"],
-        ["one worker's reader loop, no compute (read + sha256; s, GB/s)",
+        ["one worker's reader loop, no compute (read + source digest; s, GB/s)",
          f"{s['reader_ceiling_s_median']:.3f} s, {s['reader_ceiling_gbps_median']} GB/s"],
         ["build wall time (s, GB/s of target bytes)",
          f"{s['build_s_median']:.3f} s, {s['build_gbps_median']} GB/s"],
