@@ -578,7 +578,7 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
     result = SanitizeResult(config.run_id, out.uri, out.describe(report_prefix),
                             alignment_id=aset.content_id)
     report = ReportWriter(config.run_id, aset, config.selection, config.adapters)
-    job = SanitizeJob.of(aset.uri, out.uri, config.selection, config.force,
+    job = SanitizeJob.of(aset.uri, aset.content_id, out.uri, config.selection, config.force,
                          config.max_adapter_bytes)
 
     counter = _adapter_counter() if not ex.in_process else None

@@ -32,7 +32,7 @@ from typing import Any
 import ray
 import torch
 
-from safelora_ray.errors import ConfigError
+from safelora_ray.errors import AlignmentSetError, ConfigError
 from safelora_ray.math_core import full_precision_matmul
 from safelora_ray.ray_utils import (
     WorkerResources,
@@ -62,16 +62,17 @@ class SanitizeJob:
     """What a worker needs to sanitize batches of one run (hashable: workers cache on it)."""
 
     alignment_uri: str
+    alignment_id: str  # the set's content id: a set rebuilt at the same URI is another set
     out_uri: str
     selection_json: str
     force: bool
     max_adapter_bytes: int
 
     @classmethod
-    def of(cls, alignment_uri: str, out_uri: str, selection: dict[str, Any], force: bool,
-           max_adapter_bytes: int) -> SanitizeJob:
-        return cls(alignment_uri, out_uri, json.dumps(selection, sort_keys=True), force,
-                   max_adapter_bytes)
+    def of(cls, alignment_uri: str, alignment_id: str, out_uri: str, selection: dict[str, Any],
+           force: bool, max_adapter_bytes: int) -> SanitizeJob:
+        return cls(alignment_uri, alignment_id, out_uri, json.dumps(selection, sort_keys=True),
+                   force, max_adapter_bytes)
 
 
 class WorkerCore:
@@ -86,7 +87,7 @@ class WorkerCore:
         self._builders: dict[str, Any] = {}
         # One alignment set resident at a time (a 70B set is ~23 GB on the GPU); the
         # sanitizer of the latest job is kept so the next batches of a run reuse it.
-        self._sets: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self._sets: collections.OrderedDict[tuple[str, str], Any] = collections.OrderedDict()
         self._sanitizers: collections.OrderedDict[SanitizeJob, Any] = collections.OrderedDict()
         self._lock = threading.Lock()
 
@@ -116,12 +117,18 @@ class WorkerCore:
             san = self._sanitizers.get(job)
             if san is not None:
                 return san
-            cache = self._sets.get(job.alignment_uri)
+            key = (job.alignment_uri, job.alignment_id)
+            cache = self._sets.get(key)
             if cache is None:
                 self._sets.clear()  # drop the previous set before loading another
                 self._sanitizers.clear()
-                cache = self._sets[job.alignment_uri] = MatrixCache.open(job.alignment_uri,
-                                                                         self.device)
+                cache = MatrixCache.open(job.alignment_uri, self.device)
+                if cache.aset.content_id != job.alignment_id:
+                    raise AlignmentSetError(
+                        f"{job.alignment_uri} now holds alignment set "
+                        f"{cache.aset.content_id}, not {job.alignment_id}: it changed while "
+                        "the run started")
+                self._sets[key] = cache
             while len(self._sanitizers) >= 2:
                 self._sanitizers.popitem(last=False)
             san = self._sanitizers[job] = FleetSanitizer(

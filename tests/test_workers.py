@@ -128,3 +128,31 @@ def test_without_a_session_each_call_stops_its_workers(tmp_path, ray_local, monk
     assert len(seen) == 1
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(seen[0].ready.remote(), timeout=60)
+
+
+@pytest.mark.timeout(300)
+def test_session_notices_a_set_rebuilt_at_the_same_uri(tmp_path, ray_local):
+    """Workers keep a set resident by URI *and* content id: another set built at the same URI
+    (the old one deleted) is loaded afresh, never served from the cache."""
+    import shutil
+
+    b, a, cat = _inputs(tmp_path, 2)
+    set_uri = str(tmp_path / "set")
+    with workers_mod.worker_session():
+        first = build(BuildConfig(base=b, aligned=a, out=set_uri, workers=1, progress=False))
+        _catalog(first.uri, cat, 2)  # q_proj and v_proj modules
+        run1 = sanitize(SanitizeConfig(alignment=set_uri, adapters=str(cat),
+                                       out=str(tmp_path / "o1"), threshold=0.35, workers=1,
+                                       progress=False))
+        assert (run1.ok, run1.error) == (2, 0)
+        shutil.rmtree(set_uri)
+        second = build(BuildConfig(base=b, aligned=a, out=set_uri, targets="q_proj", workers=1,
+                                   progress=False))
+        assert second.content_id != first.content_id
+        run2 = sanitize(SanitizeConfig(alignment=set_uri, adapters=str(cat),
+                                       out=str(tmp_path / "o2"), threshold=0.35, workers=1,
+                                       progress=False))
+    assert run2.alignment_id == second.content_id
+    # the new set has no v_proj: every adapter is refused, as it must be
+    assert (run2.ok, run2.error) == (0, 2)
+    assert all("no entry in alignment set" in msg for _, msg in run2.errors)
