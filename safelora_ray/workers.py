@@ -418,6 +418,9 @@ def open_executor(requested: int | None, use_gpu: bool | None, ray_address: str 
         workers_per_gpu: GPU workers sharing one GPU.
     """
     if in_process(requested, use_gpu, ray_address, small):
+        if requested is None:
+            logger.info("a small job and no Ray cluster configured: running in this process "
+                        "(--workers N runs it on N Ray workers)")
         return InlineExecutor(use_gpu)
     ensure_ray(ray_address)
     res = plan_workers(requested, use_gpu, workers_per_gpu=workers_per_gpu)
