@@ -826,23 +826,29 @@ def raw_read_s(refs: Sequence[Any], base_uri: str, aligned_uri: str, threads: in
 
 def reader_ceiling_s(base_uri: str, aligned_uri: str, targets: Sequence[str],
                      scratch: str) -> dict:
-    """One build worker's reader loop with no compute: ``ShardBuilder._fetch`` (ranged reads of
-    base and aligned in two threads into reused buffers, then the source digest of both for
-    the manifest, hashed in parallel chunks) over every target module in order. The most one
-    worker can feed its device; a GPU build is bounded by it."""
+    """One build worker's reader with no compute: its prefetch thread (ranged reads of base and
+    aligned in two threads into reused buffers, the next module read while this one's source
+    digest is hashed in parallel chunks) over every target module, each released once taken,
+    as the build does after computing it. The most one worker can feed its device; a GPU build
+    is bounded by it."""
     from safelora_ray.build import ShardBuilder
     from safelora_ray.formats.checkpoint import Checkpoint
     from safelora_ray.plan import plan_build
 
     plan = plan_build(Checkpoint.open(base_uri), Checkpoint.open(aligned_uri), list(targets))
-    builder = ShardBuilder(plan.shards[0], scratch, "cpu")  # one worker: the whole plan
-    fetch = getattr(builder, "_fetch", None)
-    if fetch is None:  # the build changed: nothing to measure
+    files = plan.shards[0]  # one worker: the whole plan
+    builder = ShardBuilder(files, scratch, "cpu")
+    modules = getattr(builder, "_modules", None)
+    release = getattr(builder, "release", None)
+    if modules is None or release is None:  # the build changed: nothing to measure
         return {"s": None, "gbps": None}
-    release = getattr(builder, "release", lambda item: None)
     t0 = time.perf_counter()
-    for m in plan.modules:
-        release(fetch(m))  # as the build does once a module is computed: buffers are reused
+    try:
+        for i in range(len(files)):
+            for item in modules(i):
+                release(item)
+    finally:
+        builder.close()
     dt = time.perf_counter() - t0
     return {"bytes": plan.input_bytes, "s": round(dt, 4), "gbps": gbps(plan.input_bytes, dt)}
 

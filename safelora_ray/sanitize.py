@@ -212,11 +212,15 @@ class FleetSanitizer:
         max_adapter_bytes: Cap on one adapter's weights file.
         matrices: The set's matrices already resident on ``device`` (shared between runs);
             None opens the set.
+        run_id: The run, recorded in the ledger (an adapter found done by this same run was
+            sanitized by a retried batch: it is reported ``ok``, not ``skipped``).
     """
 
     def __init__(self, alignment_uri: str, out_uri: str, selection: dict[str, Any],
                  device: str = "cpu", force: bool = False,
-                 max_adapter_bytes: int = 4 * 1024**3, matrices: MatrixCache | None = None):
+                 max_adapter_bytes: int = 4 * 1024**3, matrices: MatrixCache | None = None,
+                 run_id: str | None = None):
+        self.run_id = run_id
         self.matrices = matrices or MatrixCache.open(alignment_uri, device)
         self.aset = self.matrices.aset
         self.out = open_storage(out_uri)
@@ -291,7 +295,7 @@ class FleetSanitizer:
                 # Same object versions as last time: skip without downloading the weights.
                 if ledger and fp and ledger.get("fingerprint") == fp and self._done(
                         ledger, self._ledger_key(ledger.get("key", {}).get("content_digest")), ref):
-                    _skip(row, ledger, "unchanged since the last run (ledger)")
+                    _skip(row, ledger, "unchanged since the last run (ledger)", self.run_id)
                     continue
                 adapter = read_adapter(self._storage(ref.uri), ref.prefix, ref.adapter_id,
                                        max_bytes=self.max_adapter_bytes)
@@ -305,7 +309,8 @@ class FleetSanitizer:
                         ledger = {**ledger, "fingerprint": fp}
                         self.out.put_bytes(ledger_path(ref.adapter_id),
                                            json.dumps(ledger, indent=1).encode())
-                    _skip(row, ledger, "already sanitized with this alignment set and selection")
+                    _skip(row, ledger, "already sanitized with this alignment set and selection",
+                          self.run_id)
                     continue
                 self._check(adapter)
                 loaded[ref.adapter_id] = (ref, adapter, fp, time.perf_counter() - t0)
@@ -426,6 +431,8 @@ class FleetSanitizer:
             # The versions seen before reading (not re-fetched: two HEADs per adapter saved).
             "fingerprint": fingerprint,
             "output_digest": out_digest,
+            "run_id": self.run_id,
+            "modules": len(scores),
             "projected": sorted(chosen),
             "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
@@ -467,10 +474,17 @@ def _base_row(ref: AdapterRef) -> dict[str, Any]:
     }
 
 
-def _skip(row: dict[str, Any], ledger: dict[str, Any], why: str) -> None:
+def _skip(row: dict[str, Any], ledger: dict[str, Any], why: str,
+          run_id: str | None = None) -> None:
     row.update(status="skipped", note=why, output_digest=ledger.get("output_digest"),
                source_digest=ledger.get("key", {}).get("content_digest"),
                projected=len(ledger.get("projected", [])))
+    if run_id is not None and ledger.get("run_id") == run_id:
+        # Written by this very run: a batch whose reply was lost with its worker and that Ray
+        # ran again. The adapter was sanitized once, now; its per-module rows were lost.
+        row.update(status="ok", modules=ledger.get("modules", 0),
+                   note="sanitized by an earlier attempt of this batch in this run (the "
+                        "worker died before replying); per-module rows were lost with it")
 
 
 def _fail(row: dict[str, Any], e: BaseException) -> None:
@@ -579,7 +593,7 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
                             alignment_id=aset.content_id)
     report = ReportWriter(config.run_id, aset, config.selection, config.adapters)
     job = SanitizeJob.of(aset.uri, aset.content_id, out.uri, config.selection, config.force,
-                         config.max_adapter_bytes)
+                         config.max_adapter_bytes, config.run_id)
 
     counter = _adapter_counter() if not ex.in_process else None
 

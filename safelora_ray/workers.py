@@ -67,12 +67,13 @@ class SanitizeJob:
     selection_json: str
     force: bool
     max_adapter_bytes: int
+    run_id: str
 
     @classmethod
     def of(cls, alignment_uri: str, alignment_id: str, out_uri: str, selection: dict[str, Any],
-           force: bool, max_adapter_bytes: int) -> SanitizeJob:
+           force: bool, max_adapter_bytes: int, run_id: str) -> SanitizeJob:
         return cls(alignment_uri, alignment_id, out_uri, json.dumps(selection, sort_keys=True),
-                   force, max_adapter_bytes)
+                   force, max_adapter_bytes, run_id)
 
 
 class WorkerCore:
@@ -133,7 +134,7 @@ class WorkerCore:
                 self._sanitizers.popitem(last=False)
             san = self._sanitizers[job] = FleetSanitizer(
                 job.alignment_uri, job.out_uri, json.loads(job.selection_json), self.device,
-                job.force, job.max_adapter_bytes, matrices=cache)
+                job.force, job.max_adapter_bytes, matrices=cache, run_id=job.run_id)
             return san
 
     def sanitize(self, job: SanitizeJob, refs: Sequence[Any]) -> dict[str, Any]:

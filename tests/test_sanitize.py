@@ -1064,3 +1064,28 @@ def test_exit_codes_0_and_3(tmp_path: Path, qv_catalog: Catalog) -> None:
     result = json.loads(max((out / "_reports").glob("*/summary.json"),
                             key=lambda p: p.stat().st_mtime_ns).read_text())
     assert result["counts"] == {"total": 4, "ok": 0, "skipped": 3, "error": 1}
+
+
+def test_a_batch_run_again_in_the_same_run_reports_ok(tmp_path: Path,
+                                                      qv_catalog: Catalog) -> None:
+    """Ray reruns a batch whose reply was lost with its worker: the adapters it finds done by
+    this same run are reported ok (sanitized once, now), not skipped; another run skips them."""
+    from safelora_ray.catalog import iter_catalog
+    from safelora_ray.sanitize import FleetSanitizer
+
+    refs = [r for r in iter_catalog(str(qv_catalog.root)) if not isinstance(r, tuple)]
+    sel = SanitizeConfig(alignment="x", adapters="x", out="x", threshold=0.35).selection
+    out = str(tmp_path / "out")
+
+    def process(run_id: str) -> list[dict[str, Any]]:
+        return FleetSanitizer(qv_catalog.alignment, out, sel, run_id=run_id).process(refs)[
+            "adapters"]
+
+    first = process("run-a")
+    assert {r["status"] for r in first} == {"ok"}
+    retried = process("run-a")
+    assert {r["status"] for r in retried} == {"ok"}
+    assert all("earlier attempt" in r["note"] for r in retried)
+    assert [(r["projected"], r["modules"], r["output_digest"]) for r in retried] == [
+        (r["projected"], r["modules"], r["output_digest"]) for r in first]
+    assert {r["status"] for r in process("run-b")} == {"skipped"}
