@@ -827,9 +827,9 @@ def raw_read_s(refs: Sequence[Any], base_uri: str, aligned_uri: str, threads: in
 def reader_ceiling_s(base_uri: str, aligned_uri: str, targets: Sequence[str],
                      scratch: str) -> dict:
     """One build worker's reader with no compute: its prefetch thread (ranged reads of base and
-    aligned in two threads into reused buffers, the next module read while this one's source
-    digest is hashed in parallel chunks) over every target module, each released once taken,
-    as the build does after computing it. The most one worker can feed its device; a GPU build
+    aligned in two threads into reused buffers, then their source digest hashed in parallel
+    chunks) over every target module, each released once taken, as the build does after
+    computing it. The most one worker can feed its device; a GPU build
     is bounded by it."""
     from safelora_ray.build import ShardBuilder
     from safelora_ray.formats.checkpoint import Checkpoint
