@@ -52,9 +52,10 @@ from safelora_ray.plan import (
     ModulePlan,
     parse_targets,
     plan_build,
+    shard_modules,
 )
 from safelora_ray.storage import Storage, open_storage
-from safelora_ray.workers import INLINE_MAX_BUILD_BYTES, open_executor, plan_size
+from safelora_ray.workers import INLINE_MAX_BUILD_BYTES, open_executor, resolve_workers
 
 logger = logging.getLogger(__name__)
 
@@ -156,17 +157,18 @@ def source_digest(parts: Sequence[bytes | bytearray | memoryview],
     reads: one SHA-256 stream runs at ~1.8 GB/s here, slower than the storage.
     """
     views = [memoryview(p).cast("B") for p in parts]
-    jobs = [[v[i:i + DIGEST_CHUNK] for i in range(0, len(v), DIGEST_CHUNK)] for v in views]
+    chunks = [v[i:i + DIGEST_CHUNK] for v in views for i in range(0, len(v), DIGEST_CHUNK)]
 
     def leaf(chunk: memoryview) -> bytes:
         return hashlib.sha256(chunk).digest()
 
+    # Every chunk of every part is submitted at once (map is eager), so all threads work.
+    leaves = iter(pool.map(leaf, chunks) if pool is not None else map(leaf, chunks))
     root = hashlib.sha256(DIGEST_SCHEME.encode() + b"\0")
-    for v, chunks in zip(views, jobs, strict=True):
+    for v in views:
         root.update(len(v).to_bytes(8, "little"))
-        leaves = pool.map(leaf, chunks) if pool is not None else map(leaf, chunks)
-        for d in leaves:
-            root.update(d)
+        for _ in range(0, len(v), DIGEST_CHUNK):
+            root.update(next(leaves))
     return f"{DIGEST_SCHEME}:{root.hexdigest()}"
 
 
@@ -390,11 +392,10 @@ def build(config: BuildConfig) -> BuildResult:
     out = open_storage(config.out)
 
     plan = plan_build(base, aligned, config.targets, max_file_bytes=config.max_file_bytes)
-    small = plan.input_bytes <= INLINE_MAX_BUILD_BYTES
-    size = plan_size(config.workers, config.use_gpu, config.ray_address, small)
-    if size > 1:
-        plan = plan_build(base, aligned, config.targets, num_shards=size,
-                          max_file_bytes=config.max_file_bytes)
+    res = resolve_workers(config.workers, config.use_gpu, config.ray_address,
+                          small=plan.input_bytes <= INLINE_MAX_BUILD_BYTES)
+    if res.num_workers > 1:  # one shard per worker
+        plan.shards = shard_modules(plan.modules, res.num_workers, config.max_file_bytes)
     method = {"name": METHOD_NAME, "compute_dtype": "float32", "stored_dtype": "float32",
               "forms": {"C": "C = V Vᵀ/‖V‖_F", "V": "V; C B = V (Vᵀ B)/‖V‖_F"}}
     base_files = {m.base.path for m in plan.modules}
@@ -418,8 +419,7 @@ def build(config: BuildConfig) -> BuildResult:
             f"{out.uri} already holds alignment set {existing['content_id']} built from other "
             "inputs; alignment sets are immutable: choose another --out"
         )
-    ex = open_executor(config.workers, config.use_gpu, config.ray_address, small,
-                       n=len(plan.shards))
+    ex = open_executor(res, config.use_gpu, n=len(plan.shards))
     # An interrupted build may have left shards: they are overwritten, and nothing reads them
     # without alignment.json.
     logger.info(

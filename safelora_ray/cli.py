@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from safelora_ray._version import __version__
 from safelora_ray.errors import ConfigError, SafeLoraError
-from safelora_ray.redact import quiet_wire_logs, redact
+from safelora_ray.redact import configure_logging, redact
 
 logger = logging.getLogger(__name__)
 
@@ -107,15 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    quiet_wire_logs()  # their DEBUG output prints request headers (session tokens)
-
-
 def _cmd_build(args: argparse.Namespace) -> int:
     from safelora_ray.build import BuildConfig, build
 
@@ -184,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``safelora-ray``; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.log_level)
+    configure_logging(args.log_level)
     try:
         return _COMMANDS[args.command](args)
     except ConfigError as e:

@@ -35,7 +35,7 @@ from safelora_ray.errors import AlignmentSetError, ConfigError, SafeLoraError
 from safelora_ray.formats.alignment_set import AlignmentSet
 from safelora_ray.lease import Lease, LeaseHeldError
 from safelora_ray.plan import parse_targets
-from safelora_ray.redact import quiet_wire_logs, redact
+from safelora_ray.redact import configure_logging, redact
 from safelora_ray.reports import text_summary
 from safelora_ray.sanitize import SanitizeConfig, sanitize
 from safelora_ray.storage import open_storage
@@ -338,9 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; exit codes 0 ok, 1 failed, 2 usage, 3 partial, 4 locked."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    quiet_wire_logs()  # their DEBUG output prints request headers (session tokens)
+    configure_logging(args.log_level)
     try:
         cfg = NightlyConfig.load(args.config)
         record = run_nightly(cfg, run_id=args.run_id, dry_run=args.dry_run,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 
 #: Query parameters that carry signatures, credentials or tokens (S3, GCS, Azure SAS, generic).
 _SECRET_PARAMS = re.compile(
@@ -52,4 +53,13 @@ def quiet_wire_logs(min_level: int = logging.INFO) -> None:
             lg.setLevel(min_level)
 
 
-__all__ = ["MASK", "SECRET_ENV", "quiet_wire_logs", "redact"]
+def configure_logging(level: str) -> None:
+    """Logging of the entry points (CLI, nightly job): ``level`` by name, to stderr, with the
+    HTTP libraries kept quiet (their DEBUG output prints request headers, tokens included)."""
+    logging.basicConfig(level=getattr(logging, level),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    quiet_wire_logs()
+
+
+__all__ = ["MASK", "SECRET_ENV", "configure_logging", "quiet_wire_logs", "redact"]

@@ -48,7 +48,13 @@ from safelora_ray.redact import redact
 from safelora_ray.reports import ReportWriter
 from safelora_ray.storage import Storage, open_storage
 from safelora_ray.storage.local import STAGING_PREFIX, TMP_PREFIX, TRASH_PREFIX, LocalStorage
-from safelora_ray.workers import INLINE_MAX_ADAPTERS, WORKER_LOST, SanitizeJob, open_executor
+from safelora_ray.workers import (
+    INLINE_MAX_ADAPTERS,
+    WORKER_LOST,
+    SanitizeJob,
+    open_executor,
+    resolve_workers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -584,9 +590,10 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
     # A look at the catalog's head says whether it is small enough for this process.
     items = iter_catalog(config.adapters)
     head = list(itertools.islice(items, INLINE_MAX_ADAPTERS + 1))
-    ex = open_executor(config.workers, config.use_gpu, config.ray_address,
-                       small=len(head) <= INLINE_MAX_ADAPTERS,
-                       workers_per_gpu=config.workers_per_gpu)
+    res = resolve_workers(config.workers, config.use_gpu, config.ray_address,
+                          small=len(head) <= INLINE_MAX_ADAPTERS,
+                          workers_per_gpu=config.workers_per_gpu)
+    ex = open_executor(res, config.use_gpu)
     assert config.run_id is not None
     report_prefix = f"{REPORTS_PREFIX}/{config.run_id}"
     result = SanitizeResult(config.run_id, out.uri, out.describe(report_prefix),

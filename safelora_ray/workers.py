@@ -406,37 +406,35 @@ def in_process(requested: int | None, use_gpu: bool | None, ray_address: str | N
     return use_gpu is False or not torch.cuda.is_available()
 
 
-def open_executor(requested: int | None, use_gpu: bool | None, ray_address: str | None,
-                  small: bool, n: int | None = None, workers_per_gpu: int = 1) -> Executor:
-    """The executor a call runs on.
+def resolve_workers(requested: int | None, use_gpu: bool | None, ray_address: str | None,
+                    small: bool, workers_per_gpu: int = 1) -> WorkerResources:
+    """Where a call runs: ``num_workers == 0`` is this process (see ``in_process``), else
+    worker actors on Ray (connected to, or started, here).
 
     Args:
         requested: ``workers`` of the config: 0 = this process, None = decide.
         use_gpu: ``use_gpu`` of the config.
         ray_address: Cluster address of the config.
-        small: Whether the job is small enough for this process (see ``in_process``).
-        n: Workers wanted (None: :func:`plan_workers` decides).
+        small: Whether the job is small enough for this process.
         workers_per_gpu: GPU workers sharing one GPU.
     """
     if in_process(requested, use_gpu, ray_address, small):
         if requested is None:
             logger.info("a small job and no Ray cluster configured: running in this process "
                         "(--workers N runs it on N Ray workers)")
+        return WorkerResources(0, 0.0, 0.0)
+    ensure_ray(ray_address)
+    return plan_workers(requested, use_gpu, workers_per_gpu=workers_per_gpu)
+
+
+def open_executor(res: WorkerResources, use_gpu: bool | None,
+                  n: int | None = None) -> Executor:
+    """The executor for :func:`resolve_workers`' answer ``res``; ``n`` workers (default all)."""
+    if res.num_workers == 0:
         return InlineExecutor(use_gpu)
-    ensure_ray(ray_address)
-    res = plan_workers(requested, use_gpu, workers_per_gpu=workers_per_gpu)
     return RayExecutor(res, n if n is not None else res.num_workers)
-
-
-def plan_size(requested: int | None, use_gpu: bool | None, ray_address: str | None,
-              small: bool) -> int:
-    """How many shards or workers a call will use (1 in this process)."""
-    if in_process(requested, use_gpu, ray_address, small):
-        return 1
-    ensure_ray(ray_address)
-    return plan_workers(requested, use_gpu).num_workers
 
 
 __all__ = ["INLINE_MAX_ADAPTERS", "INLINE_MAX_BUILD_BYTES", "WORKER_LOST", "InlineExecutor",
            "RayExecutor", "SafeLoraWorker", "SanitizeJob", "WorkerCore", "WorkerSession",
-           "in_process", "open_executor", "plan_size", "worker_session"]
+           "in_process", "open_executor", "resolve_workers", "worker_session"]

@@ -384,11 +384,15 @@ class LocalStorage(Storage):
         with src:
             self._atomic_write(full, lambda f: shutil.copyfileobj(src, f, _COPY_CHUNK))
 
-    @contextlib.contextmanager
-    def writing_file(self, path: str) -> Iterator[str]:
+    def writing_file(self, path: str) -> contextlib.AbstractContextManager[str]:
         """A temp file beside ``path``, fsynced and renamed into place when the block exits
         normally (removed when it raises): the bytes are written once, never copied."""
-        full = self._resolve(path)
+        return self._writing(self._resolve(path))
+
+    @contextlib.contextmanager
+    def _writing(self, full: str) -> Iterator[str]:
+        """Temp file in ``full``'s directory → fsync → rename over ``full`` → fsync the
+        directory; the temp file goes if the block raises. OS errors become StorageError."""
         parent = os.path.dirname(full)
         self._makedirs(parent)
         tmp = os.path.join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex}")
@@ -403,30 +407,16 @@ class LocalStorage(Storage):
         except BaseException as exc:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-            if isinstance(exc, OSError):
-                raise StorageError(f"writing {full} failed: {exc.strerror or exc}") from exc
-            raise
-        _fsync_dir(parent)
-
-    def _atomic_write(self, full: str, write: Callable[[BinaryIO], object]) -> None:
-        parent = os.path.dirname(full)
-        self._makedirs(parent)
-        tmp = os.path.join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex}")
-        try:
-            with open(tmp, "xb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, full)
-        except BaseException as exc:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
             if isinstance(exc, IsADirectoryError):
                 raise StorageError(f"cannot write {full}: it is a directory") from exc
             if isinstance(exc, OSError):
                 raise StorageError(f"writing {full} failed: {exc.strerror or exc}") from exc
             raise
         _fsync_dir(parent)
+
+    def _atomic_write(self, full: str, write: Callable[[BinaryIO], object]) -> None:
+        with self._writing(full) as tmp, open(tmp, "xb") as f:
+            write(f)
 
     def _makedirs(self, d: str) -> None:
         try:
