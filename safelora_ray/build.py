@@ -55,7 +55,12 @@ from safelora_ray.plan import (
     shard_modules,
 )
 from safelora_ray.storage import Storage, open_storage
-from safelora_ray.workers import INLINE_MAX_BUILD_BYTES, open_executor, resolve_workers
+from safelora_ray.workers import (
+    INLINE_MAX_BUILD_BYTES,
+    WorkerContext,
+    open_executor,
+    resolve_workers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -348,6 +353,27 @@ class ShardBuilder:
         }
 
 
+#: The worker slot holding the current build's :class:`ShardBuilder` (one build at a time).
+BUILD_SLOT = "build"
+
+
+def build_file(ctx: WorkerContext, build_id: str, files: Sequence[FilePlan], out_uri: str,
+               prefetch: int, index: int) -> dict[str, Any]:
+    """Task: compute and publish output file ``index`` of a shard (see ``ShardBuilder``).
+
+    The worker keeps the shard's builder (and its reader thread, already reading the next
+    file's modules) between the calls of one build.
+    """
+    builder = ctx.resident(BUILD_SLOT, build_id,
+                           lambda: ShardBuilder(files, out_uri, ctx.device, prefetch))
+    return builder.build_file(index)
+
+
+def end_build(ctx: WorkerContext, build_id: str) -> None:
+    """Task: stop the reader threads of ``build_id`` (a session's worker moves on)."""
+    ctx.drop(BUILD_SLOT, build_id)
+
+
 # ---------------------------------------------------------------------------------------------
 # Driver side
 # ---------------------------------------------------------------------------------------------
@@ -432,8 +458,8 @@ def build(config: BuildConfig) -> BuildResult:
     for i, files in enumerate(plan.shards):
         shipped = ex.put(files)
         for j in range(len(files)):
-            pending[ex.submit(i, "build_file", build_id, shipped, out.uri, config.prefetch,
-                              j)] = i
+            pending[ex.submit(i, build_file, build_id, shipped, out.uri, config.prefetch, j,
+                              group="stream")] = i
     rows: list[ManifestRow] = []
     stats = {"read_s": 0.0, "compute_s": 0.0, "write_s": 0.0}
     fetched_by_worker: dict[int, int] = {}
@@ -458,7 +484,7 @@ def build(config: BuildConfig) -> BuildResult:
     finally:
         bar.close()
         if ok and not ex.owns_workers:
-            ex.notify("end_build", build_id)  # workers kept by a session: stop its readers
+            ex.notify(end_build, build_id)  # workers kept by a session: stop its readers
         ex.close(ok)
 
     files_out = sorted({f.path for s in plan.shards for f in s})
@@ -504,4 +530,5 @@ def inspect(uri: str) -> AlignmentSet:
     return AlignmentSet.open(uri)
 
 
-__all__ = ["BuildConfig", "BuildResult", "ShardBuilder", "build", "inspect"]
+__all__ = ["BuildConfig", "BuildResult", "ShardBuilder", "build", "build_file", "end_build",
+           "inspect"]

@@ -34,7 +34,13 @@ import torch
 from tqdm.auto import tqdm
 
 from safelora_ray.catalog import AdapterRef, iter_catalog
-from safelora_ray.errors import AdapterError, ConfigError, NotFoundError, SafeLoraError
+from safelora_ray.errors import (
+    AdapterError,
+    AlignmentSetError,
+    ConfigError,
+    NotFoundError,
+    SafeLoraError,
+)
 from safelora_ray.formats.alignment_set import AlignmentSet
 from safelora_ray.formats.peft_adapter import Adapter, output_digest, read_adapter, write_adapter
 from safelora_ray.math_core import (
@@ -51,7 +57,7 @@ from safelora_ray.storage.local import STAGING_PREFIX, TMP_PREFIX, TRASH_PREFIX,
 from safelora_ray.workers import (
     INLINE_MAX_ADAPTERS,
     WORKER_LOST,
-    SanitizeJob,
+    WorkerContext,
     open_executor,
     resolve_workers,
 )
@@ -465,6 +471,56 @@ class FleetSanitizer:
         return layers
 
 
+@dataclass(frozen=True)
+class SanitizeJob:
+    """What a worker needs to sanitize batches of one run (hashable: workers cache on it)."""
+
+    alignment_uri: str
+    alignment_id: str  # the set's content id: a set rebuilt at the same URI is another set
+    out_uri: str
+    selection_json: str
+    force: bool
+    max_adapter_bytes: int
+    run_id: str
+
+    @classmethod
+    def of(cls, alignment_uri: str, alignment_id: str, out_uri: str, selection: dict[str, Any],
+           force: bool, max_adapter_bytes: int, run_id: str) -> SanitizeJob:
+        return cls(alignment_uri, alignment_id, out_uri, json.dumps(selection, sort_keys=True),
+                   force, max_adapter_bytes, run_id)
+
+
+#: Worker slots: the resident alignment set (one at a time: a 70B set is ~23 GB on the GPU)
+#: and the sanitizer of the latest job, so the next batches of a run reuse it.
+SET_SLOT = "alignment-set"
+SANITIZER_SLOT = "sanitizer"
+
+
+def _open_matrices(job: SanitizeJob, device: str) -> MatrixCache:
+    cache = MatrixCache.open(job.alignment_uri, device)
+    if cache.aset.content_id != job.alignment_id:
+        raise AlignmentSetError(
+            f"{job.alignment_uri} now holds alignment set {cache.aset.content_id}, not "
+            f"{job.alignment_id}: it changed while the run started")
+    return cache
+
+
+def sanitize_batch(ctx: WorkerContext, job: SanitizeJob,
+                   refs: Sequence[AdapterRef]) -> dict[str, Any]:
+    """Task: sanitize one batch of adapters (see :meth:`FleetSanitizer.process`), with the
+    job's alignment set resident on the worker."""
+
+    def sanitizer() -> FleetSanitizer:
+        # Keyed by URI *and* content id: a set rebuilt at the same URI is loaded afresh.
+        cache = ctx.resident(SET_SLOT, (job.alignment_uri, job.alignment_id),
+                             lambda: _open_matrices(job, ctx.device))
+        return FleetSanitizer(job.alignment_uri, job.out_uri, json.loads(job.selection_json),
+                              ctx.device, job.force, job.max_adapter_bytes, matrices=cache,
+                              run_id=job.run_id)
+
+    return ctx.resident(SANITIZER_SLOT, job, sanitizer).process(refs)
+
+
 def _source_uri(ref: AdapterRef) -> str:
     """The adapter's URI as reports and the ledger show it (signed-URL parts masked)."""
     return redact(f"{ref.uri.rstrip('/')}/{ref.prefix}".rstrip("/")) or ""
@@ -671,7 +727,7 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
                         exhausted = True
                         break
                     i, suspect = min(free, key=load.__getitem__), False
-                pending[ex.submit(i, "sanitize", job, batch)] = (i, batch, suspect)
+                pending[ex.submit(i, sanitize_batch, job, batch)] = (i, batch, suspect)
                 load[i] += 1
             if not pending:
                 break
@@ -707,5 +763,5 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
     return result
 
 
-__all__ = ["FleetSanitizer", "MatrixCache", "SanitizeConfig", "SanitizeResult", "ledger_path",
-           "sanitize", "sweep_stale_writes"]
+__all__ = ["FleetSanitizer", "MatrixCache", "SanitizeConfig", "SanitizeJob", "SanitizeResult",
+           "ledger_path", "sanitize", "sanitize_batch", "sweep_stale_writes"]

@@ -1,10 +1,12 @@
-"""Where build and sanitize work runs: long-lived worker actors, or this process.
+"""The execution layer: where pipeline work runs, on long-lived worker actors or in this
+process. It sits below the pipelines (build, sanitize, ...) and knows none of them.
 
-A :class:`WorkerCore` is what one worker process holds between calls: the shard builders of
-the current build and the alignment sets it sanitizes against (loaded once, on its GPU when it
-has one). :class:`SafeLoraWorker` is that core as a Ray actor. The driver loops of
-:func:`~safelora_ray.build.build` and :func:`~safelora_ray.sanitize.sanitize` talk to an
-*executor*:
+A pipeline's work is a *task function* ``fn(context, *args)``, a module-level function of the
+pipeline's module (shipped to workers by reference). It runs on a worker against a
+:class:`WorkerContext`: the device the worker computes on and *slots* of state kept between
+calls (a shard builder's reader threads, an alignment set resident on the GPU).
+:class:`WorkerCore` holds that context; :class:`SafeLoraWorker` is the core as a Ray actor.
+The pipelines' driver loops talk to an *executor*:
 
 - :class:`RayExecutor` runs on worker actors. Inside :func:`worker_session` the actors are
   started once and shared by every call (a nightly run builds and then sanitizes several
@@ -25,14 +27,13 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import ray
 import torch
 
-from safelora_ray.errors import AlignmentSetError, ConfigError
+from safelora_ray.errors import ConfigError
 from safelora_ray.math_core import full_precision_matmul
 from safelora_ray.ray_utils import (
     WorkerResources,
@@ -44,6 +45,9 @@ from safelora_ray.ray_utils import (
 )
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 #: Exceptions that mean a worker process died (its task may have been lost with it).
 WORKER_LOST: tuple[type[BaseException], ...] = (
@@ -57,27 +61,14 @@ INLINE_MAX_ADAPTERS = 256
 INLINE_MAX_BUILD_BYTES = 2 * 1024**3
 
 
-@dataclass(frozen=True)
-class SanitizeJob:
-    """What a worker needs to sanitize batches of one run (hashable: workers cache on it)."""
+class WorkerContext:
+    """What a task function sees of the worker it runs on: the device it computes on, and
+    state kept between calls (a shard builder's reader threads, a resident alignment set).
 
-    alignment_uri: str
-    alignment_id: str  # the set's content id: a set rebuilt at the same URI is another set
-    out_uri: str
-    selection_json: str
-    force: bool
-    max_adapter_bytes: int
-    run_id: str
-
-    @classmethod
-    def of(cls, alignment_uri: str, alignment_id: str, out_uri: str, selection: dict[str, Any],
-           force: bool, max_adapter_bytes: int, run_id: str) -> SanitizeJob:
-        return cls(alignment_uri, alignment_id, out_uri, json.dumps(selection, sort_keys=True),
-                   force, max_adapter_bytes, run_id)
-
-
-class WorkerCore:
-    """One worker's state between calls (plain Python; :class:`SafeLoraWorker` wraps it).
+    State lives in named *slots*, one object per slot: asking a slot for another key drops the
+    object it held (calling its ``close()`` if it has one) before the factory makes the new
+    one, so a 70B alignment set is never resident twice. Thread-safe; each slot has its own
+    lock, so a slow factory (loading a set) does not hold up the other slots.
 
     Args:
         device: ``cpu`` or ``cuda``.
@@ -85,61 +76,71 @@ class WorkerCore:
 
     def __init__(self, device: str) -> None:
         self.device = device
-        self._builders: dict[str, Any] = {}
-        # One alignment set resident at a time (a 70B set is ~23 GB on the GPU); the
-        # sanitizer of the latest job is kept so the next batches of a run reuse it.
-        self._sets: collections.OrderedDict[tuple[str, str], Any] = collections.OrderedDict()
-        self._sanitizers: collections.OrderedDict[SanitizeJob, Any] = collections.OrderedDict()
+        self._slots: dict[str, tuple[Hashable, Any]] = {}
+        self._locks: collections.defaultdict[str, threading.Lock] = collections.defaultdict(
+            threading.Lock)
         self._lock = threading.Lock()
 
-    # -- build -----------------------------------------------------------------------------
-    def build_file(self, build_id: str, files: Sequence[Any], out_uri: str, prefetch: int,
-                   index: int) -> dict[str, Any]:
-        """Compute and publish output file ``index`` of a shard (see ``ShardBuilder``)."""
-        from safelora_ray.build import ShardBuilder
-
-        builder = self._builders.get(build_id)
-        if builder is None:
-            self.end_build()  # a worker serves one build at a time
-            builder = self._builders[build_id] = ShardBuilder(files, out_uri, self.device,
-                                                              prefetch)
-        return builder.build_file(index)
-
-    def end_build(self, build_id: str | None = None) -> None:
-        """Stop the reader threads of ``build_id`` (all builds when None)."""
-        for bid in [b for b in self._builders if build_id in (None, b)]:
-            self._builders.pop(bid).close()
-
-    # -- sanitize --------------------------------------------------------------------------
-    def _sanitizer(self, job: SanitizeJob) -> Any:
-        from safelora_ray.sanitize import FleetSanitizer, MatrixCache
-
+    def _slot_lock(self, slot: str) -> threading.Lock:
         with self._lock:
-            san = self._sanitizers.get(job)
-            if san is not None:
-                return san
-            key = (job.alignment_uri, job.alignment_id)
-            cache = self._sets.get(key)
-            if cache is None:
-                self._sets.clear()  # drop the previous set before loading another
-                self._sanitizers.clear()
-                cache = MatrixCache.open(job.alignment_uri, self.device)
-                if cache.aset.content_id != job.alignment_id:
-                    raise AlignmentSetError(
-                        f"{job.alignment_uri} now holds alignment set "
-                        f"{cache.aset.content_id}, not {job.alignment_id}: it changed while "
-                        "the run started")
-                self._sets[key] = cache
-            while len(self._sanitizers) >= 2:
-                self._sanitizers.popitem(last=False)
-            san = self._sanitizers[job] = FleetSanitizer(
-                job.alignment_uri, job.out_uri, json.loads(job.selection_json), self.device,
-                job.force, job.max_adapter_bytes, matrices=cache, run_id=job.run_id)
-            return san
+            return self._locks[slot]
 
-    def sanitize(self, job: SanitizeJob, refs: Sequence[Any]) -> dict[str, Any]:
-        """Sanitize one batch of adapters (see ``FleetSanitizer.process``)."""
-        return self._sanitizer(job).process(refs)
+    def resident(self, slot: str, key: Hashable, factory: Callable[[], T]) -> T:
+        """The object held in ``slot`` for ``key``, made by ``factory`` when the slot holds
+        nothing or another key's object (which is dropped first)."""
+        with self._slot_lock(slot):
+            held = self._slots.get(slot)
+            if held is not None and held[0] == key:
+                return held[1]
+            if held is not None:
+                self._slots.pop(slot)
+                _close(held[1])
+            obj = factory()
+            self._slots[slot] = (key, obj)
+            return obj
+
+    def peek(self, slot: str) -> tuple[Hashable, Any] | None:
+        """``(key, object)`` held in ``slot``, or None."""
+        return self._slots.get(slot)
+
+    def drop(self, slot: str, key: Hashable | None = None) -> None:
+        """Drop (and close) what ``slot`` holds; only if it is ``key``'s when given."""
+        with self._slot_lock(slot):
+            held = self._slots.get(slot)
+            if held is not None and (key is None or held[0] == key):
+                self._slots.pop(slot)
+                _close(held[1])
+
+    def close(self) -> None:
+        """Drop every slot."""
+        for slot in list(self._slots):
+            self.drop(slot)
+
+
+def _close(obj: Any) -> None:
+    close = getattr(obj, "close", None)
+    if callable(close):
+        try:
+            close()
+        except Exception as e:  # housekeeping: never fail the call that replaced it
+            logger.warning("closing %s failed: %s", type(obj).__name__, e)
+
+
+class WorkerCore:
+    """One worker's state between calls (plain Python; :class:`SafeLoraWorker` wraps it):
+    a :class:`WorkerContext` that task functions run against.
+
+    Args:
+        device: ``cpu`` or ``cuda``.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.context = WorkerContext(device)
+
+    def call(self, fn: Callable[..., R], *args: Any) -> R:
+        """Run ``fn(context, *args)`` here."""
+        return fn(self.context, *args)
 
 
 def _configure_process(num_gpus: float) -> str:
@@ -151,13 +152,15 @@ def _configure_process(num_gpus: float) -> str:
     return device
 
 
-# One build file at a time (a shard's files are read in order by one prefetch thread); two
-# sanitize batches at a time: one reads and writes (I/O releases the GIL) while the other
-# computes.
-@ray.remote(max_restarts=2, max_task_retries=2,
-            concurrency_groups={"build": 1, "sanitize": 2})
+#: Concurrency groups of a worker, and threads each: ``stream`` runs one call at a time (a
+#: build shard's files are read in order by one prefetch thread); ``batch`` runs two (one
+#: batch reads and writes, I/O releasing the GIL, while the other computes).
+GROUPS = {"stream": 1, "batch": 2}
+
+
+@ray.remote(max_restarts=2, max_task_retries=2, concurrency_groups=GROUPS)
 class SafeLoraWorker:
-    """A worker process: builds alignment-set shard files and sanitizes adapter batches."""
+    """A worker process: runs task functions (``fn(context, *args)``) for the pipelines."""
 
     def __init__(self, num_gpus: float) -> None:
         self.core = WorkerCore(_configure_process(num_gpus))
@@ -166,18 +169,9 @@ class SafeLoraWorker:
         """The device this worker computes on (answers once the process is up)."""
         return self.core.device
 
-    @ray.method(concurrency_group="build")
-    def build_file(self, build_id: str, files: Sequence[Any], out_uri: str, prefetch: int,
-                   index: int) -> dict[str, Any]:
-        return self.core.build_file(build_id, files, out_uri, prefetch, index)
-
-    @ray.method(concurrency_group="build")
-    def end_build(self, build_id: str) -> None:
-        self.core.end_build(build_id)
-
-    @ray.method(concurrency_group="sanitize")
-    def sanitize(self, job: SanitizeJob, refs: Sequence[Any]) -> dict[str, Any]:
-        return self.core.sanitize(job, refs)
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(context, *args)`` (dispatched into a group with ``.options``)."""
+        return self.core.call(fn, *args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,8 +299,9 @@ class RayExecutor:
         """Ship ``value`` to the object store once (passed to many calls)."""
         return ray.put(value)
 
-    def submit(self, i: int, method: str, *args: Any) -> Any:
-        return getattr(self.actors[i], method).remote(*args)
+    def submit(self, i: int, fn: Callable[..., Any], *args: Any, group: str = "batch") -> Any:
+        """Run ``fn(context, *args)`` on worker ``i`` in concurrency group ``group``."""
+        return self.actors[i].call.options(concurrency_group=group).remote(fn, *args)
 
     def wait(self, handles: Sequence[Any], timeout_s: float, what: str) -> Any:
         ready, _ = ray.wait(list(handles), num_returns=1, timeout=timeout_s)
@@ -322,11 +317,11 @@ class RayExecutor:
         """Put a fresh worker in place of worker ``i`` (after it died)."""
         self.actors[i] = self.session.replace(i, self.actors[i])
 
-    def notify(self, method: str, *args: Any) -> None:
-        """Call ``method`` on every worker without waiting (housekeeping)."""
+    def notify(self, fn: Callable[..., Any], *args: Any, group: str = "stream") -> None:
+        """Run ``fn(context, *args)`` on every worker without waiting (housekeeping)."""
         for a in self.actors:
             with contextlib.suppress(Exception):
-                getattr(a, method).remote(*args)
+                a.call.options(concurrency_group=group).remote(fn, *args)
 
     def close(self, ok: bool) -> None:
         """Release the workers: stopped unless a session keeps them (and the call ended
@@ -356,15 +351,15 @@ class InlineExecutor:
         device = "cuda" if (use_gpu or use_gpu is None) and cuda else "cpu"
         full_precision_matmul()  # no TF32: SPEC equality needs full float32 products
         self.core = WorkerCore(device)
-        self._pools = {"build": cf.ThreadPoolExecutor(1, thread_name_prefix="safelora-build"),
-                       "sanitize": cf.ThreadPoolExecutor(2, thread_name_prefix="safelora-san")}
+        self._pools = {g: cf.ThreadPoolExecutor(n, thread_name_prefix=f"safelora-{g}")
+                       for g, n in GROUPS.items()}
 
     def put(self, value: Any) -> Any:
         return value
 
-    def submit(self, i: int, method: str, *args: Any) -> cf.Future[Any]:
-        group = "build" if method in ("build_file", "end_build") else "sanitize"
-        return self._pools[group].submit(getattr(self.core, method), *args)
+    def submit(self, i: int, fn: Callable[..., Any], *args: Any,
+               group: str = "batch") -> cf.Future[Any]:
+        return self._pools[group].submit(self.core.call, fn, *args)
 
     def wait(self, handles: Sequence[cf.Future[Any]], timeout_s: float, what: str) -> Any:
         done, _ = cf.wait(handles, timeout=timeout_s, return_when=cf.FIRST_COMPLETED)
@@ -378,13 +373,13 @@ class InlineExecutor:
     def replace(self, i: int) -> None:  # pragma: no cover - a thread cannot die alone
         raise AssertionError("in-process workers are never replaced")
 
-    def notify(self, method: str, *args: Any) -> None:  # pragma: no cover - owns its core
-        getattr(self.core, method)(*args)
+    def notify(self, fn: Callable[..., Any], *args: Any, group: str = "stream") -> None:
+        self.core.call(fn, *args)
 
     def close(self, ok: bool) -> None:
         for pool in self._pools.values():
             pool.shutdown(wait=ok, cancel_futures=True)
-        self.core.end_build()
+        self.core.context.close()
 
 
 Executor = RayExecutor | InlineExecutor
@@ -435,6 +430,7 @@ def open_executor(res: WorkerResources, use_gpu: bool | None,
     return RayExecutor(res, n if n is not None else res.num_workers)
 
 
-__all__ = ["INLINE_MAX_ADAPTERS", "INLINE_MAX_BUILD_BYTES", "WORKER_LOST", "InlineExecutor",
-           "RayExecutor", "SafeLoraWorker", "SanitizeJob", "WorkerCore", "WorkerSession",
+__all__ = ["GROUPS", "INLINE_MAX_ADAPTERS", "INLINE_MAX_BUILD_BYTES", "WORKER_LOST",
+           "InlineExecutor", "RayExecutor", "SafeLoraWorker", "WorkerContext", "WorkerCore",
+           "WorkerSession",
            "in_process", "open_executor", "resolve_workers", "worker_session"]

@@ -36,15 +36,15 @@ def test_poison_adapter_fails_alone(tmp_path, monkeypatch):
 
     # A worker class that dies (like a segfault or an OOM kill) on the poison adapter. Defined
     # here so Ray ships it by value; few restarts keep the test short.
-    @ray.remote(max_restarts=1, max_task_retries=1)
+    @ray.remote(max_restarts=1, max_task_retries=1, concurrency_groups=workers_mod.GROUPS)
     class Crashy:
         def __init__(self, num_gpus):
             self.core = workers_mod.WorkerCore("cpu")
 
-        def sanitize(self, job, refs):
+        def call(self, fn, job, refs):
             if any(r.adapter_id.endswith("poison") for r in refs):
                 os._exit(1)
-            return self.core.sanitize(job, refs)
+            return self.core.call(fn, job, refs)
 
     monkeypatch.setattr(workers_mod, "SafeLoraWorker", Crashy)
     run = sanitize(SanitizeConfig(alignment=res.uri, adapters=str(tmp_path / "cat"),
