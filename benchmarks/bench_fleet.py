@@ -58,7 +58,7 @@ TARGETS = ("q_proj", "v_proj")
 #: Ray system setting (read from the environment by ``ray.init``): modules every worker
 #: process imports when it starts, before any task or actor needs it.
 PRELOAD_ENV = "RAY_preload_python_modules"
-PRELOAD = "torch,safelora_ray.build,safelora_ray.sanitize"
+PRELOAD = "torch,safelora_ray.pipelines.build,safelora_ray.pipelines.sanitize"
 ARCHS = {"fleet-100m": common.FLEET_100M, "llama2-7b": common.LLAMA2_7B}
 
 
@@ -221,9 +221,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep every run's sanitized adapters (local storage; default: removed "
                         "after each run once checked)")
     p.add_argument("--warm-workers", action="store_true",
-                   help="start Ray with RAY_preload_python_modules=torch,safelora_ray.build,"
-                        "safelora_ray.sanitize: worker processes import torch before they are "
-                        "needed, as on a long-lived cluster configured for safelora-ray")
+                   help="start Ray with RAY_preload_python_modules=torch,"
+                        "safelora_ray.pipelines.build,safelora_ray.pipelines.sanitize: worker "
+                        "processes import torch before they are needed, as on a long-lived "
+                        "cluster configured for safelora-ray")
     common.common_args(p)
     args = p.parse_args(argv)
     common.setup_logging()
@@ -282,8 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.pop("RAY_ADDRESS", None)  # "auto" is a machine with no cluster configured
         import ray
 
-        from safelora_ray.build import BuildConfig, build
-        from safelora_ray.sanitize import SanitizeConfig, sanitize
+        from safelora_ray.pipelines.build import BuildConfig, build
+        from safelora_ray.pipelines.sanitize import SanitizeConfig, sanitize
         from safelora_ray.workers import worker_session
 
         torch.set_num_threads(info["cpu_count"] or 1)

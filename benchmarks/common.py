@@ -437,8 +437,8 @@ def actor_startup_s(n: int | None, use_gpu: bool) -> float:
     @ray.remote
     class _Probe:
         def __init__(self) -> None:
-            import safelora_ray.build
-            import safelora_ray.sanitize  # noqa: F401
+            import safelora_ray.pipelines.build
+            import safelora_ray.pipelines.sanitize  # noqa: F401
 
         def ping(self) -> int:
             return os.getpid()
@@ -831,8 +831,8 @@ def reader_ceiling_s(base_uri: str, aligned_uri: str, targets: Sequence[str],
     chunks) over every target module, each released once taken, as the build does after
     computing it. The most one worker can feed its device; a GPU build
     is bounded by it."""
-    from safelora_ray.build import ShardBuilder
     from safelora_ray.formats.checkpoint import Checkpoint
+    from safelora_ray.pipelines.build import ShardBuilder
     from safelora_ray.plan import plan_build
 
     plan = plan_build(Checkpoint.open(base_uri), Checkpoint.open(aligned_uri), list(targets))
@@ -860,7 +860,7 @@ def measure_build(*, base_uri: str, aligned_uri: str, out_uri: Callable[[int], s
 
     With ``cold_files`` the files' cached pages are dropped before each of the three.
     """
-    from safelora_ray.build import BuildConfig, build
+    from safelora_ray.pipelines.build import BuildConfig, build
 
     refs = target_refs(base_uri, aligned_uri, targets)
     target_bytes = sum(r.nbytes for r in refs)

@@ -2,29 +2,67 @@
 
 Python API (the same verbs as the CLI)::
 
-    from safelora_ray import BuildConfig, build, inspect
+    from safelora_ray import BuildConfig, SanitizeConfig, build, inspect, sanitize
     result = build(BuildConfig(base="hf://meta-llama/Llama-2-7b-hf",
                                aligned="hf://meta-llama/Llama-2-7b-chat-hf",
                                out="s3://bucket/alignment/llama2-7b-qv"))
     print(inspect(result.uri).summary())
     run = sanitize(SanitizeConfig(alignment=result.uri, adapters="s3://bucket/tenants/",
                                   out="s3://bucket/sanitized/", threshold=0.35))
+
+The names are imported on first use (PEP 562): ``import safelora_ray`` and the command line's
+``--help`` do not load torch or Ray.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from safelora_ray._version import __version__
-from safelora_ray.build import BuildConfig, BuildResult, build, inspect
 from safelora_ray.errors import (
     AdapterError,
     AlignmentSetError,
     CheckpointError,
+    ClusterError,
     ConfigError,
     SafeLoraError,
     SafetensorsFormatError,
     StorageError,
 )
-from safelora_ray.formats.alignment_set import AlignmentSet
-from safelora_ray.sanitize import SanitizeConfig, SanitizeResult, sanitize
-from safelora_ray.workers import worker_session
+
+#: Public name → the module that defines it (imported when the name is first used).
+_LAZY = {
+    "AlignmentSet": "safelora_ray.formats.alignment_set",
+    "BuildConfig": "safelora_ray.pipelines.build",
+    "BuildResult": "safelora_ray.pipelines.build",
+    "build": "safelora_ray.pipelines.build",
+    "inspect": "safelora_ray.pipelines.build",
+    "SanitizeConfig": "safelora_ray.pipelines.sanitize",
+    "SanitizeResult": "safelora_ray.pipelines.sanitize",
+    "sanitize": "safelora_ray.pipelines.sanitize",
+    "worker_session": "safelora_ray.workers",
+}
+
+if TYPE_CHECKING:
+    from safelora_ray.formats.alignment_set import AlignmentSet
+    from safelora_ray.pipelines.build import BuildConfig, BuildResult, build, inspect
+    from safelora_ray.pipelines.sanitize import SanitizeConfig, SanitizeResult, sanitize
+    from safelora_ray.workers import worker_session
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'safelora_ray' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this hook
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "AdapterError",
@@ -33,6 +71,7 @@ __all__ = [
     "BuildConfig",
     "BuildResult",
     "CheckpointError",
+    "ClusterError",
     "ConfigError",
     "SafeLoraError",
     "SafetensorsFormatError",

@@ -18,9 +18,9 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from safelora_ray.errors import ConfigError, StorageError
+from safelora_ray.errors import ConfigError, NotFoundError, StorageError
 from safelora_ray.storage import open_storage
-from safelora_ray.storage.base import split_uri
+from safelora_ray.storage.base import check_uri, split_uri
 from safelora_ray.storage.local import LocalStorage
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,11 @@ def validate_id(adapter_id: str) -> str:
     return adapter_id
 
 
+def is_manifest(uri: str) -> bool:
+    """Whether a catalog URI names a manifest file rather than a directory tree."""
+    return uri.rstrip("/").endswith(MANIFEST_SUFFIXES)
+
+
 def iter_catalog(uri: str) -> Iterator[AdapterRef | tuple[str, str]]:
     """Yield the catalog's adapters in a stable order.
 
@@ -76,14 +81,23 @@ def iter_catalog(uri: str) -> Iterator[AdapterRef | tuple[str, str]]:
         :class:`AdapterRef` for each adapter, or ``(id_or_path, error message)`` for an entry
         that cannot be an adapter (a bad id): the fleet run reports those and goes on.
 
+    An empty catalog yields nothing; whether that is an error is the caller's call.
+
     Raises:
-        StorageError / ConfigError: the catalog itself cannot be read.
+        ConfigError: the catalog does not exist (a local directory or a manifest file).
+        StorageError: the catalog cannot be read.
     """
-    if uri.rstrip("/").endswith(MANIFEST_SUFFIXES):
+    if is_manifest(uri):
         yield from _iter_manifest(uri.rstrip("/"))
         return
     storage = open_storage(uri)
-    found = False
+    if isinstance(storage, LocalStorage):
+        # A mistyped path must not look like an empty catalog (a run that does nothing).
+        if not os.path.exists(storage.root):
+            raise ConfigError(f"catalog {uri} does not exist")
+        if not os.path.isdir(storage.root):
+            raise ConfigError(f"catalog {uri} is a file, not a directory of adapters nor a "
+                              f"{' or '.join(MANIFEST_SUFFIXES)} manifest")
     # Symlinks out of a local catalog are never read; an adapter directory or config that is
     # one becomes an error row instead of silently vanishing from the run.
     refused: list[tuple[str, bool, str]] = []
@@ -95,11 +109,9 @@ def iter_catalog(uri: str) -> Iterator[AdapterRef | tuple[str, str]]:
         while refused:
             item = _refused_entry(storage, *refused.pop(0))
             if item is not None:
-                found = True
                 yield item
         if obj is None or posixpath.basename(obj.path) != CONFIG_FILE:
             continue
-        found = True
         prefix = posixpath.dirname(obj.path)
         adapter_id = prefix or _root_name(storage.uri)
         try:
@@ -108,8 +120,6 @@ def iter_catalog(uri: str) -> Iterator[AdapterRef | tuple[str, str]]:
             yield (adapter_id, str(e))
             continue
         yield AdapterRef(adapter_id, storage.uri, prefix)
-    if not found:
-        logger.warning("no %s found under %s: the catalog is empty", CONFIG_FILE, storage.uri)
 
 
 def _refused_entry(storage: LocalStorage, rel: str, is_dir: bool,
@@ -138,7 +148,10 @@ def _root_name(uri: str) -> str:
 def _iter_manifest(uri: str) -> Iterator[AdapterRef | tuple[str, str]]:
     parent, name = uri.rsplit("/", 1) if "/" in uri else (".", uri)
     storage = open_storage(parent)
-    raw = storage.read(name, max_bytes=MAX_MANIFEST_BYTES)
+    try:
+        raw = storage.read(name, max_bytes=MAX_MANIFEST_BYTES)
+    except NotFoundError:
+        raise ConfigError(f"catalog manifest {uri} does not exist") from None
     records: list[dict[str, object]]
     if name.endswith(".parquet"):
         import pyarrow.parquet as pq
@@ -169,6 +182,7 @@ def _iter_manifest(uri: str) -> Iterator[AdapterRef | tuple[str, str]]:
         adapter_id = str(rec.get("id") or _root_name(adapter_uri))
         try:
             validate_id(adapter_id)
+            check_uri(adapter_uri, f"adapter {adapter_id!r}: its uri")
             if adapter_id in seen:
                 raise ConfigError(f"adapter id {adapter_id!r} appears twice in {uri}")
         except ConfigError as e:

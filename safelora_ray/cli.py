@@ -1,18 +1,25 @@
 """The ``safelora-ray`` command line: a thin layer over the Python API.
 
 Exit codes:
-    0  success (every adapter ok or skipped, for ``sanitize``)
-    1  the run failed (bad inputs named in the message, storage or cluster errors)
-    2  usage error (bad flags or parameter values)
-    3  ``sanitize`` finished but some adapters failed (the others were written)
+    0    success (every adapter ok or skipped, for ``sanitize``)
+    1    the run failed (bad inputs named in the message, storage or cluster errors)
+    2    usage error (bad flags or parameter values)
+    3    ``sanitize`` / ``nightly`` finished but some adapters failed (the others were written)
+    4    ``nightly``: another run holds the lock
+    130  interrupted (Ctrl-C); nothing partial was left, a rerun resumes
+
+This module imports only the standard library and safelora-ray's light modules at the top:
+``--help`` and usage errors answer without loading torch or Ray.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from safelora_ray._version import __version__
 from safelora_ray.errors import ConfigError, SafeLoraError
@@ -24,36 +31,54 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_PARTIAL = 3
+EXIT_LOCKED = 4
+EXIT_INTERRUPTED = 130
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+def _add_common(p: argparse.ArgumentParser, json_help: str | None = None) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="log level (default INFO; it reaches the workers too)")
+    g.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    g.add_argument("-q", "--quiet", action="store_true",
+                   help="only warnings and errors, no progress")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress (at a terminal: a bar; otherwise a line every 30 s)")
+    g.add_argument("--json", action="store_true",
+                   help=json_help or "print a machine-readable JSON summary on stdout "
+                        "(the human one goes to stderr)")
 
 
 def _add_ray(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ray-address", default=None,
-                   help="Ray cluster address (default: $RAY_ADDRESS, else a new local Ray)")
-    p.add_argument("--workers", type=int, default=None,
+    g = p.add_argument_group("where it runs")
+    g.add_argument("--ray-address", default=None,
+                   help="Ray cluster: host:6379 or ray://host:10001 (default: $RAY_ADDRESS, "
+                        "else a new local Ray)")
+    g.add_argument("--workers", type=int, default=None,
                    help="worker actors; 0 = in this process (default: one per GPU, or one per "
                         "CPU without GPUs; a small job runs in this process when no Ray "
                         "cluster is configured)")
-    dev = p.add_mutually_exclusive_group()
+    dev = g.add_mutually_exclusive_group()
     dev.add_argument("--gpu", dest="use_gpu", action="store_true", default=None,
                      help="require GPU workers")
     dev.add_argument("--cpu", dest="use_gpu", action="store_false", help="use CPU workers only")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (also used by ``jobs/`` entrypoints and the tests)."""
+    """The argument parser (also used by the ``jobs/`` entrypoints and the tests)."""
     parser = argparse.ArgumentParser(
         prog="safelora-ray",
-        description="Safe LoRA at fleet scale: build alignment sets, sanitize LoRA adapters.",
+        description="Safe LoRA at fleet scale: build alignment sets from a base/aligned model "
+                    "pair, sanitize catalogs of LoRA adapters.",
+        epilog="exit codes: 0 ok, 1 failed, 2 usage error, 3 some adapters failed, "
+               "4 nightly locked, 130 interrupted",
     )
     parser.add_argument("--version", action="version", version=f"safelora-ray {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    b = sub.add_parser("build", help="build an alignment set from a base/aligned model pair")
+    b = sub.add_parser("build", help="build an alignment set from a base/aligned model pair",
+                       description="Build an alignment set: C = V Vᵀ/‖V‖_F per target module, "
+                                   "V = W_aligned − W_base.")
     b.add_argument("--base", required=True, help="base (unaligned) checkpoint URI")
     b.add_argument("--aligned", required=True, help="aligned (chat) checkpoint URI")
     b.add_argument("--targets", default="q_proj,v_proj",
@@ -66,31 +91,47 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ray(b)
     _add_common(b)
 
-    s = sub.add_parser("sanitize", help="sanitize a catalog of LoRA adapters (SPEC §2)")
+    s = sub.add_parser("sanitize", help="sanitize a catalog of LoRA adapters (Safe LoRA)",
+                       description="Project the LoRA updates that drift from the alignment "
+                                   "direction: B ← C B for the selected modules of each adapter.")
     s.add_argument("--alignment", required=True, help="alignment set URI")
     s.add_argument("--adapters", required=True,
                    help="catalog: a directory tree or s3:// prefix of PEFT adapters, or a "
                         ".parquet/.jsonl manifest with a 'uri' column")
-    s.add_argument("--out", required=True, help="output root (path or s3://)")
+    s.add_argument("--out", required=True,
+                   help="output root (path or s3://), apart from the catalog; one per catalog")
     sel = s.add_mutually_exclusive_group(required=True)
     sel.add_argument("--threshold", type=float,
-                     help="project modules whose rounded cosine is <= T (paper: 0.35)")
+                     help="project the modules whose rounded cosine is ≤ T, T in [-1, 1] "
+                          "(paper: 0.35)")
     sel.add_argument("--num-proj-layers", type=int,
-                     help="project the K modules with the smallest cosines (ties included)")
+                     help="per adapter: project its K modules with the smallest cosines "
+                          "(ties included)")
     s.add_argument("--strict-k", action="store_true",
                    help="with --num-proj-layers: exactly K modules, ties broken by name")
     s.add_argument("--force", action="store_true", help="redo adapters already in the ledger")
+    s.add_argument("--allow-empty", action="store_true",
+                   help="an empty catalog is not an error")
     s.add_argument("--batch-size", type=int, default=8, help="adapters per task (default 8)")
     s.add_argument("--max-in-flight", type=int, default=2,
                    help="batches queued per worker (default 2)")
     s.add_argument("--workers-per-gpu", type=int, default=1,
                    help="GPU workers sharing one GPU, each with its own copy of the alignment "
-                        "set (default 1; 4 suits 7B sets on an 80 GB GPU)")
+                        "set (default 1)")
     s.add_argument("--run-id", default=None, help="report folder name (default: timestamp)")
     s.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds one batch may take before the run fails")
     _add_ray(s)
     _add_common(s)
+
+    n = sub.add_parser("nightly", help="the nightly run over every configured catalog",
+                       description="List every configured catalog, group adapters by model "
+                                   "pair, build missing alignment sets, sanitize incrementally.")
+    n.add_argument("--config", required=True, help="nightly YAML (path or s3://)")
+    n.add_argument("--run-id", default=None, help="run id (default: UTC timestamp + random)")
+    n.add_argument("--dry-run", action="store_true",
+                   help="list and group adapters, print the plan, write nothing")
+    _add_common(n, json_help="print the run record as JSON on stdout")
 
     d = sub.add_parser("demo", help="run the whole pipeline on a synthetic model, locally")
     d.add_argument("--dir", default="safelora-demo",
@@ -100,93 +141,157 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker actors; 0 = in this process (default: one per CPU)")
     _add_common(d)
 
-    i = sub.add_parser("inspect", help="print a readable summary of an alignment set")
-    i.add_argument("uri", help="alignment set URI")
+    i = sub.add_parser("inspect",
+                       help="say what a location holds: alignment set, adapter, checkpoint, ...")
+    i.add_argument("uri", help="a path or URI")
     i.add_argument("--modules", action="store_true", help="also list every module")
-    _add_common(i)
+    _add_common(i, json_help="print the description as JSON on stdout")
     return parser
 
 
-def _cmd_build(args: argparse.Namespace) -> int:
-    from safelora_ray.build import BuildConfig, build
+# ---------------------------------------------------------------------------------------------
+# Commands: each returns (exit code, JSON summary or None)
+# ---------------------------------------------------------------------------------------------
 
+Outcome = tuple[int, "dict[str, Any] | None"]
+
+
+def _cmd_build(args: argparse.Namespace) -> Outcome:
+    from safelora_ray.pipelines.build import BuildConfig, build
+
+    if args.max_file_gb <= 0:
+        raise ConfigError(f"--max-file-gb must be positive, got {args.max_file_gb:g}")
     cfg = BuildConfig(
         base=args.base, aligned=args.aligned, out=args.out, targets=args.targets,
         workers=args.workers, use_gpu=args.use_gpu,
         max_file_bytes=int(args.max_file_gb * 1024**3), task_timeout_s=args.timeout,
-        progress=not args.no_progress, ray_address=args.ray_address,
+        progress=args.progress, ray_address=args.ray_address,
     )
     res = build(cfg)
     verb = "reused" if res.reused else "built"
-    print(f"{verb} alignment set {res.content_id}: {res.num_modules} modules at {res.uri}")
+    _say(args, f"{verb} alignment set {res.content_id}: {res.num_modules} modules at {res.uri}")
     if not res.reused:
         where = (f"on {res.workers} {res.device} worker(s)" if res.workers
                  else f"in this process ({res.device})")
-        print(f"read {res.bytes_read / 1e6:.1f} MB of target tensors in {res.duration_s:.1f} s "
-              f"{where}")
-    return EXIT_OK
+        _say(args, f"read {res.bytes_read / 1e6:.1f} MB of target tensors in "
+                   f"{res.duration_s:.1f} s {where}")
+    return EXIT_OK, {
+        "command": "build", "status": "reused" if res.reused else "built", "uri": res.uri,
+        "content_id": res.content_id, "modules": res.num_modules,
+        "source_bytes": res.source_bytes, "bytes_read": res.bytes_read,
+        "stored_bytes": res.stored_bytes, "duration_s": round(res.duration_s, 3),
+        "workers": res.workers, "device": res.device}
 
 
-def _cmd_inspect(args: argparse.Namespace) -> int:
-    from safelora_ray.formats.alignment_set import AlignmentSet
+def _cmd_inspect(args: argparse.Namespace) -> Outcome:
+    from safelora_ray.inspection import as_json, describe, render
 
-    aset = AlignmentSet.open(args.uri)
-    print(aset.summary())
-    if args.modules:
-        print()
-        print(f"{'module':60s} {'layer':>5s} {'form':>4s} {'stored shape':>14s} {'‖V‖_F':>10s}")
-        for r in aset.rows.values():
-            shape = "x".join(map(str, r.stored_shape))
-            layer = "-" if r.layer is None else str(r.layer)
-            print(f"{r.module:60s} {layer:>5s} {r.form:>4s} {shape:>14s} {r.norm:10.4g}")
-    return EXIT_OK
+    d = describe(args.uri)
+    _say(args, render(d, modules=args.modules))
+    return EXIT_OK, {"command": "inspect", **as_json(d)}
 
 
-def _cmd_sanitize(args: argparse.Namespace) -> int:
+def _cmd_sanitize(args: argparse.Namespace) -> Outcome:
+    from safelora_ray.pipelines.sanitize import SanitizeConfig, sanitize
     from safelora_ray.reports import text_summary
-    from safelora_ray.sanitize import SanitizeConfig, sanitize
 
     cfg = SanitizeConfig(
         alignment=args.alignment, adapters=args.adapters, out=args.out,
         threshold=args.threshold, num_proj_layers=args.num_proj_layers, strict_k=args.strict_k,
         force=args.force, workers=args.workers, use_gpu=args.use_gpu,
         batch_size=args.batch_size, max_in_flight=args.max_in_flight, run_id=args.run_id,
-        workers_per_gpu=args.workers_per_gpu,
-        progress=not args.no_progress, task_timeout_s=args.timeout,
+        workers_per_gpu=args.workers_per_gpu, allow_empty=args.allow_empty,
+        progress=args.progress, task_timeout_s=args.timeout,
         ray_address=args.ray_address,
     )
     result = sanitize(cfg)
-    print(text_summary(result))
-    return EXIT_OK if result.exit_ok else EXIT_PARTIAL
+    _say(args, text_summary(result))
+    code = EXIT_OK if result.exit_ok else EXIT_PARTIAL
+    return code, {
+        "command": "sanitize", "status": "success" if result.exit_ok else "partial",
+        "run_id": result.run_id, "out": result.out, "report": result.report_uri,
+        "alignment_id": result.alignment_id,
+        "counts": {"total": result.total, "ok": result.ok, "skipped": result.skipped,
+                   "error": result.error},
+        "modules": result.modules, "projected": result.projected,
+        "bytes_in": result.bytes_in, "bytes_out": result.bytes_out,
+        "duration_s": round(result.duration_s, 3),
+        "errors": [{"adapter_id": a, "error": e} for a, e in result.errors]}
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+def _cmd_nightly(args: argparse.Namespace) -> Outcome:
+    from safelora_ray.lease import LeaseHeldError
+    from safelora_ray.nightly import NightlyConfig, run_nightly, summary_text
+
+    cfg = NightlyConfig.load(args.config)
+    try:
+        record = run_nightly(cfg, run_id=args.run_id, dry_run=args.dry_run,
+                             progress=args.progress, say=lambda text: _say(args, text))
+    except LeaseHeldError as e:
+        _err(args, f"another run is in progress: {e}")
+        return EXIT_LOCKED, None
+    _say(args, summary_text(record))
+    status = record["status"]
+    code = {"success": EXIT_OK, "dry-run": EXIT_OK, "partial": EXIT_PARTIAL}.get(status,
+                                                                                EXIT_FAILED)
+    return code, {"command": "nightly", **record}
+
+
+def _cmd_demo(args: argparse.Namespace) -> Outcome:
     from safelora_ray.demo import run_demo
 
     return run_demo(args.dir, threshold=args.threshold, workers=args.workers,
-                    progress=not args.no_progress)
+                    progress=args.progress), None
 
 
-_COMMANDS = {"build": _cmd_build, "sanitize": _cmd_sanitize, "inspect": _cmd_inspect,
-             "demo": _cmd_demo}
+_COMMANDS: dict[str, Callable[[argparse.Namespace], Outcome]] = {
+    "build": _cmd_build, "sanitize": _cmd_sanitize, "inspect": _cmd_inspect,
+    "nightly": _cmd_nightly, "demo": _cmd_demo}
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    """Human output: stdout, or stderr when stdout carries the JSON summary."""
+    print(text, file=sys.stderr if getattr(args, "json", False) else sys.stdout, flush=True)
+
+
+def _err(args: argparse.Namespace, message: str) -> None:
+    print(f"safelora-ray {args.command}: error: {redact(message)}", file=sys.stderr,
+          flush=True)
+
+
+def _level(args: argparse.Namespace) -> str:
+    if args.verbose:
+        return "DEBUG"
+    if args.quiet:
+        return "WARNING"
+    return args.log_level or "INFO"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``safelora-ray``; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(args.log_level)
+    if args.verbose and args.quiet:
+        parser.error("-v/--verbose and -q/--quiet exclude each other")
+    configure_logging(_level(args))
+    args.progress = not (args.no_progress or args.quiet)
     try:
-        return _COMMANDS[args.command](args)
+        code, summary = _COMMANDS[args.command](args)
     except ConfigError as e:
-        print(f"safelora-ray {args.command}: error: {redact(str(e))}", file=sys.stderr)
+        _err(args, str(e))
         return EXIT_USAGE
     except SafeLoraError as e:
-        print(f"safelora-ray {args.command}: error: {redact(str(e))}", file=sys.stderr)
+        _err(args, str(e))
         return EXIT_FAILED
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        # The pipelines wound down already: work in progress finished or was stopped, workers
+        # ended, temp files removed. A rerun resumes where this one stopped.
+        print(f"safelora-ray {args.command}: interrupted; nothing partial was left behind, "
+              "run the same command again to resume", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    if args.json and summary is not None:
+        print(json.dumps(summary, indent=2, ensure_ascii=False, default=str), flush=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -145,11 +145,11 @@ def write_demo_inputs(root: Path, seed: int = 0, tenants: int = 3,
 def run_demo(root: str, threshold: float = 0.35, workers: int | None = None,
              progress: bool = True) -> int:
     """Write the inputs, build, sanitize; print where everything is. Returns an exit code."""
-    from safelora_ray.build import BuildConfig, build
     from safelora_ray.formats.alignment_set import AlignmentSet
+    from safelora_ray.pipelines.build import BuildConfig, build
+    from safelora_ray.pipelines.sanitize import SanitizeConfig, sanitize
     from safelora_ray.ray_utils import ensure_ray
     from safelora_ray.reports import text_summary
-    from safelora_ray.sanitize import SanitizeConfig, sanitize
     from safelora_ray.workers import worker_session
 
     rootp = Path(root).resolve()

@@ -35,5 +35,13 @@ class AdapterError(SafeLoraError):
     """A LoRA adapter cannot be sanitized; the message names the adapter and the reason."""
 
 
+class ClusterError(SafeLoraError):
+    """The Ray cluster cannot be reached, or lost the resources a run needs."""
+
+
+class Interrupted(SafeLoraError):
+    """The run was interrupted (Ctrl-C); the task stopped at a safe point."""
+
+
 class ConfigError(SafeLoraError, ValueError):
     """Invalid user configuration (flags, config files, parameters)."""

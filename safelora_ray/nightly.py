@@ -14,32 +14,31 @@ Steps of one run:
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
 import datetime as _dt
-import io
 import json
 import logging
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
-from safelora_ray.build import BuildConfig, build
 from safelora_ray.catalog import CONFIG_FILE, AdapterRef, iter_catalog, validate_id
+from safelora_ray.checks import as_yaml_keys, check_selection
 from safelora_ray.errors import AlignmentSetError, ConfigError, SafeLoraError
 from safelora_ray.formats.alignment_set import AlignmentSet
-from safelora_ray.lease import Lease, LeaseHeldError
+from safelora_ray.lease import Lease
+from safelora_ray.pipelines.build import BuildConfig, build
+from safelora_ray.pipelines.sanitize import SanitizeConfig, sanitize
 from safelora_ray.plan import parse_targets
-from safelora_ray.redact import configure_logging, redact
+from safelora_ray.redact import redact
 from safelora_ray.reports import text_summary
-from safelora_ray.sanitize import SanitizeConfig, sanitize
 from safelora_ray.storage import open_storage
-from safelora_ray.storage.base import join_uri
+from safelora_ray.storage.base import check_uri, join_uri, refuse_overlap
 from safelora_ray.workers import worker_session
 
 logger = logging.getLogger(__name__)
@@ -62,10 +61,18 @@ class PairSpec:
 
 @dataclass(frozen=True)
 class CatalogSpec:
-    """A catalog of adapters (directory tree or manifest)."""
+    """A catalog of adapters (directory tree or manifest).
+
+    Attributes:
+        name: Its name; its adapters go to ``<output_root>/<name>/``.
+        uri: The catalog's URI.
+        allow_empty: An empty catalog is an error (a mistyped URI would otherwise make a
+            nightly that silently does nothing) unless this is set.
+    """
 
     name: str
     uri: str
+    allow_empty: bool = False
 
 
 @dataclass
@@ -127,15 +134,29 @@ class NightlyConfig:
         if set(self.build) - allowed_b:
             raise ConfigError(f"unknown build keys: {sorted(set(self.build) - allowed_b)}")
         # Validate the selection now, not at the first sanitize, in the YAML's own terms.
-        if (self.selection.get("threshold") is None) == (
-                self.selection.get("num_proj_layers") is None):
-            raise ConfigError("selection: give exactly one of threshold or num_proj_layers")
         try:
-            SanitizeConfig(alignment="-", adapters="-", out="-", **self._selection_kwargs())
+            check_selection(**self._selection_kwargs())
         except ConfigError as e:
-            raise ConfigError(f"selection: {e}") from None
+            raise ConfigError(as_yaml_keys(str(e), "selection")) from None
         if self.lock_ttl_s <= 0:
             raise ConfigError("lock.ttl_s must be positive")
+        check_uri(self.output_root, "output_root")
+        check_uri(self.alignment_root, "alignment_root")
+        for c in self.catalogs:
+            check_uri(c.uri, f"catalogs[{c.name}].uri")
+            refuse_overlap(self.output_root, "output_root", c.uri, f"catalogs[{c.name}].uri",
+                           "sanitized adapters would overwrite the originals or become "
+                           "catalog entries of the next run")
+            cat_out = join_uri(self.output_root, c.name)
+            refuse_overlap(self.alignment_root, "alignment_root", cat_out,
+                           f"the output of catalog {c.name!r}",
+                           "alignment sets and sanitized adapters would mix")
+        for p in self.pairs:
+            for side in ("base", "aligned"):
+                check_uri(getattr(p, side), f"pairs[{p.name}].{side}")
+                refuse_overlap(join_uri(self.alignment_root, p.name), "alignment_root",
+                               getattr(p, side), f"pairs[{p.name}].{side}",
+                               "the alignment set would be written into a source checkout")
 
     def _selection_kwargs(self) -> dict[str, Any]:
         s = self.selection
@@ -153,7 +174,9 @@ class NightlyConfig:
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
         try:
-            catalogs = [CatalogSpec(str(c["name"]), str(c["uri"])) for c in raw["catalogs"]]
+            catalogs = [CatalogSpec(str(c["name"]), str(c["uri"]),
+                                    allow_empty=_flag_value(c, "allow_empty"))
+                        for c in raw["catalogs"]]
             pairs = [
                 PairSpec(
                     name=str(p["name"]), base=str(p["base"]), aligned=str(p["aligned"]),
@@ -184,6 +207,13 @@ class NightlyConfig:
         return cls.from_dict(data, uri)
 
 
+def _flag_value(entry: dict[str, Any], key: str) -> bool:
+    value = entry.get(key, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
 def _base_model_of(ref: AdapterRef) -> tuple[AdapterRef, str | None, str | None]:
     """Read one adapter's config; returns (ref, base model id, error)."""
     try:
@@ -197,7 +227,8 @@ def _base_model_of(ref: AdapterRef) -> tuple[AdapterRef, str | None, str | None]
 
 
 def run_nightly(cfg: NightlyConfig, run_id: str | None = None, dry_run: bool = False,
-                progress: bool = True) -> dict[str, Any]:
+                progress: bool = True,
+                say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """One nightly run; returns the run record (also written to storage unless ``dry_run``).
 
     Raises:
@@ -215,7 +246,7 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, dry_run: bool = F
         "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "counts": {"adapters": 0, "ok": 0, "skipped": 0, "error": 0, "unmatched": 0},
         "bytes_in": 0, "bytes_out": 0, "alignment_ids": {}, "groups": [], "unmatched": [],
-        "errors": [],
+        "errors": [], "catalog_errors": [],
     }
     try:
         by_model = {mid: p for p in cfg.pairs for mid in p.base_model_ids}
@@ -223,7 +254,18 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, dry_run: bool = F
         with cf.ThreadPoolExecutor(max_workers=16) as pool:
             for cat in cfg.catalogs:
                 refs = []
-                for item in iter_catalog(cat.uri):
+                try:
+                    items = list(iter_catalog(cat.uri))
+                    if not items and not cat.allow_empty:
+                        raise ConfigError(f"no adapters found (no {CONFIG_FILE} under it); set "
+                                          "allow_empty: true for it if that is expected")
+                except SafeLoraError as e:
+                    # The other catalogs still run; the run fails (exit 1) for this one.
+                    msg = redact(f"catalog {cat.name!r} ({cat.uri}): {e}")
+                    logger.error("%s", msg)
+                    record["catalog_errors"].append({"catalog": cat.name, "error": msg})
+                    continue
+                for item in items:
                     if isinstance(item, tuple):
                         _note(record, "errors", {"catalog": cat.name, "adapter_id": item[0],
                                                  "error": item[1]})
@@ -273,7 +315,7 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, dry_run: bool = F
                     run_id=f"{run_id}-{pair_name}", progress=progress,
                     **cfg._selection_kwargs(), **cfg.sanitize,
                 ))
-                print(text_summary(res))
+                (say or print)(text_summary(res))
                 for k in ("ok", "skipped", "error"):
                     record["counts"][k] += getattr(res, k)
                 record["bytes_in"] += res.bytes_in
@@ -287,7 +329,13 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, dry_run: bool = F
                     "error": res.error, "report": res.report_uri,
                 })
         c = record["counts"]
-        record["status"] = "success" if c["error"] == 0 and c["unmatched"] == 0 else "partial"
+        if record["catalog_errors"]:
+            record["status"] = "failed"
+            record["failure"] = "; ".join(e["error"] for e in record["catalog_errors"])
+        elif c["error"] == 0 and c["unmatched"] == 0:
+            record["status"] = "success"
+        else:
+            record["status"] = "partial"
     except Exception as e:
         record["status"] = "failed"
         record["failure"] = str(e) if isinstance(e, SafeLoraError) else f"{type(e).__name__}: {e}"
@@ -322,43 +370,25 @@ def _ensure_alignment(cfg: NightlyConfig, pair: PairSpec, progress: bool) -> str
     return res.content_id
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Arguments of ``jobs/nightly.py``."""
-    p = argparse.ArgumentParser(prog="nightly.py",
-                                description="Nightly sanitization of adapter catalogs.")
-    p.add_argument("--config", required=True, help="nightly YAML (path or s3://)")
-    p.add_argument("--run-id", default=None, help="run id (default: UTC timestamp + random)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="list and group adapters, print the plan, write nothing")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    p.add_argument("--no-progress", action="store_true")
-    return p
+def summary_text(record: dict[str, Any]) -> str:
+    """The human summary of a run record."""
+    c = record["counts"]
+    lines = [f"nightly {record['run_id']}: {record['status']} — {c['adapters']} adapter(s): "
+             f"{c['ok']} ok, {c['skipped']} skipped, {c['error']} failed, "
+             f"{c['unmatched']} matched no model pair; {record['duration_s']:.1f} s"]
+    for e in record.get("catalog_errors", []):
+        lines.append(f"  catalog failed: {e['error']}")
+    for u in record["unmatched"][:10]:
+        lines.append(f"  unmatched: {u['catalog']}/{u['adapter_id']} (base model "
+                     f"{u['base_model']!r})")
+    if len(record["unmatched"]) > 10:
+        lines.append(f"  ... and {c['unmatched'] - 10} more unmatched (see the run record)")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; exit codes 0 ok, 1 failed, 2 usage, 3 partial, 4 locked."""
-    args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
-    try:
-        cfg = NightlyConfig.load(args.config)
-        record = run_nightly(cfg, run_id=args.run_id, dry_run=args.dry_run,
-                             progress=not args.no_progress)
-    except ConfigError as e:
-        print(f"nightly: error: {redact(str(e))}", file=sys.stderr)
-        return EXIT_USAGE
-    except LeaseHeldError as e:
-        print(f"nightly: another run is in progress: {e}", file=sys.stderr)
-        return EXIT_LOCKED
-    except SafeLoraError as e:
-        print(f"nightly: error: {redact(str(e))}", file=sys.stderr)
-        return EXIT_FAILED
-    c = record["counts"]
-    buf = io.StringIO()
-    buf.write(f"nightly {record['run_id']}: {record['status']} — {c['adapters']} adapter(s): "
-              f"{c['ok']} ok, {c['skipped']} skipped, {c['error']} failed, "
-              f"{c['unmatched']} matched no model pair; {record['duration_s']:.1f} s\n")
-    for u in record["unmatched"][:10]:
-        buf.write(f"  unmatched: {u['catalog']}/{u['adapter_id']} (base model "
-                  f"{u['base_model']!r})\n")
-    print(buf.getvalue(), end="")
-    return EXIT_OK if record["status"] in ("success", "dry-run") else EXIT_PARTIAL
+    """``jobs/nightly.py``'s entry point: ``safelora-ray nightly`` (same flags, exit codes 0 ok,
+    1 failed, 2 usage, 3 partial, 4 locked)."""
+    from safelora_ray.cli import main as cli_main
+
+    return cli_main(["nightly", *(sys.argv[1:] if argv is None else argv)])

@@ -31,7 +31,8 @@ FORWARDED_ENV = (
 #: Ray setting read from the environment when a node starts: modules each worker process
 #: imports as soon as it starts, before any actor needs them.
 PRELOAD_ENV = "RAY_preload_python_modules"
-PRELOAD_MODULES = "torch,safelora_ray.workers,safelora_ray.build,safelora_ray.sanitize"
+PRELOAD_MODULES = ("torch,safelora_ray.workers,safelora_ray.pipelines.build,"
+                   "safelora_ray.pipelines.sanitize")
 
 # The forwarded variables as they were when this process started a local Ray (whose workers
 # inherit its environment), and that instance's job id.
@@ -57,32 +58,125 @@ def worker_runtime_env() -> dict[str, Any]:
     return {"env_vars": env} if env else {}
 
 
+#: Seconds to reach a cluster's address (DNS + TCP) and then to connect to it, before
+#: ``ensure_ray`` gives up (Ray itself retries a wrong address for minutes).
+CONNECT_TIMEOUT_S = float(os.environ.get("SAFELORA_RAY_CONNECT_TIMEOUT_S", "60"))
+_PROBE_TIMEOUT_S = 10.0
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a GCS (``host:port``) or Ray Client (``ray://host:port``) address."""
+    rest = address[len("ray://"):] if address.startswith("ray://") else address
+    if "://" in rest:
+        return None
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def probe_address(address: str, timeout_s: float = _PROBE_TIMEOUT_S) -> None:
+    """Fail fast on a Ray address nothing answers at.
+
+    Raises:
+        ClusterError: naming the address: malformed, unknown host, or nothing listening.
+    """
+    import socket
+
+    from safelora_ray.errors import ClusterError
+
+    if address == "auto":
+        return  # Ray answers at once when no local cluster runs
+    if address.startswith(("http://", "https://")):
+        raise ClusterError(
+            f"Ray address {address!r} is a dashboard / job-server URL: pass it to "
+            "`ray job submit` (RAY_ADDRESS there), and give this tool the cluster's GCS "
+            "address (host:6379) or a Ray Client address (ray://host:10001)")
+    hp = _host_port(address)
+    if hp is None:
+        raise ClusterError(f"Ray address {address!r} is not host:port, ray://host:port or "
+                           "'auto'")
+    host, port = hp
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except socket.gaierror as e:
+        raise ClusterError(f"cannot reach the Ray cluster at {address!r}: unknown host "
+                           f"{host!r} ({e.strerror})") from None
+    except OSError as e:
+        why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+        raise ClusterError(f"cannot reach the Ray cluster at {address!r}: {why} (is the head "
+                           "node up, and is this its GCS port, 6379 by default?)") from None
+
+
 def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
     """Connect to the cluster in ``address`` / ``RAY_ADDRESS``, or start a local one.
 
-    A driver already connected (tests, Ray Jobs) is left as it is. A local instance starts its
-    worker processes with torch and safelora_ray imported (``RAY_preload_python_modules``,
-    unless set already), so the first actors need not wait for those imports.
+    A driver already connected (tests, Ray Jobs) is left as it is. A wrong address fails
+    within :data:`CONNECT_TIMEOUT_S` with a message naming it (Ray alone retries for
+    minutes). A local instance starts its worker processes with torch and safelora_ray
+    imported (``RAY_preload_python_modules``, unless set already), so the first actors need
+    not wait for those imports.
+
+    Worker output is not forwarded to the driver: workers' log records travel back with their
+    results and are emitted here, in order, once (see :mod:`safelora_ray.workers`).
+
+    Raises:
+        ClusterError: the cluster cannot be reached or connected to in time.
     """
     global _local_env, _local_job
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True}
+    kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False}
     if address is None:
         kwargs["include_dashboard"] = False
+    else:
+        probe_address(address)
     kwargs.update(init_kwargs)
     logger.info("connecting to Ray at %s", address or "a new local instance")
     preset = PRELOAD_ENV in os.environ
     if address is None and not preset:
         os.environ[PRELOAD_ENV] = PRELOAD_MODULES  # read by the node processes ray.init starts
     try:
-        ray.init(address=address, **kwargs)
+        if address is None:
+            ray.init(**kwargs)
+        else:
+            _init_bounded(address, kwargs)
     finally:
         if not preset:
             os.environ.pop(PRELOAD_ENV, None)
     if address is None:
         _local_env, _local_job = _forwarded_env(), ray.get_runtime_context().get_job_id()
+
+
+def _init_bounded(address: str, kwargs: dict[str, Any]) -> None:
+    """``ray.init(address)`` given :data:`CONNECT_TIMEOUT_S`: something that accepts TCP but
+    is no Ray head (or a head that never answers) must not hang the run."""
+    import threading
+
+    from safelora_ray.errors import ClusterError
+
+    box: dict[str, BaseException | None] = {}
+
+    def connect() -> None:
+        try:
+            ray.init(address=address, **kwargs)
+            box["error"] = None
+        except BaseException as e:
+            box["error"] = e
+
+    t = threading.Thread(target=connect, name="safelora-ray-connect", daemon=True)
+    t.start()
+    t.join(CONNECT_TIMEOUT_S)
+    if "error" not in box:
+        raise ClusterError(f"could not connect to the Ray cluster at {address!r} within "
+                           f"{CONNECT_TIMEOUT_S:.0f} s (it accepts connections but does not "
+                           "answer as a Ray head)")
+    err = box["error"]
+    if err is not None:
+        raise ClusterError(f"could not connect to the Ray cluster at {address!r}: "
+                           f"{type(err).__name__}: {err}") from err
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from safelora_ray.storage import Storage
 
 if TYPE_CHECKING:
     from safelora_ray.formats.alignment_set import AlignmentSet
-    from safelora_ray.sanitize import SanitizeResult
+    from safelora_ray.pipelines.sanitize import SanitizeResult
 
 logger = logging.getLogger(__name__)
 

@@ -28,6 +28,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import ray
@@ -76,6 +77,7 @@ class WorkerContext:
 
     def __init__(self, device: str) -> None:
         self.device = device
+        self._cancelled: set[str] = set()
         self._slots: dict[str, tuple[Hashable, Any]] = {}
         self._locks: collections.defaultdict[str, threading.Lock] = collections.defaultdict(
             threading.Lock)
@@ -98,6 +100,15 @@ class WorkerContext:
             obj = factory()
             self._slots[slot] = (key, obj)
             return obj
+
+    def cancel(self, token: str) -> None:
+        """Ask the tasks of run ``token`` to stop at their next safe point (after the adapter
+        or module in progress): an interrupted run leaves nothing half-written."""
+        self._cancelled.add(token)
+
+    def cancelled(self, token: str) -> bool:
+        """Whether run ``token`` was cancelled (tasks poll this between units of work)."""
+        return token in self._cancelled
 
     def peek(self, slot: str) -> tuple[Hashable, Any] | None:
         """``(key, object)`` held in ``slot``, or None."""
@@ -156,22 +167,80 @@ def _configure_process(num_gpus: float) -> str:
 #: build shard's files are read in order by one prefetch thread); ``batch`` runs two (one
 #: batch reads and writes, I/O releasing the GIL, while the other computes).
 GROUPS = {"stream": 1, "batch": 2}
+#: Cancellation reaches a worker through its own group, never queued behind the work.
+CONTROL_GROUP = "control"
+#: Log records relayed per call at most (a task that logs in a loop must not flood the driver).
+MAX_RELAYED = 200
 
 
-@ray.remote(max_restarts=2, max_task_retries=2, concurrency_groups=GROUPS)
+class _Relay(logging.Handler):
+    """Collects the ``safelora_ray`` log records a call emits in its own thread, to send them
+    back with its result: the driver prints them in order, once, and never after its final
+    summary (Ray's own log forwarding is asynchronous and prints every line with a prefix)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._local = threading.local()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        buf = getattr(self._local, "records", None)
+        if buf is not None and len(buf) < MAX_RELAYED:
+            buf.append((record.name, record.levelno, record.getMessage()))
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[list[tuple[str, int, str]]]:
+        self._local.records = records = []
+        try:
+            yield records
+        finally:
+            self._local.records = None
+
+
+@dataclass(frozen=True)
+class Relayed:
+    """A worker call's result and the log records it emitted."""
+
+    result: Any
+    records: list[tuple[str, int, str]]
+
+
+def relay(records: Sequence[tuple[str, int, str]]) -> None:
+    """Emit a worker's log records here, under their own logger names."""
+    for name, level, message in records:
+        logging.getLogger(name).log(level, "%s", message)
+
+
+@ray.remote(max_restarts=2, max_task_retries=2,
+            concurrency_groups={**GROUPS, CONTROL_GROUP: 1})
 class SafeLoraWorker:
-    """A worker process: runs task functions (``fn(context, *args)``) for the pipelines."""
+    """A worker process: runs task functions (``fn(context, *args)``) for the pipelines.
 
-    def __init__(self, num_gpus: float) -> None:
+    Args:
+        num_gpus: The GPU share it was given (0: a CPU worker).
+        log_level: The driver's ``safelora_ray`` log level (``--log-level`` reaches workers).
+    """
+
+    def __init__(self, num_gpus: float, log_level: int = logging.INFO) -> None:
+        pkg = logging.getLogger("safelora_ray")
+        pkg.setLevel(log_level)
+        self._relay = _Relay()
+        pkg.addHandler(self._relay)
         self.core = WorkerCore(_configure_process(num_gpus))
 
     def ready(self) -> str:
         """The device this worker computes on (answers once the process is up)."""
         return self.core.device
 
-    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def call(self, fn: Callable[..., Any], *args: Any) -> Relayed:
         """Run ``fn(context, *args)`` (dispatched into a group with ``.options``)."""
-        return self.core.call(fn, *args)
+        with self._relay.capture() as records:
+            result = self.core.call(fn, *args)
+        return Relayed(result, records)
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def cancel(self, token: str) -> None:
+        """Stop the tasks of run ``token`` at their next safe point."""
+        self.core.context.cancel(token)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,15 +262,16 @@ class WorkerSession:
     def acquire(self, res: WorkerResources, n: int, runtime_env: dict[str, Any]) -> list[Any]:
         """``n`` workers with resources ``res``: the running ones, plus new ones if needed."""
         cls = SafeLoraWorker  # looked up at call time (tests substitute a crashing class)
+        level = logging.getLogger("safelora_ray").getEffectiveLevel()
         key = (id(cls), res.num_cpus, res.num_gpus, json.dumps(runtime_env, sort_keys=True),
-               ray.get_runtime_context().get_job_id())
+               ray.get_runtime_context().get_job_id(), level)
         with self._lock:
             if key != self._key:
                 self._stop_locked()
                 self._key = key
                 self._start = lambda: cls.options(
                     num_cpus=res.num_cpus, num_gpus=res.num_gpus, runtime_env=runtime_env
-                ).remote(res.num_gpus)
+                ).remote(res.num_gpus, level)
             assert self._start is not None
             while len(self._actors) < n:
                 self._actors.append(self._start())
@@ -310,8 +380,38 @@ class RayExecutor:
         return ready[0]
 
     def result(self, handle: Any, timeout_s: float) -> Any:
-        """The call's return value; raises one of :data:`WORKER_LOST` if its worker died."""
-        return get_unwrapped(handle, timeout_s)
+        """The call's return value; raises one of :data:`WORKER_LOST` if its worker died.
+        The log records the call emitted on its worker are emitted here first."""
+        out = get_unwrapped(handle, timeout_s)
+        if isinstance(out, Relayed):
+            relay(out.records)
+            return out.result
+        return out
+
+    def cancel(self, token: str, timeout_s: float = 10.0) -> None:
+        """Ask every worker to stop the tasks of run ``token`` at their next safe point."""
+        refs = []
+        for a in self.actors:
+            with contextlib.suppress(Exception):
+                refs.append(a.cancel.remote(token))
+        with contextlib.suppress(Exception):
+            ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+
+    def drain(self, handles: Sequence[Any], timeout_s: float) -> list[Any]:
+        """Wait up to ``timeout_s`` for ``handles`` to finish (results ignored); returns those
+        still running."""
+        if not handles:
+            return []
+        _, left = ray.wait(list(handles), num_returns=len(handles), timeout=timeout_s)
+        return left
+
+    def stop(self, handles: Sequence[Any], timeout_s: float = 30.0) -> None:
+        """Kill the workers at once and wait (bounded) until ``handles``, their calls, have
+        ended: nothing of theirs writes after this returns."""
+        self.session.shutdown()
+        if handles:
+            with contextlib.suppress(Exception):
+                ray.wait(list(handles), num_returns=len(handles), timeout=timeout_s)
 
     def replace(self, i: int) -> None:
         """Put a fresh worker in place of worker ``i`` (after it died)."""
@@ -370,6 +470,19 @@ class InlineExecutor:
     def result(self, handle: cf.Future[Any], timeout_s: float) -> Any:
         return handle.result(timeout=timeout_s)
 
+    def cancel(self, token: str, timeout_s: float = 10.0) -> None:
+        self.core.context.cancel(token)
+
+    def drain(self, handles: Sequence[cf.Future[Any]], timeout_s: float) -> list[Any]:
+        for h in handles:
+            h.cancel()  # not started yet: never will
+        _, left = cf.wait(handles, timeout=timeout_s)
+        return list(left)
+
+    def stop(self, handles: Sequence[cf.Future[Any]], timeout_s: float = 30.0) -> None:
+        # Threads cannot be killed; cancelled calls stop after the unit in progress.
+        cf.wait(handles, timeout=timeout_s)
+
     def replace(self, i: int) -> None:  # pragma: no cover - a thread cannot die alone
         raise AssertionError("in-process workers are never replaced")
 
@@ -383,6 +496,29 @@ class InlineExecutor:
 
 
 Executor = RayExecutor | InlineExecutor
+
+#: Seconds an interrupted run waits for the calls in flight to reach a safe point.
+INTERRUPT_GRACE_S = float(os.environ.get("SAFELORA_INTERRUPT_GRACE_S", "30"))
+
+
+def wind_down(ex: Executor, token: str, handles: Sequence[Any],
+              grace_s: float = INTERRUPT_GRACE_S) -> None:
+    """After Ctrl-C: ask run ``token``'s tasks to stop at their next safe point, wait for the
+    calls in flight (``handles``, at most ``grace_s``; a second Ctrl-C cuts it short), then
+    stop the workers and wait until none of them can write any more. Afterwards nothing of
+    the run is half-written, and no worker writes behind the driver's back."""
+    logger.warning("interrupted: letting the work in progress reach a safe point (at most "
+                   "%.0f s; Ctrl-C again to stop at once)", grace_s)
+    left = list(handles)
+    try:
+        ex.cancel(token)
+        left = ex.drain(left, grace_s)
+    except KeyboardInterrupt:
+        pass
+    try:
+        ex.stop(left)
+    except KeyboardInterrupt:
+        ex.stop(left, timeout_s=5.0)
 
 
 def cluster_configured(ray_address: str | None) -> bool:
@@ -433,4 +569,4 @@ def open_executor(res: WorkerResources, use_gpu: bool | None,
 __all__ = ["GROUPS", "INLINE_MAX_ADAPTERS", "INLINE_MAX_BUILD_BYTES", "WORKER_LOST",
            "InlineExecutor", "RayExecutor", "SafeLoraWorker", "WorkerContext", "WorkerCore",
            "WorkerSession",
-           "in_process", "open_executor", "resolve_workers", "worker_session"]
+           "in_process", "open_executor", "resolve_workers", "wind_down", "worker_session"]

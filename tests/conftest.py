@@ -1,10 +1,15 @@
-"""Shared fixtures: an S3 server (moto over real HTTP) and an offline Hugging Face Hub cache."""
+"""Shared fixtures: an S3 server (moto over real HTTP), an offline Hugging Face Hub cache, a
+local Ray per module; and Ray's token, temp files and logs kept inside the test run's own
+temp dir, never in the user's ``~/.ray`` or ``/tmp/ray``."""
 
 from __future__ import annotations
 
 import logging
 import os
 import pathlib
+import secrets
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -12,6 +17,40 @@ from typing import Any
 import pytest
 
 logger = logging.getLogger(__name__)
+
+#: Ray's default token file, which a new local Ray writes when no token is configured.
+HOME_TOKEN = pathlib.Path.home() / ".ray" / "auth_token"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ray_isolation() -> Iterator[pathlib.Path]:
+    """Every Ray the tests start (in this process, in CLI subprocesses, ``ray start``) keeps
+    its token, temp files and logs in one short temp dir of this run (Unix socket paths are
+    limited to ~107 bytes, so not under pytest's long tmp paths).
+
+    Ray 2.60 turns token auth on for a new local instance and, without a token, writes one to
+    ``~/.ray/auth_token``; a stray token there later turns auth on for the user's own
+    ``ray start --head``. ``RAY_AUTH_TOKEN_PATH`` points Ray at this run's token instead.
+
+    Yields:
+        The temp dir (``RAY_TMPDIR``).
+    """
+    had_home_token = HOME_TOKEN.exists()
+    root = pathlib.Path(tempfile.mkdtemp(prefix="slr-ray-", dir="/tmp"))
+    token = root / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+        mp.setenv("RAY_TMPDIR", str(root))
+        mp.delenv("RAY_AUTH_TOKEN", raising=False)
+        mp.delenv("RAY_ADDRESS", raising=False)
+        try:
+            yield root
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    if not had_home_token and HOME_TOKEN.exists():
+        pytest.fail(f"the tests wrote Ray's token to {HOME_TOKEN}: keep it in RAY_AUTH_TOKEN_PATH")
 
 
 @pytest.fixture(scope="session")
@@ -75,18 +114,20 @@ def hf_cache(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib
 
 
 @pytest.fixture(scope="module")
-def ray_local(s3_server: str) -> Iterator[None]:
+def ray_local(s3_server: str, ray_isolation: pathlib.Path) -> Iterator[None]:
     """A real local Ray for one test module (2 CPUs, a small object store).
 
     Depends on ``s3_server`` so that the workers inherit the AWS settings of the moto server.
-    Started as the product starts a local Ray (``ensure_ray``: preloaded worker processes).
+    Started as the product starts a local Ray (``ensure_ray``: preloaded worker processes),
+    its temp files under this run's temp dir.
     """
     import ray
 
     from safelora_ray.ray_utils import ensure_ray
 
     ensure_ray(num_cpus=2, object_store_memory=150 * 1024**2, include_dashboard=False,
-               log_to_driver=False, configure_logging=False)
+               log_to_driver=False, configure_logging=False,
+               _temp_dir=tempfile.mkdtemp(prefix="m-", dir=ray_isolation))
     try:
         yield
     finally:

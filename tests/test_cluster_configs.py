@@ -452,29 +452,10 @@ _CMD = re.compile(r"(?<![\w/.-])python3? (jobs/[\w.-]+\.py)(?![\w.-])")
 _SUBST_DATE = re.compile(r"\$\([^()]*date[^()]*\)")
 _SUBST_OTHER = re.compile(r"\$\([^()]*\)|\$\{[^}]*\}|\$[A-Za-z_]\w*")
 
-# jobs/nightly.py takes --config PATH, --run-id ID, --dry-run (safelora_ray.nightly, written
-# alongside these files); used only when that module or its parser cannot be imported.
-_NIGHTLY_FALLBACK_FLAGS = {"--config": True, "--run-id": True, "--dry-run": False}
-
-
-def _nightly_parser() -> argparse.ArgumentParser:
-    try:
-        from safelora_ray.nightly import build_parser
-    except ImportError:
-        p = argparse.ArgumentParser(prog="nightly.py")
-        for flag, takes_value in _NIGHTLY_FALLBACK_FLAGS.items():
-            if takes_value:
-                p.add_argument(flag, required=flag == "--config")
-            else:
-                p.add_argument(flag, action="store_true")
-        return p
-    return build_parser()
-
-
 PARSERS: dict[str, Callable[[list[str]], argparse.Namespace]] = {
     "jobs/build_alignment.py": lambda a: cli_build_parser().parse_args(["build", *a]),
     "jobs/sanitize_catalog.py": lambda a: cli_build_parser().parse_args(["sanitize", *a]),
-    "jobs/nightly.py": lambda a: _nightly_parser().parse_args(a),
+    "jobs/nightly.py": lambda a: cli_build_parser().parse_args(["nightly", *a]),
 }
 
 

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from safelora_ray import BuildConfig, build
+from safelora_ray.pipelines.sanitize import SanitizeResult
 from safelora_ray.ray_utils import worker_runtime_env
-from safelora_ray.sanitize import SanitizeResult
 from tests.s3_fault_proxy import KINDS, FaultSchedule, S3FaultProxy, wait_for
 from tests.test_reliability import (
     World,

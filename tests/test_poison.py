@@ -38,7 +38,7 @@ def test_poison_adapter_fails_alone(tmp_path, monkeypatch):
     # here so Ray ships it by value; few restarts keep the test short.
     @ray.remote(max_restarts=1, max_task_retries=1, concurrency_groups=workers_mod.GROUPS)
     class Crashy:
-        def __init__(self, num_gpus):
+        def __init__(self, num_gpus, log_level=None):
             self.core = workers_mod.WorkerCore("cpu")
 
         def call(self, fn, job, refs):

@@ -51,7 +51,7 @@ from safelora_ray.formats.checkpoint import Checkpoint
 from safelora_ray.formats.peft_adapter import read_adapter
 from safelora_ray.nightly import NightlyConfig
 from safelora_ray.nightly import main as nightly_main
-from safelora_ray.sanitize import SanitizeConfig, SanitizeResult, ledger_path, sanitize
+from safelora_ray.pipelines.sanitize import SanitizeConfig, SanitizeResult, ledger_path, sanitize
 from safelora_ray.storage import open_storage
 from safelora_ray.storage.local import LocalStorage
 from tests.factory import Arch, aligned_from, llama_tensors, write_checkpoint

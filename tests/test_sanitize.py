@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 from safelora_ray import BuildConfig, build
 from safelora_ray.cli import main as cli_main
 from safelora_ray.formats.peft_adapter import adapter_digest, read_adapter
-from safelora_ray.sanitize import SanitizeConfig, SanitizeResult, ledger_path, sanitize
+from safelora_ray.pipelines.sanitize import SanitizeConfig, SanitizeResult, ledger_path, sanitize
 from safelora_ray.storage import open_storage
 from tests.adapters import (
     edit_config,
@@ -1019,15 +1019,15 @@ def test_exit_code_2_argparse(tmp_path: Path, qv_catalog: Catalog, extra: list[s
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--num-proj-layers", "0"], "num_proj_layers must be ≥ 1"),
-    (["--num-proj-layers", "-2"], "num_proj_layers must be ≥ 1"),
-    (["--threshold", "nan"], "threshold must be a finite number"),
-    (["--threshold", "inf"], "threshold must be a finite number"),
-    (["--threshold", "0.3", "--strict-k"], "strict_k needs num_proj_layers"),
-    (["--threshold", "0.3", "--batch-size", "0"], "batch_size must be ≥ 1"),
-    (["--threshold", "0.3", "--max-in-flight", "0"], "max_in_flight must be ≥ 1"),
-    (["--threshold", "0.3", "--workers", "-1"], "workers must be ≥ 0"),
-    (["--threshold", "0.3", "--run-id", "../x"], "run_id"),
+    (["--num-proj-layers", "0"], "--num-proj-layers must be ≥ 1"),
+    (["--num-proj-layers", "-2"], "--num-proj-layers must be ≥ 1"),
+    (["--threshold", "nan"], "--threshold must be a finite number"),
+    (["--threshold", "inf"], "--threshold must be a finite number"),
+    (["--threshold", "0.3", "--strict-k"], "--strict-k needs --num-proj-layers"),
+    (["--threshold", "0.3", "--batch-size", "0"], "--batch-size must be ≥ 1"),
+    (["--threshold", "0.3", "--max-in-flight", "0"], "--max-in-flight must be ≥ 1"),
+    (["--threshold", "0.3", "--workers", "-1"], "--workers must be ≥ 0"),
+    (["--threshold", "0.3", "--run-id", "../x"], "--run-id"),
 ])
 def test_exit_code_2_bad_values(tmp_path: Path, qv_catalog: Catalog, extra: list[str],
                                 message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -1071,10 +1071,10 @@ def test_a_batch_run_again_in_the_same_run_reports_ok(tmp_path: Path,
     """Ray reruns a batch whose reply was lost with its worker: the adapters it finds done by
     this same run are reported ok (sanitized once, now), not skipped; another run skips them."""
     from safelora_ray.catalog import iter_catalog
-    from safelora_ray.sanitize import FleetSanitizer
+    from safelora_ray.pipelines.sanitize import FleetSanitizer
 
     refs = [r for r in iter_catalog(str(qv_catalog.root)) if not isinstance(r, tuple)]
-    sel = SanitizeConfig(alignment="x", adapters="x", out="x", threshold=0.35).selection
+    sel = SanitizeConfig(alignment="/x", adapters="/y", out="/z", threshold=0.35).selection
     out = str(tmp_path / "out")
 
     def process(run_id: str) -> list[dict[str, Any]]:

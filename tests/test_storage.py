@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from safelora_ray.errors import NotFoundError, StorageError
+from safelora_ray.errors import ConfigError, NotFoundError, StorageError
 from safelora_ray.storage import hf as hf_mod
 from safelora_ray.storage.base import Storage, open_storage
 from safelora_ray.storage.hf import HfStorage
@@ -475,7 +475,7 @@ def test_s3_uri_endpoint_and_client(s3: S3Storage, s3_server: str, s3_bucket: st
     assert s3.uri == f"s3://{s3_bucket}/pre"
     assert open_storage(f"s3://{s3_bucket}/").uri == f"s3://{s3_bucket}"
     assert open_storage(f"s3://{s3_bucket}/a/b/").uri == f"s3://{s3_bucket}/a/b"
-    with pytest.raises(StorageError, match="bucket"):
+    with pytest.raises(ConfigError, match="bucket"):
         open_storage("s3://")
     clients: list[object] = []
     barrier = threading.Barrier(8)

@@ -18,7 +18,6 @@ import hashlib
 import itertools
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -26,14 +25,14 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from safelora_ray.catalog import AdapterRef, iter_catalog
+from safelora_ray.catalog import CONFIG_FILE, AdapterRef, is_manifest, iter_catalog
+from safelora_ray.checks import check_at_least, check_positive, check_selection, flag
 from safelora_ray.errors import (
     AdapterError,
     AlignmentSetError,
@@ -50,9 +49,11 @@ from safelora_ray.math_core import (
     pdst,
     select_modules,
 )
+from safelora_ray.progress import Progress
 from safelora_ray.redact import redact
 from safelora_ray.reports import ReportWriter
 from safelora_ray.storage import Storage, open_storage
+from safelora_ray.storage.base import check_uri, join_uri, overlap, refuse_overlap
 from safelora_ray.storage.local import STAGING_PREFIX, TMP_PREFIX, TRASH_PREFIX, LocalStorage
 from safelora_ray.workers import (
     INLINE_MAX_ADAPTERS,
@@ -60,6 +61,7 @@ from safelora_ray.workers import (
     WorkerContext,
     open_executor,
     resolve_workers,
+    wind_down,
 )
 
 logger = logging.getLogger(__name__)
@@ -95,6 +97,8 @@ class SanitizeConfig:
         task_timeout_s: Longest one batch may take.
         max_adapter_bytes: Largest adapter weights file read into memory.
         ray_address: Cluster address; None = ``RAY_ADDRESS`` or a new local Ray.
+        allow_empty: A catalog with no adapters is an error (a mistyped catalog would
+            otherwise make a run that silently does nothing) unless this is set.
     """
 
     alignment: str
@@ -114,26 +118,29 @@ class SanitizeConfig:
     task_timeout_s: float = 1800.0
     max_adapter_bytes: int = 4 * 1024**3
     ray_address: str | None = None
+    allow_empty: bool = False
 
     def __post_init__(self) -> None:
-        if (self.threshold is None) == (self.num_proj_layers is None):
-            raise ConfigError("give exactly one of --threshold or --num-proj-layers")
-        if self.threshold is not None and not math.isfinite(self.threshold):
-            raise ConfigError(f"threshold must be a finite number, got {self.threshold}")
-        if self.num_proj_layers is not None and self.num_proj_layers < 1:
-            raise ConfigError(f"num_proj_layers must be ≥ 1, got {self.num_proj_layers}")
-        if self.strict_k and self.num_proj_layers is None:
-            raise ConfigError("strict_k needs num_proj_layers")
+        check_selection(self.threshold, self.num_proj_layers, self.strict_k)
         for name in ("batch_size", "max_in_flight", "workers_per_gpu"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be ≥ 1")
-        if self.workers is not None and self.workers < 0:
-            raise ConfigError(f"workers must be ≥ 0 (0 = in this process), got {self.workers}")
+            check_at_least(getattr(self, name), name, 1)
+        if self.workers is not None:
+            check_at_least(self.workers, "workers", 0, " (0 = in this process)")
+        check_positive(self.task_timeout_s, "timeout")
         if self.run_id is None:
             now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
             self.run_id = f"{now}-{uuid.uuid4().hex[:6]}"
         elif not self.run_id.replace("-", "").replace("_", "").replace(".", "").isalnum():
-            raise ConfigError(f"run_id {self.run_id!r} may only use letters, digits, . _ -")
+            raise ConfigError(f"--run-id {self.run_id!r} may only use letters, digits, . _ -")
+        for name in ("alignment", "adapters", "out"):
+            check_uri(getattr(self, name), flag(name))
+        # Inputs are never written, and outputs never become inputs of the next run.
+        if not is_manifest(self.adapters):
+            refuse_overlap(self.out, "--out", self.adapters, "--adapters",
+                           "sanitized adapters would overwrite the originals or become "
+                           "catalog entries of the next run")
+        refuse_overlap(self.out, "--out", self.alignment, "--alignment",
+                       "the run would write into the alignment set")
 
     @property
     def selection(self) -> dict[str, Any]:
@@ -282,6 +289,18 @@ class FleetSanitizer:
             return None
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
+    def _check_owner(self, ledger: dict[str, Any] | None, ref: AdapterRef) -> None:
+        """Refuse to overwrite another adapter's output that has the same id (ids are relative
+        to each catalog: two catalogs into one ``--out`` would overwrite each other)."""
+        theirs, ours = (ledger or {}).get("source"), _source_uri(ref)
+        if self.force or not theirs or theirs == ours:
+            return
+        raise AdapterError(
+            f"adapter {ref.adapter_id!r}: {self.out.describe(ref.adapter_id)} already holds "
+            f"the sanitized output of {theirs}, not of {ours}: two catalogs write into one "
+            "--out (adapter ids are relative to each catalog); give each catalog its own "
+            "--out, or pass --force to replace it")
+
     def _done(self, ledger: dict[str, Any] | None, key: dict[str, str | None],
               ref: AdapterRef) -> bool:
         if self.force or not ledger or ledger.get("key") != key:
@@ -289,20 +308,32 @@ class FleetSanitizer:
         return self.out.exists(f"{ref.adapter_id}/adapter_config.json")
 
     # -- the work --------------------------------------------------------------------------
-    def process(self, refs: Sequence[AdapterRef]) -> dict[str, Any]:
+    def process(self, refs: Sequence[AdapterRef],
+                cancelled: Callable[[], bool] | None = None) -> dict[str, Any]:
         """Sanitize one batch; never raises for a bad adapter (it becomes an error row).
+
+        Args:
+            refs: The adapters.
+            cancelled: Polled before each adapter is read and before each is written: once
+                it says so, the rest of the batch is left alone (status ``cancelled``), so an
+                interrupted run stops after the adapter in progress, never inside one.
 
         Returns:
             ``{"adapters": [row, ...], "layers": [row, ...]}``.
         """
+        stop = cancelled or (lambda: False)
         t_batch = time.perf_counter()
         rows: dict[str, dict[str, Any]] = {}
         loaded: dict[str, tuple[AdapterRef, Adapter, str | None, float]] = {}
         for ref in refs:
+            if stop():
+                rows[ref.adapter_id] = {**_base_row(ref), "status": "cancelled"}
+                continue
             t0 = time.perf_counter()
             row = rows[ref.adapter_id] = _base_row(ref)
             try:
                 ledger = self._read_ledger(ref.adapter_id)
+                self._check_owner(ledger, ref)
                 fp = self._fingerprint(ref)
                 # Same object versions as last time: skip without downloading the weights.
                 if ledger and fp and ledger.get("fingerprint") == fp and self._done(
@@ -335,6 +366,9 @@ class FleetSanitizer:
             share = (time.perf_counter() - t0) / len(loaded)  # batch compute, per adapter
             for adapter_id, (ref, adapter, fp, read_s) in loaded.items():
                 row = rows[adapter_id]
+                if stop():
+                    row["status"] = "cancelled"
+                    continue
                 try:
                     layers.extend(self._finish(ref, adapter, fp, projected[adapter_id],
                                                scores[adapter_id], row))
@@ -425,6 +459,13 @@ class FleetSanitizer:
             strict=bool(sel.get("strict", False)),
         )
         new_b = {m: cbs[m] for m in chosen}
+        notes = []
+        if adapter.modules_to_save:
+            notes.append("modules_to_save left as is: " + ",".join(adapter.modules_to_save))
+        k = sel.get("num_proj_layers")
+        if k is not None and k >= len(scores):
+            notes.append(f"--num-proj-layers {k} ≥ its {len(scores)} module(s): every module "
+                         "was projected (the number is per adapter)")
         compute_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         tmp = tempfile.mkdtemp(prefix="safelora-adapter-")
@@ -454,9 +495,7 @@ class FleetSanitizer:
             status="ok", modules=len(scores), projected=len(chosen), pdst=pdst(dists),
             output_digest=out_digest, bytes_out=bytes_out, compute_s=round(compute_s, 4),
             write_s=round(time.perf_counter() - t1, 4),
-            untouched=len(adapter.untouched),
-            note=("modules_to_save left as is: " + ",".join(adapter.modules_to_save)
-                  if adapter.modules_to_save else None),
+            untouched=len(adapter.untouched), note="; ".join(notes) or None,
         )
         layers = []
         for m, s in scores.items():
@@ -518,7 +557,8 @@ def sanitize_batch(ctx: WorkerContext, job: SanitizeJob,
                               ctx.device, job.force, job.max_adapter_bytes, matrices=cache,
                               run_id=job.run_id)
 
-    return ctx.resident(SANITIZER_SLOT, job, sanitizer).process(refs)
+    return ctx.resident(SANITIZER_SLOT, job, sanitizer).process(
+        refs, cancelled=lambda: ctx.cancelled(job.run_id))
 
 
 def _source_uri(ref: AdapterRef) -> str:
@@ -559,7 +599,8 @@ def _fail(row: dict[str, Any], e: BaseException) -> None:
         tb = traceback.extract_tb(e.__traceback__)
         where = f" at {tb[-1].filename}:{tb[-1].lineno}" if tb else ""
         row["error"] = redact(f"adapter {row['adapter_id']!r}: {type(e).__name__}: {e}{where}")
-    logger.warning("%s", row["error"])
+    # Printed once, by the driver's summary (and kept in the reports); not here as well.
+    logger.debug("%s", row["error"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -613,6 +654,33 @@ def sweep_stale_writes(out: Storage) -> int:
     return removed
 
 
+def _count_in_background(catalog: str, bar: Progress) -> None:
+    """List the catalog a second time in a thread, to give the progress report its total
+    (the run itself streams the catalog, never holding it whole)."""
+
+    def count() -> None:
+        try:
+            bar.set_total(sum(1 for _ in iter_catalog(catalog)))
+        except Exception as e:  # only the progress report loses its total
+            logger.debug("could not count the catalog %s: %s", catalog, e)
+
+    threading.Thread(target=count, name="safelora-count", daemon=True).start()
+
+
+def _apart_from(items: Iterator[AdapterRef | tuple[str, str]],
+                out: str) -> Iterator[AdapterRef | tuple[str, str]]:
+    """A manifest's entries, each refused when it lies inside ``out`` or contains it."""
+    for item in items:
+        if isinstance(item, AdapterRef):
+            where = join_uri(item.uri, item.prefix)
+            rel = overlap(where, out)
+            if rel is not None:
+                how = {"same": "is", "inside": "lies inside", "contains": "contains"}[rel]
+                item = (item.adapter_id, f"adapter {item.adapter_id!r}: {where} {how} --out "
+                                         f"{out}: its output would overwrite the input")
+        yield item
+
+
 def _batches(items: Iterator[AdapterRef | tuple[str, str]], size: int,
              on_invalid) -> Iterator[list[AdapterRef]]:
     batch: list[AdapterRef] = []
@@ -645,7 +713,14 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
     sweep_stale_writes(out)
     # A look at the catalog's head says whether it is small enough for this process.
     items = iter_catalog(config.adapters)
+    if is_manifest(config.adapters):  # a directory catalog was checked as a whole already
+        items = _apart_from(items, config.out)
     head = list(itertools.islice(items, INLINE_MAX_ADAPTERS + 1))
+    exhausted_head = len(head) <= INLINE_MAX_ADAPTERS
+    if not head and not config.allow_empty:
+        raise ConfigError(
+            f"--adapters {config.adapters}: no adapters found (no {CONFIG_FILE} under it); "
+            "pass --allow-empty if an empty catalog is expected")
     res = resolve_workers(config.workers, config.use_gpu, config.ray_address,
                           small=len(head) <= INLINE_MAX_ADAPTERS,
                           workers_per_gpu=config.workers_per_gpu)
@@ -673,8 +748,13 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
             result.bytes_out += row["bytes_out"]
             if status == "error" and len(result.errors) < 1000:
                 result.errors.append((row["adapter_id"], row["error"]))
+            k = config.num_proj_layers
+            if k is not None and status == "ok" and 0 < row["modules"] <= k:
+                all_by_k[0] += 1
         report.add(payload["adapters"], payload["layers"])
         bar.update(len(payload["adapters"]))
+
+    all_by_k = [0]  # adapters with at most --num-proj-layers modules: all projected
 
     def invalid(adapter_id: str, message: str) -> None:
         row = _base_row(AdapterRef(adapter_id, config.adapters, ""))
@@ -687,17 +767,22 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
         # poison adapter fails alone and its batch-mates (or an adapter that merely shared a
         # worker with it) do not.
         if not suspect:
+            logger.warning("a worker died (%s) with a batch of %d adapter(s) in flight; "
+                           "retrying each of them alone", type(e).__name__, len(batch))
             retry.extend([ref] for ref in batch)
             return
         row = _base_row(batch[0])
         row["error"] = (f"adapter {batch[0].adapter_id!r}: the worker died while sanitizing it "
                         f"({type(e).__name__}); the rest of the fleet went on")
-        logger.warning("%s", row["error"])
         record({"adapters": [row], "layers": []})
 
     logger.info("sanitizing %s with alignment set %s (%s) on %d %s worker(s) → %s",
                 config.adapters, aset.content_id, config.selection, ex.size, ex.kind, out.uri)
-    bar = tqdm(desc="sanitize", unit="adapter", disable=not config.progress)
+    bar = Progress("sanitize", "adapter", enabled=config.progress)
+    if exhausted_head:
+        bar.set_total(len(head))
+    elif config.progress:
+        _count_in_background(config.adapters, bar)
     pending: dict[Any, tuple[int, list[AdapterRef], bool]] = {}
     retry: collections.deque[list[AdapterRef]] = collections.deque()
     load = [0] * ex.size
@@ -744,6 +829,11 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
                 continue
             record(payload)
         ok = True
+    except KeyboardInterrupt:
+        # Adapters already written are in the ledger: the next run resumes after them.
+        report.abort()
+        wind_down(ex, config.run_id, list(pending))
+        raise
     except BaseException:
         report.abort()
         raise
@@ -756,6 +846,10 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
             sweep_stale_writes(out)
         except Exception as e:  # never mask the run's own outcome
             logger.warning("could not remove stale temp files under %s: %s", out.uri, e)
+    if all_by_k[0]:
+        logger.warning("%d adapter(s) have at most --num-proj-layers %d modules: every module of "
+                       "theirs was projected (the number counts per adapter)", all_by_k[0],
+                       config.num_proj_layers)
     result.duration_s = time.perf_counter() - t_start
     report.finish(out, report_prefix, result)
     logger.info("run %s: %d ok, %d skipped, %d failed in %.1f s; reports at %s", result.run_id,

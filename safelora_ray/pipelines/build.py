@@ -21,15 +21,15 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from safelora_ray._version import __version__
-from safelora_ray.errors import AlignmentSetError, CheckpointError, ConfigError
+from safelora_ray.checks import check_at_least, check_positive, flag
+from safelora_ray.errors import AlignmentSetError, CheckpointError, ConfigError, Interrupted
 from safelora_ray.formats.alignment_set import (
     FORMAT,
     FORMAT_VERSION,
@@ -54,12 +54,15 @@ from safelora_ray.plan import (
     plan_build,
     shard_modules,
 )
+from safelora_ray.progress import Progress
 from safelora_ray.storage import Storage, open_storage
+from safelora_ray.storage.base import check_uri, refuse_overlap
 from safelora_ray.workers import (
     INLINE_MAX_BUILD_BYTES,
     WorkerContext,
     open_executor,
     resolve_workers,
+    wind_down,
 )
 
 logger = logging.getLogger(__name__)
@@ -101,17 +104,20 @@ class BuildConfig:
 
     def __post_init__(self) -> None:
         self.targets = parse_targets(self.targets)
-        if self.workers is not None and self.workers < 0:
-            raise ConfigError(f"workers must be ≥ 0 (0 = in this process), got {self.workers}")
-        if self.max_file_bytes < 1:
-            raise ConfigError("max_file_bytes must be positive")
-        if self.prefetch < 1:
-            raise ConfigError("prefetch must be ≥ 1")
-        if self.task_timeout_s <= 0:
-            raise ConfigError("task_timeout_s must be positive")
+        if self.workers is not None:
+            check_at_least(self.workers, "workers", 0, " (0 = in this process)")
+        if isinstance(self.max_file_bytes, bool) or not isinstance(self.max_file_bytes, int) \
+                or self.max_file_bytes < 1:
+            raise ConfigError(f"--max-file-gb must be positive, got {self.max_file_bytes!r} bytes")
+        check_at_least(self.prefetch, "prefetch", 1)
+        check_positive(self.task_timeout_s, "timeout")
         for name in ("base", "aligned", "out"):
-            if not getattr(self, name):
-                raise ConfigError(f"{name} is required")
+            check_uri(getattr(self, name), flag(name))
+        # Never write into a source checkout (nor around one: its files would be listed as
+        # part of the set's folder).
+        for name in ("base", "aligned"):
+            refuse_overlap(self.out, "--out", getattr(self, name), flag(name),
+                           "the alignment set would be written into a source checkout")
 
 
 @dataclass
@@ -301,8 +307,12 @@ class ShardBuilder:
             assert item is not None
             yield item
 
-    def build_file(self, index: int) -> dict[str, Any]:
-        """Compute and publish output file ``index``; returns its manifest rows and timings."""
+    def build_file(self, index: int,
+                   cancelled: Callable[[], bool] | None = None) -> dict[str, Any]:
+        """Compute and publish output file ``index``; returns its manifest rows and timings.
+
+        ``cancelled`` is polled before each module: once it says so, the file is abandoned
+        unpublished (:class:`Interrupted`)."""
         fplan = self.files[index]
         layout = [(m.module, "F32", m.stored_shape) for m in fplan.modules]
         rows: list[ManifestRow] = []
@@ -312,6 +322,8 @@ class ShardBuilder:
         with self.out.writing_file(fplan.path) as tmp:
             with SafetensorsWriter(tmp, layout, {"format": FORMAT}) as writer:
                 for item in self._modules(index):
+                    if cancelled is not None and cancelled():
+                        raise Interrupted(f"build of {fplan.path} interrupted")
                     m = item.module
                     read_s += item.read_s
                     t0 = time.perf_counter()
@@ -366,7 +378,7 @@ def build_file(ctx: WorkerContext, build_id: str, files: Sequence[FilePlan], out
     """
     builder = ctx.resident(BUILD_SLOT, build_id,
                            lambda: ShardBuilder(files, out_uri, ctx.device, prefetch))
-    return builder.build_file(index)
+    return builder.build_file(index, cancelled=lambda: ctx.cancelled(build_id))
 
 
 def end_build(ctx: WorkerContext, build_id: str) -> None:
@@ -464,8 +476,8 @@ def build(config: BuildConfig) -> BuildResult:
     stats = {"read_s": 0.0, "compute_s": 0.0, "write_s": 0.0}
     fetched_by_worker: dict[int, int] = {}
     device = "cpu"
-    bar = tqdm(total=plan.input_bytes, unit="B", unit_scale=True, desc="build",
-               disable=not config.progress)
+    bar = Progress("build", "B", total=plan.input_bytes, unit_scale=True,
+                   enabled=config.progress)
     ok = False
     try:
         while pending:
@@ -481,6 +493,11 @@ def build(config: BuildConfig) -> BuildResult:
                 stats[k] += result[k]
             bar.update(result["input_bytes"])
         ok = True
+    except KeyboardInterrupt:
+        # Files already published stay (a rerun overwrites them); without alignment.json
+        # nothing reads them as a set.
+        wind_down(ex, build_id, list(pending))
+        raise
     finally:
         bar.close()
         if ok and not ex.owns_workers:
