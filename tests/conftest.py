@@ -42,6 +42,9 @@ def ray_isolation() -> Iterator[pathlib.Path]:
     token.chmod(0o600)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+        # Token auth on every Ray of the run, clients included (a client given an explicit
+        # address does not turn it on by itself).
+        mp.setenv("RAY_AUTH_MODE", "token")
         mp.setenv("RAY_TMPDIR", str(root))
         mp.delenv("RAY_AUTH_TOKEN", raising=False)
         mp.delenv("RAY_ADDRESS", raising=False)

@@ -37,7 +37,8 @@ def _free_port() -> int:
 def ray_head(s3_server, tmp_path_factory):
     """A real Ray head started with the CLI; yields the dashboard (job server) address."""
     port, dash = _free_port(), _free_port()
-    # Ray 2.60 enables token auth: the head and this client both use ~/.ray/auth_token.
+    # Ray 2.60 token auth, as the README describes it: the head and this client share the
+    # token of this test run (RAY_AUTH_TOKEN_PATH, set by conftest), never ~/.ray/auth_token.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_AUTH_MODE"] = "token"
     # A job's `python` is looked up on the head's PATH: make it this interpreter (CI runs
@@ -72,9 +73,13 @@ def ray_head(s3_server, tmp_path_factory):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
+            pass
+        # The whole process group (GCS, raylet, dashboard, workers): nothing of it may linger.
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=30)
         log.close()
 
