@@ -87,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
             ray_init_s = common.start_ray()
             import ray
 
-            from safelora_ray.ray_utils import plan_workers
+            from safelora_ray.workers import resolve_workers
 
-            res = plan_workers(args.workers, use_gpu)
+            res = resolve_workers(args.workers, use_gpu, None, small=False)
             threads = args.read_threads or 2 * res.num_workers
             cold = (common.checkpoint_files(pair["base"], pair["aligned"])
                     if args.cold else None)

@@ -432,7 +432,7 @@ def actor_startup_s(n: int | None, use_gpu: bool) -> float:
     fixed Ray cost every build / sanitize call pays before its first byte is read."""
     import ray
 
-    from safelora_ray.ray_utils import plan_workers
+    from safelora_ray.workers import resolve_workers
 
     @ray.remote
     class _Probe:
@@ -443,10 +443,10 @@ def actor_startup_s(n: int | None, use_gpu: bool) -> float:
         def ping(self) -> int:
             return os.getpid()
 
-    res = plan_workers(n, use_gpu)
+    plan = resolve_workers(n, use_gpu, None, small=False)
     t0 = time.perf_counter()
-    actors = [_Probe.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus).remote()
-              for _ in range(res.num_workers)]
+    actors = [_Probe.options(num_cpus=s.num_cpus, num_gpus=s.num_gpus).remote()
+              for s in plan.specs]
     ray.get([a.ping.remote() for a in actors])
     dt = time.perf_counter() - t0
     for a in actors:

@@ -242,22 +242,98 @@ def module_scores(a: torch.Tensor, b: torch.Tensor, cb: torch.Tensor) -> list[Mo
         b: B of each module, n x d_out x r.
         cb: C B of each module, n x d_out x r.
     """
+    return scores_from_sums(gram_sums(lora_gram(a), b, cb))
+
+
+def lora_gram(a: torch.Tensor) -> torch.Tensor:
+    """G = A Aᵀ in float64 for a stack of A (n x r x d_in): all the scores need of A."""
     a64 = a.to(torch.float64)
-    b64 = b.to(device=a.device, dtype=torch.float64)
-    w64 = cb.to(device=a.device, dtype=torch.float64)
-    g = a64 @ a64.transpose(1, 2)
+    return a64 @ a64.transpose(1, 2)
+
+
+def gram_sums(g: torch.Tensor, b: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
+    """The sums behind the scores of n modules, on ``cb``'s device: an n x 4 float64 tensor of
+    ``⟨BA, WA⟩``, ``‖BA‖²``, ``‖WA‖²`` and ``‖B − W‖_F`` (W = C B), from G = A Aᵀ.
+
+    Args:
+        g: G of each module, n x r x r (float64).
+        b: B of each module, n x d_out x r (any float dtype).
+        cb: C B of each module, n x d_out x r (the float32 product).
+    """
+    dev = cb.device
+    g64 = g.to(device=dev, dtype=torch.float64)
+    b64 = b.to(device=dev, dtype=torch.float64)
+    w64 = cb.to(torch.float64)
     bt = b64.transpose(1, 2)
     # tr(X G) with G symmetric = Σ (X ∘ G)
-    inner = ((bt @ w64) * g).sum(dim=(1, 2)).tolist()
-    nb2 = ((bt @ b64) * g).sum(dim=(1, 2)).tolist()
-    nw2 = ((w64.transpose(1, 2) @ w64) * g).sum(dim=(1, 2)).tolist()
-    dists = torch.linalg.vector_norm(b64 - w64, dim=(1, 2)).tolist()
+    inner = ((bt @ w64) * g64).sum(dim=(1, 2))
+    nb2 = ((bt @ b64) * g64).sum(dim=(1, 2))
+    nw2 = ((w64.transpose(1, 2) @ w64) * g64).sum(dim=(1, 2))
+    dist = torch.linalg.vector_norm(b64 - w64, dim=(1, 2))
+    return torch.stack([inner, nb2, nw2, dist], dim=1)
+
+
+def scores_from_sums(sums: torch.Tensor) -> list[ModuleScore]:
+    """:class:`ModuleScore` of each row of :func:`gram_sums`."""
     out = []
-    for ip, b2, w2, dist in zip(inner, nb2, nw2, dists, strict=True):
+    for ip, b2, w2, dist in sums.tolist():
         nb, nw = math.sqrt(max(b2, 0.0)), math.sqrt(max(w2, 0.0))
         cos = ip / (nb * nw) if nb > 0 and nw > 0 else float("nan")
         out.append(ModuleScore(cos, round_cos(cos), nb, nw, dist))
     return out
+
+
+def project_stack(matrix: AlignmentMatrix, b: torch.Tensor, g: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """C B and the score sums of n modules sharing one alignment matrix (one module of n
+    adapters), with a single matrix product for all of them.
+
+    Args:
+        matrix: The module's alignment matrix (on the compute device).
+        b: B of each adapter, n x d_out x r, in the adapters' dtype (any device).
+        g: G = A Aᵀ of each adapter, n x r x r, float64.
+
+    Returns:
+        ``(cb, sums)`` on the matrix's device: C B in B's dtype (as written; the cast is
+        elementwise, so casting the stack equals casting each adapter's columns), and the
+        n x 4 :func:`gram_sums` computed from the float32 product.
+    """
+    n, d_out, r = b.shape
+    dev = matrix.tensor.device
+    bd = b.to(dev, non_blocking=True)
+    flat = bd.to(torch.float32).permute(1, 0, 2).reshape(d_out, n * r)
+    cb = apply_fixed_width(matrix, flat).reshape(d_out, n, r).permute(1, 0, 2)
+    return cb.to(b.dtype), gram_sums(g, bd, cb)
+
+
+#: Narrowest product on the CPU: MKL computes products of fewer columns with another kernel
+#: (other float32 bits), so narrower ones are zero-padded to this width.
+MIN_CPU_COLUMNS = 16
+#: Width of every product on a GPU: cuBLAS picks its kernel (and split of the sums) by shape,
+#: so products are cut into chunks of exactly this many columns, the last one zero-padded.
+GPU_COLUMNS = 256
+
+
+def apply_fixed_width(matrix: AlignmentMatrix, b: torch.Tensor) -> torch.Tensor:
+    """``matrix.apply(b)`` (C B for d_out x N columns) with every column's float32 bits
+    independent of N and of the column's position: a column computes the same whether its
+    adapter is sanitized alone, in a batch, or coalesced with other workers' batches (so
+    reruns, in-process and distributed runs write the same bytes).
+
+    Within one matrix-product kernel and shape, a column's sums run in the same order
+    wherever it sits; only the kernel, chosen by shape, changes them. So the products are
+    given fixed shapes: at least :data:`MIN_CPU_COLUMNS` wide on the CPU, chunks of exactly
+    :data:`GPU_COLUMNS` on a GPU.
+    """
+    n = int(b.shape[1])
+    width = GPU_COLUMNS if b.device.type == "cuda" else max(MIN_CPU_COLUMNS, n)
+    if n == width:
+        return matrix.apply(b)
+    if n < width:
+        pad = torch.zeros(b.shape[0], width - n, dtype=b.dtype, device=b.device)
+        return matrix.apply(torch.cat([b, pad], dim=1))[:, :n]
+    return torch.cat([apply_fixed_width(matrix, b[:, i:i + width])
+                      for i in range(0, n, width)], dim=1)
 
 
 def round_cos(cos: float) -> float:

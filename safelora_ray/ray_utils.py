@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -127,6 +125,10 @@ def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
     global _local_env, _local_job
     if ray.is_initialized():
         return
+    if not _tty():
+        # Ray prints its own notices (a worker or node that died) with colour codes: not
+        # into a log file.
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False}
     if address is None:
@@ -140,7 +142,9 @@ def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
         os.environ[PRELOAD_ENV] = PRELOAD_MODULES  # read by the node processes ray.init starts
     try:
         if address is None:
-            ray.init(**kwargs)
+            # A new private instance, even if a `ray start` cluster runs on this machine (Ray
+            # would join that one): no address configured means a local Ray of our own.
+            ray.init(address="local", **kwargs)
         else:
             _init_bounded(address, kwargs)
     finally:
@@ -148,6 +152,15 @@ def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
             os.environ.pop(PRELOAD_ENV, None)
     if address is None:
         _local_env, _local_job = _forwarded_env(), ray.get_runtime_context().get_job_id()
+
+
+def _tty() -> bool:
+    import sys
+
+    try:
+        return sys.stdout.isatty() and sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _init_bounded(address: str, kwargs: dict[str, Any]) -> None:
@@ -177,60 +190,6 @@ def _init_bounded(address: str, kwargs: dict[str, Any]) -> None:
     if err is not None:
         raise ClusterError(f"could not connect to the Ray cluster at {address!r}: "
                            f"{type(err).__name__}: {err}") from err
-
-
-@dataclass(frozen=True)
-class WorkerResources:
-    """What one worker actor asks of the scheduler and where it computes."""
-
-    num_workers: int
-    num_cpus: float
-    num_gpus: float
-
-    @property
-    def uses_gpu(self) -> bool:
-        return self.num_gpus > 0
-
-
-def plan_workers(
-    requested: int | None, use_gpu: bool | None, cpus_per_worker: float = 1.0,
-    workers_per_gpu: int = 1,
-) -> WorkerResources:
-    """Decide how many worker actors to start and what each asks for.
-
-    Args:
-        requested: Number of workers, or None for ``workers_per_gpu`` per GPU (GPU clusters)
-            or one per ``cpus_per_worker`` CPUs.
-        use_gpu: True/False to force; None uses GPUs when the cluster has any.
-        cpus_per_worker: CPUs a CPU worker takes.
-        workers_per_gpu: GPU workers sharing one GPU (each takes ``1/workers_per_gpu`` of
-            it): sanitizing is bound by each worker's Python (reading, checking, writing
-            adapters), not by the GPU, so several processes per GPU go faster.
-
-    GPU workers take a fractional CPU (0.25): a whole CPU each would starve the driver and
-    the readers on small nodes and can deadlock a 2-CPU pipeline.
-    """
-    res = ray.cluster_resources()
-    gpus = int(res.get("GPU", 0))
-    cpus = float(res.get("CPU", 1))
-    gpu = gpus > 0 if use_gpu is None else use_gpu
-    if gpu and gpus == 0:
-        from safelora_ray.errors import ConfigError
-
-        raise ConfigError("GPU workers were required (--gpu) but the Ray cluster has no GPU")
-    if gpu:
-        n = requested or gpus * workers_per_gpu
-        return WorkerResources(n, 0.25, 1.0 / workers_per_gpu)
-    n = requested or max(1, int(cpus // cpus_per_worker))
-    return WorkerResources(n, cpus_per_worker, 0.0)
-
-
-def wait_one(refs: Sequence[ray.ObjectRef], timeout_s: float, what: str) -> ray.ObjectRef:
-    """Wait for the next of ``refs`` to finish; raise TimeoutError naming ``what`` if none does."""
-    ready, _ = ray.wait(list(refs), num_returns=1, timeout=timeout_s)
-    if not ready:
-        raise TimeoutError(f"no {what} finished within {timeout_s:.0f} s")
-    return ready[0]
 
 
 def pick_device(num_gpus: float) -> str:

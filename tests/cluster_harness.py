@@ -48,6 +48,16 @@ class Node:
     proc: subprocess.Popen[bytes]
     log: Path
     private: tuple[str, ...] = ()
+    node_manager_port: int = 0
+
+    def node_id(self) -> str | None:
+        """Its Ray node id (this process must be connected to the cluster)."""
+        import ray
+
+        for n in ray.nodes():
+            if n.get("NodeManagerPort") == self.node_manager_port and n.get("Alive"):
+                return n["NodeID"]
+        return None
 
     @property
     def pgid(self) -> int:
@@ -56,10 +66,21 @@ class Node:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def pids(self) -> list[int]:
+        """Every process of the node: its session (workers get process groups of their own)."""
+        out = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError):
+                    if os.getsid(int(entry)) == self.pgid:
+                        out.append(int(entry))
+        return out
+
     def kill(self) -> None:
         """Kill the node at once, as a lost machine: raylet, object store, workers."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pgid, signal.SIGKILL)
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=30)
 
@@ -91,7 +112,7 @@ class LocalCluster:
 
     def _ports(self) -> list[str]:
         args = []
-        for flag in ("--node-manager-port", "--object-manager-port",
+        for flag in ("--object-manager-port",
                      "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
                      "--runtime-env-agent-port", "--metrics-export-port"):
             args += [flag, str(free_port())]
@@ -99,7 +120,9 @@ class LocalCluster:
 
     def _spawn(self, name: str, args: Sequence[str], private: Sequence[Path] = ()) -> Node:
         log = self.root / f"{name}.log"
-        cmd = [RAY, "start", "--block", "--disable-usage-stats", *args, *self._ports()]
+        nm_port = free_port()
+        cmd = [RAY, "start", "--block", "--disable-usage-stats", *args, *self._ports(),
+               "--node-manager-port", str(nm_port)]
         if private:
             mounts = " && ".join(f"mkdir -p '{p}' && mount -t tmpfs tmpfs '{p}'"
                                  for p in private)
@@ -110,7 +133,7 @@ class LocalCluster:
         with open(log, "wb") as f:
             proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT,
                                     start_new_session=True)
-        node = Node(name, proc, log, tuple(str(p) for p in private))
+        node = Node(name, proc, log, tuple(str(p) for p in private), nm_port)
         self.nodes.append(node)
         # One node at a time: nodes of one machine pick their socket names by looking at which
         # exist, so two starting together would race for the same one.
@@ -164,6 +187,11 @@ class LocalCluster:
         for node in reversed(self.nodes):
             node.stop()
         self.nodes.clear()
+        # `ray start --head` records its address for drivers given none: a later ray.init()
+        # of another test would try to join this cluster, gone now.
+        tmp = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
 __all__ = ["LocalCluster", "Node", "can_isolate_disks", "free_port"]

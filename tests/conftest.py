@@ -22,38 +22,52 @@ logger = logging.getLogger(__name__)
 HOME_TOKEN = pathlib.Path.home() / ".ray" / "auth_token"
 
 
-@pytest.fixture(scope="session", autouse=True)
-def ray_isolation() -> Iterator[pathlib.Path]:
+_RAY_ENV = ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "RAY_TMPDIR", "RAY_AUTH_TOKEN",
+            "RAY_ADDRESS")
+_saved_env: dict[str, str | None] = {}
+_ray_root: pathlib.Path | None = None
+_had_home_token = False
+
+
+def pytest_configure(config: pytest.Config) -> None:
     """Every Ray the tests start (in this process, in CLI subprocesses, ``ray start``) keeps
     its token, temp files and logs in one short temp dir of this run (Unix socket paths are
-    limited to ~107 bytes, so not under pytest's long tmp paths).
+    limited to ~107 bytes, so not under pytest's long tmp paths), with token auth on.
 
     Ray 2.60 turns token auth on for a new local instance and, without a token, writes one to
     ``~/.ray/auth_token``; a stray token there later turns auth on for the user's own
     ``ray start --head``. ``RAY_AUTH_TOKEN_PATH`` points Ray at this run's token instead.
-
-    Yields:
-        The temp dir (``RAY_TMPDIR``).
+    Set here, before any test module imports Ray: Ray reads its auth mode once, at import.
     """
-    had_home_token = HOME_TOKEN.exists()
-    root = pathlib.Path(tempfile.mkdtemp(prefix="slr-ray-", dir="/tmp"))
-    token = root / "auth_token"
+    global _ray_root, _had_home_token
+    _had_home_token = HOME_TOKEN.exists()
+    _ray_root = pathlib.Path(tempfile.mkdtemp(prefix="slr-ray-", dir="/tmp"))
+    token = _ray_root / "auth_token"
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_AUTH_TOKEN_PATH", str(token))
-        # Token auth on every Ray of the run, clients included (a client given an explicit
-        # address does not turn it on by itself).
-        mp.setenv("RAY_AUTH_MODE", "token")
-        mp.setenv("RAY_TMPDIR", str(root))
-        mp.delenv("RAY_AUTH_TOKEN", raising=False)
-        mp.delenv("RAY_ADDRESS", raising=False)
-        try:
-            yield root
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
-    if not had_home_token and HOME_TOKEN.exists():
-        pytest.fail(f"the tests wrote Ray's token to {HOME_TOKEN}: keep it in RAY_AUTH_TOKEN_PATH")
+    for k in _RAY_ENV:
+        _saved_env[k] = os.environ.pop(k, None)
+    os.environ.update(RAY_AUTH_TOKEN_PATH=str(token), RAY_AUTH_MODE="token",
+                      RAY_TMPDIR=str(_ray_root))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for k, v in _saved_env.items():
+        os.environ.pop(k, None)
+        if v is not None:
+            os.environ[k] = v
+    if _ray_root is not None:
+        shutil.rmtree(_ray_root, ignore_errors=True)
+    if not _had_home_token and HOME_TOKEN.exists():
+        raise pytest.UsageError(
+            f"the tests wrote Ray's token to {HOME_TOKEN}: keep it in RAY_AUTH_TOKEN_PATH")
+
+
+@pytest.fixture(scope="session")
+def ray_isolation() -> pathlib.Path:
+    """The run's Ray temp dir (``RAY_TMPDIR``; see :func:`pytest_configure`)."""
+    assert _ray_root is not None
+    return _ray_root
 
 
 @pytest.fixture(scope="session")

@@ -12,14 +12,14 @@ import torch
 
 from safelora_ray import AlignmentSet, BuildConfig, SanitizeConfig, build, sanitize
 from safelora_ray.demo import write_adapter, write_model
-from safelora_ray.ray_utils import plan_workers
+from safelora_ray.workers import resolve_workers
 from tests.factory import Arch, aligned_from, llama_tensors
 from tests.reference import dense_c
 
 
 @pytest.fixture(scope="module")
 def ray_fake_gpus(s3_server):
-    ray.init(num_cpus=2, num_gpus=2, object_store_memory=150 * 1024**2,
+    ray.init(address="local", num_cpus=2, num_gpus=2, object_store_memory=150 * 1024**2,
              include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         yield
@@ -29,9 +29,14 @@ def ray_fake_gpus(s3_server):
 
 @pytest.mark.usefixtures("ray_fake_gpus")
 def test_gpu_workers_are_scheduled_and_results_unchanged(tmp_path):
-    res = plan_workers(None, None)
-    assert (res.num_workers, res.num_gpus, res.num_cpus) == (2, 1.0, 0.25)
-    assert plan_workers(None, False).num_gpus == 0  # --cpu
+    build_plan = resolve_workers(None, None, None, small=False)
+    assert [(s.num_gpus, s.num_cpus) for s in build_plan.specs] == [(1.0, 0.25)] * 2
+    assert not resolve_workers(None, False, None, small=False).uses_gpu  # --cpu
+    # A sanitize: a holder of the set per GPU (a quarter CPU each), an I/O worker per CPU
+    # left over, each sending its products to a holder.
+    pipe = resolve_workers(None, None, None, small=False, shape="pipeline")
+    assert [(s.role, s.num_gpus, s.num_cpus, s.holder) for s in pipe.specs] == [
+        ("holder", 1.0, 0.25, None), ("holder", 1.0, 0.25, None), ("io", 0.0, 1.0, 0)]
     base = llama_tensors(Arch(layers=4))
     aligned = aligned_from(base)
     write_model(tmp_path / "b", base)
@@ -58,10 +63,10 @@ def test_gpu_workers_are_scheduled_and_results_unchanged(tmp_path):
     # Nothing left holding the fake GPUs (killed actors release them asynchronously).
     _wait_gpus_free()
 
-    # Two workers sharing each GPU: 4 workers of half a GPU, the same outputs (same batches:
-    # float32 bits depend on the width of the batched product).
-    res2 = plan_workers(None, None, workers_per_gpu=2)
-    assert (res2.num_workers, res2.num_gpus, res2.num_cpus) == (4, 0.5, 0.25)
+    # Two holders sharing each GPU: 4 of half a GPU, the same outputs (a column's float32
+    # bits do not depend on how many adapters share its product).
+    pipe2 = resolve_workers(None, None, None, small=False, shape="pipeline", workers_per_gpu=2)
+    assert [(s.role, s.num_gpus) for s in pipe2.specs] == [("holder", 0.5)] * 4 + [("io", 0)]
     run2 = sanitize(SanitizeConfig(alignment=out.uri, adapters=str(tmp_path / "cat"),
                                    out=str(tmp_path / "out2"), num_proj_layers=2,
                                    workers_per_gpu=2, batch_size=1, progress=False))

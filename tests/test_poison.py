@@ -34,17 +34,28 @@ def test_poison_adapter_fails_alone(tmp_path, monkeypatch):
                 for m, r in rows.items()}
         write_adapter(tmp_path / "cat" / name, lora, 2)
 
-    # A worker class that dies (like a segfault or an OOM kill) on the poison adapter. Defined
-    # here so Ray ships it by value; few restarts keep the test short.
-    @ray.remote(max_restarts=1, max_task_retries=1, concurrency_groups=workers_mod.GROUPS)
+    # A worker class that dies (like a segfault or an OOM kill) on the poison adapter, and
+    # that Ray restarts on its node as it does the real one. Defined here so Ray ships it by
+    # value.
+    @ray.remote(max_restarts=-1, max_task_retries=0,
+                concurrency_groups={**workers_mod.GROUPS, workers_mod.CONTROL_GROUP: 1})
     class Crashy:
         def __init__(self, num_gpus, log_level=None):
-            self.core = workers_mod.WorkerCore("cpu")
+            self.core = workers_mod.WorkerCore("cpu", ray.get_runtime_context().get_node_id())
 
-        def call(self, fn, job, refs):
-            if any(r.adapter_id.endswith("poison") for r in refs):
+        @ray.method(concurrency_group=workers_mod.CONTROL_GROUP)
+        def ready(self):
+            return "cpu"
+
+        @ray.method(concurrency_group=workers_mod.CONTROL_GROUP)
+        def cancel(self, token):
+            self.core.context.cancel(token)
+
+        def call(self, fn, *args):
+            if fn.__name__ == "sanitize_batch" and any(
+                    r.adapter_id.endswith("poison") for r in args[1]):
                 os._exit(1)
-            return self.core.call(fn, job, refs)
+            return self.core.call(fn, *args)
 
     monkeypatch.setattr(workers_mod, "SafeLoraWorker", Crashy)
     run = sanitize(SanitizeConfig(alignment=res.uri, adapters=str(tmp_path / "cat"),

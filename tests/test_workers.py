@@ -92,7 +92,7 @@ def test_session_shares_workers_between_build_and_sanitize(tmp_path, ray_local):
     with workers_mod.worker_session() as session:
         res = build(BuildConfig(base=b, aligned=a, out=str(tmp_path / "set"), workers=2,
                                 progress=False))
-        after_build = list(session._actors)
+        after_build = [h for _, h in session._actors]
         assert len(after_build) == 2
         _catalog(res.uri, cat, 4)
         runs = [sanitize(SanitizeConfig(alignment=res.uri, adapters=str(cat),
@@ -101,7 +101,7 @@ def test_session_shares_workers_between_build_and_sanitize(tmp_path, ray_local):
                 for k in range(2)]
         assert [(r.ok, r.error) for r in runs] == [(4, 0), (4, 0)]
         # The same worker actors did all three calls, and are still up.
-        assert session._actors == after_build
+        assert [h for _, h in session._actors] == after_build
         assert ray.get([w.ready.remote() for w in after_build], timeout=60) == ["cpu", "cpu"]
         # Two runs against one set, different outputs: the same files.
         for i in range(4):
@@ -118,9 +118,9 @@ def test_without_a_session_each_call_stops_its_workers(tmp_path, ray_local, monk
     seen: list[object] = []
     real = workers_mod.RayExecutor.__init__
 
-    def spy(self, res, n):
-        real(self, res, n)
-        seen.extend(self.actors)
+    def spy(self, plan):
+        real(self, plan)
+        seen.extend(s.handle for s in self.slots)
 
     monkeypatch.setattr(workers_mod.RayExecutor, "__init__", spy)
     build(BuildConfig(base=b, aligned=a, out=str(tmp_path / "set"), workers=1,

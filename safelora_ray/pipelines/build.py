@@ -11,6 +11,7 @@ is in place.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import datetime as _dt
 import hashlib
@@ -29,7 +30,13 @@ import torch
 
 from safelora_ray._version import __version__
 from safelora_ray.checks import check_at_least, check_positive, flag
-from safelora_ray.errors import AlignmentSetError, CheckpointError, ConfigError, Interrupted
+from safelora_ray.errors import (
+    AlignmentSetError,
+    CheckpointError,
+    ClusterError,
+    ConfigError,
+    Interrupted,
+)
 from safelora_ray.formats.alignment_set import (
     FORMAT,
     FORMAT_VERSION,
@@ -59,6 +66,7 @@ from safelora_ray.storage import Storage, open_storage
 from safelora_ray.storage.base import check_uri, refuse_overlap
 from safelora_ray.workers import (
     INLINE_MAX_BUILD_BYTES,
+    WORKER_LOST,
     WorkerContext,
     open_executor,
     resolve_workers,
@@ -365,25 +373,31 @@ class ShardBuilder:
         }
 
 
-#: The worker slot holding the current build's :class:`ShardBuilder` (one build at a time).
-BUILD_SLOT = "build"
+#: Worker slots holding a build's shard builders: ``build:<shard>`` (a worker that takes over
+#: the files of a lost worker's shard keeps its own shard's builder beside it).
+BUILD_SLOT = "build:"
+#: Times one output file is started again after its worker died, before the build fails.
+MAX_FILE_ATTEMPTS = 4
 
 
-def build_file(ctx: WorkerContext, build_id: str, files: Sequence[FilePlan], out_uri: str,
-               prefetch: int, index: int) -> dict[str, Any]:
-    """Task: compute and publish output file ``index`` of a shard (see ``ShardBuilder``).
+def build_file(ctx: WorkerContext, build_id: str, shard: int, files: Sequence[FilePlan],
+               out_uri: str, prefetch: int, index: int) -> dict[str, Any]:
+    """Task: compute and publish output file ``index`` of shard ``shard`` (see
+    ``ShardBuilder``).
 
     The worker keeps the shard's builder (and its reader thread, already reading the next
     file's modules) between the calls of one build.
     """
-    builder = ctx.resident(BUILD_SLOT, build_id,
+    builder = ctx.resident(f"{BUILD_SLOT}{shard}", build_id,
                            lambda: ShardBuilder(files, out_uri, ctx.device, prefetch))
     return builder.build_file(index, cancelled=lambda: ctx.cancelled(build_id))
 
 
 def end_build(ctx: WorkerContext, build_id: str) -> None:
     """Task: stop the reader threads of ``build_id`` (a session's worker moves on)."""
-    ctx.drop(BUILD_SLOT, build_id)
+    for slot in ctx.slots():
+        if slot.startswith(BUILD_SLOT):
+            ctx.drop(slot, build_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,10 +444,11 @@ def build(config: BuildConfig) -> BuildResult:
     out = open_storage(config.out)
 
     plan = plan_build(base, aligned, config.targets, max_file_bytes=config.max_file_bytes)
-    res = resolve_workers(config.workers, config.use_gpu, config.ray_address,
-                          small=plan.input_bytes <= INLINE_MAX_BUILD_BYTES)
-    if res.num_workers > 1:  # one shard per worker
-        plan.shards = shard_modules(plan.modules, res.num_workers, config.max_file_bytes)
+    wplan = resolve_workers(config.workers, config.use_gpu, config.ray_address,
+                            small=plan.input_bytes <= INLINE_MAX_BUILD_BYTES, shape="device")
+    if wplan.num_workers > 1:  # one shard (a contiguous run of layers) per worker
+        plan.shards = shard_modules(plan.modules, wplan.num_workers, config.max_file_bytes)
+        wplan = wplan.take(len(plan.shards))
     method = {"name": METHOD_NAME, "compute_dtype": "float32", "stored_dtype": "float32",
               "forms": {"C": "C = V Vᵀ/‖V‖_F", "V": "V; C B = V (Vᵀ B)/‖V‖_F"}}
     base_files = {m.base.path for m in plan.modules}
@@ -457,7 +472,13 @@ def build(config: BuildConfig) -> BuildResult:
             f"{out.uri} already holds alignment set {existing['content_id']} built from other "
             "inputs; alignment sets are immutable: choose another --out"
         )
-    ex = open_executor(res, config.use_gpu, n=len(plan.shards))
+    ex = open_executor(wplan, config.use_gpu)
+    try:
+        ex.check_shared([("--out", config.out, True), ("--base", config.base, False),
+                         ("--aligned", config.aligned, False)])
+    except BaseException:
+        ex.close(False)
+        raise
     # An interrupted build may have left shards: they are overwritten, and nothing reads them
     # without alignment.json.
     logger.info(
@@ -466,15 +487,22 @@ def build(config: BuildConfig) -> BuildResult:
         ex.kind, plan.input_bytes / 1e9,
     )
     build_id = uuid.uuid4().hex
-    pending: dict[Any, int] = {}
-    for i, files in enumerate(plan.shards):
-        shipped = ex.put(files)
+    shipped = [ex.put(files) for files in plan.shards]
+    owner = list(range(len(plan.shards)))  # shard → worker
+    pending: dict[Any, tuple[int, int]] = {}
+    attempts: collections.Counter[tuple[int, int]] = collections.Counter()
+
+    def submit(shard: int, j: int) -> None:
+        attempts[(shard, j)] += 1
+        pending[ex.submit(owner[shard], build_file, build_id, shard, shipped[shard], out.uri,
+                          config.prefetch, j, group="stream")] = (shard, j)
+
+    for shard, files in enumerate(plan.shards):
         for j in range(len(files)):
-            pending[ex.submit(i, build_file, build_id, shipped, out.uri, config.prefetch, j,
-                              group="stream")] = i
+            submit(shard, j)
     rows: list[ManifestRow] = []
     stats = {"read_s": 0.0, "compute_s": 0.0, "write_s": 0.0}
-    fetched_by_worker: dict[int, int] = {}
+    fetched: dict[tuple[int, int], int] = {}
     device = "cpu"
     bar = Progress("build", "B", total=plan.input_bytes, unit_scale=True,
                    enabled=config.progress)
@@ -482,12 +510,30 @@ def build(config: BuildConfig) -> BuildResult:
     try:
         while pending:
             ref = ex.wait(list(pending), config.task_timeout_s, "alignment shard file")
-            shard = pending.pop(ref)
-            result = ex.result(ref, config.task_timeout_s)
+            if ref is None:  # a worker came up or was dropped (its calls fail and come back)
+                continue
+            shard, j = pending.pop(ref)
+            worker = ex.worker_of(ref)
+            try:
+                result = ex.result(ref, config.task_timeout_s)
+            except WORKER_LOST as e:
+                if attempts[(shard, j)] >= MAX_FILE_ATTEMPTS:
+                    raise ClusterError(
+                        f"{plan.shards[shard][j].path}: its worker died {MAX_FILE_ATTEMPTS} "
+                        f"times while building it ({type(e).__name__})") from e
+                if not ex.lost(worker):
+                    # Lost for good (its node too, maybe): another worker takes the shard.
+                    live = ex.alive("device")
+                    load = collections.Counter(owner[s] for s, _ in pending.values())
+                    owner[shard] = min(live, key=lambda w: (load[w], w))
+                    logger.warning("shard %d (%s...) goes to worker %d", shard,
+                                   plan.shards[shard][0].path, owner[shard])
+                submit(shard, j)
+                continue
             rows.extend(result["rows"])
             device = result["device"]
-            # Counters are cumulative per worker: keep the latest (calls finish in order).
-            fetched_by_worker[shard] = max(fetched_by_worker.get(shard, 0),
+            # Counters are cumulative per builder: keep the latest (calls finish in order).
+            fetched[(shard, worker)] = max(fetched.get((shard, worker), 0),
                                            result["bytes_fetched"])
             for k in stats:
                 stats[k] += result[k]
@@ -507,7 +553,7 @@ def build(config: BuildConfig) -> BuildResult:
     files_out = sorted({f.path for s in plan.shards for f in s})
     # Everything fetched from the sources: the driver's index/header reads + the workers'.
     bytes_read = base.storage.bytes_read + aligned.storage.bytes_read
-    bytes_read += sum(fetched_by_worker.values())
+    bytes_read += sum(fetched.values())
     core = {"method": method, "targets": list(plan.targets)}
     cid = content_id(core, rows)
     out.put_bytes(MANIFEST_FILE, parquet_bytes(manifest_table(rows)))

@@ -43,12 +43,25 @@ from safelora_ray.errors import (
 from safelora_ray.formats.alignment_set import AlignmentSet
 from safelora_ray.formats.peft_adapter import Adapter, output_digest, read_adapter, write_adapter
 from safelora_ray.math_core import (
-    AlignmentMatrix,
     ModuleScore,
-    module_scores,
+    lora_gram,
     pdst,
+    scores_from_sums,
     select_modules,
 )
+from safelora_ray.pipelines.projection import (
+    GroupKey,
+    HolderLost,
+    MatrixCache,
+    ProjectionEngine,
+    Projector,
+    SetKey,
+    dtype_name,
+    local_projector,
+    remote_projector,
+    warm_set,
+)
+from safelora_ray.placement import NodeInfo, WorkerSpec, plan_pipeline
 from safelora_ray.progress import Progress
 from safelora_ray.redact import redact
 from safelora_ray.reports import ReportWriter
@@ -67,6 +80,8 @@ from safelora_ray.workers import (
 logger = logging.getLogger(__name__)
 
 LEDGER_PREFIX = "_ledger"
+#: Seconds between two looks for nodes that joined the cluster during a run.
+GROW_EVERY_S = float(os.environ.get("SAFELORA_GROW_EVERY_S", "30"))
 REPORTS_PREFIX = "_reports"
 
 
@@ -189,67 +204,39 @@ def ledger_path(adapter_id: str) -> str:
     return f"{LEDGER_PREFIX}/{adapter_id}.json"
 
 
-class MatrixCache:
-    """An alignment set's matrices on one device, each loaded on first use, once (several
-    threads, and several runs against the same set in one worker, share it).
-
-    Args:
-        aset: The opened alignment set.
-        device: ``cpu`` or ``cuda``.
-    """
-
-    def __init__(self, aset: AlignmentSet, device: str) -> None:
-        self.aset = aset
-        self.device = device
-        self._matrices: dict[str, AlignmentMatrix] = {}
-        self._lock = threading.Lock()
-
-    @classmethod
-    def open(cls, alignment_uri: str, device: str) -> MatrixCache:
-        return cls(AlignmentSet.open(alignment_uri), device)
-
-    def get(self, module: str) -> AlignmentMatrix:
-        m = self._matrices.get(module)
-        if m is None:
-            with self._lock:
-                m = self._matrices.get(module)
-                if m is None:
-                    m = self._matrices[module] = self.aset.load(module, device=self.device)
-        return m
-
-
 class FleetSanitizer:
-    """Sanitizes batches of adapters against one alignment set (plain Python; a Ray actor
-    wraps it). The set's matrices are loaded once, on first use, and stay on ``device``.
+    """Sanitizes batches of adapters against one alignment set (plain Python; a worker
+    actor's task wraps it): reads and checks adapters, has their products computed by a
+    *projector* (the set's holder; see :mod:`safelora_ray.pipelines.projection`), selects
+    modules, writes each adapter and its ledger record.
 
     Args:
         alignment_uri: The alignment set.
         out_uri: Output root.
         selection: :attr:`SanitizeConfig.selection`.
-        device: ``cpu`` or ``cuda``.
+        device: ``cpu`` or ``cuda``, for a projector made here (see :meth:`process`).
         force: Ignore the ledger.
         max_adapter_bytes: Cap on one adapter's weights file.
-        matrices: The set's matrices already resident on ``device`` (shared between runs);
-            None opens the set.
+        aset: The set's metadata, already opened; None opens it.
         run_id: The run, recorded in the ledger (an adapter found done by this same run was
             sanitized by a retried batch: it is reported ``ok``, not ``skipped``).
     """
 
     def __init__(self, alignment_uri: str, out_uri: str, selection: dict[str, Any],
                  device: str = "cpu", force: bool = False,
-                 max_adapter_bytes: int = 4 * 1024**3, matrices: MatrixCache | None = None,
+                 max_adapter_bytes: int = 4 * 1024**3, aset: AlignmentSet | None = None,
                  run_id: str | None = None):
         self.run_id = run_id
-        self.matrices = matrices or MatrixCache.open(alignment_uri, device)
-        self.aset = self.matrices.aset
+        self.aset = aset or AlignmentSet.open(alignment_uri)
         self.out = open_storage(out_uri)
         self.selection = selection
         self.device = device
         self.force = force
         self.max_adapter_bytes = max_adapter_bytes
         self._storages: dict[str, Storage] = {}
+        self._own_engine: ProjectionEngine | None = None
         # process() may run in two threads at once (one batch reads while another computes):
-        # the storage cache is filled under this lock.
+        # the caches are filled under this lock.
         self._lock = threading.Lock()
 
     # -- helpers ---------------------------------------------------------------------------
@@ -262,8 +249,11 @@ class FleetSanitizer:
                     st = self._storages[uri] = open_storage(uri)
         return st
 
-    def matrix(self, module: str) -> AlignmentMatrix:
-        return self.matrices.get(module)
+    def _default_projector(self) -> Projector:
+        with self._lock:
+            if self._own_engine is None:
+                self._own_engine = ProjectionEngine(MatrixCache(self.aset, self.device))
+            return self._own_engine.run
 
     def _ledger_key(self, digest: str | None) -> dict[str, str | None]:
         return {"content_digest": digest, "alignment_id": self.aset.content_id,
@@ -309,7 +299,8 @@ class FleetSanitizer:
 
     # -- the work --------------------------------------------------------------------------
     def process(self, refs: Sequence[AdapterRef],
-                cancelled: Callable[[], bool] | None = None) -> dict[str, Any]:
+                cancelled: Callable[[], bool] | None = None,
+                project: Projector | None = None) -> dict[str, Any]:
         """Sanitize one batch; never raises for a bad adapter (it becomes an error row).
 
         Args:
@@ -317,6 +308,8 @@ class FleetSanitizer:
             cancelled: Polled before each adapter is read and before each is written: once
                 it says so, the rest of the batch is left alone (status ``cancelled``), so an
                 interrupted run stops after the adapter in progress, never inside one.
+            project: Computes the batch's products (default: here, the set loaded on this
+                sanitizer's device).
 
         Returns:
             ``{"adapters": [row, ...], "layers": [row, ...]}``.
@@ -362,7 +355,8 @@ class FleetSanitizer:
         layers: list[dict[str, Any]] = []
         if loaded:
             t0 = time.perf_counter()
-            projected, scores = self._project_all([a for _, a, _, _ in loaded.values()])
+            projected, scores = self._project_all([a for _, a, _, _ in loaded.values()],
+                                                  project or self._default_projector())
             share = (time.perf_counter() - t0) / len(loaded)  # batch compute, per adapter
             for adapter_id, (ref, adapter, fp, read_s) in loaded.items():
                 row = rows[adapter_id]
@@ -399,52 +393,33 @@ class FleetSanitizer:
                     "(an adapter for another base model?)"
                 )
 
-    def _project_all(self, adapters: Sequence[Adapter]
+    def _project_all(self, adapters: Sequence[Adapter], project: Projector
                      ) -> tuple[dict[str, dict[str, torch.Tensor]],
                                 dict[str, dict[str, ModuleScore]]]:
-        """C B and the scores of every adapter and module of a batch: one matrix product per
-        module for the batch, one batched scoring per shape (SPEC §2).
+        """C B and the scores of every adapter and module of a batch: one product per module
+        (and dtype and rank) for the whole batch (SPEC §2), computed by ``project``.
 
         Returns:
             ``(cb, scores)``, each ``{adapter_id: {module: ...}}``; C B in each B's dtype (the
             scores use the float32 product).
         """
-        by_module: dict[str, list[tuple[str, torch.Tensor]]] = {}
+        members: dict[GroupKey, list[tuple[str, Any]]] = {}
         for ad in adapters:
             for m, lm in ad.modules.items():
-                by_module.setdefault(m, []).append((ad.adapter_id, lm.b))
-        out: dict[str, dict[str, torch.Tensor]] = {ad.adapter_id: {} for ad in adapters}
+                key = (m, dtype_name(lm.b.dtype), int(lm.rank))
+                members.setdefault(key, []).append((ad.adapter_id, lm))
+        groups = {key: (torch.stack([lm.b for _, lm in items]),
+                        lora_gram(torch.stack([lm.a for _, lm in items])))
+                  for key, items in members.items()}
+        out = project(groups)
         cast: dict[str, dict[str, torch.Tensor]] = {ad.adapter_id: {} for ad in adapters}
-        for m, items in by_module.items():
-            # cat promotes mixed half dtypes to float32; one conversion per module
-            bcat = torch.cat([b for _, b in items], dim=1).to(self.device, torch.float32)
-            cb = self.matrix(m).apply(bcat).cpu()
-            # C B in B's dtype, as written (elementwise, so converting the batch at once is
-            # the same as converting each adapter's columns)
-            dtypes = {b.dtype for _, b in items}
-            cbc = cb.to(dtypes.pop()) if len(dtypes) == 1 else None
-            col = 0
-            for adapter_id, b in items:
-                r = b.shape[1]
-                out[adapter_id][m] = cb[:, col:col + r]
-                cast[adapter_id][m] = (cbc[:, col:col + r] if cbc is not None
-                                       else cb[:, col:col + r].to(b.dtype))
-                col += r
-        # Modules of equal shapes (every q_proj of the batch, ...) are scored together.
-        groups: dict[tuple[Any, ...], list[tuple[str, str]]] = {}
-        mods = {ad.adapter_id: ad.modules for ad in adapters}
-        for ad in adapters:
-            for m, lm in ad.modules.items():
-                groups.setdefault((tuple(lm.a.shape), tuple(lm.b.shape)), []).append(
-                    (ad.adapter_id, m))
         scores: dict[str, dict[str, ModuleScore]] = {ad.adapter_id: {} for ad in adapters}
-        for keys in groups.values():
-            # stack promotes mixed dtypes; module_scores converts to float64 once
-            got = module_scores(torch.stack([mods[i][m].a for i, m in keys]),
-                                torch.stack([mods[i][m].b for i, m in keys]),
-                                torch.stack([out[i][m] for i, m in keys]))
-            for (i, m), sc in zip(keys, got, strict=True):
-                scores[i][m] = sc
+        for key, items in members.items():
+            cb, sums = out[key]
+            for (adapter_id, _), one, sc in zip(items, cb, scores_from_sums(sums),
+                                                 strict=True):
+                cast[adapter_id][key[0]] = one
+                scores[adapter_id][key[0]] = sc
         return cast, scores
 
     def _finish(self, ref: AdapterRef, adapter: Adapter, fingerprint: str | None,
@@ -521,44 +496,43 @@ class SanitizeJob:
     force: bool
     max_adapter_bytes: int
     run_id: str
+    task_timeout_s: float = 1800.0
 
     @classmethod
     def of(cls, alignment_uri: str, alignment_id: str, out_uri: str, selection: dict[str, Any],
-           force: bool, max_adapter_bytes: int, run_id: str) -> SanitizeJob:
+           force: bool, max_adapter_bytes: int, run_id: str,
+           task_timeout_s: float = 1800.0) -> SanitizeJob:
         return cls(alignment_uri, alignment_id, out_uri, json.dumps(selection, sort_keys=True),
-                   force, max_adapter_bytes, run_id)
+                   force, max_adapter_bytes, run_id, task_timeout_s)
 
 
-#: Worker slots: the resident alignment set (one at a time: a 70B set is ~23 GB on the GPU)
-#: and the sanitizer of the latest job, so the next batches of a run reuse it.
-SET_SLOT = "alignment-set"
+#: The worker slot of the latest job's sanitizer, so the next batches of a run reuse it.
 SANITIZER_SLOT = "sanitizer"
 
 
-def _open_matrices(job: SanitizeJob, device: str) -> MatrixCache:
-    cache = MatrixCache.open(job.alignment_uri, device)
-    if cache.aset.content_id != job.alignment_id:
-        raise AlignmentSetError(
-            f"{job.alignment_uri} now holds alignment set {cache.aset.content_id}, not "
-            f"{job.alignment_id}: it changed while the run started")
-    return cache
-
-
-def sanitize_batch(ctx: WorkerContext, job: SanitizeJob,
-                   refs: Sequence[AdapterRef]) -> dict[str, Any]:
-    """Task: sanitize one batch of adapters (see :meth:`FleetSanitizer.process`), with the
-    job's alignment set resident on the worker."""
+def sanitize_batch(ctx: WorkerContext, job: SanitizeJob, refs: Sequence[AdapterRef],
+                   holder: Any = None) -> dict[str, Any]:
+    """Task: sanitize one batch of adapters (see :meth:`FleetSanitizer.process`); the products
+    are computed by ``holder`` (an actor of this node keeping the set), or here (None: this
+    worker holds the set itself, or this is the driver's process)."""
+    key = SetKey(job.alignment_uri, job.alignment_id)
 
     def sanitizer() -> FleetSanitizer:
-        # Keyed by URI *and* content id: a set rebuilt at the same URI is loaded afresh.
-        cache = ctx.resident(SET_SLOT, (job.alignment_uri, job.alignment_id),
-                             lambda: _open_matrices(job, ctx.device))
+        aset = AlignmentSet.open(job.alignment_uri)
+        if aset.content_id != job.alignment_id:
+            raise AlignmentSetError(
+                f"{job.alignment_uri} now holds alignment set {aset.content_id}, not "
+                f"{job.alignment_id}: it changed while the run started")
         return FleetSanitizer(job.alignment_uri, job.out_uri, json.loads(job.selection_json),
-                              ctx.device, job.force, job.max_adapter_bytes, matrices=cache,
+                              ctx.device, job.force, job.max_adapter_bytes, aset=aset,
                               run_id=job.run_id)
 
+    if holder is not None:
+        project = remote_projector(holder, key, job.task_timeout_s)
+    else:
+        project = local_projector(ctx, key, coalesce=ctx.node_id is not None)
     return ctx.resident(SANITIZER_SLOT, job, sanitizer).process(
-        refs, cancelled=lambda: ctx.cancelled(job.run_id))
+        refs, cancelled=lambda: ctx.cancelled(job.run_id), project=project)
 
 
 def _source_uri(ref: AdapterRef) -> str:
@@ -721,17 +695,28 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
         raise ConfigError(
             f"--adapters {config.adapters}: no adapters found (no {CONFIG_FILE} under it); "
             "pass --allow-empty if an empty catalog is expected")
-    res = resolve_workers(config.workers, config.use_gpu, config.ray_address,
-                          small=len(head) <= INLINE_MAX_ADAPTERS,
-                          workers_per_gpu=config.workers_per_gpu)
-    ex = open_executor(res, config.use_gpu)
+    plan = resolve_workers(config.workers, config.use_gpu, config.ray_address,
+                           small=len(head) <= INLINE_MAX_ADAPTERS, shape="pipeline",
+                           workers_per_gpu=config.workers_per_gpu)
+    ex = open_executor(plan, config.use_gpu)
+    key = SetKey(aset.uri, aset.content_id)
+    try:
+        # Every node with a worker must see the local paths the workers read and write.
+        shared = [("--out", config.out, True), ("--alignment", config.alignment, False),
+                  ("--adapters", config.adapters, False)]
+        ex.check_shared(shared)
+        if not ex.in_process:  # holders load the set while the I/O workers read
+            ex.notify(warm_set, key, group="serve", role="holder")
+    except BaseException:
+        ex.close(False)
+        raise
     assert config.run_id is not None
     report_prefix = f"{REPORTS_PREFIX}/{config.run_id}"
     result = SanitizeResult(config.run_id, out.uri, out.describe(report_prefix),
                             alignment_id=aset.content_id)
     report = ReportWriter(config.run_id, aset, config.selection, config.adapters)
     job = SanitizeJob.of(aset.uri, aset.content_id, out.uri, config.selection, config.force,
-                         config.max_adapter_bytes, config.run_id)
+                         config.max_adapter_bytes, config.run_id, config.task_timeout_s)
 
     counter = _adapter_counter() if not ex.in_process else None
 
@@ -762,10 +747,10 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
         record({"adapters": [row], "layers": []})
 
     def lost(batch: list[AdapterRef], suspect: bool, e: BaseException) -> None:
-        # Ray already retried the batch on a restarted worker (max_task_retries); it still
-        # kills its worker. Its adapters are retried one by one, each alone on a worker, so a
-        # poison adapter fails alone and its batch-mates (or an adapter that merely shared a
-        # worker with it) do not.
+        # The batch's worker (or the holder of its node's set) died with it in flight. Its
+        # adapters are retried one by one, each alone on a worker, so a poison adapter fails
+        # alone and its batch-mates (or an adapter that merely shared a worker with it) do
+        # not; those already written are found in the ledger (done by this run: ok).
         if not suspect:
             logger.warning("a worker died (%s) with a batch of %d adapter(s) in flight; "
                            "retrying each of them alone", type(e).__name__, len(batch))
@@ -785,25 +770,39 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
         _count_in_background(config.adapters, bar)
     pending: dict[Any, tuple[int, list[AdapterRef], bool]] = {}
     retry: collections.deque[list[AdapterRef]] = collections.deque()
-    load = [0] * ex.size
+    load: collections.Counter[int] = collections.Counter()
     alone: set[int] = set()  # workers running a suspect adapter, with nothing else
     batches = _batches(itertools.chain(head, items), config.batch_size, invalid)
+    # Nodes an autoscaler adds while the run goes get workers too (unless --workers fixed
+    # the count): checked every GROW_EVERY_S.
+    elastic = not ex.in_process and config.workers is None
+    next_grow = time.monotonic() + GROW_EVERY_S
+
+    def plan_node(node: NodeInfo) -> list[WorkerSpec]:
+        if plan.uses_gpu and node.gpus < 1:
+            return []
+        return plan_pipeline([node], None, plan.uses_gpu, config.workers_per_gpu)
+
     ok = False
     try:
         exhausted = False
         while True:
-            # Fill every worker up to max_in_flight batches: bounded memory on both sides.
-            # Suspects (adapters of a batch that killed its worker) go first, each to an idle
-            # worker that gets nothing else until it answers.
+            if elastic and time.monotonic() >= next_grow:
+                ex.grow(plan_node)
+                next_grow = time.monotonic() + GROW_EVERY_S
+            # Fill every ready I/O worker up to max_in_flight batches: bounded memory on both
+            # sides. Suspects (adapters of a batch whose worker died) go first, each to an
+            # idle worker that gets nothing else until it answers.
             while True:
+                workers = ex.usable("io")
                 if retry:
-                    idle = [i for i in range(ex.size) if load[i] == 0]
+                    idle = [i for i in workers if load[i] == 0]
                     if not idle:
                         break
                     i, batch, suspect = idle[0], retry.popleft(), True
                     alone.add(i)
                 else:
-                    free = [i for i in range(ex.size)
+                    free = [i for i in workers
                             if i not in alone and load[i] < config.max_in_flight]
                     if exhausted or not free:
                         break
@@ -812,19 +811,23 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
                         exhausted = True
                         break
                     i, suspect = min(free, key=load.__getitem__), False
-                pending[ex.submit(i, sanitize_batch, job, batch)] = (i, batch, suspect)
+                pending[ex.submit(i, sanitize_batch, job, batch, ex.holder_of(i))] = (
+                    i, batch, suspect)
                 load[i] += 1
-            if not pending:
+            if not pending and exhausted and not retry:
                 break
             ref = ex.wait(list(pending), config.task_timeout_s, "adapter batch")
+            if ref is None:  # a worker came up or was dropped: hand out work again
+                continue
             i, batch, suspect = pending.pop(ref)
             load[i] -= 1
             if suspect:
                 alone.discard(i)
             try:
                 payload = ex.result(ref, config.task_timeout_s)
-            except WORKER_LOST as e:
-                ex.replace(i)
+            except (*WORKER_LOST, HolderLost) as e:
+                holder = None if isinstance(e, WORKER_LOST) else ex.holder_index(i)
+                ex.lost(i if holder is None else holder)
                 lost(batch, suspect, e)
                 continue
             record(payload)

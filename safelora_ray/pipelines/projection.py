@@ -1,0 +1,331 @@
+"""The products of a sanitize: C B and the scores' sums, for many adapters at once, on the
+device that holds the alignment set.
+
+An I/O worker groups a batch's modules by (module, dtype, rank) and sends, per group, the
+stacked B (n x d_out x r, in the adapters' dtype) and G = A Aᵀ (n x r x r, float64): all the
+rule needs of A, at r/d_in of its size. The *holder* of the set (one per GPU, or one per
+CPU-only node) answers with C B in B's dtype and the n x 4 score sums
+(:func:`~safelora_ray.math_core.gram_sums`).
+
+On the holder a :class:`ProjectionService` coalesces the requests of every I/O worker of its
+node for a few milliseconds and runs them as one: one matrix product per module for hundreds
+of adapters, the inputs staged in pinned host memory and copied asynchronously, and a single
+synchronisation per batch (none per module). The same :class:`ProjectionEngine` runs in this
+process for an in-process job, so every path computes exactly the same products.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import os
+import queue
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from safelora_ray.errors import AlignmentSetError, ClusterError, SafeLoraError
+from safelora_ray.formats.alignment_set import AlignmentSet
+from safelora_ray.math_core import AlignmentMatrix, project_stack
+from safelora_ray.workers import REJOIN_TIMEOUT_S, WorkerContext, wait_back
+
+logger = logging.getLogger(__name__)
+
+#: A group of a request: (module, dtype name, rank).
+GroupKey = tuple[str, str, int]
+#: Tensors of a group: B (n x d_out x r) and G (n x r x r, float64) in; C B (n x d_out x r, B's
+#: dtype) and the score sums (n x 4, float64) out.
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+#: Adapters one coalesced product may hold, and how long the first request waits for others.
+MAX_COALESCED = int(os.environ.get("SAFELORA_COALESCE_MAX", "512"))
+LINGER_S = float(os.environ.get("SAFELORA_COALESCE_LINGER_S", "0.004"))
+#: The worker slot of a holder's service (one set resident at a time).
+SERVICE_SLOT = "projection"
+
+
+class HolderLost(SafeLoraError):
+    """The worker holding the alignment set for this I/O worker died and did not come back."""
+
+
+@dataclass(frozen=True)
+class SetKey:
+    """An alignment set by URI *and* content id: a set rebuilt at the same URI is another."""
+
+    uri: str
+    content_id: str
+
+
+class MatrixCache:
+    """An alignment set's matrices on one device, each loaded on first use, once (several
+    threads, and several runs against the same set in one worker, share it).
+
+    Args:
+        aset: The opened alignment set.
+        device: ``cpu`` or ``cuda``.
+    """
+
+    def __init__(self, aset: AlignmentSet, device: str) -> None:
+        self.aset = aset
+        self.device = device
+        self._matrices: dict[str, AlignmentMatrix] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, key: SetKey, device: str) -> MatrixCache:
+        """Open the set at ``key.uri``, checking it is still the set ``key`` names."""
+        cache = cls(AlignmentSet.open(key.uri), device)
+        if cache.aset.content_id != key.content_id:
+            raise AlignmentSetError(
+                f"{key.uri} now holds alignment set {cache.aset.content_id}, not "
+                f"{key.content_id}: it changed while the run started")
+        return cache
+
+    def get(self, module: str) -> AlignmentMatrix:
+        m = self._matrices.get(module)
+        if m is None:
+            with self._lock:
+                m = self._matrices.get(module)
+                if m is None:
+                    m = self._matrices[module] = self.aset.load(module, device=self.device)
+        return m
+
+    def load_all(self) -> None:
+        """Load every module now (a holder warms up while the I/O workers read)."""
+        for module in self.aset.rows:
+            self.get(module)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.tensor.numel() * m.tensor.element_size() for m in self._matrices.values())
+
+
+class ProjectionEngine:
+    """Runs groups of products on the set's device (see the module docstring)."""
+
+    def __init__(self, matrices: MatrixCache) -> None:
+        self.matrices = matrices
+        self.cuda = matrices.device.startswith("cuda")
+
+    def run(self, groups: dict[GroupKey, Pair]) -> dict[GroupKey, Pair]:
+        """C B and the score sums of every group; outputs on the CPU."""
+        out: dict[GroupKey, Pair] = {}
+        for key, (b, g) in groups.items():
+            matrix = self.matrices.get(key[0])
+            if self.cuda:  # asynchronous copies from pinned memory: no stall per module
+                b, g = _pinned(b), _pinned(g)
+            cb, sums = project_stack(matrix, b, g)
+            if self.cuda:
+                cb = _to_host(cb)
+                sums = _to_host(sums)
+            out[key] = (cb, sums)
+        if self.cuda:
+            torch.cuda.current_stream().synchronize()  # once per batch
+        return out
+
+
+def _pinned(t: torch.Tensor) -> torch.Tensor:
+    # The caching host allocator reuses pinned blocks: no cudaHostAlloc per call.
+    staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    staged.copy_(t)
+    return staged
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
+@dataclass
+class _Pending:
+    groups: dict[GroupKey, Pair]
+    n: int
+    future: cf.Future[dict[GroupKey, Pair]]
+
+
+class ProjectionService:
+    """A holder's engine shared by the I/O workers of its node: requests arriving within
+    :data:`LINGER_S` of each other (up to :data:`MAX_COALESCED` adapters) run as one batch.
+
+    Args:
+        engine: The engine, with the set resident on the device.
+    """
+
+    def __init__(self, engine: ProjectionEngine, max_adapters: int = MAX_COALESCED,
+                 linger_s: float = LINGER_S) -> None:
+        self.engine = engine
+        self.max_adapters = max_adapters
+        self.linger_s = linger_s
+        self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="safelora-projection",
+                                        daemon=True)
+        self._thread.start()
+        self.batches = 0
+        self.adapters = 0
+
+    def submit(self, groups: dict[GroupKey, Pair]) -> dict[GroupKey, Pair]:
+        """Run ``groups`` (with whatever else arrives meanwhile); blocks until done."""
+        n = max((b.shape[0] for b, _ in groups.values()), default=0)
+        fut: cf.Future[dict[GroupKey, Pair]] = cf.Future()
+        self._queue.put(_Pending(groups, n, fut))
+        return fut.result()
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            total = first.n
+            deadline = time.monotonic() + self.linger_s
+            while total < self.max_adapters:
+                try:
+                    item = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                batch.append(item)
+                total += item.n
+            self._run(batch)
+
+    def _run(self, batch: list[_Pending]) -> None:
+        merged: dict[GroupKey, list[Pair]] = {}
+        for p in batch:
+            for key, pair in p.groups.items():
+                merged.setdefault(key, []).append(pair)
+        try:
+            groups = {k: (torch.cat([b for b, _ in v]), torch.cat([g for _, g in v]))
+                      if len(v) > 1 else v[0] for k, v in merged.items()}
+            out = self.engine.run(groups)
+        except BaseException as e:  # every waiting caller gets the error
+            for p in batch:
+                p.future.set_exception(e)
+            return
+        self.batches += 1
+        self.adapters += sum(p.n for p in batch)
+        offsets: dict[GroupKey, int] = dict.fromkeys(merged, 0)
+        for p in batch:
+            mine = {}
+            for key, (b, _) in p.groups.items():
+                lo = offsets[key]
+                hi = lo + b.shape[0]
+                cb, sums = out[key]
+                mine[key] = (cb[lo:hi], sums[lo:hi])
+                offsets[key] = hi
+            p.future.set_result(mine)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shipping groups between processes: numpy arrays (zero-copy out of Ray's object store)
+# ---------------------------------------------------------------------------------------------
+
+_VIEW = {torch.bfloat16: torch.int16}  # numpy has no bfloat16: ship its bits
+
+
+def pack(groups: dict[GroupKey, Pair]) -> dict[GroupKey, tuple[np.ndarray, np.ndarray]]:
+    """Groups as numpy arrays (the dtype is in each key, or implied: G and sums are float64)."""
+    out = {}
+    for key, (x, y) in groups.items():
+        xv = x.contiguous()
+        xv = xv.view(_VIEW.get(xv.dtype, xv.dtype))
+        out[key] = (xv.numpy(), y.contiguous().numpy())
+    return out
+
+
+def unpack(groups: dict[GroupKey, tuple[np.ndarray, np.ndarray]]) -> dict[GroupKey, Pair]:
+    """The inverse of :func:`pack` (read-only arrays from the object store are wrapped, not
+    copied; nothing writes to them)."""
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "the given NumPy array is not writable"
+        for key, (x, y) in groups.items():
+            dtype = getattr(torch, key[1])
+            xt = torch.from_numpy(x)
+            out[key] = (xt.view(dtype) if xt.dtype != dtype else xt, torch.from_numpy(y))
+    return out
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Task functions on a holder, and the I/O side's projectors
+# ---------------------------------------------------------------------------------------------
+
+
+def _service(ctx: WorkerContext, key: SetKey) -> ProjectionService:
+    return ctx.resident(SERVICE_SLOT, key, lambda: ProjectionService(
+        ProjectionEngine(MatrixCache.open(key, ctx.device))))
+
+
+def warm_set(ctx: WorkerContext, key: SetKey) -> int:
+    """Task: load the set onto this holder's device now; returns its bytes."""
+    svc = _service(ctx, key)
+    svc.engine.matrices.load_all()
+    return svc.engine.matrices.nbytes
+
+
+def project_request(ctx: WorkerContext, key: SetKey,
+                    groups: dict[GroupKey, tuple[np.ndarray, np.ndarray]]
+                    ) -> dict[GroupKey, tuple[np.ndarray, np.ndarray]]:
+    """Task (``serve`` group): the products of an I/O worker's batch, coalesced with those of
+    the node's other I/O workers."""
+    return pack(_service(ctx, key).submit(unpack(groups)))
+
+
+Projector = Callable[[dict[GroupKey, Pair]], dict[GroupKey, Pair]]
+
+
+def local_projector(ctx: WorkerContext, key: SetKey, coalesce: bool) -> Projector:
+    """Products computed in this process: through the holder's service (``coalesce``: a
+    CPU node's holder serves its own batches with its I/O workers'), or directly."""
+    if coalesce:
+        return _service(ctx, key).submit
+    engine = ctx.resident(SERVICE_SLOT + "-local", key,
+                          lambda: ProjectionEngine(MatrixCache.open(key, ctx.device)))
+    return engine.run
+
+
+def remote_projector(holder: Any, key: SetKey, timeout_s: float) -> Projector:
+    """Products computed by ``holder`` (an actor of this node). If the holder dies mid-call,
+    the call is made again once Ray has restarted it; if it does not come back within
+    :data:`~safelora_ray.workers.REJOIN_TIMEOUT_S`, :class:`HolderLost`."""
+    from safelora_ray.ray_utils import get_unwrapped
+    from safelora_ray.workers import WORKER_LOST, Relayed
+
+    def call(groups: dict[GroupKey, Pair]) -> dict[GroupKey, Pair]:
+        payload = pack(groups)
+        for attempt in (1, 2):
+            ref = holder.call.options(concurrency_group="serve").remote(
+                project_request, key, payload)
+            try:
+                out = get_unwrapped(ref, timeout_s)
+                return unpack(out.result if isinstance(out, Relayed) else out)
+            except WORKER_LOST as e:
+                if attempt == 2:
+                    raise HolderLost(f"the worker holding the alignment set died twice during "
+                                     f"one batch ({type(e).__name__})") from None
+                why = wait_back(holder, REJOIN_TIMEOUT_S)
+                if why is not None:
+                    raise HolderLost(f"the worker holding the alignment set died: {why}") from None
+        raise ClusterError("unreachable")  # pragma: no cover
+
+    return call
+
+
+__all__ = ["GroupKey", "HolderLost", "MatrixCache", "ProjectionEngine", "ProjectionService",
+           "Projector", "SetKey", "dtype_name", "local_projector", "pack", "project_request",
+           "remote_projector", "unpack", "warm_set"]
