@@ -63,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap on one output safetensors file, in GB (default 2)")
     b.add_argument("--timeout", type=float, default=3600.0,
                    help="seconds one output file may take before the build fails")
+    b.add_argument("--projection", choices=["fast", "exact"], default="fast",
+                   help="fast: the paper's C = V Vᵀ/‖V‖_F (default); exact: the truncated "
+                        "projection U_k U_kᵀ (an SVD per module; needs --rank or --energy)")
+    b.add_argument("--rank", type=int, default=None,
+                   help="with --projection exact: keep k directions per module")
+    b.add_argument("--energy", type=float, default=None,
+                   help="with --projection exact: keep the smallest k with "
+                        "Σ_{i≤k}σᵢ²/Σσᵢ² ≥ E (e.g. 0.9)")
     _add_ray(b)
     _add_common(b)
 
@@ -115,6 +123,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         workers=args.workers, use_gpu=args.use_gpu,
         max_file_bytes=int(args.max_file_gb * 1024**3), task_timeout_s=args.timeout,
         progress=not args.no_progress, ray_address=args.ray_address,
+        projection=args.projection, rank=args.rank, energy=args.energy,
     )
     res = build(cfg)
     verb = "reused" if res.reused else "built"
