@@ -9,6 +9,11 @@ Python API (the same verbs as the CLI)::
     print(inspect(result.uri).summary())
     run = sanitize(SanitizeConfig(alignment=result.uri, adapters="s3://bucket/tenants/",
                                   out="s3://bucket/sanitized/", threshold=0.35))
+    model = project_model(FinetuneConfig(alignment=result.uri,
+                                         aligned="hf://meta-llama/Llama-2-7b-chat-hf",
+                                         finetuned="s3://bucket/finetunes/acme-support",
+                                         out="s3://bucket/projected/acme-support",
+                                         threshold=0.35))
 """
 
 from safelora_ray._version import __version__
@@ -22,6 +27,7 @@ from safelora_ray.errors import (
     SafetensorsFormatError,
     StorageError,
 )
+from safelora_ray.finetune import FinetuneConfig, FinetuneResult, project_model
 from safelora_ray.formats.alignment_set import AlignmentSet
 from safelora_ray.sanitize import SanitizeConfig, SanitizeResult, sanitize
 from safelora_ray.workers import worker_session
@@ -34,6 +40,8 @@ __all__ = [
     "BuildResult",
     "CheckpointError",
     "ConfigError",
+    "FinetuneConfig",
+    "FinetuneResult",
     "SafeLoraError",
     "SafetensorsFormatError",
     "SanitizeConfig",
@@ -42,6 +50,7 @@ __all__ = [
     "__version__",
     "build",
     "inspect",
+    "project_model",
     "sanitize",
     "worker_session",
 ]

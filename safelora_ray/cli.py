@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used by ``jobs/`` entrypoints and the tests)."""
     parser = argparse.ArgumentParser(
         prog="safelora-ray",
-        description="Safe LoRA at fleet scale: build alignment sets, sanitize LoRA adapters.",
+        description="Safe LoRA at fleet scale: build alignment sets, sanitize LoRA adapters, "
+                    "project full fine-tunes.",
     )
     parser.add_argument("--version", action="version", version=f"safelora-ray {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +100,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds one batch may take before the run fails")
     _add_ray(s)
     _add_common(s)
+
+    pm = sub.add_parser("project-model",
+                        help="project a full fine-tune of the aligned model (SPEC §3)")
+    pm.add_argument("--alignment", required=True, help="alignment set URI")
+    pm.add_argument("--aligned", required=True,
+                    help="the aligned checkpoint the fine-tune started from")
+    pm.add_argument("--finetuned", required=True, help="the fully fine-tuned checkpoint")
+    pm.add_argument("--out", required=True,
+                    help="where the projected checkpoint is written (path or s3://)")
+    psel = pm.add_mutually_exclusive_group(required=True)
+    psel.add_argument("--threshold", type=float,
+                      help="project target modules whose rounded cosine is <= T")
+    psel.add_argument("--num-proj-layers", type=int,
+                      help="project the K modules with the smallest cosines over the whole "
+                           "model (ties included)")
+    pm.add_argument("--strict-k", action="store_true",
+                    help="with --num-proj-layers: exactly K modules, ties broken by name")
+    pm.add_argument("--reports", default=None,
+                    help="where the reports go (default: <out>/_safelora)")
+    pm.add_argument("--timeout", type=float, default=3600.0,
+                    help="seconds one output file may take before the run fails")
+    _add_ray(pm)
+    _add_common(pm)
 
     d = sub.add_parser("demo", help="run the whole pipeline on a synthetic model, locally")
     d.add_argument("--dir", default="safelora-demo",
@@ -169,6 +193,31 @@ def _cmd_sanitize(args: argparse.Namespace) -> int:
     return EXIT_OK if result.exit_ok else EXIT_PARTIAL
 
 
+def _cmd_project_model(args: argparse.Namespace) -> int:
+    from safelora_ray.finetune import FinetuneConfig, project_model
+
+    cfg = FinetuneConfig(
+        alignment=args.alignment, aligned=args.aligned, finetuned=args.finetuned,
+        out=args.out, threshold=args.threshold, num_proj_layers=args.num_proj_layers,
+        strict_k=args.strict_k, reports=args.reports, workers=args.workers,
+        use_gpu=args.use_gpu, task_timeout_s=args.timeout, progress=not args.no_progress,
+        ray_address=args.ray_address,
+    )
+    res = project_model(cfg)
+    if res.reused:
+        print(f"reused {res.uri}: already projected from these inputs "
+              f"({res.selected} of {res.modules} modules)")
+        return EXIT_OK
+    print(f"projected {res.selected} of {res.modules} target modules (τ = {res.tau}) into "
+          f"{res.uri}")
+    where = (f"on {res.workers} {res.device} worker(s)" if res.workers
+             else f"in this process ({res.device})")
+    print(f"read {res.bytes_read / 1e6:.1f} MB ({res.bytes_read / max(1, res.must_read_bytes):.3f}"
+          f" x what must be read) in {res.duration_s:.1f} s {where}; reports at "
+          f"{res.reports_uri}")
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from safelora_ray.demo import run_demo
 
@@ -177,7 +226,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"build": _cmd_build, "sanitize": _cmd_sanitize, "inspect": _cmd_inspect,
-             "demo": _cmd_demo}
+             "demo": _cmd_demo, "project-model": _cmd_project_model}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
