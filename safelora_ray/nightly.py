@@ -8,7 +8,11 @@ Steps of one run:
 3. for each pair with adapters: open ``<alignment_root>/<pair>``, building it when missing;
 4. for each (catalog, pair): sanitize the adapters listed in a per-run manifest into
    ``<output_root>/<catalog>/`` (the ledger there skips unchanged adapters);
-5. write the run record ``<output_root>/_nightly/runs/<run_id>.json`` and ``latest.json``,
+5. for each catalog of full fine-tunes (``models:``): project every model found in it with its
+   pair's alignment set (``project-model``) into ``<output_root>/<catalog>/<model id>/``; an
+   output complete from the same inputs is reused, a model that fails is reported and the
+   others go on;
+6. write the run record ``<output_root>/_nightly/runs/<run_id>.json`` and ``latest.json``,
    give the lease back, and exit with a status an operator can alert on.
 """
 
@@ -30,8 +34,16 @@ from typing import Any
 import yaml
 
 from safelora_ray.build import BuildConfig, build
-from safelora_ray.catalog import CONFIG_FILE, AdapterRef, iter_catalog, validate_id
+from safelora_ray.catalog import (
+    CONFIG_FILE,
+    AdapterRef,
+    ModelRef,
+    iter_catalog,
+    iter_models,
+    validate_id,
+)
 from safelora_ray.errors import AlignmentSetError, ConfigError, SafeLoraError
+from safelora_ray.finetune import FinetuneConfig, project_model
 from safelora_ray.formats.alignment_set import AlignmentSet
 from safelora_ray.lease import Lease, LeaseHeldError
 from safelora_ray.plan import parse_targets
@@ -68,6 +80,16 @@ class CatalogSpec:
     uri: str
 
 
+@dataclass(frozen=True)
+class ModelCatalogSpec:
+    """A catalog of full fine-tunes of one pair's aligned model (every directory holding
+    ``model.safetensors[.index.json]`` is a model, its id its path)."""
+
+    name: str
+    uri: str
+    pair: str
+
+
 @dataclass
 class NightlyConfig:
     """The nightly configuration (see ``jobs/nightly.example.yaml``).
@@ -82,6 +104,8 @@ class NightlyConfig:
         sanitize: Extra SanitizeConfig fields (batch_size, max_in_flight, workers, use_gpu,
             workers_per_gpu, task_timeout_s).
         build: Extra BuildConfig fields (workers, use_gpu, max_file_bytes).
+        models: Catalogs of full fine-tunes to project (``project-model``).
+        project: Extra FinetuneConfig fields (workers, use_gpu, task_timeout_s, chunk_bytes).
     """
 
     output_root: str
@@ -92,15 +116,18 @@ class NightlyConfig:
     lock_ttl_s: float = 6 * 3600
     sanitize: dict[str, Any] = field(default_factory=dict)
     build: dict[str, Any] = field(default_factory=dict)
+    models: list[ModelCatalogSpec] = field(default_factory=list)
+    project: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.output_root or not self.alignment_root:
             raise ConfigError("output_root and alignment_root are required")
-        if not self.catalogs:
-            raise ConfigError("at least one catalog is required")
+        if not self.catalogs and not self.models:
+            raise ConfigError("at least one catalog is required (catalogs: or models:)")
         if not self.pairs:
             raise ConfigError("at least one model pair is required")
-        for kind, names in (("catalog", [c.name for c in self.catalogs]),
+        for kind, names in (("catalog", [c.name for c in self.catalogs]
+                             + [m.name for m in self.models]),
                             ("pair", [p.name for p in self.pairs])):
             if len(set(names)) != len(names):
                 raise ConfigError(f"{kind} names must be unique: {names}")
@@ -126,6 +153,14 @@ class NightlyConfig:
         allowed_b = {"workers", "use_gpu", "max_file_bytes", "task_timeout_s"}
         if set(self.build) - allowed_b:
             raise ConfigError(f"unknown build keys: {sorted(set(self.build) - allowed_b)}")
+        allowed_p = {"workers", "use_gpu", "task_timeout_s", "chunk_bytes"}
+        if set(self.project) - allowed_p:
+            raise ConfigError(f"unknown project keys: {sorted(set(self.project) - allowed_p)}")
+        pair_names = {p.name for p in self.pairs}
+        for m in self.models:
+            if m.pair not in pair_names:
+                raise ConfigError(f"models catalog {m.name!r}: pair {m.pair!r} is not one of "
+                                  f"the configured pairs {sorted(pair_names)}")
         # Validate the selection now, not at the first sanitize, in the YAML's own terms.
         if (self.selection.get("threshold") is None) == (
                 self.selection.get("num_proj_layers") is None):
@@ -148,12 +183,15 @@ class NightlyConfig:
         if not isinstance(raw, dict):
             raise ConfigError(f"{where}: the top level must be a mapping")
         known = {"output_root", "alignment_root", "catalogs", "pairs", "selection", "lock",
-                 "sanitize", "build"}
+                 "sanitize", "build", "models", "project"}
         unknown = set(raw) - known
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
         try:
-            catalogs = [CatalogSpec(str(c["name"]), str(c["uri"])) for c in raw["catalogs"]]
+            catalogs = [CatalogSpec(str(c["name"]), str(c["uri"]))
+                        for c in raw.get("catalogs") or []]
+            models = [ModelCatalogSpec(str(m["name"]), str(m["uri"]), str(m["pair"]))
+                      for m in raw.get("models") or []]
             pairs = [
                 PairSpec(
                     name=str(p["name"]), base=str(p["base"]), aligned=str(p["aligned"]),
@@ -168,6 +206,7 @@ class NightlyConfig:
                 catalogs=catalogs, pairs=pairs, selection=dict(raw.get("selection") or {}),
                 lock_ttl_s=float((raw.get("lock") or {}).get("ttl_s", 6 * 3600)),
                 sanitize=dict(raw.get("sanitize") or {}), build=dict(raw.get("build") or {}),
+                models=models, project=dict(raw.get("project") or {}),
             )
         except (KeyError, TypeError) as e:
             raise ConfigError(f"{where}: missing or malformed entry: {e}") from e
@@ -216,6 +255,7 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, dry_run: bool = F
         "counts": {"adapters": 0, "ok": 0, "skipped": 0, "error": 0, "unmatched": 0},
         "bytes_in": 0, "bytes_out": 0, "alignment_ids": {}, "groups": [], "unmatched": [],
         "errors": [],
+        "models": {"total": 0, "ok": 0, "reused": 0, "error": 0, "items": []},
     }
     try:
         by_model = {mid: p for p in cfg.pairs for mid in p.base_model_ids}
@@ -247,11 +287,16 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, dry_run: bool = F
                     uri = join_uri(ref.uri, ref.prefix)
                     groups.setdefault((cat.name, pair.name), []).append(
                         {"id": ref.adapter_id, "uri": uri})
-        logger.info("nightly %s: %d adapter(s) in %d group(s), %d unmatched", run_id,
-                    record["counts"]["adapters"], len(groups), record["counts"]["unmatched"])
+        models = _list_models(cfg, record)
+        logger.info("nightly %s: %d adapter(s) in %d group(s), %d unmatched; %d full "
+                    "fine-tune(s)", run_id, record["counts"]["adapters"], len(groups),
+                    record["counts"]["unmatched"], len(models))
         if dry_run:
             record["groups"] = [{"catalog": c, "pair": p, "adapters": len(v)}
                                 for (c, p), v in sorted(groups.items())]
+            record["models"]["items"] = [{"catalog": m.name, "pair": m.pair,
+                                          "model_id": ref.model_id, "uri": ref.uri}
+                                         for m, ref in models]
             record["status"] = "dry-run"
             return record
 
@@ -259,7 +304,7 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, dry_run: bool = F
         # imports torch once and keeps the alignment set it last used resident.
         with worker_session():
             pairs = {p.name: p for p in cfg.pairs}
-            for pair_name in sorted({p for _, p in groups}):
+            for pair_name in sorted({p for _, p in groups} | {m.pair for m, _ in models}):
                 record["alignment_ids"][pair_name] = _ensure_alignment(cfg, pairs[pair_name],
                                                                        progress)
             cats = {c.name: c for c in cfg.catalogs}
@@ -286,8 +331,11 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, dry_run: bool = F
                     "adapters": res.total, "ok": res.ok, "skipped": res.skipped,
                     "error": res.error, "report": res.report_uri,
                 })
+            for spec, ref in models:
+                _project_one(cfg, pairs[spec.pair], spec, ref, record, progress)
         c = record["counts"]
-        record["status"] = "success" if c["error"] == 0 and c["unmatched"] == 0 else "partial"
+        ok = c["error"] == 0 and c["unmatched"] == 0 and record["models"]["error"] == 0
+        record["status"] = "success" if ok else "partial"
     except Exception as e:
         record["status"] = "failed"
         record["failure"] = str(e) if isinstance(e, SafeLoraError) else f"{type(e).__name__}: {e}"
@@ -303,6 +351,51 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, dry_run: bool = F
             finally:
                 lease.release()
     return record
+
+
+def _list_models(cfg: NightlyConfig, record: dict[str, Any]
+                 ) -> list[tuple[ModelCatalogSpec, ModelRef]]:
+    """Every full fine-tune of the ``models:`` catalogs (bad ids are reported as errors)."""
+    found = []
+    for spec in cfg.models:
+        for item in iter_models(spec.uri):
+            record["models"]["total"] += 1
+            if isinstance(item, tuple):
+                record["models"]["error"] += 1
+                _note(record, "errors", {"catalog": spec.name, "model_id": item[0],
+                                         "error": item[1]})
+                continue
+            found.append((spec, item))
+    return found
+
+
+def _project_one(cfg: NightlyConfig, pair: PairSpec, spec: ModelCatalogSpec, ref: ModelRef,
+                 record: dict[str, Any], progress: bool) -> None:
+    """Project one fine-tune into ``<output_root>/<catalog>/<model id>/``; a failure is
+    recorded, never raised (the other models go on)."""
+    out = join_uri(join_uri(cfg.output_root, spec.name), ref.model_id)
+    item: dict[str, Any] = {"catalog": spec.name, "pair": pair.name, "model_id": ref.model_id,
+                            "uri": ref.uri, "out": out}
+    try:
+        res = project_model(FinetuneConfig(
+            alignment=join_uri(cfg.alignment_root, pair.name), aligned=pair.aligned,
+            finetuned=ref.uri, out=out, progress=progress, **cfg._selection_kwargs(),
+            **cfg.project))
+        status = "reused" if res.reused else "ok"
+        item.update(status=status, modules=res.modules, selected=res.selected, tau=res.tau,
+                    reports=res.reports_uri)
+        record["models"][status] += 1
+        if not res.reused:
+            record["bytes_in"] += res.bytes_read
+            record["bytes_out"] += res.bytes_written
+    except SafeLoraError as e:
+        msg = redact(str(e))
+        logger.warning("model %s/%s: %s", spec.name, ref.model_id, msg)
+        item.update(status="error", error=msg)
+        record["models"]["error"] += 1
+        _note(record, "errors", {"catalog": spec.name, "model_id": ref.model_id, "error": msg})
+    if len(record["models"]["items"]) < MAX_LISTED:
+        record["models"]["items"].append(item)
 
 
 def _note(record: dict[str, Any], key: str, item: dict[str, Any]) -> None:
@@ -357,6 +450,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     buf.write(f"nightly {record['run_id']}: {record['status']} — {c['adapters']} adapter(s): "
               f"{c['ok']} ok, {c['skipped']} skipped, {c['error']} failed, "
               f"{c['unmatched']} matched no model pair; {record['duration_s']:.1f} s\n")
+    mc = record["models"]
+    if mc["total"]:
+        buf.write(f"  full fine-tunes: {mc['total']}: {mc['ok']} projected, {mc['reused']} "
+                  f"reused, {mc['error']} failed\n")
     for u in record["unmatched"][:10]:
         buf.write(f"  unmatched: {u['catalog']}/{u['adapter_id']} (base model "
                   f"{u['base_model']!r})\n")

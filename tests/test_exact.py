@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from safelora_ray import AlignmentSet, BuildConfig, SanitizeConfig, build, sanitize
 from safelora_ray.cli import build_parser
@@ -114,3 +115,37 @@ def test_exact_flags_and_immutability(pair: dict, tmp_path: Path) -> None:
         build(BuildConfig(base=b, aligned=a, out=out, workers=0, progress=False))
     assert build_parser().parse_args(["build", "--base", b, "--aligned", a, "--out", out,
                                       "--projection", "exact", "--energy", "0.9"]).energy == 0.9
+
+
+def test_project_model_applies_the_truncated_basis(pair: dict, tmp_path: Path) -> None:
+    """A full fine-tune projected with an exact set: W_aligned + U_k (U_kᵀ ΔW)."""
+    from safelora_ray import FinetuneConfig, project_model
+    from tests.reference import dense_finetune
+
+    mode = {"rank": 4}
+    res = build(BuildConfig(base=str(pair["root"] / "base"), aligned=str(pair["root"] / "aligned"),
+                            out=str(tmp_path / "set"), projection="exact", workers=0,
+                            progress=False, **mode))
+    g = torch.Generator().manual_seed(9)
+    ft = {n: (w.float() + torch.randn(w.shape, generator=g) * 0.01).to(w.dtype)
+          for n, w in pair["aligned"].items()}
+    write_checkpoint(tmp_path / "ft", ft, shards=2)
+    ref = {}
+    for n, w in ft.items():
+        if n.endswith(("q_proj.weight", "v_proj.weight")):
+            c, _ = dense_exact(pair["base"][n], pair["aligned"][n], **mode)
+            ref[n] = dense_finetune(c, pair["aligned"][n], w)
+    out = project_model(FinetuneConfig(alignment=res.uri, aligned=str(pair["root"] / "aligned"),
+                                       finetuned=str(tmp_path / "ft"), out=str(tmp_path / "o"),
+                                       threshold=1.0, workers=0, progress=False))
+    assert out.selected == len(ref) == 4
+    got = {}
+    for f in (tmp_path / "o").glob("*.safetensors"):
+        got.update(load_file(str(f)))
+    for n, (_, w_out, _, _) in ref.items():
+        # bf16 weights: float32 vs float64 before the cast, within one bf16 step
+        torch.testing.assert_close(got[n].double(), w_out.to(torch.bfloat16).double(),
+                                   rtol=8e-3, atol=1e-6)
+    for n, w in ft.items():
+        if n not in ref:
+            assert torch.equal(got[n], w), n

@@ -427,3 +427,20 @@ def test_sparse_70b_shaped_finetune_streams_holes(tmp_path: Path) -> None:
             assert fo.get_tensor(name).shape == tf[name].shape
         assert not fo.get_slice("model.embed_tokens.weight")[:4].any()
     print(f"project-model of {size / 1e9:.2f} GB apparent: {res.duration_s:.1f} s")
+
+
+def test_jobs_entrypoint(llama: dict[str, Any], tmp_path: Path) -> None:
+    """jobs/project_model.py takes the CLI's flags (run as a Ray Job runs it: a script)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, str(root / "jobs" / "project_model.py"), "--alignment", llama["set"],
+         "--aligned", str(llama["aligned"]), "--finetuned", str(llama["ft"]), "--out",
+         str(tmp_path / "out"), "--num-proj-layers", "2", "--strict-k", "--workers", "0",
+         "--no-progress"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "projected 2 of 6 target modules" in proc.stdout
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists()
