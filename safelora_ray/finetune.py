@@ -79,7 +79,13 @@ from safelora_ray.math_core import (
     select_modules,
 )
 from safelora_ray.model_report import write_reports
-from safelora_ray.plan import FLOAT_DTYPES, match_target, weight_layouts
+from safelora_ray.plan import (
+    check_selection,
+    check_target_weight,
+    match_target,
+    selection_record,
+    weight_layouts,
+)
 from safelora_ray.storage import Storage, open_storage
 from safelora_ray.storage.base import split_uri
 from safelora_ray.workers import (
@@ -147,14 +153,7 @@ class FinetuneConfig:
         for name in ("alignment", "aligned", "finetuned", "out"):
             if not getattr(self, name):
                 raise ConfigError(f"{name} is required")
-        if (self.threshold is None) == (self.num_proj_layers is None):
-            raise ConfigError("give exactly one of --threshold or --num-proj-layers")
-        if self.threshold is not None and not math.isfinite(self.threshold):
-            raise ConfigError(f"threshold must be a finite number, got {self.threshold}")
-        if self.num_proj_layers is not None and self.num_proj_layers < 1:
-            raise ConfigError(f"num_proj_layers must be ≥ 1, got {self.num_proj_layers}")
-        if self.strict_k and self.num_proj_layers is None:
-            raise ConfigError("strict_k needs num_proj_layers")
+        check_selection(self.threshold, self.num_proj_layers, self.strict_k)
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"workers must be ≥ 0 (0 = in this process), got {self.workers}")
         if self.chunk_bytes < 4096:
@@ -170,10 +169,7 @@ class FinetuneConfig:
     @property
     def selection(self) -> dict[str, Any]:
         """The selection parameters, as recorded in the provenance and reports."""
-        if self.threshold is not None:
-            return {"mode": "threshold", "threshold": self.threshold}
-        return {"mode": "number", "num_proj_layers": self.num_proj_layers,
-                "strict": self.strict_k}
+        return selection_record(self.threshold, self.num_proj_layers, self.strict_k)
 
 
 @dataclass
@@ -307,11 +303,8 @@ def plan_model(aset: AlignmentSet, aligned: Checkpoint, ft: Checkpoint) -> Model
     by_name: dict[str, TargetPlan] = {}
     for name, row in rows.items():
         f, a = ft.ref(name), aligned.ref(name)
-        for ref in (f, a):
-            if ref.dtype not in FLOAT_DTYPES:
-                raise CheckpointError(f"{ref.describe()}: dtype {ref.dtype} is not a float type")
-            if len(ref.shape) != 2:
-                raise CheckpointError(f"{ref.describe()}: shape {list(ref.shape)} is not 2-D")
+        check_target_weight(f)
+        check_target_weight(a)
         if f.shape != a.shape:
             raise CheckpointError(
                 f"tensor {name!r}: shape {list(f.shape)} in the fine-tune {ft.uri} but "
@@ -398,9 +391,9 @@ class _Module:
     target: TargetPlan
     ft: torch.Tensor
     ft_buf: bytearray
-    aligned: torch.Tensor | None
-    aligned_buf: bytearray | None
-    matrix: AlignmentMatrix | None
+    aligned: torch.Tensor
+    aligned_buf: bytearray
+    matrix: AlignmentMatrix
 
 
 def read_ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
@@ -410,20 +403,23 @@ def read_ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
     q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def put(entry: tuple[str, Any]) -> bool:
+        while not stop.is_set():  # a consumer that stopped takes nothing more: give up
+            try:
+                q.put(entry, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def run() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put(("item", item), timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(("item", item)):
                     return
-            q.put(("end", None))
+            put(("end", None))
         except BaseException as e:  # surfaced to the consumer
-            q.put(("error", e))
+            put(("error", e))
 
     threading.Thread(target=run, name="safelora-read-ahead", daemon=True).start()
     try:
@@ -457,6 +453,7 @@ class FileProjector:
                 f"{job.alignment_id}: it changed while the run started")
         self.out = open_storage(job.out_uri)
         self._storages: dict[str, Storage] = {}
+        self._lock = threading.Lock()
         self._pool = cf.ThreadPoolExecutor(max_workers=3, thread_name_prefix="safelora-read")
         self._buffers = _BufferPool(max_free=(job.prefetch + 2) * job.chunk_bytes)
 
@@ -464,21 +461,21 @@ class FileProjector:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _storage(self, uri: str) -> Storage:
-        st = self._storages.get(uri)
-        if st is None:
-            st = self._storages[uri] = open_storage(uri)
-        return st
+        with self._lock:  # one instance per URI: its byte counter is the one summed
+            st = self._storages.get(uri)
+            if st is None:
+                st = self._storages[uri] = open_storage(uri)
+            return st
 
     def bytes_fetched(self) -> int:
         return sum(s.bytes_read for s in self._storages.values()) + self.aset.storage.bytes_read
 
     # -- reads (run in the read-ahead thread) ----------------------------------------------
-    def _read_module(self, t: TargetPlan, full: bool) -> _Module:
-        """A module's fine-tuned weight, and with ``full`` its aligned weight and matrix."""
+    def _read_module(self, t: TargetPlan) -> _Module:
+        """A module's fine-tuned and aligned weights and its alignment matrix (three ranged
+        reads at once)."""
         ft_buf = bytearray(t.ft.nbytes)
         f_ft = self._pool.submit(read_ref, self._storage(t.ft.uri), t.ft, ft_buf)
-        if not full:
-            return _Module(t, f_ft.result()[0], ft_buf, None, None, None)
         al_buf = bytearray(t.aligned.nbytes)
         f_al = self._pool.submit(read_ref, self._storage(t.aligned.uri), t.aligned, al_buf)
         f_m = self._pool.submit(self.aset.load, t.module, self.device)
@@ -496,13 +493,13 @@ class FileProjector:
             pos += n
 
     def _items(self, f: OutputFile, uri: str,
-               project: Callable[[TargetPlan], bool | None]) -> Iterator[_Chunk | _Module]:
-        """The file's data in order: chunks of copied tensors, and modules to compute.
-        ``project(t)``: True/None = read it whole (None: decide once scored), False = copy."""
+               computed: Callable[[TargetPlan], bool]) -> Iterator[_Chunk | _Module]:
+        """The file's data in order: chunks of the tensors copied as they are, and the
+        modules to compute (``computed(t)``: all targets in threshold mode, the selected
+        ones in number mode)."""
         for seg in f.segments:
-            decision = project(seg.target) if seg.target is not None else False
-            if seg.target is not None and decision is not False:
-                yield self._read_module(seg.target, full=True)
+            if seg.target is not None and computed(seg.target):
+                yield self._read_module(seg.target)
             else:
                 yield from self._chunks(uri, f.path, seg.start, seg.end)
 
@@ -510,7 +507,6 @@ class FileProjector:
     def _score(self, m: _Module) -> tuple[ResidualScore, torch.Tensor, torch.Tensor]:
         """ΔW, CΔW (float32, on the device, nn.Linear orientation) and the module's figures."""
         t = m.target
-        assert m.aligned is not None and m.matrix is not None
         w_al = as_linear(m.aligned.to(self.device), t.layout)
         delta = residual_delta(w_al, as_linear(m.ft.to(self.device), t.layout))
         if not bool(torch.isfinite(delta).all()):
@@ -531,8 +527,7 @@ class FileProjector:
         before, t0 = self.bytes_fetched(), time.perf_counter()
         rows = []
         compute_s = 0.0
-        items = read_ahead((self._read_module(t, full=True) for t in f.targets),
-                           self.job.prefetch)
+        items = read_ahead((self._read_module(t) for t in f.targets), self.job.prefetch)
         for m in items:
             t1 = time.perf_counter()
             s, _, _ = self._score(m)
@@ -558,11 +553,11 @@ class FileProjector:
         timings = {"compute_s": 0.0, "write_s": 0.0}
         storage = self._storage(ft_uri)
 
-        def project(t: TargetPlan) -> bool | None:
-            return None if selected is None else t.module in selected
+        def computed(t: TargetPlan) -> bool:
+            return selected is None or t.module in selected
 
         header = storage.read_range(f.path, 0, f.data_start)
-        items = read_ahead(self._items(f, ft_uri, project), self.job.prefetch)
+        items = read_ahead(self._items(f, ft_uri, computed), self.job.prefetch)
         with self.out.writing_file(f.path) as tmp, open(tmp, "wb") as out:
             out.write(header)
             for item in items:

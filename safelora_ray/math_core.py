@@ -48,14 +48,19 @@ def as_linear(w: torch.Tensor, layout: str) -> torch.Tensor:
     return w
 
 
+def _difference(old: torch.Tensor, new: torch.Tensor, names: tuple[str, str]) -> torch.Tensor:
+    """``new − old`` of two 2-D weights in float32, a new tensor (the inputs are kept)."""
+    if old.shape != new.shape:
+        raise ValueError(f"shape mismatch: {names[0]} {tuple(old.shape)} vs {names[1]} "
+                         f"{tuple(new.shape)}")
+    if old.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(old.shape)}")
+    return new.to(torch.float32, copy=True).sub_(old)
+
+
 def alignment_difference(w_base: torch.Tensor, w_aligned: torch.Tensor) -> torch.Tensor:
     """``V = W_aligned − W_base`` in float32, whatever the stored dtype (SPEC §1)."""
-    if w_base.shape != w_aligned.shape:
-        raise ValueError(f"shape mismatch: base {tuple(w_base.shape)} vs aligned "
-                         f"{tuple(w_aligned.shape)}")
-    if w_base.dim() != 2:
-        raise ValueError(f"expected a 2-D weight, got shape {tuple(w_base.shape)}")
-    return w_aligned.to(torch.float32) - w_base.to(torch.float32)
+    return _difference(w_base, w_aligned, ("base", "aligned"))
 
 
 def full_precision_matmul() -> None:
@@ -208,17 +213,24 @@ def truncated_basis(v: torch.Tensor, *, rank: int | None,
     """
     if (rank is None) == (energy is None):
         raise ValueError("the exact projection needs exactly one of rank or energy")
-    v64 = v.to(torch.float64)
-    d_out, d_in = v64.shape
-    if d_out <= d_in:
-        evals, evecs = torch.linalg.eigh(v64 @ v64.T)  # ascending
-        s2 = evals.flip(0).clamp_min(0.0)
-        u = evecs.flip(1)
-    else:
-        u, s, _ = torch.linalg.svd(v64, full_matrices=False)
-        s2 = s**2
+    d_out, d_in = v.shape
     n = min(d_out, d_in)
-    s2, u = s2[:n], u[:, :n]
+    if d_out <= d_in:
+        v64 = v.to(torch.float64)
+        gram64 = v64 @ v64.T
+        del v64  # peak: the Gram matrix and the eigenvectors, d_out² float64 each
+        evals, evecs = torch.linalg.eigh(gram64)  # ascending
+        del gram64
+        s2 = evals.flip(0).clamp_min(0.0)
+
+        def top(k: int) -> torch.Tensor:  # the last k eigenvectors, largest first
+            return evecs[:, d_out - k:].flip(1)
+    else:
+        u, s, _ = torch.linalg.svd(v.to(torch.float64), full_matrices=False)
+        s2 = s**2
+
+        def top(k: int) -> torch.Tensor:
+            return u[:, :k]
     cum = torch.cumsum(s2, 0) / torch.sum(s2)
     if rank is not None:
         if not 1 <= rank <= n:
@@ -230,7 +242,7 @@ def truncated_basis(v: torch.Tensor, *, rank: int | None,
             raise ValueError(f"energy {energy} outside (0, 1]")
         k = int(torch.searchsorted(cum, torch.tensor(energy, dtype=cum.dtype)).item()) + 1
         k = min(k, n)
-    return u[:, :k].to(torch.float32).contiguous(), float(cum[k - 1])
+    return top(k).to(torch.float32).contiguous(), float(cum[k - 1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,13 +384,7 @@ class ResidualScore:
 
 def residual_delta(w_aligned: torch.Tensor, w_ft: torch.Tensor) -> torch.Tensor:
     """``ΔW = W_ft − W_aligned`` in float32 (SPEC §3), a new tensor (the inputs are kept)."""
-    if w_aligned.shape != w_ft.shape:
-        raise ValueError(f"shape mismatch: aligned {tuple(w_aligned.shape)} vs fine-tuned "
-                         f"{tuple(w_ft.shape)}")
-    if w_ft.dim() != 2:
-        raise ValueError(f"expected a 2-D weight, got shape {tuple(w_ft.shape)}")
-    delta = w_ft.to(torch.float32, copy=True)
-    return delta.sub_(w_aligned)
+    return _difference(w_aligned, w_ft, ("aligned", "fine-tuned"))
 
 
 def residual_score(delta: torch.Tensor, projected: torch.Tensor,

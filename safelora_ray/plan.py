@@ -7,6 +7,7 @@ reads tensor data.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -154,6 +155,32 @@ class Projection:
                 **k}
 
 
+def check_selection(threshold: float | None, num_proj_layers: int | None,
+                    strict_k: bool) -> None:
+    """The selection flags of sanitize and project-model (SPEC §2/§3).
+
+    Raises:
+        ConfigError: not exactly one of threshold / number, a non-finite threshold, k < 1,
+            or strict without a number.
+    """
+    if (threshold is None) == (num_proj_layers is None):
+        raise ConfigError("give exactly one of --threshold or --num-proj-layers")
+    if threshold is not None and not math.isfinite(threshold):
+        raise ConfigError(f"threshold must be a finite number, got {threshold}")
+    if num_proj_layers is not None and num_proj_layers < 1:
+        raise ConfigError(f"num_proj_layers must be ≥ 1, got {num_proj_layers}")
+    if strict_k and num_proj_layers is None:
+        raise ConfigError("strict_k needs num_proj_layers")
+
+
+def selection_record(threshold: float | None, num_proj_layers: int | None,
+                     strict_k: bool) -> dict[str, Any]:
+    """The selection as recorded in ledgers, provenance and reports."""
+    if threshold is not None:
+        return {"mode": "threshold", "threshold": threshold}
+    return {"mode": "number", "num_proj_layers": num_proj_layers, "strict": strict_k}
+
+
 def layer_index(module: str) -> int | None:
     """The first integer path component (``model.layers.7.self_attn.q_proj`` → 7)."""
     m = _LAYER_RE.search(module)
@@ -245,6 +272,20 @@ class BuildPlan:
         return sum(m.output_bytes for m in self.modules)
 
 
+def check_target_weight(ref: TensorRef) -> None:
+    """A target weight must be a non-empty 2-D float tensor.
+
+    Raises:
+        CheckpointError: naming the tensor and its file.
+    """
+    if ref.dtype not in FLOAT_DTYPES:
+        raise CheckpointError(f"{ref.describe()}: dtype {ref.dtype} is not a float type")
+    if len(ref.shape) != 2:
+        raise CheckpointError(f"{ref.describe()}: shape {list(ref.shape)} is not 2-D")
+    if 0 in ref.shape:
+        raise CheckpointError(f"{ref.describe()}: empty shape {list(ref.shape)}")
+
+
 def plan_build(
     base: Checkpoint,
     aligned: Checkpoint,
@@ -313,13 +354,8 @@ def plan_build(
     modules: list[ModulePlan] = []
     for name, kind in sel_base.items():
         b, a = base.ref(name), aligned.ref(name)
-        for ref in (b, a):
-            if ref.dtype not in FLOAT_DTYPES:
-                raise CheckpointError(f"{ref.describe()}: dtype {ref.dtype} is not a float type")
-            if len(ref.shape) != 2:
-                raise CheckpointError(f"{ref.describe()}: shape {list(ref.shape)} is not 2-D")
-            if 0 in ref.shape:
-                raise CheckpointError(f"{ref.describe()}: empty shape {list(ref.shape)}")
+        check_target_weight(b)
+        check_target_weight(a)
         if b.shape != a.shape:
             raise CheckpointError(
                 f"tensor {name!r}: shape {list(b.shape)} in base {base.uri} but "

@@ -18,7 +18,6 @@ import hashlib
 import itertools
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -50,6 +49,7 @@ from safelora_ray.math_core import (
     pdst,
     select_modules,
 )
+from safelora_ray.plan import check_selection, selection_record
 from safelora_ray.redact import redact
 from safelora_ray.reports import ReportWriter
 from safelora_ray.storage import Storage, open_storage
@@ -116,14 +116,7 @@ class SanitizeConfig:
     ray_address: str | None = None
 
     def __post_init__(self) -> None:
-        if (self.threshold is None) == (self.num_proj_layers is None):
-            raise ConfigError("give exactly one of --threshold or --num-proj-layers")
-        if self.threshold is not None and not math.isfinite(self.threshold):
-            raise ConfigError(f"threshold must be a finite number, got {self.threshold}")
-        if self.num_proj_layers is not None and self.num_proj_layers < 1:
-            raise ConfigError(f"num_proj_layers must be ≥ 1, got {self.num_proj_layers}")
-        if self.strict_k and self.num_proj_layers is None:
-            raise ConfigError("strict_k needs num_proj_layers")
+        check_selection(self.threshold, self.num_proj_layers, self.strict_k)
         for name in ("batch_size", "max_in_flight", "workers_per_gpu"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be ≥ 1")
@@ -138,10 +131,7 @@ class SanitizeConfig:
     @property
     def selection(self) -> dict[str, Any]:
         """The selection parameters, as recorded in the ledger and reports."""
-        if self.threshold is not None:
-            return {"mode": "threshold", "threshold": self.threshold}
-        return {"mode": "number", "num_proj_layers": self.num_proj_layers,
-                "strict": self.strict_k}
+        return selection_record(self.threshold, self.num_proj_layers, self.strict_k)
 
 
 @dataclass

@@ -429,6 +429,7 @@ def test_sparse_70b_shaped_finetune_streams_holes(tmp_path: Path) -> None:
     print(f"project-model of {size / 1e9:.2f} GB apparent: {res.duration_s:.1f} s")
 
 
+@pytest.mark.slow  # a subprocess importing torch and transformers; the CLI is tested above
 def test_jobs_entrypoint(llama: dict[str, Any], tmp_path: Path) -> None:
     """jobs/project_model.py takes the CLI's flags (run as a Ray Job runs it: a script)."""
     import subprocess
