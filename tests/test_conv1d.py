@@ -166,3 +166,35 @@ def test_set_without_layout_columns_still_opens(gpt2: dict, tmp_path: Path) -> N
     aset = AlignmentSet.open(str(copy))
     assert {r.layout for r in aset.rows.values()} == {"linear"}
     assert all(r.proj_rank is None for r in aset.rows.values())
+
+
+def test_project_model_gpt2_fine_tune(gpt2: dict, tmp_path: Path) -> None:
+    """A full fine-tune of GPT-2: ΔW and W_out in the stored (transposed) orientation, C on
+    the output side; every other tensor byte for byte."""
+    from safelora_ray import FinetuneConfig, project_model
+    from tests.reference import dense_finetune
+
+    model = tiny_gpt2(0)
+    model.load_state_dict({**model.state_dict(), **gpt2["aligned"]})
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.003)
+    model.save_pretrained(str(tmp_path / "ft"))
+    ft = load_file(str(tmp_path / "ft" / "model.safetensors"))
+    res = project_model(FinetuneConfig(alignment=gpt2["set"], aligned=str(gpt2["root"] / "aligned"),
+                                       finetuned=str(tmp_path / "ft"), out=str(tmp_path / "o"),
+                                       num_proj_layers=3, workers=0, progress=False))
+    ref = {}
+    for m in AlignmentSet.open(gpt2["set"]).rows:
+        w = m + ".weight"
+        ref[m] = dense_finetune(_c_linear(gpt2, m), gpt2["aligned"][w].T, ft[w].T)
+    tau = sorted(r[0] for r in ref.values())[2]
+    assert set(res.selected_modules) == {m for m, r in ref.items() if r[0] <= tau}
+    out = load_file(str(tmp_path / "o" / "model.safetensors"))
+    for name, w in ft.items():
+        m = name.removesuffix(".weight")
+        if m in res.selected_modules:
+            torch.testing.assert_close(out[name].double(), ref[m][1].T, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(out[name], w), name
