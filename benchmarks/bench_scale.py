@@ -19,13 +19,19 @@ Example::
     python benchmarks/bench_scale.py                           # 8 real layers (CPU: ~2 min)
     python benchmarks/bench_scale.py --layers 80 --device cuda # the full 70B q/v set (24 GB
                                                                # real on disk for the pair)
+    python benchmarks/bench_scale.py --projection exact --energy 0.9 --layers 1 --workers 1
+                                       # the exact projection: an eigendecomposition per module
+
+With ``--projection exact`` the JSON also holds each module's k and kept energy, and the
+compute time per module kind (``per_module_s``), from which a full 70B build is extrapolated
+(80 q_proj + 80 v_proj modules) and printed as such.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import common
@@ -47,25 +53,22 @@ def entries(arch: common.Arch, real_layers: int) -> list[tuple[str, tuple[int, .
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=8,
-                   help="layers with real q_proj/v_proj (80 = the full 70B target set)")
-    p.add_argument("--total-layers", type=int, default=common.LLAMA2_70B.layers,
-                   help="layers of hole tensors (80 = Llama-2-70B)")
-    p.add_argument("--shard-gb", type=float, default=10.0, help="checkpoint shard size (GB)")
+    common.scale_args(p, layers=8)
     p.add_argument("--read-threads", type=int, default=None,
                    help="threads of the raw threaded read (default 2 x workers)")
     p.add_argument("--cold", action="store_true",
                    help="drop the files' cached pages before each measurement")
+    p.add_argument("--projection", choices=["fast", "exact"], default="fast",
+                   help="stored form (exact: U_k, needs --rank or --energy)")
+    p.add_argument("--rank", type=int, default=None, help="exact: k per module")
+    p.add_argument("--energy", type=float, default=None,
+                   help="exact: the smallest k keeping this fraction of Σσ²")
     common.common_args(p, storage=False)
     p.set_defaults(repeats=1)
     args = p.parse_args(argv)
     common.setup_logging()
 
-    arch = replace(common.LLAMA2_70B, layers=args.total_layers)
-    real = min(args.layers, arch.layers)
-    if args.smoke:  # 70B names, tiny widths: the same code path in a second
-        arch = replace(common.TINY, layers=4)
-        real, args.repeats = 2, 1
+    arch, real = common.scale_arch(args)
     use_gpu = args.device == "cuda"
     info = common.machine_info()
 
@@ -92,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             base_uri=pair["base"], aligned_uri=pair["aligned"],
             out_uri=lambda rep: str(root / "sets" / f"run-{rep}"), targets=TARGETS,
             workers=args.workers, use_gpu=use_gpu, repeats=args.repeats,
-            read_threads=threads, cold_files=cold)
+            read_threads=threads, cold_files=cold,
+            build_kwargs={"projection": args.projection, "rank": args.rank,
+                          "energy": args.energy})
+        exact = exact_figures(root / "sets" / f"run-{m['summary']['median_run']}", m, arch)
         ray.shutdown()
 
     s = m["summary"]
@@ -112,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device, "workers": res.num_workers, "ray_init_s": round(ray_init_s, 3),
         "worker_peak_rss": worker_peak,
         "worker_peak_in_q_proj_C": round(worker_peak / C_Q_BYTES, 2),
+        "projection": {"kind": args.projection, "rank": args.rank, "energy": args.energy},
+        "exact": exact,
         **m,
     }
     apparent = 2 * pair["apparent_bytes_per_model"]
@@ -127,8 +135,46 @@ def main(argv: list[str] | None = None) -> int:
     tables[0][2].append(["largest worker peak RSS (in q_proj C = 256 MiB units)",
                          f"{common.mib(worker_peak)} MiB "
                          f"({result['worker_peak_in_q_proj_C']})"])
+    if exact:
+        tables.append(("exact projection: k per module and the cost of the eigendecomposition",
+                       ["figure", "value"], exact["rows"]))
     common.emit(result, tables, args.out_json)
     return 0
+
+
+def exact_figures(set_dir: Path, m: dict, arch: common.Arch) -> dict | None:
+    """k and kept energy per module (from the manifest), the compute time per module (the
+    build's compute_s split by module kind through their d_out² d_in cost), and the
+    extrapolation to every q/v module of the architecture, marked as such."""
+    import pyarrow.parquet as pq
+
+    manifest = set_dir / "manifest.parquet"
+    if not manifest.exists():
+        return None
+    rows = pq.read_table(manifest).to_pylist()
+    if not rows or rows[0].get("form") != "U":
+        return None
+    mid = next(r for r in m["runs"] if r["repeat"] == m["summary"]["median_run"])
+    compute = mid["stats"].get("compute_s", 0.0)
+    # The eigendecomposition of V Vᵀ (d_out x d_out) dominates: cost ∝ d_out³ (+ d_out² d_in
+    # for the Gram matrix); split the measured compute time by that weight.
+    weight = {r["module"]: r["shape"][0] ** 3 + r["shape"][0] ** 2 * r["shape"][1]
+              for r in rows}
+    total_w = sum(weight.values())
+    per_kind: dict[str, list[float]] = {}
+    for r in rows:
+        per_kind.setdefault(r["kind"], []).append(compute * weight[r["module"]] / total_w)
+    per_module = {k: sum(v) / len(v) for k, v in per_kind.items()}
+    full = {k: arch.layers * s for k, s in per_module.items()}
+    out_rows = [[f"{r['module']} ({r['shape'][0]} x {r['shape'][1]})",
+                 f"k = {r['proj_rank']}, energy kept {r['proj_energy']:.4f}"] for r in rows]
+    out_rows += [[f"compute per {k} module (measured here, by cost share)", f"{s:.1f} s"]
+                 for k, s in per_module.items()]
+    out_rows.append([f"EXTRAPOLATED: {arch.layers} layers x ({', '.join(per_module)}), "
+                     "one worker, this CPU", f"{sum(full.values()) / 3600:.2f} h"])
+    return {"modules": [{k: r[k] for k in ("module", "shape", "proj_rank", "proj_energy")}
+                        for r in rows],
+            "per_module_s": per_module, "extrapolated_full_s": full, "rows": out_rows}
 
 
 if __name__ == "__main__":

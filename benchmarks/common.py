@@ -24,7 +24,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -765,6 +765,25 @@ def common_args(p: argparse.ArgumentParser, *, storage: bool = True) -> None:
     p.add_argument("--smoke", action="store_true", help="tiniest sizes (for the smoke test)")
 
 
+def scale_args(p: argparse.ArgumentParser, layers: int) -> None:
+    """The flags of the 70B-shaped benchmarks (real q/v layers, hole layers, shard size)."""
+    p.add_argument("--layers", type=int, default=layers,
+                   help="layers with real q_proj/v_proj (80 = the full 70B target set)")
+    p.add_argument("--total-layers", type=int, default=LLAMA2_70B.layers,
+                   help="layers of hole tensors (80 = Llama-2-70B)")
+    p.add_argument("--shard-gb", type=float, default=10.0, help="checkpoint shard size (GB)")
+
+
+def scale_arch(args: argparse.Namespace) -> tuple[Arch, int]:
+    """The architecture and number of real layers of :func:`scale_args` (``--smoke``: 70B
+    names at tiny widths, the same code path in seconds)."""
+    if args.smoke:
+        args.repeats = 1
+        return replace(TINY, layers=4), 2
+    arch = replace(LLAMA2_70B, layers=args.total_layers)
+    return arch, min(args.layers, arch.layers)
+
+
 @contextlib.contextmanager
 def workdir(arg: str | None, keep: bool, prefix: str) -> Iterator[Path]:
     if arg:
@@ -855,10 +874,12 @@ def reader_ceiling_s(base_uri: str, aligned_uri: str, targets: Sequence[str],
 
 def measure_build(*, base_uri: str, aligned_uri: str, out_uri: Callable[[int], str],
                   targets: Sequence[str], workers: int | None, use_gpu: bool, repeats: int,
-                  read_threads: int, cold_files: Sequence[Path] | None = None) -> dict:
+                  read_threads: int, cold_files: Sequence[Path] | None = None,
+                  build_kwargs: dict[str, Any] | None = None) -> dict:
     """Per repeat: raw sequential read, raw threaded read, then the build, of the same bytes.
 
     With ``cold_files`` the files' cached pages are dropped before each of the three.
+    ``build_kwargs``: more BuildConfig fields (``projection``, ``energy``...).
     """
     from safelora_ray.pipelines.build import BuildConfig, build
 
@@ -880,7 +901,7 @@ def measure_build(*, base_uri: str, aligned_uri: str, out_uri: Callable[[int], s
         with ProcessMonitor() as mon, timer() as t:
             res = build(BuildConfig(base=base_uri, aligned=aligned_uri, out=out_uri(rep),
                                     targets=list(targets), workers=workers, use_gpu=use_gpu,
-                                    progress=False))
+                                    progress=False, **(build_kwargs or {})))
         assert res.source_bytes == target_bytes, (res.source_bytes, target_bytes)
         rec.update({
             "build_s": round(t["s"], 3), "build_duration_s": round(res.duration_s, 3),
@@ -888,6 +909,7 @@ def measure_build(*, base_uri: str, aligned_uri: str, out_uri: Callable[[int], s
             "build_gbps": gbps(target_bytes, t["s"]), "workers": res.workers,
             "device": res.device, "stats": {k: round(v, 3) for k, v in res.stats.items()},
             "num_modules": res.num_modules, "memory": mon.summary(),
+            "stored_bytes": res.stored_bytes,
         })
         best_raw = min(rec["raw_seq"]["s"], rec["raw_threads"]["s"])
         rec["build_over_raw"] = round(t["s"] / best_raw, 2) if best_raw > 0 else None

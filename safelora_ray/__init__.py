@@ -9,6 +9,11 @@ Python API (the same verbs as the CLI)::
     print(inspect(result.uri).summary())
     run = sanitize(SanitizeConfig(alignment=result.uri, adapters="s3://bucket/tenants/",
                                   out="s3://bucket/sanitized/", threshold=0.35))
+    model = project_model(FinetuneConfig(alignment=result.uri,
+                                         aligned="hf://meta-llama/Llama-2-7b-chat-hf",
+                                         finetuned="s3://bucket/finetunes/acme-support",
+                                         out="s3://bucket/projected/acme-support",
+                                         threshold=0.35))
 
 The names are imported on first use (PEP 562): ``import safelora_ray`` and the command line's
 ``--help`` do not load torch or Ray.
@@ -35,6 +40,9 @@ from safelora_ray.errors import (
 _LAZY = {
     "AlignmentSet": "safelora_ray.formats.alignment_set",
     "BuildConfig": "safelora_ray.pipelines.build",
+    "FinetuneConfig": "safelora_ray.pipelines.finetune",
+    "FinetuneResult": "safelora_ray.pipelines.finetune",
+    "project_model": "safelora_ray.pipelines.finetune",
     "BuildResult": "safelora_ray.pipelines.build",
     "build": "safelora_ray.pipelines.build",
     "inspect": "safelora_ray.pipelines.build",
@@ -47,6 +55,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from safelora_ray.formats.alignment_set import AlignmentSet
     from safelora_ray.pipelines.build import BuildConfig, BuildResult, build, inspect
+    from safelora_ray.pipelines.finetune import FinetuneConfig, FinetuneResult, project_model
     from safelora_ray.pipelines.sanitize import SanitizeConfig, SanitizeResult, sanitize
     from safelora_ray.workers import worker_session
 
@@ -73,6 +82,8 @@ __all__ = [
     "CheckpointError",
     "ClusterError",
     "ConfigError",
+    "FinetuneConfig",
+    "FinetuneResult",
     "SafeLoraError",
     "SafetensorsFormatError",
     "SanitizeConfig",
@@ -81,6 +92,7 @@ __all__ = [
     "__version__",
     "build",
     "inspect",
+    "project_model",
     "sanitize",
     "worker_session",
 ]

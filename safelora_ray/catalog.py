@@ -122,6 +122,53 @@ def iter_catalog(uri: str) -> Iterator[AdapterRef | tuple[str, str]]:
         yield AdapterRef(adapter_id, storage.uri, prefix)
 
 
+#: The files that make a directory a Hugging Face safetensors checkpoint.
+MODEL_MARKERS = ("model.safetensors.index.json", "model.safetensors")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """One full checkpoint of a model catalog.
+
+    Attributes:
+        model_id: Stable id; also its output path under the catalog's output folder.
+        uri: The checkpoint directory's URI.
+    """
+
+    model_id: str
+    uri: str
+
+
+def iter_models(uri: str) -> Iterator[ModelRef | tuple[str, str]]:
+    """Yield the checkpoints of a directory tree (local or ``s3://``) in a stable order: every
+    directory holding ``model.safetensors.index.json`` or ``model.safetensors`` is one; its id
+    is its path relative to the root. Folders starting with ``_`` (reports, our own state) are
+    not searched.
+
+    Yields:
+        :class:`ModelRef`, or ``(id, error message)`` for a directory whose id is unusable.
+    """
+    storage = open_storage(uri)
+    seen: set[str] = set()
+    for obj in storage.list(""):
+        prefix, name = posixpath.split(obj.path)
+        if name not in MODEL_MARKERS or prefix in seen:
+            continue
+        if any(seg.startswith(RESERVED_PREFIX) for seg in prefix.split("/") if seg):
+            continue
+        seen.add(prefix)
+        model_id = prefix or _root_name(storage.uri)
+        try:
+            validate_id(model_id)
+        except ConfigError as e:
+            yield (model_id, str(e).replace("adapter id", "model id"))
+            continue
+        yield ModelRef(model_id, storage.describe(prefix) if prefix else storage.uri)
+    if not seen:
+        logger.warning("no model.safetensors[.index.json] found under %s: the model catalog "
+                       "is empty", storage.uri)
+
+
 def _refused_entry(storage: LocalStorage, rel: str, is_dir: bool,
                    message: str) -> tuple[str, str] | None:
     """The error entry for a symlink out of a local catalog, when it stands for an adapter:
@@ -192,4 +239,5 @@ def _iter_manifest(uri: str) -> Iterator[AdapterRef | tuple[str, str]]:
         yield AdapterRef(adapter_id, adapter_uri, "")
 
 
-__all__ = ["AdapterRef", "StorageError", "iter_catalog", "validate_id"]
+__all__ = ["AdapterRef", "ModelRef", "StorageError", "iter_catalog", "iter_models",
+           "validate_id"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
 from safelora_ray.errors import ConfigError
 
@@ -55,6 +56,14 @@ def check_selection(threshold: float | None, num_proj_layers: int | None,
         raise ConfigError("--strict-k needs --num-proj-layers")
 
 
+def selection_record(threshold: float | None, num_proj_layers: int | None,
+                     strict_k: bool) -> dict[str, Any]:
+    """The selection as recorded in ledgers, provenance and reports."""
+    if threshold is not None:
+        return {"mode": "threshold", "threshold": threshold}
+    return {"mode": "number", "num_proj_layers": num_proj_layers, "strict": strict_k}
+
+
 def check_at_least(value: float | int, field: str, minimum: float | int,
                    note: str = "") -> None:
     """Raise unless ``value`` ≥ ``minimum`` (messages name ``field``'s flag)."""
@@ -69,4 +78,5 @@ def check_positive(value: float | int, field: str) -> None:
         raise ConfigError(f"{flag(field)} must be a positive number, got {value!r}")
 
 
-__all__ = ["as_yaml_keys", "check_at_least", "check_positive", "check_selection", "flag"]
+__all__ = ["as_yaml_keys", "check_at_least", "check_positive", "check_selection", "flag",
+           "selection_record"]

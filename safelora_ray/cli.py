@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="safelora-ray",
         description="Safe LoRA at fleet scale: build alignment sets from a base/aligned model "
-                    "pair, sanitize catalogs of LoRA adapters.",
+                    "pair, sanitize catalogs of LoRA adapters, project full fine-tunes.",
         epilog="exit codes: 0 ok, 1 failed, 2 usage error, 3 some adapters failed, "
                "4 nightly locked, 130 interrupted",
     )
@@ -88,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap on one output safetensors file, in GB (default 2)")
     b.add_argument("--timeout", type=float, default=3600.0,
                    help="seconds one output file may take before the build fails")
+    b.add_argument("--projection", choices=["fast", "exact"], default="fast",
+                   help="fast: the paper's C = V Vᵀ/‖V‖_F (default); exact: the truncated "
+                        "projection U_k U_kᵀ (an SVD per module; needs --rank or --energy)")
+    b.add_argument("--rank", type=int, default=None,
+                   help="with --projection exact: keep k directions per module")
+    b.add_argument("--energy", type=float, default=None,
+                   help="with --projection exact: keep the smallest k with "
+                        "Σ_{i≤k}σᵢ²/Σσᵢ² ≥ E (e.g. 0.9)")
     _add_ray(b)
     _add_common(b)
 
@@ -133,6 +141,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list and group adapters, print the plan, write nothing")
     _add_common(n, json_help="print the run record as JSON on stdout")
 
+    pm = sub.add_parser("project-model",
+                        help="project a full fine-tune of the aligned model (SPEC §3)")
+    pm.add_argument("--alignment", required=True, help="alignment set URI")
+    pm.add_argument("--aligned", required=True,
+                    help="the aligned checkpoint the fine-tune started from")
+    pm.add_argument("--finetuned", required=True, help="the fully fine-tuned checkpoint")
+    pm.add_argument("--out", required=True,
+                    help="where the projected checkpoint is written (path or s3://)")
+    psel = pm.add_mutually_exclusive_group(required=True)
+    psel.add_argument("--threshold", type=float,
+                      help="project target modules whose rounded cosine is ≤ T, T in [-1, 1]")
+    psel.add_argument("--num-proj-layers", type=int,
+                      help="project the K modules with the smallest cosines over the whole "
+                           "model (ties included)")
+    pm.add_argument("--strict-k", action="store_true",
+                    help="with --num-proj-layers: exactly K modules, ties broken by name")
+    pm.add_argument("--reports", default=None,
+                    help="where the reports go (default: <out>/_safelora)")
+    pm.add_argument("--timeout", type=float, default=3600.0,
+                    help="seconds one output file may take before the run fails")
+    _add_ray(pm)
+    _add_common(pm)
+
     d = sub.add_parser("demo", help="run the whole pipeline on a synthetic model, locally")
     d.add_argument("--dir", default="safelora-demo",
                    help="where to write (default ./safelora-demo)")
@@ -166,6 +197,7 @@ def _cmd_build(args: argparse.Namespace) -> Outcome:
         workers=args.workers, use_gpu=args.use_gpu,
         max_file_bytes=int(args.max_file_gb * 1024**3), task_timeout_s=args.timeout,
         progress=args.progress, ray_address=args.ray_address,
+        projection=args.projection, rank=args.rank, energy=args.energy,
     )
     res = build(cfg)
     verb = "reused" if res.reused else "built"
@@ -237,6 +269,37 @@ def _cmd_nightly(args: argparse.Namespace) -> Outcome:
     return code, {"command": "nightly", **record}
 
 
+def _cmd_project_model(args: argparse.Namespace) -> Outcome:
+    from safelora_ray.pipelines.finetune import FinetuneConfig, project_model
+
+    cfg = FinetuneConfig(
+        alignment=args.alignment, aligned=args.aligned, finetuned=args.finetuned,
+        out=args.out, threshold=args.threshold, num_proj_layers=args.num_proj_layers,
+        strict_k=args.strict_k, reports=args.reports, workers=args.workers,
+        use_gpu=args.use_gpu, task_timeout_s=args.timeout, progress=args.progress,
+        ray_address=args.ray_address,
+    )
+    res = project_model(cfg)
+    summary = {"command": "project-model", "status": "reused" if res.reused else "projected",
+               "uri": res.uri, "modules": res.modules, "selected": res.selected,
+               "selected_modules": res.selected_modules, "tau": res.tau,
+               "bytes_read": res.bytes_read, "must_read_bytes": res.must_read_bytes,
+               "duration_s": round(res.duration_s, 3), "reports": res.reports_uri,
+               "workers": res.workers, "device": res.device}
+    if res.reused:
+        _say(args, f"reused {res.uri}: already projected from these inputs "
+                   f"({res.selected} of {res.modules} modules)")
+        return EXIT_OK, summary
+    _say(args, f"projected {res.selected} of {res.modules} target modules (τ = {res.tau}) "
+               f"into {res.uri}")
+    where = (f"on {res.workers} {res.device} worker(s)" if res.workers
+             else f"in this process ({res.device})")
+    _say(args, f"read {res.bytes_read / 1e6:.1f} MB "
+               f"({res.bytes_read / max(1, res.must_read_bytes):.3f} x what must be read) in "
+               f"{res.duration_s:.1f} s {where}; reports at {res.reports_uri}")
+    return EXIT_OK, summary
+
+
 def _cmd_demo(args: argparse.Namespace) -> Outcome:
     from safelora_ray.demo import run_demo
 
@@ -246,7 +309,7 @@ def _cmd_demo(args: argparse.Namespace) -> Outcome:
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], Outcome]] = {
     "build": _cmd_build, "sanitize": _cmd_sanitize, "inspect": _cmd_inspect,
-    "nightly": _cmd_nightly, "demo": _cmd_demo}
+    "nightly": _cmd_nightly, "demo": _cmd_demo, "project-model": _cmd_project_model}
 
 
 def _say(args: argparse.Namespace, text: str) -> None:

@@ -8,7 +8,11 @@ Steps of one run:
 3. for each pair with adapters: open ``<alignment_root>/<pair>``, building it when missing;
 4. for each (catalog, pair): sanitize the adapters listed in a per-run manifest into
    ``<output_root>/<catalog>/`` (the ledger there skips unchanged adapters);
-5. write the run record ``<output_root>/_nightly/runs/<run_id>.json`` and ``latest.json``,
+5. for each catalog of full fine-tunes (``models:``): project every model found in it with its
+   pair's alignment set (``project-model``) into ``<output_root>/<catalog>/<model id>/``; an
+   output complete from the same inputs is reused, a model that fails is reported and the
+   others go on;
+6. write the run record ``<output_root>/_nightly/runs/<run_id>.json`` and ``latest.json``,
    give the lease back, and exit with a status an operator can alert on.
 """
 
@@ -27,12 +31,20 @@ from typing import Any
 
 import yaml
 
-from safelora_ray.catalog import CONFIG_FILE, AdapterRef, iter_catalog, validate_id
+from safelora_ray.catalog import (
+    CONFIG_FILE,
+    AdapterRef,
+    ModelRef,
+    iter_catalog,
+    iter_models,
+    validate_id,
+)
 from safelora_ray.checks import as_yaml_keys, check_selection
 from safelora_ray.errors import AlignmentSetError, ConfigError, SafeLoraError
 from safelora_ray.formats.alignment_set import AlignmentSet
 from safelora_ray.lease import Lease
 from safelora_ray.pipelines.build import BuildConfig, build
+from safelora_ray.pipelines.finetune import FinetuneConfig, project_model
 from safelora_ray.pipelines.sanitize import SanitizeConfig, sanitize
 from safelora_ray.plan import parse_targets
 from safelora_ray.redact import redact
@@ -75,6 +87,16 @@ class CatalogSpec:
     allow_empty: bool = False
 
 
+@dataclass(frozen=True)
+class ModelCatalogSpec:
+    """A catalog of full fine-tunes of one pair's aligned model (every directory holding
+    ``model.safetensors[.index.json]`` is a model, its id its path)."""
+
+    name: str
+    uri: str
+    pair: str
+
+
 @dataclass
 class NightlyConfig:
     """The nightly configuration (see ``jobs/nightly.example.yaml``).
@@ -89,6 +111,8 @@ class NightlyConfig:
         sanitize: Extra SanitizeConfig fields (batch_size, max_in_flight, workers, use_gpu,
             workers_per_gpu, task_timeout_s).
         build: Extra BuildConfig fields (workers, use_gpu, max_file_bytes).
+        models: Catalogs of full fine-tunes to project (``project-model``).
+        project: Extra FinetuneConfig fields (workers, use_gpu, task_timeout_s, chunk_bytes).
     """
 
     output_root: str
@@ -99,15 +123,18 @@ class NightlyConfig:
     lock_ttl_s: float = 6 * 3600
     sanitize: dict[str, Any] = field(default_factory=dict)
     build: dict[str, Any] = field(default_factory=dict)
+    models: list[ModelCatalogSpec] = field(default_factory=list)
+    project: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.output_root or not self.alignment_root:
             raise ConfigError("output_root and alignment_root are required")
-        if not self.catalogs:
-            raise ConfigError("at least one catalog is required")
+        if not self.catalogs and not self.models:
+            raise ConfigError("at least one catalog is required (catalogs: or models:)")
         if not self.pairs:
             raise ConfigError("at least one model pair is required")
-        for kind, names in (("catalog", [c.name for c in self.catalogs]),
+        for kind, names in (("catalog", [c.name for c in self.catalogs]
+                             + [m.name for m in self.models]),
                             ("pair", [p.name for p in self.pairs])):
             if len(set(names)) != len(names):
                 raise ConfigError(f"{kind} names must be unique: {names}")
@@ -133,6 +160,14 @@ class NightlyConfig:
         allowed_b = {"workers", "use_gpu", "max_file_bytes", "task_timeout_s"}
         if set(self.build) - allowed_b:
             raise ConfigError(f"unknown build keys: {sorted(set(self.build) - allowed_b)}")
+        allowed_p = {"workers", "use_gpu", "task_timeout_s", "chunk_bytes"}
+        if set(self.project) - allowed_p:
+            raise ConfigError(f"unknown project keys: {sorted(set(self.project) - allowed_p)}")
+        pair_names = {p.name for p in self.pairs}
+        for m in self.models:
+            if m.pair not in pair_names:
+                raise ConfigError(f"models catalog {m.name!r}: pair {m.pair!r} is not one of "
+                                  f"the configured pairs {sorted(pair_names)}")
         # Validate the selection now, not at the first sanitize, in the YAML's own terms.
         try:
             check_selection(**self._selection_kwargs())
@@ -142,11 +177,12 @@ class NightlyConfig:
             raise ConfigError("lock.ttl_s must be positive")
         check_uri(self.output_root, "output_root")
         check_uri(self.alignment_root, "alignment_root")
-        for c in self.catalogs:
-            check_uri(c.uri, f"catalogs[{c.name}].uri")
-            refuse_overlap(self.output_root, "output_root", c.uri, f"catalogs[{c.name}].uri",
-                           "sanitized adapters would overwrite the originals or become "
-                           "catalog entries of the next run")
+        for section, c in [*(("catalogs", c) for c in self.catalogs),
+                           *(("models", m) for m in self.models)]:
+            check_uri(c.uri, f"{section}[{c.name}].uri")
+            refuse_overlap(self.output_root, "output_root", c.uri, f"{section}[{c.name}].uri",
+                           "the outputs would overwrite the originals or become catalog "
+                           "entries of the next run")
             cat_out = join_uri(self.output_root, c.name)
             refuse_overlap(self.alignment_root, "alignment_root", cat_out,
                            f"the output of catalog {c.name!r}",
@@ -169,14 +205,16 @@ class NightlyConfig:
         if not isinstance(raw, dict):
             raise ConfigError(f"{where}: the top level must be a mapping")
         known = {"output_root", "alignment_root", "catalogs", "pairs", "selection", "lock",
-                 "sanitize", "build"}
+                 "sanitize", "build", "models", "project"}
         unknown = set(raw) - known
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
         try:
             catalogs = [CatalogSpec(str(c["name"]), str(c["uri"]),
                                     allow_empty=_flag_value(c, "allow_empty"))
-                        for c in raw["catalogs"]]
+                        for c in raw.get("catalogs") or []]
+            models = [ModelCatalogSpec(str(m["name"]), str(m["uri"]), str(m["pair"]))
+                      for m in raw.get("models") or []]
             pairs = [
                 PairSpec(
                     name=str(p["name"]), base=str(p["base"]), aligned=str(p["aligned"]),
@@ -191,6 +229,7 @@ class NightlyConfig:
                 catalogs=catalogs, pairs=pairs, selection=dict(raw.get("selection") or {}),
                 lock_ttl_s=float((raw.get("lock") or {}).get("ttl_s", 6 * 3600)),
                 sanitize=dict(raw.get("sanitize") or {}), build=dict(raw.get("build") or {}),
+                models=models, project=dict(raw.get("project") or {}),
             )
         except (KeyError, TypeError) as e:
             raise ConfigError(f"{where}: missing or malformed entry: {e}") from e
@@ -247,6 +286,7 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, dry_run: bool = F
         "counts": {"adapters": 0, "ok": 0, "skipped": 0, "error": 0, "unmatched": 0},
         "bytes_in": 0, "bytes_out": 0, "alignment_ids": {}, "groups": [], "unmatched": [],
         "errors": [], "catalog_errors": [],
+        "models": {"total": 0, "ok": 0, "reused": 0, "error": 0, "items": []},
     }
     try:
         by_model = {mid: p for p in cfg.pairs for mid in p.base_model_ids}
@@ -289,11 +329,16 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, dry_run: bool = F
                     uri = join_uri(ref.uri, ref.prefix)
                     groups.setdefault((cat.name, pair.name), []).append(
                         {"id": ref.adapter_id, "uri": uri})
-        logger.info("nightly %s: %d adapter(s) in %d group(s), %d unmatched", run_id,
-                    record["counts"]["adapters"], len(groups), record["counts"]["unmatched"])
+        models = _list_models(cfg, record)
+        logger.info("nightly %s: %d adapter(s) in %d group(s), %d unmatched; %d full "
+                    "fine-tune(s)", run_id, record["counts"]["adapters"], len(groups),
+                    record["counts"]["unmatched"], len(models))
         if dry_run:
             record["groups"] = [{"catalog": c, "pair": p, "adapters": len(v)}
                                 for (c, p), v in sorted(groups.items())]
+            record["models"]["items"] = [{"catalog": m.name, "pair": m.pair,
+                                          "model_id": ref.model_id, "uri": ref.uri}
+                                         for m, ref in models]
             record["status"] = "dry-run"
             return record
 
@@ -301,7 +346,7 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, dry_run: bool = F
         # imports torch once and keeps the alignment set it last used resident.
         with worker_session():
             pairs = {p.name: p for p in cfg.pairs}
-            for pair_name in sorted({p for _, p in groups}):
+            for pair_name in sorted({p for _, p in groups} | {m.pair for m, _ in models}):
                 record["alignment_ids"][pair_name] = _ensure_alignment(cfg, pairs[pair_name],
                                                                        progress)
             cats = {c.name: c for c in cfg.catalogs}
@@ -328,11 +373,13 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, dry_run: bool = F
                     "adapters": res.total, "ok": res.ok, "skipped": res.skipped,
                     "error": res.error, "report": res.report_uri,
                 })
+            for spec, ref in models:
+                _project_one(cfg, pairs[spec.pair], spec, ref, record, progress)
         c = record["counts"]
         if record["catalog_errors"]:
             record["status"] = "failed"
             record["failure"] = "; ".join(e["error"] for e in record["catalog_errors"])
-        elif c["error"] == 0 and c["unmatched"] == 0:
+        elif c["error"] == 0 and c["unmatched"] == 0 and record["models"]["error"] == 0:
             record["status"] = "success"
         else:
             record["status"] = "partial"
@@ -351,6 +398,51 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, dry_run: bool = F
             finally:
                 lease.release()
     return record
+
+
+def _list_models(cfg: NightlyConfig, record: dict[str, Any]
+                 ) -> list[tuple[ModelCatalogSpec, ModelRef]]:
+    """Every full fine-tune of the ``models:`` catalogs (bad ids are reported as errors)."""
+    found = []
+    for spec in cfg.models:
+        for item in iter_models(spec.uri):
+            record["models"]["total"] += 1
+            if isinstance(item, tuple):
+                record["models"]["error"] += 1
+                _note(record, "errors", {"catalog": spec.name, "model_id": item[0],
+                                         "error": item[1]})
+                continue
+            found.append((spec, item))
+    return found
+
+
+def _project_one(cfg: NightlyConfig, pair: PairSpec, spec: ModelCatalogSpec, ref: ModelRef,
+                 record: dict[str, Any], progress: bool) -> None:
+    """Project one fine-tune into ``<output_root>/<catalog>/<model id>/``; a failure is
+    recorded, never raised (the other models go on)."""
+    out = join_uri(join_uri(cfg.output_root, spec.name), ref.model_id)
+    item: dict[str, Any] = {"catalog": spec.name, "pair": pair.name, "model_id": ref.model_id,
+                            "uri": ref.uri, "out": out}
+    try:
+        res = project_model(FinetuneConfig(
+            alignment=join_uri(cfg.alignment_root, pair.name), aligned=pair.aligned,
+            finetuned=ref.uri, out=out, progress=progress, **cfg._selection_kwargs(),
+            **cfg.project))
+        status = "reused" if res.reused else "ok"
+        item.update(status=status, modules=res.modules, selected=res.selected, tau=res.tau,
+                    reports=res.reports_uri)
+        record["models"][status] += 1
+        if not res.reused:
+            record["bytes_in"] += res.bytes_read
+            record["bytes_out"] += res.bytes_written
+    except SafeLoraError as e:
+        msg = redact(str(e))
+        logger.warning("model %s/%s: %s", spec.name, ref.model_id, msg)
+        item.update(status="error", error=msg)
+        record["models"]["error"] += 1
+        _note(record, "errors", {"catalog": spec.name, "model_id": ref.model_id, "error": msg})
+    if len(record["models"]["items"]) < MAX_LISTED:
+        record["models"]["items"].append(item)
 
 
 def _note(record: dict[str, Any], key: str, item: dict[str, Any]) -> None:
@@ -376,6 +468,10 @@ def summary_text(record: dict[str, Any]) -> str:
     lines = [f"nightly {record['run_id']}: {record['status']} — {c['adapters']} adapter(s): "
              f"{c['ok']} ok, {c['skipped']} skipped, {c['error']} failed, "
              f"{c['unmatched']} matched no model pair; {record['duration_s']:.1f} s"]
+    mc = record.get("models", {})
+    if mc.get("total"):
+        lines.append(f"  full fine-tunes: {mc['total']}: {mc['ok']} projected, {mc['reused']} "
+                     f"reused, {mc['error']} failed")
     for e in record.get("catalog_errors", []):
         lines.append(f"  catalog failed: {e['error']}")
     for u in record["unmatched"][:10]:

@@ -109,8 +109,7 @@ def make_adapter(
     Returns:
         The directory and ``{module name: (A, B)}`` as saved (clones, in ``dtype``).
     """
-    from peft import LoraConfig, get_peft_model
-    from peft.tuners.lora import LoraLayer
+    from peft import LoraConfig
 
     model = tiny_model(seed, gqa, dtype)
     kwargs: dict[str, Any] = {}
@@ -130,6 +129,17 @@ def make_adapter(
         base_model_name_or_path=base_model_name_or_path,
         **kwargs,
     )
+    return save_random_adapter(model, config, path, adapter_seed)
+
+
+def save_random_adapter(model: Any, config: Any, path: str | os.PathLike[str],
+                        adapter_seed: int) -> tuple[Path, ModuleWeights]:
+    """Wrap ``model`` with PEFT ``config``, fill lora_A/lora_B (and LoRA biases) with seeded
+    random values, save the adapter at ``path``; returns it and ``{module: (A, B)}``."""
+    from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    lora_bias = bool(getattr(config, "lora_bias", False))
     # autocast_adapter_dtype=False keeps a bf16/f16 adapter in that dtype (PEFT upcasts
     # half-precision adapters to float32 by default).
     peft_model = get_peft_model(model, config, autocast_adapter_dtype=False)
@@ -153,6 +163,30 @@ def make_adapter(
     path = Path(path)
     peft_model.save_pretrained(str(path))
     return path, weights
+
+
+def tiny_gpt2(seed: int = 0, dtype: torch.dtype = torch.float32) -> Any:
+    """A tiny ``GPT2LMHeadModel`` (n_embd 32, 2 layers): its c_attn / c_proj / c_fc are
+    ``Conv1D``, weights stored d_in x d_out (c_attn 32 x 96, attn.c_proj 32 x 32,
+    mlp.c_proj 128 x 32)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32,
+                        bos_token_id=0, eos_token_id=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
+    return model.to(dtype).eval()
+
+
+def make_gpt2_adapter(path: str | os.PathLike[str], *, seed: int = 0, adapter_seed: int = 1,
+                      target_modules: Sequence[str] = ("c_attn", "c_proj"), r: int = 2,
+                      bias: str = "none") -> tuple[Path, ModuleWeights]:
+    """A real PEFT LoRA adapter on :func:`tiny_gpt2` (PEFT sets ``fan_in_fan_out`` itself)."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=r, lora_alpha=4, target_modules=list(target_modules), bias=bias)
+    return save_random_adapter(tiny_gpt2(seed), config, path, adapter_seed)
 
 
 def make_ia3_adapter(path: str | os.PathLike[str], seed: int = 0) -> Path:

@@ -62,3 +62,33 @@ def sanitize_dense(
             dists.append(float(torch.sqrt(((b64 - cb) ** 2).sum())))
     pdst = sum(1 / (1 + d) for d in dists) / len(dists)
     return new_b, cos, selected, pdst
+
+
+def dense_exact(w_base: torch.Tensor, w_aligned: torch.Tensor, *, rank: int | None = None,
+                energy: float | None = None) -> tuple[torch.Tensor, int]:
+    """Ĉ_k = U_k U_kᵀ from a dense float64 SVD of V (SPEC §1, exact form), and its k: ``rank``,
+    or the smallest k with Σ_{i≤k}σᵢ²/Σσᵢ² ≥ ``energy``."""
+    v = w_aligned.to(torch.float64) - w_base.to(torch.float64)
+    u, s, _ = torch.linalg.svd(v, full_matrices=False)
+    if rank is not None:
+        k = rank
+    else:
+        assert energy is not None
+        total = float((s**2).sum())
+        k, acc = 0, 0.0
+        while k < len(s) and acc / total < energy:
+            acc += float(s[k] ** 2)
+            k += 1
+    return u[:, :k] @ u[:, :k].T, k
+
+
+def dense_finetune(c: torch.Tensor, w_aligned: torch.Tensor,
+                   w_ft: torch.Tensor) -> tuple[float, torch.Tensor, float, float]:
+    """SPEC §3 for one module, dense float64: (rounded cos(ΔW, CΔW), W_aligned + CΔW, ‖ΔW‖,
+    ‖CΔW‖) with ΔW = W_ft − W_aligned (weights in nn.Linear's d_out x d_in)."""
+    wa = w_aligned.to(torch.float64)
+    delta = w_ft.to(torch.float64) - wa
+    proj = c.to(torch.float64) @ delta
+    nd, np_ = float(delta.norm()), float(proj.norm())
+    cos = float((delta * proj).sum()) / (nd * np_)
+    return round(cos, 5), wa + proj, nd, np_

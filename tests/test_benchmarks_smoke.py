@@ -59,6 +59,18 @@ def test_bench_fleet_smoke(tmp_path):
 
 @pytest.mark.timeout(180)
 def test_bench_scale_smoke(tmp_path):
-    r = _run("bench_scale", tmp_path)
+    # The exact projection's path (the fast build is what bench_build's smoke runs).
+    r = _run("bench_scale", tmp_path, "--projection", "exact", "--energy", "0.9")
     assert r["inputs"]["fill"] == "holes" and r["inputs"]["files_per_model"] >= 1
     assert r["summary"]["num_modules"] == 4 and r["worker_peak_rss"] > 0
+    assert len(r["exact"]["modules"]) == 4
+    assert all(m["proj_rank"] >= 1 for m in r["exact"]["modules"])
+    assert set(r["exact"]["per_module_s"]) == {"q_proj", "v_proj"}
+
+
+@pytest.mark.timeout(180)
+def test_bench_finetune_smoke(tmp_path):
+    r = _run("bench_finetune", tmp_path)
+    run = r["runs"][0]
+    assert run["modules"] == 4 and run["bytes_read"] >= run["must_read"] > 0
+    assert r["worker_peak_rss"] > 0 and run["workers"] >= 1

@@ -92,6 +92,28 @@ def test_truncated_basis_is_a_projection():
         mc.compute_alignment(wb, wa, form="U")
 
 
+@pytest.mark.parametrize("shape", [(64, 200), (200, 64), (96, 96)])
+@pytest.mark.parametrize("mode", [{"rank": 7}, {"energy": 0.9}, {"energy": 1.0}])
+def test_truncated_basis_matches_dense_svd(shape, mode):
+    """Both paths (eigh of V Vᵀ for a wide or square V, SVD for a tall one) against a float64
+    SVD: the same k, the same projection U_k U_kᵀ, the kept energy."""
+    from tests.reference import dense_exact
+
+    g = torch.Generator().manual_seed(sum(shape))
+    d_out, d_in = shape
+    wb = torch.randn(d_out, d_in, generator=g)
+    spectrum = torch.logspace(0, -3, min(shape))  # distinct singular values
+    q1, _ = torch.linalg.qr(torch.randn(d_out, min(shape), generator=g))
+    q2, _ = torch.linalg.qr(torch.randn(d_in, min(shape), generator=g))
+    wa = wb + (q1 * spectrum) @ q2.T
+    am = mc.compute_alignment(wb, wa, form="U", **mode)
+    ref, k = dense_exact(wb, wa, **mode)
+    assert am.tensor.shape == (d_out, k)
+    torch.testing.assert_close(am.dense().double(), ref, rtol=0, atol=1e-5)
+    s2 = torch.linalg.svdvals(wa.double() - wb.double()) ** 2
+    assert am.energy == pytest.approx(float(s2[:k].sum() / s2.sum()), rel=1e-6)
+
+
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("shape,r", [((32, 32), 4), ((8, 32), 2), ((48, 16), 8)])
 def test_module_score_matches_dense(seed, shape, r):

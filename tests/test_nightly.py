@@ -122,3 +122,50 @@ def test_nightly_config_errors(tmp_path):
             NightlyConfig.from_dict(cfg)
     (tmp_path / "broken.yaml").write_text("output_root: [unclosed")
     assert main(["--config", str(tmp_path / "broken.yaml")]) == 2
+
+
+def test_nightly_projects_model_catalogs(tmp_path, capsys):
+    """A ``models:`` catalog of full fine-tunes: each projected into
+    <output_root>/<catalog>/<id>/; a bad one is reported and the others go on; the next run
+    reuses the complete outputs."""
+    import torch
+
+    base = llama_tensors(Arch())
+    aligned = aligned_from(base)
+    write_model(tmp_path / "base", base)
+    write_model(tmp_path / "aligned", aligned)
+    g = torch.Generator().manual_seed(1)
+    for model_id in ("m1", "team/m2"):
+        write_model(tmp_path / "finetunes" / model_id,
+                    {n: w + torch.randn(w.shape, generator=g) * 0.01 for n, w in aligned.items()},
+                    shards=1 if model_id == "m1" else 2)
+    other = llama_tensors(Arch(hidden=16, heads=2, kv_heads=2))  # another model's shapes
+    write_model(tmp_path / "finetunes" / "wrong", other)
+    config = {
+        "output_root": str(tmp_path / "out"), "alignment_root": str(tmp_path / "sets"),
+        "pairs": [{"name": "p", "base": str(tmp_path / "base"),
+                   "aligned": str(tmp_path / "aligned")}],
+        "models": [{"name": "finetunes", "uri": str(tmp_path / "finetunes"), "pair": "p"}],
+        "selection": {"num_proj_layers": 2},
+        "build": {"workers": 0}, "project": {"workers": 0},
+    }
+    path = tmp_path / "nightly.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["--config", str(path), "--dry-run", "--no-progress"]) == 0
+    assert main(["--config", str(path), "--run-id", "r1", "--no-progress"]) == 3
+    assert "full fine-tunes: 3: 2 projected, 0 reused, 1 failed" in capsys.readouterr().out
+    rec = json.loads((tmp_path / "out" / "_nightly" / "runs" / "r1.json").read_text())
+    assert rec["status"] == "partial"
+    items = {i["model_id"]: i for i in rec["models"]["items"]}
+    assert items["m1"]["status"] == items["team/m2"]["status"] == "ok"
+    assert items["m1"]["selected"] == 2 and "shape" in items["wrong"]["error"]
+    assert (tmp_path / "out" / "finetunes" / "team" / "m2" / "model.safetensors.index.json"
+            ).exists()
+    assert (tmp_path / "out" / "finetunes" / "m1" / "model-00001-of-00001.safetensors").exists()
+    assert not (tmp_path / "out" / "finetunes" / "wrong").exists()
+    assert main(["--config", str(path), "--run-id", "r2", "--no-progress"]) == 3
+    rec = json.loads((tmp_path / "out" / "_nightly" / "runs" / "r2.json").read_text())
+    assert (rec["models"]["reused"], rec["models"]["error"]) == (2, 1)
+    bad = {**config, "models": [{"name": "x", "uri": "y", "pair": "nope"}]}
+    with pytest.raises(ConfigError, match="pair 'nope' is not one of"):
+        NightlyConfig.from_dict(bad)

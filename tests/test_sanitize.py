@@ -650,7 +650,10 @@ def test_cli_local_end_to_end(tmp_path: Path, qv_catalog: Catalog,
     assert sum(s["histograms"]["cos"]) == 16 and sum(s["histograms"]["pdst"]) == 4
     assert sorted(p.name for p in (out / "_reports" / "e2e").iterdir()) == [
         "adapters.parquet", "layers.parquet", "report.html", "summary.json"]
-    assert run.adapters["globex/summarizer"]["note"] == "modules_to_save left as is: lm_head"
+    assert run.adapters["globex/summarizer"]["note"] == (
+        "modules_to_save left as is: lm_head; biases left as is: "
+        + ",".join(f"model.layers.{i}.self_attn.{m}.lora_B.bias"
+                   for i in range(2) for m in ("q_proj", "v_proj")))
     assert run.adapters["globex/summarizer"]["untouched"] == 5
     assert not _leftovers(out)
 

@@ -52,13 +52,24 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("source_digest", pa.string(), nullable=False),
         pa.field("base_dtype", pa.string(), nullable=False),
         pa.field("aligned_dtype", pa.string(), nullable=False),
+        # Added later; a manifest without them reads as linear, fast-form modules.
+        pa.field("layout", pa.string(), nullable=False),
+        pa.field("proj_rank", pa.int32()),
+        pa.field("proj_energy", pa.float64()),
     ]
 )
+#: Columns a manifest may lack (written by an earlier version), with their value then.
+OPTIONAL_COLUMNS: dict[str, Any] = {"layout": "linear", "proj_rank": None, "proj_energy": None}
 
 
 @dataclass(frozen=True)
 class ManifestRow:
-    """One module of the set (a row of ``manifest.parquet``)."""
+    """One module of the set (a row of ``manifest.parquet``).
+
+    ``shape`` is the weight as nn.Linear's d_out x d_in; ``layout`` says how the checkpoints
+    store it (``conv1d``: GPT-2's Conv1D, transposed). ``proj_rank`` / ``proj_energy``: the
+    k of an exact projection (form ``U``) and the fraction of Σσᵢ² its k directions keep.
+    """
 
     module: str
     tensor: str
@@ -72,6 +83,9 @@ class ManifestRow:
     source_digest: str
     base_dtype: str
     aligned_dtype: str
+    layout: str = "linear"
+    proj_rank: int | None = None
+    proj_energy: float | None = None
 
 
 def manifest_table(rows: Iterable[ManifestRow]) -> pa.Table:
@@ -101,7 +115,11 @@ def content_id(metadata_core: dict[str, Any], rows: Iterable[ManifestRow]) -> st
     h = hashlib.sha256()
     h.update(json.dumps(metadata_core, sort_keys=True).encode())
     for r in sorted(rows, key=lambda r: r.module):
-        h.update(f"\n{r.module}|{r.source_digest}|{r.form}|{list(r.stored_shape)}".encode())
+        # A transposed (Conv1D) module gives another matrix from the same bytes; linear ones
+        # keep the line of sets built before layouts were recorded.
+        layout = f"|{r.layout}" if r.layout != "linear" else ""
+        h.update(f"\n{r.module}|{r.source_digest}|{r.form}|{list(r.stored_shape)}{layout}"
+                 .encode())
     return "als-" + h.hexdigest()[:32]
 
 
@@ -159,13 +177,17 @@ class AlignmentSet:
             raise AlignmentSetError(f"{storage.uri}: {MANIFEST_FILE} is missing") from e
         except (pa.ArrowException, OSError) as e:
             raise AlignmentSetError(f"{storage.describe(MANIFEST_FILE)}: unreadable: {e}") from e
-        missing = [f.name for f in MANIFEST_SCHEMA if f.name not in table.column_names]
+        missing = [f.name for f in MANIFEST_SCHEMA
+                   if f.name not in table.column_names and f.name not in OPTIONAL_COLUMNS]
         if missing:
             raise AlignmentSetError(
                 f"{storage.describe(MANIFEST_FILE)}: columns missing: {', '.join(missing)}"
             )
+        present = [f.name for f in MANIFEST_SCHEMA if f.name in table.column_names]
         rows: dict[str, ManifestRow] = {}
-        for rec in table.select([f.name for f in MANIFEST_SCHEMA]).to_pylist():
+        for rec in table.select(present).to_pylist():
+            for name, default in OPTIONAL_COLUMNS.items():
+                rec.setdefault(name, default)
             rec["shape"] = tuple(rec["shape"])
             rec["stored_shape"] = tuple(rec["stored_shape"])
             rows[rec["module"]] = ManifestRow(**rec)
@@ -214,6 +236,18 @@ class AlignmentSet:
             forms[r.form] = forms.get(r.form, 0) + 1
         layers = sorted({r.layer for r in self.rows.values() if r.layer is not None})
         norms = [r.norm for r in self.rows.values()]
+        layouts: dict[str, int] = {}
+        for r in self.rows.values():
+            layouts[r.layout] = layouts.get(r.layout, 0) + 1
+        ks = [r.proj_rank for r in self.rows.values() if r.proj_rank is not None]
+        kept = [r.proj_energy for r in self.rows.values() if r.proj_energy is not None]
+        method = md.get("method", {})
+        exact = ""
+        if ks:
+            rule = (f"rank {method['rank']}" if method.get("rank") is not None
+                    else f"energy ≥ {method.get('energy')}")
+            exact = (f"exact k        {rule}: k {min(ks)}..{max(ks)} (total {sum(ks)})"
+                     + (f", energy kept {min(kept):.4f}..{max(kept):.4f}" if kept else ""))
         lines = [
             f"alignment set  {self.uri}",
             f"content id     {self.content_id}",
@@ -226,6 +260,10 @@ class AlignmentSet:
             + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
             + f"), layers {layers[0] if layers else '-'}..{layers[-1] if layers else '-'}",
             "stored forms   " + ", ".join(f"{k} {v}" for k, v in sorted(forms.items())),
+            exact,
+            "weight layouts " + ", ".join(f"{k} {v}" for k, v in sorted(layouts.items()))
+            + ("  (conv1d: GPT-2 Conv1D, stored d_in x d_out; V taken as d_out x d_in)"
+               if "conv1d" in layouts else ""),
             f"stored bytes   {_human(int(md.get('stored_bytes', 0)))} in "
             f"{len(md.get('shards', []))} shard file(s)",
             f"source bytes   {_human(int(md.get('source_bytes', 0)))} read",

@@ -11,10 +11,16 @@ import json
 import logging
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from safelora_ray.errors import CheckpointError, SafetensorsFormatError, StorageError
+from safelora_ray.errors import (
+    CheckpointError,
+    NotFoundError,
+    SafetensorsFormatError,
+    StorageError,
+)
 from safelora_ray.formats.safetensors_io import DTYPES, SafetensorsHeader, read_header
 from safelora_ray.storage import Storage, open_storage
 
@@ -22,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+#: The model's Hugging Face config (``model_type``, ``architectures``).
+CONFIG_FILE = "config.json"
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
 #: An index larger than this is not an index (a 70B index is ~100 KB).
 MAX_INDEX_BYTES = 64 * 1024 * 1024
@@ -99,6 +108,8 @@ class Checkpoint:
     layout: str
     _headers: dict[str, SafetensorsHeader] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _config: dict[str, Any] | None = field(default=None, repr=False)
+    _config_read: bool = field(default=False, repr=False)
 
     @property
     def uri(self) -> str:
@@ -163,6 +174,49 @@ class Checkpoint:
         if self.layout == "sharded":
             files.add(INDEX_FILE)
         return {p: self.storage.version(p) for p in sorted(files)}
+
+    def source_info(self, paths: set[str] | None = None) -> dict[str, Any]:
+        """What identifies this checkpoint as an input: URI, layout, the version of the index
+        and of the given files (default: every weights file), the Hub revision if any."""
+        info: dict[str, Any] = {"uri": self.uri, "layout": self.layout,
+                                "files": self.versions(paths)}
+        commit = getattr(self.storage, "commit", None)
+        if commit:
+            info["revision"] = commit
+        return info
+
+    @property
+    def files(self) -> list[str]:
+        """The weights files, sorted."""
+        return sorted(set(self.weight_map.values()))
+
+    def model_config(self) -> dict[str, Any] | None:
+        """The parsed ``config.json`` next to the weights, or None when there is none.
+
+        Raises:
+            CheckpointError: it exists but is not a JSON object.
+        """
+        with self._lock:
+            if self._config_read:
+                return self._config
+        where = self.storage.describe(CONFIG_FILE)
+        try:
+            raw = self.storage.read(CONFIG_FILE, max_bytes=MAX_CONFIG_BYTES)
+        except NotFoundError:
+            raw = None
+        except StorageError as e:
+            raise CheckpointError(f"{where}: cannot read: {e}") from e
+        config = None
+        if raw is not None:
+            try:
+                config = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{where}: not valid JSON: {e}") from e
+            if not isinstance(config, dict):
+                raise CheckpointError(f"{where}: not a JSON object")
+        with self._lock:
+            self._config, self._config_read = config, True
+        return config
 
 
 def _header(storage: Storage, path: str) -> SafetensorsHeader:

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import contextlib
 import datetime as _dt
 import hashlib
 import json
 import logging
+import math
 import os
 import queue
 import threading
@@ -51,12 +53,13 @@ from safelora_ray.formats.alignment_set import (
 )
 from safelora_ray.formats.checkpoint import Checkpoint, read_ref
 from safelora_ray.formats.safetensors_io import SafetensorsWriter
-from safelora_ray.math_core import compute_alignment
+from safelora_ray.math_core import as_linear, compute_alignment
 from safelora_ray.plan import (
     DEFAULT_MAX_FILE_BYTES,
     DEFAULT_TARGETS,
     FilePlan,
     ModulePlan,
+    Projection,
     parse_targets,
     plan_build,
     shard_modules,
@@ -96,6 +99,10 @@ class BuildConfig:
         task_timeout_s: Longest a single output file may take before the build fails.
         progress: Show a progress bar.
         ray_address: Cluster address; None = ``RAY_ADDRESS`` or a new local Ray.
+        projection: ``fast`` (the paper's C = V Vᵀ/‖V‖_F) or ``exact`` (the truncated
+            projection U_k U_kᵀ, SPEC §1), with ``rank`` or ``energy``.
+        rank: ``exact``: keep k = rank directions per module.
+        energy: ``exact``: keep the smallest k with Σ_{i≤k}σᵢ²/Σσᵢ² ≥ energy.
     """
 
     base: str
@@ -109,9 +116,13 @@ class BuildConfig:
     task_timeout_s: float = 3600.0
     progress: bool = True
     ray_address: str | None = None
+    projection: str = "fast"
+    rank: int | None = None
+    energy: float | None = None
 
     def __post_init__(self) -> None:
         self.targets = parse_targets(self.targets)
+        self.projection_spec  # noqa: B018 - validates projection/rank/energy
         if self.workers is not None:
             check_at_least(self.workers, "workers", 0, " (0 = in this process)")
         if isinstance(self.max_file_bytes, bool) or not isinstance(self.max_file_bytes, int) \
@@ -126,6 +137,11 @@ class BuildConfig:
         for name in ("base", "aligned"):
             refuse_overlap(self.out, "--out", getattr(self, name), flag(name),
                            "the alignment set would be written into a source checkout")
+
+    @property
+    def projection_spec(self) -> Projection:
+        """The stored form as a :class:`~safelora_ray.plan.Projection` (validated)."""
+        return Projection(self.projection, self.rank, self.energy)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -322,53 +338,73 @@ class ShardBuilder:
         ``cancelled`` is polled before each module: once it says so, the file is abandoned
         unpublished (:class:`Interrupted`)."""
         fplan = self.files[index]
-        layout = [(m.module, "F32", m.stored_shape) for m in fplan.modules]
         rows: list[ManifestRow] = []
-        read_s = compute_s = write_s = 0.0
+        timings = {"read_s": 0.0, "compute_s": 0.0, "write_s": 0.0}
+        # The exact projection's k (energy mode) is known only once computed: its files are
+        # written once all their modules are (at most max_file_bytes of U_k held), the others
+        # as each module is computed.
+        deferred = any(m.form == "U" for m in fplan.modules)
+        held: list[tuple[str, torch.Tensor]] = []
         # Written straight into place on local storage (temp file beside it, then a rename);
         # through a temp file and an upload on object stores.
         with self.out.writing_file(fplan.path) as tmp:
-            with SafetensorsWriter(tmp, layout, {"format": FORMAT}) as writer:
+            with contextlib.ExitStack() as stack:
+                writer = None
+                if not deferred:
+                    layout = [(m.module, "F32", m.stored_shape) for m in fplan.modules]
+                    writer = stack.enter_context(
+                        SafetensorsWriter(tmp, layout, {"format": FORMAT}))
                 for item in self._modules(index):
                     if cancelled is not None and cancelled():
                         raise Interrupted(f"build of {fplan.path} interrupted")
                     m = item.module
-                    read_s += item.read_s
+                    timings["read_s"] += item.read_s
                     t0 = time.perf_counter()
                     try:
                         am = compute_alignment(
-                            item.base.to(self.device, non_blocking=True),
-                            item.aligned.to(self.device, non_blocking=True),
-                            form=m.form,
+                            as_linear(item.base.to(self.device, non_blocking=True), m.layout),
+                            as_linear(item.aligned.to(self.device, non_blocking=True),
+                                      m.layout),
+                            form=m.form, rank=m.rank, energy=m.energy,
                         )
                     except ValueError as e:
                         raise CheckpointError(f"module {m.module!r}: {e}") from None
                     tensor = am.tensor.cpu()  # on a GPU this waits for the copies too
                     t1 = time.perf_counter()
-                    compute_s += t1 - t0
+                    timings["compute_s"] += t1 - t0
                     digest = item.digest
                     # The inputs are consumed (converted, or copied to the device): their
                     # buffers can take the next module's bytes.
                     self.release(item)
                     del item
-                    writer.write(m.module, tensor)
-                    write_s += time.perf_counter() - t1
+                    if writer is not None:
+                        writer.write(m.module, tensor)
+                    else:
+                        held.append((m.module, tensor))
+                    timings["write_s"] += time.perf_counter() - t1
                     rows.append(ManifestRow(
                         module=m.module, tensor=m.base.name, layer=m.layer, kind=m.kind,
-                        shape=m.shape, form=m.form, stored_shape=m.stored_shape,
+                        shape=m.shape, form=m.form, stored_shape=tuple(tensor.shape),
                         shard=fplan.path, norm=am.norm, source_digest=digest,
                         base_dtype=m.base.dtype, aligned_dtype=m.aligned.dtype,
+                        layout=m.layout,
+                        proj_rank=int(tensor.shape[1]) if m.form == "U" else None,
+                        proj_energy=am.energy,
                     ))
                     del am, tensor
             t0 = time.perf_counter()
-        write_s += time.perf_counter() - t0  # the commit: fsync + rename (or the upload)
+            if deferred:
+                layout = [(name, "F32", tuple(t.shape)) for name, t in held]
+                with SafetensorsWriter(tmp, layout, {"format": FORMAT}) as writer:
+                    for name, t in held:
+                        writer.write(name, t)
+                held.clear()
+        timings["write_s"] += time.perf_counter() - t0  # the commit: fsync + rename (upload)
         return {
             "rows": rows,
             "input_bytes": fplan.input_bytes,
             "bytes_fetched": self.bytes_fetched(),
-            "read_s": read_s,
-            "compute_s": compute_s,
-            "write_s": write_s,
+            **timings,
             "device": self.device,
         }
 
@@ -405,14 +441,6 @@ def end_build(ctx: WorkerContext, build_id: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _source_info(ckpt: Checkpoint, files: set[str]) -> dict[str, Any]:
-    info: dict[str, Any] = {"uri": ckpt.uri, "layout": ckpt.layout, "files": ckpt.versions(files)}
-    commit = getattr(ckpt.storage, "commit", None)
-    if commit:
-        info["revision"] = commit
-    return info
-
-
 def _same_inputs(existing: dict[str, Any], proposed: dict[str, Any]) -> bool:
     keys = ("targets", "method")
     if any(existing.get(k) != proposed.get(k) for k in keys):
@@ -443,21 +471,21 @@ def build(config: BuildConfig) -> BuildResult:
     aligned = Checkpoint.open(config.aligned)
     out = open_storage(config.out)
 
-    plan = plan_build(base, aligned, config.targets, max_file_bytes=config.max_file_bytes)
+    plan = plan_build(base, aligned, config.targets, max_file_bytes=config.max_file_bytes,
+                      projection=config.projection_spec)
     wplan = resolve_workers(config.workers, config.use_gpu, config.ray_address,
                             small=plan.input_bytes <= INLINE_MAX_BUILD_BYTES, shape="device")
     if wplan.num_workers > 1:  # one shard (a contiguous run of layers) per worker
         plan.shards = shard_modules(plan.modules, wplan.num_workers, config.max_file_bytes)
         wplan = wplan.take(len(plan.shards))
-    method = {"name": METHOD_NAME, "compute_dtype": "float32", "stored_dtype": "float32",
-              "forms": {"C": "C = V Vᵀ/‖V‖_F", "V": "V; C B = V (Vᵀ B)/‖V‖_F"}}
+    method = config.projection_spec.method()
     base_files = {m.base.path for m in plan.modules}
     aligned_files = {m.aligned.path for m in plan.modules}
     proposed = {
         "targets": list(plan.targets),
         "method": method,
-        "base": _source_info(base, base_files),
-        "aligned": _source_info(aligned, aligned_files),
+        "base": base.source_info(base_files),
+        "aligned": aligned.source_info(aligned_files),
     }
     existing = read_metadata(out)
     if existing is not None:
@@ -556,6 +584,8 @@ def build(config: BuildConfig) -> BuildResult:
     bytes_read += sum(fetched.values())
     core = {"method": method, "targets": list(plan.targets)}
     cid = content_id(core, rows)
+    # The plan's output size is an upper bound for the exact form (k is found by the build).
+    stored_bytes = sum(4 * math.prod(r.stored_shape) for r in rows)
     out.put_bytes(MANIFEST_FILE, parquet_bytes(manifest_table(rows)))
     duration = time.perf_counter() - t_start
     metadata = {
@@ -574,7 +604,7 @@ def build(config: BuildConfig) -> BuildResult:
         "shards": files_out,
         "source_bytes": plan.input_bytes,
         "bytes_read": bytes_read,
-        "stored_bytes": plan.output_bytes,
+        "stored_bytes": stored_bytes,
         "build": {"workers": 0 if ex.in_process else len(plan.shards), "device": device,
                   "duration_s": round(duration, 3),
                   **{k: round(v, 3) for k, v in stats.items()}},
@@ -583,7 +613,7 @@ def build(config: BuildConfig) -> BuildResult:
     out.put_bytes(METADATA_FILE, json.dumps(metadata, indent=2, ensure_ascii=False).encode())
     logger.info("alignment set %s written to %s in %.1f s", cid, out.uri, duration)
     return BuildResult(out.uri, cid, len(rows), plan.input_bytes, bytes_read,
-                       plan.output_bytes, duration,
+                       stored_bytes, duration,
                        workers=0 if ex.in_process else len(plan.shards), device=device,
                        stats=stats)
 

@@ -32,7 +32,13 @@ from typing import Any
 import torch
 
 from safelora_ray.catalog import CONFIG_FILE, AdapterRef, is_manifest, iter_catalog
-from safelora_ray.checks import check_at_least, check_positive, check_selection, flag
+from safelora_ray.checks import (
+    check_at_least,
+    check_positive,
+    check_selection,
+    flag,
+    selection_record,
+)
 from safelora_ray.errors import (
     AdapterError,
     AlignmentSetError,
@@ -160,10 +166,7 @@ class SanitizeConfig:
     @property
     def selection(self) -> dict[str, Any]:
         """The selection parameters, as recorded in the ledger and reports."""
-        if self.threshold is not None:
-            return {"mode": "threshold", "threshold": self.threshold}
-        return {"mode": "number", "num_proj_layers": self.num_proj_layers,
-                "strict": self.strict_k}
+        return selection_record(self.threshold, self.num_proj_layers, self.strict_k)
 
 
 @dataclass
@@ -384,14 +387,8 @@ class FleetSanitizer:
             )
         if not adapter.modules:
             raise AdapterError(f"adapter {adapter.adapter_id!r}: no LoRA modules found")
-        for m, lm in adapter.modules.items():
-            d_out, d_in = self.aset.rows[m].shape
-            if next(iter(lm.b.shape)) != d_out or tuple(lm.a.shape)[1] != d_in:
-                raise AdapterError(
-                    f"adapter {adapter.adapter_id!r}: module {m!r} has A {list(lm.a.shape)} and "
-                    f"B {list(lm.b.shape)}, but the alignment set's weight is {d_out}x{d_in} "
-                    "(an adapter for another base model?)"
-                )
+        for m in adapter.modules:
+            check_orientation(adapter, m, self.aset)
 
     def _project_all(self, adapters: Sequence[Adapter], project: Projector
                      ) -> tuple[dict[str, dict[str, torch.Tensor]],
@@ -434,9 +431,8 @@ class FleetSanitizer:
             strict=bool(sel.get("strict", False)),
         )
         new_b = {m: cbs[m] for m in chosen}
-        notes = []
-        if adapter.modules_to_save:
-            notes.append("modules_to_save left as is: " + ",".join(adapter.modules_to_save))
+        kept = untouched_note(adapter)
+        notes = [kept] if kept else []
         k = sel.get("num_proj_layers")
         if k is not None and k >= len(scores):
             notes.append(f"--num-proj-layers {k} ≥ its {len(scores)} module(s): every module "
@@ -483,6 +479,42 @@ class FleetSanitizer:
                 "dist": 0.0 if m in chosen else s.dist,
             })
         return layers
+
+
+def check_orientation(adapter: Adapter, module: str, aset: AlignmentSet) -> None:
+    """Refuse a module whose A/B do not fit the set's weight, naming the real cause.
+
+    The set stores every weight as nn.Linear's d_out x d_in (V of a GPT-2 ``Conv1D``, stored
+    d_in x d_out, was transposed by the build); PEFT's A (r x d_in) and B (d_out x r) are in
+    that orientation too, and its ``fan_in_fan_out`` says the base layer is a Conv1D.
+    """
+    row = aset.rows[module]
+    lm = adapter.modules[module]
+    who = f"adapter {adapter.adapter_id!r}: module {module!r}"
+    fifo = bool(adapter.config.get("fan_in_fan_out", False))
+    if fifo and row.layout != "conv1d":
+        raise AdapterError(
+            f"{who}: the adapter has fan_in_fan_out=true (its base layer is a GPT-2-style "
+            f"Conv1D, weight stored d_in x d_out) but alignment set {aset.content_id} holds "
+            "this module as an nn.Linear weight: the set was built from another model, or by "
+            "a safelora-ray that did not record weight layouts (rebuild it)")
+    if not fifo and row.layout == "conv1d":
+        raise AdapterError(
+            f"{who}: the alignment set's model stores this weight as a GPT-2-style Conv1D "
+            "(d_in x d_out) but the adapter has fan_in_fan_out=false, which PEFT never saves "
+            "for a Conv1D layer: an adapter for another model, or an edited config")
+    d_out, d_in = row.shape
+    b_out, a_in = int(lm.b.shape[0]), int(lm.a.shape[1])
+    if (b_out, a_in) == (d_out, d_in):
+        return
+    shapes = (f"A {list(lm.a.shape)} and B {list(lm.b.shape)} (ΔW = B A is {b_out}x{a_in}), "
+              f"but the alignment set's weight is {d_out}x{d_in} (d_out x d_in)")
+    if (b_out, a_in) == (d_in, d_out):
+        raise AdapterError(f"{who}: {shapes}: the adapter's factors are transposed against "
+                           "the weight (A and B were swapped, or written for the transposed "
+                           "layout)")
+    raise AdapterError(f"{who}: {shapes}: an adapter for another base model (other "
+                       "dimensions)")
 
 
 @dataclass(frozen=True)
@@ -533,6 +565,23 @@ def sanitize_batch(ctx: WorkerContext, job: SanitizeJob, refs: Sequence[AdapterR
         project = local_projector(ctx, key, coalesce=ctx.node_id is not None)
     return ctx.resident(SANITIZER_SLOT, job, sanitizer).process(
         refs, cancelled=lambda: ctx.cancelled(job.run_id), project=project)
+
+
+def untouched_note(adapter: Adapter) -> str | None:
+    """The report note naming what is kept as it is: ``modules_to_save`` and the biases an
+    adapter saves (``lora_bias``: ``…lora_B.bias``; ``bias="lora_only"``/``"all"``:
+    ``…base_layer.bias`` and other biases). The rule covers neither (SPEC §2)."""
+    parts = []
+    if adapter.modules_to_save:
+        parts.append("modules_to_save left as is: " + ",".join(adapter.modules_to_save))
+    mts = [f".{m}." for m in adapter.modules_to_save]
+    biases = [n for n in adapter.untouched
+              if n.endswith(".bias") and not any(m in f".{n}" for m in mts)]
+    if biases:
+        shown = ",".join(b.removeprefix("base_model.model.") for b in biases[:20])
+        more = f" and {len(biases) - 20} more" if len(biases) > 20 else ""
+        parts.append(f"biases left as is: {shown}{more}")
+    return "; ".join(parts) or None
 
 
 def _source_uri(ref: AdapterRef) -> str:
