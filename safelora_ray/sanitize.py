@@ -64,6 +64,9 @@ from safelora_ray.workers import (
 
 logger = logging.getLogger(__name__)
 
+#: ``--method``: Safe LoRA's alignment sets, or SaLoRA's safety modules (SPEC §4).
+METHODS = ("safelora", "salora")
+
 LEDGER_PREFIX = "_ledger"
 REPORTS_PREFIX = "_reports"
 
@@ -95,6 +98,10 @@ class SanitizeConfig:
         task_timeout_s: Longest one batch may take.
         max_adapter_bytes: Largest adapter weights file read into memory.
         ray_address: Cluster address; None = ``RAY_ADDRESS`` or a new local Ray.
+        method: ``safelora`` (an alignment set from ``build``: B ← C B) or ``salora`` (a
+            safety-module set from ``salora-modules``: B ← (I − V_s V_sᵀ) B, SPEC §4); must
+            match the set. With ``salora`` and neither ``threshold`` nor
+            ``num_proj_layers``, every module is folded.
     """
 
     alignment: str
@@ -114,10 +121,16 @@ class SanitizeConfig:
     task_timeout_s: float = 1800.0
     max_adapter_bytes: int = 4 * 1024**3
     ray_address: str | None = None
+    method: str = "safelora"
 
     def __post_init__(self) -> None:
-        if (self.threshold is None) == (self.num_proj_layers is None):
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        given = (self.threshold is not None) + (self.num_proj_layers is not None)
+        if self.method == "safelora" and given != 1:
             raise ConfigError("give exactly one of --threshold or --num-proj-layers")
+        if given > 1:  # salora: one of them, or neither (fold every module)
+            raise ConfigError("give at most one of --threshold or --num-proj-layers")
         if self.threshold is not None and not math.isfinite(self.threshold):
             raise ConfigError(f"threshold must be a finite number, got {self.threshold}")
         if self.num_proj_layers is not None and self.num_proj_layers < 1:
@@ -139,9 +152,15 @@ class SanitizeConfig:
     def selection(self) -> dict[str, Any]:
         """The selection parameters, as recorded in the ledger and reports."""
         if self.threshold is not None:
-            return {"mode": "threshold", "threshold": self.threshold}
-        return {"mode": "number", "num_proj_layers": self.num_proj_layers,
-                "strict": self.strict_k}
+            sel: dict[str, Any] = {"mode": "threshold", "threshold": self.threshold}
+        elif self.num_proj_layers is not None:
+            sel = {"mode": "number", "num_proj_layers": self.num_proj_layers,
+                   "strict": self.strict_k}
+        else:
+            sel = {"mode": "all"}
+        if self.method != "safelora":  # (Safe LoRA ledgers keep their key)
+            sel["method"] = self.method
+        return sel
 
 
 @dataclass
@@ -418,7 +437,7 @@ class FleetSanitizer:
                 row: dict[str, Any]) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
         sel = self.selection
-        chosen = select_modules(
+        chosen = set(scores) if sel.get("mode") == "all" else select_modules(
             {m: s.cos_rounded for m, s in scores.items()},
             threshold=sel.get("threshold"),
             num_proj_layers=sel.get("num_proj_layers"),
@@ -628,6 +647,20 @@ def _batches(items: Iterator[AdapterRef | tuple[str, str]], size: int,
         yield batch
 
 
+def check_method(aset: AlignmentSet, method: str) -> None:
+    """``--method`` must name the method the set was made for.
+
+    Raises:
+        ConfigError: a Safe LoRA set with ``salora``, or SaLoRA safety modules without it.
+    """
+    if aset.method_family != method:
+        made_by = ("safelora-ray salora-modules" if aset.method_family == "salora"
+                   else "safelora-ray build")
+        raise ConfigError(
+            f"{aset.uri} holds {aset.method_name or 'unknown'} matrices (made by {made_by}), "
+            f"but --method is {method}: use --method {aset.method_family}")
+
+
 def sanitize(config: SanitizeConfig) -> SanitizeResult:
     """Sanitize every adapter of a catalog (SPEC §2) on Ray.
 
@@ -641,6 +674,7 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
     """
     t_start = time.perf_counter()
     aset = AlignmentSet.open(config.alignment)  # fail fast, before any worker starts
+    check_method(aset, config.method)
     out = open_storage(config.out)
     sweep_stale_writes(out)
     # A look at the catalog's head says whether it is small enough for this process.
@@ -763,5 +797,6 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
     return result
 
 
-__all__ = ["FleetSanitizer", "MatrixCache", "SanitizeConfig", "SanitizeJob", "SanitizeResult",
-           "ledger_path", "sanitize", "sanitize_batch", "sweep_stale_writes"]
+__all__ = ["METHODS", "FleetSanitizer", "MatrixCache", "SanitizeConfig", "SanitizeJob",
+           "SanitizeResult", "check_method", "ledger_path", "sanitize", "sanitize_batch",
+           "sweep_stale_writes"]
