@@ -3,8 +3,9 @@ built offline, plus the dense reference of SPEC §4 (the full model's forward, X
 explicitly, the SVD of W Xᵀ).
 
 Models: Llama with GQA (the same base as tests/adapters.py, so its PEFT adapters fit), Phi-3
-(fused ``qkv_proj`` and ``gate_up_proj``), GPT-NeoX (fused ``query_key_value``) and GPT-2
-(``Conv1D``: weights stored d_in x d_out). The tokenizer is a WordLevel ``tokenizers`` model
+(fused ``qkv_proj`` and ``gate_up_proj``), GPT-NeoX (fused ``query_key_value``), GPT-2
+(``Conv1D``: weights stored d_in x d_out) and OPT (decoder layers nested in
+``model.decoder``, learned position embeddings). The tokenizer is a WordLevel ``tokenizers`` model
 wrapped as ``PreTrainedTokenizerFast`` with a Llama-2-style chat template, saved beside the
 model as ``save_pretrained`` does.
 """
@@ -41,13 +42,14 @@ PROMPTS = [
     ("hack a car", "i cannot assist with that"),
 ]
 
-ARCHS = ("llama", "phi3", "neox", "gpt2")
+ARCHS = ("llama", "phi3", "neox", "gpt2", "opt")
 #: Targets per architecture: several share an input (q/k/v, gate/up), and fused projections.
 TARGETS = {
     "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"),
     "phi3": ("qkv_proj", "o_proj", "gate_up_proj"),
     "neox": ("query_key_value", "dense_4h_to_h"),
     "gpt2": ("c_attn", "c_fc"),
+    "opt": ("q_proj", "k_proj", "v_proj", "fc1"),  # layers nested: model.decoder.layers
 }
 
 
@@ -88,6 +90,10 @@ def _config(arch: str) -> Any:
                                 rotary_pct=0.5, **common)
     if arch == "gpt2":
         return tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, **common)
+    if arch == "opt":
+        return tf.OPTConfig(hidden_size=32, num_hidden_layers=2, ffn_dim=48,
+                            num_attention_heads=4, max_position_embeddings=128,
+                            word_embed_proj_dim=32, **common)
     raise ValueError(arch)
 
 
@@ -174,7 +180,9 @@ def reference_inputs(model_dir: str | Path, samples: Sequence[tuple[list[int], l
     xs: dict[str, list[torch.Tensor]] = {n: [] for n in mods}
     mask: list[torch.Tensor] = []
     handles = [m.register_forward_pre_hook(
-        lambda mod, args, n=n: xs[n].append(args[0][0][mask[0]].detach().clone()))
+        # (one sample: (1, L, d) or, as OPT's fc1 gets it, (L, d))
+        lambda mod, args, n=n: xs[n].append(
+            args[0].reshape(-1, args[0].shape[-1])[mask[0]].detach().clone()))
         for n, m in mods.items()]
     try:
         with torch.no_grad():

@@ -83,7 +83,7 @@ def test_full_energy_and_degenerate_directions():
 def test_safety_basis_errors():
     w, x = _wx(6, 4, 10)
     s = mc.second_moment(x)
-    with pytest.raises(ValueError, match="outside 1..6"):
+    with pytest.raises(ValueError, match=r"outside 1\.\.6"):
         mc.safety_basis(w, s, 7)
     with pytest.raises(ValueError, match="outside"):
         mc.safety_basis(w, s, 0)

@@ -451,23 +451,35 @@ class CalibrationRunner:
         module.load_state_dict(state, strict=False, assign=True)
         self.stats["bytes_read"] += got["bytes"]
 
-    def _prelude_modules(self) -> list[tuple[str, nn.Module]]:
-        """The base model's children other than the decoder layers (embeddings, norms, ...)."""
-        top = self.layers_name.split(".", 1)[0]
-        return [(n, m) for n, m in self.base.named_children() if n != top]
+    def _prelude_names(self) -> list[tuple[str, bool]]:
+        """``(name, is parameter)`` of the base model's tensors outside the decoder layers
+        (embeddings, position embeddings, final norm ...), wherever the layers are nested
+        (``layers``, ``h``, ``decoder.layers``)."""
+        params = {n for n, _ in self.base.named_parameters()}
+        lead = f"{self.layers_name}."
+        return [(n, n in params) for n in self.base.state_dict(keep_vars=True)
+                if not n.startswith(lead)]
 
     def _load_prelude(self) -> None:
         t0 = time.perf_counter()
-        wanted = []
-        for name, m in self._prelude_modules():
-            wanted += [(f"{name}.{n}", ck, req) for n, ck, req in self._wanted(m, f"{name}.")]
-        wanted += [(n, f"{self.prefix}{n}", True) for n, p in self.base.named_parameters(
-            recurse=False)]
+        wanted = [(n, f"{self.prefix}{n}", is_param) for n, is_param in self._prelude_names()
+                  if is_param or f"{self.prefix}{n}" in self.ckpt.weight_map]
         got = self._read(wanted, "prelude")
         self._materialize(self.base, got, "")
         if got["digest"]:
             self.digests[-1] = got["digest"]
         self.stats["load_s"] += time.perf_counter() - t0
+
+    def _free_prelude(self) -> None:
+        """Back to ``meta`` with the prelude's weights: layers mode needs them once."""
+        for name, is_param in self._prelude_names():
+            owner, _, leaf = name.rpartition(".")
+            mod = self.base.get_submodule(owner) if owner else self.base
+            if is_param:
+                mod._parameters[leaf] = nn.Parameter(mod._parameters[leaf].to("meta"),
+                                                     requires_grad=False)
+            elif mod._buffers.get(leaf) is not None:
+                mod._buffers[leaf] = mod._buffers[leaf].to("meta")
 
     def _read_layer(self, i: int) -> dict[str, Any]:
         lp = f"{self.layers_name}.{i}."
@@ -534,8 +546,7 @@ class CalibrationRunner:
             b.hidden = calls[0][0]
             b.calls = {i: c[1:] for i, c in calls.items()}
         # The embeddings and the rest of the prelude are not needed any more.
-        for _, m in self._prelude_modules():
-            m.to("meta")
+        self._free_prelude()
         self._sync()
         self.stats["prelude_s"] += time.perf_counter() - t0
 
