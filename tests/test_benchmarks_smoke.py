@@ -62,3 +62,12 @@ def test_bench_scale_smoke(tmp_path):
     r = _run("bench_scale", tmp_path)
     assert r["inputs"]["fill"] == "holes" and r["inputs"]["files_per_model"] >= 1
     assert r["summary"]["num_modules"] == 4 and r["worker_peak_rss"] > 0
+
+
+@pytest.mark.timeout(180)
+def test_bench_salora_smoke(tmp_path):
+    r = _run("bench_salora", tmp_path, "--end-to-end", "--workers", "0")
+    assert r["sigma_max_rel_diff_whole_vs_layers"] < 1e-6
+    assert set(r["summary"]) == {"whole", "layers"}
+    assert all(s["tokens_per_s_forward"] > 0 for s in r["summary"].values())
+    assert r["end_to_end"]["modules"] == 4
