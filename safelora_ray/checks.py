@@ -26,13 +26,22 @@ def as_yaml_keys(message: str, section: str) -> str:
 
 
 def check_selection(threshold: float | None, num_proj_layers: int | None,
-                    strict_k: bool) -> None:
+                    strict_k: bool, allow_none: bool = False) -> None:
     """Validate the SPEC §2 selection: exactly one of τ (a cosine, so in [−1, 1]) or k ≥ 1.
+
+    Args:
+        threshold: τ.
+        num_proj_layers: k.
+        strict_k: Exactly k, ties broken by name.
+        allow_none: Neither may be given (SaLoRA's fold of every module).
 
     Raises:
         ConfigError: naming the flag and, for a likely slip (35 for 0.35), the fix.
     """
-    if (threshold is None) == (num_proj_layers is None):
+    if threshold is not None and num_proj_layers is not None:
+        raise ConfigError("give at most one of --threshold or --num-proj-layers" if allow_none
+                          else "give exactly one of --threshold or --num-proj-layers")
+    if threshold is None and num_proj_layers is None and not allow_none:
         raise ConfigError("give exactly one of --threshold or --num-proj-layers")
     if threshold is not None:
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
@@ -58,9 +67,11 @@ def check_selection(threshold: float | None, num_proj_layers: int | None,
 
 def selection_record(threshold: float | None, num_proj_layers: int | None,
                      strict_k: bool) -> dict[str, Any]:
-    """The selection as recorded in ledgers, provenance and reports."""
+    """The selection as recorded in ledgers, provenance and reports (``all``: neither)."""
     if threshold is not None:
         return {"mode": "threshold", "threshold": threshold}
+    if num_proj_layers is None:
+        return {"mode": "all"}
     return {"mode": "number", "num_proj_layers": num_proj_layers, "strict": strict_k}
 
 

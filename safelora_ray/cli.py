@@ -108,7 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
                         ".parquet/.jsonl manifest with a 'uri' column")
     s.add_argument("--out", required=True,
                    help="output root (path or s3://), apart from the catalog; one per catalog")
-    sel = s.add_mutually_exclusive_group(required=True)
+    s.add_argument("--method", choices=["safelora", "salora"], default="safelora",
+                   help="safelora: an alignment set from 'build' (B ← C B); salora: SaLoRA "
+                        "safety modules from 'salora-modules' (B ← (I − V_s V_sᵀ) B; with "
+                        "neither --threshold nor --num-proj-layers every module is folded)")
+    sel = s.add_mutually_exclusive_group()
     sel.add_argument("--threshold", type=float,
                      help="project the modules whose rounded cosine is ≤ T, T in [-1, 1] "
                           "(paper: 0.35)")
@@ -163,6 +167,40 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds one output file may take before the run fails")
     _add_ray(pm)
     _add_common(pm)
+
+    m = sub.add_parser("salora-modules",
+                       help="compute SaLoRA safety modules of an aligned model (SPEC §4)")
+    m.add_argument("--model", required=True, help="aligned checkpoint URI (with config.json)")
+    m.add_argument("--calibration", required=True,
+                   help="safety calibration JSONL: prompt/response, or input_ids/labels")
+    m.add_argument("--targets", default="q_proj,v_proj",
+                   help="comma-separated module-name suffixes (default: q_proj,v_proj)")
+    m.add_argument("--safety-rank", type=int, default=32,
+                   help="r_s, safety directions per module (default 32, as SaLoRA)")
+    m.add_argument("--out", required=True, help="where to write the safety-module set")
+    m.add_argument("--dtype", default="float32",
+                   choices=["float32", "bfloat16", "float16", "float64"],
+                   help="forward dtype (default float32; Σ is float64 whatever it is)")
+    m.add_argument("--mode", default="auto", choices=["auto", "whole", "layers"],
+                   help="whole model on each worker's device, one decoder layer at a time, or "
+                        "auto: whole when the weights take at most half the free memory")
+    m.add_argument("--batch-tokens", type=int, default=4096,
+                   help="padded positions per forward batch (default 4096)")
+    m.add_argument("--export-cs", default=None, metavar="FILE.safetensors",
+                   help="also write C_s per module, keyed by PEFT module name, for training")
+    m.add_argument("--max-file-gb", type=float, default=2.0,
+                   help="cap on one output safetensors file, in GB (default 2)")
+    m.add_argument("--timeout", type=float, default=3600.0,
+                   help="seconds one layer may take before the run fails")
+    _add_ray(m)
+    _add_common(m)
+
+    e = sub.add_parser("salora-export",
+                       help="write C_s = I − V_s V_sᵀ of a safety-module set for training")
+    e.add_argument("--alignment", required=True, help="safety-module set URI")
+    e.add_argument("--out", required=True, help="the .safetensors file to write")
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    _add_common(e)
 
     d = sub.add_parser("demo", help="run the whole pipeline on a synthetic model, locally")
     d.add_argument("--dir", default="safelora-demo",
@@ -234,7 +272,7 @@ def _cmd_sanitize(args: argparse.Namespace) -> Outcome:
         batch_size=args.batch_size, max_in_flight=args.max_in_flight, run_id=args.run_id,
         workers_per_gpu=args.workers_per_gpu, allow_empty=args.allow_empty,
         progress=args.progress, task_timeout_s=args.timeout,
-        ray_address=args.ray_address,
+        ray_address=args.ray_address, method=args.method,
     )
     result = sanitize(cfg)
     _say(args, text_summary(result))
@@ -300,6 +338,44 @@ def _cmd_project_model(args: argparse.Namespace) -> Outcome:
     return EXIT_OK, summary
 
 
+def _cmd_salora_modules(args: argparse.Namespace) -> Outcome:
+    from safelora_ray.salora.modules import SaloraConfig, salora_modules
+
+    if args.max_file_gb <= 0:
+        raise ConfigError(f"--max-file-gb must be positive, got {args.max_file_gb:g}")
+    cfg = SaloraConfig(
+        model=args.model, calibration=args.calibration, out=args.out, targets=args.targets,
+        safety_rank=args.safety_rank, dtype=args.dtype, mode=args.mode,
+        batch_tokens=args.batch_tokens, workers=args.workers, use_gpu=args.use_gpu,
+        max_file_bytes=int(args.max_file_gb * 1024**3), task_timeout_s=args.timeout,
+        export_cs=args.export_cs, progress=args.progress, ray_address=args.ray_address,
+    )
+    res = salora_modules(cfg)
+    verb = "reused" if res.reused else "computed"
+    _say(args, f"{verb} safety-module set {res.content_id}: {res.num_modules} modules at "
+               f"{res.uri}")
+    if not res.reused:
+        where = (f"on {res.workers} {res.device} worker(s)" if res.workers
+                 else f"in this process ({res.device})")
+        _say(args, f"{res.samples} samples, {res.tokens} counted tokens, forward {res.mode} "
+                   f"{where}: {res.stats.get('tokens_per_s', 0):.0f} tokens/s, "
+                   f"{res.duration_s:.1f} s in all")
+    if res.export_cs:
+        _say(args, f"C_s per module written to {res.export_cs}")
+    return EXIT_OK, {"command": "salora-modules", "status": verb, "uri": res.uri,
+                     "content_id": res.content_id, "modules": res.num_modules,
+                     "samples": res.samples, "tokens": res.tokens,
+                     "duration_s": round(res.duration_s, 3), "export_cs": res.export_cs}
+
+
+def _cmd_salora_export(args: argparse.Namespace) -> Outcome:
+    from safelora_ray.salora.export import export_cs
+
+    n = export_cs(args.alignment, args.out, dtype=args.dtype)
+    _say(args, f"C_s of {n} modules written to {args.out}")
+    return EXIT_OK, {"command": "salora-export", "modules": n, "out": args.out}
+
+
 def _cmd_demo(args: argparse.Namespace) -> Outcome:
     from safelora_ray.demo import run_demo
 
@@ -309,7 +385,8 @@ def _cmd_demo(args: argparse.Namespace) -> Outcome:
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], Outcome]] = {
     "build": _cmd_build, "sanitize": _cmd_sanitize, "inspect": _cmd_inspect,
-    "nightly": _cmd_nightly, "demo": _cmd_demo, "project-model": _cmd_project_model}
+    "nightly": _cmd_nightly, "demo": _cmd_demo, "project-model": _cmd_project_model,
+    "salora-modules": _cmd_salora_modules, "salora-export": _cmd_salora_export}
 
 
 def _say(args: argparse.Namespace, text: str) -> None:

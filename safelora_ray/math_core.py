@@ -1,11 +1,13 @@
-"""The Safe LoRA rule as pure tensor math (no I/O, no Ray).
+"""The Safe LoRA rule (and SaLoRA's safety module) as pure tensor math (no I/O, no Ray).
 
-SPEC.md §1 and §2. Everything here takes torch tensors and returns tensors or plain numbers,
-so it can be tested exhaustively against a dense float64 computation.
+SPEC.md §1, §2 and §4. Everything here takes torch tensors and returns tensors or plain
+numbers, so it can be tested exhaustively against a dense float64 computation.
 
 Conventions:
     ``V = W_aligned - W_base`` (d_out x d_in), ``C = V Vᵀ / ‖V‖_F`` (d_out x d_out).
     A LoRA module has ``A`` (r x d_in) and ``B`` (d_out x r); ΔW = B A.
+    SaLoRA: ``Σ = Σₜ xₜ xₜᵀ`` (d_in x d_in) over the calibration tokens reaching W, ``V_s``
+    the top-r_s eigenvectors of ``W Σ Wᵀ`` (d_out x r_s), ``C_s = I − V_s V_sᵀ``.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ logger = logging.getLogger(__name__)
 
 #: Stored forms of an alignment matrix:
 #: ``C``: the d_out x d_out matrix itself; ``V``: the difference V, with C B = V (Vᵀ B) / ‖V‖;
-#: ``U``: an orthonormal basis U_k of the exact truncated projection (SPEC §1, optional form).
-Form = Literal["C", "V", "U"]
+#: ``U``: an orthonormal basis U_k of the exact truncated projection (SPEC §1, optional form);
+#: ``N``: an orthonormal basis V_s whose *complement* is applied, C = I − V_s V_sᵀ (SaLoRA's
+#: safety module, SPEC §4; the stored tensor is a U-form basis, the letter says how it acts).
+Form = Literal["C", "V", "U", "N"]
+FORMS: tuple[str, ...] = ("C", "V", "U", "N")
 
 #: Decimals the reference rounds cosines to before comparing them with the threshold.
 COS_DECIMALS = 5
@@ -106,9 +111,11 @@ class AlignmentMatrix:
     """The stored form of one module's alignment matrix.
 
     Attributes:
-        form: ``"C"``, ``"V"`` or ``"U"`` (see :data:`Form`).
-        tensor: float32; C (d_out x d_out), V (d_out x d_in) or U_k (d_out x k).
-        norm: ‖V‖_F (float64 precision); used by the ``V`` form and reported for all.
+        form: ``"C"``, ``"V"``, ``"U"`` or ``"N"`` (see :data:`Form`).
+        tensor: float32; C (d_out x d_out), V (d_out x d_in), U_k (d_out x k) or V_s
+            (d_out x r_s, form ``N``).
+        norm: ‖V‖_F (float64 precision); used by the ``V`` form and reported for all (for a
+            SaLoRA module, ‖W Xᵀ‖_F on the calibration set).
     """
 
     form: Form
@@ -134,7 +141,12 @@ class AlignmentMatrix:
             return m @ b
         if self.form == "V":
             return (m @ (m.T @ b)) / self.norm
-        return m @ (m.T @ b)
+        if self.form == "U":
+            return m @ (m.T @ b)
+        if self.form == "N":
+            # (I − V_s V_sᵀ) B without the d_out x d_out matrix
+            return b - m @ (m.T @ b)
+        raise ValueError(f"unknown alignment matrix form {self.form!r}")
 
     def dense(self) -> torch.Tensor:
         """The d_out x d_out matrix (for tests and small models only)."""
@@ -143,7 +155,11 @@ class AlignmentMatrix:
             return m
         if self.form == "V":
             return (m @ m.T) / self.norm
-        return m @ m.T
+        if self.form == "U":
+            return m @ m.T
+        if self.form == "N":
+            return torch.eye(m.shape[0], dtype=m.dtype, device=m.device) - m @ m.T
+        raise ValueError(f"unknown alignment matrix form {self.form!r}")
 
     def to(self, device: torch.device | str) -> AlignmentMatrix:
         return AlignmentMatrix(self.form, self.tensor.to(device), self.norm, self.energy)
@@ -484,3 +500,111 @@ def residual_score(delta: torch.Tensor, projected: torch.Tensor,
 def residual_cosine(delta: torch.Tensor, projected: torch.Tensor) -> float:
     """cos(ΔW, CΔW) for a full fine-tune residual (SPEC §3), in float64."""
     return residual_score(delta, projected).cos
+
+
+# ---------------------------------------------------------------------------------------------
+# SaLoRA safety modules (SPEC §4)
+# ---------------------------------------------------------------------------------------------
+
+
+def second_moment(x: torch.Tensor) -> torch.Tensor:
+    """``Σ = Xᵀ X = Σₜ xₜ xₜᵀ`` of the rows of ``x`` (…, d_in), in float64 (d_in x d_in).
+
+    Every product is formed in float64: a float32 or bfloat16 activation times another is
+    exact there, so only the additions round, and partial sums from several workers add up to
+    the same Σ whatever the split (up to float64 addition order).
+    """
+    x64 = x.reshape(-1, x.shape[-1]).to(torch.float64)
+    return x64.T @ x64
+
+
+def accumulate_second_moment(sigma: torch.Tensor, x: torch.Tensor) -> None:
+    """``sigma += Xᵀ X`` in place (float64 ``sigma``, d_in x d_in; ``x`` of shape (…, d_in))."""
+    x64 = x.reshape(-1, x.shape[-1]).to(dtype=torch.float64, device=sigma.device)
+    sigma.addmm_(x64.T, x64)
+
+
+def canonical_signs(vectors: torch.Tensor) -> torch.Tensor:
+    """Flip each column so that its entry of largest magnitude is positive.
+
+    Eigenvectors are defined up to sign; LAPACK, cuSOLVER and their versions pick differently.
+    Fixing the sign makes V_s one tensor for one Σ (ties between equal magnitudes go to the
+    first such entry).
+    """
+    if vectors.numel() == 0:
+        return vectors
+    idx = vectors.abs().argmax(dim=0, keepdim=True)
+    signs = torch.sign(torch.gather(vectors, 0, idx))
+    signs[signs == 0] = 1
+    return vectors * signs
+
+
+@dataclass(frozen=True)
+class SafetyBasis:
+    """One module's SaLoRA safety directions.
+
+    Attributes:
+        basis: V_s, d_out x r_s, float64, orthonormal columns in descending eigenvalue order,
+            signs fixed by :func:`canonical_signs`.
+        eigenvalues: The top r_s eigenvalues of ``W Σ Wᵀ`` (= squared singular values of
+            ``W Xᵀ``), descending, float64.
+        trace: ``tr(W Σ Wᵀ) = ‖W Xᵀ‖_F²``.
+    """
+
+    basis: torch.Tensor
+    eigenvalues: torch.Tensor
+    trace: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.basis.shape[1])
+
+    @property
+    def energy(self) -> float:
+        """Fraction of ``‖W Xᵀ‖_F²`` the r_s directions capture (Σ top eigenvalues / trace)."""
+        return float(self.eigenvalues.sum()) / self.trace if self.trace > 0 else float("nan")
+
+    @property
+    def degenerate(self) -> int:
+        """How many of the r_s directions carry (numerically) no energy: they are an arbitrary
+        basis of a null space, so r_s exceeds what the calibration set determines."""
+        top = float(self.eigenvalues[0]) if self.eigenvalues.numel() else 0.0
+        tol = max(top, 0.0) * self.basis.shape[0] * torch.finfo(torch.float64).eps
+        return int((self.eigenvalues <= tol).sum())
+
+
+def safety_basis(w: torch.Tensor, sigma: torch.Tensor, rank: int) -> SafetyBasis:
+    """V_s: the top-``rank`` eigenvectors of ``W Σ Wᵀ`` (SPEC §4), exactly (no randomized SVD).
+
+    ``W Σ Wᵀ = (W Xᵀ)(W Xᵀ)ᵀ``, so these are the top left singular vectors of ``W Xᵀ``.
+    Computed in float64 with ``torch.linalg.eigh`` on ``sigma``'s device.
+
+    Args:
+        w: The module's weight, d_out x d_in (Linear orientation), any float dtype.
+        sigma: Σ, d_in x d_in, float64 (symmetric PSD).
+        rank: r_s, 1 ≤ r_s ≤ d_out.
+
+    Raises:
+        ValueError: shapes disagree, ``rank`` is out of range, or ``W Xᵀ`` is zero or not
+            finite.
+    """
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    d_out, d_in = (int(d) for d in w.shape)
+    if tuple(sigma.shape) != (d_in, d_in):
+        raise ValueError(f"Σ has shape {tuple(sigma.shape)}, the weight needs ({d_in}, {d_in})")
+    if not 1 <= rank <= d_out:
+        raise ValueError(f"safety rank {rank} outside 1..{d_out} (d_out of the weight)")
+    w64 = w.to(device=sigma.device, dtype=torch.float64)
+    m = w64 @ sigma.to(torch.float64) @ w64.T
+    m = (m + m.T) / 2  # exactly symmetric: eigh reads one triangle
+    trace = float(torch.trace(m))
+    if not math.isfinite(trace):
+        raise ValueError(f"‖W Xᵀ‖_F² is {trace} (NaN/Inf in the weight or activations)")
+    if trace <= 0.0:
+        raise ValueError("W Xᵀ is zero on the calibration tokens: the safety directions are "
+                         "undefined")
+    evals, evecs = torch.linalg.eigh(m)
+    top = evals.flip(0)[:rank].contiguous()
+    basis = canonical_signs(evecs.flip(1)[:, :rank]).contiguous()
+    return SafetyBasis(basis, top, trace)

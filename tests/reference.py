@@ -92,3 +92,31 @@ def dense_finetune(c: torch.Tensor, w_aligned: torch.Tensor,
     nd, np_ = float(delta.norm()), float(proj.norm())
     cos = float((delta * proj).sum()) / (nd * np_)
     return round(cos, 5), wa + proj, nd, np_
+
+
+# ---------------------------------------------------------------------------------------------
+# SaLoRA (SPEC §4), dense: X explicitly, the SVD of W Xᵀ, C_s as a d x d matrix
+# ---------------------------------------------------------------------------------------------
+
+
+def dense_safety_basis(w: torch.Tensor, x: torch.Tensor, rank: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """V_s from the SVD of ``W Xᵀ`` (X: n x d_in, the counted tokens' inputs), float64.
+
+    Returns:
+        (V_s, d_out x rank; all squared singular values, descending).
+    """
+    wx = w.to(torch.float64) @ x.to(torch.float64).T
+    u, s, _ = torch.linalg.svd(wx, full_matrices=False)
+    return u[:, :rank], s**2
+
+
+def projector(basis: torch.Tensor) -> torch.Tensor:
+    """``V Vᵀ`` for an orthonormal basis V: equal for any basis of the same subspace."""
+    b = basis.to(torch.float64)
+    return b @ b.T
+
+
+def dense_cs(basis: torch.Tensor) -> torch.Tensor:
+    """SaLoRA's safety module ``C_s = I − V_s V_sᵀ`` (d_out x d_out, float64)."""
+    return torch.eye(basis.shape[0], dtype=torch.float64) - projector(basis)

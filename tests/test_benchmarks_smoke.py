@@ -74,3 +74,12 @@ def test_bench_finetune_smoke(tmp_path):
     run = r["runs"][0]
     assert run["modules"] == 4 and run["bytes_read"] >= run["must_read"] > 0
     assert r["worker_peak_rss"] > 0 and run["workers"] >= 1
+
+
+@pytest.mark.timeout(180)
+def test_bench_salora_smoke(tmp_path):
+    r = _run("bench_salora", tmp_path, "--end-to-end", "--workers", "0")
+    assert r["sigma_max_rel_diff_whole_vs_layers"] < 1e-6
+    assert set(r["summary"]) == {"whole", "layers"}
+    assert all(s["tokens_per_s_forward"] > 0 for s in r["summary"].values())
+    assert r["end_to_end"]["modules"] == 4

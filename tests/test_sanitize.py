@@ -1009,7 +1009,6 @@ def test_kill_and_rerun(tmp_path: Path, qv_catalog: Catalog) -> None:
 
 
 @pytest.mark.parametrize("extra", [
-    [],  # neither --threshold nor --num-proj-layers
     ["--threshold", "0.3", "--num-proj-layers", "2"],  # both
     ["--threshold", "abc"],
     ["--num-proj-layers", "1.5"],
@@ -1022,6 +1021,8 @@ def test_exit_code_2_argparse(tmp_path: Path, qv_catalog: Catalog, extra: list[s
 
 
 @pytest.mark.parametrize("extra, message", [
+    # neither (allowed with --method salora only: it folds every module)
+    ([], "give exactly one of --threshold or --num-proj-layers"),
     (["--num-proj-layers", "0"], "--num-proj-layers must be ≥ 1"),
     (["--num-proj-layers", "-2"], "--num-proj-layers must be ≥ 1"),
     (["--threshold", "nan"], "--threshold must be a finite number"),

@@ -50,16 +50,26 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("shard", pa.string(), nullable=False),
         pa.field("norm", pa.float64(), nullable=False),
         pa.field("source_digest", pa.string(), nullable=False),
-        pa.field("base_dtype", pa.string(), nullable=False),
+        pa.field("base_dtype", pa.string()),  # null in a SaLoRA set (no base model)
         pa.field("aligned_dtype", pa.string(), nullable=False),
         # Added later; a manifest without them reads as linear, fast-form modules.
         pa.field("layout", pa.string(), nullable=False),
         pa.field("proj_rank", pa.int32()),
         pa.field("proj_energy", pa.float64()),
+        # SaLoRA safety-module sets (SPEC §4); null in a Safe LoRA set, absent in older ones.
+        pa.field("safety_rank", pa.int32()),
+        pa.field("tokens", pa.int64()),
+        pa.field("energy", pa.float64()),
+        pa.field("calibration_digest", pa.string()),
     ]
 )
 #: Columns a manifest may lack (written by an earlier version), with their value then.
-OPTIONAL_COLUMNS: dict[str, Any] = {"layout": "linear", "proj_rank": None, "proj_energy": None}
+OPTIONAL_COLUMNS: dict[str, Any] = {"layout": "linear", "proj_rank": None, "proj_energy": None,
+                                    "safety_rank": None, "tokens": None, "energy": None,
+                                    "calibration_digest": None}
+
+#: ``method.name`` of a SaLoRA safety-module set; any other name is a Safe LoRA set.
+SALORA_METHOD = "salora"
 
 
 @dataclass(frozen=True)
@@ -81,11 +91,15 @@ class ManifestRow:
     shard: str
     norm: float
     source_digest: str
-    base_dtype: str
+    base_dtype: str | None
     aligned_dtype: str
     layout: str = "linear"
     proj_rank: int | None = None
     proj_energy: float | None = None
+    safety_rank: int | None = None
+    tokens: int | None = None
+    energy: float | None = None
+    calibration_digest: str | None = None
 
 
 def manifest_table(rows: Iterable[ManifestRow]) -> pa.Table:
@@ -150,6 +164,17 @@ class AlignmentSet:
     @property
     def targets(self) -> list[str]:
         return list(self.metadata.get("targets", []))
+
+    @property
+    def method_name(self) -> str:
+        """``method.name`` of the metadata (``safelora-fast``, ``salora``)."""
+        return str((self.metadata.get("method") or {}).get("name") or "")
+
+    @property
+    def method_family(self) -> str:
+        """``salora`` for a SaLoRA safety-module set, else ``safelora``: what
+        ``sanitize --method`` must say."""
+        return "salora" if self.method_name == SALORA_METHOD else "safelora"
 
     @classmethod
     def open(cls, uri_or_storage: str | Storage) -> AlignmentSet:
@@ -236,6 +261,8 @@ class AlignmentSet:
             forms[r.form] = forms.get(r.form, 0) + 1
         layers = sorted({r.layer for r in self.rows.values() if r.layer is not None})
         norms = [r.norm for r in self.rows.values()]
+        if self.method_family == "salora":
+            return self._salora_summary(kinds, forms, layers)
         layouts: dict[str, int] = {}
         for r in self.rows.values():
             layouts[r.layout] = layouts.get(r.layout, 0) + 1
@@ -270,6 +297,36 @@ class AlignmentSet:
             f"‖V‖_F          min {min(norms):.4g}  max {max(norms):.4g}" if norms else "",
             f"built          {md.get('created_at')} by safelora-ray {md.get('tool_version')}"
             f" on {md.get('build', {}).get('device')} x{md.get('build', {}).get('workers')}",
+        ]
+        return "\n".join(line for line in lines if line)
+
+    def _salora_summary(self, kinds: dict[str, int], forms: dict[str, int],
+                        layers: list[int]) -> str:
+        md = self.metadata
+        method = md.get("method", {})
+        cal = md.get("calibration", {})
+        energies = [r.energy for r in self.rows.values() if r.energy is not None]
+        lines = [
+            f"safety modules {self.uri}",
+            f"content id     {self.content_id}",
+            f"method         salora: V_s = top-{method.get('safety_rank')} eigenvectors of "
+            "W Σ Wᵀ; folds apply C_s = I − V_s V_sᵀ",
+            f"model          {_source_line(md.get('model', {}))}",
+            f"calibration    {cal.get('uri')} (sha256 {str(cal.get('sha256'))[:16]}…, "
+            f"{cal.get('samples')} samples, {cal.get('tokens')} counted tokens)",
+            f"targets        {','.join(self.targets)}",
+            "modules        "
+            + f"{len(self.rows)} ("
+            + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
+            + f"), layers {layers[0] if layers else '-'}..{layers[-1] if layers else '-'}",
+            "stored forms   " + ", ".join(f"{k} {v}" for k, v in sorted(forms.items())),
+            f"stored bytes   {_human(int(md.get('stored_bytes', 0)))} in "
+            f"{len(md.get('shards', []))} shard file(s)",
+            f"energy         min {min(energies):.4g}  max {max(energies):.4g} (share of "
+            "‖W Xᵀ‖_F² in V_s)" if energies else "",
+            f"built          {md.get('created_at')} by safelora-ray {md.get('tool_version')}"
+            f" on {md.get('build', {}).get('device')} x{md.get('build', {}).get('workers')}"
+            f" ({md.get('build', {}).get('mode')})",
         ]
         return "\n".join(line for line in lines if line)
 
@@ -316,6 +373,7 @@ __all__ = [
     "FORMAT",
     "MANIFEST_FILE",
     "METADATA_FILE",
+    "SALORA_METHOD",
     "AlignmentSet",
     "ManifestRow",
     "SafeLoraError",

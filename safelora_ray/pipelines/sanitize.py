@@ -85,6 +85,9 @@ from safelora_ray.workers import (
 
 logger = logging.getLogger(__name__)
 
+#: ``--method``: Safe LoRA's alignment sets, or SaLoRA's safety modules (SPEC §4).
+METHODS = ("safelora", "salora")
+
 LEDGER_PREFIX = "_ledger"
 #: Seconds between two looks for nodes that joined the cluster during a run.
 GROW_EVERY_S = float(os.environ.get("SAFELORA_GROW_EVERY_S", "30"))
@@ -120,6 +123,10 @@ class SanitizeConfig:
         ray_address: Cluster address; None = ``RAY_ADDRESS`` or a new local Ray.
         allow_empty: A catalog with no adapters is an error (a mistyped catalog would
             otherwise make a run that silently does nothing) unless this is set.
+        method: ``safelora`` (an alignment set from ``build``: B ← C B) or ``salora`` (a
+            safety-module set from ``salora-modules``: B ← (I − V_s V_sᵀ) B, SPEC §4); must
+            match the set. With ``salora`` and neither ``threshold`` nor
+            ``num_proj_layers``, every module is folded.
     """
 
     alignment: str
@@ -140,9 +147,15 @@ class SanitizeConfig:
     max_adapter_bytes: int = 4 * 1024**3
     ray_address: str | None = None
     allow_empty: bool = False
+    method: str = "safelora"
 
     def __post_init__(self) -> None:
-        check_selection(self.threshold, self.num_proj_layers, self.strict_k)
+        if self.method not in METHODS:
+            raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got "
+                              f"{self.method!r}")
+        # SaLoRA folds every module when no selection is given (τ = 1).
+        check_selection(self.threshold, self.num_proj_layers, self.strict_k,
+                        allow_none=self.method == "salora")
         for name in ("batch_size", "max_in_flight", "workers_per_gpu"):
             check_at_least(getattr(self, name), name, 1)
         if self.workers is not None:
@@ -166,7 +179,10 @@ class SanitizeConfig:
     @property
     def selection(self) -> dict[str, Any]:
         """The selection parameters, as recorded in the ledger and reports."""
-        return selection_record(self.threshold, self.num_proj_layers, self.strict_k)
+        sel = selection_record(self.threshold, self.num_proj_layers, self.strict_k)
+        if self.method != "safelora":  # (Safe LoRA ledgers keep their key)
+            sel["method"] = self.method
+        return sel
 
 
 @dataclass
@@ -424,7 +440,7 @@ class FleetSanitizer:
                 row: dict[str, Any]) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
         sel = self.selection
-        chosen = select_modules(
+        chosen = set(scores) if sel.get("mode") == "all" else select_modules(
             {m: s.cos_rounded for m, s in scores.items()},
             threshold=sel.get("threshold"),
             num_proj_layers=sel.get("num_proj_layers"),
@@ -719,6 +735,20 @@ def _batches(items: Iterator[AdapterRef | tuple[str, str]], size: int,
         yield batch
 
 
+def check_method(aset: AlignmentSet, method: str) -> None:
+    """``--method`` must name the method the set was made for.
+
+    Raises:
+        ConfigError: a Safe LoRA set with ``salora``, or SaLoRA safety modules without it.
+    """
+    if aset.method_family != method:
+        made_by = ("safelora-ray salora-modules" if aset.method_family == "salora"
+                   else "safelora-ray build")
+        raise ConfigError(
+            f"{aset.uri} holds {aset.method_name or 'unknown'} matrices (made by {made_by}), "
+            f"but --method is {method}: use --method {aset.method_family}")
+
+
 def sanitize(config: SanitizeConfig) -> SanitizeResult:
     """Sanitize every adapter of a catalog (SPEC §2) on Ray.
 
@@ -732,6 +762,7 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
     """
     t_start = time.perf_counter()
     aset = AlignmentSet.open(config.alignment)  # fail fast, before any worker starts
+    check_method(aset, config.method)
     out = open_storage(config.out)
     sweep_stale_writes(out)
     # A look at the catalog's head says whether it is small enough for this process.
@@ -909,5 +940,6 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
     return result
 
 
-__all__ = ["FleetSanitizer", "MatrixCache", "SanitizeConfig", "SanitizeJob", "SanitizeResult",
-           "ledger_path", "sanitize", "sanitize_batch", "sweep_stale_writes"]
+__all__ = ["METHODS", "FleetSanitizer", "MatrixCache", "SanitizeConfig", "SanitizeJob",
+           "SanitizeResult", "check_method", "ledger_path", "sanitize", "sanitize_batch",
+           "sweep_stale_writes"]
