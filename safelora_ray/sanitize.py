@@ -45,7 +45,7 @@ from safelora_ray.math_core import (
     select_modules,
 )
 from safelora_ray.redact import redact
-from safelora_ray.reports import ReportWriter
+from safelora_ray.reports import ReportWriter, ledger_figures
 from safelora_ray.storage import Storage, open_storage
 from safelora_ray.storage.local import STAGING_PREFIX, TMP_PREFIX, TRASH_PREFIX, LocalStorage
 from safelora_ray.workers import (
@@ -89,6 +89,7 @@ class SanitizeConfig:
         task_timeout_s: Longest one batch may take.
         max_adapter_bytes: Largest adapter weights file read into memory.
         ray_address: Cluster address; None = ``RAY_ADDRESS`` or a new local Ray.
+        tenant_depth: Path components of an adapter id that name its tenant (reports).
     """
 
     alignment: str
@@ -108,6 +109,7 @@ class SanitizeConfig:
     task_timeout_s: float = 1800.0
     max_adapter_bytes: int = 4 * 1024**3
     ray_address: str | None = None
+    tenant_depth: int = 1
 
     def __post_init__(self) -> None:
         if (self.threshold is None) == (self.num_proj_layers is None):
@@ -118,7 +120,7 @@ class SanitizeConfig:
             raise ConfigError(f"num_proj_layers must be ≥ 1, got {self.num_proj_layers}")
         if self.strict_k and self.num_proj_layers is None:
             raise ConfigError("strict_k needs num_proj_layers")
-        for name in ("batch_size", "max_in_flight", "workers_per_gpu"):
+        for name in ("batch_size", "max_in_flight", "workers_per_gpu", "tenant_depth"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be ≥ 1")
         if self.workers is not None and self.workers < 0:
@@ -430,6 +432,7 @@ class FleetSanitizer:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         dists = [0.0 if m in chosen else s.dist for m, s in scores.items()]
+        adapter_pdst = pdst(dists)
         ledger = {
             "adapter_id": ref.adapter_id,
             "source": _source_uri(ref),
@@ -440,12 +443,16 @@ class FleetSanitizer:
             "run_id": self.run_id,
             "modules": len(scores),
             "projected": sorted(chosen),
+            # The figures a later run that skips this adapter reports for it.
+            "pdst": adapter_pdst if math.isfinite(adapter_pdst) else None,
+            "scores": {m: (s.cos_rounded if math.isfinite(s.cos_rounded) else None)
+                       for m, s in scores.items()},
             "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         # The ledger record goes last: an adapter is "done" only once its output is in place.
         self.out.put_bytes(ledger_path(ref.adapter_id), json.dumps(ledger, indent=1).encode())
         row.update(
-            status="ok", modules=len(scores), projected=len(chosen), pdst=pdst(dists),
+            status="ok", modules=len(scores), projected=len(chosen), pdst=adapter_pdst,
             output_digest=out_digest, bytes_out=bytes_out, compute_s=round(compute_s, 4),
             write_s=round(time.perf_counter() - t1, 4),
             untouched=len(adapter.untouched),
@@ -484,7 +491,7 @@ def _skip(row: dict[str, Any], ledger: dict[str, Any], why: str,
           run_id: str | None = None) -> None:
     row.update(status="skipped", note=why, output_digest=ledger.get("output_digest"),
                source_digest=ledger.get("key", {}).get("content_digest"),
-               projected=len(ledger.get("projected", [])))
+               projected=len(ledger.get("projected", [])), prior=ledger_figures(ledger))
     if run_id is not None and ledger.get("run_id") == run_id:
         # Written by this very run: a batch whose reply was lost with its worker and that Ray
         # ran again. The adapter was sanitized once, now; its per-module rows were lost.
@@ -598,7 +605,8 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
     report_prefix = f"{REPORTS_PREFIX}/{config.run_id}"
     result = SanitizeResult(config.run_id, out.uri, out.describe(report_prefix),
                             alignment_id=aset.content_id)
-    report = ReportWriter(config.run_id, aset, config.selection, config.adapters)
+    report = ReportWriter(config.run_id, aset, config.selection, config.adapters,
+                          tenant_depth=config.tenant_depth)
     job = SanitizeJob.of(aset.uri, aset.content_id, out.uri, config.selection, config.force,
                          config.max_adapter_bytes, config.run_id)
 
