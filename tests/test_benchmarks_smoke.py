@@ -62,3 +62,13 @@ def test_bench_scale_smoke(tmp_path):
     r = _run("bench_scale", tmp_path)
     assert r["inputs"]["fill"] == "holes" and r["inputs"]["files_per_model"] >= 1
     assert r["summary"]["num_modules"] == 4 and r["worker_peak_rss"] > 0
+
+
+@pytest.mark.timeout(180)
+def test_bench_report_smoke(tmp_path):
+    r = _run("bench_report", tmp_path, "--no-browser")  # chromium: see docs/benchmarks.md
+    first, rerun = r["runs"]
+    assert first["adapters"] == 60 and rerun["skipped"] > 0
+    # The incremental run reports the whole fleet, not only what it sanitized.
+    assert rerun["fleet"]["sanitized"] >= rerun["skipped"] and rerun["near_tau"] > 0
+    assert first["report_html_bytes"] > 0 and r["index_html_bytes"] > 0
