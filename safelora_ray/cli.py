@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPU workers sharing one GPU, each with its own copy of the alignment "
                         "set (default 1)")
     s.add_argument("--run-id", default=None, help="report folder name (default: timestamp)")
+    s.add_argument("--tenant-depth", type=int, default=1,
+                   help="path components of an adapter id that name its tenant in the "
+                        "reports (default 1: 'acme/chat-1' belongs to 'acme')")
     s.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds one batch may take before the run fails")
     _add_ray(s)
@@ -271,7 +274,7 @@ def _cmd_sanitize(args: argparse.Namespace) -> Outcome:
         force=args.force, workers=args.workers, use_gpu=args.use_gpu,
         batch_size=args.batch_size, max_in_flight=args.max_in_flight, run_id=args.run_id,
         workers_per_gpu=args.workers_per_gpu, allow_empty=args.allow_empty,
-        progress=args.progress, task_timeout_s=args.timeout,
+        tenant_depth=args.tenant_depth, progress=args.progress, task_timeout_s=args.timeout,
         ray_address=args.ray_address, method=args.method,
     )
     result = sanitize(cfg)

@@ -109,7 +109,7 @@ class NightlyConfig:
         selection: ``{"threshold": T}`` or ``{"num_proj_layers": K, "strict_k": bool}``.
         lock_ttl_s: Lease TTL.
         sanitize: Extra SanitizeConfig fields (batch_size, max_in_flight, workers, use_gpu,
-            workers_per_gpu, task_timeout_s).
+            workers_per_gpu, task_timeout_s, tenant_depth).
         build: Extra BuildConfig fields (workers, use_gpu, max_file_bytes).
         models: Catalogs of full fine-tunes to project (``project-model``).
         project: Extra FinetuneConfig fields (workers, use_gpu, task_timeout_s, chunk_bytes).
@@ -154,7 +154,7 @@ class NightlyConfig:
         if extra:
             raise ConfigError(f"unknown selection keys: {sorted(extra)}")
         allowed_s = {"batch_size", "max_in_flight", "workers", "use_gpu", "task_timeout_s",
-                     "workers_per_gpu"}
+                     "workers_per_gpu", "tenant_depth"}
         if set(self.sanitize) - allowed_s:
             raise ConfigError(f"unknown sanitize keys: {sorted(set(self.sanitize) - allowed_s)}")
         allowed_b = {"workers", "use_gpu", "max_file_bytes", "task_timeout_s"}
@@ -372,6 +372,7 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, dry_run: bool = F
                     "catalog": cat_name, "catalog_uri": cats[cat_name].uri, "pair": pair_name,
                     "adapters": res.total, "ok": res.ok, "skipped": res.skipped,
                     "error": res.error, "report": res.report_uri,
+                    "report_html": f"{res.report_uri}/report.html",
                 })
             for spec, ref in models:
                 _project_one(cfg, pairs[spec.pair], spec, ref, record, progress)

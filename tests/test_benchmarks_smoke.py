@@ -83,3 +83,13 @@ def test_bench_salora_smoke(tmp_path):
     assert set(r["summary"]) == {"whole", "layers"}
     assert all(s["tokens_per_s_forward"] > 0 for s in r["summary"].values())
     assert r["end_to_end"]["modules"] == 4
+
+
+@pytest.mark.timeout(180)
+def test_bench_report_smoke(tmp_path):
+    r = _run("bench_report", tmp_path, "--no-browser")  # chromium: see docs/benchmarks.md
+    first, rerun = r["runs"]
+    assert first["adapters"] == 60 and rerun["skipped"] > 0
+    # The incremental run reports the whole fleet, not only what it sanitized.
+    assert rerun["fleet"]["sanitized"] >= rerun["skipped"] and rerun["near_tau"] > 0
+    assert first["report_html_bytes"] > 0 and r["index_html_bytes"] > 0

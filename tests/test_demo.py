@@ -18,7 +18,7 @@ def test_demo_runs_and_reruns_incrementally(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ok 12   skipped 0   failed 1" in out
     assert "report.html" in out and "dora-adapter" in out
-    reports = sorted((root / "sanitized" / "_reports").iterdir())
+    reports = sorted(p for p in (root / "sanitized" / "_reports").iterdir() if p.is_dir())
     assert len(reports) == 1
     summary = json.loads((reports[0] / "summary.json").read_text())
     assert summary["counts"] == {"total": 13, "ok": 12, "skipped": 0, "error": 1}
@@ -28,3 +28,9 @@ def test_demo_runs_and_reruns_incrementally(tmp_path, capsys):
 
     assert cli_main(["demo", "--dir", str(root), "--no-progress"]) == 0
     assert "ok 0   skipped 12   failed 1" in capsys.readouterr().out
+    # The incremental run's report shows the fleet, not an empty run.
+    latest = json.loads((root / "sanitized" / "_reports" / "latest.json").read_text())
+    again = json.loads((root / "sanitized" / "_reports" / latest["summary"]).read_text())
+    assert again["fleet"]["sanitized"] == 12 and again["fleet"]["modules"] == 96
+    assert again["fleet"]["projected"] == summary["projected_modules"]
+    assert again["previous"]["run_id"] == reports[0].name

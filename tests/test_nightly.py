@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -98,6 +99,9 @@ def test_nightly_reports_unmatched_and_respects_the_lock(tmp_path, capsys):
     assert (tmp_path / "out" / "main" / "a0" / "adapter_config.json").exists()
     assert not (tmp_path / "out" / "main" / "a2").exists()
     assert (tmp_path / "sets" / "p" / "alignment.json").exists()  # built when missing
+    # The run record links each group's report page.
+    page = Path(rec["groups"][0]["report_html"])
+    assert page.is_file() and "Fleet state" in page.read_text()
     # A live lease: a second run refuses with exit 4.
     out_storage = open_storage(str(tmp_path / "out"))
     with Lease(out_storage, "_nightly/lock.json", owner="other-run", ttl_s=600):

@@ -608,6 +608,15 @@ def test_refused_adapters_in_a_catalog(tmp_path: Path, qv_catalog: Catalog,
     assert run.summary["counts"] == {"total": len(cat.ids) + len(bad), "ok": len(cat.ids),
                                      "skipped": 0, "error": len(bad)}
     assert {e["adapter_id"] for e in run.summary["errors"]} == set(bad)
+    # Each refusal is grouped under its cause (reports.causes), from the message the code wrote.
+    causes = {a: e["cause"] for a, e in ((e["adapter_id"], e) for e in run.summary["errors"])}
+    assert causes == {"bad/dora": "dora", "bad/ia3": "not_lora", "bad/loha": "not_lora",
+                      "bad/embedding": "variant", "bad/pickle": "pickle",
+                      "bad/k-proj": "no_alignment_entry", "bad/other-base": "shape",
+                      "bad/nan": "non_finite", "bad/rank": "shape", "bad/not-json": "unreadable",
+                      "bad/symlink": "symlink", "bad name": "invalid_id",
+                      "_private": "invalid_id"}
+    assert sum(g["count"] for g in run.summary["failure_groups"]) == len(bad)
     html = (out / "_reports" / "refused" / "report.html").read_text()
     assert all(html_escape(b) in html for b in bad)
     assert not (out / "_private").exists() and not (out / "bad").exists()
@@ -649,7 +658,8 @@ def test_cli_local_end_to_end(tmp_path: Path, qv_catalog: Catalog,
     assert s["modules"] == 16 and s["projected_modules"] == 4
     assert sum(s["histograms"]["cos"]) == 16 and sum(s["histograms"]["pdst"]) == 4
     assert sorted(p.name for p in (out / "_reports" / "e2e").iterdir()) == [
-        "adapters.parquet", "layers.parquet", "report.html", "summary.json"]
+        "adapters.parquet", "fleet.parquet", "layers.parquet", "report.html", "summary.json",
+        "tenants.parquet"]
     assert run.adapters["globex/summarizer"]["note"] == (
         "modules_to_save left as is: lm_head; biases left as is: "
         + ",".join(f"model.layers.{i}.self_attn.{m}.lora_B.bias"
@@ -696,7 +706,9 @@ def test_cli_s3_end_to_end(tmp_path: Path, qv_catalog: Catalog, s3_bucket: str,
             assert body == (local / adapter_id / name).read_bytes(), (adapter_id, name)
         assert f"_ledger/{adapter_id}.json" in objs
     rep = {k.split("/")[-1]: k for k in objs if k.startswith("_reports/s3-1/")}
-    assert sorted(rep) == ["adapters.parquet", "layers.parquet", "report.html", "summary.json"]
+    assert sorted(rep) == ["adapters.parquet", "fleet.parquet", "layers.parquet", "report.html",
+                           "summary.json", "tenants.parquet"]
+    assert {"_reports/index.html", "_reports/latest.json"} <= set(objs)
     summary = json.loads(s3.get_object(Bucket=s3_bucket, Key="out/_reports/s3-1/summary.json")
                          ["Body"].read())
     assert summary["counts"] == {"total": 4, "ok": 4, "skipped": 0, "error": 0}
@@ -987,7 +999,7 @@ def test_kill_and_rerun(tmp_path: Path, qv_catalog: Catalog) -> None:
 
     rc = cli_main(args)
     assert rc == 0
-    rerun_reports = sorted((out / "_reports").iterdir())
+    rerun_reports = sorted(p for p in (out / "_reports").iterdir() if p.is_dir())
     assert len(rerun_reports) == 1  # the killed run never published a report
     rows = pq.read_table(rerun_reports[0] / "adapters.parquet").to_pylist()
     statuses = {r["adapter_id"]: r["status"] for r in rows}

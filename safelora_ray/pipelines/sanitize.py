@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -70,7 +71,7 @@ from safelora_ray.pipelines.projection import (
 from safelora_ray.placement import NodeInfo, WorkerSpec, plan_pipeline
 from safelora_ray.progress import Progress
 from safelora_ray.redact import redact
-from safelora_ray.reports import ReportWriter
+from safelora_ray.reports import ReportWriter, ledger_figures
 from safelora_ray.storage import Storage, open_storage
 from safelora_ray.storage.base import check_uri, join_uri, overlap, refuse_overlap
 from safelora_ray.storage.local import STAGING_PREFIX, TMP_PREFIX, TRASH_PREFIX, LocalStorage
@@ -127,6 +128,7 @@ class SanitizeConfig:
             safety-module set from ``salora-modules``: B ← (I − V_s V_sᵀ) B, SPEC §4); must
             match the set. With ``salora`` and neither ``threshold`` nor
             ``num_proj_layers``, every module is folded.
+        tenant_depth: Path components of an adapter id that name its tenant (reports).
     """
 
     alignment: str
@@ -148,6 +150,7 @@ class SanitizeConfig:
     ray_address: str | None = None
     allow_empty: bool = False
     method: str = "safelora"
+    tenant_depth: int = 1
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -156,7 +159,7 @@ class SanitizeConfig:
         # SaLoRA folds every module when no selection is given (τ = 1).
         check_selection(self.threshold, self.num_proj_layers, self.strict_k,
                         allow_none=self.method == "salora")
-        for name in ("batch_size", "max_in_flight", "workers_per_gpu"):
+        for name in ("batch_size", "max_in_flight", "workers_per_gpu", "tenant_depth"):
             check_at_least(getattr(self, name), name, 1)
         if self.workers is not None:
             check_at_least(self.workers, "workers", 0, " (0 = in this process)")
@@ -464,6 +467,7 @@ class FleetSanitizer:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         dists = [0.0 if m in chosen else s.dist for m, s in scores.items()]
+        adapter_pdst = pdst(dists)
         ledger = {
             "adapter_id": ref.adapter_id,
             "source": _source_uri(ref),
@@ -474,12 +478,16 @@ class FleetSanitizer:
             "run_id": self.run_id,
             "modules": len(scores),
             "projected": sorted(chosen),
+            # The figures a later run that skips this adapter reports for it.
+            "pdst": adapter_pdst if math.isfinite(adapter_pdst) else None,
+            "scores": {m: (s.cos_rounded if math.isfinite(s.cos_rounded) else None)
+                       for m, s in scores.items()},
             "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         # The ledger record goes last: an adapter is "done" only once its output is in place.
         self.out.put_bytes(ledger_path(ref.adapter_id), json.dumps(ledger, indent=1).encode())
         row.update(
-            status="ok", modules=len(scores), projected=len(chosen), pdst=pdst(dists),
+            status="ok", modules=len(scores), projected=len(chosen), pdst=adapter_pdst,
             output_digest=out_digest, bytes_out=bytes_out, compute_s=round(compute_s, 4),
             write_s=round(time.perf_counter() - t1, 4),
             untouched=len(adapter.untouched), note="; ".join(notes) or None,
@@ -619,7 +627,7 @@ def _skip(row: dict[str, Any], ledger: dict[str, Any], why: str,
           run_id: str | None = None) -> None:
     row.update(status="skipped", note=why, output_digest=ledger.get("output_digest"),
                source_digest=ledger.get("key", {}).get("content_digest"),
-               projected=len(ledger.get("projected", [])))
+               projected=len(ledger.get("projected", [])), prior=ledger_figures(ledger))
     if run_id is not None and ledger.get("run_id") == run_id:
         # Written by this very run: a batch whose reply was lost with its worker and that Ray
         # ran again. The adapter was sanitized once, now; its per-module rows were lost.
@@ -794,7 +802,8 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
     report_prefix = f"{REPORTS_PREFIX}/{config.run_id}"
     result = SanitizeResult(config.run_id, out.uri, out.describe(report_prefix),
                             alignment_id=aset.content_id)
-    report = ReportWriter(config.run_id, aset, config.selection, config.adapters)
+    report = ReportWriter(config.run_id, aset, config.selection, config.adapters,
+                          tenant_depth=config.tenant_depth)
     job = SanitizeJob.of(aset.uri, aset.content_id, out.uri, config.selection, config.force,
                          config.max_adapter_bytes, config.run_id, config.task_timeout_s)
 
