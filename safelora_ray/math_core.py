@@ -208,6 +208,70 @@ def compute_alignment(
     raise ValueError(f"unknown form {form!r}")
 
 
+@dataclass
+class PendingAlignment:
+    """A module's alignment matrix queued on its device, nothing waited for yet.
+
+    Attributes:
+        form: The stored form.
+        tensor: The stored tensor (float32, on the device; its values may still be computed).
+        norm: ‖V‖_F, a 0-dim float64 tensor on the device: 0 or not finite means the matrix
+            is undefined (check it once the work is done, see :meth:`resolve`).
+        energy: Form ``U``: the energy of the kept directions.
+    """
+
+    form: Form
+    tensor: torch.Tensor
+    norm: torch.Tensor
+    energy: float | None = None
+
+    def resolve(self) -> AlignmentMatrix:
+        """The :class:`AlignmentMatrix` (waits for the device).
+
+        Raises:
+            ValueError: ‖V‖_F is 0 or not finite.
+        """
+        norm = float(self.norm)
+        _check_norm(norm)
+        return AlignmentMatrix(self.form, self.tensor, norm, self.energy)
+
+
+def _check_norm(norm: float) -> None:
+    if norm == 0.0 or not math.isfinite(norm):
+        raise ValueError(
+            "‖W_aligned − W_base‖_F is 0 (identical weights): C = V Vᵀ/‖V‖_F is undefined"
+            if norm == 0.0 else f"‖W_aligned − W_base‖_F is {norm} (NaN/Inf in the weights)")
+
+
+def start_alignment(
+    w_base: torch.Tensor,
+    w_aligned: torch.Tensor,
+    *,
+    form: Form | None = None,
+    rank: int | None = None,
+    energy: float | None = None,
+) -> PendingAlignment:
+    """:func:`compute_alignment` without waiting for the device: the products are queued and
+    ‖V‖_F stays on the device, so a GPU build never stalls module by module (the exact form's
+    SVD needs its values on the host, and waits).
+
+    The values equal :func:`compute_alignment`'s: the same products, C divided by the same
+    float32 rounding of ‖V‖_F.
+    """
+    form = form or choose_form(*w_base.shape)
+    if form == "U":
+        am = compute_alignment(w_base, w_aligned, form=form, rank=rank, energy=energy)
+        return PendingAlignment("U", am.tensor, torch.tensor(am.norm, dtype=torch.float64),
+                                am.energy)
+    v = alignment_difference(w_base, w_aligned)
+    norm = torch.linalg.vector_norm(v, dtype=torch.float64)
+    if form == "C":
+        return PendingAlignment("C", gram(v).div_(norm.to(torch.float32)), norm)
+    if form == "V":
+        return PendingAlignment("V", v.contiguous(), norm)
+    raise ValueError(f"unknown form {form!r}")
+
+
 def truncated_basis(v: torch.Tensor, *, rank: int | None,
                     energy: float | None) -> tuple[torch.Tensor, float]:
     """U_k, the top-k left singular vectors of V, and the energy they keep (SPEC §1, exact

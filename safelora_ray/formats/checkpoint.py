@@ -66,22 +66,32 @@ class TensorRef:
         return f"tensor {self.name!r} in {self.uri.rstrip('/')}/{self.path}"
 
 
-def read_ref(storage: Storage, ref: TensorRef,
-             buffer: bytearray | None = None) -> tuple[torch.Tensor, bytearray]:
+def read_ref(storage: Storage, ref: TensorRef, buffer: bytearray | torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, bytearray | memoryview]:
     """Read one tensor's bytes with a single ranged read.
 
     Args:
         storage: Where the tensor's file is.
         ref: The tensor.
         buffer: A buffer of exactly ``ref.nbytes`` to read into (reused: its pages are
-            already mapped); None allocates a fresh one.
+            already mapped): a ``bytearray``, or a uint8 tensor (pinned host memory, from which
+            a copy to a GPU runs asynchronously); None allocates a fresh one.
 
     Returns:
-        The tensor (a view on the buffer, on CPU) and the raw buffer (for hashing).
+        The tensor (a view on the buffer, on CPU) and the raw bytes (for hashing).
     """
     torch_dtype = DTYPES[ref.dtype][0]
     if torch_dtype is None:
         raise CheckpointError(f"{ref.describe()}: dtype {ref.dtype} has no torch equivalent")
+    if isinstance(buffer, torch.Tensor):
+        if buffer.dtype != torch.uint8 or buffer.numel() != ref.nbytes:
+            raise ValueError(f"buffer of {buffer.numel()} {buffer.dtype} for {ref.nbytes} bytes "
+                             f"of {ref.name}")
+        raw = memoryview(buffer.numpy()).cast("B")
+        if ref.nbytes:
+            storage.read_into(ref.path, ref.start, raw)
+            return buffer.view(torch_dtype).reshape(ref.shape), raw
+        return torch.empty(0, dtype=torch_dtype).reshape(ref.shape), raw
     if buffer is not None and len(buffer) != ref.nbytes:
         raise ValueError(f"buffer of {len(buffer)} bytes for {ref.nbytes} bytes of {ref.name}")
     buf = buffer if buffer is not None else bytearray(ref.nbytes)

@@ -53,7 +53,7 @@ from safelora_ray.formats.alignment_set import (
 )
 from safelora_ray.formats.checkpoint import Checkpoint, read_ref
 from safelora_ray.formats.safetensors_io import SafetensorsWriter
-from safelora_ray.math_core import as_linear, compute_alignment
+from safelora_ray.math_core import as_linear, start_alignment
 from safelora_ray.plan import (
     DEFAULT_MAX_FILE_BYTES,
     DEFAULT_TARGETS,
@@ -173,7 +173,7 @@ class _Fetched:
     aligned: torch.Tensor
     digest: str
     read_s: float
-    buffers: tuple[bytearray, bytearray]
+    buffers: tuple[Any, Any]
 
 
 #: Chunk of the source digest's hash tree: chunks are hashed in parallel threads.
@@ -211,27 +211,139 @@ class _BufferPool:
     """Read buffers kept for reuse, by size. A buffer read into once stays mapped: reading
     into fresh memory costs a page fault per 4 KiB, more than the read itself (1.4 GB/s into
     fresh buffers, 5.9 GB/s into reused ones, here). Bounded: at most ``max_free`` bytes wait
-    for reuse."""
+    for reuse.
 
-    def __init__(self, max_free: int) -> None:
+    Args:
+        max_free: Bytes of free buffers kept.
+        pinned: Hand out page-locked uint8 tensors (for a GPU: its copies from them run
+            asynchronously, and pinning is paid once per buffer) instead of bytearrays.
+    """
+
+    def __init__(self, max_free: int, pinned: bool = False) -> None:
         self.max_free = max_free
-        self._free: dict[int, list[bytearray]] = {}
+        self.pinned = pinned
+        self._free: dict[int, list[Any]] = {}
         self._free_bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, size: int) -> bytearray:
+    def get(self, size: int) -> Any:
         with self._lock:
             bufs = self._free.get(size)
             if bufs:
                 self._free_bytes -= size
                 return bufs.pop()
+        if self.pinned:
+            return torch.empty(size, dtype=torch.uint8, pin_memory=True)
         return bytearray(size)
 
-    def put(self, buf: bytearray) -> None:
+    def put(self, buf: Any) -> None:
+        size = buf.numel() if isinstance(buf, torch.Tensor) else len(buf)
         with self._lock:
-            if self._free_bytes + len(buf) <= self.max_free:
-                self._free.setdefault(len(buf), []).append(buf)
-                self._free_bytes += len(buf)
+            if self._free_bytes + size <= self.max_free:
+                self._free.setdefault(size, []).append(buf)
+                self._free_bytes += size
+
+
+@dataclass
+class _Computed:
+    """A module handed from the compute loop to the writer thread."""
+
+    item: _Fetched
+    tensor: torch.Tensor  # on the host (pinned, being copied into) or, on a CPU, the result
+    norm: torch.Tensor  # ‖V‖_F, 0-dim float64, on the device: checked by the writer
+    energy: float | None
+    done: Any  # a CUDA event recorded after the copy to the host, or None
+
+
+class _Writer:
+    """Writes computed modules in order on its own thread, so a module is written (and its
+    result copied off the GPU) while the next one is read and computed; bounded: at most
+    ``depth`` modules wait.
+
+    Args:
+        writer: The file's writer, or None to hold the tensors (the exact form's files are
+            written once all their modules are known).
+        release: Gives a module's read buffers back once its copies are done.
+        depth: Modules waiting at most.
+    """
+
+    def __init__(self, writer: SafetensorsWriter | None, release: Callable[[_Fetched], None],
+                 shard: str, depth: int = 2) -> None:
+        self.writer = writer
+        self.release = release
+        self.shard = shard
+        self.rows: list[ManifestRow] = []
+        self.held: list[tuple[str, torch.Tensor]] = []
+        self.write_s = 0.0
+        self._queue: queue.Queue[_Computed | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="safelora-write", daemon=True)
+        self._thread.start()
+
+    def put(self, c: _Computed) -> None:
+        while True:
+            if self._error is not None:
+                raise self._error
+            try:
+                self._queue.put(c, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def finish(self) -> None:
+        """Wait for every module to be written; raises what the writer thread raised."""
+        while self._thread.is_alive():
+            try:
+                self._queue.put(None, timeout=0.5)
+                break
+            except queue.Full:
+                continue
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def abort(self) -> None:
+        self._error = self._error or RuntimeError("aborted")
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(None)
+        self._thread.join(timeout=60)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                c = self._queue.get()
+                if c is None or self._error is not None:
+                    return
+                t0 = time.perf_counter()
+                if c.done is not None:
+                    c.done.synchronize()  # the copy to the host (and all before it) is done
+                m = c.item.module
+                # The reads are consumed (converted, copied to the device): their buffers can
+                # take the next modules' bytes.
+                self.release(c.item)
+                norm = float(c.norm)
+                if norm == 0.0 or not math.isfinite(norm):
+                    raise CheckpointError(
+                        f"module {m.module!r}: ‖W_aligned − W_base‖_F is 0 (identical "
+                        "weights): C = V Vᵀ/‖V‖_F is undefined" if norm == 0.0 else
+                        f"module {m.module!r}: ‖W_aligned − W_base‖_F is {norm} (NaN/Inf in "
+                        "the weights)")
+                if self.writer is not None:
+                    self.writer.write(m.module, c.tensor)
+                else:
+                    self.held.append((m.module, c.tensor))
+                self.rows.append(ManifestRow(
+                    module=m.module, tensor=m.base.name, layer=m.layer, kind=m.kind,
+                    shape=m.shape, form=m.form, stored_shape=tuple(c.tensor.shape),
+                    shard=self.shard, norm=norm, source_digest=c.item.digest,
+                    base_dtype=m.base.dtype, aligned_dtype=m.aligned.dtype,
+                    layout=m.layout,
+                    proj_rank=int(c.tensor.shape[1]) if m.form == "U" else None,
+                    proj_energy=c.energy,
+                ))
+                self.write_s += time.perf_counter() - t0
+        except BaseException as e:  # raised in the compute loop's next put, or finish
+            self._error = e
 
 
 class ShardBuilder:
@@ -259,7 +371,10 @@ class ShardBuilder:
         # Enough for the modules in flight: read ahead (prefetch), one computing, one reading.
         biggest = max((m.base.nbytes + m.aligned.nbytes for f in self.files for m in f.modules),
                       default=0)
-        self._buffers = _BufferPool(max_free=(prefetch + 2) * biggest)
+        # Pinned on a GPU: its copies from them run asynchronously. Enough for a module being
+        # written, the prefetched ones and one being read.
+        self._buffers = _BufferPool(max_free=(2 * prefetch + 2) * biggest,
+                                    pinned=device.startswith("cuda"))
 
     def close(self) -> None:
         """Stop the reader thread and its pools (a long-lived worker moves on to other work)."""
@@ -335,16 +450,21 @@ class ShardBuilder:
                    cancelled: Callable[[], bool] | None = None) -> dict[str, Any]:
         """Compute and publish output file ``index``; returns its manifest rows and timings.
 
+        Read, copy to the device, ``V Vᵀ``, copy back and write all overlap: the reader thread
+        reads (into pinned buffers for a GPU) and hashes the next modules, this thread queues
+        each module's products on the device without waiting for them, and a writer thread
+        waits for each result's copy to the host and writes it while the next is computed.
+        Nothing waits on the GPU module by module.
+
         ``cancelled`` is polled before each module: once it says so, the file is abandoned
         unpublished (:class:`Interrupted`)."""
         fplan = self.files[index]
-        rows: list[ManifestRow] = []
         timings = {"read_s": 0.0, "compute_s": 0.0, "write_s": 0.0}
         # The exact projection's k (energy mode) is known only once computed: its files are
         # written once all their modules are (at most max_file_bytes of U_k held), the others
         # as each module is computed.
         deferred = any(m.form == "U" for m in fplan.modules)
-        held: list[tuple[str, torch.Tensor]] = []
+        cuda = self.device.startswith("cuda")
         # Written straight into place on local storage (temp file beside it, then a rename);
         # through a temp file and an upload on object stores.
         with self.out.writing_file(fplan.path) as tmp:
@@ -354,59 +474,60 @@ class ShardBuilder:
                     layout = [(m.module, "F32", m.stored_shape) for m in fplan.modules]
                     writer = stack.enter_context(
                         SafetensorsWriter(tmp, layout, {"format": FORMAT}))
-                for item in self._modules(index):
-                    if cancelled is not None and cancelled():
-                        raise Interrupted(f"build of {fplan.path} interrupted")
-                    m = item.module
-                    timings["read_s"] += item.read_s
-                    t0 = time.perf_counter()
-                    try:
-                        am = compute_alignment(
-                            as_linear(item.base.to(self.device, non_blocking=True), m.layout),
-                            as_linear(item.aligned.to(self.device, non_blocking=True),
-                                      m.layout),
-                            form=m.form, rank=m.rank, energy=m.energy,
-                        )
-                    except ValueError as e:
-                        raise CheckpointError(f"module {m.module!r}: {e}") from None
-                    tensor = am.tensor.cpu()  # on a GPU this waits for the copies too
-                    t1 = time.perf_counter()
-                    timings["compute_s"] += t1 - t0
-                    digest = item.digest
-                    # The inputs are consumed (converted, or copied to the device): their
-                    # buffers can take the next module's bytes.
-                    self.release(item)
-                    del item
-                    if writer is not None:
-                        writer.write(m.module, tensor)
-                    else:
-                        held.append((m.module, tensor))
-                    timings["write_s"] += time.perf_counter() - t1
-                    rows.append(ManifestRow(
-                        module=m.module, tensor=m.base.name, layer=m.layer, kind=m.kind,
-                        shape=m.shape, form=m.form, stored_shape=tuple(tensor.shape),
-                        shard=fplan.path, norm=am.norm, source_digest=digest,
-                        base_dtype=m.base.dtype, aligned_dtype=m.aligned.dtype,
-                        layout=m.layout,
-                        proj_rank=int(tensor.shape[1]) if m.form == "U" else None,
-                        proj_energy=am.energy,
-                    ))
-                    del am, tensor
+                sink = _Writer(writer, self.release, fplan.path, depth=self.prefetch)
+                try:
+                    for item in self._modules(index):
+                        if cancelled is not None and cancelled():
+                            raise Interrupted(f"build of {fplan.path} interrupted")
+                        m = item.module
+                        timings["read_s"] += item.read_s
+                        t0 = time.perf_counter()
+                        try:
+                            pending = start_alignment(
+                                as_linear(item.base.to(self.device, non_blocking=True),
+                                          m.layout),
+                                as_linear(item.aligned.to(self.device, non_blocking=True),
+                                          m.layout),
+                                form=m.form, rank=m.rank, energy=m.energy,
+                            )
+                        except ValueError as e:
+                            raise CheckpointError(f"module {m.module!r}: {e}") from None
+                        host, done = _to_host(pending.tensor, cuda)
+                        sink.put(_Computed(item, host, pending.norm, pending.energy, done))
+                        timings["compute_s"] += time.perf_counter() - t0
+                        del item, pending, host
+                    sink.finish()
+                except BaseException:
+                    sink.abort()
+                    raise
+                timings["write_s"] += sink.write_s
             t0 = time.perf_counter()
             if deferred:
-                layout = [(name, "F32", tuple(t.shape)) for name, t in held]
-                with SafetensorsWriter(tmp, layout, {"format": FORMAT}) as writer:
-                    for name, t in held:
-                        writer.write(name, t)
-                held.clear()
+                layout = [(name, "F32", tuple(t.shape)) for name, t in sink.held]
+                with SafetensorsWriter(tmp, layout, {"format": FORMAT}) as held_writer:
+                    for name, t in sink.held:
+                        held_writer.write(name, t)
+                sink.held.clear()
         timings["write_s"] += time.perf_counter() - t0  # the commit: fsync + rename (upload)
         return {
-            "rows": rows,
+            "rows": sink.rows,
             "input_bytes": fplan.input_bytes,
             "bytes_fetched": self.bytes_fetched(),
             **timings,
             "device": self.device,
         }
+
+
+def _to_host(t: torch.Tensor, cuda: bool) -> tuple[torch.Tensor, Any]:
+    """``t`` on the host: on a GPU an asynchronous copy into pinned memory and the event that
+    marks it done; on a CPU ``t`` itself."""
+    if not cuda:
+        return t, None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
 
 
 #: Worker slots holding a build's shard builders: ``build:<shard>`` (a worker that takes over
