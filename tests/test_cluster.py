@@ -10,8 +10,8 @@ share the driver's disk), S3 through the local moto server.
 - the driver killed mid-run: the rerun resumes.
 
 Slow by nature (each node is a real Ray node): the default run keeps one test per behaviour
-(~1.5 min); ``-m slow`` adds the lost node with spare capacity (a successor elsewhere) and a
-node joining mid-run (an autoscaler).
+(~1.5 min); ``-m slow`` adds the lost node with spare capacity (a successor elsewhere), a
+node joining mid-run (an autoscaler) and the driver killed mid-run.
 """
 
 from __future__ import annotations
@@ -331,6 +331,7 @@ def test_a_lost_node_costs_nothing_to_a_build(world, tmp_path):
     _restore(world)
 
 
+@pytest.mark.slow  # the single-node version runs by default: tests/test_faults.py
 def test_the_driver_killed_then_rerun(world, tmp_path):
     b, s3, bucket = world["b"], world["s3"], world["bucket"]
     set_uri = _set(world, "main")

@@ -434,8 +434,15 @@ def test_logs_and_progress_in_a_log_file(world, tmp_path):
     assert text.count("DoRA adapter") == 1, text[-3000:]
     assert proc.stdout.rstrip().splitlines()[-1].strip().startswith("- adapter 't/dora'")
     assert "(SafeLoraWorker" not in text and "pid=" not in text
-    quiet = _cli([*args, "--force", "-q"], timeout=240)
+
+
+def test_quiet_shows_warnings_only(world, tmp_path):
+    cat = _catalog(world, tmp_path / "cat", ["a", "d"], dora=("d",))
+    quiet = _cli([*_san(world, cat, tmp_path / "out", "--threshold", "0.35"), "-q"])
     assert quiet.returncode == 3 and " INFO " not in quiet.stderr
+    assert "failed 1" in quiet.stdout  # the summary is still printed
+    both = _cli([*_san(world, cat, tmp_path / "out2", "--threshold", "0.35"), "-q", "-v"])
+    assert both.returncode == 2 and "exclude each other" in both.stderr
 
 
 def test_progress_line_has_total_rate_and_eta():
