@@ -14,7 +14,6 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 from safetensors import safe_open
 
@@ -24,6 +23,7 @@ from safelora_ray.errors import CheckpointError, ConfigError
 from safelora_ray.formats.checkpoint import Checkpoint
 from safelora_ray.storage import open_storage
 from tests.adapters import tiny_model
+from tests.crashy import crashing_worker
 from tests.reference import dense_c, dense_finetune
 
 workers_mod = importlib.import_module("safelora_ray.workers")
@@ -324,37 +324,22 @@ def test_killed_worker(llama: dict[str, Any], tmp_path: Path, monkeypatch) -> No
     flag = tmp_path / "crashes"
     flag.mkdir()
 
-    # Restarted on its node by Ray after each death, as the real worker is.
-    @ray.remote(max_restarts=-1, max_task_retries=0,
-                concurrency_groups={**workers_mod.GROUPS, workers_mod.CONTROL_GROUP: 1})
-    class Crashy:
-        def __init__(self, num_gpus, log_level=None):
-            self.core = workers_mod.WorkerCore("cpu", ray.get_runtime_context().get_node_id())
+    def die_mid_file(fn, args):
+        import safelora_ray.pipelines.finetune as fm
 
-        @ray.method(concurrency_group=workers_mod.CONTROL_GROUP)
-        def ready(self):
-            return "cpu"
+        if fn.__name__ == "write_file" and not getattr(fm, "_crashy", False):
+            real = fm._write_bytes
 
-        @ray.method(concurrency_group=workers_mod.CONTROL_GROUP)
-        def cancel(self, token):
-            self.core.context.cancel(token)
+            def dying(*a, **kw):  # after the header and some tensors: mid-file
+                marks = sorted(flag.glob("crash-*"))
+                if len(marks) < int((flag / "limit").read_text()):
+                    (flag / f"crash-{len(marks)}").write_text("x")
+                    os._exit(1)
+                return real(*a, **kw)
 
-        def call(self, fn, *args):
-            import safelora_ray.pipelines.finetune as fm
+            fm._write_bytes, fm._crashy = dying, True
 
-            if fn.__name__ == "write_file" and not getattr(fm, "_crashy", False):
-                real = fm._write_bytes
-
-                def dying(*a, **kw):  # after the header and some tensors: mid-file
-                    marks = sorted(flag.glob("crash-*"))
-                    if len(marks) < int((flag / "limit").read_text()):
-                        (flag / f"crash-{len(marks)}").write_text("x")
-                        os._exit(1)
-                    return real(*a, **kw)
-
-                fm._write_bytes, fm._crashy = dying, True
-            return self.core.call(fn, *args)
-
+    Crashy = crashing_worker(die_mid_file)  # restarted on its node after each death
     monkeypatch.setattr(workers_mod, "SafeLoraWorker", Crashy)
     cfg = {"alignment": llama["set"], "aligned": str(llama["aligned"]),
            "finetuned": str(llama["ft"]), "threshold": 0.5, "workers": 1, "progress": False}

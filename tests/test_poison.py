@@ -7,11 +7,11 @@ import importlib
 import os
 
 import pytest
-import ray
 import torch
 
 from safelora_ray import AlignmentSet, BuildConfig, SanitizeConfig, build, sanitize
 from safelora_ray.demo import write_adapter, write_model
+from tests.crashy import crashing_worker
 from tests.factory import Arch, aligned_from, llama_tensors
 
 workers_mod = importlib.import_module("safelora_ray.workers")
@@ -34,29 +34,13 @@ def test_poison_adapter_fails_alone(tmp_path, monkeypatch):
                 for m, r in rows.items()}
         write_adapter(tmp_path / "cat" / name, lora, 2)
 
-    # A worker class that dies (like a segfault or an OOM kill) on the poison adapter, and
-    # that Ray restarts on its node as it does the real one. Defined here so Ray ships it by
-    # value.
-    @ray.remote(max_restarts=-1, max_task_retries=0,
-                concurrency_groups={**workers_mod.GROUPS, workers_mod.CONTROL_GROUP: 1})
-    class Crashy:
-        def __init__(self, num_gpus, log_level=None):
-            self.core = workers_mod.WorkerCore("cpu", ray.get_runtime_context().get_node_id())
+    # A worker that dies (like a segfault or an OOM kill) on the poison adapter.
+    def die_on_poison(fn, args):
+        if fn.__name__ == "sanitize_batch" and any(
+                r.adapter_id.endswith("poison") for r in args[1]):
+            os._exit(1)
 
-        @ray.method(concurrency_group=workers_mod.CONTROL_GROUP)
-        def ready(self):
-            return "cpu"
-
-        @ray.method(concurrency_group=workers_mod.CONTROL_GROUP)
-        def cancel(self, token):
-            self.core.context.cancel(token)
-
-        def call(self, fn, *args):
-            if fn.__name__ == "sanitize_batch" and any(
-                    r.adapter_id.endswith("poison") for r in args[1]):
-                os._exit(1)
-            return self.core.call(fn, *args)
-
+    Crashy = crashing_worker(die_on_poison)
     monkeypatch.setattr(workers_mod, "SafeLoraWorker", Crashy)
     run = sanitize(SanitizeConfig(alignment=res.uri, adapters=str(tmp_path / "cat"),
                                   out=str(tmp_path / "out"), threshold=0.35, batch_size=3,
