@@ -14,7 +14,14 @@ the first N adapters of the pool.
   - ``inline``: ``workers=0`` (in this process whatever the size);
   - ``ray``: worker actors on a local Ray started once for the mode (``ray.init`` is not in
     the totals: a cluster is started once; the ratio including it is reported too); every
-    job starts its workers (one import of torch per worker process), as a Ray Job does.
+    job starts its workers (one import of torch per worker process), as a Ray Job does. The
+    build runs on device workers (one per GPU, else one per CPU; ``--build-workers``), the
+    sanitize on the pipeline: per node, holders of the alignment set (one per GPU x
+    ``--workers-per-gpu``, or on a CPU-only node the first I/O worker) and ``--workers`` I/O
+    workers (default one per CPU left), which the build's actors are reused for;
+  - ``raydata``: the build as in ``ray`` (its workers stopped when it returns), then the same
+    sanitize as a Ray Data pipeline (``raydata_sanitize.py``: read tasks, an actor pool
+    holding the set, write tasks), for the comparison with our own executor.
 - **baseline** (the official IBM/SafeLoRA approach, one process): for every adapter, load the
   base and the aligned models fully (every tensor of every shard, ``safetensors.torch.
   load_file``, as ``from_pretrained`` reads them), compute ``C = V Vᵀ/‖V‖`` for each target
@@ -27,20 +34,32 @@ the first N adapters of the pool.
   catalog, once, summed).
 
 The baseline's outputs are compared with ours (same projected modules, B within one bf16
-rounding step), so the ratio compares equal work.
+rounding step), so the ratio compares equal work; the modes' outputs are compared with each
+other byte for byte (the output digests of the reports).
+
+Memory: every process of the run (driver, Ray system processes, worker actors, Ray Data's
+workers) is sampled every 50 ms; the figure is the sum of their RSS at the run's peak moment
+(and its anonymous part). After each sanitize the worker actors are asked what they hold, so
+holders of the alignment set and I/O workers are reported apart, with the set's copies.
+
+``--io-floor``: after each of our runs, the plain sequential I/O of the catalog, timed on the
+same disk (read every adapter file, write the same bytes to as many files, each fsynced),
+and the ratio sanitize time / that floor (the issue's bound where the disk is the limit: a
+ratio ≤ 1.25 is ≥ 80 % of what the disk can carry).
 
 Example::
 
     python benchmarks/bench_fleet.py                              # N = 1, 16, 64, 256 on CPU
-    python benchmarks/bench_fleet.py --arch llama2-7b --fill holes --n 256,1024,2048 \\
-        --modes ray --device cuda --workers-per-gpu 4 --batch-size 64 --max-in-flight 4 \\
-        --baseline-per-repeat 1 \\
-        --out-json fleet-7b-h100.json
+    python benchmarks/bench_fleet.py --arch llama2-7b --fill holes --n 2048 --modes ray \\
+        --device cuda --batch-size 32 --max-in-flight 2 --baseline-per-repeat 1 \\
+        --repeats 1 --io-floor --out-json fleet-7b-h100.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import io
 import json
 import os
@@ -191,6 +210,24 @@ def report_timings(out_uri: str, run_id: str, batch_size: int) -> dict[str, floa
             "batch_s_sum": round(sum(t["batch_s"]) / min(batch_size, max(n, 1)), 3)}
 
 
+def median_run(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of median wall time."""
+    return sorted(rs, key=lambda r: r["s"])[len(rs) // 2]
+
+
+def output_digests(out_uri: str, run_id: str) -> str:
+    """One digest over every adapter's output digest (from the run's ``adapters.parquet``):
+    equal between two runs exactly when they wrote the same bytes for the same adapters."""
+    import pyarrow.parquet as pq
+
+    from safelora_ray.storage import open_storage
+
+    raw = open_storage(out_uri).read(f"_reports/{run_id}/adapters.parquet")
+    t = pq.read_table(io.BytesIO(raw), columns=["adapter_id", "output_digest"]).to_pydict()
+    pairs = sorted(zip(t["adapter_id"], t["output_digest"], strict=True))
+    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:16]
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -204,17 +241,41 @@ def main(argv: list[str] | None = None) -> int:
                    help="how ours runs, comma-separated: auto (the product's default on a "
                         "machine with no Ray cluster configured: this process for a small "
                         "job, else a local Ray it starts, counted), inline (workers=0), ray "
-                        "(worker actors on a local Ray started once, not counted)")
+                        "(worker actors on a local Ray started once, not counted), raydata "
+                        "(the sanitize as a Ray Data pipeline, raydata_sanitize.py)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--threshold", type=float, default=0.35)
     p.add_argument("--batch-size", type=int, default=8, help="adapters per sanitize task")
-    p.add_argument("--max-in-flight", type=int, default=2, help="batches queued per worker")
+    p.add_argument("--max-in-flight", type=int, default=2,
+                   help="batches queued per I/O worker")
     p.add_argument("--workers-per-gpu", type=int, default=1,
-                   help="sanitize workers sharing one GPU (ray mode, --device cuda)")
+                   help="holders of the alignment set per GPU (ray mode, --device cuda)")
+    p.add_argument("--build-workers", type=int, default=None,
+                   help="build workers (ray mode; default one per GPU, else one per CPU); "
+                        "--workers counts the sanitize's I/O workers")
+    p.add_argument("--io-floor", action="store_true",
+                   help="after each run, time plain sequential I/O of the catalog (read every "
+                        "adapter file, write + fsync the same bytes) on the same disk, and "
+                        "report sanitize time / that floor (local storage)")
+    p.add_argument("--raydata-task-cpus", type=float, default=1.0,
+                   help="raydata mode: CPUs of each read / write task")
+    p.add_argument("--raydata-holder-cpus", type=float, default=None,
+                   help="raydata mode: CPUs of each set-holding actor (default 1 on CPU, "
+                        "0.25 with a GPU)")
+    p.add_argument("--raydata-holder-batch", type=int, default=None,
+                   help="raydata mode: adapters per holder call (default --batch-size)")
+    p.add_argument("--raydata-fuse-read", action="store_true",
+                   help="raydata mode: let Ray Data fuse the read stage into the holder "
+                        "actors (its default when their resources are equal, as on CPU); "
+                        "without it the reads stay CPU tasks")
     p.add_argument("--baseline-per-repeat", type=int, default=3,
                    help="adapters the baseline processes in each repeat (distinct adapters; "
                         "0 = every adapter of the largest N, once); a larger N is timed as "
                         "N x the median per-adapter time")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the baseline (a 7B-shaped one loads both full models per "
+                        "adapter): throughput, memory and --io-floor only; the modes' outputs "
+                        "are still compared with each other")
     p.add_argument("--fill", choices=("dense", "holes"), default="dense",
                    help="non-target tensors of the pair: real bytes or sparse holes")
     p.add_argument("--keep-outputs", action="store_true",
@@ -237,16 +298,19 @@ def main(argv: list[str] | None = None) -> int:
         arch, ns, args.repeats, args.baseline_per_repeat = common.TINY, [2], 1, 2
         args.batch_size = 1  # several batches in flight per worker: the threaded actor path
     use_gpu = args.device == "cuda"
-    gpus = torch.cuda.device_count()
-    if use_gpu and args.workers and args.workers > gpus * args.workers_per_gpu:
-        p.error(f"--workers {args.workers} > {gpus} GPU(s) x --workers-per-gpu "
-                f"{args.workers_per_gpu}: the extra workers would never be scheduled")
+    if use_gpu and torch.cuda.device_count() < 1:
+        p.error("--device cuda: this machine has no CUDA device")
+    if args.io_floor and args.storage != "local":
+        p.error("--io-floor measures the local disk: use it with --storage local")
+    all_modes = ["auto", "inline", "ray", "raydata"]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not modes or set(modes) - {"auto", "inline", "ray"}:
-        p.error("--modes: a comma-separated list of auto, inline, ray")
-    modes = sorted(set(modes), key=["auto", "inline", "ray"].index)
+    if not modes or set(modes) - set(all_modes):
+        p.error("--modes: a comma-separated list of " + ", ".join(all_modes))
+    modes = sorted(set(modes), key=all_modes.index)
     chunks = args.repeats * len(modes)  # the baseline runs before each repeat of each mode
-    if args.baseline_per_repeat == 0:
+    if args.no_baseline:
+        plan = [0] * chunks
+    elif args.baseline_per_repeat == 0:
         plan = [max(ns)] + [0] * (chunks - 1)
     else:
         plan = [min(args.baseline_per_repeat, max(ns))] * chunks
@@ -283,9 +347,15 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.pop("RAY_ADDRESS", None)  # "auto" is a machine with no cluster configured
         import ray
 
-        from safelora_ray.pipelines.build import BuildConfig, build
-        from safelora_ray.pipelines.sanitize import SanitizeConfig, sanitize
         from safelora_ray.workers import worker_session
+
+        build, BuildConfig = common.pipeline("build").build, common.pipeline("build").BuildConfig
+        sanitize = common.pipeline("sanitize").sanitize
+        SanitizeConfig = common.pipeline("sanitize").SanitizeConfig
+        holders_design = common.holder_design()
+
+        if "raydata" in modes:
+            import raydata_sanitize
 
         torch.set_num_threads(info["cpu_count"] or 1)
         base_out = root / "baseline-out"
@@ -315,60 +385,137 @@ def main(argv: list[str] | None = None) -> int:
         def one_job(mode: str, rep: int, n: int) -> dict[str, Any]:
             """build + sanitize of N adapters, as one job: the workers start once."""
             nonlocal workers
-            wk = {"auto": None, "inline": 0, "ray": args.workers}[mode]
-            gpu = use_gpu if mode == "ray" else None
+            on_ray = mode in ("ray", "raydata")
+            wk = {"auto": None, "inline": 0, "ray": args.workers, "raydata": None}[mode]
+            bwk = {"auto": None, "inline": 0}.get(mode, args.build_workers)
+            gpu = use_gpu if on_ray else None
             tag = f"{mode}-n{n}-r{rep}"
             was_up = ray.is_initialized()
-            with common.ProcessMonitor() as mon, worker_session(), common.timer() as t:
-                with common.timer() as tb:
-                    bres = build(BuildConfig(base=base_uri, aligned=aligned_uri,
-                                             out=uri(f"sets/{tag}"), targets=list(TARGETS),
-                                             workers=wk, use_gpu=gpu, progress=False))
-                with common.timer() as ts:
-                    r = sanitize(SanitizeConfig(
-                        alignment=bres.uri, adapters=cat_uri[n], out=uri(f"out-{tag}"),
-                        threshold=args.threshold, workers=wk, use_gpu=gpu,
-                        batch_size=args.batch_size, max_in_flight=args.max_in_flight,
-                        workers_per_gpu=args.workers_per_gpu,
-                        run_id=tag, progress=False))
+            common.release_freed_memory()  # the baseline's freed heap is not ours
+            load_start = [round(x, 2) for x in os.getloadavg()]
+            states: list[dict[str, Any]] = []
+            actors = 0
+            # raydata: no session (the build's workers stop when it returns, leaving the
+            # CPUs to Ray Data's own tasks and actors)
+            session = (worker_session() if mode != "raydata"
+                       else contextlib.nullcontext(None))
+            with common.ProcessMonitor() as mon, session as sess:
+                with common.timer() as t:
+                    with common.timer() as tb:
+                        bres = build(BuildConfig(
+                            base=base_uri, aligned=aligned_uri, out=uri(f"sets/{tag}"),
+                            targets=list(TARGETS), workers=bwk, use_gpu=gpu, progress=False))
+                    with common.timer() as ts:
+                        if mode == "raydata":
+                            r = raydata_sanitize.sanitize_raydata(
+                                alignment=bres.uri, adapters=cat_uri[n],
+                                out=uri(f"out-{tag}"),
+                                threshold=args.threshold, batch_size=args.batch_size,
+                                use_gpu=use_gpu, workers_per_gpu=args.workers_per_gpu,
+                                task_cpus=args.raydata_task_cpus,
+                                holder_cpus=args.raydata_holder_cpus,
+                                holder_batch_size=args.raydata_holder_batch,
+                                fuse_read=args.raydata_fuse_read, run_id=tag)
+                        else:
+                            r = sanitize(SanitizeConfig(
+                                alignment=bres.uri, adapters=cat_uri[n],
+                                out=uri(f"out-{tag}"),
+                                threshold=args.threshold, workers=wk, use_gpu=gpu,
+                                batch_size=args.batch_size, max_in_flight=args.max_in_flight,
+                                workers_per_gpu=args.workers_per_gpu,
+                                run_id=tag, progress=False))
+                if sess is not None:  # ask the workers what they hold, before they stop
+                    states = common.worker_states(sess)
+                    mon.label(common.worker_roles(states))
+                    actors = len(common.session_actors(sess))
             assert r.ok == n and r.error == 0, (r.ok, r.error, r.errors[:3])
             if ray.is_initialized() and not was_up:
                 ray.shutdown()  # auto started a local Ray for this job (its time is counted)
             workers = max(workers, bres.workers)
             out = uri(f"out-{tag}")
+            in_driver = bres.workers == 0 and not actors and mode != "raydata"
+            holders = [x for x in states if x["set_bytes"]]
+            if in_driver:
+                copies, io_workers = 1, 0
+            elif holders_design or mode == "raydata":
+                copies = len(holders)
+                io_workers = sum(1 for x in states if "sanitizer" in x["slots"])
+            else:  # the code before 36cc1b4: every sanitize worker loads the set
+                copies = io_workers = actors
+            per_copy = (max((x["set_bytes"] for x in holders), default=0)
+                        if holders_design or mode == "raydata" else None)  # not asked
             rec = {"s": round(t["s"], 3), "build_s": round(tb["s"], 3),
                    "sanitize_s": round(ts["s"], 3), "executor": bres.device
                    if bres.workers == 0 else f"{bres.workers} worker(s)",
+                   "loadavg_at_start": load_start,
                    "build": {"workers": bres.workers, "device": bres.device,
                              "stats": bres.stats},
+                   "sanitize": {
+                       "design": "holders + I/O workers" if holders_design
+                       else "one set per worker", "workers": actors, "io_workers": io_workers,
+                       # where the alignment set is resident, and how many copies
+                       "set_copies": copies,
+                       "set_bytes_per_copy": per_copy,
+                       "raydata": getattr(r, "raydata", None), "workers_state": states},
                    "ok": r.ok, "projected": r.projected, "out": out,
                    "timings": report_timings(out, tag, args.batch_size),
+                   "output_digests": output_digests(out, tag),
                    "memory": mon.summary()}
+            if mode == "raydata":
+                rec["sanitize"]["set_copies"] = rec["sanitize"]["raydata"]["holders"]
+            # the next job's memory must not count this one's dying workers
+            rec["waited_for_workers_exit_s"] = common.wait_workers_gone()
             comparison.check_run(out, n, baseline)
             if args.storage == "local" and not args.keep_outputs:
                 shutil.rmtree(out, ignore_errors=True)  # bounded disk at large N
                 shutil.rmtree(uri(f"sets/{tag}"), ignore_errors=True)
+            if args.io_floor:  # the same catalog's plain I/O, on the same disk, right after
+                floor = common.io_floor(catalogs[n], root / f"io-floor-{tag}")
+                floor["sanitize_over_floor"] = round(ts["s"] / floor["s"], 2)
+                rec["io_floor"] = floor
             print(f"  {mode} N={n} run {rep}: {t['s']:.2f} s (build {tb['s']:.2f} s, "
-                  f"sanitize {ts['s']:.2f} s; {n / t['s']:.1f} adapters/s)", flush=True)
+                  f"sanitize {ts['s']:.2f} s; {n / t['s']:.1f} adapters/s; peak RSS "
+                  f"{rec['memory']['peak_total_rss'] / common.MiB:,.0f} MiB"
+                  + (f"; sanitize / I/O floor {rec['io_floor']['sanitize_over_floor']}"
+                     if args.io_floor else "") + ")", flush=True)
             return rec
 
         if args.warm_workers:
             os.environ[PRELOAD_ENV] = PRELOAD
         try:
             k = 0
-            for mode in modes:  # auto/inline first: they expect no Ray running
-                if mode == "ray":
-                    ray_init_s = common.start_ray()
+            # auto/inline first, each on its own (they expect no Ray running); then the modes
+            # on Ray, started once, alternating within each repeat so that a shared
+            # machine's drift affects them alike
+            groups = [[m] for m in modes if m in ("auto", "inline")]
+            groups += [[m for m in modes if m in ("ray", "raydata")]]
+            inits: list[float] = []
+            for group in [g for g in groups if g]:
+                on_ray = group[0] in ("ray", "raydata")
+                # Ray Data leaves actors of its own (statistics, autoscaling) in a Ray
+                # session: alternating modes get a fresh Ray each
+                fresh = on_ray and len(group) > 1
+                if on_ray and not fresh:
+                    inits.append(common.start_ray())
                 for rep in range(args.repeats):
-                    run_baseline(plan[k])
-                    k += 1
-                    for n in ns:
-                        runs[mode][n].append(one_job(mode, rep, n))
-                if mode == "ray":
-                    startup = (common.actor_startup_s(args.workers, use_gpu)
-                               if not args.smoke else float("nan"))
+                    for mode in group:
+                        if fresh:
+                            inits.append(common.start_ray())
+                        run_baseline(plan[k])
+                        k += 1
+                        for n in ns:
+                            runs[mode][n].append(one_job(mode, rep, n))
+                        if mode == "ray" and rep == args.repeats - 1:
+                            startup = (common.actor_startup_s(args.build_workers, use_gpu)
+                                       if not args.smoke else float("nan"))
+                        if fresh:
+                            ray.shutdown()
+                if on_ray and not fresh:
                     ray.shutdown()
+            ray_init_s = common.median(inits)
             check = comparison.summary(baseline)
+            if args.no_baseline:
+                check = {**check, "equal": None, "skipped": True}
         finally:
             os.environ.pop(PRELOAD_ENV, None)
             if s3 is not None:
@@ -377,8 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     per_adapter = common.median([b["s"] for b in baseline])
     k_base = len(baseline)
     # CPU seconds (user + system, every process): the load-independent cost of each side.
-    base_cpu_per_adapter = bmon.summary()["cpu_s"] / max(k_base, 1)
-    rows, results = [], []
+    base_cpu_per_adapter = bmon.summary()["cpu_s"] / k_base if k_base else float("nan")
+    rows, results, mem_rows, floor_rows = [], [], [], []
     for mode in modes:
         for n in ns:
             rs = runs[mode][n]
@@ -389,7 +536,10 @@ def main(argv: list[str] | None = None) -> int:
             base_t = sum(b["s"] for b in baseline[:n]) if measured else n * per_adapter
             ours_cpu = common.median([r["memory"]["cpu_s"] for r in rs])
             base_cpu = n * base_cpu_per_adapter
-            init = ray_init_s if mode == "ray" else 0.0
+            init = ray_init_s if mode in ("ray", "raydata") else 0.0
+            peak = common.median([r["memory"]["peak_total_rss"] for r in rs])
+            peak_anon = common.median([r["memory"]["peak_total_anon"] for r in rs])
+            copies = rs[0]["sanitize"]["set_copies"]
             rec = {
                 "mode": mode, "n": n, "executor": rs[0]["executor"], "build_s": build_s,
                 "sanitize_s": san, "total_s": round(total, 3),
@@ -400,9 +550,28 @@ def main(argv: list[str] | None = None) -> int:
                 "baseline_adapters_per_s": round(n / base_t, 3),
                 "ratio": round(base_t / total, 2),
                 "ratio_incl_ray_init": round(base_t / (total + init), 2),
+                "sanitize_adapters_per_s": round(n / san, 3),
+                "peak_total_rss_median": int(peak), "peak_total_anon_median": int(peak_anon),
+                "set_copies": copies,
                 "runs": rs,
             }
+            if args.io_floor:
+                rec["io_floor_s_median"] = common.median([r["io_floor"]["s"] for r in rs])
+                rec["sanitize_over_floor_median"] = round(san / rec["io_floor_s_median"], 2)
+                floor_rows.append([mode, n, round(san, 2),
+                                   round(common.median([r["io_floor"]["read_s"] for r in rs]), 3),
+                                   round(common.median([r["io_floor"]["write_fsync_s"]
+                                                        for r in rs]), 3),
+                                   round(rec["io_floor_s_median"], 3),
+                                   rec["sanitize_over_floor_median"],
+                                   f"{100 / rec['sanitize_over_floor_median']:.0f} %"])
             results.append(rec)
+            mid = median_run(rs)
+            mem_rows.append([mode, n, round(san, 2), rec["sanitize_adapters_per_s"],
+                             common.mib(peak), common.mib(peak_anon), copies,
+                             common.mib(mid["sanitize"]["set_bytes_per_copy"])
+                             if mid["sanitize"]["set_bytes_per_copy"] is not None else "-",
+                             mid["sanitize"]["io_workers"] or "-"])
             rows.append([mode, n, rec["executor"], round(build_s, 2), round(san, 2),
                          round(total, 2), rec["ours_adapters_per_s"], round(base_t, 1),
                          rec["baseline_adapters_per_s"], rec["ratio"],
@@ -428,10 +597,14 @@ def main(argv: list[str] | None = None) -> int:
                      "per_adapter_s": [round(b["s"], 3) for b in baseline],
                      "memory": bmon.summary()},
         "equality": check,
+        "outputs_identical_across_modes": {
+            n: len({r["output_digests"] for m in modes for r in runs[m][n]}) == 1
+            for n in ns},
+        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
         "results": results,
     }
     last = modes[-1]
-    biggest = sorted(runs[last][max(ns)], key=lambda r: r["s"])[len(runs[last][max(ns)]) // 2]
+    biggest = median_run(runs[last][max(ns)])
     tm = biggest["timings"]
     where = [
         ["Ray: ray.init (once per cluster; in no total except 'ratio incl. ray.init')",
@@ -455,19 +628,34 @@ def main(argv: list[str] | None = None) -> int:
          ["mode", "N", "ran on", "build s", "sanitize s", "total s", "ours ad/s",
           f"baseline s{extrap}", "baseline ad/s", "ratio", "ratio incl. ray.init",
           "CPU-s ours", "CPU-s baseline", "CPU-s ratio"], rows),
+        ("sanitize alone, and memory of the whole run (medians; RSS summed over every "
+         "process at the run's peak moment)",
+         ["mode", "N", "sanitize s", "sanitize ad/s", "peak RSS, MiB", "anon RSS, MiB",
+          "set copies", "MiB per copy", "I/O workers"], mem_rows),
+        *([("sanitize against plain sequential I/O of the same catalog (--io-floor; "
+            "target: ratio ≤ 1.25, i.e. ≥ 80 % of the disk)",
+            ["mode", "N", "sanitize s", "read s", "write + fsync s", "floor s", "ratio",
+             "of the disk"], floor_rows)] if floor_rows else []),
         ("baseline vs ours: equal outputs", ["figure", "value"],
          [["adapters compared", check["adapters_compared"]],
           ["same projected modules", check["same_selection"]],
           ["max |B_ours − B_baseline| / max |B|", f"{check['max_abs_diff_over_max_abs']:.2e}"],
-          ["equal", str(check["equal"])]]),
+          ["equal", str(check["equal"])],
+          ["same bytes in every mode and run, per N",
+           str(result["outputs_identical_across_modes"])]]),
         (f"where the time goes (N={max(ns)}, median run)", ["figure", "seconds"], where),
-        (f"peak RSS and CPU time by process role ({last}, N={max(ns)}, median run)",
-         common.MEMORY_HEADERS, common.memory_rows(biggest["memory"])),
+        *[(f"memory and CPU time by process role ({m}, N={max(ns)}, median run)",
+           common.MEMORY_HEADERS, common.memory_rows(median_run(runs[m][max(ns)])["memory"]))
+          for m in modes],
         ("peak RSS and CPU time (baseline, all its adapters, in the driver process)",
          common.MEMORY_HEADERS, common.memory_rows(result["baseline"]["memory"])),
     ], args.out_json)
-    if not check["equal"]:
+    if check["equal"] is False:
         print("WARNING: the baseline's outputs differ from ours: " + json.dumps(check))
+        return 1
+    if not all(result["outputs_identical_across_modes"].values()):
+        print("WARNING: the modes or runs wrote different bytes: "
+              + json.dumps(result["outputs_identical_across_modes"]))
         return 1
     return 0
 

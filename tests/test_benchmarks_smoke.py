@@ -45,16 +45,45 @@ def test_bench_build_smoke(tmp_path):
 
 @pytest.mark.timeout(180)
 def test_bench_fleet_smoke(tmp_path):
-    r = _run("bench_fleet", tmp_path)
+    r = _run("bench_fleet", tmp_path, "--modes", "auto,ray,raydata", "--io-floor")
     assert r["equality"]["equal"], r["equality"]
-    auto, on_ray = r["results"]
-    assert (auto["mode"], on_ray["mode"]) == ("auto", "ray")
-    for res in (auto, on_ray):
+    # the Ray Data pipeline and both of our executors wrote the same bytes
+    assert r["outputs_identical_across_modes"] == {"2": True}
+    auto, on_ray, raydata = r["results"]
+    assert (auto["mode"], on_ray["mode"], raydata["mode"]) == ("auto", "ray", "raydata")
+    for res in (auto, on_ray, raydata):
         assert res["n"] == 2 and res["total_s"] > 0 and res["baseline_s"] > 0
-    # auto: a job this small runs in the driver; ray: on worker actors
+        assert res["set_copies"] == 1  # held once: the driver, the node's holder, one actor
+        run = res["runs"][0]
+        mem = run["memory"]
+        # the run's RSS at its peak moment: a sum over processes sampled together
+        assert mem["peak_total_rss"] == mem["peak_moment"]["rss"] > 0
+        assert mem["peak_total_anon"] >= mem["peak_moment"]["anon"] > 0
+        assert sum(x["rss_at_peak"] for x in mem["roles"].values()) == mem["peak_total_rss"]
+        floor = run["io_floor"]
+        assert floor["files"] == 4 and floor["bytes"] > 0 and floor["s"] > 0
+        assert res["sanitize_over_floor_median"] > 0
+    # auto: a job this small runs in the driver; ray: holders and I/O workers
     assert auto["executor"] == "cpu" and auto["runs"][0]["build"]["workers"] == 0
-    assert "SafeLoraWorker" not in auto["runs"][0]["memory"]["roles"]
-    assert "SafeLoraWorker" in on_ray["runs"][0]["memory"]["roles"]
+    assert set(auto["runs"][0]["memory"]["roles"]) == {"driver"}
+    roles = on_ray["runs"][0]["memory"]["roles"]
+    # a CPU node: its first I/O worker holds the set ("holder" if it got no batch itself)
+    assert {"SafeLoraWorker (holder+io)", "SafeLoraWorker (holder)"} & set(roles), roles
+    state = on_ray["runs"][0]["sanitize"]
+    assert state["io_workers"] >= 1 and state["set_bytes_per_copy"] > 0
+    assert [w["set_bytes"] > 0 for w in state["workers_state"]].count(True) == 1
+    assert raydata["runs"][0]["sanitize"]["raydata"]["holders"] == 1
+    assert any(k.startswith("MapWorker(MapBatches(Holder") for k in
+               raydata["runs"][0]["memory"]["roles"])
+
+
+@pytest.mark.timeout(180)
+def test_raydata_sanitize_same_outputs(tmp_path):
+    """The benchmark's Ray Data pipeline writes the product's bytes (a corrupt adapter
+    included: reported, the others sanitized)."""
+    r = _run("raydata_sanitize", tmp_path)
+    assert r["check"]["equal"], r["check"]
+    assert r["check"]["ok"] == [5, 5] and r["check"]["error"] == [1, 1]
 
 
 @pytest.mark.timeout(180)
@@ -66,6 +95,10 @@ def test_bench_scale_smoke(tmp_path):
     assert len(r["exact"]["modules"]) == 4
     assert all(m["proj_rank"] >= 1 for m in r["exact"]["modules"])
     assert set(r["exact"]["per_module_s"]) == {"q_proj", "v_proj"}
+    # the issue's build bound: build time / max(read the targets, write the set's bytes)
+    s = r["summary"]
+    assert s["set_bytes"] > 0 and s["raw_write_s_median"] > 0
+    assert s["build_over_floor_median"] > 0
 
 
 @pytest.mark.timeout(180)
