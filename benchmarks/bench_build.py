@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     common.common_args(p)
     args = p.parse_args(argv)
     common.setup_logging()
+    common.apply_common(args)
 
     arch = common.Arch(args.layers, args.hidden, args.heads, args.kv_heads, args.intermediate,
                        args.vocab)

@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(repeats=1)
     args = p.parse_args(argv)
     common.setup_logging()
+    common.apply_common(args)
     if args.threshold is None and args.num_proj_layers is None:
         args.threshold = 0.35
 

@@ -289,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     common.common_args(p)
     args = p.parse_args(argv)
     common.setup_logging()
+    common.apply_common(args)
 
     arch = ARCHS[args.arch]
     if args.layers:

@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(repeats=1)
     args = p.parse_args(argv)
     common.setup_logging()
+    common.apply_common(args)
 
     arch = replace(common.LLAMA2_7B, layers=args.layers)
     rank = args.safety_rank

@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(repeats=1)
     args = p.parse_args(argv)
     common.setup_logging()
+    common.apply_common(args)
 
     arch, real = common.scale_arch(args)
     use_gpu = args.device == "cuda"

@@ -502,6 +502,12 @@ def holder_design() -> bool:
         return False
 
 
+#: Ray's object store for the benchmarks (``--object-store-mb``): None = Ray's default (30 %
+#: of the memory), as a cluster has. A small store makes Ray spill objects to disk: the H100
+#: fleet run of 2026-11-27 (with 512 MiB, this module's old setting) spent most of its time so.
+OBJECT_STORE_MB: int | None = None
+
+
 def start_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> float:
     """Start a fresh local Ray for this benchmark (never joins another cluster on the machine).
 
@@ -515,10 +521,14 @@ def start_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> float
     kwargs: dict[str, Any] = {}
     if num_gpus is not None:
         kwargs["num_gpus"] = num_gpus
+    if OBJECT_STORE_MB is not None:
+        kwargs["object_store_memory"] = OBJECT_STORE_MB * MiB
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-             log_to_driver=False, configure_logging=False,
-             object_store_memory=512 * MiB, **kwargs)
-    return time.perf_counter() - t0
+             log_to_driver=False, configure_logging=False, **kwargs)
+    dt = time.perf_counter() - t0
+    store = ray.cluster_resources().get("object_store_memory", 0)
+    print(f"  Ray started in {dt:.1f} s, object store {store / 2**30:.1f} GiB", flush=True)
+    return dt
 
 
 def actor_startup_s(n: int | None, use_gpu: bool) -> float:
@@ -1050,6 +1060,14 @@ def common_args(p: argparse.ArgumentParser, *, storage: bool = True) -> None:
     p.add_argument("--keep", action="store_true", help="keep the workdir")
     p.add_argument("--out-json", default=None, help="write the JSON result here")
     p.add_argument("--smoke", action="store_true", help="tiniest sizes (for the smoke test)")
+    p.add_argument("--object-store-mb", type=int, default=None,
+                   help="Ray's object store (default: Ray's own, 30%% of the memory)")
+
+
+def apply_common(args: argparse.Namespace) -> None:
+    """Settings of :func:`common_args` that apply to the whole script."""
+    global OBJECT_STORE_MB
+    OBJECT_STORE_MB = args.object_store_mb
 
 
 def scale_args(p: argparse.ArgumentParser, layers: int) -> None:

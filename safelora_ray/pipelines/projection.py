@@ -46,6 +46,10 @@ Pair = tuple[torch.Tensor, torch.Tensor]
 #: Adapters one coalesced product may hold, and how long the first request waits for others.
 MAX_COALESCED = int(os.environ.get("SAFELORA_COALESCE_MAX", "512"))
 LINGER_S = float(os.environ.get("SAFELORA_COALESCE_LINGER_S", "0.004"))
+#: Largest request an I/O worker sends a holder: a batch's groups go in parts of at most
+#: this many bytes, so that what is in flight through Ray's object store stays bounded by
+#: I/O workers x batches in flight x 2 x this, whatever the batch size and adapter size.
+MAX_REQUEST_BYTES = int(os.environ.get("SAFELORA_REQUEST_MAX_BYTES", str(16 * 1024**2)))
 #: The worker slot of a holder's service (one set resident at a time).
 SERVICE_SLOT = "projection"
 
@@ -244,14 +248,18 @@ def pack(groups: dict[GroupKey, Pair]) -> dict[GroupKey, tuple[np.ndarray, np.nd
     return out
 
 
-def unpack(groups: dict[GroupKey, tuple[np.ndarray, np.ndarray]]) -> dict[GroupKey, Pair]:
-    """The inverse of :func:`pack` (read-only arrays from the object store are wrapped, not
-    copied; nothing writes to them)."""
+def unpack(groups: dict[GroupKey, tuple[np.ndarray, np.ndarray]], copy: bool = False
+           ) -> dict[GroupKey, Pair]:
+    """The inverse of :func:`pack`. Read-only arrays from the object store are wrapped, not
+    copied (nothing writes to them), unless ``copy``: then the store's copy can be freed at
+    once rather than when the tensors die."""
     out = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "the given NumPy array is not writable"
         for key, (x, y) in groups.items():
             dtype = getattr(torch, key[1])
+            if copy:
+                x, y = np.array(x, copy=True), np.array(y, copy=True)
             xt = torch.from_numpy(x)
             out[key] = (xt.view(dtype) if xt.dtype != dtype else xt, torch.from_numpy(y))
     return out
@@ -299,6 +307,26 @@ def local_projector(ctx: WorkerContext, key: SetKey, coalesce: bool) -> Projecto
     return engine.run
 
 
+def split_groups(groups: dict[GroupKey, Pair], max_bytes: int
+                 ) -> list[dict[GroupKey, Pair]]:
+    """``groups`` in parts of at most ``max_bytes`` (a larger single group is a part alone).
+    Products are computed per group with fixed-width columns, so the parts' answers are the
+    bits the whole would have given."""
+    parts: list[dict[GroupKey, Pair]] = []
+    part: dict[GroupKey, Pair] = {}
+    size = 0
+    for k, (b, g) in groups.items():
+        n = b.numel() * b.element_size() + g.numel() * g.element_size()
+        if part and size + n > max_bytes:
+            parts.append(part)
+            part, size = {}, 0
+        part[k] = (b, g)
+        size += n
+    if part:
+        parts.append(part)
+    return parts
+
+
 def remote_projector(holder: Any, key: SetKey, timeout_s: float) -> Projector:
     """Products computed by ``holder`` (an actor of this node). If the holder dies mid-call,
     the call is made again once Ray has restarted it; if it does not come back within
@@ -306,14 +334,16 @@ def remote_projector(holder: Any, key: SetKey, timeout_s: float) -> Projector:
     from safelora_ray.ray_utils import get_unwrapped
     from safelora_ray.workers import WORKER_LOST, Relayed
 
-    def call(groups: dict[GroupKey, Pair]) -> dict[GroupKey, Pair]:
+    def one(groups: dict[GroupKey, Pair]) -> dict[GroupKey, Pair]:
         payload = pack(groups)
         for attempt in (1, 2):
             ref = holder.call.options(concurrency_group="serve").remote(
                 project_request, key, payload)
             try:
                 out = get_unwrapped(ref, timeout_s)
-                return unpack(out.result if isinstance(out, Relayed) else out)
+                # Copied out, and the reference dropped: the holder's store frees the
+                # answer now, not when this batch has been written.
+                return unpack(out.result if isinstance(out, Relayed) else out, copy=True)
             except WORKER_LOST as e:
                 if attempt == 2:
                     raise HolderLost(f"the worker holding the alignment set died twice during "
@@ -321,11 +351,19 @@ def remote_projector(holder: Any, key: SetKey, timeout_s: float) -> Projector:
                 why = wait_back(holder, REJOIN_TIMEOUT_S)
                 if why is not None:
                     raise HolderLost(f"the worker holding the alignment set died: {why}") from None
+            finally:
+                del ref
         raise ClusterError("unreachable")  # pragma: no cover
+
+    def call(groups: dict[GroupKey, Pair]) -> dict[GroupKey, Pair]:
+        out: dict[GroupKey, Pair] = {}
+        for part in split_groups(groups, MAX_REQUEST_BYTES):
+            out.update(one(part))
+        return out
 
     return call
 
 
 __all__ = ["GroupKey", "HolderLost", "MatrixCache", "ProjectionEngine", "ProjectionService",
            "Projector", "SetKey", "dtype_name", "local_projector", "pack", "project_request",
-           "remote_projector", "unpack", "warm_set"]
+           "remote_projector", "split_groups", "unpack", "warm_set"]
