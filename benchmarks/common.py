@@ -523,8 +523,21 @@ def start_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> float
         kwargs["num_gpus"] = num_gpus
     if OBJECT_STORE_MB is not None:
         kwargs["object_store_memory"] = OBJECT_STORE_MB * MiB
-    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-             log_to_driver=False, configure_logging=False, **kwargs)
+    # The node environment the product gives a local Ray it starts (malloc arenas), where the
+    # code measured has one.
+    try:
+        from safelora_ray.ray_utils import LOCAL_NODE_ENV
+        node_env = {k: v for k, v in LOCAL_NODE_ENV.items()
+                    if k == "MALLOC_ARENA_MAX" and k not in os.environ}
+    except ImportError:
+        node_env = {}
+    os.environ.update(node_env)
+    try:
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 log_to_driver=False, configure_logging=False, **kwargs)
+    finally:
+        for k in node_env:
+            os.environ.pop(k, None)
     dt = time.perf_counter() - t0
     store = ray.cluster_resources().get("object_store_memory", 0)
     print(f"  Ray started in {dt:.1f} s, object store {store / 2**30:.1f} GiB", flush=True)

@@ -34,6 +34,12 @@ else
   B7=(--layers 32 --fill holes)
   S70=(--layers 80)
 fi
+# The device bundle is unpacked with Python's zipfile, which drops the executable bits of
+# Ray's gcs_server and raylet ("Permission denied" at ray.init): put them back.
+RAYDIR=$($PY -c "import os, ray; print(os.path.dirname(ray.__file__))" 2>/dev/null || true)
+if [ -n "$RAYDIR" ] && [ -d "$RAYDIR/core/src" ] && [ -w "$RAYDIR/core/src" ]; then
+  find "$RAYDIR/core/src" -type f ! -perm -u+x -exec chmod u+x {} + 2>/dev/null || true
+fi
 device_info() {  # whatever the GPU is, its name and memory go with the figures
   $PY -c "import torch; print('device:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu', torch.__version__)"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true

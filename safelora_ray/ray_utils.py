@@ -32,6 +32,13 @@ PRELOAD_ENV = "RAY_preload_python_modules"
 PRELOAD_MODULES = ("torch,safelora_ray.workers,safelora_ray.pipelines.build,"
                    "safelora_ray.pipelines.sanitize")
 
+#: The environment of a local Ray's processes (unless set already): preloaded modules, and
+#: two glibc malloc arenas per process — a worker runs up to ~70 threads (batches, a holder's
+#: requests, I/O), each of which would get an arena keeping the memory it freed (glibc's
+#: default: 8 per core). Measured: -60 MB RSS for a CPU node's holder, same speed
+#: (docs/benchmarks.md, section 11). Clusters set it in their node spec (cluster/).
+LOCAL_NODE_ENV = {PRELOAD_ENV: PRELOAD_MODULES, "MALLOC_ARENA_MAX": "2"}
+
 # The forwarded variables as they were when this process started a local Ray (whose workers
 # inherit its environment), and that instance's job id.
 _local_env: dict[str, str] | None = None
@@ -137,9 +144,10 @@ def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
         probe_address(address)
     kwargs.update(init_kwargs)
     logger.info("connecting to Ray at %s", address or "a new local instance")
-    preset = PRELOAD_ENV in os.environ
-    if address is None and not preset:
-        os.environ[PRELOAD_ENV] = PRELOAD_MODULES  # read by the node processes ray.init starts
+    # Read by the node processes ray.init starts (and so by every worker), not by this one.
+    node_env = ({k: v for k, v in LOCAL_NODE_ENV.items() if k not in os.environ}
+                if address is None else {})
+    os.environ.update(node_env)
     try:
         if address is None:
             # A new private instance, even if a `ray start` cluster runs on this machine (Ray
@@ -148,8 +156,8 @@ def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
         else:
             _init_bounded(address, kwargs)
     finally:
-        if not preset:
-            os.environ.pop(PRELOAD_ENV, None)
+        for k in node_env:
+            os.environ.pop(k, None)
     if address is None:
         _local_env, _local_job = _forwarded_env(), ray.get_runtime_context().get_job_id()
 

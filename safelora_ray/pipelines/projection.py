@@ -275,8 +275,24 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def _service(ctx: WorkerContext, key: SetKey) -> ProjectionService:
-    return ctx.resident(SERVICE_SLOT, key, lambda: ProjectionService(
-        ProjectionEngine(MatrixCache.open(key, ctx.device))))
+    def make() -> ProjectionService:
+        if ctx.device == "cpu" and ctx.node_id is not None:
+            _use_node_cores(ctx.node_id)
+        return ProjectionService(ProjectionEngine(MatrixCache.open(key, ctx.device)))
+
+    return ctx.resident(SERVICE_SLOT, key, make)
+
+
+def _use_node_cores(node_id: str) -> None:
+    """A CPU node's holder computes the products of all its node's I/O workers, which wait
+    for them: its matrix products may use every core of the node (torch's intra-op threads;
+    Ray gave the actor one), rather than make the node's products one core's work."""
+    from safelora_ray.workers import live_nodes
+
+    cpus = next((int(n.cpus) for n in live_nodes() if n.node_id == node_id), 0)
+    if cpus > torch.get_num_threads():
+        logger.debug("holder on a CPU node: products on %d threads", cpus)
+        torch.set_num_threads(cpus)
 
 
 def warm_set(ctx: WorkerContext, key: SetKey) -> int:
