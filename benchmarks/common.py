@@ -478,34 +478,30 @@ class MotoS3:
 # ---------------------------------------------------------------------------------------------
 
 
+def _package_has(sub: str) -> bool:
+    """Whether the safelora_ray package imported (the first on ``sys.path``: an older
+    checkout through ``PYTHONPATH``) has this subpackage or module. Checked on disk: an
+    editable install of another checkout would otherwise supply it."""
+    import safelora_ray
+
+    root = Path(safelora_ray.__file__).parent
+    return (root / sub).is_dir() or (root / f"{sub}.py").is_file()
+
+
 def pipeline(name: str) -> Any:
     """``safelora_ray.pipelines.<name>``, or ``safelora_ray.<name>`` in the code before
     commit a98145a (so that the same benchmark measures the code before a redesign too)."""
     import importlib
 
-    try:
+    if _package_has("pipelines"):
         return importlib.import_module(f"safelora_ray.pipelines.{name}")
-    except ModuleNotFoundError as e:
-        if e.name not in ("safelora_ray.pipelines", f"safelora_ray.pipelines.{name}"):
-            raise
-        return importlib.import_module(f"safelora_ray.{name}")
+    return importlib.import_module(f"safelora_ray.{name}")
 
 
 def holder_design() -> bool:
     """Whether the code measured has set holders and I/O workers (issue 11, commit 36cc1b4),
     rather than one copy of the set in every sanitize worker."""
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec("safelora_ray.pipelines.projection") is not None
-    except ModuleNotFoundError:
-        return False
-
-
-#: Ray's object store for the benchmarks (``--object-store-mb``): None = Ray's default (30 %
-#: of the memory), as a cluster has. A small store makes Ray spill objects to disk: the H100
-#: fleet run of 2026-11-27 (with 512 MiB, this module's old setting) spent most of its time so.
-OBJECT_STORE_MB: int | None = None
+    return _package_has("pipelines") and _package_has("pipelines/projection")
 
 
 def start_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> float:

@@ -276,23 +276,13 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def _service(ctx: WorkerContext, key: SetKey) -> ProjectionService:
     def make() -> ProjectionService:
-        if ctx.device == "cpu" and ctx.node_id is not None:
-            _use_node_cores(ctx.node_id)
-        return ProjectionService(ProjectionEngine(MatrixCache.open(key, ctx.device)))
+        # On a GPU, coalescing makes products of hundreds of adapters; on a CPU node the
+        # products are as fast in small pieces, and waiting for company only adds latency.
+        linger = LINGER_S if ctx.device.startswith("cuda") else 0.0
+        return ProjectionService(ProjectionEngine(MatrixCache.open(key, ctx.device)),
+                                 linger_s=linger)
 
     return ctx.resident(SERVICE_SLOT, key, make)
-
-
-def _use_node_cores(node_id: str) -> None:
-    """A CPU node's holder computes the products of all its node's I/O workers, which wait
-    for them: its matrix products may use every core of the node (torch's intra-op threads;
-    Ray gave the actor one), rather than make the node's products one core's work."""
-    from safelora_ray.workers import live_nodes
-
-    cpus = next((int(n.cpus) for n in live_nodes() if n.node_id == node_id), 0)
-    if cpus > torch.get_num_threads():
-        logger.debug("holder on a CPU node: products on %d threads", cpus)
-        torch.set_num_threads(cpus)
 
 
 def warm_set(ctx: WorkerContext, key: SetKey) -> int:
