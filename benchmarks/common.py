@@ -504,6 +504,12 @@ def holder_design() -> bool:
     return _package_has("pipelines") and _package_has("pipelines/projection")
 
 
+#: Ray's object store for the benchmarks (``--object-store-mb``): None = Ray's default (30 % of
+#: the memory), as a cluster has. A small store makes Ray spill objects to disk: the H100
+#: fleet run of 2026-11-27 (with 512 MiB, this module's old setting) spent most of its time so.
+OBJECT_STORE_MB: int | None = None
+
+
 def start_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> float:
     """Start a fresh local Ray for this benchmark (never joins another cluster on the machine).
 
