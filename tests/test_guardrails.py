@@ -373,7 +373,13 @@ def test_ctrl_c_with_ray_workers_leaves_nothing_partial(world, tmp_path):
     out = tmp_path / "out"
     args = [*_san(world, cat, out, "--threshold", "0.35", "--batch-size", "1", "--workers",
                   "1", "--run-id", "first")]
-    proc = subprocess.Popen([sys.executable, "-m", "safelora_ray", *args], cwd=REPO,
+    # Ctrl-C as a terminal sends it. A shell starts background commands with SIGINT ignored,
+    # and a child inherits that (Python then installs no KeyboardInterrupt handler): the CLI
+    # gets Python's default handler back, as it has when run from a terminal.
+    as_from_a_terminal = (
+        "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "sys.argv[0] = 'safelora-ray'; runpy.run_module('safelora_ray', run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", as_from_a_terminal, *args], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
