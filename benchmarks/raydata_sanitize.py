@@ -291,15 +291,7 @@ def sanitize_raydata(*, alignment: str, adapters: str, out: str,
 
     def record(rows: list[dict[str, Any]], layers: list[dict[str, Any]]) -> None:
         for row in rows:
-            result.total += 1
-            status = row["status"]
-            setattr(result, status, getattr(result, status) + 1)
-            result.modules += row["modules"]
-            result.projected += row["projected"] if status == "ok" else 0
-            result.bytes_in += row["bytes_in"]
-            result.bytes_out += row["bytes_out"]
-            if status == "error" and len(result.errors) < 1000:
-                result.errors.append((row["adapter_id"], row["error"]))
+            result.count(row)
         report.add(rows, layers)
 
     # Ray Data needs the items up front: the catalog is listed whole here.

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from safelora_ray.errors import ConfigError, NotFoundError, StorageError
-from safelora_ray.storage import open_storage
+from safelora_ray.storage import Storage, open_storage
 from safelora_ray.storage.base import check_uri, split_uri
 from safelora_ray.storage.local import LocalStorage
 
@@ -91,13 +91,8 @@ def iter_catalog(uri: str) -> Iterator[AdapterRef | tuple[str, str]]:
         yield from _iter_manifest(uri.rstrip("/"))
         return
     storage = open_storage(uri)
-    if isinstance(storage, LocalStorage):
-        # A mistyped path must not look like an empty catalog (a run that does nothing).
-        if not os.path.exists(storage.root):
-            raise ConfigError(f"catalog {uri} does not exist")
-        if not os.path.isdir(storage.root):
-            raise ConfigError(f"catalog {uri} is a file, not a directory of adapters nor a "
-                              f"{' or '.join(MANIFEST_SUFFIXES)} manifest")
+    _check_local_root(storage, "catalog", f"a directory of adapters nor a "
+                      f"{' or '.join(MANIFEST_SUFFIXES)} manifest")
     # Symlinks out of a local catalog are never read; an adapter directory or config that is
     # one becomes an error row instead of silently vanishing from the run.
     refused: list[tuple[str, bool, str]] = []
@@ -139,6 +134,19 @@ class ModelRef:
     uri: str
 
 
+def _check_local_root(storage: Storage, what: str, expected: str) -> None:
+    """A mistyped local path must not look like an empty catalog (a run that does nothing).
+
+    Raises:
+        ConfigError: the path does not exist, or is a file.
+    """
+    if isinstance(storage, LocalStorage):
+        if not os.path.exists(storage.root):
+            raise ConfigError(f"{what} {storage.uri} does not exist")
+        if not os.path.isdir(storage.root):
+            raise ConfigError(f"{what} {storage.uri} is a file, not {expected}")
+
+
 def iter_models(uri: str) -> Iterator[ModelRef | tuple[str, str]]:
     """Yield the checkpoints of a directory tree (local or ``s3://``) in a stable order: every
     directory holding ``model.safetensors.index.json`` or ``model.safetensors`` is one; its id
@@ -147,8 +155,12 @@ def iter_models(uri: str) -> Iterator[ModelRef | tuple[str, str]]:
 
     Yields:
         :class:`ModelRef`, or ``(id, error message)`` for a directory whose id is unusable.
+
+    Raises:
+        ConfigError: a local catalog that does not exist.
     """
     storage = open_storage(uri)
+    _check_local_root(storage, "model catalog", "a directory of checkpoints")
     seen: set[str] = set()
     for obj in storage.list(""):
         prefix, name = posixpath.split(obj.path)

@@ -89,5 +89,23 @@ def check_positive(value: float | int, field: str) -> None:
         raise ConfigError(f"{flag(field)} must be a positive number, got {value!r}")
 
 
-__all__ = ["as_yaml_keys", "check_at_least", "check_positive", "check_selection", "flag",
-           "selection_record"]
+def env_number(name: str, default: float, kind: type = float) -> Any:
+    """The number in environment variable ``name`` (``default`` when unset), read as ``kind``
+    (``int`` or ``float``); a value that is not one is an error naming the variable."""
+    import os
+
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return kind(default)
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={raw!r} is not "
+                          f"{'an integer' if kind is int else 'a number'}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"environment variable {name}={raw!r} is not a finite number")
+    return value
+
+
+__all__ = ["as_yaml_keys", "check_at_least", "check_positive", "check_selection",
+           "env_number", "flag", "selection_record"]

@@ -49,15 +49,18 @@ def _add_common(p: argparse.ArgumentParser, json_help: str | None = None) -> Non
                         "(the human one goes to stderr)")
 
 
-def _add_ray(p: argparse.ArgumentParser) -> None:
+#: ``--workers`` of the commands whose workers each compute on a device.
+DEVICE_WORKERS_HELP = ("worker actors; 0 = in this process (default: one per GPU, or one per "
+                       "CPU without GPUs; a small job runs in this process when no Ray "
+                       "cluster is configured)")
+
+
+def _add_ray(p: argparse.ArgumentParser, workers_help: str = DEVICE_WORKERS_HELP) -> None:
     g = p.add_argument_group("where it runs")
     g.add_argument("--ray-address", default=None,
                    help="Ray cluster: host:6379 or ray://host:10001 (default: $RAY_ADDRESS, "
                         "else a new local Ray)")
-    g.add_argument("--workers", type=int, default=None,
-                   help="worker actors; 0 = in this process (default: one per GPU, or one per "
-                        "CPU without GPUs; a small job runs in this process when no Ray "
-                        "cluster is configured)")
+    g.add_argument("--workers", type=int, default=None, help=workers_help)
     dev = g.add_mutually_exclusive_group()
     dev.add_argument("--gpu", dest="use_gpu", action="store_true", default=None,
                      help="require GPU workers")
@@ -128,15 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-in-flight", type=int, default=2,
                    help="batches queued per worker (default 2)")
     s.add_argument("--workers-per-gpu", type=int, default=1,
-                   help="GPU workers sharing one GPU, each with its own copy of the alignment "
-                        "set (default 1)")
-    s.add_argument("--run-id", default=None, help="report folder name (default: timestamp)")
+                   help="holders of the alignment set per GPU, each with its own copy "
+                        "(default 1)")
+    s.add_argument("--run-id", default=None,
+                   help="report folder name (default: UTC timestamp + random suffix)")
     s.add_argument("--tenant-depth", type=int, default=1,
                    help="path components of an adapter id that name its tenant in the "
                         "reports (default 1: 'acme/chat-1' belongs to 'acme')")
     s.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds one batch may take before the run fails")
-    _add_ray(s)
+    _add_ray(s, workers_help="I/O workers (read, check, write adapters); 0 = in this process "
+                             "(default: one per CPU left beside the holders of the set; a "
+                             "small job runs in this process when no Ray cluster is "
+                             "configured)")
     _add_common(s)
 
     n = sub.add_parser("nightly", help="the nightly run over every configured catalog",
@@ -228,15 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
 Outcome = tuple[int, "dict[str, Any] | None"]
 
 
+
+def _max_file_bytes(args: argparse.Namespace) -> int:
+    """``--max-file-gb`` in bytes (a positive, finite number of GB)."""
+    from safelora_ray.checks import check_positive
+
+    check_positive(args.max_file_gb, "max_file_gb")
+    return int(args.max_file_gb * 1024**3)
+
 def _cmd_build(args: argparse.Namespace) -> Outcome:
     from safelora_ray.pipelines.build import BuildConfig, build
 
-    if args.max_file_gb <= 0:
-        raise ConfigError(f"--max-file-gb must be positive, got {args.max_file_gb:g}")
     cfg = BuildConfig(
         base=args.base, aligned=args.aligned, out=args.out, targets=args.targets,
         workers=args.workers, use_gpu=args.use_gpu,
-        max_file_bytes=int(args.max_file_gb * 1024**3), task_timeout_s=args.timeout,
+        max_file_bytes=_max_file_bytes(args), task_timeout_s=args.timeout,
         progress=args.progress, ray_address=args.ray_address,
         projection=args.projection, rank=args.rank, energy=args.energy,
     )
@@ -344,13 +357,11 @@ def _cmd_project_model(args: argparse.Namespace) -> Outcome:
 def _cmd_salora_modules(args: argparse.Namespace) -> Outcome:
     from safelora_ray.salora.modules import SaloraConfig, salora_modules
 
-    if args.max_file_gb <= 0:
-        raise ConfigError(f"--max-file-gb must be positive, got {args.max_file_gb:g}")
     cfg = SaloraConfig(
         model=args.model, calibration=args.calibration, out=args.out, targets=args.targets,
         safety_rank=args.safety_rank, dtype=args.dtype, mode=args.mode,
         batch_tokens=args.batch_tokens, workers=args.workers, use_gpu=args.use_gpu,
-        max_file_bytes=int(args.max_file_gb * 1024**3), task_timeout_s=args.timeout,
+        max_file_bytes=_max_file_bytes(args), task_timeout_s=args.timeout,
         export_cs=args.export_cs, progress=args.progress, ray_address=args.ray_address,
     )
     res = salora_modules(cfg)

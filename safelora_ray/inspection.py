@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import Counter
 from typing import Any
 
-from safelora_ray.errors import AdapterError, NotFoundError, SafeLoraError
+from safelora_ray.errors import AdapterError, ConfigError, NotFoundError, SafeLoraError
 from safelora_ray.storage import Storage, open_storage
 
 logger = logging.getLogger(__name__)
@@ -141,6 +142,10 @@ def _describe_checkpoint(storage: Storage) -> dict[str, Any]:
 
 
 def _describe_tree(storage: Storage) -> dict[str, Any]:
+    from safelora_ray.storage.local import LocalStorage
+
+    if isinstance(storage, LocalStorage) and not os.path.exists(storage.root):
+        raise ConfigError(f"{storage.uri} does not exist")
     adapters, ledger, seen = 0, False, 0
     try:
         for obj in storage.list(""):

@@ -232,11 +232,12 @@ class PendingAlignment:
             ValueError: ‖V‖_F is 0 or not finite.
         """
         norm = float(self.norm)
-        _check_norm(norm)
+        check_norm(norm)
         return AlignmentMatrix(self.form, self.tensor, norm, self.energy)
 
 
-def _check_norm(norm: float) -> None:
+def check_norm(norm: float) -> None:
+    """Raise ValueError unless ‖V‖_F is usable (non-zero and finite)."""
     if norm == 0.0 or not math.isfinite(norm):
         raise ValueError(
             "‖W_aligned − W_base‖_F is 0 (identical weights): C = V Vᵀ/‖V‖_F is undefined"

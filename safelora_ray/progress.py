@@ -10,16 +10,17 @@ The total may become known later (a catalog still being listed): :meth:`Progress
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 import time
 from typing import Any, TextIO
 
+from safelora_ray.checks import env_number
+
 logger = logging.getLogger(__name__)
 
 #: Seconds between two progress lines when not writing to a terminal.
-INTERVAL_S = float(os.environ.get("SAFELORA_PROGRESS_INTERVAL_S", "30"))
+INTERVAL_S = env_number("SAFELORA_PROGRESS_INTERVAL_S", 30)
 
 
 def _human(n: float, unit: str, scale: bool) -> str:

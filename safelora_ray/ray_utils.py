@@ -8,6 +8,8 @@ from typing import Any
 
 import ray
 
+from safelora_ray.checks import env_number
+
 logger = logging.getLogger(__name__)
 
 
@@ -65,7 +67,7 @@ def worker_runtime_env() -> dict[str, Any]:
 
 #: Seconds to reach a cluster's address (DNS + TCP) and then to connect to it, before
 #: ``ensure_ray`` gives up (Ray itself retries a wrong address for minutes).
-CONNECT_TIMEOUT_S = float(os.environ.get("SAFELORA_RAY_CONNECT_TIMEOUT_S", "60"))
+CONNECT_TIMEOUT_S = env_number("SAFELORA_RAY_CONNECT_TIMEOUT_S", 60)
 _PROBE_TIMEOUT_S = 10.0
 
 

@@ -44,6 +44,7 @@ from typing import Any, TypeVar
 import ray
 import torch
 
+from safelora_ray.checks import env_number
 from safelora_ray.errors import ClusterError, ConfigError
 from safelora_ray.math_core import full_precision_matmul
 from safelora_ray.placement import (
@@ -75,10 +76,10 @@ INLINE_MAX_ADAPTERS = 256
 INLINE_MAX_BUILD_BYTES = 2 * 1024**3
 #: Seconds a new worker may take to come up (placed, started, torch imported) before it is
 #: dropped; the run proceeds with the workers that did.
-START_TIMEOUT_S = float(os.environ.get("SAFELORA_WORKER_START_TIMEOUT_S", "180"))
+START_TIMEOUT_S = env_number("SAFELORA_WORKER_START_TIMEOUT_S", 180)
 #: Seconds a worker whose process died may take to be restarted on its node before it is
 #: dropped (a lost node's workers are dropped at once).
-REJOIN_TIMEOUT_S = float(os.environ.get("SAFELORA_WORKER_REJOIN_TIMEOUT_S", "60"))
+REJOIN_TIMEOUT_S = env_number("SAFELORA_WORKER_REJOIN_TIMEOUT_S", 60)
 
 
 class WorkerContext:
@@ -541,9 +542,6 @@ class RayExecutor:
         h = self.holder_index(i)
         return None if h is None else self.slots[h].handle
 
-    def device_of(self, i: int) -> str:
-        return self.slots[i].device
-
     def _mark_ready(self, ref: Any) -> None:
         i = self._starting.pop(ref)
         slot = self.slots[i]
@@ -626,14 +624,15 @@ class RayExecutor:
                         len(specs))
         return added
 
-    def lost(self, i: int) -> bool:
+    def lost(self, i: int, gone: str | None = None) -> bool:
         """After a call on worker ``i`` failed because its process died: wait (bounded) for
         Ray to restart it on its node. Returns whether it is back; if not it is dropped (a
-        lost node's workers at once), and its work must go elsewhere."""
+        lost node's workers at once), and its work must go elsewhere. ``gone``: someone
+        already waited and gave up (why): drop it without waiting again."""
         slot = self.slots[i]
         if slot.state == "dropped":
             return False
-        back = wait_back(slot.handle, REJOIN_TIMEOUT_S)
+        back = gone if gone is not None else wait_back(slot.handle, REJOIN_TIMEOUT_S)
         if back is None:
             return True
         self._drop(i, back)
@@ -894,10 +893,8 @@ class InlineExecutor:
     def holder_index(self, i: int) -> None:
         return None
 
-    def device_of(self, i: int) -> str:
-        return self.core.device
-
-    def lost(self, i: int) -> bool:  # pragma: no cover - a thread cannot die alone
+    def lost(self, i: int, gone: str | None = None) -> bool:  # pragma: no cover
+        # a thread cannot die alone
         raise AssertionError("in-process workers are never lost")
 
     def put(self, value: Any) -> Any:
@@ -951,7 +948,7 @@ class InlineExecutor:
 Executor = RayExecutor | InlineExecutor
 
 #: Seconds an interrupted run waits for the calls in flight to reach a safe point.
-INTERRUPT_GRACE_S = float(os.environ.get("SAFELORA_INTERRUPT_GRACE_S", "30"))
+INTERRUPT_GRACE_S = env_number("SAFELORA_INTERRUPT_GRACE_S", 30)
 
 
 def wind_down(ex: Executor, token: str, handles: Sequence[Any],

@@ -99,13 +99,13 @@ def catalog(pair: dict[str, Any]) -> dict[str, Any]:
     for k in range(12):
         rank, dtype = (4, torch.bfloat16) if k % 2 else (8, torch.float32)
         lora = {}
-        for j, layer in enumerate(range(ARCH.layers)):
+        for layer in range(ARCH.layers):
             for t in TARGETS:
                 m = f"model.layers.{layer}.self_attn.{t}"
                 d_out, d_in = pair["base"][m + ".weight"].shape
                 a = torch.randn(rank, d_in, generator=g) * 0.05
                 b = torch.randn(d_out, rank, generator=g) * 0.05
-                if (j + k + len(lora)) % 3 == 0:
+                if (layer + k + len(lora)) % 3 == 0:
                     v = pair["aligned"][m + ".weight"] - pair["base"][m + ".weight"]
                     b = v @ torch.randn(d_in, rank, generator=g)
                 lora[m] = (a.to(dtype), b.to(dtype))

@@ -53,7 +53,7 @@ from safelora_ray.formats.alignment_set import (
 )
 from safelora_ray.formats.checkpoint import Checkpoint, read_ref
 from safelora_ray.formats.safetensors_io import SafetensorsWriter
-from safelora_ray.math_core import as_linear, start_alignment
+from safelora_ray.math_core import as_linear, check_norm, start_alignment
 from safelora_ray.plan import (
     DEFAULT_MAX_FILE_BYTES,
     DEFAULT_TARGETS,
@@ -78,7 +78,6 @@ from safelora_ray.workers import (
 
 logger = logging.getLogger(__name__)
 
-METHOD_NAME = "safelora-fast"
 
 
 @dataclass
@@ -322,12 +321,10 @@ class _Writer:
                 # take the next modules' bytes.
                 self.release(c.item)
                 norm = float(c.norm)
-                if norm == 0.0 or not math.isfinite(norm):
-                    raise CheckpointError(
-                        f"module {m.module!r}: ‖W_aligned − W_base‖_F is 0 (identical "
-                        "weights): C = V Vᵀ/‖V‖_F is undefined" if norm == 0.0 else
-                        f"module {m.module!r}: ‖W_aligned − W_base‖_F is {norm} (NaN/Inf in "
-                        "the weights)")
+                try:
+                    check_norm(norm)
+                except ValueError as e:
+                    raise CheckpointError(f"module {m.module!r}: {e}") from None
                 if self.writer is not None:
                     self.writer.write(m.module, c.tensor)
                 else:

@@ -64,6 +64,7 @@ from safelora_ray.errors import (
     AlignmentSetError,
     CheckpointError,
     ConfigError,
+    Interrupted,
     NotFoundError,
 )
 from safelora_ray.formats.alignment_set import AlignmentSet, ManifestRow
@@ -387,6 +388,8 @@ class ProjectJob:
     out_uri: str
     chunk_bytes: int
     prefetch: int
+    #: The largest target weight of the run (sizes the pool of reused read buffers).
+    max_target_bytes: int = 0
 
 
 @dataclass
@@ -465,6 +468,9 @@ class FileProjector:
         self._lock = threading.Lock()
         self._pool = cf.ThreadPoolExecutor(max_workers=3, thread_name_prefix="safelora-read")
         self._buffers = _BufferPool(max_free=(job.prefetch + 2) * job.chunk_bytes)
+        # A module's two weights (reading into fresh memory costs a page fault per 4 KiB:
+        # slower than the read itself); as many as can be in flight.
+        self._module_buffers = _BufferPool(max_free=(job.prefetch + 2) * 2 * job.max_target_bytes)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -483,12 +489,17 @@ class FileProjector:
     def _read_module(self, t: TargetPlan) -> _Module:
         """A module's fine-tuned and aligned weights and its alignment matrix (three ranged
         reads at once)."""
-        ft_buf = bytearray(t.ft.nbytes)
+        ft_buf = self._module_buffers.get(t.ft.nbytes)
         f_ft = self._pool.submit(read_ref, self._storage(t.ft.uri), t.ft, ft_buf)
-        al_buf = bytearray(t.aligned.nbytes)
+        al_buf = self._module_buffers.get(t.aligned.nbytes)
         f_al = self._pool.submit(read_ref, self._storage(t.aligned.uri), t.aligned, al_buf)
         f_m = self._pool.submit(self.aset.load, t.module, self.device)
         return _Module(t, f_ft.result()[0], ft_buf, f_al.result()[0], al_buf, f_m.result())
+
+    def _release(self, m: _Module) -> None:
+        """Give a computed module's read buffers back (nothing refers to them any more)."""
+        self._module_buffers.put(m.ft_buf)
+        self._module_buffers.put(m.aligned_buf)
 
     def _chunks(self, uri: str, path: str, start: int, end: int) -> Iterator[_Chunk]:
         storage = self._storage(uri)
@@ -519,7 +530,8 @@ class FileProjector:
         w_al = as_linear(m.aligned.to(self.device), t.layout)
         delta = residual_delta(w_al, as_linear(m.ft.to(self.device), t.layout))
         if not bool(torch.isfinite(delta).all()):
-            raise CheckpointError(f"{t.ft.describe()}: W_ft − W_aligned has NaN/Inf values")
+            raise CheckpointError(f"{t.ft.describe()} − {t.aligned.describe()}: W_ft − W_aligned "
+                                  "has NaN/Inf values (in one of the two checkpoints)")
         proj = m.matrix.apply(delta)
         return residual_score(delta, proj), proj, w_al
 
@@ -531,23 +543,29 @@ class FileProjector:
                 "cos_rounded": s.cos_rounded, "selected": False, "norm_delta": s.norm_delta,
                 "norm_projected": s.norm_projected}
 
-    def score_file(self, f: OutputFile) -> dict[str, Any]:
-        """Phase 1 of number mode: every target module's cosine and norms (nothing written)."""
+    def score_file(self, f: OutputFile, cancelled: Callable[[], bool] = lambda: False
+                   ) -> dict[str, Any]:
+        """Phase 1 of number mode: every target module's cosine and norms (nothing written).
+        ``cancelled`` is asked before each module (an interrupted run stops there)."""
         before, t0 = self.bytes_fetched(), time.perf_counter()
         rows = []
         compute_s = 0.0
         items = read_ahead((self._read_module(t) for t in f.targets), self.job.prefetch)
         for m in items:
+            if cancelled():
+                raise Interrupted(f"scoring {f.path} interrupted")
             t1 = time.perf_counter()
             s, _, _ = self._score(m)
             rows.append(self._row(f, m, s))
+            self._release(m)
             del m
             compute_s += time.perf_counter() - t1
         return {"rows": rows, "bytes_fetched": self.bytes_fetched() - before,
                 "compute_s": compute_s, "s": time.perf_counter() - t0, "device": self.device}
 
     def write_file(self, f: OutputFile, ft_uri: str, threshold: float | None,
-                   selected: frozenset[str] | None) -> dict[str, Any]:
+                   selected: frozenset[str] | None,
+                   cancelled: Callable[[], bool] = lambda: False) -> dict[str, Any]:
         """Write output file ``f`` (published atomically under its name): the fine-tune's
         header bytes, then every tensor in data order, projected where selected.
 
@@ -556,6 +574,8 @@ class FileProjector:
             ft_uri: The fine-tuned checkpoint.
             threshold: Threshold mode: decide each module here.
             selected: Number mode: the modules the driver selected.
+            cancelled: Asked before each segment: an interrupted run stops there, and the
+                unpublished file is dropped.
         """
         before, t0 = self.bytes_fetched(), time.perf_counter()
         rows: list[dict[str, Any]] = []
@@ -570,6 +590,8 @@ class FileProjector:
         with self.out.writing_file(f.path) as tmp, open(tmp, "wb") as out:
             out.write(header)
             for item in items:
+                if cancelled():
+                    raise Interrupted(f"writing {f.path} interrupted")
                 if isinstance(item, _Chunk):
                     t1 = time.perf_counter()
                     _write_or_skip_zeros(out, item.view)
@@ -592,10 +614,13 @@ class FileProjector:
                     data = as_linear(w_out, t.layout).cpu().contiguous()
                 row["selected"] = chosen
                 rows.append(row)
-                del proj, w_al, item
+                del proj, w_al
                 t2 = time.perf_counter()
                 timings["compute_s"] += t2 - t1
-                _write_bytes(out, data, t.ft.nbytes)
+                _write_bytes(out, data, t.ft.nbytes, t.ft.describe())
+                del data
+                self._release(item)
+                del item
                 timings["write_s"] += time.perf_counter() - t2
             out.truncate(f.size)  # a trailing hole
             if out.tell() != f.size:
@@ -605,11 +630,11 @@ class FileProjector:
                 **timings}
 
 
-def _write_bytes(out: Any, data: memoryview | torch.Tensor, nbytes: int) -> None:
+def _write_bytes(out: Any, data: memoryview | torch.Tensor, nbytes: int, what: str) -> None:
     if isinstance(data, torch.Tensor):
         data = memoryview(data.view(torch.uint8).numpy()).cast("B")
     if len(data) != nbytes:
-        raise CheckpointError(f"tensor bytes: {len(data)}, expected {nbytes}")
+        raise CheckpointError(f"{what}: {len(data)} bytes to write, expected {nbytes}")
     out.write(data)
 
 
@@ -633,13 +658,14 @@ def _projector(ctx: WorkerContext, job: ProjectJob) -> FileProjector:
 
 def score_file(ctx: WorkerContext, job: ProjectJob, f: OutputFile) -> dict[str, Any]:
     """Task: phase 1 of number mode for one file (see :meth:`FileProjector.score_file`)."""
-    return _projector(ctx, job).score_file(f)
+    return _projector(ctx, job).score_file(f, cancelled=lambda: ctx.cancelled(job.job_id))
 
 
 def write_file(ctx: WorkerContext, job: ProjectJob, f: OutputFile, ft_uri: str,
                threshold: float | None, selected: frozenset[str] | None) -> dict[str, Any]:
     """Task: write one output file (see :meth:`FileProjector.write_file`)."""
-    return _projector(ctx, job).write_file(f, ft_uri, threshold, selected)
+    return _projector(ctx, job).write_file(f, ft_uri, threshold, selected,
+                                           cancelled=lambda: ctx.cancelled(job.job_id))
 
 
 def end_run(ctx: WorkerContext, job: ProjectJob) -> None:
@@ -737,12 +763,15 @@ def _aligned_matches_set(aset: AlignmentSet, aligned: Checkpoint,
     return "same"
 
 
-def _run_files(ex: Any, fn: Callable[..., Any], job: Any, files: Sequence[OutputFile],
-               args: Callable[[OutputFile], tuple[Any, ...]], timeout_s: float, what: str,
+def _run_files(ex: Any, fn: Callable[..., Any], job: Any, token: str,
+               files: Sequence[OutputFile], args: Callable[[OutputFile], tuple[Any, ...]],
+               timeout_s: float, what: str,
                on_result: Callable[[OutputFile, dict[str, Any]], None]) -> None:
     """Run ``fn(ctx, job, file, *args(file))`` for every file, one at a time per worker,
     largest files first; a file whose worker died is run again (on that worker once Ray has
-    restarted it, else on another: a lost node's worker is dropped)."""
+    restarted it, else on another: a lost node's worker is dropped). ``job`` may be an
+    object reference (put once for all files); ``token`` is the run's job id, which an
+    interrupt cancels."""
     todo = sorted(files, key=lambda f: -f.size)
     busy: set[int] = set()
     lost: dict[str, int] = {}
@@ -775,13 +804,8 @@ def _run_files(ex: Any, fn: Callable[..., Any], job: Any, files: Sequence[Output
     except KeyboardInterrupt:
         # Files in flight finish (at most the grace period) or their workers are stopped;
         # temp files go with the driver's sweep, and without the index nothing is visible.
-        wind_down(ex, job_token(job), list(pending))
+        wind_down(ex, token, list(pending))
         raise
-
-
-def job_token(job: Any) -> str:
-    """The cancellation token of a run (its job id)."""
-    return getattr(job, "job_id", None) or "project-model"
 
 
 def _copy_extras(ft: Checkpoint, out: Storage, files: Sequence[tuple[str, int]]) -> int:
@@ -871,7 +895,8 @@ def project_model(config: FinetuneConfig) -> FinetuneResult:
         ex.close(False)
         raise
     job = ProjectJob(uuid.uuid4().hex, aset.uri, aset.content_id, out.uri, config.chunk_bytes,
-                     config.prefetch)
+                     config.prefetch, max((max(t.ft.nbytes, t.aligned.nbytes)
+                                           for t in plan.targets), default=0))
     logger.info("projecting %d target modules of %s (%d file(s), %.2f GB) with alignment set "
                 "%s (%s) on %d %s worker(s) → %s", len(plan.targets), ft.uri, len(plan.files),
                 plan.weights_bytes / 1e9, aset.content_id, config.selection, ex.size, ex.kind,
@@ -900,7 +925,7 @@ def project_model(config: FinetuneConfig) -> FinetuneResult:
                 bar.update(len(r["rows"]))
 
             try:
-                _run_files(ex, score_file, ex.put(job), scored, lambda f: (),
+                _run_files(ex, score_file, ex.put(job), job.job_id, scored, lambda f: (),
                            config.task_timeout_s, "scored file", scored_one)
             finally:
                 bar.close()
@@ -926,7 +951,7 @@ def project_model(config: FinetuneConfig) -> FinetuneResult:
             bar.update(f.size)
 
         try:
-            _run_files(ex, write_file, ex.put(job), plan.files,
+            _run_files(ex, write_file, ex.put(job), job.job_id, plan.files,
                        lambda f: (ft.uri, config.threshold, selected), config.task_timeout_s,
                        "output file", written)
         finally:

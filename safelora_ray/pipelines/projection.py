@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
-import os
 import queue
 import threading
 import time
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from safelora_ray.checks import env_number
 from safelora_ray.errors import AlignmentSetError, ClusterError, SafeLoraError
 from safelora_ray.formats.alignment_set import AlignmentSet
 from safelora_ray.math_core import AlignmentMatrix, project_stack
@@ -44,18 +44,26 @@ GroupKey = tuple[str, str, int]
 Pair = tuple[torch.Tensor, torch.Tensor]
 
 #: Adapters one coalesced product may hold, and how long the first request waits for others.
-MAX_COALESCED = int(os.environ.get("SAFELORA_COALESCE_MAX", "512"))
-LINGER_S = float(os.environ.get("SAFELORA_COALESCE_LINGER_S", "0.004"))
+MAX_COALESCED = env_number("SAFELORA_COALESCE_MAX", 512, int)
+LINGER_S = env_number("SAFELORA_COALESCE_LINGER_S", 0.004)
 #: Largest request an I/O worker sends a holder: a batch's groups go in parts of at most
 #: this many bytes, so that what is in flight through Ray's object store stays bounded by
 #: I/O workers x batches in flight x 2 x this, whatever the batch size and adapter size.
-MAX_REQUEST_BYTES = int(os.environ.get("SAFELORA_REQUEST_MAX_BYTES", str(16 * 1024**2)))
+MAX_REQUEST_BYTES = env_number("SAFELORA_REQUEST_MAX_BYTES", 16 * 1024**2, int)
 #: The worker slot of a holder's service (one set resident at a time).
 SERVICE_SLOT = "projection"
 
 
 class HolderLost(SafeLoraError):
-    """The worker holding the alignment set for this I/O worker died and did not come back."""
+    """The worker holding the alignment set for this I/O worker died and did not come back.
+
+    Attributes:
+        waited: The I/O worker already waited for Ray to restart it (the driver need not).
+    """
+
+    def __init__(self, message: str, waited: bool = False) -> None:
+        super().__init__(message)
+        self.waited = waited
 
 
 @dataclass(frozen=True)
@@ -303,14 +311,10 @@ def project_request(ctx: WorkerContext, key: SetKey,
 Projector = Callable[[dict[GroupKey, Pair]], dict[GroupKey, Pair]]
 
 
-def local_projector(ctx: WorkerContext, key: SetKey, coalesce: bool) -> Projector:
-    """Products computed in this process: through the holder's service (``coalesce``: a
-    CPU node's holder serves its own batches with its I/O workers'), or directly."""
-    if coalesce:
-        return _service(ctx, key).submit
-    engine = ctx.resident(SERVICE_SLOT + "-local", key,
-                          lambda: ProjectionEngine(MatrixCache.open(key, ctx.device)))
-    return engine.run
+def local_projector(ctx: WorkerContext, key: SetKey) -> Projector:
+    """Products through this worker's own service: a CPU node's holder serves its own
+    batches with its I/O workers' (loading the set here the first time)."""
+    return _service(ctx, key).submit
 
 
 def split_groups(groups: dict[GroupKey, Pair], max_bytes: int
@@ -338,7 +342,7 @@ def remote_projector(holder: Any, key: SetKey, timeout_s: float) -> Projector:
     the call is made again once Ray has restarted it; if it does not come back within
     :data:`~safelora_ray.workers.REJOIN_TIMEOUT_S`, :class:`HolderLost`."""
     from safelora_ray.ray_utils import get_unwrapped
-    from safelora_ray.workers import WORKER_LOST, Relayed
+    from safelora_ray.workers import WORKER_LOST, Relayed, relay
 
     def one(groups: dict[GroupKey, Pair]) -> dict[GroupKey, Pair]:
         payload = pack(groups)
@@ -347,18 +351,20 @@ def remote_projector(holder: Any, key: SetKey, timeout_s: float) -> Projector:
                 project_request, key, payload)
             try:
                 out = get_unwrapped(ref, timeout_s)
-                # Copied out, and the reference dropped: the holder's store frees the
-                # answer now, not when this batch has been written.
-                return unpack(out.result if isinstance(out, Relayed) else out, copy=True)
+                if isinstance(out, Relayed):  # the holder's log records go on with ours
+                    relay(out.records)
+                    out = out.result
+                # Copied out: the holder's store frees the answer when this returns, not
+                # when this batch has been written.
+                return unpack(out, copy=True)
             except WORKER_LOST as e:
                 if attempt == 2:
                     raise HolderLost(f"the worker holding the alignment set died twice during "
                                      f"one batch ({type(e).__name__})") from None
                 why = wait_back(holder, REJOIN_TIMEOUT_S)
                 if why is not None:
-                    raise HolderLost(f"the worker holding the alignment set died: {why}") from None
-            finally:
-                del ref
+                    raise HolderLost(f"the worker holding the alignment set died: {why}",
+                                     waited=True) from None
         raise ClusterError("unreachable")  # pragma: no cover
 
     def call(groups: dict[GroupKey, Pair]) -> dict[GroupKey, Pair]:

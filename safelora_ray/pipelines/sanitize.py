@@ -37,6 +37,7 @@ from safelora_ray.checks import (
     check_at_least,
     check_positive,
     check_selection,
+    env_number,
     flag,
     selection_record,
 )
@@ -91,7 +92,7 @@ METHODS = ("safelora", "salora")
 
 LEDGER_PREFIX = "_ledger"
 #: Seconds between two looks for nodes that joined the cluster during a run.
-GROW_EVERY_S = float(os.environ.get("SAFELORA_GROW_EVERY_S", "30"))
+GROW_EVERY_S = env_number("SAFELORA_GROW_EVERY_S", 30)
 REPORTS_PREFIX = "_reports"
 
 
@@ -109,12 +110,13 @@ class SanitizeConfig:
         num_proj_layers: Or: project the k modules with the smallest cosines (ties included).
         strict_k: With ``num_proj_layers``: exactly k modules, ties broken by module name.
         force: Redo adapters the ledger says are already done.
-        workers: Worker actors; 0 = in this process; None = one per GPU, else one per CPU
-            (in this process for a catalog of at most ``INLINE_MAX_ADAPTERS`` adapters when
-            no Ray cluster is configured: see :mod:`safelora_ray.workers`).
+        workers: I/O workers (read, check, write adapters); 0 = in this process; None = one
+            per CPU left beside the holders of the set (in this process for a catalog of at
+            most ``INLINE_MAX_ADAPTERS`` adapters when no Ray cluster is configured: see
+            :mod:`safelora_ray.workers`).
         use_gpu: Force GPU/CPU workers; None = GPUs when the cluster has them.
-        workers_per_gpu: GPU workers per GPU (default: workers = ``workers_per_gpu`` x
-            GPUs, each with that fraction of a GPU and its own copy of the alignment set).
+        workers_per_gpu: Holders of the alignment set per GPU, each with its own copy (on a
+            CPU-only node the first I/O worker holds it).
         batch_size: Adapters per task (their B matrices are batched per module).
         max_in_flight: Batches queued per worker (backpressure).
         run_id: Report folder name; default ``YYYYmmddTHHMMSSZ-<random>``.
@@ -210,6 +212,18 @@ class SanitizeResult:
     @property
     def exit_ok(self) -> bool:
         return self.error == 0
+
+    def count(self, row: dict[str, Any]) -> None:
+        """Add one adapter's report row to the counts (the first 1,000 errors are kept)."""
+        status = row["status"]
+        self.total += 1
+        setattr(self, status, getattr(self, status) + 1)
+        self.modules += row["modules"]
+        self.projected += row["projected"] if status == "ok" else 0
+        self.bytes_in += row["bytes_in"]
+        self.bytes_out += row["bytes_out"]
+        if status == "error" and len(self.errors) < 1000:
+            self.errors.append((row["adapter_id"], row["error"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -584,9 +598,11 @@ def sanitize_batch(ctx: WorkerContext, job: SanitizeJob, refs: Sequence[AdapterR
                               run_id=job.run_id)
 
     if holder is not None:
-        project = remote_projector(holder, key, job.task_timeout_s)
-    else:
-        project = local_projector(ctx, key, coalesce=ctx.node_id is not None)
+        project: Projector | None = remote_projector(holder, key, job.task_timeout_s)
+    elif ctx.node_id is not None:  # this worker is its node's holder
+        project = local_projector(ctx, key)
+    else:  # the driver's process: the sanitizer's own engine
+        project = None
     return ctx.resident(SANITIZER_SLOT, job, sanitizer).process(
         refs, cancelled=lambda: ctx.cancelled(job.run_id), project=project)
 
@@ -811,17 +827,10 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
 
     def record(payload: dict[str, Any]) -> None:
         for row in payload["adapters"]:
-            result.total += 1
+            result.count(row)
             status = row["status"]
             if counter is not None:
                 counter.inc(1, tags={"status": status})
-            setattr(result, status, getattr(result, status) + 1)
-            result.modules += row["modules"]
-            result.projected += row["projected"] if status == "ok" else 0
-            result.bytes_in += row["bytes_in"]
-            result.bytes_out += row["bytes_out"]
-            if status == "error" and len(result.errors) < 1000:
-                result.errors.append((row["adapter_id"], row["error"]))
             k = config.num_proj_layers
             if k is not None and status == "ok" and 0 < row["modules"] <= k:
                 all_by_k[0] += 1
@@ -915,8 +924,10 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
             try:
                 payload = ex.result(ref, config.task_timeout_s)
             except (*WORKER_LOST, HolderLost) as e:
-                holder = None if isinstance(e, WORKER_LOST) else ex.holder_index(i)
-                ex.lost(i if holder is None else holder)
+                if isinstance(e, HolderLost):  # its holder; the I/O worker may have waited
+                    ex.lost(ex.holder_index(i), gone=str(e) if e.waited else None)
+                else:
+                    ex.lost(i)
                 lost(batch, suspect, e)
                 continue
             record(payload)
