@@ -69,7 +69,8 @@ def match_target(module: str, targets: Sequence[str]) -> str | None:
 
 def conv1d_names(config: dict[str, Any] | None) -> frozenset[str] | None:
     """The module names stored as ``Conv1D`` (transposed) by the model of this
-    ``config.json``; empty for an nn.Linear model; None when there is no config to tell."""
+    ``config.json``; empty for an nn.Linear model; None when there is no config to tell (no
+    file, or one with neither ``model_type`` nor ``architectures``)."""
     if config is None:
         return None
     model_type = config.get("model_type")
@@ -80,6 +81,8 @@ def conv1d_names(config: dict[str, Any] | None) -> frozenset[str] | None:
             for prefix, mt in _CONV1D_ARCHITECTURES.items():
                 if isinstance(arch, str) and arch.startswith(prefix):
                     return CONV1D_MODULES[mt]
+        if not config.get("architectures"):
+            return None
     return frozenset()
 
 

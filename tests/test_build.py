@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import resource
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -98,6 +99,12 @@ def test_rebuild_same_inputs_is_reused_and_other_inputs_refused(tmp_path):
     assert again.reused and again.content_id == first.content_id
     with pytest.raises(AlignmentSetError, match="immutable"):
         build(BuildConfig(base=b, aligned=a, out=out, targets="q_proj", progress=False))
+    # config.json decides each weight's orientation: a changed one is another input.
+    cfg = Path(a) / "config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()),
+                               "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(AlignmentSetError, match="immutable"):
+        build(BuildConfig(base=b, aligned=a, out=out, progress=False))
 
 
 def test_content_id_is_independent_of_sharding_and_storage_layout(tmp_path):

@@ -198,3 +198,16 @@ def test_project_model_gpt2_fine_tune(gpt2: dict, tmp_path: Path) -> None:
             torch.testing.assert_close(out[name].double(), ref[m][1].T, rtol=1e-5, atol=1e-6)
         else:
             assert torch.equal(out[name], w), name
+
+
+def test_a_config_that_names_no_model_tells_nothing() -> None:
+    """Layouts come from config.json, never from names alone: a config with neither
+    ``model_type`` nor ``architectures`` says nothing (a GPT-2-named module is then refused)."""
+    from safelora_ray.plan import conv1d_names
+
+    assert conv1d_names(None) is None
+    assert conv1d_names({"hidden_size": 768}) is None
+    assert conv1d_names({"model_type": "gpt2"}) == conv1d_names(
+        {"architectures": ["GPT2LMHeadModel"]}) != frozenset()
+    assert conv1d_names({"model_type": "llama"}) == frozenset()
+    assert conv1d_names({"architectures": ["LlamaForCausalLM"]}) == frozenset()

@@ -51,7 +51,7 @@ from safelora_ray.formats.alignment_set import (
     parquet_bytes,
     read_metadata,
 )
-from safelora_ray.formats.checkpoint import Checkpoint, read_ref
+from safelora_ray.formats.checkpoint import CONFIG_FILE, Checkpoint, read_ref
 from safelora_ray.formats.safetensors_io import SafetensorsWriter
 from safelora_ray.math_core import as_linear, check_norm, start_alignment
 from safelora_ray.plan import (
@@ -559,6 +559,10 @@ def end_build(ctx: WorkerContext, build_id: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _config_file(ckpt: Checkpoint) -> set[str]:
+    return {CONFIG_FILE} if ckpt.model_config() is not None else set()
+
+
 def _same_inputs(existing: dict[str, Any], proposed: dict[str, Any]) -> bool:
     keys = ("targets", "method")
     if any(existing.get(k) != proposed.get(k) for k in keys):
@@ -597,8 +601,10 @@ def build(config: BuildConfig) -> BuildResult:
         plan.shards = shard_modules(plan.modules, wplan.num_workers, config.max_file_bytes)
         wplan = wplan.take(len(plan.shards))
     method = config.projection_spec.method()
-    base_files = {m.base.path for m in plan.modules}
-    aligned_files = {m.aligned.path for m in plan.modules}
+    # The weights files read, and config.json where there is one: it decides each weight's
+    # orientation (a corrected model_type must not reuse a set built the other way).
+    base_files = {m.base.path for m in plan.modules} | _config_file(base)
+    aligned_files = {m.aligned.path for m in plan.modules} | _config_file(aligned)
     proposed = {
         "targets": list(plan.targets),
         "method": method,
