@@ -339,7 +339,10 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, dry_run: bool = F
             record["models"]["items"] = [{"catalog": m.name, "pair": m.pair,
                                           "model_id": ref.model_id, "uri": ref.uri}
                                          for m, ref in models]
-            record["status"] = "dry-run"
+            # A catalog that cannot be listed fails a dry run too (what it is there to find).
+            record["status"] = "failed" if record["catalog_errors"] else "dry-run"
+            if record["catalog_errors"]:
+                record["failure"] = "; ".join(e["error"] for e in record["catalog_errors"])
             return record
 
         # One set of workers for every build and sanitize of the run: each worker process
@@ -406,7 +409,15 @@ def _list_models(cfg: NightlyConfig, record: dict[str, Any]
     """Every full fine-tune of the ``models:`` catalogs (bad ids are reported as errors)."""
     found = []
     for spec in cfg.models:
-        for item in iter_models(spec.uri):
+        try:
+            items = list(iter_models(spec.uri))
+        except SafeLoraError as e:
+            # As for an adapter catalog: the others still run; the run fails for this one.
+            msg = redact(f"model catalog {spec.name!r} ({spec.uri}): {e}")
+            logger.error("%s", msg)
+            record["catalog_errors"].append({"catalog": spec.name, "error": msg})
+            continue
+        for item in items:
             record["models"]["total"] += 1
             if isinstance(item, tuple):
                 record["models"]["error"] += 1

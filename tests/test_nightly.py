@@ -173,3 +173,23 @@ def test_nightly_projects_model_catalogs(tmp_path, capsys):
     bad = {**config, "models": [{"name": "x", "uri": "y", "pair": "nope"}]}
     with pytest.raises(ConfigError, match="pair 'nope' is not one of"):
         NightlyConfig.from_dict(bad)
+
+
+def test_nightly_a_mistyped_model_catalog_fails_the_run(tmp_path, capsys):
+    """A models: catalog that does not exist is an error naming it (not an empty catalog
+    and a green run); the other catalogs still run."""
+    (tmp_path / "finetunes").mkdir()
+    config = {
+        "output_root": str(tmp_path / "out"), "alignment_root": str(tmp_path / "sets"),
+        "pairs": [{"name": "p", "base": str(tmp_path / "base"),
+                   "aligned": str(tmp_path / "aligned")}],
+        "models": [{"name": "finetunes", "uri": str(tmp_path / "finetunes"), "pair": "p"},
+                   {"name": "typo", "uri": str(tmp_path / "finetunez"), "pair": "p"}],
+        "selection": {"threshold": 0.35},
+    }
+    path = tmp_path / "nightly.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["--config", str(path), "--run-id", "r1", "--dry-run", "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "model catalog 'typo'" in out and "finetunez does not exist" in out
+    assert "'finetunes'" not in out  # the existing (empty) catalog is no error
