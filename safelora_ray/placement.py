@@ -162,11 +162,13 @@ def plan_pipeline(nodes: Sequence[NodeInfo], requested_io: int | None, use_gpu: 
                                                                          strict=True)]
         io = _spread(requested_io or sum(math.floor(f) for f in free), free)
         for n, h, k in zip(gnodes, holders, io, strict=True):
+            if k == 0:  # --workers fewer than the GPU nodes: holders there would serve nobody
+                continue
             first = len(specs)
             specs += [WorkerSpec(n.node_id, GPU_WORKER_CPUS, 1.0 / workers_per_gpu, "holder")
                       for _ in range(h)]
             specs += [WorkerSpec(n.node_id, 1.0, 0.0, "io", holder=first + j % h)
-                      for j in range(max(k, 1))]
+                      for j in range(k)]
         return specs
     io = _spread(requested_io or max(1, sum(int(n.cpus) for n in nodes)),
                  [n.cpus for n in nodes])
