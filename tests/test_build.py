@@ -97,6 +97,10 @@ def test_rebuild_same_inputs_is_reused_and_other_inputs_refused(tmp_path):
     first = build(BuildConfig(base=b, aligned=a, out=out, progress=False))
     again = build(BuildConfig(base=b, aligned=a, out=out, progress=False))
     assert again.reused and again.content_id == first.content_id
+    # A running job names the set it started with: another one there since is an error.
+    assert AlignmentSet.open(out, expect=first.content_id).content_id == first.content_id
+    with pytest.raises(AlignmentSetError, match="changed while the run started"):
+        AlignmentSet.open(out, expect="als-0123")
     with pytest.raises(AlignmentSetError, match="immutable"):
         build(BuildConfig(base=b, aligned=a, out=out, targets="q_proj", progress=False))
     # config.json decides each weight's orientation: a changed one is another input.

@@ -177,12 +177,18 @@ class AlignmentSet:
         return "salora" if self.method_name == SALORA_METHOD else "safelora"
 
     @classmethod
-    def open(cls, uri_or_storage: str | Storage) -> AlignmentSet:
+    def open(cls, uri_or_storage: str | Storage, expect: str | None = None) -> AlignmentSet:
         """Open a complete set.
+
+        Args:
+            uri_or_storage: Where it is.
+            expect: The content id a running job started with: a set rebuilt there since is
+                an error (a job never mixes two sets).
 
         Raises:
             AlignmentSetError: no set there, an interrupted build (no ``alignment.json``), an
-                unknown format version, or a manifest that disagrees with the metadata.
+                unknown format version, a manifest that disagrees with the metadata, or not
+                the ``expect``-ed set.
         """
         storage = (
             open_storage(uri_or_storage) if isinstance(uri_or_storage, str) else uri_or_storage
@@ -221,7 +227,12 @@ class AlignmentSet:
                 f"{storage.uri}: manifest has {len(rows)} modules, {METADATA_FILE} says "
                 f"{metadata.get('num_modules')}"
             )
-        return cls(storage, metadata, rows)
+        aset = cls(storage, metadata, rows)
+        if expect is not None and aset.content_id != expect:
+            raise AlignmentSetError(
+                f"{storage.uri} now holds alignment set {aset.content_id}, not {expect}: it "
+                "changed while the run started")
+        return aset
 
     def header(self, shard: str) -> SafetensorsHeader:
         with self._lock:

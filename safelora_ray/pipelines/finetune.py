@@ -61,7 +61,6 @@ from safelora_ray.checks import (
     selection_record,
 )
 from safelora_ray.errors import (
-    AlignmentSetError,
     CheckpointError,
     ConfigError,
     Interrupted,
@@ -458,11 +457,7 @@ class FileProjector:
     def __init__(self, job: ProjectJob, device: str) -> None:
         self.job = job
         self.device = device
-        self.aset = AlignmentSet.open(job.alignment_uri)
-        if self.aset.content_id != job.alignment_id:
-            raise AlignmentSetError(
-                f"{job.alignment_uri} now holds alignment set {self.aset.content_id}, not "
-                f"{job.alignment_id}: it changed while the run started")
+        self.aset = AlignmentSet.open(job.alignment_uri, expect=job.alignment_id)
         self.out = open_storage(job.out_uri)
         self._storages: dict[str, Storage] = {}
         self._lock = threading.Lock()

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from safelora_ray.checks import env_number
-from safelora_ray.errors import AlignmentSetError, ClusterError, SafeLoraError
+from safelora_ray.errors import ClusterError, SafeLoraError
 from safelora_ray.formats.alignment_set import AlignmentSet
 from safelora_ray.math_core import AlignmentMatrix, project_stack
 from safelora_ray.workers import REJOIN_TIMEOUT_S, WorkerContext, wait_back
@@ -92,12 +92,7 @@ class MatrixCache:
     @classmethod
     def open(cls, key: SetKey, device: str) -> MatrixCache:
         """Open the set at ``key.uri``, checking it is still the set ``key`` names."""
-        cache = cls(AlignmentSet.open(key.uri), device)
-        if cache.aset.content_id != key.content_id:
-            raise AlignmentSetError(
-                f"{key.uri} now holds alignment set {cache.aset.content_id}, not "
-                f"{key.content_id}: it changed while the run started")
-        return cache
+        return cls(AlignmentSet.open(key.uri, expect=key.content_id), device)
 
     def get(self, module: str) -> AlignmentMatrix:
         m = self._matrices.get(module)

@@ -43,7 +43,6 @@ from safelora_ray.checks import (
 )
 from safelora_ray.errors import (
     AdapterError,
-    AlignmentSetError,
     ConfigError,
     NotFoundError,
     SafeLoraError,
@@ -588,11 +587,7 @@ def sanitize_batch(ctx: WorkerContext, job: SanitizeJob, refs: Sequence[AdapterR
     key = SetKey(job.alignment_uri, job.alignment_id)
 
     def sanitizer() -> FleetSanitizer:
-        aset = AlignmentSet.open(job.alignment_uri)
-        if aset.content_id != job.alignment_id:
-            raise AlignmentSetError(
-                f"{job.alignment_uri} now holds alignment set {aset.content_id}, not "
-                f"{job.alignment_id}: it changed while the run started")
+        aset = AlignmentSet.open(job.alignment_uri, expect=job.alignment_id)
         return FleetSanitizer(job.alignment_uri, job.out_uri, json.loads(job.selection_json),
                               ctx.device, job.force, job.max_adapter_bytes, aset=aset,
                               run_id=job.run_id)
