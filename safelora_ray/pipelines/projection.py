@@ -138,6 +138,8 @@ class ProjectionEngine:
 
 
 def _pinned(t: torch.Tensor) -> torch.Tensor:
+    if t.is_pinned():  # coalesced: concatenated into pinned memory already
+        return t
     # The caching host allocator reuses pinned blocks: no cudaHostAlloc per call.
     staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     staged.copy_(t)
@@ -213,7 +215,8 @@ class ProjectionService:
             for key, pair in p.groups.items():
                 merged.setdefault(key, []).append(pair)
         try:
-            groups = {k: (torch.cat([b for b, _ in v]), torch.cat([g for _, g in v]))
+            groups = {k: (_cat([b for b, _ in v], self.engine.cuda),
+                          _cat([g for _, g in v], self.engine.cuda))
                       if len(v) > 1 else v[0] for k, v in merged.items()}
             out = self.engine.run(groups)
         except BaseException as e:  # every waiting caller gets the error
@@ -232,6 +235,14 @@ class ProjectionService:
                 mine[key] = (cb[lo:hi], sums[lo:hi])
                 offsets[key] = hi
             p.future.set_result(mine)
+
+
+def _cat(parts: list[torch.Tensor], pinned: bool) -> torch.Tensor:
+    """The requests' tensors as one (for a GPU straight into pinned memory: one copy)."""
+    if not pinned:
+        return torch.cat(parts)
+    shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+    return torch.cat(parts, out=torch.empty(shape, dtype=parts[0].dtype, pin_memory=True))
 
 
 # ---------------------------------------------------------------------------------------------
