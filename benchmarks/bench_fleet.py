@@ -39,7 +39,9 @@ other byte for byte (the output digests of the reports).
 
 Memory: every process of the run (driver, Ray system processes, worker actors, Ray Data's
 workers) is sampled every 50 ms; the figure is the sum of their RSS at the run's peak moment
-(and its anonymous part). After each sanitize the worker actors are asked what they hold, so
+(and its anonymous part), and the largest sum of their PSS (a page shared by several
+processes, such as the alignment set a CPU node keeps in its object store, counted once).
+After each sanitize the worker actors are asked what they hold, so
 holders of the alignment set and I/O workers are reported apart, with the set's copies.
 
 ``--io-floor``: after each of our runs, the plain sequential I/O of the catalog, timed on the
@@ -540,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
             init = ray_init_s if mode in ("ray", "raydata") else 0.0
             peak = common.median([r["memory"]["peak_total_rss"] for r in rs])
             peak_anon = common.median([r["memory"]["peak_total_anon"] for r in rs])
+            peak_pss = common.median([r["memory"].get("peak_total_pss", 0) for r in rs])
             copies = rs[0]["sanitize"]["set_copies"]
             rec = {
                 "mode": mode, "n": n, "executor": rs[0]["executor"], "build_s": build_s,
@@ -553,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ratio_incl_ray_init": round(base_t / (total + init), 2),
                 "sanitize_adapters_per_s": round(n / san, 3),
                 "peak_total_rss_median": int(peak), "peak_total_anon_median": int(peak_anon),
+                "peak_total_pss_median": int(peak_pss),
                 "set_copies": copies,
                 "runs": rs,
             }
@@ -569,7 +573,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(rec)
             mid = median_run(rs)
             mem_rows.append([mode, n, round(san, 2), rec["sanitize_adapters_per_s"],
-                             common.mib(peak), common.mib(peak_anon), copies,
+                             common.mib(peak), common.mib(peak_anon), common.mib(peak_pss),
+                             copies,
                              common.mib(mid["sanitize"]["set_bytes_per_copy"])
                              if mid["sanitize"]["set_bytes_per_copy"] is not None else "-",
                              mid["sanitize"]["io_workers"] or "-"])
@@ -632,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
         ("sanitize alone, and memory of the whole run (medians; RSS summed over every "
          "process at the run's peak moment)",
          ["mode", "N", "sanitize s", "sanitize ad/s", "peak RSS, MiB", "anon RSS, MiB",
-          "set copies", "MiB per copy", "I/O workers"], mem_rows),
+          "PSS, MiB", "set copies", "MiB per copy", "I/O workers"], mem_rows),
         *([("sanitize against plain sequential I/O of the same catalog (--io-floor; "
             "target: ratio ≤ 1.25, i.e. ≥ 80 % of the disk)",
             ["mode", "N", "sanitize s", "read s", "write + fsync s", "floor s", "ratio",

@@ -602,6 +602,19 @@ def _status(pid: int) -> dict[str, int] | None:
     return out if "rss" in out else None
 
 
+def _pss(pid: int) -> int:
+    """The process's proportional set size in bytes (``Pss`` of ``/proc/PID/smaps_rollup``:
+    each shared page divided among the processes mapping it), 0 when unreadable."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def _reset_hwm(pid: int) -> None:
     """Reset a process's ``VmHWM`` to its current RSS (Linux ``clear_refs`` 5); best effort."""
     with contextlib.suppress(OSError), open(f"/proc/{pid}/clear_refs", "w") as f:
@@ -669,7 +682,9 @@ class ProcessMonitor:
     times), and ``peak_moment`` what each process and role held in that sample. Shared pages
     (torch's libraries, Ray's object store) count in every process that maps them, so the
     sum is an upper bound; its anonymous part (``RssAnon``: heaps, tensors) is reported
-    apart, as is its own peak.
+    apart, as is its own peak, and so is the largest sum of PSS (``peak_total_pss``: shared
+    pages divided among the processes mapping them, so that a page counts once in the sum —
+    the run's real memory, page cache it maps included).
 
     Roles come from the processes' Ray titles (``SafeLoraWorker``, ``ray system``, ...);
     :meth:`label` refines them (which worker holds the alignment set).
@@ -682,6 +697,7 @@ class ProcessMonitor:
         self.peaks: dict[int, dict[str, Any]] = {}
         self.peak_total = 0
         self.peak_anon = 0
+        self.peak_pss = 0
         self.peak_moment: dict[str, Any] = {}
         self.samples = 0
         self.labels: dict[int, str] = {}
@@ -700,7 +716,7 @@ class ProcessMonitor:
             return [me]
 
     def _sample(self, first: bool = False) -> None:
-        total = anon = 0
+        total = anon = pss = 0
         now: dict[int, dict[str, int]] = {}
         for p in self._procs():
             if first:
@@ -712,6 +728,7 @@ class ProcessMonitor:
             now[p.pid] = st
             total += rss
             anon += st.get("anon", 0)
+            pss += _pss(p.pid)
             try:
                 ct = p.cpu_times()
                 cpu = ct.user + ct.system
@@ -735,6 +752,7 @@ class ProcessMonitor:
             rec["peak_anon"] = max(rec["peak_anon"], st.get("anon", 0))
         self.samples += 1
         self.peak_anon = max(self.peak_anon, anon)
+        self.peak_pss = max(self.peak_pss, pss)
         if total > self.peak_total:
             self.peak_total = total
             self.peak_moment = {
@@ -794,7 +812,7 @@ class ProcessMonitor:
         moment = {k: sum(st[k] for st in at_peak.values())
                   for k in ("rss", "anon", "file", "shmem")}
         return {"roles": roles, "peak_total_rss": self.peak_total,
-                "peak_total_anon": self.peak_anon,
+                "peak_total_anon": self.peak_anon, "peak_total_pss": self.peak_pss,
                 "peak_moment": {"t_s": self.peak_moment.get("t_s"),
                                 "processes": len(at_peak), **moment},
                 "samples": self.samples,
@@ -820,6 +838,8 @@ def memory_rows(summary: dict[str, Any]) -> list[list[Any]]:
                  round(summary["cpu_s"], 2)])
     rows.append(["largest sum of anonymous RSS (heaps, tensors; no page cache)", "", "", "",
                  mib(summary.get("peak_total_anon", 0)), ""])
+    rows.append(["largest sum of PSS (a shared page counted once)", "", "", "",
+                 mib(summary.get("peak_total_pss", 0)), ""])
     return rows
 
 
@@ -830,15 +850,22 @@ def memory_rows(summary: dict[str, Any]) -> list[list[Any]]:
 
 def _worker_state(ctx: Any) -> dict[str, Any]:
     """Runs on a worker (a task function): its pid, device, slots, and the bytes of the
-    alignment set it keeps resident (0 for an I/O worker: it holds the set's metadata only)."""
-    set_bytes = 0
+    alignment set it keeps resident: ``set_bytes`` its own copy (a GPU holder's, or the copy a
+    CPU node's first I/O worker put in the node's object store), ``mapped_bytes`` the object
+    store's pages it computes with (no copy of its own); an I/O worker of a GPU node holds the
+    set's metadata only."""
+    set_bytes = mapped = 0
     for slot in ctx.slots():
         held = ctx.peek(slot)
         obj = held[1] if held else None
+        set_bytes += int(getattr(obj, "store_bytes", 0) or 0)  # a CPU node's shared set
         engine = getattr(obj, "engine", obj)  # a holder's service, or an engine
         matrices = getattr(engine, "matrices", None)
         if matrices is not None and hasattr(matrices, "nbytes"):
-            set_bytes += int(matrices.nbytes)
+            if getattr(matrices, "mapped", False):
+                mapped += int(matrices.nbytes)
+            else:
+                set_bytes += int(matrices.nbytes)
         own = getattr(obj, "_own_engine", None)  # a sanitizer computing its own products
         if own is not None:
             set_bytes += int(own.matrices.nbytes)
@@ -847,7 +874,8 @@ def _worker_state(ctx: Any) -> dict[str, Any]:
         cuda = {"allocated": int(torch.cuda.memory_allocated()),
                 "reserved": int(torch.cuda.memory_reserved())}
     return {"pid": os.getpid(), "device": ctx.device, "node_id": ctx.node_id,
-            "slots": sorted(ctx.slots()), "set_bytes": set_bytes, "cuda": cuda}
+            "slots": sorted(ctx.slots()), "set_bytes": set_bytes, "mapped_bytes": mapped,
+            "cuda": cuda}
 
 
 def worker_states(session: Any, timeout_s: float = 30.0) -> list[dict[str, Any]]:

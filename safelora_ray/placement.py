@@ -13,7 +13,9 @@ Two shapes of work:
   GPU — ``workers_per_gpu`` per GPU if asked — or one per CPU-only node) and *I/O workers*
   (one per remaining CPU) read, check and write adapters, sending each batch's B matrices to
   a holder of their own node for the products. The set is held once per GPU (or per node),
-  however many I/O workers there are. On a CPU-only node the first I/O worker is the holder.
+  however many I/O workers there are. On a CPU-only node the first I/O worker is the holder:
+  it puts the set in the node's object store, and every I/O worker computes its own products
+  with those pages (see :mod:`safelora_ray.pipelines.projection`).
 """
 
 from __future__ import annotations

@@ -1,20 +1,29 @@
-"""Requests from I/O workers to the holder of the set go in bounded parts (so that what is in
-flight through Ray's object store is bounded whatever the batch and adapter sizes), and the
-parts' answers are the bits of the whole."""
+"""Where a sanitize's products are computed, and that every place gives the same bits.
+
+- GPU nodes (fake GPUs here): I/O workers send their groups to the GPU's holder in bounded
+  parts (what is in flight through Ray's object store is bounded whatever the batch and
+  adapter sizes), and the parts' answers are the bits of the whole.
+- CPU-only nodes: the set is put once in the node's object store, every I/O worker maps those
+  pages (no copy of its own) and computes its own products.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import ray
 import torch
 
 from safelora_ray import BuildConfig, SanitizeConfig, build, sanitize
 from safelora_ray.demo import write_adapter, write_model
 from safelora_ray.pipelines.projection import split_groups
+from safelora_ray.workers import worker_session
 from tests.factory import Arch, aligned_from, llama_tensors
 
 
@@ -50,30 +59,115 @@ def tiny_requests() -> Iterator[None]:
         os.environ["SAFELORA_REQUEST_MAX_BYTES"] = old
 
 
+@pytest.fixture(scope="module")
+def ray_one_fake_gpu(tiny_requests: None, s3_server: str,
+                     ray_isolation: Path) -> Iterator[None]:
+    """A local Ray with 2 CPUs and one fake GPU: ``use_gpu=True`` plans a GPU holder (computing
+    on the CPU: torch sees no CUDA device) and an I/O worker; ``use_gpu=False`` a CPU node."""
+    from safelora_ray.ray_utils import ensure_ray
+
+    ensure_ray(num_cpus=2, num_gpus=1, object_store_memory=150 * 1024**2,
+               include_dashboard=False, log_to_driver=False, configure_logging=False,
+               _temp_dir=tempfile.mkdtemp(prefix="m-", dir=ray_isolation))
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 def _digests(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("adapter_model.safetensors"))}
 
 
-def test_parts_give_the_bytes_of_the_whole(tiny_requests: None, ray_local: None,
-                                           tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, dict[str, str]]:
+    """A set, a catalog of 8 adapters, and the digests of their in-process sanitize."""
+    root = tmp_path_factory.mktemp("fleet")
     arch = Arch(layers=2, hidden=64, heads=4, kv_heads=4, intermediate=96)
     base = llama_tensors(arch)
-    write_model(tmp_path / "base", base)
-    write_model(tmp_path / "aligned", aligned_from(base))
-    aset = build(BuildConfig(base=str(tmp_path / "base"), aligned=str(tmp_path / "aligned"),
-                             out=str(tmp_path / "set"), workers=0, progress=False)).uri
+    write_model(root / "base", base)
+    write_model(root / "aligned", aligned_from(base))
+    aset = build(BuildConfig(base=str(root / "base"), aligned=str(root / "aligned"),
+                             out=str(root / "set"), workers=0, progress=False)).uri
     g = torch.Generator().manual_seed(3)
     for k in range(8):
         lora = {f"model.layers.{i}.self_attn.{t}": (torch.randn(4, 64, generator=g),
                                                     torch.randn(64, 4, generator=g))
                 for i in range(2) for t in ("q_proj", "v_proj")}
-        write_adapter(tmp_path / "cat" / f"a{k}", lora, 4)
-    runs = {}
-    for name, workers in (("in-process", 0), ("ray", 2)):
-        res = sanitize(SanitizeConfig(alignment=aset, adapters=str(tmp_path / "cat"),
-                                      out=str(tmp_path / name), threshold=0.35, batch_size=2,
-                                      workers=workers, use_gpu=False, progress=False))
-        assert res.ok == 8 and res.error == 0, res.errors
-        runs[name] = _digests(tmp_path / name)
-    assert len(runs["ray"]) == 8 and runs["ray"] == runs["in-process"]
+        write_adapter(root / "cat" / f"a{k}", lora, 4)
+    res = sanitize(SanitizeConfig(alignment=aset, adapters=str(root / "cat"),
+                                  out=str(root / "in-process"), threshold=0.35, workers=0,
+                                  progress=False))
+    assert res.ok == 8 and res.error == 0, res.errors
+    digests = _digests(root / "in-process")
+    assert len(digests) == 8
+    return aset, root, digests
+
+
+def _run(fleet: tuple[str, Path, dict[str, str]], name: str, use_gpu: bool,
+         tmp_path: Path) -> dict[str, str]:
+    aset, root, _ = fleet
+    res = sanitize(SanitizeConfig(alignment=aset, adapters=str(root / "cat"),
+                                  out=str(tmp_path / name), threshold=0.35, batch_size=2,
+                                  workers=2 if not use_gpu else 1, use_gpu=use_gpu,
+                                  progress=False))
+    assert res.ok == 8 and res.error == 0, res.errors
+    return _digests(tmp_path / name)
+
+
+def test_parts_give_the_bytes_of_the_whole(ray_one_fake_gpu: None, fleet: Any,
+                                           tmp_path: Path) -> None:
+    # A GPU holder answering requests of one group each: the bits of the in-process run.
+    assert _run(fleet, "gpu-holder", True, tmp_path) == fleet[2]
+
+
+def _what_i_hold(ctx: Any) -> dict[str, Any]:
+    """Runs on a worker: per slot, the object's type, and for the matrices it computes with,
+    whether every one lies in the node's object store (Ray's plasma mapping)."""
+    maps = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            maps.append((lo, hi, parts[5] if len(parts) > 5 else ""))
+
+    def where(t: torch.Tensor) -> str:
+        addr = t.data_ptr()
+        return next((path for lo, hi, path in maps if lo <= addr < hi), "")
+
+    out: dict[str, Any] = {}
+    for slot in ctx.slots():
+        obj = ctx.peek(slot)[1]
+        engine = getattr(obj, "engine", None)
+        rec: dict[str, Any] = {"type": type(obj).__name__,
+                               "store_bytes": getattr(obj, "store_bytes", None),
+                               "own_engine": getattr(obj, "_own_engine", None) is not None}
+        if engine is not None:
+            ms = [engine.matrices.get(m).tensor for m in engine.matrices.aset.rows]
+            rec["mapped"] = engine.matrices.mapped
+            rec["in_store"] = all("plasma" in where(t) for t in ms)
+        out[slot] = rec
+    return out
+
+
+def test_cpu_node_shares_the_set_through_its_object_store(ray_one_fake_gpu: None, fleet: Any,
+                                                          tmp_path: Path) -> None:
+    with worker_session() as sess:
+        # The first run starts the workers (one may get every batch before the other is up);
+        # in the second both are ready from the start and share the batches.
+        assert _run(fleet, "cpu-node-warm", False, tmp_path) == fleet[2]
+        got = _run(fleet, "cpu-node", False, tmp_path)
+        states = [ray.get(a.call.options(concurrency_group="control").remote(_what_i_hold),
+                          timeout=60).result for _, a in sess._actors]
+    assert got == fleet[2]
+    assert len(states) == 2, states
+    shared = [s["shared-set"] for s in states]
+    # The first I/O worker put the set in the store (once) and computes with the store's
+    # pages; the other maps those pages; neither keeps a copy of its own.
+    assert sorted(s["type"] for s in shared) == ["MappedSet", "SharedSet"]
+    owner = next(s for s in shared if s["type"] == "SharedSet")
+    assert owner["store_bytes"] > 0
+    assert all(s["mapped"] and s["in_store"] for s in shared), shared
+    # ... and no sanitizer loaded the set on the side.
+    assert [s["sanitizer"]["own_engine"] for s in states] == [False, False]

@@ -1,17 +1,23 @@
-"""The products of a sanitize: C B and the scores' sums, for many adapters at once, on the
-device that holds the alignment set.
+"""The products of a sanitize: C B and the scores' sums, for many adapters at once, next to
+the one copy of the alignment set a GPU or a node keeps.
 
-An I/O worker groups a batch's modules by (module, dtype, rank) and sends, per group, the
-stacked B (n x d_out x r, in the adapters' dtype) and G = A Aᵀ (n x r x r, float64): all the
-rule needs of A, at r/d_in of its size. The *holder* of the set (one per GPU, or one per
-CPU-only node) answers with C B in B's dtype and the n x 4 score sums
-(:func:`~safelora_ray.math_core.gram_sums`).
+An I/O worker groups a batch's modules by (module, dtype, rank): per group, the stacked B
+(n x d_out x r, in the adapters' dtype) and G = A Aᵀ (n x r x r, float64), all the rule needs
+of A at r/d_in of its size. The products are C B in B's dtype and the n x 4 score sums
+(:func:`~safelora_ray.math_core.gram_sums`). Where they are computed depends on the node:
 
-On the holder a :class:`ProjectionService` coalesces the requests of every I/O worker of its
-node for a few milliseconds and runs them as one: one matrix product per module for hundreds
-of adapters, the inputs staged in pinned host memory and copied asynchronously, and a single
-synchronisation per batch (none per module). The same :class:`ProjectionEngine` runs in this
-process for an in-process job, so every path computes exactly the same products.
+- **GPU nodes**: the *holder* (one actor per GPU) keeps the set on its GPU, and the I/O
+  workers send it their groups. A :class:`ProjectionService` coalesces the requests of every
+  I/O worker of its node for a few milliseconds and runs them as one: one matrix product per
+  module for hundreds of adapters, the inputs staged in pinned host memory and copied
+  asynchronously, and a single synchronisation per batch (none per module).
+- **CPU-only nodes**: the node's first I/O worker puts the set in the node's Ray object store
+  (:class:`SharedSet`), once; every I/O worker of the node maps those same pages (zero-copy,
+  read-only: :class:`MappedSet`) and computes its own products. The set is held once per
+  node, and the products run on all the node's cores instead of queueing behind one process.
+
+The same :class:`ProjectionEngine` runs everywhere, in-process jobs included, with fixed-width
+products: every path gives the same bits.
 """
 
 from __future__ import annotations
@@ -83,10 +89,14 @@ class MatrixCache:
         device: ``cpu`` or ``cuda``.
     """
 
-    def __init__(self, aset: AlignmentSet, device: str) -> None:
+    def __init__(self, aset: AlignmentSet, device: str,
+                 matrices: dict[str, AlignmentMatrix] | None = None) -> None:
         self.aset = aset
         self.device = device
-        self._matrices: dict[str, AlignmentMatrix] = {}
+        self._matrices: dict[str, AlignmentMatrix] = dict(matrices or {})
+        #: The matrices are views of the node's object store (a :class:`MappedSet`), not a
+        #: copy of this process's own.
+        self.mapped = matrices is not None
         self._lock = threading.Lock()
 
     @classmethod
@@ -110,6 +120,7 @@ class MatrixCache:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the matrices loaded (for a mapped set: the pages it may map)."""
         return sum(m.tensor.numel() * m.tensor.element_size() for m in self._matrices.values())
 
 
@@ -299,8 +310,11 @@ def _service(ctx: WorkerContext, key: SetKey) -> ProjectionService:
     return ctx.resident(SERVICE_SLOT, key, make)
 
 
-def warm_set(ctx: WorkerContext, key: SetKey) -> int:
-    """Task: load the set onto this holder's device now; returns its bytes."""
+def warm_set(ctx: WorkerContext, key: SetKey, share: bool = False) -> int:
+    """Task: load the set onto this holder's device now (``share``: a CPU node's holder puts
+    it in the node's object store instead); returns its bytes."""
+    if share:
+        return _shared(ctx, key).store_bytes
     svc = _service(ctx, key)
     svc.engine.matrices.load_all()
     return svc.engine.matrices.nbytes
@@ -315,12 +329,6 @@ def project_request(ctx: WorkerContext, key: SetKey,
 
 
 Projector = Callable[[dict[GroupKey, Pair]], dict[GroupKey, Pair]]
-
-
-def local_projector(ctx: WorkerContext, key: SetKey) -> Projector:
-    """Products through this worker's own service: a CPU node's holder serves its own
-    batches with its I/O workers' (loading the set here the first time)."""
-    return _service(ctx, key).submit
 
 
 def split_groups(groups: dict[GroupKey, Pair], max_bytes: int
@@ -343,45 +351,161 @@ def split_groups(groups: dict[GroupKey, Pair], max_bytes: int
     return parts
 
 
-def remote_projector(holder: Any, key: SetKey, timeout_s: float) -> Projector:
-    """Products computed by ``holder`` (an actor of this node). If the holder dies mid-call,
-    the call is made again once Ray has restarted it; if it does not come back within
-    :data:`~safelora_ray.workers.REJOIN_TIMEOUT_S`, :class:`HolderLost`."""
+def _ask_holder(holder: Any, timeout_s: float, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` on ``holder`` (an actor of this node), its log records relayed. If the
+    holder dies mid-call, the call is made again once Ray has restarted it; if it does not
+    come back within :data:`~safelora_ray.workers.REJOIN_TIMEOUT_S`, :class:`HolderLost`."""
     from safelora_ray.ray_utils import get_unwrapped
     from safelora_ray.workers import WORKER_LOST, Relayed, relay
 
-    def one(groups: dict[GroupKey, Pair]) -> dict[GroupKey, Pair]:
-        payload = pack(groups)
-        for attempt in (1, 2):
-            ref = holder.call.options(concurrency_group="serve").remote(
-                project_request, key, payload)
-            try:
-                out = get_unwrapped(ref, timeout_s)
-                if isinstance(out, Relayed):  # the holder's log records go on with ours
-                    relay(out.records)
-                    out = out.result
-                # Copied out: the holder's store frees the answer when this returns, not
-                # when this batch has been written.
-                return unpack(out, copy=True)
-            except WORKER_LOST as e:
-                if attempt == 2:
-                    raise HolderLost(f"the worker holding the alignment set died twice during "
-                                     f"one batch ({type(e).__name__})") from None
-                why = wait_back(holder, REJOIN_TIMEOUT_S)
-                if why is not None:
-                    raise HolderLost(f"the worker holding the alignment set died: {why}",
-                                     waited=True) from None
-        raise ClusterError("unreachable")  # pragma: no cover
+    for attempt in (1, 2):
+        ref = holder.call.options(concurrency_group="serve").remote(fn, *args)
+        try:
+            out = get_unwrapped(ref, timeout_s)
+            if isinstance(out, Relayed):  # the holder's log records go on with ours
+                relay(out.records)
+                out = out.result
+            return out
+        except WORKER_LOST as e:
+            if attempt == 2:
+                raise HolderLost(f"the worker holding the alignment set died twice during "
+                                 f"one call ({type(e).__name__})") from None
+            why = wait_back(holder, REJOIN_TIMEOUT_S)
+            if why is not None:
+                raise HolderLost(f"the worker holding the alignment set died: {why}",
+                                 waited=True) from None
+    raise ClusterError("unreachable")  # pragma: no cover
+
+
+def remote_projector(holder: Any, key: SetKey, timeout_s: float) -> Projector:
+    """Products computed by ``holder`` (a GPU holder of this node), in requests of at most
+    :data:`MAX_REQUEST_BYTES` (see :func:`_ask_holder` for a holder that dies)."""
 
     def call(groups: dict[GroupKey, Pair]) -> dict[GroupKey, Pair]:
         out: dict[GroupKey, Pair] = {}
         for part in split_groups(groups, MAX_REQUEST_BYTES):
-            out.update(one(part))
+            # Copied out: the holder's store frees the answer when this returns, not when
+            # this batch has been written.
+            out.update(unpack(_ask_holder(holder, timeout_s, project_request, key, pack(part)),
+                              copy=True))
         return out
 
     return call
 
 
-__all__ = ["GroupKey", "HolderLost", "MatrixCache", "ProjectionEngine", "ProjectionService",
-           "Projector", "SetKey", "dtype_name", "local_projector", "pack", "project_request",
-           "remote_projector", "split_groups", "unpack", "warm_set"]
+# ---------------------------------------------------------------------------------------------
+# CPU-only nodes: the set once in the node's object store, products in every I/O worker
+# ---------------------------------------------------------------------------------------------
+
+#: The worker slot of a CPU node's shared (or mapped) set.
+SHARED_SLOT = "shared-set"
+#: What an I/O worker gets to map a module: its form, object ref and norm.
+ModuleRef = tuple[str, Any, float]
+
+
+class SharedSet:
+    """An alignment set put in this node's object store by the node's first I/O worker, which
+    then uses the store's pages itself (its own loaded copy is dropped module by module: at
+    most one module is held twice at any moment). It owns the objects: they live as long as
+    this slot does.
+
+    Args:
+        key: The set.
+        refs: Per module, what :class:`MappedSet` needs (:data:`ModuleRef`).
+        matrices: The mapped matrices, for this worker's own batches.
+        store_bytes: Bytes put in the object store.
+    """
+
+    def __init__(self, key: SetKey, refs: dict[str, ModuleRef], matrices: MatrixCache,
+                 store_bytes: int) -> None:
+        self.key = key
+        self.refs = refs
+        self.engine = ProjectionEngine(matrices)
+        self.store_bytes = store_bytes
+
+    @classmethod
+    def put(cls, key: SetKey) -> SharedSet:
+        import ray
+
+        aset = AlignmentSet.open(key.uri, expect=key.content_id)
+        t0 = time.perf_counter()
+        refs: dict[str, ModuleRef] = {}
+        mapped: dict[str, AlignmentMatrix] = {}
+        nbytes = 0
+        for module in aset.rows:
+            m = aset.load(module)
+            ref = ray.put(m.tensor.numpy())
+            nbytes += m.tensor.numel() * m.tensor.element_size()
+            del m  # the store's copy replaces this one
+            refs[module] = _module_ref(aset, module, ref)
+        for module, got in zip(refs, _get_all([r[1] for r in refs.values()]), strict=True):
+            mapped[module] = _matrix(refs[module], got)
+        logger.info("alignment set %s put in this node's object store: %d module(s), %.1f MiB "
+                    "in %.2f s", key.content_id, len(refs), nbytes / 2**20,
+                    time.perf_counter() - t0)
+        return cls(key, refs, MatrixCache(aset, "cpu", mapped), nbytes)
+
+
+class MappedSet:
+    """A CPU node's set as an I/O worker sees it: the pages of the node's object store, mapped
+    read-only (no copy), and an engine computing this worker's products with them.
+
+    Args:
+        key: The set.
+        holder: The node's first I/O worker (the :class:`SharedSet`'s owner).
+        timeout_s: Bound on asking the holder and mapping the objects.
+    """
+
+    def __init__(self, key: SetKey, holder: Any, timeout_s: float) -> None:
+        refs: dict[str, ModuleRef] = _ask_holder(holder, timeout_s, share_set, key)
+        aset = AlignmentSet.open(key.uri, expect=key.content_id)
+        got = _get_all([r[1] for r in refs.values()], timeout_s)
+        matrices = {module: _matrix(refs[module], arr)
+                    for module, arr in zip(refs, got, strict=True)}
+        self._refs = refs  # borrowed: the objects stay while this worker maps them
+        self.engine = ProjectionEngine(MatrixCache(aset, "cpu", matrices))
+
+
+def _module_ref(aset: AlignmentSet, module: str, ref: Any) -> ModuleRef:
+    row = aset.rows[module]
+    return (row.form, ref, row.norm)
+
+
+def _get_all(refs: list[Any], timeout_s: float = REJOIN_TIMEOUT_S) -> list[np.ndarray]:
+    import ray
+
+    return list(ray.get(refs, timeout=timeout_s)) if refs else []
+
+
+def _matrix(mref: ModuleRef, arr: np.ndarray) -> AlignmentMatrix:
+    form, _, norm = mref
+    with warnings.catch_warnings():
+        # "the given NumPy array is not writable": nothing writes to an alignment matrix
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.from_numpy(arr)
+    return AlignmentMatrix(form, tensor, norm)  # type: ignore[arg-type]
+
+
+def _shared(ctx: WorkerContext, key: SetKey) -> SharedSet:
+    return ctx.resident(SHARED_SLOT, key, lambda: SharedSet.put(key))
+
+
+def share_set(ctx: WorkerContext, key: SetKey) -> dict[str, ModuleRef]:
+    """Task (``serve`` group, on a CPU node's first I/O worker): the refs of the set in this
+    node's object store, putting it there the first time."""
+    return _shared(ctx, key).refs
+
+
+def shared_projector(ctx: WorkerContext, holder: Any | None, key: SetKey,
+                     timeout_s: float) -> Projector:
+    """Products computed here with the set in this node's object store: put there by this
+    worker (``holder`` None: it is the node's first I/O worker) or by ``holder``."""
+    if holder is None:
+        return _shared(ctx, key).engine.run
+    return ctx.resident(SHARED_SLOT, key, lambda: MappedSet(key, holder, timeout_s)).engine.run
+
+
+__all__ = ["GroupKey", "HolderLost", "MappedSet", "MatrixCache", "ProjectionEngine",
+           "ProjectionService", "Projector", "SetKey", "SharedSet", "dtype_name", "pack",
+           "project_request", "remote_projector", "share_set", "shared_projector",
+           "split_groups", "unpack", "warm_set"]

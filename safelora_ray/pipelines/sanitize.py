@@ -64,8 +64,8 @@ from safelora_ray.pipelines.projection import (
     Projector,
     SetKey,
     dtype_name,
-    local_projector,
     remote_projector,
+    shared_projector,
     warm_set,
 )
 from safelora_ray.placement import NodeInfo, WorkerSpec, plan_pipeline
@@ -115,7 +115,7 @@ class SanitizeConfig:
             :mod:`safelora_ray.workers`).
         use_gpu: Force GPU/CPU workers; None = GPUs when the cluster has them.
         workers_per_gpu: Holders of the alignment set per GPU, each with its own copy (on a
-            CPU-only node the first I/O worker holds it).
+            CPU-only node the first I/O worker puts it in the node's object store, once).
         batch_size: Adapters per task (their B matrices are batched per module).
         max_in_flight: Batches queued per worker (backpressure).
         run_id: Report folder name; default ``YYYYmmddTHHMMSSZ-<random>``.
@@ -580,10 +580,19 @@ SANITIZER_SLOT = "sanitizer"
 
 
 def sanitize_batch(ctx: WorkerContext, job: SanitizeJob, refs: Sequence[AdapterRef],
-                   holder: Any = None) -> dict[str, Any]:
-    """Task: sanitize one batch of adapters (see :meth:`FleetSanitizer.process`); the products
-    are computed by ``holder`` (an actor of this node keeping the set), or here (None: this
-    worker holds the set itself, or this is the driver's process)."""
+                   holder: Any = None, shared: bool = False) -> dict[str, Any]:
+    """Task: sanitize one batch of adapters (see :meth:`FleetSanitizer.process`).
+
+    Args:
+        ctx: This worker.
+        job: The run.
+        refs: The batch.
+        holder: The actor of this node keeping the set (None: this worker is the holder, or
+            this is the driver's process).
+        shared: The node is CPU-only: the set is in its object store (put there by the
+            holder) and this worker computes its own products with it; else ``holder``
+            computes them (on its GPU).
+    """
     key = SetKey(job.alignment_uri, job.alignment_id)
 
     def sanitizer() -> FleetSanitizer:
@@ -592,10 +601,10 @@ def sanitize_batch(ctx: WorkerContext, job: SanitizeJob, refs: Sequence[AdapterR
                               ctx.device, job.force, job.max_adapter_bytes, aset=aset,
                               run_id=job.run_id)
 
-    if holder is not None:
-        project: Projector | None = remote_projector(holder, key, job.task_timeout_s)
-    elif ctx.node_id is not None:  # this worker is its node's holder
-        project = local_projector(ctx, key)
+    if shared:
+        project: Projector | None = shared_projector(ctx, holder, key, job.task_timeout_s)
+    elif holder is not None:
+        project = remote_projector(holder, key, job.task_timeout_s)
     else:  # the driver's process: the sanitizer's own engine
         project = None
     return ctx.resident(SANITIZER_SLOT, job, sanitizer).process(
@@ -799,13 +808,14 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
                            workers_per_gpu=config.workers_per_gpu)
     ex = open_executor(plan, config.use_gpu)
     key = SetKey(aset.uri, aset.content_id)
+    # CPU-only nodes share the set through their object store (see projection.py).
+    share_set_in_store = not ex.in_process and not plan.uses_gpu
     try:
         # Every node with a worker must see the local paths the workers read and write.
-        shared = [("--out", config.out, True), ("--alignment", config.alignment, False),
-                  ("--adapters", config.adapters, False)]
-        ex.check_shared(shared)
+        ex.check_shared([("--out", config.out, True), ("--alignment", config.alignment, False),
+                         ("--adapters", config.adapters, False)])
         if not ex.in_process:  # holders load the set while the I/O workers read
-            ex.notify(warm_set, key, group="serve", role="holder")
+            ex.notify(warm_set, key, share_set_in_store, group="serve", role="holder")
     except BaseException:
         ex.close(False)
         raise
@@ -904,7 +914,8 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
                         exhausted = True
                         break
                     i, suspect = min(free, key=load.__getitem__), False
-                pending[ex.submit(i, sanitize_batch, job, batch, ex.holder_of(i))] = (
+                pending[ex.submit(i, sanitize_batch, job, batch, ex.holder_of(i),
+                                  share_set_in_store)] = (
                     i, batch, suspect)
                 load[i] += 1
             if not pending and exhausted and not retry:
