@@ -9,6 +9,8 @@ import os
 import pathlib
 import pickle
 import random
+import shutil
+import tempfile
 import threading
 import time
 import types
@@ -432,6 +434,39 @@ def test_local_put_tree_replaces_atomically(tmp_path: pathlib.Path) -> None:
     assert sorted(os.listdir(tmp_path / "root" / "adapters")) == ["one"]
     with pytest.raises(StorageError, match="a file is in the way"):
         s.put_tree("sibling.txt", tree(61))
+
+
+def test_local_put_tree_moves_scratch_files(tmp_path: pathlib.Path) -> None:
+    """Files written in the root's scratch dir are moved into place (written once); files on
+    another filesystem are copied; without ``move`` the caller's files stay; the published
+    bytes are the same every way."""
+    s = LocalStorage(str(tmp_path / "root"))
+    scratch = tempfile.mkdtemp(prefix=".staging-", dir=s.scratch_dir())
+    assert os.path.dirname(scratch) == s.root
+    for name, data in (("w.bin", b"w" * 5000), ("cfg.json", b"{}")):
+        pathlib.Path(scratch, name).write_bytes(data)
+    inode = os.stat(os.path.join(scratch, "w.bin")).st_ino
+    files = [(n, os.path.join(scratch, n)) for n in ("w.bin", "cfg.json")]
+    s.put_tree("a/one", files, move=True)
+    assert os.listdir(scratch) == []  # moved, not copied
+    assert os.stat(tmp_path / "root" / "a" / "one" / "w.bin").st_ino == inode
+    assert s.read("a/one/w.bin") == b"w" * 5000 and s.read("a/one/cfg.json") == b"{}"
+    # Without move the caller's file stays where it was.
+    src = tmp_path / "keep.bin"
+    src.write_bytes(b"k" * 300)
+    s.put_tree("a/two", [("w.bin", str(src))])
+    assert src.read_bytes() == b"k" * 300 and s.read("a/two/w.bin") == b"k" * 300
+    # On another filesystem (tmpfs) a moved file is copied instead (rename cannot cross).
+    if os.path.isdir("/dev/shm") and os.stat("/dev/shm").st_dev != os.stat(s.root).st_dev:
+        other = tempfile.mkdtemp(dir="/dev/shm")
+        try:
+            far = os.path.join(other, "w.bin")
+            pathlib.Path(far).write_bytes(b"v" * 300)
+            s.put_tree("a/three", [("w.bin", far)], move=True)
+            assert s.read("a/three/w.bin") == b"v" * 300
+        finally:
+            shutil.rmtree(other, ignore_errors=True)
+    assert not [n for n in os.listdir(tmp_path / "root" / "a") if n.startswith(".")]
 
 
 def test_local_delete_directory_refused(tmp_path: pathlib.Path) -> None:

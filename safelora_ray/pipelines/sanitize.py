@@ -471,12 +471,13 @@ class FleetSanitizer:
                          "was projected (the number is per adapter)")
         compute_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        tmp = tempfile.mkdtemp(prefix="safelora-adapter-")
+        # Written next to the outputs when they are local: then moved into place, not copied.
+        tmp = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.out.scratch_dir())
         try:
             files = write_adapter(adapter, new_b, tmp, self._storage(ref.uri), ref.prefix)
             out_digest = output_digest(files)
             bytes_out = sum(os.path.getsize(p) for _, p in files)
-            self.out.put_tree(ref.adapter_id, files)
+            self.out.put_tree(ref.adapter_id, files, move=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         dists = [0.0 if m in chosen else s.dist for m, s in scores.items()]

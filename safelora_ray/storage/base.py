@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 from safelora_ray.errors import ConfigError, StorageError
 
+#: Name prefix of a local staging directory (swept by the next run when left behind).
+STAGING_PREFIX = ".staging-"
+
 logger = logging.getLogger(__name__)
 
 #: Largest object :meth:`Storage.read` loads whole into memory unless told otherwise.
@@ -135,16 +138,24 @@ class Storage(abc.ABC):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
 
-    def put_tree(self, prefix: str, files: list[tuple[str, str]]) -> None:
+    def put_tree(self, prefix: str, files: list[tuple[str, str]], move: bool = False) -> None:
         """Publish a set of files under ``prefix`` as one unit, as far as the backend allows.
 
         ``files`` are ``(relative path, local file)`` pairs, in the order to publish them; the
         last one is the marker that makes the tree visible (e.g. ``adapter_config.json``).
         Backends with directories (local) stage the tree and rename it into place; object
-        stores upload each object atomically and the marker last.
+        stores upload each object atomically and the marker last. ``move``: the local files
+        are the caller's to give away (a backend may move them rather than copy them).
         """
         for rel, local in files:
             self.put_file(posixpath.join(prefix, rel), local)
+
+    def scratch_dir(self) -> str | None:
+        """A local directory where files meant for :meth:`put_tree` are best written (for a
+        local root: on its own filesystem, so that they are moved into place, not copied);
+        None for the system's temp dir. Anything left there by a killed writer is removed by
+        the next run (its name starts with :data:`STAGING_PREFIX`)."""
+        return None
 
     def delete(self, path: str) -> None:
         """Delete the object at ``path`` if it exists."""

@@ -366,7 +366,7 @@ class HfStorage(Storage):
         """Refused: hf:// is read-only."""
         raise self._read_only(path)
 
-    def put_tree(self, prefix: str, files: list[tuple[str, str]]) -> None:
+    def put_tree(self, prefix: str, files: list[tuple[str, str]], move: bool = False) -> None:
         """Refused: hf:// is read-only."""
         raise self._read_only(prefix)
 

@@ -15,13 +15,12 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from safelora_ray.errors import NotFoundError, StorageError
-from safelora_ray.storage.base import ObjectInfo, Storage, normalize_relpath
+from safelora_ray.storage.base import STAGING_PREFIX, ObjectInfo, Storage, normalize_relpath
 
 logger = logging.getLogger(__name__)
 
 #: Names of in-flight or discarded write artifacts; never listed as objects.
 TMP_PREFIX = ".tmp-"
-STAGING_PREFIX = ".staging-"
 TRASH_PREFIX = ".trash-"
 _HIDDEN_PREFIXES = (TMP_PREFIX, STAGING_PREFIX, TRASH_PREFIX)
 
@@ -424,12 +423,19 @@ class LocalStorage(Storage):
         except FileExistsError as exc:  # a path component is a regular file
             raise StorageError(f"cannot create directory {d}: a file is in the way") from exc
 
-    def put_tree(self, prefix: str, files: list[tuple[str, str]]) -> None:
+    def scratch_dir(self) -> str:
+        """The root itself: files written here are moved into place by :meth:`put_tree`."""
+        self._makedirs(self.root)
+        return self.root
+
+    def put_tree(self, prefix: str, files: list[tuple[str, str]], move: bool = False) -> None:
         """Publish ``files`` as the directory ``prefix`` in one rename.
 
         The tree is staged in a sibling ``.staging-<uuid>`` directory; an existing tree is
         renamed aside to ``.trash-<uuid>`` first and removed afterwards, so readers see the old
-        tree, no tree, or the complete new one, never a partial one.
+        tree, no tree, or the complete new one, never a partial one. With ``move``, files on
+        this root's filesystem (written in :meth:`scratch_dir`) are renamed into the staging
+        directory instead of copied: each adapter's bytes are written once, not twice.
         """
         dest = self._resolve(prefix.rstrip("/"))
         if os.path.exists(dest) and not os.path.isdir(dest):
@@ -447,10 +453,14 @@ class LocalStorage(Storage):
                 target = os.path.join(staging, rel)
                 os.makedirs(os.path.dirname(target), exist_ok=True)
                 try:
-                    with open(local, "rb") as src, open(target, "wb") as out:
-                        shutil.copyfileobj(src, out, _COPY_CHUNK)
-                        out.flush()
-                        os.fsync(out.fileno())
+                    if not (move and _moved(local, target)):
+                        with open(local, "rb") as src, open(target, "wb") as out:
+                            shutil.copyfileobj(src, out, _COPY_CHUNK)
+                    fd = os.open(target, os.O_RDONLY)  # its bytes on disk before the rename
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
                 except FileNotFoundError as exc:
                     if exc.filename == local:
                         raise NotFoundError(f"local file to upload not found: {local}") from None
@@ -488,6 +498,17 @@ class LocalStorage(Storage):
             if exc.errno == errno.EPERM and os.path.isdir(full):  # macOS reports EPERM
                 raise StorageError(f"cannot delete {full}: it is a directory") from exc
             raise StorageError(f"deleting {full} failed: {exc.strerror or exc}") from exc
+
+
+def _moved(src: str, dst: str) -> bool:
+    """Rename ``src`` to ``dst`` when both are on one filesystem (False when they are not)."""
+    try:
+        os.rename(src, dst)
+    except OSError as exc:
+        if exc.errno == errno.EXDEV:
+            return False
+        raise
+    return True
 
 
 def _fsync_dir(d: str) -> None:
