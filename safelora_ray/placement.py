@@ -42,6 +42,7 @@ class NodeInfo:
     address: str
     cpus: float
     gpus: float
+    store_bytes: float = 0.0  # its Ray object store's capacity (0: unknown)
 
 
 @dataclass(frozen=True)

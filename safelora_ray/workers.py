@@ -291,7 +291,8 @@ def live_nodes() -> list[NodeInfo]:
         if not n.get("Alive") or (res.get("CPU", 0) <= 0 and res.get("GPU", 0) <= 0):
             continue
         out.append(NodeInfo(n["NodeID"], n.get("NodeManagerAddress", "?"),
-                            float(res.get("CPU", 0)), float(res.get("GPU", 0))))
+                            float(res.get("CPU", 0)), float(res.get("GPU", 0)),
+                            float(res.get("object_store_memory", 0))))
     return sorted(out, key=lambda x: (x.address, x.node_id))
 
 

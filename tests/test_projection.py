@@ -171,3 +171,28 @@ def test_cpu_node_shares_the_set_through_its_object_store(ray_one_fake_gpu: None
     assert all(s["mapped"] and s["in_store"] for s in shared), shared
     # ... and no sanitizer loaded the set on the side.
     assert [s["sanitizer"]["own_engine"] for s in states] == [False, False]
+
+
+def test_a_set_too_large_for_a_cpu_nodes_object_store_is_refused(
+        ray_one_fake_gpu: None, fleet: Any, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from safelora_ray.errors import ConfigError
+    from safelora_ray.formats.alignment_set import AlignmentSet
+    from safelora_ray.pipelines import projection
+    from safelora_ray.placement import NodeInfo
+
+    aset = AlignmentSet.open(fleet[0])
+    need = sum(4 * int(torch.tensor(r.stored_shape).prod()) for r in aset.rows.values())
+    roomy = NodeInfo("n1", "10.0.0.1", 8, 0, store_bytes=need / projection.STORE_SHARE + 1)
+    tight = NodeInfo("n2", "10.0.0.2", 8, 0, store_bytes=need / projection.STORE_SHARE - 1)
+    projection.check_store_room(aset, [roomy, NodeInfo("n3", "10.0.0.3", 8, 0)])  # 0: unknown
+    with pytest.raises(ConfigError, match=r"node 10\.0\.0\.2 .*--object-store-memory"):
+        projection.check_store_room(aset, [roomy, tight])
+    # A real run on this Ray (150 MB store) with a share too small for this set: refused
+    # before any worker computes, nothing written.
+    monkeypatch.setattr(projection, "STORE_SHARE", need / (150 * 1024**2) / 2)
+    with pytest.raises(ConfigError, match="does not fit the Ray object store of node"):
+        sanitize(SanitizeConfig(alignment=fleet[0], adapters=str(fleet[1] / "cat"),
+                                out=str(tmp_path / "out"), threshold=0.35, workers=2,
+                                use_gpu=False, progress=False))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.safetensors"))

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import math
 import queue
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,9 +37,10 @@ import numpy as np
 import torch
 
 from safelora_ray.checks import env_number
-from safelora_ray.errors import ClusterError, SafeLoraError
+from safelora_ray.errors import ClusterError, ConfigError, SafeLoraError
 from safelora_ray.formats.alignment_set import AlignmentSet
 from safelora_ray.math_core import AlignmentMatrix, project_stack
+from safelora_ray.placement import NodeInfo
 from safelora_ray.workers import REJOIN_TIMEOUT_S, WorkerContext, wait_back
 
 logger = logging.getLogger(__name__)
@@ -399,6 +401,25 @@ def remote_projector(holder: Any, key: SetKey, timeout_s: float) -> Projector:
 
 #: The worker slot of a CPU node's shared (or mapped) set.
 SHARED_SLOT = "shared-set"
+#: Largest share of a CPU node's object store the set may take (the rest carries the run's
+#: other objects): a larger set is refused before the run starts.
+STORE_SHARE = env_number("SAFELORA_SET_STORE_SHARE", 0.6)
+
+
+def check_store_room(aset: AlignmentSet, nodes: Sequence[NodeInfo]) -> None:
+    """Refuse a run whose set cannot be held in the object store of a CPU-only node it uses.
+
+    Raises:
+        ConfigError: naming the set, its size, the node and its object store.
+    """
+    need = sum(4 * math.prod(r.stored_shape) for r in aset.rows.values())
+    for n in nodes:
+        if n.store_bytes and need > STORE_SHARE * n.store_bytes:
+            raise ConfigError(
+                f"alignment set {aset.uri} ({need / 2**30:.2f} GiB of matrices) does not fit "
+                f"the Ray object store of node {n.address} ({n.store_bytes / 2**30:.2f} GiB; "
+                f"a CPU-only node keeps the set there, at most {STORE_SHARE:.0%} of it): start "
+                "its Ray with a larger --object-store-memory, or sanitize on GPU nodes")
 #: What an I/O worker gets to map a module: its form, object ref and norm.
 ModuleRef = tuple[str, Any, float]
 
@@ -499,13 +520,37 @@ def share_set(ctx: WorkerContext, key: SetKey) -> dict[str, ModuleRef]:
 def shared_projector(ctx: WorkerContext, holder: Any | None, key: SetKey,
                      timeout_s: float) -> Projector:
     """Products computed here with the set in this node's object store: put there by this
-    worker (``holder`` None: it is the node's first I/O worker) or by ``holder``."""
-    if holder is None:
-        return _shared(ctx, key).engine.run
-    return ctx.resident(SHARED_SLOT, key, lambda: MappedSet(key, holder, timeout_s)).engine.run
+    worker (``holder`` None: it is the node's first I/O worker) or by ``holder``. The set is
+    found on the first call, once the batch's adapters are read: a worker starting its first
+    batch reads while the holder is still putting the set in the store."""
+
+    def run(groups: dict[GroupKey, Pair]) -> dict[GroupKey, Pair]:
+        if holder is None:
+            return _shared(ctx, key).engine.run(groups)
+        mapped = ctx.resident(SHARED_SLOT, key, lambda: MappedSet(key, holder, timeout_s))
+        return mapped.engine.run(groups)
+
+    return run
 
 
-__all__ = ["GroupKey", "HolderLost", "MappedSet", "MatrixCache", "ProjectionEngine",
-           "ProjectionService", "Projector", "SetKey", "SharedSet", "dtype_name", "pack",
-           "project_request", "remote_projector", "share_set", "shared_projector",
-           "split_groups", "unpack", "warm_set"]
+__all__ = [
+    "GroupKey",
+    "HolderLost",
+    "MappedSet",
+    "MatrixCache",
+    "ProjectionEngine",
+    "ProjectionService",
+    "Projector",
+    "SetKey",
+    "SharedSet",
+    "check_store_room",
+    "dtype_name",
+    "pack",
+    "project_request",
+    "remote_projector",
+    "share_set",
+    "shared_projector",
+    "split_groups",
+    "unpack",
+    "warm_set",
+]

@@ -63,6 +63,7 @@ from safelora_ray.pipelines.projection import (
     ProjectionEngine,
     Projector,
     SetKey,
+    check_store_room,
     dtype_name,
     remote_projector,
     shared_projector,
@@ -79,6 +80,7 @@ from safelora_ray.workers import (
     INLINE_MAX_ADAPTERS,
     WORKER_LOST,
     WorkerContext,
+    live_nodes,
     open_executor,
     resolve_workers,
     wind_down,
@@ -815,6 +817,9 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
         # Every node with a worker must see the local paths the workers read and write.
         ex.check_shared([("--out", config.out, True), ("--alignment", config.alignment, False),
                          ("--adapters", config.adapters, False)])
+        if share_set_in_store:
+            used = {s.node_id for s in plan.specs}
+            check_store_room(aset, [n for n in live_nodes() if n.node_id in used])
         if not ex.in_process:  # holders load the set while the I/O workers read
             ex.notify(warm_set, key, share_set_in_store, group="serve", role="holder")
     except BaseException:
@@ -885,6 +890,12 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
     def plan_node(node: NodeInfo) -> list[WorkerSpec]:
         if plan.uses_gpu and node.gpus < 1:
             return []
+        if share_set_in_store:
+            try:
+                check_store_room(aset, [node])
+            except ConfigError as e:
+                logger.warning("a node joined but is left unused: %s", e)
+                return []
         return plan_pipeline([node], None, plan.uses_gpu, config.workers_per_gpu)
 
     ok = False
