@@ -394,7 +394,7 @@ def _cmd_demo(args: argparse.Namespace) -> Outcome:
     from safelora_ray.demo import run_demo
 
     return run_demo(args.dir, threshold=args.threshold, workers=args.workers,
-                    progress=args.progress), None
+                    progress=args.progress, say=lambda text: _say(args, text))
 
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], Outcome]] = {

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -143,8 +145,13 @@ def write_demo_inputs(root: Path, seed: int = 0, tenants: int = 3,
 
 
 def run_demo(root: str, threshold: float = 0.35, workers: int | None = None,
-             progress: bool = True) -> int:
-    """Write the inputs, build, sanitize; print where everything is. Returns an exit code."""
+             progress: bool = True, say: Callable[[str], None] = print
+             ) -> tuple[int, dict[str, Any]]:
+    """Write the inputs, build, sanitize; tell ``say`` where everything is.
+
+    Returns:
+        The exit code, and what ``demo --json`` prints.
+    """
     from safelora_ray.formats.alignment_set import AlignmentSet
     from safelora_ray.pipelines.build import BuildConfig, build
     from safelora_ray.pipelines.sanitize import SanitizeConfig, sanitize
@@ -155,11 +162,11 @@ def run_demo(root: str, threshold: float = 0.35, workers: int | None = None,
     rootp = Path(root).resolve()
     rootp.mkdir(parents=True, exist_ok=True)
     if (rootp / "catalog").exists():  # inputs are kept: a rerun shows the incremental path
-        print(f"[1/3] reusing the synthetic inputs under {rootp}")
+        say(f"[1/3] reusing the synthetic inputs under {rootp}")
         paths = {"base": str(rootp / "models" / "base"),
                  "aligned": str(rootp / "models" / "aligned"), "catalog": str(rootp / "catalog")}
     else:
-        print(f"[1/3] writing a synthetic base/aligned pair and a tenant catalog under {rootp}")
+        say(f"[1/3] writing a synthetic base/aligned pair and a tenant catalog under {rootp}")
         paths = write_demo_inputs(rootp)
     aset_uri = str(rootp / "alignment" / "llama-mini-qv")
     where = "in this process" if workers == 0 else "on a local Ray"
@@ -167,23 +174,30 @@ def run_demo(root: str, threshold: float = 0.35, workers: int | None = None,
         ensure_ray()  # the demo shows the Ray path, small as its inputs are
     # One set of worker actors for both steps (a worker process imports torch once).
     with worker_session():
-        print(f"[2/3] building the alignment set (q_proj, v_proj) {where}")
+        say(f"[2/3] building the alignment set (q_proj, v_proj) {where}")
         res = build(BuildConfig(base=paths["base"], aligned=paths["aligned"], out=aset_uri,
                                 workers=workers, progress=progress))
-        print(AlignmentSet.open(res.uri).summary())
-        print(f"[3/3] sanitizing the catalog {paths['catalog']} (threshold {threshold})")
+        say(AlignmentSet.open(res.uri).summary())
+        say(f"[3/3] sanitizing the catalog {paths['catalog']} (threshold {threshold})")
         result = sanitize(SanitizeConfig(alignment=aset_uri, adapters=paths["catalog"],
                                          out=str(rootp / "sanitized"), threshold=threshold,
                                          workers=workers, progress=progress))
-    print(text_summary(result))
-    print()
-    print(f"sanitized adapters: {rootp / 'sanitized'}/<tenant>/<adapter>/")
-    print(f"report for people:  {os.path.join(result.report_uri, 'report.html')}")
+    say(text_summary(result))
+    say("")
+    say(f"sanitized adapters: {rootp / 'sanitized'}/<tenant>/<adapter>/")
+    report_html = os.path.join(result.report_uri, "report.html")
+    say(f"report for people:  {report_html}")
     expected_failures = {"tenant-0/dora-adapter"}
     failed = {a for a, _ in result.errors}
-    if failed != expected_failures:
-        print(f"unexpected failures: {sorted(failed - expected_failures)}")
-        return 1
-    print("the DoRA adapter was refused on purpose (Safe LoRA covers plain LoRA only); "
-          "every other adapter was sanitized.")
-    return 0
+    unexpected = sorted(failed ^ expected_failures)
+    record = {"command": "demo", "inputs": paths, "alignment": res.uri,
+              "alignment_id": result.alignment_id, "sanitized": str(rootp / "sanitized"),
+              "run_id": result.run_id, "ok": result.ok, "skipped": result.skipped,
+              "error": result.error, "report": result.report_uri, "report_html": report_html,
+              "unexpected": unexpected}
+    if unexpected:
+        say(f"unexpected outcome for: {unexpected}")
+        return 1, record
+    say("the DoRA adapter was refused on purpose (Safe LoRA covers plain LoRA only); "
+        "every other adapter was sanitized.")
+    return 0, record

@@ -26,8 +26,14 @@ def test_demo_runs_and_reruns_incrementally(tmp_path, capsys):
     html = (reports[0] / "report.html").read_text()
     assert "<svg" in html and "tenant-0/dora-adapter" in html
 
-    assert cli_main(["demo", "--dir", str(root), "--no-progress"]) == 0
-    assert "ok 0   skipped 12   failed 1" in capsys.readouterr().out
+    # --json: stdout is one JSON record (the human lines go to stderr).
+    assert cli_main(["demo", "--dir", str(root), "--no-progress", "--json"]) == 0
+    captured = capsys.readouterr()
+    record = json.loads(captured.out)
+    assert (record["command"], record["ok"], record["skipped"], record["error"]) == (
+        "demo", 0, 12, 1)
+    assert record["unexpected"] == [] and record["report_html"].endswith("report.html")
+    assert "ok 0   skipped 12   failed 1" in captured.err
     # The incremental run's report shows the fleet, not an empty run.
     latest = json.loads((root / "sanitized" / "_reports" / "latest.json").read_text())
     again = json.loads((root / "sanitized" / "_reports" / latest["summary"]).read_text())
