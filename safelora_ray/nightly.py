@@ -90,11 +90,16 @@ class CatalogSpec:
 @dataclass(frozen=True)
 class ModelCatalogSpec:
     """A catalog of full fine-tunes of one pair's aligned model (every directory holding
-    ``model.safetensors[.index.json]`` is a model, its id its path)."""
+    ``model.safetensors[.index.json]`` is a model, its id its path).
+
+    Attributes:
+        allow_empty: As for :class:`CatalogSpec`: an empty catalog is an error unless set.
+    """
 
     name: str
     uri: str
     pair: str
+    allow_empty: bool = False
 
 
 @dataclass
@@ -213,7 +218,8 @@ class NightlyConfig:
             catalogs = [CatalogSpec(str(c["name"]), str(c["uri"]),
                                     allow_empty=_flag_value(c, "allow_empty"))
                         for c in raw.get("catalogs") or []]
-            models = [ModelCatalogSpec(str(m["name"]), str(m["uri"]), str(m["pair"]))
+            models = [ModelCatalogSpec(str(m["name"]), str(m["uri"]), str(m["pair"]),
+                                       allow_empty=_flag_value(m, "allow_empty"))
                       for m in raw.get("models") or []]
             pairs = [
                 PairSpec(
@@ -411,6 +417,10 @@ def _list_models(cfg: NightlyConfig, record: dict[str, Any]
     for spec in cfg.models:
         try:
             items = list(iter_models(spec.uri))
+            if not items and not spec.allow_empty:
+                raise ConfigError("no models found (no model.safetensors or "
+                                  "model.safetensors.index.json under it); set allow_empty: "
+                                  "true for it if that is expected")
         except SafeLoraError as e:
             # As for an adapter catalog: the others still run; the run fails for this one.
             msg = redact(f"model catalog {spec.name!r} ({spec.uri}): {e}")

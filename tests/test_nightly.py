@@ -177,14 +177,18 @@ def test_nightly_projects_model_catalogs(tmp_path, capsys):
 
 def test_nightly_a_mistyped_model_catalog_fails_the_run(tmp_path, capsys):
     """A models: catalog that does not exist is an error naming it (not an empty catalog
-    and a green run); the other catalogs still run."""
+    and a green run), and so is an empty one unless it says ``allow_empty: true``, as for
+    adapter catalogs; the other catalogs still run."""
     (tmp_path / "finetunes").mkdir()
+    (tmp_path / "none-yet").mkdir()
     config = {
         "output_root": str(tmp_path / "out"), "alignment_root": str(tmp_path / "sets"),
         "pairs": [{"name": "p", "base": str(tmp_path / "base"),
                    "aligned": str(tmp_path / "aligned")}],
-        "models": [{"name": "finetunes", "uri": str(tmp_path / "finetunes"), "pair": "p"},
-                   {"name": "typo", "uri": str(tmp_path / "finetunez"), "pair": "p"}],
+        "models": [{"name": "finetunes", "uri": str(tmp_path / "finetunes"), "pair": "p",
+                    "allow_empty": True},
+                   {"name": "typo", "uri": str(tmp_path / "finetunez"), "pair": "p"},
+                   {"name": "none-yet", "uri": str(tmp_path / "none-yet"), "pair": "p"}],
         "selection": {"threshold": 0.35},
     }
     path = tmp_path / "nightly.yaml"
@@ -192,4 +196,5 @@ def test_nightly_a_mistyped_model_catalog_fails_the_run(tmp_path, capsys):
     assert main(["--config", str(path), "--run-id", "r1", "--dry-run", "--no-progress"]) == 1
     out = capsys.readouterr().out
     assert "model catalog 'typo'" in out and "finetunez does not exist" in out
-    assert "'finetunes'" not in out  # the existing (empty) catalog is no error
+    assert "model catalog 'none-yet'" in out and "allow_empty: true" in out
+    assert "'finetunes'" not in out  # empty, and allowed to be
