@@ -203,18 +203,31 @@ MAX_RELAYED = 200
 
 
 class _Relay(logging.Handler):
-    """Collects the ``safelora_ray`` log records a call emits in its own thread, to send them
-    back with its result: the driver prints them in order, once, and never after its final
-    summary (Ray's own log forwarding is asynchronous and prints every line with a prefix)."""
+    """Collects the ``safelora_ray`` log records a call emits, to send them back with its
+    result: the driver prints them in order, once, and never after its final summary (Ray's
+    own log forwarding is asynchronous and prints every line with a prefix).
+
+    Records of the call's own thread go with its result. Records of threads that belong to
+    no call (the helper threads a call starts: a build's reader and writer, the S3 range
+    reads, a holder's projection thread) go with the next result this worker sends, so that
+    they reach the driver too instead of the worker's log file only.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self._local = threading.local()
+        self._lock = threading.Lock()
+        self._others: list[tuple[str, int, str]] = []
 
     def emit(self, record: logging.LogRecord) -> None:
+        item = (record.name, record.levelno, record.getMessage())
         buf = getattr(self._local, "records", None)
-        if buf is not None and len(buf) < MAX_RELAYED:
-            buf.append((record.name, record.levelno, record.getMessage()))
+        if buf is None:
+            with self._lock:
+                if len(self._others) < MAX_RELAYED:
+                    self._others.append(item)
+        elif len(buf) < MAX_RELAYED:
+            buf.append(item)
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[list[tuple[str, int, str]]]:
@@ -223,6 +236,9 @@ class _Relay(logging.Handler):
             yield records
         finally:
             self._local.records = None
+            with self._lock:
+                others, self._others = self._others, []
+            records.extend(others[:max(0, MAX_RELAYED - len(records))])
 
 
 @dataclass(frozen=True)

@@ -164,3 +164,32 @@ def test_session_notices_a_set_rebuilt_at_the_same_uri(tmp_path, ray_local):
     # the new set has no v_proj: every adapter is refused, as it must be
     assert (run2.ok, run2.error) == (0, 2)
     assert all("no entry in alignment set" in msg for _, msg in run2.errors)
+
+
+def _logs_from_a_helper_thread(ctx: object) -> str:
+    """Runs on a worker: a record from the call's thread and one from a thread it starts."""
+    import logging
+    import threading
+
+    log = logging.getLogger("safelora_ray.tests.helper")
+    log.warning("from the call's own thread")
+    t = threading.Thread(target=lambda: log.warning("from a helper thread of the call"))
+    t.start()
+    t.join()
+    return "done"
+
+
+@pytest.mark.timeout(300)
+def test_records_of_helper_threads_reach_the_driver(ray_local, caplog):
+    from safelora_ray.placement import WorkerSpec
+    from safelora_ray.workers import RayExecutor, WorkerPlan
+
+    caplog.set_level("WARNING", logger="safelora_ray")
+    ex = RayExecutor(WorkerPlan((WorkerSpec(None, 1.0, 0.0, "device"),)))
+    try:
+        ref = ex.submit(0, _logs_from_a_helper_thread)
+        assert ex.result(ref, 120) == "done"
+    finally:
+        ex.close(True)
+    text = caplog.text
+    assert "from the call's own thread" in text and "from a helper thread of the call" in text
