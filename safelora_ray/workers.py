@@ -338,46 +338,29 @@ class WorkerSession:
 
     def acquire(self, specs: Sequence[WorkerSpec], runtime_env: dict[str, Any]) -> list[Any]:
         """One actor per spec, reusing the running ones that match."""
-        cls = SafeLoraWorker  # looked up at call time (tests substitute a crashing class)
-        level = logging.getLogger("safelora_ray").getEffectiveLevel()
-        job = ray.get_runtime_context().get_job_id()
-        env_key = json.dumps(runtime_env, sort_keys=True)
         with self._lock:
             spare = list(self._actors)
-            out: list[Any] = []
             kept: list[tuple[tuple[Any, ...], Any]] = []
             for spec in specs:
-                key = (id(cls), *spec.resources, env_key, job, level)
+                key = _actor_key(spec, runtime_env)
                 match = next((x for x in spare if x[0] == key), None)
                 if match is not None:
                     spare.remove(match)
-                    handle = match[1]
+                    kept.append(match)
                 else:
-                    handle = cls.options(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus,
-                                         runtime_env=runtime_env,
-                                         **_pinned(spec.node_id)).remote(spec.num_gpus, level)
-                kept.append((key, handle))
-                out.append(handle)
+                    kept.append((key, _start_actor(spec, runtime_env)))
             for _, handle in spare:  # not needed by this call: free what they hold
                 _kill(handle)
             self._actors = kept
-            return out
+            return [handle for _, handle in kept]
 
     def add(self, specs: Sequence[WorkerSpec], runtime_env: dict[str, Any]) -> list[Any]:
         """New actors for ``specs`` beside the running ones (replacements, new nodes)."""
-        cls = SafeLoraWorker
-        level = logging.getLogger("safelora_ray").getEffectiveLevel()
-        job = ray.get_runtime_context().get_job_id()
-        env_key = json.dumps(runtime_env, sort_keys=True)
-        out = []
         with self._lock:
-            for spec in specs:
-                handle = cls.options(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus,
-                                     runtime_env=runtime_env,
-                                     **_pinned(spec.node_id)).remote(spec.num_gpus, level)
-                self._actors.append(((id(cls), *spec.resources, env_key, job, level), handle))
-                out.append(handle)
-        return out
+            new = [(_actor_key(spec, runtime_env), _start_actor(spec, runtime_env))
+                   for spec in specs]
+            self._actors.extend(new)
+        return [handle for _, handle in new]
 
     def forget(self, handle: Any) -> None:
         """Stop ``handle`` (a dropped worker) and never hand it out again."""
@@ -392,6 +375,21 @@ class WorkerSession:
         if ray.is_initialized():
             for _, handle in actors:
                 _kill(handle)
+
+
+def _actor_key(spec: WorkerSpec, runtime_env: dict[str, Any]) -> tuple[Any, ...]:
+    """What makes a running actor fit ``spec`` in this job: its class (tests substitute a
+    crashing one, looked up at call time), resources, environment, job and log level."""
+    level = logging.getLogger("safelora_ray").getEffectiveLevel()
+    return (id(SafeLoraWorker), *spec.resources, json.dumps(runtime_env, sort_keys=True),
+            ray.get_runtime_context().get_job_id(), level)
+
+
+def _start_actor(spec: WorkerSpec, runtime_env: dict[str, Any]) -> Any:
+    level = logging.getLogger("safelora_ray").getEffectiveLevel()
+    return SafeLoraWorker.options(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus,
+                                  runtime_env=runtime_env,
+                                  **_pinned(spec.node_id)).remote(spec.num_gpus, level)
 
 
 def _kill(handle: Any) -> None:
