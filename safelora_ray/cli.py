@@ -35,6 +35,17 @@ EXIT_LOCKED = 4
 EXIT_INTERRUPTED = 130
 
 
+def _add_selection(p: argparse.ArgumentParser, k_help: str, required: bool) -> None:
+    """SPEC §2's selection: --threshold or --num-proj-layers (and --strict-k)."""
+    sel = p.add_mutually_exclusive_group(required=required)
+    sel.add_argument("--threshold", type=float,
+                     help="project the modules whose rounded cosine is ≤ T, T in [-1, 1] "
+                          "(paper: 0.35)")
+    sel.add_argument("--num-proj-layers", type=int, help=f"{k_help} (ties included)")
+    p.add_argument("--strict-k", action="store_true",
+                   help="with --num-proj-layers: exactly K modules, ties broken by name")
+
+
 def _add_common(p: argparse.ArgumentParser, json_help: str | None = None) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -115,15 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="safelora: an alignment set from 'build' (B ← C B); salora: SaLoRA "
                         "safety modules from 'salora-modules' (B ← (I − V_s V_sᵀ) B; with "
                         "neither --threshold nor --num-proj-layers every module is folded)")
-    sel = s.add_mutually_exclusive_group()
-    sel.add_argument("--threshold", type=float,
-                     help="project the modules whose rounded cosine is ≤ T, T in [-1, 1] "
-                          "(paper: 0.35)")
-    sel.add_argument("--num-proj-layers", type=int,
-                     help="per adapter: project its K modules with the smallest cosines "
-                          "(ties included)")
-    s.add_argument("--strict-k", action="store_true",
-                   help="with --num-proj-layers: exactly K modules, ties broken by name")
+    _add_selection(s, "per adapter: project its K modules with the smallest cosines",
+                   required=False)
     s.add_argument("--force", action="store_true", help="redo adapters already in the ledger")
     s.add_argument("--allow-empty", action="store_true",
                    help="an empty catalog is not an error")
@@ -163,14 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("--finetuned", required=True, help="the fully fine-tuned checkpoint")
     pm.add_argument("--out", required=True,
                     help="where the projected checkpoint is written (path or s3://)")
-    psel = pm.add_mutually_exclusive_group(required=True)
-    psel.add_argument("--threshold", type=float,
-                      help="project target modules whose rounded cosine is ≤ T, T in [-1, 1]")
-    psel.add_argument("--num-proj-layers", type=int,
-                      help="project the K modules with the smallest cosines over the whole "
-                           "model (ties included)")
-    pm.add_argument("--strict-k", action="store_true",
-                    help="with --num-proj-layers: exactly K modules, ties broken by name")
+    _add_selection(pm, "project the K modules with the smallest cosines over the whole model",
+                   required=True)
     pm.add_argument("--reports", default=None,
                     help="where the reports go (default: <out>/_safelora)")
     pm.add_argument("--timeout", type=float, default=3600.0,
