@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -196,3 +197,36 @@ def test_a_set_too_large_for_a_cpu_nodes_object_store_is_refused(
                                 out=str(tmp_path / "out"), threshold=0.35, workers=2,
                                 use_gpu=False, progress=False))
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.safetensors"))
+
+
+def test_cpu_node_goes_on_when_its_holder_dies(ray_one_fake_gpu: None, fleet: Any,
+                                               tmp_path: Path) -> None:
+    """The holder (the node's first I/O worker, owner of the set in the store) killed between
+    two runs: the other I/O worker keeps computing with the pages it mapped, the restarted
+    holder puts the set again, and every output is still the in-process run's bytes."""
+    with worker_session() as sess:
+        assert _run(fleet, "warm", False, tmp_path) == fleet[2]
+        assert _run(fleet, "both-mapped", False, tmp_path) == fleet[2]
+        handles = [a for _, a in sess._actors]
+        states = [ray.get(a.call.options(concurrency_group="control").remote(_what_i_hold),
+                          timeout=60).result for a in handles]
+        kinds = [s.get("shared-set", {}).get("type") for s in states]
+        assert sorted(k for k in kinds if k) == ["MappedSet", "SharedSet"], states
+        holder = handles[kinds.index("SharedSet")]
+        ray.kill(holder, no_restart=False)  # Ray restarts it; its objects' owner is gone
+        deadline = time.monotonic() + 120
+        while True:  # wait until the restarted holder answers
+            try:
+                ray.get(holder.ready.remote(), timeout=10)
+                break
+            except ray.exceptions.RayActorError:
+                assert time.monotonic() < deadline, "the holder did not come back"
+                time.sleep(0.5)
+        # Churn the store, so that freed space would be reused if the mapped pages were freed.
+        churn = [ray.put(torch.full((4096, 64), 7.0).numpy()) for _ in range(8)]
+        assert _run(fleet, "after-holder-death", False, tmp_path) == fleet[2]
+        del churn
+        mapper = handles[kinds.index("MappedSet")]
+        after = ray.get(mapper.call.options(concurrency_group="control").remote(_what_i_hold),
+                        timeout=60).result
+        assert after["shared-set"]["type"] == "MappedSet" and after["shared-set"]["in_store"]
