@@ -278,6 +278,22 @@ def test_ray_cluster_specs() -> None:
                 f"{where}: keep at least one GPU worker"
 
 
+def test_ray_pods_keep_the_object_store_in_memory() -> None:
+    """Every Ray pod mounts an in-memory emptyDir at /dev/shm: Kubernetes gives a container a
+    64 MB /dev/shm, and Ray then keeps its object store on disk. The store carries a GPU
+    holder's requests and the alignment set of a CPU-only node."""
+    for where, spec, _ in _ray_cluster_specs():
+        groups = [spec["headGroupSpec"], *(spec.get("workerGroupSpecs") or [])]
+        for group in groups:
+            pod = group["template"]["spec"]
+            shm = {v["name"] for v in pod.get("volumes") or []
+                   if (v.get("emptyDir") or {}).get("medium") == "Memory"}
+            for c in _containers(pod):
+                mounts = {m["name"] for m in c.get("volumeMounts") or []
+                          if m.get("mountPath") == "/dev/shm"}
+                assert mounts & shm, f"{where}: {c['name']} has no in-memory /dev/shm"
+
+
 def _ray_job_specs() -> list[tuple[str, dict]]:
     out = [(w, d["spec"]) for w, d in _objects("RayJob")]
     out += [(w, d["spec"]["jobTemplate"]) for w, d in _objects("RayCronJob")]
