@@ -397,11 +397,7 @@ class LocalStorage(Storage):
         tmp = os.path.join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex}")
         try:
             yield tmp
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync_file(tmp)
             os.replace(tmp, full)
         except BaseException as exc:
             with contextlib.suppress(FileNotFoundError):
@@ -456,11 +452,7 @@ class LocalStorage(Storage):
                     if not (move and _moved(local, target)):
                         with open(local, "rb") as src, open(target, "wb") as out:
                             shutil.copyfileobj(src, out, _COPY_CHUNK)
-                    fd = os.open(target, os.O_RDONLY)  # its bytes on disk before the rename
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+                    _fsync_file(target)  # its bytes on disk before the rename
                 except FileNotFoundError as exc:
                     if exc.filename == local:
                         raise NotFoundError(f"local file to upload not found: {local}") from None
@@ -509,6 +501,15 @@ def _moved(src: str, dst: str) -> bool:
             return False
         raise
     return True
+
+
+def _fsync_file(path: str) -> None:
+    """Persist a file's bytes (whoever wrote them: this process, or one that renamed it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(d: str) -> None:
