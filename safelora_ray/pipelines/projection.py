@@ -303,8 +303,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def _service(ctx: WorkerContext, key: SetKey) -> ProjectionService:
     def make() -> ProjectionService:
-        # On a GPU, coalescing makes products of hundreds of adapters; on a CPU node the
-        # products are as fast in small pieces, and waiting for company only adds latency.
+        # On a GPU, coalescing makes products of hundreds of adapters; a holder computing on
+        # the CPU (a GPU actor where torch sees no CUDA device) gains nothing by waiting.
         linger = LINGER_S if ctx.device.startswith("cuda") else 0.0
         return ProjectionService(ProjectionEngine(MatrixCache.open(key, ctx.device)),
                                  linger_s=linger)
@@ -420,10 +420,6 @@ def check_store_room(aset: AlignmentSet, nodes: Sequence[NodeInfo]) -> None:
                 f"the Ray object store of node {n.address} ({n.store_bytes / 2**30:.2f} GiB; "
                 f"a CPU-only node keeps the set there, at most {STORE_SHARE:.0%} of it): start "
                 "its Ray with a larger --object-store-memory, or sanitize on GPU nodes")
-#: What an I/O worker gets to map a module: its form, object ref and norm.
-ModuleRef = tuple[str, Any, float]
-
-
 class SharedSet:
     """An alignment set put in this node's object store by the node's first I/O worker, which
     then uses the store's pages itself (its own loaded copy is dropped module by module: at
@@ -431,15 +427,12 @@ class SharedSet:
     this slot does.
 
     Args:
-        key: The set.
-        refs: Per module, what :class:`MappedSet` needs (:data:`ModuleRef`).
+        refs: Per module, the object ref of its matrix (what :class:`MappedSet` maps).
         matrices: The mapped matrices, for this worker's own batches.
         store_bytes: Bytes put in the object store.
     """
 
-    def __init__(self, key: SetKey, refs: dict[str, ModuleRef], matrices: MatrixCache,
-                 store_bytes: int) -> None:
-        self.key = key
+    def __init__(self, refs: dict[str, Any], matrices: MatrixCache, store_bytes: int) -> None:
         self.refs = refs
         self.engine = ProjectionEngine(matrices)
         self.store_bytes = store_bytes
@@ -450,21 +443,17 @@ class SharedSet:
 
         aset = AlignmentSet.open(key.uri, expect=key.content_id)
         t0 = time.perf_counter()
-        refs: dict[str, ModuleRef] = {}
-        mapped: dict[str, AlignmentMatrix] = {}
+        refs: dict[str, Any] = {}
         nbytes = 0
         for module in aset.rows:
             m = aset.load(module)
-            ref = ray.put(m.tensor.numpy())
+            refs[module] = ray.put(m.tensor.numpy())
             nbytes += m.tensor.numel() * m.tensor.element_size()
             del m  # the store's copy replaces this one
-            refs[module] = _module_ref(aset, module, ref)
-        for module, got in zip(refs, _get_all([r[1] for r in refs.values()]), strict=True):
-            mapped[module] = _matrix(refs[module], got)
         logger.info("alignment set %s put in this node's object store: %d module(s), %.1f MiB "
                     "in %.2f s", key.content_id, len(refs), nbytes / 2**20,
                     time.perf_counter() - t0)
-        return cls(key, refs, MatrixCache(aset, "cpu", mapped), nbytes)
+        return cls(refs, _mapped(aset, refs, REJOIN_TIMEOUT_S), nbytes)
 
 
 class MappedSet:
@@ -473,61 +462,56 @@ class MappedSet:
 
     Args:
         key: The set.
+        aset: Its metadata (this worker's sanitizer opened it: forms and norms).
         holder: The node's first I/O worker (the :class:`SharedSet`'s owner).
         timeout_s: Bound on asking the holder and mapping the objects.
     """
 
-    def __init__(self, key: SetKey, holder: Any, timeout_s: float) -> None:
-        refs: dict[str, ModuleRef] = _ask_holder(holder, timeout_s, share_set, key)
-        aset = AlignmentSet.open(key.uri, expect=key.content_id)
-        got = _get_all([r[1] for r in refs.values()], timeout_s)
-        matrices = {module: _matrix(refs[module], arr)
-                    for module, arr in zip(refs, got, strict=True)}
-        self._refs = refs  # borrowed: the objects stay while this worker maps them
-        self.engine = ProjectionEngine(MatrixCache(aset, "cpu", matrices))
+    def __init__(self, key: SetKey, aset: AlignmentSet, holder: Any, timeout_s: float
+                 ) -> None:
+        self._refs = _ask_holder(holder, timeout_s, share_set, key)  # borrowed: kept alive
+        self.engine = ProjectionEngine(_mapped(aset, self._refs, timeout_s))
 
 
-def _module_ref(aset: AlignmentSet, module: str, ref: Any) -> ModuleRef:
-    row = aset.rows[module]
-    return (row.form, ref, row.norm)
-
-
-def _get_all(refs: list[Any], timeout_s: float = REJOIN_TIMEOUT_S) -> list[np.ndarray]:
+def _mapped(aset: AlignmentSet, refs: dict[str, Any], timeout_s: float) -> MatrixCache:
+    """The set's matrices as views of the object store's pages (``ray.get`` of a numpy array
+    maps it read-only, without a copy)."""
     import ray
 
-    return list(ray.get(refs, timeout=timeout_s)) if refs else []
-
-
-def _matrix(mref: ModuleRef, arr: np.ndarray) -> AlignmentMatrix:
-    form, _, norm = mref
+    arrays = ray.get(list(refs.values()), timeout=timeout_s) if refs else []
+    matrices = {}
     with warnings.catch_warnings():
         # "the given NumPy array is not writable": nothing writes to an alignment matrix
         warnings.simplefilter("ignore", UserWarning)
-        tensor = torch.from_numpy(arr)
-    return AlignmentMatrix(form, tensor, norm)  # type: ignore[arg-type]
+        for module, arr in zip(refs, arrays, strict=True):
+            row = aset.rows[module]
+            matrices[module] = AlignmentMatrix(
+                row.form, torch.from_numpy(arr), row.norm)  # type: ignore[arg-type]
+    return MatrixCache(aset, "cpu", matrices)
 
 
 def _shared(ctx: WorkerContext, key: SetKey) -> SharedSet:
     return ctx.resident(SHARED_SLOT, key, lambda: SharedSet.put(key))
 
 
-def share_set(ctx: WorkerContext, key: SetKey) -> dict[str, ModuleRef]:
+def share_set(ctx: WorkerContext, key: SetKey) -> dict[str, Any]:
     """Task (``serve`` group, on a CPU node's first I/O worker): the refs of the set in this
     node's object store, putting it there the first time."""
     return _shared(ctx, key).refs
 
 
 def shared_projector(ctx: WorkerContext, holder: Any | None, key: SetKey,
-                     timeout_s: float) -> Projector:
+                     aset: AlignmentSet, timeout_s: float) -> Projector:
     """Products computed here with the set in this node's object store: put there by this
     worker (``holder`` None: it is the node's first I/O worker) or by ``holder``. The set is
     found on the first call, once the batch's adapters are read: a worker starting its first
-    batch reads while the holder is still putting the set in the store."""
+    batch reads while the holder is still putting the set in the store. ``aset``: the set's
+    metadata, already opened here."""
 
     def run(groups: dict[GroupKey, Pair]) -> dict[GroupKey, Pair]:
         if holder is None:
             return _shared(ctx, key).engine.run(groups)
-        mapped = ctx.resident(SHARED_SLOT, key, lambda: MappedSet(key, holder, timeout_s))
+        mapped = ctx.resident(SHARED_SLOT, key, lambda: MappedSet(key, aset, holder, timeout_s))
         return mapped.engine.run(groups)
 
     return run

@@ -80,7 +80,6 @@ from safelora_ray.workers import (
     INLINE_MAX_ADAPTERS,
     WORKER_LOST,
     WorkerContext,
-    live_nodes,
     open_executor,
     resolve_workers,
     wind_down,
@@ -604,14 +603,15 @@ def sanitize_batch(ctx: WorkerContext, job: SanitizeJob, refs: Sequence[AdapterR
                               ctx.device, job.force, job.max_adapter_bytes, aset=aset,
                               run_id=job.run_id)
 
+    san = ctx.resident(SANITIZER_SLOT, job, sanitizer)
     if shared:
-        project: Projector | None = shared_projector(ctx, holder, key, job.task_timeout_s)
+        project: Projector | None = shared_projector(ctx, holder, key, san.aset,
+                                                     job.task_timeout_s)
     elif holder is not None:
         project = remote_projector(holder, key, job.task_timeout_s)
     else:  # the driver's process: the sanitizer's own engine
         project = None
-    return ctx.resident(SANITIZER_SLOT, job, sanitizer).process(
-        refs, cancelled=lambda: ctx.cancelled(job.run_id), project=project)
+    return san.process(refs, cancelled=lambda: ctx.cancelled(job.run_id), project=project)
 
 
 def untouched_note(adapter: Adapter) -> str | None:
@@ -817,9 +817,9 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
         # Every node with a worker must see the local paths the workers read and write.
         ex.check_shared([("--out", config.out, True), ("--alignment", config.alignment, False),
                          ("--adapters", config.adapters, False)])
-        if share_set_in_store:
+        if share_set_in_store:  # the nodes as the plan read them (their stores' sizes too)
             used = {s.node_id for s in plan.specs}
-            check_store_room(aset, [n for n in live_nodes() if n.node_id in used])
+            check_store_room(aset, [n for n in plan.nodes if n.node_id in used])
         if not ex.in_process:  # holders load the set while the I/O workers read
             ex.notify(warm_set, key, share_set_in_store, group="serve", role="holder")
     except BaseException:
