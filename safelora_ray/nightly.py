@@ -25,7 +25,7 @@ import logging
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -300,16 +300,9 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, dry_run: bool = F
         with cf.ThreadPoolExecutor(max_workers=16) as pool:
             for cat in cfg.catalogs:
                 refs = []
-                try:
-                    items = list(iter_catalog(cat.uri))
-                    if not items and not cat.allow_empty:
-                        raise ConfigError(f"no adapters found (no {CONFIG_FILE} under it); set "
-                                          "allow_empty: true for it if that is expected")
-                except SafeLoraError as e:
-                    # The other catalogs still run; the run fails (exit 1) for this one.
-                    msg = redact(f"catalog {cat.name!r} ({cat.uri}): {e}")
-                    logger.error("%s", msg)
-                    record["catalog_errors"].append({"catalog": cat.name, "error": msg})
+                items = _listed(record, "catalog", cat.name, cat.uri, cat.allow_empty,
+                                iter_catalog, f"no adapters found (no {CONFIG_FILE} under it)")
+                if items is None:
                     continue
                 for item in items:
                     if isinstance(item, tuple):
@@ -410,22 +403,32 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, dry_run: bool = F
     return record
 
 
+def _listed(record: dict[str, Any], what: str, name: str, uri: str, allow_empty: bool,
+            lister: Callable[[str], Iterable[Any]], nothing: str) -> list[Any] | None:
+    """A catalog's listing, or None once it is recorded as an error: missing, unreadable, or
+    empty unless ``allow_empty`` (a mistyped URI must not make a nightly that silently does
+    nothing). The other catalogs still run; the run fails (exit 1) for this one."""
+    try:
+        items = list(lister(uri))
+        if not items and not allow_empty:
+            raise ConfigError(f"{nothing}; set allow_empty: true for it if that is expected")
+    except SafeLoraError as e:
+        msg = redact(f"{what} {name!r} ({uri}): {e}")
+        logger.error("%s", msg)
+        record["catalog_errors"].append({"catalog": name, "error": msg})
+        return None
+    return items
+
+
 def _list_models(cfg: NightlyConfig, record: dict[str, Any]
                  ) -> list[tuple[ModelCatalogSpec, ModelRef]]:
     """Every full fine-tune of the ``models:`` catalogs (bad ids are reported as errors)."""
     found = []
     for spec in cfg.models:
-        try:
-            items = list(iter_models(spec.uri))
-            if not items and not spec.allow_empty:
-                raise ConfigError("no models found (no model.safetensors or "
-                                  "model.safetensors.index.json under it); set allow_empty: "
-                                  "true for it if that is expected")
-        except SafeLoraError as e:
-            # As for an adapter catalog: the others still run; the run fails for this one.
-            msg = redact(f"model catalog {spec.name!r} ({spec.uri}): {e}")
-            logger.error("%s", msg)
-            record["catalog_errors"].append({"catalog": spec.name, "error": msg})
+        items = _listed(record, "model catalog", spec.name, spec.uri, spec.allow_empty,
+                        iter_models, "no models found (no model.safetensors or "
+                        "model.safetensors.index.json under it)")
+        if items is None:
             continue
         for item in items:
             record["models"]["total"] += 1
