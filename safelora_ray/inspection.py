@@ -172,8 +172,12 @@ def render(d: dict[str, Any], modules: bool = False) -> str:
     if kind == "alignment-set":
         text = d["summary"]
         if modules:
+            from safelora_ray.formats.alignment_set import SALORA_METHOD
+
+            # A SaLoRA set's norm is ‖W Xᵀ‖_F (the calibration's), a Safe LoRA set's ‖V‖_F.
+            norm = "‖W Xᵀ‖_F" if d.get("method") == SALORA_METHOD else "‖V‖_F"
             lines = [text, "", f"{'module':60s} {'layer':>5s} {'form':>4s} "
-                               f"{'stored shape':>14s} {'‖V‖_F':>10s}"]
+                               f"{'stored shape':>14s} {norm:>10s}"]
             for r in d["rows"].values():
                 shape = "x".join(map(str, r.stored_shape))
                 layer = "-" if r.layer is None else str(r.layer)

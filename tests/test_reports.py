@@ -496,3 +496,12 @@ def test_sanitize_then_incremental_rerun(tmp_path: Path) -> None:
     assert r2.summary["previous"]["run_id"] == "r1"
     assert r2.tenants["tenant-1"]["run_skipped"] == 2
     assert r2.tenants["tenant-1"]["modules"] == 16
+
+
+def test_histogram_ticks_are_whole_multiples_of_the_step():
+    """Issue 20 (8): a zoom from -0.1 in steps of 0.005 labelled its middle tick -6.94e-18."""
+    from safelora_ray.reports.html import hist_svg
+
+    svg = hist_svg([1] * 40, -0.1, 0.005, title="t", xlabel="x", ylabel="y")
+    ticks = re.findall(r'text-anchor="middle">([^<]*)</text>', svg)
+    assert "0" in ticks and not any("e-" in t for t in ticks), ticks

@@ -440,6 +440,47 @@ def test_fold_matches_dense_reference(llama_set, tmp_path, selection, capsys):
     assert summary["selection"]["method"] == "salora"
 
 
+def test_fold_report_inspect_labels_and_project_model_refusal(llama_set, models, tmp_path,
+                                                              capsys):
+    """Issue 20 (8): a fold's report names the safety set and what was folded, and drops what
+    has no τ; inspect labels the norm ‖W Xᵀ‖_F; project-model refuses a SaLoRA set."""
+    _catalog(tmp_path / "cat")
+    out = tmp_path / "out"
+    rc = cli_main(["sanitize", "--method", "salora", "--alignment", str(llama_set),
+                   "--adapters", str(tmp_path / "cat"), "--out", str(out), "--workers", "0",
+                   "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    capsys.readouterr()
+    content_id = AlignmentSet.open(str(llama_set)).content_id
+    page = next((out / "_reports").glob("*/report.html")).read_text()
+    assert "None" not in page
+    assert "Near the threshold" not in page and 'id="threshold"' not in page
+    assert '<th class="n">near τ</th>' not in page and "Near τ" not in page
+    assert "τ (threshold)" not in page
+    assert "kept as trained" not in page and "e-18" not in page
+    assert f"folded with safety set {content_id}" in page
+    assert "every module folded (no threshold)" in page
+    assert '<section id="folded"><h2>Folded modules</h2>' in page
+    # 3 adapters × 2 layers × (q, v): each kind's modules, all folded.
+    assert "<td class='id'>q_proj</td><td>0..1</td>" in page and "✓ 6" in page
+    assert "Modules folded" in page and "Modules projected" not in page
+    summary = json.loads(next((out / "_reports").glob("*/summary.json")).read_text())
+    assert summary["near_threshold"]["mode"] == "all"
+
+    assert cli_main(["inspect", str(llama_set), "--modules"]) == 0
+    shown = capsys.readouterr().out
+    assert "‖W Xᵀ‖_F" in shown and "‖V‖_F" not in shown
+
+    rc = cli_main(["project-model", "--alignment", str(llama_set), "--aligned",
+                   str(models["llama"]), "--finetuned", str(models["llama"]), "--out",
+                   str(tmp_path / "pm"), "--threshold", "0.35", "--workers", "0",
+                   "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "salora safety modules" in err and "sanitize --method salora" in err
+    assert not (tmp_path / "pm").exists()
+
+
 def test_method_must_match_the_set(llama_set, models, tmp_path, capsys):
     from safelora_ray.pipelines.build import BuildConfig, build
     from tests.adapters import save_base_model

@@ -839,9 +839,15 @@ def project_model(config: FinetuneConfig) -> FinetuneResult:
         CheckpointError: bad or mismatched inputs (names the tensor or file), or ``--out``
             holds something that may not be overwritten.
         AlignmentSetError: the alignment set is missing or incomplete.
+        ConfigError: the set holds SaLoRA safety modules.
     """
     t_start = time.perf_counter()
     aset = AlignmentSet.open(config.alignment)
+    if aset.method_family != "safelora":  # as sanitize's --method check: never silently
+        raise ConfigError(
+            f"{aset.uri} holds {aset.method_name} safety modules (made by safelora-ray "
+            "salora-modules); project-model needs a Safe LoRA alignment set (safelora-ray "
+            "build): fold adapters with `sanitize --method salora` instead")
     aligned = Checkpoint.open(config.aligned)
     ft = Checkpoint.open(config.finetuned)
     out = open_storage(config.out)

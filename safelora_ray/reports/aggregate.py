@@ -169,7 +169,8 @@ class ModuleStats:
     def near_threshold(self) -> dict[str, Any]:
         """The ±0.05 counts and the zoom histogram, as ``summary.json`` carries them."""
         return {
-            "mode": "threshold" if self.threshold is not None else "number",
+            "mode": "threshold" if self.threshold is not None else (
+                "number" if self.k is not None else "all"),
             "tau": self.threshold,
             "width": NEAR_WIDTH,
             "within": self.near, "at_or_below": self.near_below, "above": self.near_above,

@@ -175,14 +175,15 @@ def _nice_step(span: float, target: int = 8) -> float:
 def hist_svg(counts: list[int], x0: float, step: float, *, title: str, xlabel: str,
              ylabel: str, tau: float | None = None, tau_label: str = "",
              band: tuple[float, float, str] | None = None, hatch_upto: float | None = None,
-             ref: tuple[float, str] | None = None, width: int = 900, height: int = 230) -> str:
+             ref: tuple[float, str] | None = None, width: int = 900, height: int = 230,
+             verb: str = "projected") -> str:
     """A histogram with axes, axis titles, y ticks and gridlines.
 
     Args:
         counts: Bin counts; bin ``i`` covers ``(x0 + i*step, x0 + (i+1)*step]``.
         tau: Draw τ as a dashed line labelled ``tau_label``.
         band: ``(lo, hi, label)``: a patterned band behind the bars.
-        hatch_upto: Bars whose upper edge is ≤ this are hatched (projected).
+        hatch_upto: Bars whose upper edge is ≤ this are hatched (``verb``: projected).
         ref: ``(x, label)``: a dotted reference line.
     """
     ml, mr, mt, mb = 64, 16, 44, 46
@@ -222,16 +223,17 @@ def hist_svg(counts: list[int], x0: float, step: float, *, title: str, xlabel: s
         p.append(f'<rect x="{X(lo) + 0.5:.1f}" y="{Y(c):.1f}" width="{max(bw - 1, 1):.1f}" '
                  f'height="{h:.1f}" fill="{fill}" stroke="{PROJ if proj else KEPT}" '
                  f'stroke-width="0.5"><title>({lo:.3f}, {hi:.3f}]: {c:,}'
-                 f'{" (projected)" if proj else ""}</title></rect>')
+                 f'{f" ({verb})" if proj else ""}</title></rect>')
     # x axis ticks
     tstep = _nice_step(x1 - x0)
-    t = math.ceil(x0 / tstep - 1e-9) * tstep
-    while t <= x1 + 1e-9:
+    # Ticks as whole multiples of the step (a running sum drifts: "-6.94e-18" for 0).
+    k = math.ceil(x0 / tstep - 1e-9)
+    while (t := round(k * tstep, 12)) <= x1 + 1e-9:
         x = X(t)
         p.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{mt + ph}" y2="{mt + ph + 4}" '
                  f'stroke="#333"/><text x="{x:.1f}" y="{mt + ph + 16}" font-size="11" '
-                 f'text-anchor="middle">{t:.3g}</text>')
-        t += tstep
+                 f'text-anchor="middle">{t + 0.0:.3g}</text>')
+        k += 1
     p.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{mt + ph}" y2="{mt + ph}" stroke="#333"/>'
              f'<line x1="{ml}" x2="{ml}" y1="{mt}" y2="{mt + ph}" stroke="#333"/>')
     p.append(f'<text x="{ml + pw / 2:.1f}" y="{height - 6}" font-size="12" '
@@ -260,8 +262,9 @@ def _ramp(share: float) -> tuple[str, str]:
     return "#{:02x}{:02x}{:02x}".format(*rgb), ("#fff" if s > 0.5 else "#000")
 
 
-def heatmap_svg(cells: list[dict[str, Any]], title: str) -> str:
-    """Share of modules projected per (layer, module kind); each cell prints its percentage."""
+def heatmap_svg(cells: list[dict[str, Any]], title: str, verb: str = "projected") -> str:
+    """Share of modules projected (``verb``) per (layer, module kind); each cell prints its
+    percentage."""
     if not cells:
         return '<p class="note">No module figures in this run.</p>'
     layers = sorted({c["layer"] if c["layer"] is not None else -1 for c in cells})
@@ -290,7 +293,7 @@ def heatmap_svg(cells: list[dict[str, Any]], title: str) -> str:
             label = "–" if layer < 0 else str(layer)
             p.append(f'<rect x="{x}" y="{y}" width="{cw - 1}" height="{ch - 1}" fill="{fill}" '
                      f'stroke="#999" stroke-width="0.3"><title>layer {label} {esc(kind)}: '
-                     f'{c["projected"]:,} of {c["modules"]:,} projected ({_pct(share)})'
+                     f'{c["projected"]:,} of {c["modules"]:,} {verb} ({_pct(share)})'
                      f"</title></rect>")
             if cw >= 22:
                 p.append(f'<text x="{x + cw / 2:.1f}" y="{y + ch / 2 + 4:.1f}" font-size="10" '
@@ -302,7 +305,7 @@ def heatmap_svg(cells: list[dict[str, Any]], title: str) -> str:
                      f'font-size="11" text-anchor="middle">{"–" if layer < 0 else layer}</text>')
     yl = mt + len(kinds) * ch
     p.append(f'<text x="{ml + cw * len(layers) / 2:.1f}" y="{yl + 30}" font-size="12" '
-             f'text-anchor="middle">layer (cells: % of modules projected; hover for counts)'
+             f'text-anchor="middle">layer (cells: % of modules {verb}; hover for counts)'
              f"</text>")
     for k, s in enumerate((0, 0.25, 0.5, 0.75, 1.0)):
         fill, ink = _ramp(s)
@@ -324,9 +327,22 @@ def _tile(label: str, value: str, detail: str = "", bad: bool = False) -> str:
             f'<span class="note">{esc(detail)}</span></div>')
 
 
+def _verb(s: dict[str, Any]) -> str:
+    """What the selected modules undergo: SaLoRA folds them, Safe LoRA projects them."""
+    return "folded" if (s.get("selection") or {}).get("method") == "salora" else "projected"
+
+
+def _no_threshold(sel: dict[str, Any]) -> bool:
+    """Every module is selected (SaLoRA without --threshold / --num-proj-layers)."""
+    return sel.get("threshold") is None and sel.get("num_proj_layers") is None
+
+
 def _selection_text(sel: dict[str, Any]) -> str:
+    verb = _verb({"selection": sel})
     if sel.get("mode") == "threshold" or sel.get("threshold") is not None:
         return f"threshold τ = {sel.get('threshold')}"
+    if _no_threshold(sel):
+        return f"every module {verb} (no threshold)"
     return (f"number: the {sel.get('num_proj_layers')} lowest-cosine modules of each adapter"
             + (" (strict)" if sel.get("strict") else " (ties included)"))
 
@@ -334,6 +350,7 @@ def _selection_text(sel: dict[str, Any]) -> str:
 def _state_section(s: dict[str, Any]) -> str:
     f, c, cat = s["fleet"], s["counts"], s["catalog_figures"]
     ch = f.get("changes", {})
+    verb = _verb(s)
     tiles = [
         _tile("✓ Sanitized", _n(f["sanitized"]),
               f"{_pct(f['sanitized'] / f['adapters'] if f['adapters'] else None)} of "
@@ -341,12 +358,14 @@ def _state_section(s: dict[str, Any]) -> str:
         _tile("✗ Failed", _n(f["failed"]), f"{_n(f['failed_older_output'])} older output kept, "
               f"{_n(f['never_sanitized'])} never sanitized", bad=f["failed"] > 0),
         _tile("– Not listed in this run", _n(f["not_listed"]), "state as last seen"),
-        _tile("Modules projected", _pct(f["projected_share"]),
+        _tile(f"Modules {verb}", _pct(f["projected_share"]),
               f"{_n(f['projected'])} of {_n(f['modules'])}"),
         _tile(f"Near τ (±{NEAR_WIDTH:g})", _n(f["near_tau"]),
               "modules a small change of τ would flip"),
         _tile("Pdst median", _f(f["pdst_median"], 3), f"lowest {_f(f['pdst_min'], 3)}"),
     ]
+    if _no_threshold(s["selection"]):  # no τ: nothing is near it
+        del tiles[4]
     change_txt = ", ".join(f"{CHANGE_TEXT.get(k, k)} {_n(ch[k])}" for k in
                            ("new", "re-sanitized", "fixed", "newly failing", "new, failing",
                             "still failing", "unchanged", "not listed") if ch.get(k))
@@ -362,7 +381,7 @@ figures of the run that sanitized them, those it did not list keep their last st
 <p><b>This run</b> listed {_n(c['total'])} adapters: {RUN_TEXT['ok']} {_n(c['ok'])} sanitized
 now, {RUN_TEXT['skipped']} {_n(c['skipped'])} (unchanged since the run that sanitized them),
 {RUN_TEXT['error']} {_n(c['error'])}. Of its sanitized adapters ({_n(cat['adapters'])} with
-module figures), {_n(cat['projected'])} of {_n(cat['modules'])} modules are projected
+module figures), {_n(cat['projected'])} of {_n(cat['modules'])} modules are {verb}
 ({_pct(cat['projected_share'])}).</p>
 <p><b>Changes:</b> {esc(change_txt) or "none"}.</p>{unknown}</section>"""
 
@@ -391,9 +410,9 @@ def _previous_section(s: dict[str, Any], page: dict[str, Any], up: str) -> str:
     row("fleet: adapters", pf.get("adapters"), f["adapters"])
     row("fleet: ✓ sanitized", pf.get("sanitized"), f["sanitized"])
     row("fleet: ✗ failed", pf.get("failed"), f["failed"])
-    row("fleet: share of modules projected", pf.get("projected_share"),
+    row(f"fleet: share of modules {_verb(s)}", pf.get("projected_share"),
         f["projected_share"], share=True)
-    row("catalog: share of modules projected", pcat.get("projected_share"),
+    row(f"catalog: share of modules {_verb(s)}", pcat.get("projected_share"),
         cat["projected_share"], share=True)
     row(f"fleet: modules within ±{NEAR_WIDTH:g} of τ", pf.get("near_tau"), f["near_tau"])
     rows.append(f"<tr><th>fleet: Pdst median</th><td class='n'>{_f(pf.get('pdst_median'))}</td>"
@@ -487,13 +506,46 @@ output is still served. "★ new": it did not fail before this run.</p>
 <tbody>{head}</tbody></table></div>{"".join(parts)}</section>"""
 
 
+def _folded_section(s: dict[str, Any]) -> str:
+    """A fold of every module (no τ): which modules were folded, by which safety set."""
+    al, cat = s["alignment"], s["catalog_figures"]
+    kinds: dict[str, list[Any]] = {}
+    for c in s["layer_kind"]:
+        k = kinds.setdefault(c["kind"], [set(), 0, 0])
+        k[0].add(c["layer"])
+        k[1] += c["modules"]
+        k[2] += c["projected"]
+    rows = "".join(
+        f"<tr><td class='id'>{esc(kind)}</td><td>{esc(_layers_text(layers))}</td>"
+        f"{_num(n)}{_num(p, ('✓ ' if p == n else '') + _n(p))}</tr>"
+        for kind, (layers, n, p) in sorted(kinds.items()))
+    title = "Share of modules folded, by layer and module kind (this catalog)"
+    table = (f"<div class='wrap'><table><thead><tr><th>module kind</th><th>layers</th>"
+             f"<th class='n'>modules</th><th class='n'>folded</th></tr></thead><tbody>{rows}"
+             f"</tbody></table></div>" if rows else
+             "<p>No module figures: nothing was sanitized in this catalog yet.</p>")
+    return (f'<section id="folded"><h2>Folded modules</h2><p>Every module of every sanitized '
+            f"adapter is folded with safety set <b>{esc(al['content_id'])}</b> "
+            f"({esc(al['uri'])}): B ← (I − V_s V_sᵀ)·B, no threshold. {_n(cat['projected'])} "
+            f"of {_n(cat['modules'])} modules of {_n(cat['adapters'])} adapter(s) folded.</p>"
+            f"{table}{heatmap_svg(s['layer_kind'], title, 'folded')}</section>")
+
+
+def _layers_text(layers: set[int | None]) -> str:
+    known = sorted(x for x in layers if x is not None)
+    return (f"{known[0]}..{known[-1]}" if len(known) > 1 else str(known[0])) if known else "–"
+
+
 def _threshold_section(s: dict[str, Any]) -> str:
+    if _no_threshold(s["selection"]):
+        return _folded_section(s)
     nt = s["near_threshold"]
     hist = s["histograms"]
     tau = nt["tau"]
     cat = s["catalog_figures"]
     fine = hist["cos_fine"]["counts"]
     lo, hi = hist["cos_fine_range"]
+    verb = _verb(s)
     parts = []
     if hi < lo:
         return ('<section id="threshold"><h2>Near the threshold</h2><p>No module figures: '
@@ -509,7 +561,7 @@ def _threshold_section(s: dict[str, Any]) -> str:
     w = nt["width"]
     parts.append(
         f"<p><b>{_n(nt['within'])}</b> of {_n(cat['modules'])} modules lie within ±{w:g} {rel}: "
-        f"<b>{_n(nt['at_or_below'])}</b> at or below τ (projected; a τ lower by up to {w:g} "
+        f"<b>{_n(nt['at_or_below'])}</b> at or below τ ({verb}; a τ lower by up to {w:g} "
         f"would keep them) and <b>{_n(nt['above'])}</b> above it (kept; a τ higher by up to "
         f"{w:g} would project them).</p>")
     parts.append(hist_svg(
@@ -517,7 +569,8 @@ def _threshold_section(s: dict[str, Any]) -> str:
         title=f"Modules near τ (bins of {nt['zoom']['step']:g}; {_n(nt['zoom']['below_range'])} "
               f"below and {_n(nt['zoom']['above_range'])} above this range)",
         xlabel=zlabel, ylabel="modules", tau=tau_x, tau_label=tau_label,
-        band=(tau_x - w, tau_x + w, f"±{w:g}: {nt['within']:,} modules"), hatch_upto=hatch))
+        band=(tau_x - w, tau_x + w, f"±{w:g}: {nt['within']:,} modules"), hatch_upto=hatch,
+        verb=verb))
     # The whole distribution, on the range the cosines occupy (and τ), in bins of 0.01.
     first = min(lo, FINE_OFFSET + math.floor((tau - 0.05) * 1000)) if tau is not None else lo
     last = max(hi, FINE_OFFSET + math.ceil((tau + 0.05) * 1000)) if tau is not None else hi
@@ -531,11 +584,11 @@ def _threshold_section(s: dict[str, Any]) -> str:
               "bins of 0.01",
         xlabel="rounded cosine cos(ΔW, CΔW)", ylabel="modules",
         tau=tau, tau_label=f"τ = {tau:g}" if tau is not None else "",
-        hatch_upto=tau))
-    parts.append('<p class="note">Hatched bars: projected (cosine ≤ τ); solid: kept as '
+        hatch_upto=tau, verb=verb))
+    parts.append(f'<p class="note">Hatched bars: {verb} (cosine ≤ τ); solid: kept as '
                  "trained. Bins are right-closed, like the rule's ≤.</p>")
-    parts.append(heatmap_svg(s["layer_kind"], "Share of modules projected, by layer and "
-                                              "module kind (this catalog)"))
+    parts.append(heatmap_svg(s["layer_kind"], f"Share of modules {verb}, by layer and "
+                                              "module kind (this catalog)", verb))
     pf = hist["pdst_fine"]["counts"]
     nz = [i for i, v in enumerate(pf) if v]
     if nz:
@@ -548,8 +601,16 @@ def _threshold_section(s: dict[str, Any]) -> str:
     return f'<section id="threshold"><h2>Near the threshold</h2>{"".join(parts)}</section>'
 
 
+def _near_column(s: dict[str, Any]) -> tuple[str, Any]:
+    """The "near τ" column's head and cell (none when there is no τ)."""
+    if _no_threshold(s["selection"]):
+        return "", lambda r: ""
+    return '<th class="n">near τ</th>', lambda r: _num(r["near_tau"])
+
+
 def _tenants_section(s: dict[str, Any], page: dict[str, Any]) -> str:
     rows = page["tenants"]
+    near_th, near = _near_column(s)
     body = "".join(
         f"<tr><td class='id'>{esc(t['tenant'])}</td>{_num(t['adapters'])}{_num(t['run_ok'])}"
         f"{_num(t['run_skipped'])}{_num(t['run_error'])}{_num(t['not_listed'])}"
@@ -557,7 +618,7 @@ def _tenants_section(s: dict[str, Any], page: dict[str, Any]) -> str:
         f"{_num(t['newly_failing'])}{_num(t['modules'])}{_num(t['projected'])}"
         f"{_num(t['share'], _pct(t['share']))}"
         f"{_num(d := _diff(t['prev_share'], t['share']), _signed(d, pp=True))}"
-        f"{_num(t['near_tau'])}{_num(t['min_pdst'], _f(t['min_pdst'], 3))}</tr>" for t in rows)
+        f"{near(t)}{_num(t['min_pdst'], _f(t['min_pdst'], 3))}</tr>" for t in rows)
     cut = (f'<p class="note">The {_n(len(rows))} tenants with the most failures, then the most '
            f'adapters, of {_n(s["tenants_total"])}; all are in '
            f'<a href="tenants.parquet">tenants.parquet</a>.</p>'
@@ -573,12 +634,13 @@ state.</p>
 <th class="n">adapters</th><th class="n">✓ ok</th><th class="n">○ skipped</th>
 <th class="n">✗ failed</th><th class="n">– not listed</th><th class="n">failing now</th>
 <th class="n">▼ newly failing</th><th class="n">modules</th>
-<th class="n">projected</th><th class="n">share</th><th class="n">Δ share</th>
-<th class="n">near τ</th><th class="n">lowest Pdst</th></tr></thead><tbody>{body}</tbody>
+<th class="n">{_verb(s)}</th><th class="n">share</th><th class="n">Δ share</th>
+{near_th}<th class="n">lowest Pdst</th></tr></thead><tbody>{body}</tbody>
 </table></div>{cut}</section>"""
 
 
-def _adapter_table(rows: list[dict[str, Any]], up: str, caption: str) -> str:
+def _adapter_table(rows: list[dict[str, Any]], up: str, caption: str,
+                   verb: str = "projected") -> str:
     body = "".join(
         f"<tr><td class='id'>{esc(r['adapter_id'])}</td>{_num(r['projected'])}"
         f"{_num(r['modules'])}"
@@ -586,16 +648,19 @@ def _adapter_table(rows: list[dict[str, Any]], up: str, caption: str) -> str:
         f"{_num(r['pdst'], _f(r['pdst']))}<td>{_adapter_links(r['adapter_id'], up, True)}</td></tr>"
         for r in rows)
     return (f"<h3>{esc(caption)}</h3><div class='wrap'><table class='sortable'><thead><tr>"
-            f"<th>adapter</th><th class='n'>projected</th><th class='n'>modules</th>"
+            f"<th>adapter</th><th class='n'>{verb}</th><th class='n'>modules</th>"
             f"<th class='n'>share</th><th class='n'>Pdst</th><th>links</th></tr></thead>"
             f"<tbody>{body}</tbody></table></div>")
 
 
 def _adapters_section(s: dict[str, Any], page: dict[str, Any], up: str) -> str:
+    verb = _verb(s)
+    near_th, near = _near_column(s)
     parts = [
-        _adapter_table(s["lowest_pdst"], up, "Lowest Pdst (largest distance left unprojected)"),
-        _adapter_table(s["most_projected"], up, "Largest share of modules projected (ties: "
-                                               "more modules, then lower Pdst)"),
+        _adapter_table(s["lowest_pdst"], up, f"Lowest Pdst (largest distance left un{verb})",
+                       verb),
+        _adapter_table(s["most_projected"], up, f"Largest share of modules {verb} (ties: "
+                                               "more modules, then lower Pdst)", verb),
     ]
     rows = page["adapters"]
     if rows is not None:
@@ -604,14 +669,14 @@ def _adapters_section(s: dict[str, Any], page: dict[str, Any], up: str) -> str:
             f"<td>{esc(STATE_TEXT.get(r['state'], r['state']))}</td>"
             f"<td>{esc(RUN_TEXT.get(r['run_status'], r['run_status']))}</td>"
             f"<td>{esc(CHANGE_TEXT.get(r['change'], r['change']))}</td>{_num(r['modules'])}"
-            f"{_num(r['projected'])}{_num(r['pdst'], _f(r['pdst']))}{_num(r['near_tau'])}"
+            f"{_num(r['projected'])}{_num(r['pdst'], _f(r['pdst']))}{near(r)}"
             f"<td>{_adapter_links(r['adapter_id'], up, r['state'] in ('ok', 'failed'))}</td></tr>"
             for r in rows)
         parts.append(
             f"<h3>All adapters ({_n(len(rows))})</h3><div class='wrap'><table class='sortable' "
             f"data-page='50'><thead><tr><th>adapter</th><th>tenant</th><th>state</th>"
-            f"<th>this run</th><th>change</th><th class='n'>modules</th><th class='n'>projected"
-            f"</th><th class='n'>Pdst</th><th class='n'>near τ</th><th>links</th></tr></thead>"
+            f"<th>this run</th><th>change</th><th class='n'>modules</th><th class='n'>{verb}"
+            f"</th><th class='n'>Pdst</th>{near_th}<th>links</th></tr></thead>"
             f"<tbody>{body}</tbody></table></div>")
     else:
         parts.append(f'<p class="note">Every adapter ({_n(s["fleet"]["adapters"])}) is in '
@@ -629,21 +694,32 @@ C is the alignment matrix built from (aligned − base) weights. The cosine meas
 the update lies along the alignment direction: near 1, the update keeps to what alignment
 changed; low, it moves elsewhere, which the paper links to lost safety. It is rounded to 5
 decimals, as the official code does.</dd>
-<dt>τ (threshold)</dt><dd>Modules with cosine ≤ τ are <em>projected</em>: B ← C·B. The paper
-uses τ ≈ 0.35, which projects about 11 % of Llama-2-7B-chat's 64 q/v modules (τ 0.3 → 6 %,
-0.4 → 22 %, 0.5 → 48 %). On Dialog Summary + 100 harmful examples, τ = 0.35 (7 of 64 layers)
-took harmfulness from 2.63 to 1.297 at Rouge-1 50.66 % → 49.79 %; projecting every layer on
-PureBad took it from 4.66 to 1.055. In number mode (k), τ is each adapter's k-th smallest
-cosine. Modules within ±0.05 of τ are the ones a small change of τ would flip.</dd>
-<dt>Pdst</dt><dd>Mean over an adapter's modules of 1 / (1 + ‖B_out − C·B_in‖_F): 1.0 for a
-projected module, lower the further an unprojected module's B is from its projection. The
-official code reports it and calls &gt; 0.8 better; a low Pdst means large updates left
-unprojected.</dd>
+"""
+#: What the τ entry says (left out when no τ was used).
+MEANING_TAU = """<dt>τ (threshold)</dt><dd>Modules with cosine ≤ τ are <em>projected</em>: B ← C·B.
+The paper uses τ ≈ 0.35, which projects about 11 % of Llama-2-7B-chat's 64 q/v modules (τ 0.3 → 6
+%, 0.4 → 22 %, 0.5 → 48 %). On Dialog Summary + 100 harmful examples, τ = 0.35 (7 of 64 layers)
+took harmfulness from 2.63 to 1.297 at Rouge-1 50.66 % → 49.79 %; projecting every layer on PureBad
+took it from 4.66 to 1.055. In number mode (k), τ is each adapter's k-th smallest cosine. Modules
+within ±0.05 of τ are the ones a small change of τ would flip.</dd>
+"""
+MEANING += MEANING_TAU + """<dt>Pdst</dt><dd>Mean over an adapter's modules of 1 / (1 + ‖B_out −
+C·B_in‖_F): 1.0 for a projected module, lower the further an unprojected module's B is from its
+projection. The official code reports it and calls &gt; 0.8 better; a low Pdst means large updates
+left unprojected.</dd>
 <dt>States</dt><dd>✓ sanitized: the output matches the current source. ✗ failed (older output
 kept): the current source failed, an earlier sanitized version is still served. ✗ never
 sanitized: every attempt failed; there is no output. – not listed: the adapter was not in this
 run's catalog; its state is the last one seen. This run: ✓ ok (sanitized now), ○ skipped
 (unchanged since the run that sanitized it), ✗ failed.</dd></dl></section>"""
+
+
+FOLD_MEANING = """<section id="fold"><h2>What a fold is (SaLoRA)</h2><p>This run folded
+adapters with a SaLoRA safety set (<code>--method salora</code>, SPEC §4): for each module,
+V_s holds the top safety directions of the aligned model's W·Σ·Wᵀ over a calibration set, and
+a folded module's B becomes (I − V_s V_sᵀ)·B, so the update keeps no component along them. A
+"folded" module below is what a Safe LoRA run calls "projected"; the cosine is that of ΔW with
+its folded update.</p></section>"""
 
 
 def _files_section(up: str) -> str:
@@ -676,9 +752,17 @@ def render_report(s: dict[str, Any], page: dict[str, Any], out_prefix: str = "..
     al = s["alignment"]
     f = s["fleet"]
     status = ("✗ failures" if s["counts"]["error"] else "✓ all sanitized or unchanged")
+    fold = _verb(s) == "folded"
+    near = ("folded", "Folded modules") if _no_threshold(s["selection"]) else ("threshold",
+                                                                              "Near τ")
+    used = (f"folded with safety set {esc(al['content_id'])} ({esc(al['uri'])}; targets "
+            f"{esc(', '.join(al['targets']))})" if fold else
+            f"alignment set {esc(al['content_id'])} ({esc(al['uri'])}; targets "
+            f"{esc(', '.join(al['targets']))})")
+    meaning = MEANING.replace(MEANING_TAU, "") if near[0] == "folded" else MEANING
     nav = "".join(f'<a href="#{i}">{t}</a>' for i, t in (
         ("state", "Fleet state"), ("previous", "Against previous"),
-        ("failures", f"Failures ({s['counts']['error']:,})"), ("threshold", "Near τ"),
+        ("failures", f"Failures ({s['counts']['error']:,})"), near,
         ("tenants", "Tenants"), ("adapters", "Adapters"), ("meaning", "What it means"),
         ("files", "Files")))
     return f"""<!doctype html>
@@ -692,8 +776,7 @@ def render_report(s: dict[str, Any], page: dict[str, Any], out_prefix: str = "..
 <p class="meta">Run <b>{esc(s['run_id'])}</b> · {esc(status)} · finished {esc(s['finished_at'])}
 in {s['duration_s']:,} s ({_n(s['adapters_per_s'])} adapters/s) ·
 safelora-ray {esc(s['tool_version'])}</p>
-<p class="meta">Output {esc(s['out'])} · alignment set {esc(al['content_id'])} ({esc(al['uri'])};
-targets {esc(", ".join(al['targets']))}) · selection: {esc(_selection_text(s['selection']))}
+<p class="meta">Output {esc(s['out'])} · {used} · selection: {esc(_selection_text(s['selection']))}
 · {_n(f['adapters'])} adapters in the fleet</p>
 {_state_section(s)}
 {_previous_section(s, page, up)}
@@ -701,7 +784,7 @@ targets {esc(", ".join(al['targets']))}) · selection: {esc(_selection_text(s['s
 {_threshold_section(s)}
 {_tenants_section(s, page)}
 {_adapters_section(s, page, up)}
-{MEANING}
+{FOLD_MEANING if fold else ""}{meaning}
 {_files_section(up)}
 </main><script>{JS}</script></body></html>
 """
