@@ -12,8 +12,10 @@ Steps of one run:
    pair's alignment set (``project-model``) into ``<output_root>/<catalog>/<model id>/``; an
    output complete from the same inputs is reused, a model that fails is reported and the
    others go on;
-6. write the run record ``<output_root>/_nightly/runs/<run_id>.json`` and ``latest.json``,
-   give the lease back, and exit with a status an operator can alert on.
+6. write the run record ``<output_root>/_nightly/runs/<run_id>.json`` and ``latest.json``, its
+   page ``runs/<run_id>.html`` (unlisted catalogs and unmatched adapters included) and
+   ``_nightly/index.html``, give the lease back, and exit with a status an operator can alert
+   on.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from safelora_ray.pipelines.finetune import FinetuneConfig, project_model
 from safelora_ray.pipelines.sanitize import SanitizeConfig, sanitize
 from safelora_ray.plan import parse_targets
 from safelora_ray.redact import redact
-from safelora_ray.reports import text_summary
+from safelora_ray.reports import nightly_page, text_summary
 from safelora_ray.storage import open_storage
 from safelora_ray.storage.base import check_uri, join_uri, refuse_overlap
 from safelora_ray.workers import worker_session
@@ -398,6 +400,8 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, dry_run: bool = F
             try:
                 out.put_bytes(f"{NIGHTLY_PREFIX}/runs/{run_id}.json", body)
                 out.put_bytes(f"{NIGHTLY_PREFIX}/latest.json", body)
+                # For people: the run's page (what never reached a catalog report too).
+                nightly_page.publish(out, NIGHTLY_PREFIX, record)
             finally:
                 lease.release()
     return record

@@ -3,7 +3,9 @@ lease it relies on, on local storage and S3."""
 
 from __future__ import annotations
 
+import html as html_lib
 import json
+import re
 import time
 from pathlib import Path
 
@@ -107,6 +109,30 @@ def test_nightly_reports_unmatched_and_respects_the_lock(tmp_path, capsys):
     with Lease(out_storage, "_nightly/lock.json", owner="other-run", ttl_s=600):
         assert main(["--config", str(path), "--no-progress"]) == 4
     assert "another run is in progress" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_nightly_page_lists_unmatched_adapters_and_unlisted_catalogs(tmp_path, capsys):
+    """Issue 20 (9): what never reached a catalog report (an adapter of no model pair, a
+    catalog that is missing) is on the run's page, linked from the nightly's index."""
+    path, config = _setup(tmp_path)
+    config["catalogs"].append({"name": "ghost", "uri": str(tmp_path / "no-such-catalog")})
+    path.write_text(yaml.safe_dump(config))
+    assert main(["--config", str(path), "--run-id", "r1", "--no-progress"]) == 1
+    capsys.readouterr()
+    nightly = tmp_path / "out" / "_nightly"
+    page = html_lib.unescape((nightly / "runs" / "r1.html").read_text())
+    assert "Adapters matching no model pair (1)" in page
+    assert "<td class='id'>main</td><td class='id'>a2</td><td class='id'>other/model</td>" \
+        in page
+    assert "Catalogs not listed (1)" in page and "catalog 'ghost'" in page
+    assert "no-such-catalog" in page
+    # The group's report is linked relative to the page, and resolves.
+    link = re.search(r"href='(\.\./\.\./main/_reports/[^']+/report\.html)'", page)
+    assert link and (nightly / "runs" / link.group(1)).resolve().is_file()
+    index = (nightly / "index.html").read_text()
+    assert "href='runs/r1.html'" in index and "✗ failed" in index
+    assert json.loads((nightly / "index.json").read_text())["runs"][0]["catalog_errors"] == 1
 
 
 def test_nightly_config_errors(tmp_path):
