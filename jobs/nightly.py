@@ -1,6 +1,6 @@
 """Ray Job entrypoint: the nightly sanitization of every configured adapter catalog.
 
-    ray job submit --working-dir . --submission-id nightly-$(date -u +%Y%m%d) -- \
+    ray job submit --working-dir . --submission-id nightly-$(date -u +%Y%m%d-%H%M%S) -- \
         python jobs/nightly.py --config jobs/nightly.example.yaml
 
 Exit codes: 0 all adapters ok/skipped, 3 some adapters failed or matched no model pair,

@@ -116,6 +116,42 @@ def probe_address(address: str, timeout_s: float = _PROBE_TIMEOUT_S) -> None:
                            "node up, and is this its GCS port, 6379 by default?)") from None
 
 
+#: Where Ray 2.60 writes the token of a new local instance when none is configured. A token
+#: there later turns token auth on for the user's own ``ray start --head``, whose clients
+#: (``ray job submit``) then fail with "Missing authentication token".
+HOME_TOKEN_PARTS = (".ray", "auth_token")
+_TOKEN_ENV = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def _private_token() -> None:
+    """Give a new local Ray a token of this process, never one in the user's home.
+
+    Ray turns token auth on for a new local instance and, when it finds no token (in
+    ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``), writes one to
+    ``~/.ray/auth_token``. A token the user configured (or already has) is used as it is;
+    otherwise this process writes one to a private temp dir (0700, the file 0600), points
+    ``RAY_AUTH_TOKEN_PATH`` at it (the node processes inherit it) and removes it at exit.
+    """
+    import atexit
+    import pathlib
+    import secrets
+    import shutil
+    import tempfile
+
+    if (any(os.environ.get(k) for k in _TOKEN_ENV)
+            or os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled"
+            or pathlib.Path.home().joinpath(*HOME_TOKEN_PARTS).exists()):
+        return
+    root = tempfile.mkdtemp(prefix="safelora-ray-auth-")
+    token = os.path.join(root, "auth_token")
+    fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    os.environ["RAY_AUTH_TOKEN_PATH"] = token
+    # Registered before ray.init: at exit Ray's own shutdown (registered later) runs first.
+    atexit.register(shutil.rmtree, root, True)
+
+
 def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
     """Connect to the cluster in ``address`` / ``RAY_ADDRESS``, or start a local one.
 
@@ -154,6 +190,7 @@ def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
         if address is None:
             # A new private instance, even if a `ray start` cluster runs on this machine (Ray
             # would join that one): no address configured means a local Ray of our own.
+            _private_token()
             ray.init(address="local", **kwargs)
         else:
             _init_bounded(address, kwargs)

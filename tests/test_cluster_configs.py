@@ -570,3 +570,14 @@ def test_entrypoint_commands_parse() -> None:
         except SystemExit as e:
             pytest.fail(f"{where}: `python {script} {shlex.join(args)}` is rejected "
                         f"by its parser (exit {e.code})")
+
+
+def test_readme_submission_ids_carry_the_time() -> None:
+    """Issue 20 (10): an id of the day alone allows one submission a day (Ray refuses a
+    submission id it has seen); the README's and the job scripts' ids carry the time."""
+    for rel in ("README.md", "jobs/nightly.py"):
+        text = (REPO / rel).read_text()
+        ids = re.findall(r"--submission-id (\S+?(?:\$\(date [^)]*\))?)[ \n]", text)
+        assert ids, rel
+        for sid in ids:
+            assert sid.endswith("$(date -u +%Y%m%d-%H%M%S)"), (rel, sid)
