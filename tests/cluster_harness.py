@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -24,11 +25,71 @@ from pathlib import Path
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
+#: Ports for the nodes' components come from below Linux's ephemeral range (32768-60999): the
+#: kernel draws bind(0) ports and outgoing connections' ports from that range, so two draws
+#: there can repeat (issue 20: one node got 35327 for both dashboard agent ports and died).
+PORT_LO, PORT_HI = 20_000, 32_000
+#: One node's block: its component ports, then its worker ports. Blocks never overlap.
+BLOCK = 200
+WORKER_PORTS = 120
+#: ``ray start`` flags of every component port (``ray start --help``). The head adds
+#: HEAD_PORTS; ``--worker-port-list`` is the alternative to the min/max range.
+NODE_PORTS = ("node-manager-port", "object-manager-port", "dashboard-agent-grpc-port",
+              "dashboard-agent-listen-port", "metrics-export-port", "runtime-env-agent-port")
+HEAD_PORTS = ("port", "ray-client-server-port", "dashboard-port")
+#: What Ray says when a port it was given is taken after all (then the start is retried).
+PORT_CLASH = ("is trying to use a port number", "already in use", "Failed to bind",
+              "address in use")
+START_TRIES = 3
+
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    """Nothing listens on or holds ``port`` (on every address, as Ray binds some to 0.0.0.0)."""
+    for host in ("0.0.0.0", "127.0.0.1"):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                return False
+    return True
+
+
+class PortPlan:
+    """Distinct ports for every component of every node of one cluster: node ``i`` gets a
+    block of :data:`BLOCK` ports of its own, each verified free before it is handed out.
+    The first block is drawn at random (other clusters may run on the machine); a block with
+    a port in use is skipped."""
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._blocks = (PORT_HI - PORT_LO) // BLOCK
+        self._next = (rng or random.Random()).randrange(self._blocks)
+        self._used: set[int] = set()
+
+    def node(self, head: bool) -> dict[str, int]:
+        """``{flag: port}`` for one node (``min-worker-port`` / ``max-worker-port`` bound
+        its workers' range)."""
+        names = (*HEAD_PORTS, *NODE_PORTS) if head else NODE_PORTS
+        for _ in range(self._blocks):
+            b, self._next = self._next, (self._next + 1) % self._blocks
+            if b in self._used:
+                continue
+            self._used.add(b)
+            base = PORT_LO + b * BLOCK
+            ports = {n: base + i for i, n in enumerate(names)}
+            workers = range(base + BLOCK - WORKER_PORTS, base + BLOCK)
+            if all(port_is_free(p) for p in (*ports.values(), *workers)):
+                return {**ports, "min-worker-port": workers[0], "max-worker-port": workers[-1]}
+        raise RuntimeError(f"no free block of {BLOCK} ports in {PORT_LO}..{PORT_HI}")
+
+    @staticmethod
+    def args(ports: dict[str, int]) -> list[str]:
+        return [a for flag, port in ports.items() for a in (f"--{flag}", str(port))]
 
 
 def can_isolate_disks() -> bool:
@@ -92,6 +153,14 @@ class Node:
         self.kill()
 
 
+class NodeStartError(RuntimeError):
+    """A node that died (or hung) before Ray said it started."""
+
+    def __init__(self, message: str, node: Node, port_clash: bool) -> None:
+        super().__init__(message)
+        self.node, self.port_clash = node, port_clash
+
+
 @dataclass
 class LocalCluster:
     """A head node and worker nodes on 127.0.0.1.
@@ -105,24 +174,35 @@ class LocalCluster:
     head_cpus: int = 1
     nodes: list[Node] = field(default_factory=list)
     port: int = 0
+    ports: PortPlan = field(default_factory=PortPlan)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def _ports(self) -> list[str]:
-        args = []
-        for flag in ("--object-manager-port",
-                     "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-                     "--runtime-env-agent-port", "--metrics-export-port"):
-            args += [flag, str(free_port())]
-        return args
-
     def _spawn(self, name: str, args: Sequence[str], private: Sequence[Path] = ()) -> Node:
+        """Start a node; a start that dies on a port clash (a port taken between the plan
+        and the start) is retried on another block, up to :data:`START_TRIES` times."""
+        head = "--head" in args
+        for attempt in range(1, START_TRIES + 1):
+            ports = self.ports.node(head)
+            if head:
+                self.port = ports["port"]
+            try:
+                return self._spawn_once(name, args, ports, private)
+            except NodeStartError as e:
+                if not e.port_clash or attempt == START_TRIES:
+                    raise
+                self.nodes.remove(e.node)
+                e.node.stop()
+        raise AssertionError("unreachable")
+
+    def _spawn_once(self, name: str, args: Sequence[str], ports: dict[str, int],
+                    private: Sequence[Path]) -> Node:
         log = self.root / f"{name}.log"
-        nm_port = free_port()
-        cmd = [RAY, "start", "--block", "--disable-usage-stats", *args, *self._ports(),
-               "--node-manager-port", str(nm_port)]
+        nm_port = ports["node-manager-port"]
+        cmd = [RAY, "start", "--block", "--disable-usage-stats", *args,
+               *PortPlan.args(ports)]
         if private:
             mounts = " && ".join(f"mkdir -p '{p}' && mount -t tmpfs tmpfs '{p}'"
                                  for p in private)
@@ -140,17 +220,16 @@ class LocalCluster:
         deadline = time.monotonic() + 180
         while b"Ray runtime started" not in log.read_bytes():
             if not node.alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"node {name} did not start:\n"
-                                   + log.read_text(errors="replace")[-3000:])
+                text = log.read_text(errors="replace")
+                raise NodeStartError(f"node {name} did not start:\n{text[-3000:]}", node,
+                                     any(c in text for c in PORT_CLASH))
             time.sleep(0.2)
         return node
 
     def start_head(self) -> Node:
-        self.port = free_port()
-        return self._spawn("head", ["--head", "--node-ip-address", "127.0.0.1", "--port",
-                                    str(self.port), "--num-cpus", str(self.head_cpus),
+        return self._spawn("head", ["--head", "--node-ip-address", "127.0.0.1",
+                                    "--num-cpus", str(self.head_cpus),
                                     "--include-dashboard", "false",
-                                    "--ray-client-server-port", str(free_port()),
                                     "--object-store-memory", str(100 * 1024**2)])
 
     def add_node(self, name: str, cpus: int = 1, gpus: int = 0,
@@ -194,4 +273,5 @@ class LocalCluster:
             tmp.unlink()
 
 
-__all__ = ["LocalCluster", "Node", "can_isolate_disks", "free_port"]
+__all__ = ["LocalCluster", "Node", "NodeStartError", "PortPlan", "can_isolate_disks",
+           "free_port", "port_is_free"]

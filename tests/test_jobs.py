@@ -9,7 +9,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,22 +20,18 @@ import torch
 import yaml
 
 from safelora_ray.demo import write_adapter, write_model
+from tests.cluster_harness import PortPlan
 from tests.factory import Arch, aligned_from, llama_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_head(s3_server, tmp_path_factory):
     """A real Ray head started with the CLI; yields the dashboard (job server) address."""
-    port, dash = _free_port(), _free_port()
+    ports = PortPlan().node(head=True)  # every component's port explicit and distinct
+    dash = ports["dashboard-port"]
     # Ray 2.60 token auth, as the README describes it: the head and this client share the
     # token of this test run (RAY_AUTH_TOKEN_PATH, set by conftest), never ~/.ray/auth_token.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -46,16 +41,13 @@ def ray_head(s3_server, tmp_path_factory):
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     temp = tmp_path_factory.mktemp("rayhead")
     log = open(temp / "ray-start.log", "w")  # noqa: SIM115 - closed at teardown
+    # Every port explicit, free and distinct (tests/cluster_harness.py's plan): another Ray
+    # on this machine (defaults 52365, ...) must not keep this head's agents from starting,
+    # nor may two components draw the same port.
     cmd = [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-           "--port", str(port), "--num-cpus", "2", "--object-store-memory",
+           "--num-cpus", "2", "--object-store-memory",
            str(150 * 1024**2), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-           "--dashboard-port", str(dash), "--disable-usage-stats", "--temp-dir", str(temp)]
-    # Every port explicit and free: another Ray on this machine (defaults 52365, ...) must not
-    # keep this head's agents from starting.
-    for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-                 "--runtime-env-agent-port", "--metrics-export-port",
-                 "--ray-client-server-port"):
-        cmd += [flag, str(_free_port())]
+           "--disable-usage-stats", "--temp-dir", str(temp), *PortPlan.args(ports)]
     # Its own session: teardown kills exactly this cluster (not `ray stop`, which would kill
     # every Ray on the machine).
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
