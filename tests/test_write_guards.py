@@ -142,13 +142,16 @@ CASES = [(c, f, is_file, case) for c, f, is_file in FLAGS
          if c != "demo" or case == "an existing file"]
 
 
+_CASE_IDS = {"an input file": "input-file", "inside an input": "inside-input",
+             "an existing file": "existing-file"}
+
+
 def _error_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if ": error: " in line]
 
 
 @pytest.mark.parametrize(("command", "flag", "is_file", "case"), CASES,
-                         ids=[f"{c}-{f.lstrip('-')}-{k.split(maxsplit=1)[1].replace(' ', '-')}"
-                              for c, f, _, k in CASES])
+                         ids=[f"{c}-{f.lstrip('-')}-{_CASE_IDS[k]}" for c, f, _, k in CASES])
 def test_every_writing_flag_is_refused_over_an_input_or_a_file(world, tmp_path, capsys,
                                                                command, flag, is_file, case):
     existing = tmp_path / ("existing.safetensors" if is_file else "existing")
