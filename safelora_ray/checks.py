@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from safelora_ray.errors import ConfigError, StorageError
-from safelora_ray.storage.base import check_uri, refuse_overlap, split_uri
+from safelora_ray.storage.base import check_uri, open_storage, refuse_overlap, split_uri
 
 logger = logging.getLogger(__name__)
 
@@ -205,8 +205,6 @@ def probe_outputs(outputs: Sequence[Output], force: bool = False) -> None:
         ConfigError: an existing file without ``force`` (a usage error, exit 2).
         StorageError: a location that cannot be written (exit 1), in one line naming the flag.
     """
-    from safelora_ray.storage import open_storage
-
     for o in outputs:
         path = _local_path(o.uri)
         if path is not None:
