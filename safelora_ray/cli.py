@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from safelora_ray._version import __version__
-from safelora_ray.errors import ConfigError, SafeLoraError
+from safelora_ray.errors import ConfigError, SafeLoraError, system_error_line
 from safelora_ray.redact import configure_logging, redact
 
 logger = logging.getLogger(__name__)
@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="padded positions per forward batch (default 4096)")
     m.add_argument("--export-cs", default=None, metavar="FILE.safetensors",
                    help="also write C_s per module, keyed by PEFT module name, for training")
+    m.add_argument("--force", action="store_true",
+                   help="replace an existing --export-cs file (an earlier export of the same "
+                        "set is replaced without it)")
     m.add_argument("--max-file-gb", type=float, default=2.0,
                    help="cap on one output safetensors file, in GB (default 2)")
     m.add_argument("--timeout", type=float, default=3600.0,
@@ -208,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--alignment", required=True, help="safety-module set URI")
     e.add_argument("--out", required=True, help="the .safetensors file to write")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    e.add_argument("--force", action="store_true",
+                   help="replace an existing file at --out (an earlier export of the same "
+                        "set is replaced without it)")
     _add_common(e)
 
     d = sub.add_parser("demo", help="run the whole pipeline on a synthetic model, locally")
@@ -361,6 +367,7 @@ def _cmd_salora_modules(args: argparse.Namespace) -> Outcome:
         batch_tokens=args.batch_tokens, workers=args.workers, use_gpu=args.use_gpu,
         max_file_bytes=_max_file_bytes(args), task_timeout_s=args.timeout,
         export_cs=args.export_cs, progress=args.progress, ray_address=args.ray_address,
+        force=args.force,
     )
     res = salora_modules(cfg)
     verb = "reused" if res.reused else "computed"
@@ -383,7 +390,7 @@ def _cmd_salora_modules(args: argparse.Namespace) -> Outcome:
 def _cmd_salora_export(args: argparse.Namespace) -> Outcome:
     from safelora_ray.salora.export import export_cs
 
-    n = export_cs(args.alignment, args.out, dtype=args.dtype)
+    n = export_cs(args.alignment, args.out, dtype=args.dtype, force=args.force)
     _say(args, f"C_s of {n} modules written to {args.out}")
     return EXIT_OK, {"command": "salora-export", "modules": n, "out": args.out}
 
@@ -434,6 +441,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except SafeLoraError as e:
         _err(args, str(e))
+        return EXIT_FAILED
+    except Exception as e:
+        # What the pipelines did not name themselves: a file system or S3 error still gets
+        # one line (a programming error keeps its traceback).
+        line = system_error_line(e)
+        if line is None:
+            raise
+        _err(args, line)
         return EXIT_FAILED
     except KeyboardInterrupt:
         # The pipelines wound down already: work in progress finished or was stopped, workers

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from safelora_ray.checks import Output, check_outputs, probe_outputs
 from safelora_ray.formats.safetensors_io import save_tensors
 
 logger = logging.getLogger(__name__)
@@ -159,6 +160,8 @@ def run_demo(root: str, threshold: float = 0.35, workers: int | None = None,
     from safelora_ray.reports import text_summary
     from safelora_ray.workers import worker_session
 
+    check_outputs([Output("--dir", root)], [])  # a file there, or a read-only place: say so
+    probe_outputs([Output("--dir", root)])
     rootp = Path(root).resolve()
     rootp.mkdir(parents=True, exist_ok=True)
     if (rootp / "catalog").exists():  # inputs are kept: a rerun shows the incremental path

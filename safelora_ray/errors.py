@@ -45,3 +45,29 @@ class Interrupted(SafeLoraError):
 
 class ConfigError(SafeLoraError, ValueError):
     """Invalid user configuration (flags, config files, parameters)."""
+
+
+def system_error_line(exc: BaseException) -> str | None:
+    """One line for a file system or S3 error that reached the command line unnamed (an
+    ``OSError``, a botocore or boto3 error, also inside a Ray task error); None for anything
+    else, which is a programming error and keeps its traceback."""
+    import sys
+
+    ray_exc = sys.modules.get("ray.exceptions")
+    if ray_exc is not None and isinstance(exc, ray_exc.RayTaskError) and exc.cause is not None:
+        exc = exc.cause
+    if isinstance(exc, OSError):
+        where = " → ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        what = exc.strerror or str(exc) or type(exc).__name__
+        return f"{what}: {where}" if where else f"{type(exc).__name__}: {what}"
+    boto = sys.modules.get("botocore.exceptions")
+    if boto is not None and isinstance(exc, boto.ClientError):
+        err = exc.response.get("Error", {})
+        bucket = err.get("BucketName")
+        return (f"S3 {exc.operation_name} failed{f' on bucket {bucket}' if bucket else ''}: "
+                f"{err.get('Code', '?')} {err.get('Message', '')}".strip())
+    boto3_exc = sys.modules.get("boto3.exceptions")
+    if ((boto is not None and isinstance(exc, boto.BotoCoreError))
+            or (boto3_exc is not None and isinstance(exc, boto3_exc.Boto3Error))):
+        return f"S3 request failed: {type(exc).__name__}: {exc}".replace("\n", " ")
+    return None

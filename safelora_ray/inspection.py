@@ -14,8 +14,15 @@ import os
 from collections import Counter
 from typing import Any
 
-from safelora_ray.errors import AdapterError, ConfigError, NotFoundError, SafeLoraError
+from safelora_ray.errors import (
+    AdapterError,
+    ConfigError,
+    NotFoundError,
+    SafeLoraError,
+    StorageError,
+)
 from safelora_ray.storage import Storage, open_storage
+from safelora_ray.storage.local import LocalStorage
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +43,11 @@ def describe(uri: str) -> dict[str, Any]:
         StorageError / ConfigError: the location cannot be read or is not a valid URI.
     """
     storage = open_storage(uri)
+    if isinstance(storage, LocalStorage) and os.path.isdir(storage.root):
+        try:  # an unreadable folder is said so, not described as empty
+            os.scandir(storage.root).close()
+        except OSError as e:
+            raise StorageError(f"cannot read {storage.uri}: {e.strerror or e}") from None
     if (storage.exists("alignment.json") or storage.exists("manifest.parquet")
             or any(True for _ in storage.list("shards/"))):
         from safelora_ray.formats.alignment_set import AlignmentSet

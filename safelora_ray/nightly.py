@@ -41,7 +41,13 @@ from safelora_ray.catalog import (
     iter_models,
     validate_id,
 )
-from safelora_ray.checks import as_yaml_keys, check_selection
+from safelora_ray.checks import (
+    Output,
+    as_yaml_keys,
+    check_outputs,
+    check_selection,
+    probe_outputs,
+)
 from safelora_ray.errors import AlignmentSetError, ConfigError, SafeLoraError
 from safelora_ray.formats.alignment_set import AlignmentSet
 from safelora_ray.lease import Lease
@@ -184,22 +190,30 @@ class NightlyConfig:
             raise ConfigError("lock.ttl_s must be positive")
         check_uri(self.output_root, "output_root")
         check_uri(self.alignment_root, "alignment_root")
-        for section, c in [*(("catalogs", c) for c in self.catalogs),
-                           *(("models", m) for m in self.models)]:
+        catalogs = [*(("catalogs", c) for c in self.catalogs),
+                    *(("models", m) for m in self.models)]
+        for section, c in catalogs:
             check_uri(c.uri, f"{section}[{c.name}].uri")
-            refuse_overlap(self.output_root, "output_root", c.uri, f"{section}[{c.name}].uri",
-                           "the outputs would overwrite the originals or become catalog "
-                           "entries of the next run")
+        for p in self.pairs:
+            for side in ("base", "aligned"):
+                check_uri(getattr(p, side), f"pairs[{p.name}].{side}")
+        # Neither root equals, lies inside or contains anything a run reads.
+        check_outputs(self.outputs, [
+            *((f"{section}[{c.name}].uri", c.uri, "the outputs would overwrite the originals "
+               "or become catalog entries of the next run") for section, c in catalogs),
+            *((f"pairs[{p.name}].{side}", getattr(p, side), "the run would write into a "
+               "source checkout") for p in self.pairs for side in ("base", "aligned"))])
+        for _, c in catalogs:
             cat_out = join_uri(self.output_root, c.name)
             refuse_overlap(self.alignment_root, "alignment_root", cat_out,
                            f"the output of catalog {c.name!r}",
                            "alignment sets and sanitized adapters would mix")
-        for p in self.pairs:
-            for side in ("base", "aligned"):
-                check_uri(getattr(p, side), f"pairs[{p.name}].{side}")
-                refuse_overlap(join_uri(self.alignment_root, p.name), "alignment_root",
-                               getattr(p, side), f"pairs[{p.name}].{side}",
-                               "the alignment set would be written into a source checkout")
+
+    @property
+    def outputs(self) -> list[Output]:
+        """What a run writes (see :func:`~safelora_ray.checks.check_outputs`)."""
+        return [Output("output_root", self.output_root),
+                Output("alignment_root", self.alignment_root)]
 
     def _selection_kwargs(self) -> dict[str, Any]:
         s = self.selection
@@ -287,6 +301,7 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, dry_run: bool = F
     out = open_storage(cfg.output_root)
     lease = Lease(out, f"{NIGHTLY_PREFIX}/lock.json", owner=run_id, ttl_s=cfg.lock_ttl_s)
     if not dry_run:
+        probe_outputs(cfg.outputs)  # a read-only root is found now, not after the catalogs
         lease.acquire()
     record: dict[str, Any] = {
         "run_id": run_id, "status": "running",

@@ -11,6 +11,10 @@ server and, on a configurable schedule, answers some of them with a fault instea
   the body are sent and the connection is closed mid-response (for a response without a body,
   half of the header block).
 
+Apart from the schedule, requests under the path prefixes in ``deny`` (``/bucket/prefix``,
+path-style) whose method is in ``deny_methods`` are answered 403 ``AccessDenied``, every time
+(a read-only prefix; not forwarded, counted as ``"403"`` in :attr:`ProxyStats.injected`).
+
 botocore's ``standard`` retry mode retries 500, 503 SlowDown and broken connections; a
 streaming GET whose body breaks is re-read by the storage layer itself.
 
@@ -52,6 +56,7 @@ _ERRORS = {
     "500": (500, "Internal Server Error", "InternalError",
             "We encountered an internal error. Please try again."),
     "503": (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
+    "403": (403, "Forbidden", "AccessDenied", "Access Denied"),
 }
 
 
@@ -147,7 +152,8 @@ class _Handler(BaseHTTPRequestHandler):
         proxy = self.server.proxy
         body = self._body()
         key = (self.command, self.path, self.headers.get("Range", ""))
-        fault = proxy._decide(key, self.command)
+        fault = "403" if proxy._denied(self.command, self.path) else proxy._decide(key,
+                                                                                  self.command)
         if fault in _ERRORS:
             status, reason, code, message = _ERRORS[fault]
             payload = _ERROR_XML.format(code=code, message=message,
@@ -217,12 +223,15 @@ class S3FaultProxy:
     """
 
     def __init__(self, upstream: str, schedule: FaultSchedule | None = None,
-                 lifetime_s: float = 600.0) -> None:
+                 lifetime_s: float = 600.0, deny: tuple[str, ...] = (),
+                 deny_methods: frozenset[str] = frozenset({"PUT", "POST", "DELETE"})) -> None:
         u = urllib.parse.urlsplit(upstream)
         if u.scheme != "http" or not u.hostname:
             raise ValueError(f"upstream must be http://host:port, got {upstream!r}")
         self.upstream_host, self.upstream_port = u.hostname, u.port or 80
         self.schedule = schedule or FaultSchedule()
+        self.deny = deny
+        self.deny_methods = deny_methods
         self.lifetime_s = lifetime_s
         self.stats = ProxyStats()
         self.lock = threading.Lock()
@@ -264,6 +273,18 @@ class S3FaultProxy:
         self.stop()
 
     # -- scheduling --------------------------------------------------------------------------
+    def _denied(self, method: str, path: str) -> bool:
+        """A request to a denied prefix (see the module docstring); counted when it is."""
+        bare = urllib.parse.unquote(path.split("?", 1)[0])
+        if method not in self.deny_methods or not any(
+                bare == d or bare.startswith(d.rstrip("/") + "/") for d in self.deny):
+            return False
+        with self.lock:
+            self.stats.requests += 1
+            self.stats.by_method[method] += 1
+            self.stats.injected["403"] += 1
+        return True
+
     def _decide(self, key: tuple[str, str, str], method: str) -> str | None:
         s = self.schedule
         with self.lock:

@@ -31,7 +31,14 @@ from typing import Any
 import torch
 
 from safelora_ray._version import __version__
-from safelora_ray.checks import check_at_least, check_positive, flag
+from safelora_ray.checks import (
+    Output,
+    check_at_least,
+    check_outputs,
+    check_positive,
+    flag,
+    probe_outputs,
+)
 from safelora_ray.errors import (
     AlignmentSetError,
     CheckpointError,
@@ -66,7 +73,7 @@ from safelora_ray.plan import (
 )
 from safelora_ray.progress import Progress
 from safelora_ray.storage import Storage, open_storage
-from safelora_ray.storage.base import check_uri, refuse_overlap
+from safelora_ray.storage.base import check_uri
 from safelora_ray.workers import (
     INLINE_MAX_BUILD_BYTES,
     WORKER_LOST,
@@ -133,9 +140,15 @@ class BuildConfig:
             check_uri(getattr(self, name), flag(name))
         # Never write into a source checkout (nor around one: its files would be listed as
         # part of the set's folder).
-        for name in ("base", "aligned"):
-            refuse_overlap(self.out, "--out", getattr(self, name), flag(name),
-                           "the alignment set would be written into a source checkout")
+        check_outputs(self.outputs, [
+            (flag(name), getattr(self, name),
+             "the alignment set would be written into a source checkout")
+            for name in ("base", "aligned")])
+
+    @property
+    def outputs(self) -> list[Output]:
+        """What the build writes (see :func:`~safelora_ray.checks.check_outputs`)."""
+        return [Output("--out", self.out)]
 
     @property
     def projection_spec(self) -> Projection:
@@ -595,11 +608,6 @@ def build(config: BuildConfig) -> BuildResult:
 
     plan = plan_build(base, aligned, config.targets, max_file_bytes=config.max_file_bytes,
                       projection=config.projection_spec)
-    wplan = resolve_workers(config.workers, config.use_gpu, config.ray_address,
-                            small=plan.input_bytes <= INLINE_MAX_BUILD_BYTES, shape="device")
-    if wplan.num_workers > 1:  # one shard (a contiguous run of layers) per worker
-        plan.shards = shard_modules(plan.modules, wplan.num_workers, config.max_file_bytes)
-        wplan = wplan.take(len(plan.shards))
     method = config.projection_spec.method()
     # The weights files read, and config.json where there is one: it decides each weight's
     # orientation (a corrected model_type must not reuse a set built the other way).
@@ -624,6 +632,12 @@ def build(config: BuildConfig) -> BuildResult:
             f"{out.uri} already holds alignment set {existing['content_id']} built from other "
             "inputs; alignment sets are immutable: choose another --out"
         )
+    probe_outputs(config.outputs)  # before any worker starts (a reused set needs no write)
+    wplan = resolve_workers(config.workers, config.use_gpu, config.ray_address,
+                            small=plan.input_bytes <= INLINE_MAX_BUILD_BYTES, shape="device")
+    if wplan.num_workers > 1:  # one shard (a contiguous run of layers) per worker
+        plan.shards = shard_modules(plan.modules, wplan.num_workers, config.max_file_bytes)
+        wplan = wplan.take(len(plan.shards))
     ex = open_executor(wplan, config.use_gpu)
     try:
         ex.check_shared([("--out", config.out, True), ("--base", config.base, False),

@@ -54,10 +54,13 @@ import torch
 
 from safelora_ray._version import __version__
 from safelora_ray.checks import (
+    Output,
     check_at_least,
+    check_outputs,
     check_positive,
     check_selection,
     flag,
+    probe_outputs,
     selection_record,
 )
 from safelora_ray.errors import (
@@ -92,7 +95,7 @@ from safelora_ray.plan import (
 )
 from safelora_ray.progress import Progress
 from safelora_ray.storage import Storage, open_storage
-from safelora_ray.storage.base import check_uri, refuse_overlap, split_uri
+from safelora_ray.storage.base import check_uri, split_uri
 from safelora_ray.workers import (
     INLINE_MAX_BUILD_BYTES,
     WORKER_LOST,
@@ -170,10 +173,17 @@ class FinetuneConfig:
         if split_uri(self.out)[0] == "hf":
             raise ConfigError(f"--out {self.out}: the Hub is read-only here; write to a path "
                               "or s3://")
-        # Inputs are never written: the projected checkpoint goes apart from all three.
-        for name in ("alignment", "aligned", "finetuned"):
-            refuse_overlap(self.out, "--out", getattr(self, name), flag(name),
-                           "the projected checkpoint would be written into an input")
+        # Inputs are never written: the projected checkpoint and its reports go apart from
+        # all three.
+        check_outputs(self.outputs, [
+            (flag(name), getattr(self, name), "the outputs would be written into an input")
+            for name in ("alignment", "aligned", "finetuned")])
+
+    @property
+    def outputs(self) -> list[Output]:
+        """What the run writes (see :func:`~safelora_ray.checks.check_outputs`)."""
+        return [Output("--out", self.out),
+                *([Output("--reports", self.reports)] if self.reports is not None else [])]
 
     @property
     def selection(self) -> dict[str, Any]:
@@ -880,6 +890,7 @@ def project_model(config: FinetuneConfig) -> FinetuneResult:
 
     from safelora_ray.pipelines.sanitize import sweep_stale_writes  # killed writers' temps
 
+    probe_outputs(config.outputs)  # before any worker starts (a reused output needs no write)
     sweep_stale_writes(out)
     run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + \
         uuid.uuid4().hex[:6]

@@ -34,11 +34,14 @@ import torch
 
 from safelora_ray.catalog import CONFIG_FILE, AdapterRef, is_manifest, iter_catalog
 from safelora_ray.checks import (
+    Output,
     check_at_least,
+    check_outputs,
     check_positive,
     check_selection,
     env_number,
     flag,
+    probe_outputs,
     selection_record,
 )
 from safelora_ray.errors import (
@@ -74,7 +77,7 @@ from safelora_ray.progress import Progress
 from safelora_ray.redact import redact
 from safelora_ray.reports import ReportWriter, ledger_figures
 from safelora_ray.storage import Storage, open_storage
-from safelora_ray.storage.base import check_uri, join_uri, overlap, refuse_overlap
+from safelora_ray.storage.base import check_uri, join_uri, overlap
 from safelora_ray.storage.local import STAGING_PREFIX, TMP_PREFIX, TRASH_PREFIX, LocalStorage
 from safelora_ray.workers import (
     INLINE_MAX_ADAPTERS,
@@ -173,13 +176,18 @@ class SanitizeConfig:
             raise ConfigError(f"--run-id {self.run_id!r} may only use letters, digits, . _ -")
         for name in ("alignment", "adapters", "out"):
             check_uri(getattr(self, name), flag(name))
-        # Inputs are never written, and outputs never become inputs of the next run.
-        if not is_manifest(self.adapters):
-            refuse_overlap(self.out, "--out", self.adapters, "--adapters",
-                           "sanitized adapters would overwrite the originals or become "
-                           "catalog entries of the next run")
-        refuse_overlap(self.out, "--out", self.alignment, "--alignment",
-                       "the run would write into the alignment set")
+        # Inputs are never written, and outputs never become inputs of the next run (a
+        # manifest's own entries are checked one by one as they are listed).
+        check_outputs(self.outputs, [
+            ("--adapters", self.adapters, "the run would write over the manifest"
+             if is_manifest(self.adapters) else "sanitized adapters would overwrite the "
+             "originals or become catalog entries of the next run"),
+            ("--alignment", self.alignment, "the run would write into the alignment set")])
+
+    @property
+    def outputs(self) -> list[Output]:
+        """What the run writes (see :func:`~safelora_ray.checks.check_outputs`)."""
+        return [Output("--out", self.out)]
 
     @property
     def selection(self) -> dict[str, Any]:
@@ -794,6 +802,7 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
     t_start = time.perf_counter()
     aset = AlignmentSet.open(config.alignment)  # fail fast, before any worker starts
     check_method(aset, config.method)
+    probe_outputs(config.outputs)  # a read-only --out is found now, not after the fleet
     out = open_storage(config.out)
     sweep_stale_writes(out)
     # A look at the catalog's head says whether it is small enough for this process.

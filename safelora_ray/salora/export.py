@@ -10,12 +10,14 @@ a time and published atomically (local or ``s3://``).
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 
-from safelora_ray.errors import AlignmentSetError, ConfigError
+from safelora_ray.checks import Output, check_outputs, probe_outputs
+from safelora_ray.errors import AlignmentSetError, ConfigError, SafeLoraError
 from safelora_ray.formats.alignment_set import AlignmentSet
-from safelora_ray.formats.safetensors_io import SafetensorsWriter
+from safelora_ray.formats.safetensors_io import SafetensorsWriter, read_header
 from safelora_ray.storage import open_storage
 
 logger = logging.getLogger(__name__)
@@ -26,31 +28,61 @@ EXPORT_DTYPES = {"float32": ("F32", torch.float32), "bfloat16": ("BF16", torch.b
                  "float16": ("F16", torch.float16)}
 
 
+def export_output(out: str, out_flag: str = "--out") -> Output:
+    """The export file as an output (see :func:`~safelora_ray.checks.check_outputs`).
+
+    Raises:
+        ConfigError: ``out`` does not name a ``.safetensors`` file.
+    """
+    if not out.endswith(".safetensors"):
+        raise ConfigError(f"{out_flag} {out}: the export is one .safetensors file")
+    return Output(out_flag, out, file=True)
+
+
+def exported_from(out: str) -> str | None:
+    """The content id of the set whose C_s the file ``out`` holds (None: not an export)."""
+    parent, name = out.rsplit("/", 1) if "/" in out else (".", out)
+    try:
+        header = read_header(open_storage(parent), name)
+    except SafeLoraError:
+        return None
+    meta = header.metadata or {}
+    return meta.get("content_id") if meta.get("safelora_ray") == "salora-cs" else None
+
+
 def export_cs(alignment: str, out: str, *, dtype: str = "float32",
-              prefix: str = PEFT_PREFIX) -> int:
+              prefix: str = PEFT_PREFIX, force: bool = False, out_flag: str = "--out") -> int:
     """Write C_s of every module of a safety-module set to the safetensors file ``out``.
 
     Args:
         alignment: A SaLoRA safety-module set (``salora-modules`` output).
-        out: The ``.safetensors`` file to write (path or ``s3://``).
+        out: The ``.safetensors`` file to write (path or ``s3://``), apart from the set; an
+            existing file there is replaced only with ``force``, or when it is an earlier
+            export of this same set.
         dtype: ``float32`` (default), ``bfloat16`` or ``float16`` (the training dtype).
         prefix: Prepended to each module name (PEFT's ``base_model.model.``).
+        force: Replace an existing file at ``out``.
+        out_flag: How messages name ``out``.
 
     Returns:
         The number of modules written.
 
     Raises:
         AlignmentSetError: not a SaLoRA set.
-        ConfigError: bad ``out`` or ``dtype``.
+        ConfigError: bad ``out`` or ``dtype``, ``out`` inside the set or an existing file.
+        StorageError: ``out`` is not writable (found before anything is computed).
     """
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
-    if not out.endswith(".safetensors"):
-        raise ConfigError(f"{out}: the export is one .safetensors file")
+    target = export_output(out, out_flag)
+    check_outputs([target], [("--alignment", alignment,
+                              "the export would be written into the set")])
     aset = AlignmentSet.open(alignment)
     if aset.method_family != "salora":
         raise AlignmentSetError(f"{aset.uri} is a {aset.method_name} alignment set, not SaLoRA "
                                 "safety modules: nothing to export")
+    probe_outputs([replace(target, replaceable=lambda u: exported_from(u) == aset.content_id)],
+                  force=force)
     st_dtype, torch_dtype = EXPORT_DTYPES[dtype]
     rows = sorted(aset.rows.values(), key=lambda r: (r.layer if r.layer is not None else -1,
                                                     r.module))
@@ -67,4 +99,4 @@ def export_cs(alignment: str, out: str, *, dtype: str = "float32",
     return len(rows)
 
 
-__all__ = ["PEFT_PREFIX", "export_cs"]
+__all__ = ["PEFT_PREFIX", "export_cs", "export_output", "exported_from"]

@@ -29,7 +29,14 @@ from typing import Any
 import torch
 
 from safelora_ray._version import __version__
-from safelora_ray.checks import check_at_least, check_positive, flag
+from safelora_ray.checks import (
+    Output,
+    check_at_least,
+    check_outputs,
+    check_positive,
+    flag,
+    probe_outputs,
+)
 from safelora_ray.errors import (
     AlignmentSetError,
     CheckpointError,
@@ -72,7 +79,7 @@ from safelora_ray.salora.calibration import (
 )
 from safelora_ray.salora.forward import DTYPES, MODES, CalibrationJob
 from safelora_ray.storage import Storage, open_storage
-from safelora_ray.storage.base import check_uri, refuse_overlap
+from safelora_ray.storage.base import check_uri
 from safelora_ray.workers import (
     INLINE_MAX_BUILD_BYTES,
     WORKER_LOST,
@@ -121,6 +128,8 @@ class SaloraConfig:
         task_timeout_s: Longest one layer (or one module's decomposition) may take.
         export_cs: Also write C_s per module as safetensors keyed by PEFT module name here
             (see :mod:`safelora_ray.salora.export`).
+        force: Replace an existing file at ``export_cs`` (an earlier export of the same set
+            is replaced without it).
         progress: Show a progress bar.
         ray_address: Cluster address; None = ``RAY_ADDRESS`` or a new local Ray.
     """
@@ -140,6 +149,7 @@ class SaloraConfig:
     export_cs: str | None = None
     progress: bool = True
     ray_address: str | None = None
+    force: bool = False
 
     def __post_init__(self) -> None:
         self.targets = parse_targets(self.targets)
@@ -159,9 +169,24 @@ class SaloraConfig:
                 or self.max_file_bytes < 1:
             raise ConfigError(f"--max-file-gb must be positive, got {self.max_file_bytes!r} bytes")
         check_positive(self.task_timeout_s, "timeout")
-        # Inputs are never written.
-        refuse_overlap(self.out, "--out", self.model, "--model",
-                       "the safety-module set would be written into the model's checkout")
+        # Inputs are never written; the export goes apart from the set too (a set's folder
+        # holds the set alone).
+        check_outputs(self.outputs, [
+            ("--model", self.model, "the run would write into the model's checkout"),
+            ("--calibration", self.calibration, "the run would write over the calibration "
+             "set")])
+        if self.export_cs is not None:
+            check_outputs(self.outputs[1:], [
+                ("--out", self.out, "the export would be written into the safety-module set")])
+
+    @property
+    def outputs(self) -> list[Output]:
+        """What the run writes: the set, and the export (see
+        :func:`~safelora_ray.checks.check_outputs`)."""
+        from safelora_ray.salora.export import export_output
+
+        return [Output("--out", self.out),
+                *([export_output(self.export_cs, "--export-cs")] if self.export_cs else [])]
 
 
 @dataclass
@@ -390,12 +415,15 @@ def salora_modules(config: SaloraConfig) -> SaloraResult:
         if _same_inputs(existing, proposed):
             logger.info("%s already holds these safety modules (%s); reusing them", out.uri,
                         existing["content_id"])
-            return SaloraResult(out.uri, existing["content_id"], existing["num_modules"],
-                                len(samples), samples.tokens, time.perf_counter() - t_start,
-                                reused=True)
+            reused = SaloraResult(out.uri, existing["content_id"], existing["num_modules"],
+                                  len(samples), samples.tokens, time.perf_counter() - t_start,
+                                  reused=True)
+            return _export(reused, config)
         raise AlignmentSetError(
             f"{out.uri} already holds set {existing['content_id']} computed from other inputs; "
             "sets are immutable: choose another --out")
+    # An unwritable --out or --export-cs, or a file in the export's way, is found now.
+    probe_outputs(config.outputs, force=config.force)
 
     # Checks the driver can make before any worker starts.
     from safelora_ray.salora.forward import require_transformers
@@ -563,11 +591,19 @@ def salora_modules(config: SaloraConfig) -> SaloraResult:
                           workers=0 if ex.in_process else len(shares),
                           device=s0.get("device", "cpu"), mode=s0.get("mode", ""),
                           positions=samples.positions, stats=stats)
-    if config.export_cs:
-        from safelora_ray.salora.export import export_cs
+    return _export(result, config)
 
-        export_cs(out.uri, config.export_cs)
-        result.export_cs = config.export_cs
+
+def _export(result: SaloraResult, config: SaloraConfig) -> SaloraResult:
+    """Write ``--export-cs`` of the set ``result`` names (an export of this set already
+    there is kept as it is)."""
+    if not config.export_cs:
+        return result
+    from safelora_ray.salora.export import export_cs, exported_from
+
+    if not result.reused or exported_from(config.export_cs) != result.content_id:
+        export_cs(result.uri, config.export_cs, force=config.force, out_flag="--export-cs")
+    result.export_cs = config.export_cs
     return result
 
 
