@@ -45,3 +45,7 @@ class Interrupted(SafeLoraError):
 
 class ConfigError(SafeLoraError, ValueError):
     """Invalid user configuration (flags, config files, parameters)."""
+
+
+class LeaseHeldError(SafeLoraError):
+    """Another live run holds the lease on an output (the message names it): exit 4."""
