@@ -262,7 +262,9 @@ def _stop_when(proc: subprocess.Popen[str], ready: Any, what: str,
         proc.send_signal(sig)
         t0 = time.monotonic()
         _stdout, stderr = proc.communicate(timeout=60)
-        return stderr, time.monotonic() - t0
+        took = time.monotonic() - t0
+        print(f"{signal.Signals(sig).name}: exit {proc.returncode} {took:.1f} s after it")
+        return stderr, took
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
