@@ -5,8 +5,10 @@ Exit codes:
     1    the run failed (bad inputs named in the message, storage or cluster errors)
     2    usage error (bad flags or parameter values)
     3    ``sanitize`` / ``nightly`` finished but some adapters failed (the others were written)
-    4    ``nightly``: another run holds the lock
+    4    another run holds the lease on the output (``nightly``, ``sanitize``,
+         ``project-model``; ``--wait`` queues behind it)
     130  interrupted (Ctrl-C); nothing partial was left, a rerun resumes
+    143  terminated (SIGTERM: ``ray job stop``, a pod's deletion), as Ctrl-C; 129 for SIGHUP
 
 This module imports only the standard library and safelora-ray's light modules at the top:
 ``--help`` and usage errors answer without loading torch or Ray.
@@ -17,12 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from safelora_ray import interrupts
 from safelora_ray._version import __version__
-from safelora_ray.errors import ConfigError, SafeLoraError, system_error_line
+from safelora_ray.errors import ConfigError, LeaseHeldError, SafeLoraError, system_error_line
 from safelora_ray.redact import configure_logging, redact
 
 logger = logging.getLogger(__name__)
@@ -78,6 +82,21 @@ def _add_ray(p: argparse.ArgumentParser, workers_help: str = DEVICE_WORKERS_HELP
     dev.add_argument("--cpu", dest="use_gpu", action="store_false", help="use CPU workers only")
 
 
+def _wait_s(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _add_wait(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait", type=_wait_s, nargs="?", const=math.inf, default=None,
+                   metavar="SECONDS",
+                   help="when another run writes to --out, wait until it is done (at most "
+                        "SECONDS; without a number, as long as it takes) instead of exiting "
+                        "with 4")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used by the ``jobs/`` entrypoints and the tests)."""
     parser = argparse.ArgumentParser(
@@ -85,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Safe LoRA at fleet scale: build alignment sets from a base/aligned model "
                     "pair, sanitize catalogs of LoRA adapters, project full fine-tunes.",
         epilog="exit codes: 0 ok, 1 failed, 2 usage error, 3 some adapters failed, "
-               "4 nightly locked, 130 interrupted",
+               "4 output locked by another run, 130 interrupted, 143 terminated",
     )
     parser.add_argument("--version", action="version", version=f"safelora-ray {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -144,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "reports (default 1: 'acme/chat-1' belongs to 'acme')")
     s.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds one batch may take before the run fails")
+    _add_wait(s)
     _add_ray(s, workers_help="I/O workers (read, check, write adapters); 0 = in this process "
                              "(default: one per CPU left beside the holders of the set; a "
                              "small job runs in this process when no Ray cluster is "
@@ -173,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where the reports go (default: <out>/_safelora)")
     pm.add_argument("--timeout", type=float, default=3600.0,
                     help="seconds one output file may take before the run fails")
+    _add_wait(pm)
     _add_ray(pm)
     _add_common(pm)
 
@@ -292,7 +313,7 @@ def _cmd_sanitize(args: argparse.Namespace) -> Outcome:
         batch_size=args.batch_size, max_in_flight=args.max_in_flight, run_id=args.run_id,
         workers_per_gpu=args.workers_per_gpu, allow_empty=args.allow_empty,
         tenant_depth=args.tenant_depth, progress=args.progress, task_timeout_s=args.timeout,
-        ray_address=args.ray_address, method=args.method,
+        ray_address=args.ray_address, method=args.method, wait_s=args.wait,
     )
     result = sanitize(cfg)
     _say(args, text_summary(result))
@@ -310,16 +331,11 @@ def _cmd_sanitize(args: argparse.Namespace) -> Outcome:
 
 
 def _cmd_nightly(args: argparse.Namespace) -> Outcome:
-    from safelora_ray.lease import LeaseHeldError
     from safelora_ray.nightly import NightlyConfig, run_nightly, summary_text
 
     cfg = NightlyConfig.load(args.config)
-    try:
-        record = run_nightly(cfg, run_id=args.run_id, dry_run=args.dry_run,
-                             progress=args.progress, say=lambda text: _say(args, text))
-    except LeaseHeldError as e:
-        _err(args, f"another run is in progress: {e}")
-        return EXIT_LOCKED, None
+    record = run_nightly(cfg, run_id=args.run_id, dry_run=args.dry_run,
+                         progress=args.progress, say=lambda text: _say(args, text))
     _say(args, summary_text(record))
     status = record["status"]
     code = {"success": EXIT_OK, "dry-run": EXIT_OK, "partial": EXIT_PARTIAL}.get(status,
@@ -335,7 +351,7 @@ def _cmd_project_model(args: argparse.Namespace) -> Outcome:
         out=args.out, threshold=args.threshold, num_proj_layers=args.num_proj_layers,
         strict_k=args.strict_k, reports=args.reports, workers=args.workers,
         use_gpu=args.use_gpu, task_timeout_s=args.timeout, progress=args.progress,
-        ray_address=args.ray_address,
+        ray_address=args.ray_address, wait_s=args.wait,
     )
     res = project_model(cfg)
     summary = {"command": "project-model", "status": "reused" if res.reused else "projected",
@@ -434,11 +450,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("-v/--verbose and -q/--quiet exclude each other")
     configure_logging(_level(args))
     args.progress = not (args.no_progress or args.quiet)
+    interrupts.install()  # SIGTERM / SIGHUP end the run as Ctrl-C does
     try:
         code, summary = _COMMANDS[args.command](args)
     except ConfigError as e:
         _err(args, str(e))
         return EXIT_USAGE
+    except LeaseHeldError as e:
+        hint = "; pass --wait to run after it" if hasattr(args, "wait") else ""
+        _err(args, f"another run is in progress: {e}{hint}")
+        return EXIT_LOCKED
     except SafeLoraError as e:
         _err(args, str(e))
         return EXIT_FAILED
@@ -450,12 +471,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _err(args, line)
         return EXIT_FAILED
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         # The pipelines wound down already: work in progress finished or was stopped, workers
-        # ended, temp files removed. A rerun resumes where this one stopped.
-        print(f"safelora-ray {args.command}: interrupted; nothing partial was left behind, "
-              "run the same command again to resume", file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+        # ended, temp files removed, leases given back. A rerun resumes where this one stopped.
+        print(f"safelora-ray {args.command}: {interrupts.describe(e)}; nothing partial was "
+              "left behind, run the same command again to resume", file=sys.stderr, flush=True)
+        return interrupts.exit_code(e)
     if args.json and summary is not None:
         print(json.dumps(summary, indent=2, ensure_ascii=False, default=str), flush=True)
     return code

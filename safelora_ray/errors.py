@@ -47,6 +47,10 @@ class ConfigError(SafeLoraError, ValueError):
     """Invalid user configuration (flags, config files, parameters)."""
 
 
+class LeaseHeldError(SafeLoraError):
+    """Another live run holds the lease on an output (the message names it): exit 4."""
+
+
 def system_error_line(exc: BaseException) -> str | None:
     """One line for a file system or S3 error that reached the command line unnamed (an
     ``OSError``, a botocore or boto3 error, also inside a Ray task error); None for anything

@@ -1,8 +1,15 @@
 """A lease (lock with expiry) kept as one object in storage, taken with conditional writes.
 
-Two runs that point at the same output root never interleave: the first takes the lease; the
-second sees it held and stops. A run that died leaves a lease that expires after its TTL and is
-then taken over. A live run renews its lease in the background.
+Two runs that point at the same output never interleave: the first takes the lease; the
+second sees it held and stops (exit 4) or, asked to wait, polls until it is free. A live run
+renews its lease every ``ttl_s / 6`` seconds (a heartbeat); a lease not renewed for ``ttl_s``
+seconds (default 60) is abandoned and taken over. A lease whose holder is provably dead is
+taken over at once: it was taken on this host (same hostname, boot and PID namespace) and its
+process is gone, or its pid now belongs to a process started at another time.
+
+Where the leases live: the nightly's at ``<output_root>/_nightly/lock.json``; ``sanitize``'s
+and ``project-model``'s at ``<out>/_safelora/lease.json`` (:data:`OUT_LEASE`). Both folders
+start with ``_``: no catalog lists them and no sweep removes them.
 """
 
 from __future__ import annotations
@@ -17,14 +24,72 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from safelora_ray.errors import NotFoundError, SafeLoraError
+from safelora_ray.checks import env_number
+from safelora_ray.errors import LeaseHeldError, NotFoundError, SafeLoraError
 from safelora_ray.storage import Storage
+from safelora_ray.storage.local import LocalStorage
 
 logger = logging.getLogger(__name__)
 
+#: The lease of a ``sanitize`` or ``project-model`` output, under its ``--out``.
+OUT_LEASE = "_safelora/lease.json"
+#: Seconds without a renewal after which a lease counts as abandoned.
+DEFAULT_TTL_S = env_number("SAFELORA_LEASE_TTL_S", 60)
+#: Seconds between two looks at a held lease while waiting for it.
+WAIT_POLL_S = 1.0
 
-class LeaseHeldError(SafeLoraError):
-    """Another live run holds the lease."""
+__all__ = ["DEFAULT_TTL_S", "OUT_LEASE", "Lease", "LeaseHeldError", "hold_output"]
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def host_id() -> str:
+    """This host as a lease records it: hostname, kernel boot and PID namespace (two
+    containers on one node share the boot, never the namespace)."""
+    try:
+        ns = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        ns = "-"
+    boot = _read_text("/proc/sys/kernel/random/boot_id") or "-"
+    return f"{socket.gethostname()}|{boot}|{ns}"
+
+
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks since boot) of ``pid`` from /proc, None without it."""
+    raw = _read_text(f"/proc/{pid}/stat")
+    if raw is None or ")" not in raw:
+        return None
+    fields = raw.rsplit(")", 1)[1].split()  # after "pid (comm)": comm may hold spaces
+    return (fields[0], fields[19]) if len(fields) > 19 else None
+
+
+def process_start(pid: int) -> str | None:
+    """When ``pid`` started (to tell it from a later process given the same pid)."""
+    st = _proc_stat(pid)
+    return st[1] if st else None
+
+
+def process_gone(pid: int, started: str | None) -> bool:
+    """Whether process ``pid`` (started at ``started``) provably no longer runs here."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # another user's process: it exists
+    except OSError:
+        return False
+    st = _proc_stat(pid)
+    if st is None:
+        return False
+    state, start = st
+    return state in ("Z", "X") or (started is not None and start != started)
 
 
 @dataclass
@@ -35,25 +100,40 @@ class Lease:
         storage: Where the lease object lives.
         path: The lease object's path.
         owner: A description of this run (run id).
-        ttl_s: Seconds after the last renewal at which the lease counts as abandoned.
+        ttl_s: Seconds after the last renewal at which the lease counts as abandoned; it is
+            renewed every ``ttl_s / 6``.
+        command: The command holding it (named when another run is refused).
     """
 
     storage: Storage
     path: str
     owner: str
-    ttl_s: float = 6 * 3600
+    ttl_s: float = DEFAULT_TTL_S
+    command: str = ""
 
     def __post_init__(self) -> None:
         self.token = uuid.uuid4().hex
         self._version: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._host = host_id()
+        self._pid = os.getpid()
+        self._started = process_start(self._pid)
+        # Folders the lease alone creates go with it (a run refused at once leaves no --out).
+        self._new_dirs: list[str] = []
+        if isinstance(self.storage, LocalStorage):
+            d = os.path.dirname(os.path.join(self.storage.root, self.path))
+            while not os.path.isdir(d) and d.startswith(self.storage.root):
+                self._new_dirs.append(d)
+                d = os.path.dirname(d)
 
     def _record(self) -> bytes:
         now = time.time()
         return json.dumps({
-            "owner": self.owner, "token": self.token, "host": socket.gethostname(),
-            "pid": os.getpid(), "renewed_at": now, "expires_at": now + self.ttl_s,
+            "owner": self.owner, "command": self.command, "token": self.token,
+            "host": socket.gethostname(),
+            "host_id": self._host, "pid": self._pid, "pid_started": self._started,
+            "renewed_at": now, "ttl_s": self.ttl_s, "expires_at": now + self.ttl_s,
         }).encode()
 
     def _current(self) -> tuple[dict[str, Any] | None, str | None]:
@@ -66,33 +146,74 @@ class Lease:
             return {}, self.storage.version(self.path)  # garbage: treat as expired
         return rec if isinstance(rec, dict) else {}, version
 
-    def acquire(self) -> None:
-        """Take the lease, or take over an expired one.
+    def _why_free(self, rec: dict[str, Any]) -> str | None:
+        """Why a recorded lease may be taken over, or None while its holder may be alive."""
+        try:
+            expires, pid = float(rec["expires_at"]), int(rec["pid"])
+        except (KeyError, TypeError, ValueError):
+            return "it is unreadable"
+        if expires <= time.time():
+            return f"it expired (no renewal for {rec.get('ttl_s', '?')} s)"
+        if rec.get("host_id") == self._host and process_gone(pid, rec.get("pid_started")):
+            return f"its process {pid} on this host is gone"
+        return None
+
+    def _held_message(self, rec: dict[str, Any]) -> str:
+        ago = time.time() - float(rec.get("renewed_at", 0))
+        until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(rec["expires_at"])))
+        cmd = f"{rec['command']} " if rec.get("command") else ""
+        return (f"{self.storage.describe(self.path)} is held by {cmd}run {rec.get('owner')!r} "
+                f"(pid {rec.get('pid')} on {rec.get('host')}, renewed {ago:.0f} s ago; "
+                f"abandoned if not renewed until {until})")
+
+    def acquire(self, wait_s: float | None = None) -> None:
+        """Take the lease, or take over an abandoned one.
+
+        Args:
+            wait_s: While a live run holds it, look again every second for at most this many
+                seconds (``math.inf``: until it is free); None: do not wait.
 
         Raises:
             LeaseHeldError: a live run holds it (the message names the holder).
         """
-        rec, version = self._current()
-        if rec is not None and float(rec.get("expires_at", 0)) > time.time():
-            raise LeaseHeldError(
-                f"{self.storage.describe(self.path)} is held by run {rec.get('owner')!r} on "
-                f"{rec.get('host')} until "
-                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(rec['expires_at']))}"
-            )
-        if rec is not None:
-            logger.warning("taking over the expired lease of run %r", rec.get("owner"))
-        if not self.storage.put_bytes_if(self.path, self._record(), if_version=version):
-            raise LeaseHeldError(f"{self.storage.describe(self.path)} was taken by another run")
-        self._version = self.storage.version(self.path)
-        # Confirm: on stores without read-after-write conditional semantics, re-read wins.
-        rec, _ = self._current()
-        if not rec or rec.get("token") != self.token:
-            raise LeaseHeldError(f"{self.storage.describe(self.path)} was taken by another run")
+        deadline = None if wait_s is None else time.monotonic() + wait_s
+        waiting, races = False, 0
+        while True:
+            rec, version = self._current()
+            why = None if rec is None else self._why_free(rec)
+            if rec is None or why is not None:
+                if rec is not None:
+                    logger.warning("taking over the lease %s of run %r: %s",
+                                   self.storage.describe(self.path), rec.get("owner"), why)
+                if self._take(version):
+                    break
+                rec = self._current()[0]  # another run was faster
+                if not rec or self._why_free(rec) is not None:
+                    races += 1
+                    if races > 5:
+                        raise LeaseHeldError(
+                            f"{self.storage.describe(self.path)} could not be taken: other "
+                            "runs keep taking it")
+                    continue
+            if deadline is None or time.monotonic() >= deadline:
+                raise LeaseHeldError(self._held_message(rec))
+            if not waiting:
+                logger.info("waiting: %s", self._held_message(rec))
+                waiting = True
+            time.sleep(min(WAIT_POLL_S, max(0.0, deadline - time.monotonic())))
         self._thread = threading.Thread(target=self._renew_loop, name="lease-renew", daemon=True)
         self._thread.start()
 
+    def _take(self, version: str | None) -> bool:
+        if not self.storage.put_bytes_if(self.path, self._record(), if_version=version):
+            return False
+        self._version = self.storage.version(self.path)
+        # Confirm: on stores without read-after-write conditional semantics, re-read wins.
+        rec, _ = self._current()
+        return bool(rec) and rec.get("token") == self.token
+
     def _renew_loop(self) -> None:
-        while not self._stop.wait(max(1.0, self.ttl_s / 3)):
+        while not self._stop.wait(max(0.2, self.ttl_s / 6)):
             try:
                 if self.storage.put_bytes_if(self.path, self._record(), if_version=self._version):
                     self._version = self.storage.version(self.path)
@@ -110,6 +231,11 @@ class Lease:
         rec, _ = self._current()
         if rec and rec.get("token") == self.token:
             self.storage.delete(self.path)
+        for d in self._new_dirs:  # deepest first; one holding anything else stays
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
 
     def __enter__(self) -> Lease:
         self.acquire()
@@ -117,3 +243,17 @@ class Lease:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def hold_output(storage: Storage, command: str, owner: str,
+                wait_s: float | None = None) -> Lease:
+    """Take the lease of an output root (:data:`OUT_LEASE`) for ``command``'s run ``owner``;
+    the caller releases it on every way out.
+
+    Raises:
+        LeaseHeldError: another live run writes there (and ``wait_s`` ran out).
+    """
+    lease = Lease(storage, OUT_LEASE, owner=owner, command=command)
+    lease.acquire(wait_s=wait_s)
+    return lease
+

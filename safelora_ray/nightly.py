@@ -48,9 +48,10 @@ from safelora_ray.checks import (
     check_selection,
     probe_outputs,
 )
-from safelora_ray.errors import AlignmentSetError, ConfigError, SafeLoraError
+from safelora_ray.errors import AlignmentSetError, ConfigError, LeaseHeldError, SafeLoraError
 from safelora_ray.formats.alignment_set import AlignmentSet
-from safelora_ray.lease import Lease
+from safelora_ray.interrupts import describe
+from safelora_ray.lease import DEFAULT_TTL_S, Lease
 from safelora_ray.pipelines.build import BuildConfig, build
 from safelora_ray.pipelines.finetune import FinetuneConfig, project_model
 from safelora_ray.pipelines.sanitize import SanitizeConfig, sanitize
@@ -120,7 +121,9 @@ class NightlyConfig:
         catalogs: The catalogs.
         pairs: The model pairs.
         selection: ``{"threshold": T}`` or ``{"num_proj_layers": K, "strict_k": bool}``.
-        lock_ttl_s: Lease TTL.
+        lock_ttl_s: ``lock.ttl_s``: seconds without a renewal after which the lease counts
+            as abandoned (renewed every ttl_s / 6; a holder that died on this host is taken
+            over at once).
         sanitize: Extra SanitizeConfig fields (batch_size, max_in_flight, workers, use_gpu,
             workers_per_gpu, task_timeout_s, tenant_depth).
         build: Extra BuildConfig fields (workers, use_gpu, max_file_bytes).
@@ -133,7 +136,7 @@ class NightlyConfig:
     catalogs: list[CatalogSpec]
     pairs: list[PairSpec]
     selection: dict[str, Any]
-    lock_ttl_s: float = 6 * 3600
+    lock_ttl_s: float = DEFAULT_TTL_S
     sanitize: dict[str, Any] = field(default_factory=dict)
     build: dict[str, Any] = field(default_factory=dict)
     models: list[ModelCatalogSpec] = field(default_factory=list)
@@ -249,7 +252,7 @@ class NightlyConfig:
                 output_root=str(raw["output_root"]).rstrip("/"),
                 alignment_root=str(raw["alignment_root"]).rstrip("/"),
                 catalogs=catalogs, pairs=pairs, selection=dict(raw.get("selection") or {}),
-                lock_ttl_s=float((raw.get("lock") or {}).get("ttl_s", 6 * 3600)),
+                lock_ttl_s=float((raw.get("lock") or {}).get("ttl_s", DEFAULT_TTL_S)),
                 sanitize=dict(raw.get("sanitize") or {}), build=dict(raw.get("build") or {}),
                 models=models, project=dict(raw.get("project") or {}),
             )
@@ -299,7 +302,8 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, dry_run: bool = F
     run_id = run_id or (_dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
                         + "-" + uuid.uuid4().hex[:6])
     out = open_storage(cfg.output_root)
-    lease = Lease(out, f"{NIGHTLY_PREFIX}/lock.json", owner=run_id, ttl_s=cfg.lock_ttl_s)
+    lease = Lease(out, f"{NIGHTLY_PREFIX}/lock.json", owner=run_id, ttl_s=cfg.lock_ttl_s,
+                  command="nightly")
     if not dry_run:
         probe_outputs(cfg.outputs)  # a read-only root is found now, not after the catalogs
         lease.acquire()
@@ -372,13 +376,19 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, dry_run: bool = F
             for (cat_name, pair_name), entries in sorted(groups.items()):
                 manifest = f"{NIGHTLY_PREFIX}/runs/{run_id}/manifests/{cat_name}--{pair_name}.jsonl"
                 out.put_bytes(manifest, "".join(json.dumps(e) + "\n" for e in entries).encode())
-                res = sanitize(SanitizeConfig(
-                    alignment=join_uri(cfg.alignment_root, pair_name),
-                    adapters=out.describe(manifest),
-                    out=join_uri(cfg.output_root, cat_name),
-                    run_id=f"{run_id}-{pair_name}", progress=progress,
-                    **cfg._selection_kwargs(), **cfg.sanitize,
-                ))
+                try:
+                    res = sanitize(SanitizeConfig(
+                        alignment=join_uri(cfg.alignment_root, pair_name),
+                        adapters=out.describe(manifest),
+                        out=join_uri(cfg.output_root, cat_name),
+                        run_id=f"{run_id}-{pair_name}", progress=progress,
+                        **cfg._selection_kwargs(), **cfg.sanitize,
+                    ))
+                except LeaseHeldError as e:  # a manual run writes there: the others go on
+                    msg = redact(f"catalog {cat_name!r}: another run is in progress: {e}")
+                    logger.error("%s", msg)
+                    record["catalog_errors"].append({"catalog": cat_name, "error": msg})
+                    continue
                 (say or print)(text_summary(res))
                 for k in ("ok", "skipped", "error"):
                     record["counts"][k] += getattr(res, k)
@@ -403,6 +413,10 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, dry_run: bool = F
             record["status"] = "success"
         else:
             record["status"] = "partial"
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP: the pipelines wound down
+        record["status"] = "interrupted"
+        record["failure"] = describe(e)
+        raise
     except Exception as e:
         record["status"] = "failed"
         record["failure"] = str(e) if isinstance(e, SafeLoraError) else f"{type(e).__name__}: {e}"

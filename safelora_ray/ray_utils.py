@@ -9,6 +9,7 @@ from typing import Any
 import ray
 
 from safelora_ray.checks import env_number
+from safelora_ray.interrupts import reclaim
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +198,7 @@ def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
     finally:
         for k in node_env:
             os.environ.pop(k, None)
+    reclaim()  # ray.init replaced the SIGTERM handler: a stop must wind the run down
     if address is None:
         _local_env, _local_job = _forwarded_env(), ray.get_runtime_context().get_job_id()
 

@@ -46,6 +46,7 @@ import torch
 
 from safelora_ray.checks import env_number
 from safelora_ray.errors import ClusterError, ConfigError
+from safelora_ray.interrupts import grace_left
 from safelora_ray.math_core import full_precision_matmul
 from safelora_ray.placement import (
     NodeInfo,
@@ -972,6 +973,7 @@ def wind_down(ex: Executor, token: str, handles: Sequence[Any],
     calls in flight (``handles``, at most ``grace_s``; a second Ctrl-C cuts it short), then
     stop the workers and wait until none of them can write any more. Afterwards nothing of
     the run is half-written, and no worker writes behind the driver's back."""
+    grace_s = grace_left(grace_s)  # after SIGTERM: within the stopper's grace period
     logger.warning("interrupted: letting the work in progress reach a safe point (at most "
                    "%.0f s; Ctrl-C again to stop at once)", grace_s)
     left = list(handles)

@@ -78,6 +78,7 @@ from safelora_ray.formats.checkpoint import (
     read_ref,
 )
 from safelora_ray.formats.peft_adapter import is_weight_file
+from safelora_ray.lease import hold_output
 from safelora_ray.math_core import (
     AlignmentMatrix,
     ResidualScore,
@@ -140,6 +141,8 @@ class FinetuneConfig:
         task_timeout_s: Longest one output file may take.
         progress: Show a progress bar.
         ray_address: Cluster address; None = ``RAY_ADDRESS`` or a new local Ray.
+        wait_s: When another run holds ``out``'s lease: wait at most this long for it
+            (``math.inf``: as long as it takes); None: refuse at once (LeaseHeldError).
     """
 
     alignment: str
@@ -157,6 +160,7 @@ class FinetuneConfig:
     task_timeout_s: float = 3600.0
     progress: bool = True
     ray_address: str | None = None
+    wait_s: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("alignment", "aligned", "finetuned", "out"):
@@ -850,7 +854,19 @@ def project_model(config: FinetuneConfig) -> FinetuneResult:
             holds something that may not be overwritten.
         AlignmentSetError: the alignment set is missing or incomplete.
         ConfigError: the set holds SaLoRA safety modules.
+        LeaseHeldError: another run writes to ``out`` (and ``wait_s`` ran out).
     """
+    run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + \
+        uuid.uuid4().hex[:6]
+    # One writer per --out: what it holds is checked, swept and written by this run alone.
+    lease = hold_output(open_storage(config.out), "project-model", run_id, config.wait_s)
+    try:
+        return _project_model(config, run_id)
+    finally:
+        lease.release()
+
+
+def _project_model(config: FinetuneConfig, run_id: str) -> FinetuneResult:
     t_start = time.perf_counter()
     aset = AlignmentSet.open(config.alignment)
     if aset.method_family != "safelora":  # as sanitize's --method check: never silently
@@ -892,8 +908,6 @@ def project_model(config: FinetuneConfig) -> FinetuneResult:
 
     probe_outputs(config.outputs)  # before any worker starts (a reused output needs no write)
     sweep_stale_writes(out)
-    run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + \
-        uuid.uuid4().hex[:6]
     out.put_bytes(PROVENANCE_FILE, json.dumps(
         {**request, "status": "writing", "run_id": run_id}, indent=2).encode())
     wplan = resolve_workers(config.workers, config.use_gpu, config.ray_address,

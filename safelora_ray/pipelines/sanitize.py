@@ -52,6 +52,7 @@ from safelora_ray.errors import (
 )
 from safelora_ray.formats.alignment_set import AlignmentSet
 from safelora_ray.formats.peft_adapter import Adapter, output_digest, read_adapter, write_adapter
+from safelora_ray.lease import hold_output
 from safelora_ray.math_core import (
     ModuleScore,
     lora_gram,
@@ -134,6 +135,8 @@ class SanitizeConfig:
             match the set. With ``salora`` and neither ``threshold`` nor
             ``num_proj_layers``, every module is folded.
         tenant_depth: Path components of an adapter id that name its tenant (reports).
+        wait_s: When another run holds ``out``'s lease: wait at most this long for it
+            (``math.inf``: as long as it takes); None: refuse at once (LeaseHeldError).
     """
 
     alignment: str
@@ -156,6 +159,7 @@ class SanitizeConfig:
     allow_empty: bool = False
     method: str = "safelora"
     tenant_depth: int = 1
+    wait_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -703,9 +707,10 @@ def sweep_stale_writes(out: Storage) -> int:
     """Remove what killed writers left under a local ``--out``: ``.tmp-*`` files and
     ``.staging-*`` / ``.trash-*`` trees (never listed or read, but they take space).
 
-    A run owns its ``--out`` while it runs (the nightly job holds a lease on it), so whatever
-    is there when a run starts is stale. Other tools' top-level ``_*`` folders (``_nightly``)
-    are left alone. Object stores need nothing: an interrupted upload is never visible.
+    A run owns its ``--out`` while it runs (it holds the lease ``_safelora/lease.json`` there,
+    see :mod:`safelora_ray.lease`), so whatever is there when a run starts is stale. Other
+    tools' top-level ``_*`` folders (``_nightly``, ``_safelora``) are left alone. Object
+    stores need nothing: an interrupted upload is never visible.
 
     Returns:
         How many were removed.
@@ -798,7 +803,18 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
     Raises:
         AlignmentSetError: the alignment set is missing or incomplete.
         StorageError / ConfigError: the catalog or the output cannot be used at all.
+        LeaseHeldError: another run writes to ``out`` (and ``wait_s`` ran out).
     """
+    assert config.run_id is not None
+    # One writer per --out: the sweep of leftovers and the ledger's skips assume it.
+    lease = hold_output(open_storage(config.out), "sanitize", config.run_id, config.wait_s)
+    try:
+        return _sanitize(config)
+    finally:
+        lease.release()
+
+
+def _sanitize(config: SanitizeConfig) -> SanitizeResult:
     t_start = time.perf_counter()
     aset = AlignmentSet.open(config.alignment)  # fail fast, before any worker starts
     check_method(aset, config.method)
