@@ -207,8 +207,12 @@ def _kill_a_worker_node_when(world: dict[str, Any], ready: Any) -> str:
     while not ready():
         assert time.monotonic() < deadline, "the run made no progress"
         time.sleep(0.1)
-    victim = next(n for n in cluster.nodes
-                  if n.name != "head" and n.alive() and _hosts_a_worker(n.pgid))
+    # A worker's process title is rewritten as it takes each task: under load a first look
+    # can miss every one, so look again (bounded) rather than give up.
+    while (victim := next((n for n in cluster.nodes if n.name != "head" and n.alive()
+                           and _hosts_a_worker(n.pgid)), None)) is None:
+        assert time.monotonic() < deadline, "no worker node hosts a worker"
+        time.sleep(0.1)
     victim.kill()
     return victim.name
 

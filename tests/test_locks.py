@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -312,10 +313,12 @@ def test_sigterm_mid_nightly_marks_the_run_and_frees_the_lock(world, tmp_path):
     names = [f"t{i % 4}/a{i:03d}" for i in range(240)]
     cat = _catalog(world, tmp_path / "cat", names)
     root = Path(world["root"])
+    # The pair named "set" is the world's alignment set, built already, copied to an
+    # alignment_root apart from the pair's checkpoints (a root around them is refused).
+    shutil.copytree(root / "set", tmp_path / "sets" / "set")
     config = {
-        "output_root": str(tmp_path / "out"), "alignment_root": str(root),
+        "output_root": str(tmp_path / "out"), "alignment_root": str(tmp_path / "sets"),
         "catalogs": [{"name": "main", "uri": str(cat)}],
-        # The pair named "set" is the world's alignment set, built already.
         "pairs": [{"name": "set", "base": str(root / "base"), "aligned": str(root / "aligned"),
                    "base_model_ids": [BASE_MODEL_ID]}],
         "selection": {"threshold": 0.35},
