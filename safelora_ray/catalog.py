@@ -94,10 +94,12 @@ def iter_catalog(uri: str) -> Iterator[AdapterRef | tuple[str, str]]:
     _check_local_root(storage, "catalog", f"a directory of adapters nor a "
                       f"{' or '.join(MANIFEST_SUFFIXES)} manifest")
     # Symlinks out of a local catalog are never read; an adapter directory or config that is
-    # one becomes an error row instead of silently vanishing from the run.
-    refused: list[tuple[str, bool, str]] = []
+    # one becomes an error row instead of silently vanishing from the run. So does a folder
+    # this process may not list (a tenant's adapters are not a tenant with no adapters).
+    refused: list[tuple[str, bool, str, bool]] = []
     if isinstance(storage, LocalStorage):
-        listing = storage.list("", on_refused=lambda *r: refused.append(r))
+        listing = storage.list("", on_refused=lambda *r: refused.append((*r, False)),
+                               on_unreadable=lambda *r: refused.append((*r, True)))
     else:
         listing = storage.list("")
     for obj in itertools.chain(listing, [None]):
@@ -154,7 +156,8 @@ def iter_models(uri: str) -> Iterator[ModelRef | tuple[str, str]]:
     not searched.
 
     Yields:
-        :class:`ModelRef`, or ``(id, error message)`` for a directory whose id is unusable.
+        :class:`ModelRef`, or ``(id, error message)`` for a directory whose id is unusable or
+        (local) that this process may not list.
 
     Raises:
         ConfigError: a local catalog that does not exist.
@@ -162,11 +165,21 @@ def iter_models(uri: str) -> Iterator[ModelRef | tuple[str, str]]:
     storage = open_storage(uri)
     _check_local_root(storage, "model catalog", "a directory of checkpoints")
     seen: set[str] = set()
-    for obj in storage.list(""):
+    denied: list[tuple[str, bool, str]] = []
+    listing = (storage.list("", on_unreadable=lambda *r: denied.append(r))
+               if isinstance(storage, LocalStorage) else storage.list(""))
+    for obj in itertools.chain(listing, [None]):
+        while denied:  # a folder not ours to list: an error, not a catalog without it
+            rel, is_dir, message = denied.pop(0)
+            where = rel if is_dir else posixpath.dirname(rel)
+            if ((is_dir or posixpath.basename(rel) in MODEL_MARKERS)
+                    and not _reserved(where) and where not in seen):
+                seen.add(where)
+                yield (where or _root_name(storage.uri), f"catalog entry {rel!r}: {message}")
+        if obj is None:
+            break
         prefix, name = posixpath.split(obj.path)
-        if name not in MODEL_MARKERS or prefix in seen:
-            continue
-        if any(seg.startswith(RESERVED_PREFIX) for seg in prefix.split("/") if seg):
+        if name not in MODEL_MARKERS or prefix in seen or _reserved(prefix):
             continue
         seen.add(prefix)
         model_id = prefix or _root_name(storage.uri)
@@ -181,11 +194,25 @@ def iter_models(uri: str) -> Iterator[ModelRef | tuple[str, str]]:
                        "is empty", storage.uri)
 
 
-def _refused_entry(storage: LocalStorage, rel: str, is_dir: bool,
-                   message: str) -> tuple[str, str] | None:
+def _reserved(prefix: str) -> bool:
+    return any(seg.startswith(RESERVED_PREFIX) for seg in prefix.split("/") if seg)
+
+
+def _refused_entry(storage: LocalStorage, rel: str, is_dir: bool, message: str,
+                   unreadable: bool) -> tuple[str, str] | None:
     """The error entry for a symlink out of a local catalog, when it stands for an adapter:
     an ``adapter_config.json`` link, or a directory link whose target holds one (only its
-    existence is checked; nothing outside the catalog is read)."""
+    existence is checked; nothing outside the catalog is read). For an entry this process may
+    not read (``unreadable``): a directory, whatever it holds, or an ``adapter_config.json``."""
+    if unreadable and is_dir:
+        logger.warning("catalog %s: %s", storage.uri, message)
+        return (rel, f"catalog entry {rel!r}: {message}; the adapters under it (if any) were "
+                     "not sanitized")
+    if unreadable:
+        if posixpath.basename(rel) != CONFIG_FILE:
+            return None  # another file of an adapter: reading that adapter reports it
+        adapter_id = posixpath.dirname(rel) or _root_name(storage.uri)
+        return (adapter_id, f"adapter {adapter_id!r}: {message}")
     if is_dir:
         if not os.path.isfile(os.path.join(storage.describe(rel), CONFIG_FILE)):
             logger.warning("catalog %s: ignoring %s", storage.uri, message)

@@ -147,8 +147,13 @@ def _describe_tree(storage: Storage) -> dict[str, Any]:
     if isinstance(storage, LocalStorage) and not os.path.exists(storage.root):
         raise ConfigError(f"{storage.uri} does not exist")
     adapters, ledger, seen = 0, False, 0
+    # Folders this process may not list are named, not left out of the count unsaid.
+    unreadable: list[dict[str, str]] = []
+    listing = (storage.list("", on_unreadable=lambda rel, is_dir, message: unreadable.append(
+                   {"entry": rel, "error": message}))
+               if isinstance(storage, LocalStorage) else storage.list(""))
     try:
-        for obj in storage.list(""):
+        for obj in listing:
             seen += 1
             if obj.path.startswith("_ledger/"):
                 ledger = True
@@ -159,11 +164,13 @@ def _describe_tree(storage: Storage) -> dict[str, Any]:
     except NotFoundError:
         seen = 0
     more = "+" if seen >= _SCAN_LIMIT else ""
+    extra = {"unreadable": unreadable} if unreadable else {}
     if ledger:
-        return {"kind": "sanitize-output", "uri": storage.uri, "adapters": f"{adapters}{more}"}
+        return {"kind": "sanitize-output", "uri": storage.uri, "adapters": f"{adapters}{more}",
+                **extra}
     if adapters:
-        return {"kind": "catalog", "uri": storage.uri, "adapters": f"{adapters}{more}"}
-    return {"kind": "unknown", "uri": storage.uri, "objects": f"{seen}{more}"}
+        return {"kind": "catalog", "uri": storage.uri, "adapters": f"{adapters}{more}", **extra}
+    return {"kind": "unknown", "uri": storage.uri, "objects": f"{seen}{more}", **extra}
 
 
 def render(d: dict[str, Any], modules: bool = False) -> str:
@@ -217,14 +224,16 @@ def render(d: dict[str, Any], modules: bool = False) -> str:
             "build an alignment set from it (as --base or --aligned) with "
             "`safelora-ray build`",
         ])
+    denied = "".join(f"\nunreadable     {u['entry']}: {u['error']}"
+                     for u in d.get("unreadable", ()))
     if kind == "catalog":
         return (f"catalog        {uri} — not an alignment set\nadapters       {d['adapters']}"
-                "\nsanitize it with `safelora-ray sanitize --adapters ...`")
+                f"{denied}\nsanitize it with `safelora-ray sanitize --adapters ...`")
     if kind == "sanitize-output":
         return (f"sanitize output {uri} — not an alignment set\nadapters        "
-                f"{d['adapters']}\nits reports are under _reports/")
+                f"{d['adapters']}{denied}\nits reports are under _reports/")
     return (f"{uri}: not an alignment set, adapter, checkpoint or catalog "
-            f"({d['objects']} object(s) there)")
+            f"({d['objects']} object(s) there){denied}")
 
 
 def as_json(d: dict[str, Any]) -> dict[str, Any]:

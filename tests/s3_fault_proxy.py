@@ -14,6 +14,10 @@ server and, on a configurable schedule, answers some of them with a fault instea
 botocore's ``standard`` retry mode retries 500, 503 SlowDown and broken connections; a
 streaming GET whose body breaks is re-read by the storage layer itself.
 
+Apart from the schedule, ``deny_prefixes`` models a bucket policy that denies some keys:
+every request for an object under one of them, and every LIST whose ``prefix`` lies under
+one, is answered HTTP 403 ``AccessDenied`` (always, not retried to success: like S3).
+
 The proxy is bounded: it injects at most ``max_faults`` faults, never faults the same request
 (method, path, query, Range) twice, so every retried request eventually goes through, and it
 shuts itself down after ``lifetime_s`` seconds even if the test forgets to. It records what it
@@ -52,6 +56,7 @@ _ERRORS = {
     "500": (500, "Internal Server Error", "InternalError",
             "We encountered an internal error. Please try again."),
     "503": (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
+    "denied": (403, "Forbidden", "AccessDenied", "Access Denied"),
 }
 
 
@@ -65,6 +70,8 @@ class FaultSchedule:
         max_faults: Stop injecting after this many faults.
         skip_first: Let this many eligible requests through before the first fault.
         methods: Only requests with these HTTP methods are eligible (None: all).
+        deny_prefixes: ``bucket/key-prefix`` strings whose objects and listings are always
+            answered 403 AccessDenied (see the module docstring); not counted as faults.
     """
 
     every: int = 3
@@ -72,6 +79,7 @@ class FaultSchedule:
     max_faults: int = 1000
     skip_first: int = 0
     methods: frozenset[str] | None = None
+    deny_prefixes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.every < 1:
@@ -102,6 +110,7 @@ class ProxyStats:
     retried_ok: set[tuple[str, str, str]] = field(default_factory=set)
     by_method: Counter[str] = field(default_factory=Counter)
     paths: Counter[str] = field(default_factory=Counter)
+    denied: int = 0
 
     @property
     def total_injected(self) -> int:
@@ -111,7 +120,8 @@ class ProxyStats:
         return {"requests": self.requests, "forwarded": self.forwarded,
                 "injected": dict(self.injected), "total_injected": self.total_injected,
                 "faulted_requests": len(self.faulted_keys),
-                "retried_ok": len(self.retried_ok), "by_method": dict(self.by_method)}
+                "retried_ok": len(self.retried_ok), "by_method": dict(self.by_method),
+                "denied": self.denied}
 
 
 class _Server(ThreadingHTTPServer):
@@ -270,6 +280,9 @@ class S3FaultProxy:
             self.stats.requests += 1
             self.stats.by_method[method] += 1
             self.stats.paths[key[1].split("?", 1)[0]] += 1
+            if s.deny_prefixes and _denied(key[1], s.deny_prefixes):
+                self.stats.denied += 1
+                return "denied"
             if s.methods is not None and method not in s.methods:
                 return None
             if key in self.stats.faulted_keys or self.stats.total_injected >= s.max_faults:
@@ -319,6 +332,17 @@ class S3FaultProxy:
         with self.lock:
             self.stats.forwarded += 1
         return resp.status, resp.reason, list(resp.getheaders()), data
+
+
+def _denied(target: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether a path-style request (``/bucket/key?query``) is for an object under one of
+    ``prefixes``, or is a LIST of a prefix under one."""
+    split = urllib.parse.urlsplit(target)
+    path = urllib.parse.unquote(split.path).lstrip("/")
+    query = urllib.parse.parse_qs(split.query)
+    if "prefix" in query and "/" not in path.rstrip("/"):
+        path = f"{path.rstrip('/')}/{query['prefix'][0]}"
+    return any(path.startswith(p) for p in prefixes)
 
 
 def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.05) -> bool:
