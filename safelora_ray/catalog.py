@@ -262,10 +262,12 @@ def _iter_manifest(uri: str) -> Iterator[AdapterRef | tuple[str, str]]:
             if not isinstance(rec, dict) or not isinstance(rec.get("uri"), str):
                 raise ConfigError(f"{uri}: line {i} needs a string 'uri'")
             records.append(rec)
+    derived = _derived_ids([str(r["uri"]).rstrip("/") for r in records if not r.get("id")])
+    _refuse_collisions(uri, records, derived)
     seen: set[str] = set()
     for rec in records:
         adapter_uri = str(rec["uri"]).rstrip("/")
-        adapter_id = str(rec.get("id") or _root_name(adapter_uri))
+        adapter_id = str(rec.get("id") or derived[adapter_uri])
         try:
             validate_id(adapter_id)
             check_uri(adapter_uri, f"adapter {adapter_id!r}: its uri")
@@ -276,6 +278,51 @@ def _iter_manifest(uri: str) -> Iterator[AdapterRef | tuple[str, str]]:
             continue
         seen.add(adapter_id)
         yield AdapterRef(adapter_id, adapter_uri, "")
+
+
+def _derived_ids(uris: list[str]) -> dict[str, str]:
+    """Ids for manifest entries without one: each URI's path below the deepest folder that
+    holds all of them on its storage (the local filesystem, or one bucket), so tenant
+    prefixes stay: ``/d/acme/chat-0`` and ``/d/globex/chat-0`` are ``acme/chat-0`` and
+    ``globex/chat-0``, not ``chat-0`` twice. A lone URI keeps its last path component."""
+    groups: dict[tuple[str, str], list[list[str]]] = {}
+    for u in uris:
+        scheme, rest = split_uri(u)
+        parts = rest.split("/")
+        groups.setdefault((scheme, "" if scheme == "file" else parts[0]), []).append(parts)
+    ids: dict[str, str] = {}
+    for (scheme, _), paths in groups.items():
+        common = 0  # components shared by every path, leaving each at least one of its own
+        limit = min(len(p) for p in paths) - 1
+        while common < limit and len({p[common] for p in paths}) == 1:
+            common += 1
+        for parts in paths:
+            rest = "/".join(parts)
+            u = rest if scheme == "file" else f"{scheme}://{rest}"
+            ids[u] = "/".join(parts[common:]) or _root_name(u)
+    return ids
+
+
+def _refuse_collisions(uri: str, records: list[dict[str, object]],
+                       derived: dict[str, str]) -> None:
+    """Refuse, before any work, a manifest in which an id derived from a URI is also another
+    entry's id: two adapters would be written to one output (an id written twice by hand is
+    that entry's error instead, reported with the run).
+
+    Raises:
+        ConfigError: naming the id and both URIs.
+    """
+    owner: dict[str, tuple[int, str, bool]] = {}  # id → its first entry, URI, derived?
+    for i, rec in enumerate(records):
+        adapter_uri = str(rec["uri"]).rstrip("/")
+        was_derived = not rec.get("id")
+        adapter_id = derived[adapter_uri] if was_derived else str(rec["id"])
+        first = owner.setdefault(adapter_id, (i, adapter_uri, was_derived))
+        if first[0] != i and (was_derived or first[2]):
+            raise ConfigError(
+                f"{uri}: {first[1]} and {adapter_uri} would both be adapter {adapter_id!r} "
+                "(an entry without 'id' gets its path below the entries' common folder); "
+                "give them distinct 'id' values")
 
 
 __all__ = ["AdapterRef", "ModelRef", "StorageError", "iter_catalog", "iter_models",

@@ -7,6 +7,7 @@ Exit codes:
     3    ``sanitize`` / ``nightly`` finished but some adapters failed (the others were written)
     4    ``nightly``: another run holds the lock
     130  interrupted (Ctrl-C); nothing partial was left, a rerun resumes
+    141  stdout's reader went away before all output was written (``| head``); 128 + SIGPIPE
 
 This module imports only the standard library and safelora-ray's light modules at the top:
 ``--help`` and usage errors answer without loading torch or Ray.
@@ -15,8 +16,10 @@ This module imports only the standard library and safelora-ray's light modules a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -33,6 +36,7 @@ EXIT_USAGE = 2
 EXIT_PARTIAL = 3
 EXIT_LOCKED = 4
 EXIT_INTERRUPTED = 130
+EXIT_PIPE = 141
 
 
 def _add_selection(p: argparse.ArgumentParser, k_help: str, required: bool) -> None:
@@ -85,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Safe LoRA at fleet scale: build alignment sets from a base/aligned model "
                     "pair, sanitize catalogs of LoRA adapters, project full fine-tunes.",
         epilog="exit codes: 0 ok, 1 failed, 2 usage error, 3 some adapters failed, "
-               "4 nightly locked, 130 interrupted",
+               "4 nightly locked, 130 interrupted, 141 stdout's reader went away",
     )
     parser.add_argument("--version", action="version", version=f"safelora-ray {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -441,9 +445,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"safelora-ray {args.command}: interrupted; nothing partial was left behind, "
               "run the same command again to resume", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return _stdout_closed()
     if args.json and summary is not None:
-        print(json.dumps(summary, indent=2, ensure_ascii=False, default=str), flush=True)
+        try:
+            print(json.dumps(summary, indent=2, ensure_ascii=False, default=str), flush=True)
+        except BrokenPipeError:
+            return _stdout_closed()
     return code
+
+
+def _stdout_closed() -> int:
+    """stdout's reader went away (``| head``): no traceback, and, as the Python docs advise,
+    stdout pointed at devnull so that the interpreter's last flush does not fail again; the
+    exit code is a SIGPIPE death's, as other tools in a pipeline give."""
+    # Not a real file (a test's capture): nothing to flush, nothing to redirect.
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_PIPE
 
 
 if __name__ == "__main__":

@@ -35,6 +35,10 @@ def describe(uri: str) -> dict[str, Any]:
     Raises:
         StorageError / ConfigError: the location cannot be read or is not a valid URI.
     """
+    from safelora_ray.catalog import is_manifest
+
+    if is_manifest(uri):
+        return _describe_manifest(uri)
     storage = open_storage(uri)
     if (storage.exists("alignment.json") or storage.exists("manifest.parquet")
             or any(True for _ in storage.list("shards/"))):
@@ -109,6 +113,13 @@ def describe_adapter(storage: Storage, prefix: str = "") -> dict[str, Any]:
                 break
         else:
             other.append(name)
+    # The reader refuses these; saying "can be sanitized" of them would be wrong.
+    unpaired = sorted(m for m, parts in modules.items() if len(parts) < 2)
+    if out["covered"] and (unpaired or not modules):
+        out["covered"] = False
+        out["reason"] = (f"module {unpaired[0]!r} lacks its lora_A or lora_B weight"
+                         if unpaired else f"{ADAPTER_WEIGHTS} has no LoRA modules (no "
+                                          "lora_A/lora_B weight pairs)")
     ranks = Counter(m["lora_A"][0] for m in modules.values() if "lora_A" in m)
     out.update(weights=storage.describe(rel(ADAPTER_WEIGHTS)), modules=len(modules),
                ranks=dict(sorted(ranks.items())), dtypes=dict(sorted(dtypes.items())),
@@ -139,6 +150,21 @@ def _describe_checkpoint(storage: Storage) -> dict[str, Any]:
             "dtypes": dict(sorted(dtypes.items())), "bytes": nbytes,
             "model_type": config.get("model_type"),
             "architectures": config.get("architectures")}
+
+
+def _describe_manifest(uri: str) -> dict[str, Any]:
+    """A ``.jsonl`` / ``.parquet`` catalog manifest: its entries, read as ``sanitize`` reads
+    them (ids, collisions, URIs checked; the adapters themselves are not opened)."""
+    from safelora_ray.catalog import iter_catalog
+
+    adapters, invalid = 0, []
+    for item in iter_catalog(uri):
+        if isinstance(item, tuple):
+            invalid.append({"entry": item[0], "error": item[1]})
+        else:
+            adapters += 1
+    return {"kind": "catalog", "uri": uri, "format": "manifest", "adapters": str(adapters),
+            **({"invalid": invalid} if invalid else {})}
 
 
 def _describe_tree(storage: Storage) -> dict[str, Any]:
@@ -224,10 +250,11 @@ def render(d: dict[str, Any], modules: bool = False) -> str:
             "build an alignment set from it (as --base or --aligned) with "
             "`safelora-ray build`",
         ])
-    denied = "".join(f"\nunreadable     {u['entry']}: {u['error']}"
-                     for u in d.get("unreadable", ()))
+    denied = "".join(f"\n{key:14s} {u['entry']}: {u['error']}"
+                     for key in ("unreadable", "invalid") for u in d.get(key, ()))
     if kind == "catalog":
-        return (f"catalog        {uri} — not an alignment set\nadapters       {d['adapters']}"
+        what = "catalog manifest" if d.get("format") == "manifest" else "catalog       "
+        return (f"{what} {uri} — not an alignment set\nadapters       {d['adapters']}"
                 f"{denied}\nsanitize it with `safelora-ray sanitize --adapters ...`")
     if kind == "sanitize-output":
         return (f"sanitize output {uri} — not an alignment set\nadapters        "

@@ -795,6 +795,11 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
     aset = AlignmentSet.open(config.alignment)  # fail fast, before any worker starts
     check_method(aset, config.method)
     out = open_storage(config.out)
+    assert config.run_id is not None
+    report_prefix = f"{REPORTS_PREFIX}/{config.run_id}"
+    if next(iter(out.list(report_prefix)), None) is not None:  # never write over a report
+        raise ConfigError(f"--run-id {config.run_id}: {out.describe(report_prefix)} already "
+                          "holds that run's report; choose another id, or leave --run-id out")
     sweep_stale_writes(out)
     # A look at the catalog's head says whether it is small enough for this process.
     items = iter_catalog(config.adapters)
@@ -825,8 +830,6 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
     except BaseException:
         ex.close(False)
         raise
-    assert config.run_id is not None
-    report_prefix = f"{REPORTS_PREFIX}/{config.run_id}"
     result = SanitizeResult(config.run_id, out.uri, out.describe(report_prefix),
                             alignment_id=aset.content_id)
     report = ReportWriter(config.run_id, aset, config.selection, config.adapters,
