@@ -324,3 +324,34 @@ def test_nightly_threshold_hint_and_config_errors(tmp_path, capsys):
     code, _, err = _run(["nightly", "--config", str(tmp_path / "missing.yaml")], capsys)
     assert code == 2 and "--config" in err and "missing.yaml" in err, err
     assert "Traceback" not in err
+
+
+def test_summaries_record_absolute_uris(world, tmp_path, capsys, monkeypatch):
+    """Inputs given as relative paths are recorded as absolute ones (a summary read later,
+    elsewhere, must say where its inputs were); the set's content id does not depend on it."""
+    root = world["root"]
+    aligned = aligned_from(llama_tensors(Arch()))
+    write_model(root / "ft", aligned_from(aligned, seed=3))
+    _catalog(world, root / "cat", ["acme/chat-0"])
+    monkeypatch.chdir(root)
+    code, out, err = _run(["build", "--base", "base", "--aligned", "aligned", "--out", "set2",
+                           "--json"], capsys)
+    assert code == 0, err
+    meta = json.loads((root / "set2" / "alignment.json").read_text())
+    assert meta["base"]["uri"] == str(root / "base")
+    assert meta["aligned"]["uri"] == str(root / "aligned")
+    assert json.loads(out)["content_id"] == AlignmentSet.open(world["set"]).content_id
+    code, _, err = _run(["sanitize", "--alignment", "set", "--adapters", "cat", "--out", "o",
+                         "--threshold", "0.35", "--run-id", "r", "--no-progress"], capsys)
+    assert code == 0, err
+    summary = json.loads((root / "o" / "_reports" / "r" / "summary.json").read_text())
+    assert summary["catalog"] == str(root / "cat")
+    assert summary["alignment"]["uri"] == str(root / "set")
+    code, _, err = _run(["project-model", "--alignment", "set", "--aligned", "aligned",
+                         "--finetuned", "ft", "--out", "pm", "--threshold", "0.35",
+                         "--no-progress"], capsys)
+    assert code == 0, err
+    summary = json.loads((root / "pm" / "_safelora" / "summary.json").read_text())
+    assert summary["aligned"]["uri"] == str(root / "aligned")
+    assert summary["finetuned"]["uri"] == str(root / "ft")
+    assert summary["aligned"]["matches_set"] == "same"

@@ -832,7 +832,9 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
         raise
     result = SanitizeResult(config.run_id, out.uri, out.describe(report_prefix),
                             alignment_id=aset.content_id)
-    report = ReportWriter(config.run_id, aset, config.selection, config.adapters,
+    # Recorded as an absolute URI: a report read later, elsewhere, says where its inputs were.
+    catalog_uri = open_storage(config.adapters).uri
+    report = ReportWriter(config.run_id, aset, config.selection, catalog_uri,
                           tenant_depth=config.tenant_depth)
     job = SanitizeJob.of(aset.uri, aset.content_id, out.uri, config.selection, config.force,
                          config.max_adapter_bytes, config.run_id, config.task_timeout_s)
@@ -854,7 +856,7 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
     all_by_k = [0]  # adapters with at most --num-proj-layers modules: all projected
 
     def invalid(adapter_id: str, message: str) -> None:
-        row = _base_row(AdapterRef(adapter_id, config.adapters, ""))
+        row = _base_row(AdapterRef(adapter_id, catalog_uri, ""))
         row["error"] = redact(message)
         record({"adapters": [row], "layers": []})
 
