@@ -94,10 +94,12 @@ def iter_catalog(uri: str) -> Iterator[AdapterRef | tuple[str, str]]:
     _check_local_root(storage, "catalog", f"a directory of adapters nor a "
                       f"{' or '.join(MANIFEST_SUFFIXES)} manifest")
     # Symlinks out of a local catalog are never read; an adapter directory or config that is
-    # one becomes an error row instead of silently vanishing from the run.
-    refused: list[tuple[str, bool, str]] = []
+    # one becomes an error row instead of silently vanishing from the run. So does a folder
+    # this process may not list (a tenant's adapters are not a tenant with no adapters).
+    refused: list[tuple[str, bool, str, bool]] = []
     if isinstance(storage, LocalStorage):
-        listing = storage.list("", on_refused=lambda *r: refused.append(r))
+        listing = storage.list("", on_refused=lambda *r: refused.append((*r, False)),
+                               on_unreadable=lambda *r: refused.append((*r, True)))
     else:
         listing = storage.list("")
     for obj in itertools.chain(listing, [None]):
@@ -154,7 +156,8 @@ def iter_models(uri: str) -> Iterator[ModelRef | tuple[str, str]]:
     not searched.
 
     Yields:
-        :class:`ModelRef`, or ``(id, error message)`` for a directory whose id is unusable.
+        :class:`ModelRef`, or ``(id, error message)`` for a directory whose id is unusable or
+        (local) that this process may not list.
 
     Raises:
         ConfigError: a local catalog that does not exist.
@@ -162,11 +165,21 @@ def iter_models(uri: str) -> Iterator[ModelRef | tuple[str, str]]:
     storage = open_storage(uri)
     _check_local_root(storage, "model catalog", "a directory of checkpoints")
     seen: set[str] = set()
-    for obj in storage.list(""):
+    denied: list[tuple[str, bool, str]] = []
+    listing = (storage.list("", on_unreadable=lambda *r: denied.append(r))
+               if isinstance(storage, LocalStorage) else storage.list(""))
+    for obj in itertools.chain(listing, [None]):
+        while denied:  # a folder not ours to list: an error, not a catalog without it
+            rel, is_dir, message = denied.pop(0)
+            where = rel if is_dir else posixpath.dirname(rel)
+            if ((is_dir or posixpath.basename(rel) in MODEL_MARKERS)
+                    and not _reserved(where) and where not in seen):
+                seen.add(where)
+                yield (where or _root_name(storage.uri), f"catalog entry {rel!r}: {message}")
+        if obj is None:
+            break
         prefix, name = posixpath.split(obj.path)
-        if name not in MODEL_MARKERS or prefix in seen:
-            continue
-        if any(seg.startswith(RESERVED_PREFIX) for seg in prefix.split("/") if seg):
+        if name not in MODEL_MARKERS or prefix in seen or _reserved(prefix):
             continue
         seen.add(prefix)
         model_id = prefix or _root_name(storage.uri)
@@ -181,11 +194,25 @@ def iter_models(uri: str) -> Iterator[ModelRef | tuple[str, str]]:
                        "is empty", storage.uri)
 
 
-def _refused_entry(storage: LocalStorage, rel: str, is_dir: bool,
-                   message: str) -> tuple[str, str] | None:
+def _reserved(prefix: str) -> bool:
+    return any(seg.startswith(RESERVED_PREFIX) for seg in prefix.split("/") if seg)
+
+
+def _refused_entry(storage: LocalStorage, rel: str, is_dir: bool, message: str,
+                   unreadable: bool) -> tuple[str, str] | None:
     """The error entry for a symlink out of a local catalog, when it stands for an adapter:
     an ``adapter_config.json`` link, or a directory link whose target holds one (only its
-    existence is checked; nothing outside the catalog is read)."""
+    existence is checked; nothing outside the catalog is read). For an entry this process may
+    not read (``unreadable``): a directory, whatever it holds, or an ``adapter_config.json``."""
+    if unreadable and is_dir:
+        logger.warning("catalog %s: %s", storage.uri, message)
+        return (rel, f"catalog entry {rel!r}: {message}; the adapters under it (if any) were "
+                     "not sanitized")
+    if unreadable:
+        if posixpath.basename(rel) != CONFIG_FILE:
+            return None  # another file of an adapter: reading that adapter reports it
+        adapter_id = posixpath.dirname(rel) or _root_name(storage.uri)
+        return (adapter_id, f"adapter {adapter_id!r}: {message}")
     if is_dir:
         if not os.path.isfile(os.path.join(storage.describe(rel), CONFIG_FILE)):
             logger.warning("catalog %s: ignoring %s", storage.uri, message)
@@ -235,10 +262,12 @@ def _iter_manifest(uri: str) -> Iterator[AdapterRef | tuple[str, str]]:
             if not isinstance(rec, dict) or not isinstance(rec.get("uri"), str):
                 raise ConfigError(f"{uri}: line {i} needs a string 'uri'")
             records.append(rec)
+    derived = _derived_ids([str(r["uri"]).rstrip("/") for r in records if not r.get("id")])
+    _refuse_collisions(uri, records, derived)
     seen: set[str] = set()
     for rec in records:
         adapter_uri = str(rec["uri"]).rstrip("/")
-        adapter_id = str(rec.get("id") or _root_name(adapter_uri))
+        adapter_id = str(rec.get("id") or derived[adapter_uri])
         try:
             validate_id(adapter_id)
             check_uri(adapter_uri, f"adapter {adapter_id!r}: its uri")
@@ -249,6 +278,51 @@ def _iter_manifest(uri: str) -> Iterator[AdapterRef | tuple[str, str]]:
             continue
         seen.add(adapter_id)
         yield AdapterRef(adapter_id, adapter_uri, "")
+
+
+def _derived_ids(uris: list[str]) -> dict[str, str]:
+    """Ids for manifest entries without one: each URI's path below the deepest folder that
+    holds all of them on its storage (the local filesystem, or one bucket), so tenant
+    prefixes stay: ``/d/acme/chat-0`` and ``/d/globex/chat-0`` are ``acme/chat-0`` and
+    ``globex/chat-0``, not ``chat-0`` twice. A lone URI keeps its last path component."""
+    groups: dict[tuple[str, str], list[list[str]]] = {}
+    for u in uris:
+        scheme, rest = split_uri(u)
+        parts = rest.split("/")
+        groups.setdefault((scheme, "" if scheme == "file" else parts[0]), []).append(parts)
+    ids: dict[str, str] = {}
+    for (scheme, _), paths in groups.items():
+        common = 0  # components shared by every path, leaving each at least one of its own
+        limit = min(len(p) for p in paths) - 1
+        while common < limit and len({p[common] for p in paths}) == 1:
+            common += 1
+        for parts in paths:
+            rest = "/".join(parts)
+            u = rest if scheme == "file" else f"{scheme}://{rest}"
+            ids[u] = "/".join(parts[common:]) or _root_name(u)
+    return ids
+
+
+def _refuse_collisions(uri: str, records: list[dict[str, object]],
+                       derived: dict[str, str]) -> None:
+    """Refuse, before any work, a manifest in which an id derived from a URI is also another
+    entry's id: two adapters would be written to one output (an id written twice by hand is
+    that entry's error instead, reported with the run).
+
+    Raises:
+        ConfigError: naming the id and both URIs.
+    """
+    owner: dict[str, tuple[int, str, bool]] = {}  # id → its first entry, URI, derived?
+    for i, rec in enumerate(records):
+        adapter_uri = str(rec["uri"]).rstrip("/")
+        was_derived = not rec.get("id")
+        adapter_id = derived[adapter_uri] if was_derived else str(rec["id"])
+        first = owner.setdefault(adapter_id, (i, adapter_uri, was_derived))
+        if first[0] != i and (was_derived or first[2]):
+            raise ConfigError(
+                f"{uri}: {first[1]} and {adapter_uri} would both be adapter {adapter_id!r} "
+                "(an entry without 'id' gets its path below the entries' common folder); "
+                "give them distinct 'id' values")
 
 
 __all__ = ["AdapterRef", "ModelRef", "StorageError", "iter_catalog", "iter_models",

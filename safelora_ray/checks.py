@@ -63,7 +63,9 @@ def check_selection(threshold: float | None, num_proj_layers: int | None,
         if not math.isfinite(threshold):
             raise ConfigError(f"--threshold must be a finite number, got {threshold}")
         if not -1.0 <= threshold <= 1.0:
-            hint = (f" (did you mean {threshold / 100:g}?)" if 1 < abs(threshold) <= 100
+            # Only a value that reads as a percentage (35 for 0.35) gets a guess: for 3.5 or
+            # -2, 0.035 or -0.02 would be a guess at a slip we cannot know.
+            hint = (f" (did you mean {threshold / 100:g}?)" if 10 <= abs(threshold) <= 100
                     else "")
             raise ConfigError(
                 f"--threshold {threshold:g} is outside [-1, 1]: it is compared with a cosine, "

@@ -8,6 +8,7 @@ Exit codes:
     4    another run holds the lease on the output (``nightly``, ``sanitize``,
          ``project-model``; ``--wait`` queues behind it)
     130  interrupted (Ctrl-C); nothing partial was left, a rerun resumes
+    141  stdout's reader went away before all output was written (``| head``); 128 + SIGPIPE
     143  terminated (SIGTERM: ``ray job stop``, a pod's deletion), as Ctrl-C; 129 for SIGHUP
 
 This module imports only the standard library and safelora-ray's light modules at the top:
@@ -17,9 +18,11 @@ This module imports only the standard library and safelora-ray's light modules a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -37,6 +40,7 @@ EXIT_USAGE = 2
 EXIT_PARTIAL = 3
 EXIT_LOCKED = 4
 EXIT_INTERRUPTED = 130
+EXIT_PIPE = 141
 
 
 def _add_selection(p: argparse.ArgumentParser, k_help: str, required: bool) -> None:
@@ -104,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Safe LoRA at fleet scale: build alignment sets from a base/aligned model "
                     "pair, sanitize catalogs of LoRA adapters, project full fine-tunes.",
         epilog="exit codes: 0 ok, 1 failed, 2 usage error, 3 some adapters failed, "
-               "4 output locked by another run, 130 interrupted, 143 terminated",
+               "4 output locked by another run, 130 interrupted, 141 stdout's reader went away, "
+               "143 terminated",
     )
     parser.add_argument("--version", action="version", version=f"safelora-ray {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -477,9 +482,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"safelora-ray {args.command}: {interrupts.describe(e)}; nothing partial was "
               "left behind, run the same command again to resume", file=sys.stderr, flush=True)
         return interrupts.exit_code(e)
+    except BrokenPipeError:
+        return _stdout_closed()
     if args.json and summary is not None:
-        print(json.dumps(summary, indent=2, ensure_ascii=False, default=str), flush=True)
+        try:
+            print(json.dumps(summary, indent=2, ensure_ascii=False, default=str), flush=True)
+        except BrokenPipeError:
+            return _stdout_closed()
     return code
+
+
+def _stdout_closed() -> int:
+    """stdout's reader went away (``| head``): no traceback, and, as the Python docs advise,
+    stdout pointed at devnull so that the interpreter's last flush does not fail again; the
+    exit code is a SIGPIPE death's, as other tools in a pipeline give."""
+    # Not a real file (a test's capture): nothing to flush, nothing to redirect.
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_PIPE
 
 
 if __name__ == "__main__":

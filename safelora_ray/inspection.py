@@ -42,6 +42,10 @@ def describe(uri: str) -> dict[str, Any]:
     Raises:
         StorageError / ConfigError: the location cannot be read or is not a valid URI.
     """
+    from safelora_ray.catalog import is_manifest
+
+    if is_manifest(uri):
+        return _describe_manifest(uri)
     storage = open_storage(uri)
     if isinstance(storage, LocalStorage) and os.path.isdir(storage.root):
         try:  # an unreadable folder is said so, not described as empty
@@ -121,6 +125,13 @@ def describe_adapter(storage: Storage, prefix: str = "") -> dict[str, Any]:
                 break
         else:
             other.append(name)
+    # The reader refuses these; saying "can be sanitized" of them would be wrong.
+    unpaired = sorted(m for m, parts in modules.items() if len(parts) < 2)
+    if out["covered"] and (unpaired or not modules):
+        out["covered"] = False
+        out["reason"] = (f"module {unpaired[0]!r} lacks its lora_A or lora_B weight"
+                         if unpaired else f"{ADAPTER_WEIGHTS} has no LoRA modules (no "
+                                          "lora_A/lora_B weight pairs)")
     ranks = Counter(m["lora_A"][0] for m in modules.values() if "lora_A" in m)
     out.update(weights=storage.describe(rel(ADAPTER_WEIGHTS)), modules=len(modules),
                ranks=dict(sorted(ranks.items())), dtypes=dict(sorted(dtypes.items())),
@@ -153,14 +164,34 @@ def _describe_checkpoint(storage: Storage) -> dict[str, Any]:
             "architectures": config.get("architectures")}
 
 
+def _describe_manifest(uri: str) -> dict[str, Any]:
+    """A ``.jsonl`` / ``.parquet`` catalog manifest: its entries, read as ``sanitize`` reads
+    them (ids, collisions, URIs checked; the adapters themselves are not opened)."""
+    from safelora_ray.catalog import iter_catalog
+
+    adapters, invalid = 0, []
+    for item in iter_catalog(uri):
+        if isinstance(item, tuple):
+            invalid.append({"entry": item[0], "error": item[1]})
+        else:
+            adapters += 1
+    return {"kind": "catalog", "uri": uri, "format": "manifest", "adapters": str(adapters),
+            **({"invalid": invalid} if invalid else {})}
+
+
 def _describe_tree(storage: Storage) -> dict[str, Any]:
     from safelora_ray.storage.local import LocalStorage
 
     if isinstance(storage, LocalStorage) and not os.path.exists(storage.root):
         raise ConfigError(f"{storage.uri} does not exist")
     adapters, ledger, seen = 0, False, 0
+    # Folders this process may not list are named, not left out of the count unsaid.
+    unreadable: list[dict[str, str]] = []
+    listing = (storage.list("", on_unreadable=lambda rel, is_dir, message: unreadable.append(
+                   {"entry": rel, "error": message}))
+               if isinstance(storage, LocalStorage) else storage.list(""))
     try:
-        for obj in storage.list(""):
+        for obj in listing:
             seen += 1
             if obj.path.startswith("_ledger/"):
                 ledger = True
@@ -171,11 +202,13 @@ def _describe_tree(storage: Storage) -> dict[str, Any]:
     except NotFoundError:
         seen = 0
     more = "+" if seen >= _SCAN_LIMIT else ""
+    extra = {"unreadable": unreadable} if unreadable else {}
     if ledger:
-        return {"kind": "sanitize-output", "uri": storage.uri, "adapters": f"{adapters}{more}"}
+        return {"kind": "sanitize-output", "uri": storage.uri, "adapters": f"{adapters}{more}",
+                **extra}
     if adapters:
-        return {"kind": "catalog", "uri": storage.uri, "adapters": f"{adapters}{more}"}
-    return {"kind": "unknown", "uri": storage.uri, "objects": f"{seen}{more}"}
+        return {"kind": "catalog", "uri": storage.uri, "adapters": f"{adapters}{more}", **extra}
+    return {"kind": "unknown", "uri": storage.uri, "objects": f"{seen}{more}", **extra}
 
 
 def render(d: dict[str, Any], modules: bool = False) -> str:
@@ -233,14 +266,17 @@ def render(d: dict[str, Any], modules: bool = False) -> str:
             "build an alignment set from it (as --base or --aligned) with "
             "`safelora-ray build`",
         ])
+    denied = "".join(f"\n{key:14s} {u['entry']}: {u['error']}"
+                     for key in ("unreadable", "invalid") for u in d.get(key, ()))
     if kind == "catalog":
-        return (f"catalog        {uri} — not an alignment set\nadapters       {d['adapters']}"
-                "\nsanitize it with `safelora-ray sanitize --adapters ...`")
+        what = "catalog manifest" if d.get("format") == "manifest" else "catalog       "
+        return (f"{what} {uri} — not an alignment set\nadapters       {d['adapters']}"
+                f"{denied}\nsanitize it with `safelora-ray sanitize --adapters ...`")
     if kind == "sanitize-output":
         return (f"sanitize output {uri} — not an alignment set\nadapters        "
-                f"{d['adapters']}\nits reports are under _reports/")
+                f"{d['adapters']}{denied}\nits reports are under _reports/")
     return (f"{uri}: not an alignment set, adapter, checkpoint or catalog "
-            f"({d['objects']} object(s) there)")
+            f"({d['objects']} object(s) there){denied}")
 
 
 def as_json(d: dict[str, Any]) -> dict[str, Any]:

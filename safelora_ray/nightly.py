@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import datetime as _dt
+import difflib
 import json
 import logging
 import sys
@@ -48,7 +49,13 @@ from safelora_ray.checks import (
     check_selection,
     probe_outputs,
 )
-from safelora_ray.errors import AlignmentSetError, ConfigError, LeaseHeldError, SafeLoraError
+from safelora_ray.errors import (
+    AlignmentSetError,
+    ConfigError,
+    LeaseHeldError,
+    NotFoundError,
+    SafeLoraError,
+)
 from safelora_ray.formats.alignment_set import AlignmentSet
 from safelora_ray.interrupts import describe
 from safelora_ray.lease import DEFAULT_TTL_S, Lease
@@ -234,20 +241,23 @@ class NightlyConfig:
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
         try:
+            # A mistyped key (``urii:``) is refused, not silently left out of the entry.
             catalogs = [CatalogSpec(str(c["name"]), str(c["uri"]),
                                     allow_empty=_flag_value(c, "allow_empty"))
-                        for c in raw.get("catalogs") or []]
+                        for c in _entries(raw, "catalogs", where, _CATALOG_KEYS)]
             models = [ModelCatalogSpec(str(m["name"]), str(m["uri"]), str(m["pair"]),
                                        allow_empty=_flag_value(m, "allow_empty"))
-                      for m in raw.get("models") or []]
+                      for m in _entries(raw, "models", where, _MODELS_KEYS)]
             pairs = [
                 PairSpec(
                     name=str(p["name"]), base=str(p["base"]), aligned=str(p["aligned"]),
                     targets=parse_targets(p.get("targets", ["q_proj", "v_proj"])),
                     base_model_ids=tuple(str(x) for x in p.get("base_model_ids", [])),
                 )
-                for p in raw["pairs"]
+                for p in _entries(raw, "pairs", where, _PAIR_KEYS)
             ]
+            if raw.get("lock") is not None:
+                _check_keys(raw["lock"], f"{where}: lock", {"ttl_s"})
             return cls(
                 output_root=str(raw["output_root"]).rstrip("/"),
                 alignment_root=str(raw["alignment_root"]).rstrip("/"),
@@ -263,12 +273,46 @@ class NightlyConfig:
     def load(cls, uri: str) -> NightlyConfig:
         """Read a YAML config from a path or URI."""
         parent, _, name = uri.rstrip("/").rpartition("/")
-        raw = open_storage(parent or ".").read(name, max_bytes=16 * 1024**2)
+        try:
+            raw = open_storage(parent or ".").read(name, max_bytes=16 * 1024**2)
+        except NotFoundError as e:  # a mistyped --config is a usage error (exit 2)
+            raise ConfigError(f"--config {uri}: {e}") from None
         try:
             data = yaml.safe_load(raw.decode("utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"{uri}: not valid YAML: {e}") from e
         return cls.from_dict(data, uri)
+
+
+_CATALOG_KEYS = frozenset({"name", "uri", "allow_empty"})
+_MODELS_KEYS = frozenset({"name", "uri", "pair", "allow_empty"})
+_PAIR_KEYS = frozenset({"name", "base", "aligned", "targets", "base_model_ids"})
+
+
+def _entries(raw: dict[str, Any], section: str, where: str,
+             known: frozenset[str]) -> list[dict[str, Any]]:
+    """The entries of a list section, each a mapping with only ``known`` keys.
+
+    Raises:
+        ConfigError: naming the section, the entry and the unknown key (and the near one).
+    """
+    entries = raw.get(section) or []
+    if not isinstance(entries, list):
+        raise ConfigError(f"{where}: {section} must be a list of entries")
+    for i, entry in enumerate(entries):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        _check_keys(entry, f"{where}: {section}[{name if name is not None else i}]", known)
+    return entries
+
+
+def _check_keys(entry: Any, what: str, known: Iterable[str]) -> None:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{what} must be a mapping, got {entry!r}")
+    for key in sorted(set(entry) - set(known), key=str):
+        near = difflib.get_close_matches(str(key), sorted(known), n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ConfigError(f"{what}: unknown key {key!r}{hint}; known keys: "
+                          f"{', '.join(sorted(known))}")
 
 
 def _flag_value(entry: dict[str, Any], key: str) -> bool:
@@ -302,6 +346,10 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, dry_run: bool = F
     run_id = run_id or (_dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
                         + "-" + uuid.uuid4().hex[:6])
     out = open_storage(cfg.output_root)
+    if not dry_run and out.exists(f"{NIGHTLY_PREFIX}/runs/{run_id}.json"):
+        raise ConfigError(f"--run-id {run_id}: {out.describe(f'{NIGHTLY_PREFIX}/runs')} "
+                          "already holds that run's record; choose another id, or leave "
+                          "--run-id out")
     lease = Lease(out, f"{NIGHTLY_PREFIX}/lock.json", owner=run_id, ttl_s=cfg.lock_ttl_s,
                   command="nightly")
     if not dry_run:

@@ -177,6 +177,9 @@ def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False}
+    if logging.getLogger().getEffectiveLevel() > logging.INFO:  # -q: only our warnings
+        kwargs["logging_level"] = logging.WARNING  # no "Started a local Ray instance"
+        _mute(TOKEN_NOTICES_LOGGER)
     if address is None:
         kwargs["include_dashboard"] = False
     else:
@@ -201,6 +204,23 @@ def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
     reclaim()  # ray.init replaced the SIGTERM handler: a stop must wind the run down
     if address is None:
         _local_env, _local_job = _forwarded_env(), ray.get_runtime_context().get_job_id()
+
+
+#: The logger of Ray's notices that it turned token auth on (or found it off) for a new
+#: local instance: facts about Ray's defaults, which ``-q`` does not print.
+TOKEN_NOTICES_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+class _Drop(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+def _mute(name: str) -> None:
+    """Drop every record of the logger ``name`` (once: the filter is not added twice)."""
+    log = logging.getLogger(name)
+    if not any(isinstance(f, _Drop) for f in log.filters):
+        log.addFilter(_Drop())
 
 
 def _tty() -> bool:

@@ -11,12 +11,14 @@ server and, on a configurable schedule, answers some of them with a fault instea
   the body are sent and the connection is closed mid-response (for a response without a body,
   half of the header block).
 
-Apart from the schedule, requests under the path prefixes in ``deny`` (``/bucket/prefix``,
-path-style) whose method is in ``deny_methods`` are answered 403 ``AccessDenied``, every time
-(a read-only prefix; not forwarded, counted as ``"403"`` in :attr:`ProxyStats.injected`).
-
 botocore's ``standard`` retry mode retries 500, 503 SlowDown and broken connections; a
 streaming GET whose body breaks is re-read by the storage layer itself.
+
+Apart from the schedule, ``deny_prefixes`` models a bucket policy that denies some keys:
+every request for an object under one of them, and every LIST whose ``prefix`` lies under
+one, is answered HTTP 403 ``AccessDenied`` (always, not retried to success: like S3; not
+forwarded). ``deny_methods`` narrows it to some methods: ``{"PUT", "POST", "DELETE"}`` makes a
+read-only prefix.
 
 The proxy is bounded: it injects at most ``max_faults`` faults, never faults the same request
 (method, path, query, Range) twice, so every retried request eventually goes through, and it
@@ -56,7 +58,7 @@ _ERRORS = {
     "500": (500, "Internal Server Error", "InternalError",
             "We encountered an internal error. Please try again."),
     "503": (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
-    "403": (403, "Forbidden", "AccessDenied", "Access Denied"),
+    "denied": (403, "Forbidden", "AccessDenied", "Access Denied"),
 }
 
 
@@ -70,6 +72,9 @@ class FaultSchedule:
         max_faults: Stop injecting after this many faults.
         skip_first: Let this many eligible requests through before the first fault.
         methods: Only requests with these HTTP methods are eligible (None: all).
+        deny_prefixes: ``bucket/key-prefix`` strings whose objects and listings are always
+            answered 403 AccessDenied (see the module docstring); not counted as faults.
+        deny_methods: Only these methods are denied under ``deny_prefixes`` (None: all).
     """
 
     every: int = 3
@@ -77,6 +82,8 @@ class FaultSchedule:
     max_faults: int = 1000
     skip_first: int = 0
     methods: frozenset[str] | None = None
+    deny_prefixes: tuple[str, ...] = ()
+    deny_methods: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
         if self.every < 1:
@@ -107,6 +114,7 @@ class ProxyStats:
     retried_ok: set[tuple[str, str, str]] = field(default_factory=set)
     by_method: Counter[str] = field(default_factory=Counter)
     paths: Counter[str] = field(default_factory=Counter)
+    denied: int = 0
 
     @property
     def total_injected(self) -> int:
@@ -116,7 +124,8 @@ class ProxyStats:
         return {"requests": self.requests, "forwarded": self.forwarded,
                 "injected": dict(self.injected), "total_injected": self.total_injected,
                 "faulted_requests": len(self.faulted_keys),
-                "retried_ok": len(self.retried_ok), "by_method": dict(self.by_method)}
+                "retried_ok": len(self.retried_ok), "by_method": dict(self.by_method),
+                "denied": self.denied}
 
 
 class _Server(ThreadingHTTPServer):
@@ -152,8 +161,7 @@ class _Handler(BaseHTTPRequestHandler):
         proxy = self.server.proxy
         body = self._body()
         key = (self.command, self.path, self.headers.get("Range", ""))
-        fault = "403" if proxy._denied(self.command, self.path) else proxy._decide(key,
-                                                                                  self.command)
+        fault = proxy._decide(key, self.command)
         if fault in _ERRORS:
             status, reason, code, message = _ERRORS[fault]
             payload = _ERROR_XML.format(code=code, message=message,
@@ -223,15 +231,12 @@ class S3FaultProxy:
     """
 
     def __init__(self, upstream: str, schedule: FaultSchedule | None = None,
-                 lifetime_s: float = 600.0, deny: tuple[str, ...] = (),
-                 deny_methods: frozenset[str] = frozenset({"PUT", "POST", "DELETE"})) -> None:
+                 lifetime_s: float = 600.0) -> None:
         u = urllib.parse.urlsplit(upstream)
         if u.scheme != "http" or not u.hostname:
             raise ValueError(f"upstream must be http://host:port, got {upstream!r}")
         self.upstream_host, self.upstream_port = u.hostname, u.port or 80
         self.schedule = schedule or FaultSchedule()
-        self.deny = deny
-        self.deny_methods = deny_methods
         self.lifetime_s = lifetime_s
         self.stats = ProxyStats()
         self.lock = threading.Lock()
@@ -273,24 +278,16 @@ class S3FaultProxy:
         self.stop()
 
     # -- scheduling --------------------------------------------------------------------------
-    def _denied(self, method: str, path: str) -> bool:
-        """A request to a denied prefix (see the module docstring); counted when it is."""
-        bare = urllib.parse.unquote(path.split("?", 1)[0])
-        if method not in self.deny_methods or not any(
-                bare == d or bare.startswith(d.rstrip("/") + "/") for d in self.deny):
-            return False
-        with self.lock:
-            self.stats.requests += 1
-            self.stats.by_method[method] += 1
-            self.stats.injected["403"] += 1
-        return True
-
     def _decide(self, key: tuple[str, str, str], method: str) -> str | None:
         s = self.schedule
         with self.lock:
             self.stats.requests += 1
             self.stats.by_method[method] += 1
             self.stats.paths[key[1].split("?", 1)[0]] += 1
+            if (s.deny_prefixes and (s.deny_methods is None or method in s.deny_methods)
+                    and _denied(key[1], s.deny_prefixes)):
+                self.stats.denied += 1
+                return "denied"
             if s.methods is not None and method not in s.methods:
                 return None
             if key in self.stats.faulted_keys or self.stats.total_injected >= s.max_faults:
@@ -340,6 +337,17 @@ class S3FaultProxy:
         with self.lock:
             self.stats.forwarded += 1
         return resp.status, resp.reason, list(resp.getheaders()), data
+
+
+def _denied(target: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether a path-style request (``/bucket/key?query``) is for an object under one of
+    ``prefixes``, or is a LIST of a prefix under one."""
+    split = urllib.parse.urlsplit(target)
+    path = urllib.parse.unquote(split.path).lstrip("/")
+    query = urllib.parse.parse_qs(split.query)
+    if "prefix" in query and "/" not in path.rstrip("/"):
+        path = f"{path.rstrip('/')}/{query['prefix'][0]}"
+    return any(path.startswith(p) for p in prefixes)
 
 
 def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.05) -> bool:

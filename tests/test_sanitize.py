@@ -864,8 +864,11 @@ def test_manifest_catalogs(tmp_path: Path, qv_catalog: Catalog) -> None:
     pq.write_table(pa.table({"uri": [str(root / a) for a in QV_IDS]}), parquet)
     out = tmp_path / "out-parquet"
     run = _run(qv_catalog.alignment, parquet, out, threshold=0.35, run_id="p")
-    assert _statuses(run) == {"chat-1": "ok", "chat-2": "ok", "summarizer": "ok", "solo": "ok"}
-    assert _tree_hash(out / "summarizer") == _tree_hash(tmp_path / "by-dir" / "globex/summarizer")
+    # Ids without an 'id' column: the path below the entries' common folder (issue #20).
+    assert _statuses(run) == {"acme/chat-1": "ok", "acme/chat-2": "ok",
+                              "globex/summarizer": "ok", "solo": "ok"}
+    assert _tree_hash(out / "globex/summarizer") == _tree_hash(tmp_path / "by-dir" /
+                                                               "globex/summarizer")
     # A manifest with duplicate or invalid ids reports those entries and does the rest.
     pq.write_table(pa.table({"id": ["a", "a", "../x"],
                              "uri": [str(root / "solo"), str(root / "acme/chat-1"),

@@ -820,6 +820,11 @@ def _sanitize(config: SanitizeConfig) -> SanitizeResult:
     check_method(aset, config.method)
     probe_outputs(config.outputs)  # a read-only --out is found now, not after the fleet
     out = open_storage(config.out)
+    assert config.run_id is not None
+    report_prefix = f"{REPORTS_PREFIX}/{config.run_id}"
+    if next(iter(out.list(report_prefix)), None) is not None:  # never write over a report
+        raise ConfigError(f"--run-id {config.run_id}: {out.describe(report_prefix)} already "
+                          "holds that run's report; choose another id, or leave --run-id out")
     sweep_stale_writes(out)
     # A look at the catalog's head says whether it is small enough for this process.
     items = iter_catalog(config.adapters)
@@ -850,11 +855,11 @@ def _sanitize(config: SanitizeConfig) -> SanitizeResult:
     except BaseException:
         ex.close(False)
         raise
-    assert config.run_id is not None
-    report_prefix = f"{REPORTS_PREFIX}/{config.run_id}"
     result = SanitizeResult(config.run_id, out.uri, out.describe(report_prefix),
                             alignment_id=aset.content_id)
-    report = ReportWriter(config.run_id, aset, config.selection, config.adapters,
+    # Recorded as an absolute URI: a report read later, elsewhere, says where its inputs were.
+    catalog_uri = open_storage(config.adapters).uri
+    report = ReportWriter(config.run_id, aset, config.selection, catalog_uri,
                           tenant_depth=config.tenant_depth)
     job = SanitizeJob.of(aset.uri, aset.content_id, out.uri, config.selection, config.force,
                          config.max_adapter_bytes, config.run_id, config.task_timeout_s)
@@ -876,7 +881,7 @@ def _sanitize(config: SanitizeConfig) -> SanitizeResult:
     all_by_k = [0]  # adapters with at most --num-proj-layers modules: all projected
 
     def invalid(adapter_id: str, message: str) -> None:
-        row = _base_row(AdapterRef(adapter_id, config.adapters, ""))
+        row = _base_row(AdapterRef(adapter_id, catalog_uri, ""))
         row["error"] = redact(message)
         record({"adapters": [row], "layers": []})
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import logging
 import os
 import shutil
@@ -143,8 +144,12 @@ class WalkEntry:
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
+#: Called as ``on_denied(rel, is_dir, error)`` for an entry the walk may not open or stat.
+Denied = Callable[[str, bool, OSError], None]
+
+
 def walk_sorted(top: str, rel: str = "", follow: bool = False,
-                links: bool = False) -> Iterator[WalkEntry]:
+                links: bool = False, on_denied: Denied | None = None) -> Iterator[WalkEntry]:
     """Regular files under ``top``, lazily, in lexicographic order of their ``/``-joined path.
 
     Sorting each directory's entries with directories keyed as ``name + "/"`` yields exactly
@@ -160,26 +165,42 @@ def walk_sorted(top: str, rel: str = "", follow: bool = False,
             trees we trust, like Hub snapshots). Symlinked files are always followed.
         links: Also yield symlinks whose target is not a regular file (a directory that is
             not descended into), so that callers can report them instead of losing them.
+        on_denied: Called for each directory that cannot be opened or listed and each file
+            that cannot be stat'ed for lack of permission (``EACCES``/``EPERM``), which the
+            walk then passes over; without it they are passed over silently. Entries that
+            vanish mid-walk are never reported (a concurrent delete is not an error).
     """
     try:
         fd = os.open(top, _DIR_FLAGS)
     except (FileNotFoundError, NotADirectoryError):
         return
-    yield from _walk_fd(fd, top, rel, follow, links)
+    yield from _walk_fd(fd, top, rel, follow, links, on_denied)
 
 
-def _walk_fd(fd: int, path: str, rel: str, follow: bool, links: bool) -> Iterator[WalkEntry]:
+def _denied(on_denied: Denied | None, rel: str, is_dir: bool, exc: OSError) -> None:
+    """Report a permission error to ``on_denied``; other OS errors are races: passed over."""
+    if on_denied is not None and exc.errno in (errno.EACCES, errno.EPERM):
+        on_denied(rel, is_dir, exc)
+
+
+def _walk_fd(fd: int, path: str, rel: str, follow: bool, links: bool,
+             on_denied: Denied | None) -> Iterator[WalkEntry]:
     """Walk the directory open as ``fd`` (closed when done or when the generator is dropped)."""
     try:
-        with os.scandir(fd) as it:  # scandir dups the fd; ours stays open for openat/fstatat
-            entries = list(it)
+        try:
+            with os.scandir(fd) as it:  # scandir dups the fd; ours stays open for openat/fstatat
+                entries = list(it)
+        except PermissionError as exc:  # opened, yet listing it is refused (an LSM, ...)
+            _denied(on_denied, rel, True, exc)
+            return
         keyed = []
         for e in entries:
             if e.name.startswith(_HIDDEN_PREFIXES):
                 continue
             try:
                 is_dir = e.is_dir(follow_symlinks=follow)
-            except OSError:
+            except OSError as exc:
+                _denied(on_denied, f"{rel}/{e.name}" if rel else e.name, False, exc)
                 continue
             keyed.append((e.name + "/" if is_dir else e.name, is_dir, e))
         keyed.sort(key=lambda t: t[0])
@@ -190,15 +211,17 @@ def _walk_fd(fd: int, path: str, rel: str, follow: bool, links: bool) -> Iterato
                 flags = _DIR_FLAGS if follow else _DIR_FLAGS | getattr(os, "O_NOFOLLOW", 0)
                 try:
                     child_fd = os.open(e.name, flags, dir_fd=fd)
-                except OSError:
-                    continue  # removed (or replaced by a non-directory) since scandir
-                yield from _walk_fd(child_fd, child_path, child_rel, follow, links)
+                except OSError as exc:  # removed (or replaced by a non-directory) since
+                    _denied(on_denied, child_rel, True, exc)  # scandir, or not ours to read
+                    continue
+                yield from _walk_fd(child_fd, child_path, child_rel, follow, links, on_denied)
                 continue
             try:
                 link = os.readlink(e.name, dir_fd=fd) if e.is_symlink() else None
                 st = os.stat(e.name, dir_fd=fd)  # follows symlinks to files
-            except OSError:
-                continue  # vanished since scandir (concurrent delete/replace) or dangling
+            except OSError as exc:  # vanished since scandir (concurrent delete/replace),
+                _denied(on_denied, child_rel, False, exc)  # dangling, or not searchable
+                continue
             if stat.S_ISREG(st.st_mode) or (links and link is not None):
                 yield WalkEntry(child_rel, child_path, st, link)
     finally:
@@ -314,7 +337,9 @@ class LocalStorage(Storage):
         return os.path.isfile(self._resolve(path))
 
     def list(self, prefix: str = "",
-             on_refused: Callable[[str, bool, str], None] | None = None) -> Iterator[ObjectInfo]:
+             on_refused: Callable[[str, bool, str], None] | None = None,
+             on_unreadable: Callable[[str, bool, str], None] | None = None
+             ) -> Iterator[ObjectInfo]:
         """Files under the directory ``prefix``, recursively, lazily, sorted by path.
 
         Temporary files and staging/trash directories of in-flight writes are skipped, as are
@@ -325,11 +350,29 @@ class LocalStorage(Storage):
             on_refused: Called as ``on_refused(rel, is_dir, message)`` for each symlink (to a
                 file or a directory) skipped because it resolves outside the root, when it is
                 met in the walk, so that a caller can report it rather than lose it silently.
+            on_unreadable: Called the same way for each directory below ``prefix`` that this
+                process may not list and each file it may not stat (permission denied): they
+                are passed over, and without it silently.
+
+        Raises:
+            StorageError: ``prefix`` itself may not be listed.
         """
         top = self._resolve(prefix.rstrip("/"), allow_root=True)
         rel0 = normalize_relpath(prefix.rstrip("/"))
         real_root = os.path.realpath(self.root).rstrip(os.sep) + os.sep
-        for entry in walk_sorted(top, rel0, links=on_refused is not None):
+
+        def denied(rel: str, is_dir: bool, exc: OSError) -> None:
+            if on_unreadable is not None:
+                what = "list the directory" if is_dir else "read"
+                on_unreadable(rel, is_dir, f"permission denied: cannot {what} "
+                                           f"{os.path.join(self.root, rel)}")
+
+        walk = walk_sorted(top, rel0, links=on_refused is not None, on_denied=denied)
+        try:
+            first = next(walk, None)
+        except PermissionError as exc:  # the top itself
+            raise StorageError(f"permission denied: cannot list the directory {top}") from exc
+        for entry in itertools.chain([first] if first else [], walk):
             st = entry.stat
             if entry.link is not None:
                 real = os.path.realpath(entry.path)
