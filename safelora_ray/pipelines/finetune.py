@@ -858,6 +858,8 @@ def project_model(config: FinetuneConfig) -> FinetuneResult:
     """
     run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + \
         uuid.uuid4().hex[:6]
+    # Before any work; even a reuse of a complete output takes the lease, so it is writable.
+    probe_outputs(config.outputs)
     # One writer per --out: what it holds is checked, swept and written by this run alone.
     lease = hold_output(open_storage(config.out), "project-model", run_id, config.wait_s)
     try:
@@ -906,7 +908,6 @@ def _project_model(config: FinetuneConfig, run_id: str) -> FinetuneResult:
 
     from safelora_ray.pipelines.sanitize import sweep_stale_writes  # killed writers' temps
 
-    probe_outputs(config.outputs)  # before any worker starts (a reused output needs no write)
     sweep_stale_writes(out)
     out.put_bytes(PROVENANCE_FILE, json.dumps(
         {**request, "status": "writing", "run_id": run_id}, indent=2).encode())

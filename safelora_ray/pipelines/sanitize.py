@@ -806,6 +806,7 @@ def sanitize(config: SanitizeConfig) -> SanitizeResult:
         LeaseHeldError: another run writes to ``out`` (and ``wait_s`` ran out).
     """
     assert config.run_id is not None
+    probe_outputs(config.outputs)  # a read-only --out is found now, not after the fleet
     # One writer per --out: the sweep of leftovers and the ledger's skips assume it.
     lease = hold_output(open_storage(config.out), "sanitize", config.run_id, config.wait_s)
     try:
@@ -818,7 +819,6 @@ def _sanitize(config: SanitizeConfig) -> SanitizeResult:
     t_start = time.perf_counter()
     aset = AlignmentSet.open(config.alignment)  # fail fast, before any worker starts
     check_method(aset, config.method)
-    probe_outputs(config.outputs)  # a read-only --out is found now, not after the fleet
     out = open_storage(config.out)
     assert config.run_id is not None
     report_prefix = f"{REPORTS_PREFIX}/{config.run_id}"
