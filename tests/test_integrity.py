@@ -98,7 +98,7 @@ def test_intact_set_has_digests_and_verifies(world: dict[str, Path],
                        "bytes": len(data)}
     manifest = (world["set"] / "manifest.parquet").read_bytes()
     assert integrity["manifest"] == "sha256:" + hashlib.sha256(manifest).hexdigest()
-    assert all(d.startswith("crc32-4m:")
+    assert all(d.startswith("sum64-4k:")
                for d in pq.read_table(world["set"] / "manifest.parquet")["digest"].to_pylist())
     assert cli_main(["inspect", str(world["set"]), "--verify"]) == 0
     assert f"verified       {len(shards)} shard file(s)" in capsys.readouterr().out
@@ -306,3 +306,86 @@ def test_ledger_redoes_outputs_deleted_or_cut_short_s3(world: dict[str, Path], s
     assert again == {"t/a0": "ok", "t/a1": "ok", "t/a2": "skipped"}
     assert {k: get(k) for k in keys} == written
     assert set(_run(world, out, "r3").values()) == {"skipped"}
+
+
+# -- The tensor digest itself --------------------------------------------------------------------
+
+
+class _Parts:
+    """A storage read in parts, several at a time (as S3's ``read_into``)."""
+
+    part_size = 1  # rounded up to the digest's 4 MiB window
+    max_concurrency = 3
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.reads: list[tuple[int, int]] = []
+
+    def read_into(self, path: str, start: int, buffer: memoryview) -> None:
+        self.reads.append((start, len(buffer)))
+        buffer[:] = self.data[start:start + len(buffer)]
+
+
+@pytest.mark.parametrize("n", [0, 5, 4096, 4096 * 3 + 7, 3 * 4 * 1024**2 + 12345])
+def test_read_digested_equals_the_written_digest(tmp_path: Path, n: int) -> None:
+    from safelora_ray.formats.integrity import read_digested, tensor_digest
+    from safelora_ray.storage import open_storage
+
+    data = torch.randint(0, 256, (n + 100,), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(n)).numpy().tobytes()
+    (tmp_path / "f").write_bytes(data)
+    want = tensor_digest(data[100:])
+    buf = bytearray(n)
+    assert read_digested(open_storage(str(tmp_path)), "f", 100, memoryview(buf)) == want
+    assert bytes(buf) == data[100:]
+    parts = _Parts(data)
+    buf = bytearray(n)
+    assert read_digested(parts, "f", 100, memoryview(buf)) == want
+    assert bytes(buf) == data[100:]
+    if n > 4 * 1024**2:  # read in 4 MiB windows, not in one read
+        assert len(parts.reads) == 4
+
+
+def test_tensor_digest_sees_flips_moves_and_cuts() -> None:
+    from safelora_ray.formats.integrity import tensor_digest
+
+    data = bytearray(torch.randn(3 * 4096 // 4, generator=torch.Generator().manual_seed(0))
+                     .numpy().tobytes())
+    base = tensor_digest(data)
+    seen = set()
+    for bit in range(0, 8 * len(data), 997):  # single bit flips all over
+        d = bytearray(data)
+        d[bit // 8] ^= 1 << (bit % 8)
+        seen.add(tensor_digest(d))
+    assert base not in seen and len(seen) == len(range(0, 8 * len(data), 997))
+    for at in (0, 3, 4094, 6000):  # 4 bytes anywhere (across word and block edges too)
+        d = bytearray(data)
+        d[at:at + 4] = struct.pack("<f", BAD_VALUE)
+        assert tensor_digest(d) != base
+    moved = data[4096:8192] + data[:4096] + data[8192:]
+    assert tensor_digest(moved) != base
+    assert tensor_digest(data[:-4096] + bytes(4096)) != base  # a zeroed tail
+    assert tensor_digest(data[:-4]) != base
+
+
+def test_a_flipped_shard_on_s3_is_refused(world: dict[str, Path], tmp_path: Path,
+                                          s3_bucket: str, s3_admin_client: Any,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "set"
+    shard, tensor = corrupt_copy(world["set"], bad)
+    for name, src in (("good", world["set"]), ("bad", bad)):
+        for f in sorted(p for p in src.rglob("*") if p.is_file()):
+            s3_admin_client.upload_file(str(f), s3_bucket, f"{name}/{f.relative_to(src)}")
+    good = AlignmentSet.open(f"s3://{s3_bucket}/good")
+    assert all(good.load(m).tensor.shape for m in good.rows)
+    assert cli_main(["inspect", f"s3://{s3_bucket}/good", "--verify"]) == 0
+    out = tmp_path / "out"
+    rc = cli_main(["sanitize", "--alignment", f"s3://{s3_bucket}/bad", "--adapters",
+                   str(world["catalog"]), "--out", str(out), "--threshold", "0.5",
+                   "--workers", "1", "--no-progress"])
+    assert rc == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    _names_shard(err, shard)
+    assert f"s3://{s3_bucket}/bad/shards/{shard.name}" in err and repr(tensor) in err
+    assert not list(out.rglob("adapter_config.json"))
+    assert cli_main(["inspect", f"s3://{s3_bucket}/bad", "--verify"]) == 1

@@ -1,13 +1,16 @@
 """Digests that make a corrupt file found rather than used.
 
-Two kinds, both written while the bytes are written (never a second read):
+Two kinds, both taken while the bytes are written (never a second read):
 
-- **tensor digests** (scheme :data:`TENSOR_SCHEME`): per stored tensor, the CRC-32 of each
-  4 MiB chunk, summed up by SHA-256. A reader verifies a tensor with the bytes its ranged read
-  brought in, chunk by chunk on a helper thread while the next chunk is read, so that checking
-  costs little more than reading. Any change of up to 32 consecutive bits is always caught,
-  any other with odds of 2⁻³² per chunk: this guards against damage (bit rot, a cut upload,
-  a stray edit), not against someone able to rewrite the whole set.
+- **tensor digests** (scheme :data:`TENSOR_SCHEME`): per stored tensor, the sum modulo 2⁶⁴ of
+  the little-endian 64-bit words of each 4 KiB block, the block sums (and the length) summed
+  up by SHA-256. A reader checks a tensor with the bytes its ranged read brought in, each
+  window summed while it is still in the CPU's cache: ~22 GB/s here, against ~1.4 GB/s for
+  the read itself (CRC-32 ran at 4 GB/s and added a third to the CPU time of a load). Any
+  change inside one 8-byte word is caught (every flipped bit, any run of up to 8 changed
+  bytes), as is any block moved, zeroed or overwritten by other data; what it misses is a set
+  of changes inside one 4 KiB block whose word deltas cancel (the same bit set in one word and
+  cleared in another). This guards against damage, not against someone able to rewrite a set.
 - **file digests**: the SHA-256 of a whole file, for checks that read every byte
   (``inspect --verify``) and which ``sha256sum`` can repeat.
 
@@ -18,20 +21,20 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import hashlib
-import threading
-import zlib
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 #: Chunk of the source digest's hash tree: chunks are hashed in parallel threads.
 DIGEST_CHUNK = 16 * 1024 * 1024
 DIGEST_SCHEME = "sha256-tree16m"
 
-#: The tensor digest: CRC-32 per 4 MiB chunk, the CRCs and the length summed up by SHA-256.
-TENSOR_SCHEME = "crc32-4m"
-TENSOR_CHUNK = 4 * 1024 * 1024
-#: Bytes one read brings in before its chunks go to the checking thread.
-READ_WINDOW = 16 * 1024 * 1024
+#: The tensor digest: a 64-bit sum per 4 KiB block; the sums digested by SHA-256.
+TENSOR_SCHEME = "sum64-4k"
+BLOCK = 4096
+#: Bytes a reader brings in before summing them (small enough to be summed from the cache).
+WINDOW = 4 * 1024 * 1024
 
 
 def tree_digest(parts: Sequence[bytes | bytearray | memoryview],
@@ -59,57 +62,85 @@ def tree_digest(parts: Sequence[bytes | bytearray | memoryview],
     return f"{DIGEST_SCHEME}:{root.hexdigest()}"
 
 
-def _crc(chunk: memoryview) -> bytes:
-    return zlib.crc32(chunk).to_bytes(4, "little")
+def block_sums(data: bytes | bytearray | memoryview) -> bytes:
+    """The 64-bit sums of ``data``'s 4 KiB blocks (the last one zero-padded), little-endian."""
+    v = memoryview(data).cast("B")
+    full = len(v) - len(v) % BLOCK
+    # uint64 sums wrap modulo 2**64, as meant
+    sums = np.frombuffer(v[:full], dtype="<u8").reshape(-1, BLOCK // 8).sum(
+        axis=1, dtype=np.uint64)
+    if full < len(v):
+        tail = bytearray(BLOCK)
+        tail[:len(v) - full] = v[full:]
+        sums = np.append(sums, np.frombuffer(tail, dtype="<u8").sum(dtype=np.uint64))
+    return sums.astype("<u8").tobytes()
 
 
-def _summary(n: int, crcs: Sequence[bytes]) -> str:
-    h = hashlib.sha256(TENSOR_SCHEME.encode() + b"\0" + n.to_bytes(8, "little"))
-    for c in crcs:
-        h.update(c)
-    return f"{TENSOR_SCHEME}:{h.hexdigest()[:32]}"
+class TensorDigest:
+    """A tensor digest taken in pieces; each piece but the last a multiple of 4 KiB."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256(TENSOR_SCHEME.encode() + b"\0")
+        self._n = 0
+
+    def update(self, piece: bytes | bytearray | memoryview) -> None:
+        self._h.update(block_sums(piece))
+        self._n += memoryview(piece).nbytes
+
+    def digest(self) -> str:
+        h = self._h.copy()
+        h.update(self._n.to_bytes(8, "little"))
+        return f"{TENSOR_SCHEME}:{h.hexdigest()[:32]}"
 
 
 def tensor_digest(data: bytes | bytearray | memoryview) -> str:
     """The tensor digest of ``data`` (its raw stored bytes)."""
     v = memoryview(data).cast("B")
-    return _summary(len(v), [_crc(v[i:i + TENSOR_CHUNK])
-                             for i in range(0, len(v), TENSOR_CHUNK)])
-
-
-_pool_lock = threading.Lock()
-_pool: cf.ThreadPoolExecutor | None = None
-
-
-def _checker() -> cf.ThreadPoolExecutor:
-    """The one thread that checks chunks while the reader reads the next ones (one is enough:
-    CRC-32 runs at ~2.6 GB/s here, faster than reading into fresh memory)."""
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="safelora-digest")
-        return _pool
+    d = TensorDigest()
+    for i in range(0, len(v), WINDOW):
+        d.update(v[i:i + WINDOW])
+    if not len(v):
+        d.update(v)
+    return d.digest()
 
 
 def read_digested(storage: Any, path: str, start: int, buffer: memoryview) -> str:
     """Fill ``buffer`` from ``path`` at ``start`` (as ``storage.read_into``) and return the
-    tensor digest of what was read: each window's chunks are checked while the next window is
-    read."""
+    tensor digest of what was read.
+
+    The bytes come in windows, each summed as soon as it is in (from the cache). A window is
+    4 MiB on storages read by one thread (local files), and the storage's own part size on
+    object stores, read ``max_concurrency`` windows at a time as their ``read_into`` would.
+    """
     view = memoryview(buffer).cast("B")
     n = len(view)
-    futures: list[cf.Future[bytes]] = []
-    pool = _checker()
-    try:
-        for off in range(0, n, READ_WINDOW):
-            window = view[off:off + READ_WINDOW]
-            storage.read_into(path, start + off, window)
-            futures += [pool.submit(_crc, view[i:i + TENSOR_CHUNK])
-                        for i in range(off, off + len(window), TENSOR_CHUNK)]
-        return _summary(n, [f.result() for f in futures])
-    finally:
-        for f in futures:  # nothing still reads the buffer once this returns
-            f.cancel()
-        cf.wait(futures)
+    part = int(getattr(storage, "part_size", 0) or 0)
+    window = max(1, -(-part // WINDOW)) * WINDOW
+    parallel = max(1, int(getattr(storage, "max_concurrency", 1) or 1)) if part else 1
+    offsets = list(range(0, n, window))
+    digest = TensorDigest()
+
+    def read(off: int) -> None:
+        storage.read_into(path, start + off, view[off:off + window])
+
+    if parallel == 1 or len(offsets) <= 1:
+        for off in offsets:
+            read(off)
+            digest.update(view[off:off + window])
+    else:
+        with cf.ThreadPoolExecutor(min(parallel, len(offsets)),
+                                   thread_name_prefix="safelora-read") as pool:
+            reads = [pool.submit(read, off) for off in offsets]
+            try:
+                for off, f in zip(offsets, reads, strict=True):
+                    f.result()
+                    digest.update(view[off:off + window])
+            finally:
+                for f in reads:  # fail fast: parts nobody will use are not started
+                    f.cancel()
+    if not n:
+        digest.update(view)
+    return digest.digest()
 
 
 class FileHasher:
@@ -145,5 +176,6 @@ def stream_sha256(storage: Any, path: str, size: int, window: int = 64 * 1024 * 
     return f"sha256:{h.hexdigest()}"
 
 
-__all__ = ["DIGEST_CHUNK", "DIGEST_SCHEME", "TENSOR_SCHEME", "FileHasher", "file_sha256",
-           "read_digested", "stream_sha256", "tensor_digest", "tree_digest"]
+__all__ = ["DIGEST_CHUNK", "DIGEST_SCHEME", "TENSOR_SCHEME", "FileHasher", "TensorDigest",
+           "block_sums", "file_sha256", "read_digested", "stream_sha256", "tensor_digest",
+           "tree_digest"]
