@@ -206,6 +206,17 @@ def test_a_set_from_before_digests_still_loads_with_one_warning(
         assert torch.equal(aset.load(m).tensor, intact.load(m).tensor)
     with pytest.raises(AlignmentSetError, match="cannot be verified"):
         aset.verify()
+    # On Ray workers (each opens the set, their records relayed here): still one warning.
+    other = tmp_path / "set2"
+    shutil.copytree(old, other)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        res = sanitize(SanitizeConfig(alignment=str(other), adapters=str(world["catalog"]),
+                                      out=str(tmp_path / "out"), threshold=0.5, workers=1,
+                                      progress=False, task_timeout_s=300))
+    assert res.ok == 3
+    warned = [r for r in caplog.records if "before sets carried digests" in r.getMessage()]
+    assert len(warned) == 1 and str(other) in warned[0].getMessage()
 
 
 # -- SaLoRA sets ---------------------------------------------------------------------------------

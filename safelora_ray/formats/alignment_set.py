@@ -437,8 +437,30 @@ def publish(out: Storage, rows: Iterable[ManifestRow], metadata: dict[str, Any],
     out.put_bytes(METADATA_FILE, json.dumps(metadata, indent=2, ensure_ascii=False).encode())
 
 
-_unverified: set[str] = set()
-_unverified_lock = threading.Lock()
+#: Words of the warning about a set written before digests (said once per process and set).
+UNVERIFIED = "was written before sets carried digests"
+
+
+class _Once(logging.Filter):
+    """Lets the warning about a set without digests through once per process and set, be it
+    logged here or relayed from a worker (each worker opens the set too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if UNVERIFIED not in message:
+            return True
+        with self._lock:
+            first = message not in self._seen
+            self._seen.add(message)
+        return first
+
+
+logger.addFilter(_Once())
 
 
 def _check_manifest(storage: Storage, metadata: dict[str, Any], raw: bytes) -> None:
@@ -446,13 +468,8 @@ def _check_manifest(storage: Storage, metadata: dict[str, Any], raw: bytes) -> N
     digests gets a warning, once per process."""
     integrity = metadata.get("integrity")
     if integrity is None:
-        with _unverified_lock:
-            first = storage.uri not in _unverified
-            _unverified.add(storage.uri)
-        if first:
-            logger.warning("alignment set %s was written before sets carried digests: its "
-                           "files are used unverified (build it again to get them)",
-                           storage.uri)
+        logger.warning("alignment set %s %s: its files are used unverified (build it again to "
+                       "get them)", storage.uri, UNVERIFIED)
         return
     want = integrity.get("manifest") if isinstance(integrity, dict) else None
     if want != file_sha256(raw):
