@@ -254,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="say what a location holds: alignment set, adapter, checkpoint, ...")
     i.add_argument("uri", help="a path or URI")
     i.add_argument("--modules", action="store_true", help="also list every module")
+    i.add_argument("--verify", action="store_true",
+                   help="alignment set: read every shard whole and check it against the "
+                        "digests written when it was built (exit 1 naming a shard that differs)")
     _add_common(i, json_help="print the description as JSON on stdout")
     return parser
 
@@ -302,7 +305,7 @@ def _cmd_build(args: argparse.Namespace) -> Outcome:
 def _cmd_inspect(args: argparse.Namespace) -> Outcome:
     from safelora_ray.inspection import as_json, describe, render
 
-    d = describe(args.uri)
+    d = describe(args.uri, verify=args.verify)
     _say(args, render(d, modules=args.modules))
     return EXIT_OK, {"command": "inspect", **as_json(d)}
 

@@ -3,7 +3,8 @@ output root: ``safelora-ray inspect`` (a mistaken path gets told what it is, not
 "not an alignment set").
 
 Only metadata is read: ``alignment.json`` and the manifest, an adapter's config and its
-safetensors header, a checkpoint's index and headers. No tensor data.
+safetensors header, a checkpoint's index and headers. No tensor data, except with ``verify``:
+then every shard of an alignment set is read whole and checked against its digest.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from safelora_ray.errors import (
     AdapterError,
+    AlignmentSetError,
     ConfigError,
     NotFoundError,
     SafeLoraError,
@@ -33,14 +35,17 @@ _PREFIX = "base_model.model."
 _SCAN_LIMIT = 10_000
 
 
-def describe(uri: str) -> dict[str, Any]:
-    """A description of what lies at ``uri``: ``{"kind": ..., ...}``.
+def describe(uri: str, verify: bool = False) -> dict[str, Any]:
+    """A description of what lies at ``uri``: ``{"kind": ..., ...}``; ``verify``: an
+    alignment set's shards are read whole and checked (``verified``: the shards checked).
 
     Kinds: ``alignment-set``, ``adapter``, ``checkpoint``, ``catalog``, ``sanitize-output``,
     ``unknown``.
 
     Raises:
         StorageError / ConfigError: the location cannot be read or is not a valid URI.
+        AlignmentSetError: ``verify``: a shard differs from its digest, or the set has none;
+            or ``verify`` of something that is not an alignment set.
     """
     from safelora_ray.catalog import is_manifest
 
@@ -58,10 +63,14 @@ def describe(uri: str) -> dict[str, Any]:
 
         # An interrupted build raises here, saying so.
         aset = AlignmentSet.open(storage)
+        verified = {"verified": aset.verify()} if verify else {}
         return {"kind": "alignment-set", "uri": storage.uri, "content_id": aset.content_id,
                 "targets": aset.targets, "modules": len(aset.rows),
                 "method": aset.metadata.get("method", {}).get("name"),
-                "summary": aset.summary(), "rows": aset.rows}
+                "summary": aset.summary(), "rows": aset.rows, **verified}
+    if verify:
+        raise AlignmentSetError(f"{storage.uri}: --verify checks an alignment set, and there "
+                                "is none here")
     if storage.exists(ADAPTER_CONFIG):
         return describe_adapter(storage)
     if storage.exists("model.safetensors.index.json") or storage.exists("model.safetensors"):
@@ -216,6 +225,9 @@ def render(d: dict[str, Any], modules: bool = False) -> str:
     kind, uri = d["kind"], d["uri"]
     if kind == "alignment-set":
         text = d["summary"]
+        if "verified" in d:
+            text += (f"\nverified       {len(d['verified'])} shard file(s) read whole: each "
+                     "matches its SHA-256")
         if modules:
             from safelora_ray.formats.alignment_set import SALORA_METHOD
 

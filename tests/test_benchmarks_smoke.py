@@ -126,3 +126,10 @@ def test_bench_report_smoke(tmp_path):
     # The incremental run reports the whole fleet, not only what it sanitized.
     assert rerun["fleet"]["sanitized"] >= rerun["skipped"] and rerun["near_tau"] > 0
     assert first["report_html_bytes"] > 0 and r["index_html_bytes"] > 0
+
+
+@pytest.mark.timeout(180)
+def test_bench_set_load_smoke(tmp_path):
+    r = _run("bench_set_load", tmp_path, "--repeats", "2")
+    assert r["set"]["modules"] == 16 and len(r["runs_s"]["old"]) == len(r["runs_s"]["new"]) == 2
+    assert r["new_median_s"] > 0 and r["verify_s"] >= 0

@@ -925,6 +925,10 @@ def _break_set(case: str, s: Path) -> None:
         table = table.set_column(i, table.schema.field(i), pa.array(shapes,
                                                                    pa.list_(pa.int64())))
         pq.write_table(table, s / "manifest.parquet")
+        # A manifest wrong from the start (its digest agrees): the shard check still names it.
+        digest = hashlib.sha256((s / "manifest.parquet").read_bytes()).hexdigest()
+        md["integrity"]["manifest"] = f"sha256:{digest}"
+        (s / "alignment.json").write_text(json.dumps(md))
     elif case == "set-metadata-too-big":
         os.truncate(s / "alignment.json", 32 * 1024**2)
     else:  # pragma: no cover

@@ -8,6 +8,12 @@ Layout under the set's URI::
                                          complete
 
 A set is immutable: a build refuses to write over a complete set made from other inputs.
+
+Integrity: ``alignment.json`` carries the SHA-256 of the manifest and of every shard
+(``integrity``), the manifest a digest of every stored tensor (column ``digest``), all taken
+while the files were written. Opening a set checks the manifest; loading a module checks its
+tensor's bytes as they are read; :meth:`AlignmentSet.verify` reads every shard whole. A set
+written before digests existed still loads, with a warning (once per process and set).
 """
 
 from __future__ import annotations
@@ -23,9 +29,23 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from safelora_ray.errors import AlignmentSetError, NotFoundError, SafeLoraError
-from safelora_ray.formats.safetensors_io import SafetensorsHeader, read_header, read_tensor
+from safelora_ray.formats.integrity import (
+    TENSOR_SCHEME,
+    file_sha256,
+    read_digested,
+    stream_sha256,
+    tensor_digest,
+)
+from safelora_ray.formats.safetensors_io import (
+    SafetensorsHeader,
+    read_header,
+    require_little_endian,
+    torch_dtype_of,
+    torch_shape_of,
+)
 from safelora_ray.math_core import AlignmentMatrix
 from safelora_ray.storage import Storage, open_storage
 
@@ -61,12 +81,14 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("tokens", pa.int64()),
         pa.field("energy", pa.float64()),
         pa.field("calibration_digest", pa.string()),
+        # The stored tensor's digest (formats.integrity.TENSOR_SCHEME); absent in older sets.
+        pa.field("digest", pa.string()),
     ]
 )
 #: Columns a manifest may lack (written by an earlier version), with their value then.
 OPTIONAL_COLUMNS: dict[str, Any] = {"layout": "linear", "proj_rank": None, "proj_energy": None,
                                     "safety_rank": None, "tokens": None, "energy": None,
-                                    "calibration_digest": None}
+                                    "calibration_digest": None, "digest": None}
 
 #: ``method.name`` of a SaLoRA safety-module set; any other name is a Safe LoRA set.
 SALORA_METHOD = "salora"
@@ -100,6 +122,7 @@ class ManifestRow:
     tokens: int | None = None
     energy: float | None = None
     calibration_digest: str | None = None
+    digest: str | None = None
 
 
 def manifest_table(rows: Iterable[ManifestRow]) -> pa.Table:
@@ -208,6 +231,7 @@ class AlignmentSet:
             raise AlignmentSetError(f"{storage.uri}: {MANIFEST_FILE} is missing") from e
         except (pa.ArrowException, OSError) as e:
             raise AlignmentSetError(f"{storage.describe(MANIFEST_FILE)}: unreadable: {e}") from e
+        _check_manifest(storage, metadata, raw)
         missing = [f.name for f in MANIFEST_SCHEMA
                    if f.name not in table.column_names and f.name not in OPTIONAL_COLUMNS]
         if missing:
@@ -222,6 +246,9 @@ class AlignmentSet:
             rec["shape"] = tuple(rec["shape"])
             rec["stored_shape"] = tuple(rec["stored_shape"])
             rows[rec["module"]] = ManifestRow(**rec)
+            if "integrity" in metadata and not rec["digest"]:
+                raise AlignmentSetError(f"{storage.describe(MANIFEST_FILE)}: module "
+                                        f"{rec['module']!r} has no digest")
         if len(rows) != metadata.get("num_modules"):
             raise AlignmentSetError(
                 f"{storage.uri}: manifest has {len(rows)} modules, {METADATA_FILE} says "
@@ -254,13 +281,68 @@ class AlignmentSet:
         header = self.header(row.shard)
         if module not in header.tensors:
             raise AlignmentSetError(f"{self.storage.describe(row.shard)}: no tensor {module!r}")
-        t = read_tensor(self.storage, header, module)
+        t = self._read(row, header)
         if tuple(t.shape) != row.stored_shape or str(t.dtype) != "torch.float32":
             raise AlignmentSetError(
                 f"{self.storage.describe(row.shard)}: tensor {module!r} is {t.dtype} "
                 f"{list(t.shape)}, the manifest says float32 {list(row.stored_shape)}"
             )
         return AlignmentMatrix(row.form, t.to(device), row.norm)  # type: ignore[arg-type]
+
+    def _read(self, row: ManifestRow, header: SafetensorsHeader) -> torch.Tensor:
+        """The module's stored tensor (one ranged read), its bytes checked against the
+        manifest's digest while they are read."""
+        require_little_endian()
+        info = header.tensor(row.module)
+        dtype, shape = torch_dtype_of(header.uri, info), torch_shape_of(header.uri, info)
+        buf = bytearray(info.nbytes)
+        if row.digest is None:  # a set from before digests (warned about at open)
+            if info.nbytes:
+                self.storage.read_into(header.path, info.start, memoryview(buf))
+        else:
+            got = (read_digested(self.storage, header.path, info.start, memoryview(buf))
+                   if info.nbytes else tensor_digest(b""))
+            if got != row.digest:
+                raise AlignmentSetError(
+                    f"{self.storage.describe(row.shard)}: tensor {row.module!r} is corrupt: "
+                    f"its bytes do not match the digest written when alignment set "
+                    f"{self.content_id} was built ({got}, expected {row.digest}); rebuild it")
+        if not buf:
+            return torch.empty(shape, dtype=dtype)  # frombuffer rejects empty buffers
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    def verify(self) -> list[str]:
+        """Read every shard whole and check its size and SHA-256 against ``alignment.json``
+        (what ``inspect --verify`` does); returns the shards checked.
+
+        Raises:
+            AlignmentSetError: naming the first shard that is missing or differs, or a set
+                written before digests existed (nothing to check it against).
+        """
+        integrity = self.metadata.get("integrity")
+        if not isinstance(integrity, dict):
+            raise AlignmentSetError(
+                f"{self.uri}: written before alignment sets carried digests: it cannot be "
+                "verified (build it again to get them)")
+        shards: dict[str, Any] = integrity.get("shards") or {}
+        undigested = sorted({r.shard for r in self.rows.values()} - set(shards))
+        if undigested:
+            raise AlignmentSetError(f"{self.storage.describe(undigested[0])}: no digest in "
+                                    f"{METADATA_FILE}")
+        for path, rec in sorted(shards.items()):
+            where = self.storage.describe(path)
+            try:
+                size = self.storage.size(path)
+            except NotFoundError as e:
+                raise AlignmentSetError(f"{where} is missing") from e
+            if size != rec.get("bytes"):
+                raise AlignmentSetError(f"{where} is corrupt: {size} bytes, {METADATA_FILE} "
+                                        f"says {rec.get('bytes')}")
+            if stream_sha256(self.storage, path, size) != rec.get("sha256"):
+                raise AlignmentSetError(
+                    f"{where} is corrupt: its SHA-256 does not match the one written when "
+                    f"alignment set {self.content_id} was built; rebuild it")
+        return sorted(shards)
 
     def summary(self) -> str:
         """A readable multi-line summary (what ``safelora-ray inspect`` prints)."""
@@ -342,6 +424,60 @@ class AlignmentSet:
         return "\n".join(line for line in lines if line)
 
 
+def publish(out: Storage, rows: Iterable[ManifestRow], metadata: dict[str, Any],
+            shards: dict[str, dict[str, Any]]) -> None:
+    """Finish a set: write the manifest, then ``alignment.json`` (last: its presence makes the
+    set complete) with the digests of the manifest and of each shard (``{"sha256", "bytes"}``
+    per shard path, as the shard's writer took them)."""
+    raw = parquet_bytes(manifest_table(rows))
+    out.put_bytes(MANIFEST_FILE, raw)
+    metadata = {**metadata, "integrity": {
+        "tensor_digest": TENSOR_SCHEME, "manifest": file_sha256(raw),
+        "shards": {p: shards[p] for p in sorted(shards)}}}
+    out.put_bytes(METADATA_FILE, json.dumps(metadata, indent=2, ensure_ascii=False).encode())
+
+
+#: Words of the warning about a set written before digests (said once per process and set).
+UNVERIFIED = "was written before sets carried digests"
+
+
+class _Once(logging.Filter):
+    """Lets the warning about a set without digests through once per process and set, be it
+    logged here or relayed from a worker (each worker opens the set too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if UNVERIFIED not in message:
+            return True
+        with self._lock:
+            first = message not in self._seen
+            self._seen.add(message)
+        return first
+
+
+logger.addFilter(_Once())
+
+
+def _check_manifest(storage: Storage, metadata: dict[str, Any], raw: bytes) -> None:
+    """The manifest's bytes against the digest in ``alignment.json``; a set from before
+    digests gets a warning, once per process."""
+    integrity = metadata.get("integrity")
+    if integrity is None:
+        logger.warning("alignment set %s %s: its files are used unverified (build it again to "
+                       "get them)", storage.uri, UNVERIFIED)
+        return
+    want = integrity.get("manifest") if isinstance(integrity, dict) else None
+    if want != file_sha256(raw):
+        raise AlignmentSetError(
+            f"{storage.describe(MANIFEST_FILE)} is corrupt: its SHA-256 does not match the one "
+            f"in {METADATA_FILE} (changed since the set was built); rebuild the set")
+
+
 def read_metadata(storage: Storage) -> dict[str, Any] | None:
     """The parsed ``alignment.json``, or None when absent; validates the format."""
     try:
@@ -391,5 +527,6 @@ __all__ = [
     "content_id",
     "manifest_table",
     "parquet_bytes",
+    "publish",
     "read_metadata",
 ]

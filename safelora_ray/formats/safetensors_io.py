@@ -38,6 +38,7 @@ from typing import Any, BinaryIO
 import torch
 
 from safelora_ray.errors import CheckpointError, SafeLoraError, SafetensorsFormatError
+from safelora_ray.formats.integrity import FileHasher
 from safelora_ray.storage.base import Storage
 
 logger = logging.getLogger(__name__)
@@ -427,6 +428,7 @@ class SafetensorsWriter:
         local_path: str | os.PathLike[str],
         layout: Iterable[tuple[str, str, Iterable[int]]],
         metadata: Mapping[str, str] | None = None,
+        hasher: FileHasher | None = None,
     ) -> None:
         """Plan the file and write its header.
 
@@ -434,6 +436,7 @@ class SafetensorsWriter:
             local_path: Where the finished file goes.
             layout: ``(name, dtype string, shape)`` per tensor, in the order of writing.
             metadata: The ``__metadata__`` string map, if any.
+            hasher: Digests every byte written (the file's SHA-256, each tensor's digest).
 
         Raises:
             SafetensorsFormatError: The layout or metadata is invalid.
@@ -450,9 +453,12 @@ class SafetensorsWriter:
         # ".tmp-" is the prefix LocalStorage hides from listings, should this be inside one.
         self._tmp_path = os.path.join(directory, f".tmp-{uuid.uuid4().hex[:12]}-{base}")
         self._file: BinaryIO | None = open(self._tmp_path, "wb")  # noqa: SIM115
+        self.hasher = hasher
         try:
-            self._file.write(len(header_bytes).to_bytes(_N_LEN, "little"))
-            self._file.write(header_bytes)
+            for part in (len(header_bytes).to_bytes(_N_LEN, "little"), header_bytes):
+                self._file.write(part)
+                if hasher is not None:
+                    hasher.update(part)
         except BaseException:
             self.abort()
             raise
@@ -482,7 +488,7 @@ class SafetensorsWriter:
         info = self.tensors[name]
         _check_matches(self.local_path, info, tensor)
         try:
-            _write_tensor(self._file, tensor, info.nbytes)
+            _write_tensor(self._file, tensor, info.nbytes, self.hasher, name)
         except BaseException:
             self.abort()
             raise
@@ -870,8 +876,11 @@ def _tensor_view(tensor: torch.Tensor, nbytes: int) -> tuple[memoryview, torch.T
     return memoryview(buf).cast("B"), t
 
 
-def _write_tensor(f: BinaryIO, tensor: torch.Tensor, nbytes: int) -> None:
+def _write_tensor(f: BinaryIO, tensor: torch.Tensor, nbytes: int,
+                  hasher: FileHasher | None = None, name: str | None = None) -> None:
     view, keep_alive = _tensor_view(tensor, nbytes)
+    if hasher is not None:  # the bytes written, hashed while at hand (no second read)
+        hasher.update(view, tensor=name)
     written = f.write(view)
     if written is not None and written != nbytes:
         raise OSError(f"short write: {written} of {nbytes} bytes")

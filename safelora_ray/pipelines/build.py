@@ -14,9 +14,8 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import contextlib
+import dataclasses
 import datetime as _dt
-import hashlib
-import json
 import logging
 import math
 import os
@@ -49,16 +48,19 @@ from safelora_ray.errors import (
 from safelora_ray.formats.alignment_set import (
     FORMAT,
     FORMAT_VERSION,
-    MANIFEST_FILE,
-    METADATA_FILE,
     AlignmentSet,
     ManifestRow,
     content_id,
-    manifest_table,
-    parquet_bytes,
+    publish,
     read_metadata,
 )
 from safelora_ray.formats.checkpoint import CONFIG_FILE, Checkpoint, read_ref
+from safelora_ray.formats.integrity import (  # noqa: F401 (the digest's scheme, re-exported)
+    DIGEST_CHUNK,
+    DIGEST_SCHEME,
+    FileHasher,
+)
+from safelora_ray.formats.integrity import tree_digest as source_digest
 from safelora_ray.formats.safetensors_io import SafetensorsWriter
 from safelora_ray.math_core import as_linear, check_norm, start_alignment
 from safelora_ray.plan import (
@@ -186,37 +188,6 @@ class _Fetched:
     digest: str
     read_s: float
     buffers: tuple[Any, Any]
-
-
-#: Chunk of the source digest's hash tree: chunks are hashed in parallel threads.
-DIGEST_CHUNK = 16 * 1024 * 1024
-DIGEST_SCHEME = "sha256-tree16m"
-
-
-def source_digest(parts: Sequence[bytes | bytearray | memoryview],
-                  pool: cf.Executor | None = None) -> str:
-    """The manifest's ``source_digest`` of a module: a SHA-256 hash tree over its base and
-    aligned bytes.
-
-    Each part is cut into 16 MiB chunks; the root is SHA-256 of a scheme tag, then per part
-    its length (8 bytes, little-endian) and its chunks' SHA-256 digests in order. The chunks
-    are hashed in ``pool``'s threads (hashlib releases the GIL), so hashing keeps up with the
-    reads: one SHA-256 stream runs at ~1.8 GB/s here, slower than the storage.
-    """
-    views = [memoryview(p).cast("B") for p in parts]
-    chunks = [v[i:i + DIGEST_CHUNK] for v in views for i in range(0, len(v), DIGEST_CHUNK)]
-
-    def leaf(chunk: memoryview) -> bytes:
-        return hashlib.sha256(chunk).digest()
-
-    # Every chunk of every part is submitted at once (map is eager), so all threads work.
-    leaves = iter(pool.map(leaf, chunks) if pool is not None else map(leaf, chunks))
-    root = hashlib.sha256(DIGEST_SCHEME.encode() + b"\0")
-    for v in views:
-        root.update(len(v).to_bytes(8, "little"))
-        for _ in range(0, len(v), DIGEST_CHUNK):
-            root.update(next(leaves))
-    return f"{DIGEST_SCHEME}:{root.hexdigest()}"
 
 
 class _BufferPool:
@@ -475,6 +446,7 @@ class ShardBuilder:
         # as each module is computed.
         deferred = any(m.form == "U" for m in fplan.modules)
         cuda = self.device.startswith("cuda")
+        hasher = FileHasher()  # the file's and each tensor's digests, taken as written
         # Written straight into place on local storage (temp file beside it, then a rename);
         # through a temp file and an upload on object stores.
         with self.out.writing_file(fplan.path) as tmp:
@@ -483,7 +455,7 @@ class ShardBuilder:
                 if not deferred:
                     layout = [(m.module, "F32", m.stored_shape) for m in fplan.modules]
                     writer = stack.enter_context(
-                        SafetensorsWriter(tmp, layout, {"format": FORMAT}))
+                        SafetensorsWriter(tmp, layout, {"format": FORMAT}, hasher))
                 sink = _Writer(writer, self.release, fplan.path, depth=self.prefetch)
                 try:
                     for item in self._modules(index):
@@ -514,13 +486,15 @@ class ShardBuilder:
             t0 = time.perf_counter()
             if deferred:
                 layout = [(name, "F32", tuple(t.shape)) for name, t in sink.held]
-                with SafetensorsWriter(tmp, layout, {"format": FORMAT}) as held_writer:
+                with SafetensorsWriter(tmp, layout, {"format": FORMAT}, hasher) as held_writer:
                     for name, t in sink.held:
                         held_writer.write(name, t)
                 sink.held.clear()
+            size = os.path.getsize(tmp)
         timings["write_s"] += time.perf_counter() - t0  # the commit: fsync + rename (upload)
         return {
-            "rows": sink.rows,
+            "rows": [dataclasses.replace(r, digest=hasher.tensors[r.module]) for r in sink.rows],
+            "shard": {"path": fplan.path, "sha256": hasher.file_digest(), "bytes": size},
             "input_bytes": fplan.input_bytes,
             "bytes_fetched": self.bytes_fetched(),
             **timings,
@@ -667,6 +641,7 @@ def build(config: BuildConfig) -> BuildResult:
         for j in range(len(files)):
             submit(shard, j)
     rows: list[ManifestRow] = []
+    shard_digests: dict[str, dict[str, Any]] = {}
     stats = {"read_s": 0.0, "compute_s": 0.0, "write_s": 0.0}
     fetched: dict[tuple[int, int], int] = {}
     device = "cpu"
@@ -697,6 +672,9 @@ def build(config: BuildConfig) -> BuildResult:
                 submit(shard, j)
                 continue
             rows.extend(result["rows"])
+            written = result["shard"]
+            shard_digests[written["path"]] = {"sha256": written["sha256"],
+                                              "bytes": written["bytes"]}
             device = result["device"]
             # Counters are cumulative per builder: keep the latest (calls finish in order).
             fetched[(shard, worker)] = max(fetched.get((shard, worker), 0),
@@ -724,7 +702,6 @@ def build(config: BuildConfig) -> BuildResult:
     cid = content_id(core, rows)
     # The plan's output size is an upper bound for the exact form (k is found by the build).
     stored_bytes = sum(4 * math.prod(r.stored_shape) for r in rows)
-    out.put_bytes(MANIFEST_FILE, parquet_bytes(manifest_table(rows)))
     duration = time.perf_counter() - t_start
     metadata = {
         "format": FORMAT,
@@ -747,8 +724,7 @@ def build(config: BuildConfig) -> BuildResult:
                   "duration_s": round(duration, 3),
                   **{k: round(v, 3) for k, v in stats.items()}},
     }
-    # Written last: its presence is what makes the set complete.
-    out.put_bytes(METADATA_FILE, json.dumps(metadata, indent=2, ensure_ascii=False).encode())
+    publish(out, rows, metadata, shard_digests)  # alignment.json last: the set is complete
     logger.info("alignment set %s written to %s in %.1f s", cid, out.uri, duration)
     return BuildResult(out.uri, cid, len(rows), plan.input_bytes, bytes_read,
                        stored_bytes, duration,

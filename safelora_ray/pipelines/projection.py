@@ -314,12 +314,19 @@ def _service(ctx: WorkerContext, key: SetKey) -> ProjectionService:
 
 def warm_set(ctx: WorkerContext, key: SetKey, share: bool = False) -> int:
     """Task: load the set onto this holder's device now (``share``: a CPU node's holder puts
-    it in the node's object store instead); returns its bytes."""
-    if share:
-        return _shared(ctx, key).store_bytes
-    svc = _service(ctx, key)
-    svc.engine.matrices.load_all()
-    return svc.engine.matrices.nbytes
+    it in the node's object store instead); returns its bytes (0: the set could not be
+    loaded)."""
+    try:
+        if share:
+            return _shared(ctx, key).store_bytes
+        svc = _service(ctx, key)
+        svc.engine.matrices.load_all()
+        return svc.engine.matrices.nbytes
+    except SafeLoraError as e:
+        # Nobody reads this call's result: a broken set (a corrupt shard) is reported by the
+        # first batch that needs it, in one line, instead of as Ray's unhandled-error trace.
+        logger.debug("alignment set %s not loaded ahead: %s", key.content_id, e)
+        return 0
 
 
 def project_request(ctx: WorkerContext, key: SetKey,

@@ -343,7 +343,26 @@ class FleetSanitizer:
               ref: AdapterRef) -> bool:
         if self.force or not ledger or ledger.get("key") != key:
             return False
-        return self.out.exists(f"{ref.adapter_id}/adapter_config.json")
+        recorded = ledger.get("outputs")
+        if not isinstance(recorded, dict):  # a record from before outputs were recorded
+            return self.out.exists(f"{ref.adapter_id}/adapter_config.json")
+        # Each output as written (size and version: S3 ETag, local mtime): one listing, no
+        # download. One deleted, cut short or replaced since is written again.
+        now = self._outputs(ref.adapter_id)
+        changed = sorted(rel for rel, rec in recorded.items() if now.get(rel) != rec)
+        if changed:
+            logger.warning("adapter %s: its output %s changed since the run that wrote it "
+                           "(deleted, cut short or replaced): sanitizing it again",
+                           ref.adapter_id, self.out.describe(f"{ref.adapter_id}/{changed[0]}"))
+        return not changed
+
+    def _outputs(self, adapter_id: str, names: Sequence[str] | None = None
+                 ) -> dict[str, dict[str, Any]]:
+        """``{file: {"bytes", "version"}}`` of the adapter's output files (``names`` only)."""
+        cut = len(adapter_id) + 1
+        found = {o.path[cut:]: {"bytes": o.size, "version": o.version}
+                 for o in self.out.list(adapter_id)}
+        return found if names is None else {n: found[n] for n in names if n in found}
 
     # -- the work --------------------------------------------------------------------------
     def process(self, refs: Sequence[AdapterRef],
@@ -493,6 +512,7 @@ class FleetSanitizer:
             self.out.put_tree(ref.adapter_id, files, move=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        outputs = self._outputs(ref.adapter_id, [rel for rel, _ in files])
         dists = [0.0 if m in chosen else s.dist for m, s in scores.items()]
         adapter_pdst = pdst(dists)
         ledger = {
@@ -502,6 +522,8 @@ class FleetSanitizer:
             # The versions seen before reading (not re-fetched: two HEADs per adapter saved).
             "fingerprint": fingerprint,
             "output_digest": out_digest,
+            # What a later run checks before skipping it (a cheap listing, not a re-hash).
+            "outputs": outputs,
             "run_id": self.run_id,
             "modules": len(scores),
             "projected": sorted(chosen),

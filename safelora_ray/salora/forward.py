@@ -428,11 +428,11 @@ class CalibrationRunner:
             tensors[local] = t
             bufs.append((ref.name, ref.dtype, ref.shape, buf))
         if self.hash_weights:
-            from safelora_ray.pipelines.build import source_digest
+            from safelora_ray.formats.integrity import tree_digest
 
             bufs.sort(key=lambda b: b[0])
             names = json.dumps([[n, d, list(s)] for n, d, s, _ in bufs]).encode()
-            digest = source_digest([tag.encode(), names, *[b[3] for b in bufs]])
+            digest = tree_digest([tag.encode(), names, *[b[3] for b in bufs]])
         nbytes = sum(ref.nbytes for _, ref in refs)
         return {"tensors": tensors, "digest": digest, "bytes": nbytes,
                 "read_s": time.perf_counter() - t0}

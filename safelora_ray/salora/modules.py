@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 import uuid
 from collections.abc import Sequence
@@ -47,16 +48,14 @@ from safelora_ray.errors import (
 from safelora_ray.formats.alignment_set import (
     FORMAT,
     FORMAT_VERSION,
-    MANIFEST_FILE,
-    METADATA_FILE,
     SALORA_METHOD,
     ManifestRow,
     content_id,
-    manifest_table,
-    parquet_bytes,
+    publish,
     read_metadata,
 )
 from safelora_ray.formats.checkpoint import Checkpoint, TensorRef, read_ref
+from safelora_ray.formats.integrity import FileHasher
 from safelora_ray.formats.safetensors_io import SafetensorsWriter
 from safelora_ray.math_core import safety_basis
 from safelora_ray.plan import (
@@ -545,10 +544,10 @@ def salora_modules(config: SaloraConfig) -> SaloraResult:
         ex.close(ok)
     calibration_s = time.perf_counter() - t_cal
 
-    rows, files = _write_set(out, plan, results, digests, cal, samples, config)
+    rows, shards = _write_set(out, plan, results, digests, cal, samples, config)
+    files = sorted(shards)
     core = {"method": method, "targets": list(targets)}
     cid = content_id(core, rows)
-    out.put_bytes(MANIFEST_FILE, parquet_bytes(manifest_table(rows)))
     duration = time.perf_counter() - t_start
     s0 = worker_stats.get(0, {})
     forward_s = max((w["stats"]["forward_s"] + w["stats"]["prelude_s"]
@@ -583,8 +582,7 @@ def salora_modules(config: SaloraConfig) -> SaloraResult:
                   "device": s0.get("device", "cpu"), "mode": s0.get("mode"),
                   "duration_s": round(duration, 3), **stats},
     }
-    # Written last: its presence is what makes the set complete.
-    out.put_bytes(METADATA_FILE, json.dumps(metadata, indent=2, ensure_ascii=False).encode())
+    publish(out, rows, metadata, shards)  # alignment.json last: the set is complete
     logger.info("safety-module set %s written to %s in %.1f s (%.0f tokens/s forward)", cid,
                 out.uri, duration, stats["tokens_per_s"])
     result = SaloraResult(out.uri, cid, len(rows), len(samples), samples.tokens, duration,
@@ -609,8 +607,9 @@ def _export(result: SaloraResult, config: SaloraConfig) -> SaloraResult:
 
 def _write_set(out: Storage, plan: Sequence[PlannedModule], results: dict[str, dict[str, Any]],
                digests: dict[int, str], cal: CalibrationFile, samples: TokenizedSamples,
-               config: SaloraConfig) -> tuple[list[ManifestRow], list[str]]:
-    """Write the shards (layer order, files of at most ``max_file_bytes``); the rows."""
+               config: SaloraConfig) -> tuple[list[ManifestRow], dict[str, dict[str, Any]]]:
+    """Write the shards (layer order, files of at most ``max_file_bytes``); the rows and each
+    shard's digest and size."""
     files: list[list[PlannedModule]] = [[]]
     size = 0
     for m in plan:
@@ -621,26 +620,29 @@ def _write_set(out: Storage, plan: Sequence[PlannedModule], results: dict[str, d
         files[-1].append(m)
         size += n
     rows: list[ManifestRow] = []
-    paths = []
+    shards: dict[str, dict[str, Any]] = {}
     for j, mods in enumerate(files):
         path = f"shards/part-00000-{j:04d}.safetensors"
-        paths.append(path)
         layout = [(m.module, "F32", tuple(results[m.module]["basis"].shape)) for m in mods]
-        with out.writing_file(path) as tmp, SafetensorsWriter(
-                tmp, layout, {"format": FORMAT}) as writer:
-            for m in mods:
-                r = results[m.module]
-                writer.write(m.module, r["basis"])
-                rows.append(ManifestRow(
-                    module=m.module, tensor=m.weight.name, layer=m.layer, kind=m.kind,
-                    shape=tuple(r["shape"]), form="N", stored_shape=tuple(r["basis"].shape),
-                    shard=path, norm=math.sqrt(r["trace"]),
-                    source_digest=_row_digest(cal.sha256, digests, m.layer),
-                    base_dtype=None, aligned_dtype=m.weight.dtype,
-                    safety_rank=config.safety_rank, tokens=samples.tokens,
-                    energy=r["energy"], calibration_digest=f"sha256:{cal.sha256}",
-                ))
-    return rows, paths
+        hasher = FileHasher()  # the digests of what is written, taken as it is written
+        with out.writing_file(path) as tmp:
+            with SafetensorsWriter(tmp, layout, {"format": FORMAT}, hasher) as writer:
+                for m in mods:
+                    writer.write(m.module, results[m.module]["basis"])
+            shards[path] = {"sha256": hasher.file_digest(), "bytes": os.path.getsize(tmp)}
+        for m in mods:
+            r = results[m.module]
+            rows.append(ManifestRow(
+                module=m.module, tensor=m.weight.name, layer=m.layer, kind=m.kind,
+                shape=tuple(r["shape"]), form="N", stored_shape=tuple(r["basis"].shape),
+                shard=path, norm=math.sqrt(r["trace"]),
+                source_digest=_row_digest(cal.sha256, digests, m.layer),
+                base_dtype=None, aligned_dtype=m.weight.dtype,
+                safety_rank=config.safety_rank, tokens=samples.tokens,
+                energy=r["energy"], calibration_digest=f"sha256:{cal.sha256}",
+                digest=hasher.tensors[m.module],
+            ))
+    return rows, shards
 
 
 __all__ = ["DEFAULT_SAFETY_RANK", "PlannedModule", "SaloraConfig", "SaloraResult",
