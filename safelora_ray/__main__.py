@@ -1,7 +1,5 @@
 """``python -m safelora_ray``: the ``safelora-ray`` command."""
 
-import sys
+from safelora_ray.cli import run
 
-from safelora_ray.cli import main
-
-sys.exit(main())
+run()
