@@ -119,6 +119,17 @@ def s3_bucket(s3_admin_client: Any) -> str:
     return name
 
 
+@pytest.fixture(params=["local", "s3"])
+def storage(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Any:
+    """An empty output root, once on local disk and once in an S3 bucket."""
+    from safelora_ray.storage import open_storage
+
+    if request.param == "local":
+        return open_storage(str(tmp_path / "out"))
+    bucket = request.getfixturevalue("s3_bucket")
+    return open_storage(f"s3://{bucket}/out")
+
+
 @pytest.fixture
 def hf_cache(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.Path:
     """An empty Hub cache dir in ``HF_HUB_CACHE``, with ``HF_HUB_OFFLINE=1``."""

@@ -42,15 +42,20 @@ HIDDEN = (".tmp-", ".staging-", ".trash-")
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("guard")
+def tiny_world(root: Path) -> dict[str, Any]:
+    """A tiny pair under ``root`` and its alignment set (shared by the modules of issue 20's
+    tests)."""
     base = llama_tensors(Arch())
     write_model(root / "base", base)
     write_model(root / "aligned", aligned_from(base))
     res = build(BuildConfig(base=str(root / "base"), aligned=str(root / "aligned"),
                             out=str(root / "set"), workers=0, progress=False))
     return {"root": root, "set": res.uri, "rows": AlignmentSet.open(res.uri).rows}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return tiny_world(tmp_path_factory.mktemp("guard"))
 
 
 def _catalog(world: dict[str, Any], root: Path, names: list[str], seed: int = 0,

@@ -25,7 +25,7 @@ import pytest
 import torch
 import yaml
 
-from safelora_ray import AlignmentSet, BuildConfig, SanitizeConfig, build, sanitize
+from safelora_ray import BuildConfig, SanitizeConfig, build, sanitize
 from safelora_ray.cli import main as cli_main
 from safelora_ray.demo import BASE_MODEL_ID, write_model
 from safelora_ray.errors import LeaseHeldError
@@ -33,29 +33,14 @@ from safelora_ray.lease import OUT_LEASE, Lease, hold_output, host_id
 from safelora_ray.pipelines import sanitize as sanitize_mod
 from safelora_ray.storage import open_storage
 from tests.factory import Arch, aligned_from, llama_tensors
-from tests.test_guardrails import _catalog, _complete, _leftovers, _san
+from tests.test_guardrails import _catalog, _complete, _leftovers, _san, tiny_world
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A tiny pair and its alignment set (as tests/test_guardrails.py's)."""
-    root = tmp_path_factory.mktemp("locks")
-    base = llama_tensors(Arch())
-    write_model(root / "base", base)
-    write_model(root / "aligned", aligned_from(base))
-    res = build(BuildConfig(base=str(root / "base"), aligned=str(root / "aligned"),
-                            out=str(root / "set"), workers=0, progress=False))
-    return {"root": root, "set": res.uri, "rows": AlignmentSet.open(res.uri).rows}
-
-
-@pytest.fixture(params=["local", "s3"])
-def storage(request, tmp_path):
-    if request.param == "local":
-        return open_storage(str(tmp_path / "out"))
-    bucket = request.getfixturevalue("s3_bucket")
-    return open_storage(f"s3://{bucket}/out")
+    return tiny_world(tmp_path_factory.mktemp("locks"))
 
 
 def _dead_pid() -> int:

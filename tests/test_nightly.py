@@ -20,14 +20,6 @@ from safelora_ray.storage import open_storage
 from tests.factory import Arch, aligned_from, llama_tensors
 
 
-@pytest.fixture(params=["local", "s3"])
-def storage(request, tmp_path):
-    if request.param == "local":
-        return open_storage(str(tmp_path / "out"))
-    bucket = request.getfixturevalue("s3_bucket")
-    return open_storage(f"s3://{bucket}/out")
-
-
 def test_lease_excludes_a_second_holder_and_expires(storage):
     first = Lease(storage, "_nightly/lock.json", owner="run-1", ttl_s=60)
     first.acquire()

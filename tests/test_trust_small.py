@@ -22,33 +22,18 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from safelora_ray import AlignmentSet, BuildConfig, build
+from safelora_ray import AlignmentSet
 from safelora_ray.cli import main as cli_main
-from safelora_ray.demo import write_adapter, write_model
+from safelora_ray.demo import write_model
 from tests.factory import Arch, aligned_from, llama_tensors
+from tests.test_guardrails import _catalog, tiny_world
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("small")
-    base = llama_tensors(Arch())
-    write_model(root / "base", base)
-    write_model(root / "aligned", aligned_from(base))
-    res = build(BuildConfig(base=str(root / "base"), aligned=str(root / "aligned"),
-                            out=str(root / "set"), workers=0, progress=False))
-    return {"root": root, "set": res.uri, "rows": AlignmentSet.open(res.uri).rows}
-
-
-def _catalog(world: dict[str, Any], root: Path, names: list[str], seed: int = 0) -> Path:
-    g = torch.Generator().manual_seed(seed)
-    for name in names:
-        lora = {m: (torch.randn(2, r.shape[1], generator=g), torch.randn(r.shape[0], 2,
-                                                                         generator=g))
-                for m, r in world["rows"].items()}
-        write_adapter(root / name, lora, 2)
-    return root
+    return tiny_world(tmp_path_factory.mktemp("small"))
 
 
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
