@@ -351,7 +351,7 @@ def test_os_and_s3_errors_are_one_line_and_programming_errors_are_not_hidden(mon
                 "S3 PutObject failed on bucket fleet: AccessDenied Access Denied",
                 "S3 request failed: EndpointConnectionError"]
 
-    def fail(uri: str) -> Any:
+    def fail(uri: str, **kw: Any) -> Any:
         raise raised.pop(0)
 
     monkeypatch.setattr(inspection, "describe", fail)
@@ -359,6 +359,6 @@ def test_os_and_s3_errors_are_one_line_and_programming_errors_are_not_hidden(mon
         assert cli_main(["inspect", "/data/out"]) == 1
         err = capsys.readouterr().err
         assert len(err.splitlines()) == 1 and want in err, err
-    monkeypatch.setattr(inspection, "describe", lambda uri: 1 / 0)
+    monkeypatch.setattr(inspection, "describe", lambda uri, **kw: 1 / 0)
     with pytest.raises(ZeroDivisionError):  # a bug is not dressed up as a storage error
         cli_main(["inspect", "/data/out"])
