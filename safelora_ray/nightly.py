@@ -198,6 +198,10 @@ class NightlyConfig:
             raise ConfigError(as_yaml_keys(str(e), "selection")) from None
         if self.lock_ttl_s <= 0:
             raise ConfigError("lock.ttl_s must be positive")
+        if self.lock_ttl_s > 3600:  # a config written when ttl_s was the run's whole length
+            logger.warning("lock.ttl_s is %g s: a run that dies on another host keeps the "
+                           "lock that long (it is seconds without a renewal, renewed every "
+                           "ttl_s/6; default %g s)", self.lock_ttl_s, DEFAULT_TTL_S)
         check_uri(self.output_root, "output_root")
         check_uri(self.alignment_root, "alignment_root")
         catalogs = [*(("catalogs", c) for c in self.catalogs),

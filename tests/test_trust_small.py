@@ -10,6 +10,7 @@ Runs are small and run in this process, except where the case is about the proce
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -293,7 +294,7 @@ def test_threshold_hint_only_for_a_percentage(world, tmp_path, capsys, value, hi
     assert (hint in err) if hint else ("did you mean" not in err), err
 
 
-def test_nightly_threshold_hint_and_config_errors(tmp_path, capsys):
+def test_nightly_threshold_hint_and_config_errors(tmp_path, capsys, caplog):
     from safelora_ray.errors import ConfigError
     from safelora_ray.nightly import NightlyConfig
 
@@ -318,6 +319,10 @@ def test_nightly_threshold_hint_and_config_errors(tmp_path, capsys):
     for cfg, message in bad:
         with pytest.raises(ConfigError, match=re.escape(message)):
             NightlyConfig.from_dict(cfg)
+    # An old config's ttl_s of hours (when it was the run's whole length) is said.
+    with caplog.at_level(logging.WARNING, logger="safelora_ray.nightly"):
+        assert NightlyConfig.from_dict({**config, "lock": {"ttl_s": 21600}}).lock_ttl_s == 21600
+    assert "a run that dies on another host keeps the lock that long" in caplog.text
     # A missing --config is a usage error (2), as documented, with a one-line message.
     code, _, err = _run(["nightly", "--config", str(tmp_path / "missing.yaml")], capsys)
     assert code == 2 and "--config" in err and "missing.yaml" in err, err
