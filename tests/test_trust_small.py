@@ -24,10 +24,9 @@ import pytest
 import torch
 
 from safelora_ray import AlignmentSet
-from safelora_ray.cli import main as cli_main
 from safelora_ray.demo import write_model
 from tests.factory import Arch, aligned_from, llama_tensors
-from tests.test_guardrails import _catalog, tiny_world
+from tests.test_guardrails import _catalog, _run, tiny_world
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,12 +34,6 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return tiny_world(tmp_path_factory.mktemp("small"))
-
-
-def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = cli_main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _san(world: dict[str, Any], adapters: Path | str, out: Path | str, *extra: str) -> list[str]:
