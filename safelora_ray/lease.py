@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from safelora_ray.checks import env_number
-from safelora_ray.errors import LeaseHeldError, NotFoundError, SafeLoraError
+from safelora_ray.errors import LeaseHeldError, NotFoundError, SafeLoraError, StorageError
 from safelora_ray.storage import Storage
 from safelora_ray.storage.local import LocalStorage
 
@@ -37,6 +37,8 @@ OUT_LEASE = "_safelora/lease.json"
 DEFAULT_TTL_S = env_number("SAFELORA_LEASE_TTL_S", 60)
 #: Seconds between two looks at a held lease while waiting for it.
 WAIT_POLL_S = 1.0
+#: Reads of a lease record renewed while it was read, before giving up.
+_READ_TRIES = 5
 
 __all__ = ["DEFAULT_TTL_S", "OUT_LEASE", "Lease", "LeaseHeldError", "hold_output"]
 
@@ -137,14 +139,28 @@ class Lease:
         }).encode()
 
     def _current(self) -> tuple[dict[str, Any] | None, str | None]:
-        try:
-            version = self.storage.version(self.path)
-            rec = json.loads(self.storage.read(self.path, max_bytes=1024**2))
-        except NotFoundError:
-            return None, None
-        except ValueError:
-            return {}, self.storage.version(self.path)  # garbage: treat as expired
-        return rec if isinstance(rec, dict) else {}, version
+        """The recorded lease and its version, read as one: the holder may renew it between
+        the reads (its version, its size, its bytes), which shows as a changed version or a
+        short read; such a read is done again."""
+        for attempt in range(_READ_TRIES):
+            try:
+                version = self.storage.version(self.path)
+                raw = self.storage.read(self.path, max_bytes=1024**2)
+                if self.storage.version(self.path) != version:
+                    continue
+            except NotFoundError:
+                return None, None
+            except StorageError:
+                if attempt == _READ_TRIES - 1:
+                    raise
+                continue
+            try:
+                rec = json.loads(raw)
+            except ValueError:
+                return {}, version  # garbage: treat as expired
+            return rec if isinstance(rec, dict) else {}, version
+        raise StorageError(f"{self.storage.describe(self.path)} changed at every one of "
+                           f"{_READ_TRIES} reads")
 
     def _why_free(self, rec: dict[str, Any]) -> str | None:
         """Why a recorded lease may be taken over, or None while its holder may be alive."""
