@@ -215,10 +215,8 @@ def probe_outputs(outputs: Sequence[Output], force: bool = False) -> None:
         where, name = o.uri.rstrip("/").rsplit("/", 1) if o.file else (o.uri, "")
         try:
             storage = open_storage(where)
-            if o.file and not force and storage.exists(name) and not (
-                    o.replaceable is not None and o.replaceable(o.uri)):
-                raise ConfigError(f"{o.flag} {o.uri} already exists: pass --force to replace "
-                                  "it")
+            if o.file and storage.exists(name):
+                _refuse_replacing(o, force)
             probe = PROBE_PREFIX + uuid.uuid4().hex
             storage.put_bytes(probe, b"")
         except StorageError as e:
@@ -230,11 +228,16 @@ def probe_outputs(outputs: Sequence[Output], force: bool = False) -> None:
                            storage.describe(probe), e)
 
 
+def _refuse_replacing(o: Output, force: bool) -> None:
+    """An existing file at ``o`` is replaced only with ``force`` or when ``o`` allows it."""
+    if not force and not (o.replaceable is not None and o.replaceable(o.uri)):
+        raise ConfigError(f"{o.flag} {o.uri} already exists: pass --force to replace it")
+
+
 def _probe_local(o: Output, path: str, force: bool) -> None:
     real = os.path.realpath(path)
-    if o.file and os.path.lexists(real) and not force and not (
-            o.replaceable is not None and o.replaceable(o.uri)):
-        raise ConfigError(f"{o.flag} {o.uri} already exists: pass --force to replace it")
+    if o.file and os.path.lexists(real):
+        _refuse_replacing(o, force)
     folder = real if not o.file and os.path.isdir(real) else \
         _nearest_existing(os.path.dirname(real) if o.file else real)
     probe = os.path.join(folder, PROBE_PREFIX + uuid.uuid4().hex)
