@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         ray_init_s = common.start_ray()
         import ray
 
-        from safelora_ray.pipelines.build import BuildConfig, build
-        from safelora_ray.pipelines.finetune import FinetuneConfig, project_model
+        from safelora_ray.pipelines.build.driver import BuildConfig, build
+        from safelora_ray.pipelines.project_model.driver import FinetuneConfig, project_model
 
         with common.timer() as tb:
             aset = build(BuildConfig(base=pair["base"], aligned=pair["aligned"],

@@ -38,7 +38,7 @@ from typing import Any
 import psutil
 from common import emit, machine_info, median, mib, setup_logging, workdir
 
-from safelora_ray.pipelines.sanitize import SanitizeResult
+from safelora_ray.pipelines.sanitize.driver import SanitizeResult
 from safelora_ray.reports import ReportWriter
 from safelora_ray.storage import open_storage
 

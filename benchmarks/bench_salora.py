@@ -73,8 +73,8 @@ def calibration(path: Path, samples: int, length: int, vocab: int) -> Path:
 def run_pass(model: Path, cal: Path, targets: tuple[str, ...], mode: str, dtype: str,
              batch_tokens: int, device: str) -> dict[str, Any]:
     """One calibration pass through every target layer, as one worker runs it."""
-    from safelora_ray.salora.calibration import pretokenized, read_calibration
-    from safelora_ray.salora.forward import CalibrationJob, CalibrationRunner
+    from safelora_ray.pipelines.salora.calibration import pretokenized, read_calibration
+    from safelora_ray.pipelines.salora.forward import CalibrationJob, CalibrationRunner
 
     samples = pretokenized(read_calibration(str(cal)))
     job = CalibrationJob("bench", str(model), (model / "config.json").read_text(), targets,
@@ -107,8 +107,8 @@ def run_pass(model: Path, cal: Path, targets: tuple[str, ...], mode: str, dtype:
 
 def time_eigen(model: Path, sigma: torch.Tensor, module: str, rank: int,
                device: str) -> float:
+    from safelora_ray.core.math_core import safety_basis
     from safelora_ray.formats.checkpoint import Checkpoint, read_ref
-    from safelora_ray.math_core import safety_basis
 
     ckpt = Checkpoint.open(str(model))
     w, _ = read_ref(ckpt.storage, ckpt.ref(module + ".weight"))
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         # Imported before the clock starts (a worker imports them once, at its first layer).
         from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401
 
-        from safelora_ray.salora.forward import require_transformers
+        from safelora_ray.pipelines.salora.forward import require_transformers
 
         require_transformers()
         runs: list[dict[str, Any]] = []
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         eigen_s = time_eigen(root / "model", first[1], first[0], rank, device)
         e2e = None
         if args.end_to_end:
-            from safelora_ray.salora.modules import SaloraConfig, salora_modules
+            from safelora_ray.pipelines.salora.modules import SaloraConfig, salora_modules
 
             print("end to end: salora-modules ...", flush=True)
             res = salora_modules(SaloraConfig(

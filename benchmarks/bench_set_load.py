@@ -44,8 +44,8 @@ from safelora_ray.formats.alignment_set import (
 )
 from safelora_ray.formats.integrity import FileHasher
 from safelora_ray.formats.safetensors_io import SafetensorsWriter
-from safelora_ray.pipelines.projection import MatrixCache
-from safelora_ray.plan import DEFAULT_MAX_FILE_BYTES
+from safelora_ray.pipelines.sanitize.projection import MatrixCache
+from safelora_ray.planning.plan import DEFAULT_MAX_FILE_BYTES
 from safelora_ray.storage import open_storage
 
 

@@ -288,7 +288,7 @@ def write_adapters(root: str | Path, arch: Arch, n: int, *, rank: int = 8, seed:
     cosine: kept); the others are random (low cosine: projected at τ = 0.35), so the selection
     is a real mix.
     """
-    from safelora_ray.demo import write_adapter
+    from safelora_ray.cli.demo import write_adapter
 
     root = Path(root)
     shapes = dict(arch.shapes())
@@ -329,7 +329,7 @@ def link_catalog(pool: Sequence[Path], pool_root: Path, dest: Path) -> Path:
 def target_refs(base_uri: str, aligned_uri: str, targets: Sequence[str]) -> list[Any]:
     """The TensorRefs a build reads (base and aligned of every target module), in plan order."""
     from safelora_ray.formats.checkpoint import Checkpoint
-    from safelora_ray.plan import plan_build
+    from safelora_ray.planning.plan import plan_build
 
     plan = plan_build(Checkpoint.open(base_uri), Checkpoint.open(aligned_uri), list(targets))
     return [r for m in plan.modules for r in (m.base, m.aligned)]
@@ -528,7 +528,7 @@ def start_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> float
     # The node environment the product gives a local Ray it starts (malloc arenas), where the
     # code measured has one.
     try:
-        from safelora_ray.ray_utils import LOCAL_NODE_ENV
+        from safelora_ray.execution.ray_utils import LOCAL_NODE_ENV
         node_env = {k: v for k, v in LOCAL_NODE_ENV.items()
                     if k == "MALLOC_ARENA_MAX" and k not in os.environ}
     except ImportError:
@@ -551,7 +551,7 @@ def actor_startup_s(n: int | None, use_gpu: bool) -> float:
     fixed Ray cost every build / sanitize call pays before its first byte is read."""
     import ray
 
-    from safelora_ray.workers import resolve_workers
+    from safelora_ray.execution.workers import resolve_workers
 
     @ray.remote
     class _Probe:
@@ -1208,7 +1208,7 @@ def reader_ceiling_s(base_uri: str, aligned_uri: str, targets: Sequence[str],
     computing it. The most one worker can feed its device; a GPU build
     is bounded by it."""
     from safelora_ray.formats.checkpoint import Checkpoint
-    from safelora_ray.plan import plan_build
+    from safelora_ray.planning.plan import plan_build
 
     ShardBuilder = pipeline("build").ShardBuilder
 

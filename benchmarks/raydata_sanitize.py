@@ -1,6 +1,6 @@
 """Benchmark only (not product code): safelora-ray's sanitize as a Ray Data pipeline, to
-compare Ray Data's streaming executor with the product's own (``safelora_ray.workers`` +
-``safelora_ray.pipelines.sanitize``) on the same work.
+compare Ray Data's streaming executor with the product's own (``safelora_ray.execution.workers`` +
+``safelora_ray.pipelines.sanitize.driver``) on the same work.
 
 The pipeline, one adapter per row::
 
@@ -68,8 +68,8 @@ _SANITIZERS: dict[Any, Any] = {}
 
 def _sanitizer(job: Any) -> Any:
     """The run's FleetSanitizer in this process (made once; the set's metadata only)."""
-    from safelora_ray.errors import AlignmentSetError
-    from safelora_ray.pipelines.sanitize import FleetSanitizer
+    from safelora_ray.core.errors import AlignmentSetError
+    from safelora_ray.pipelines.sanitize.driver import FleetSanitizer
 
     san = _SANITIZERS.get(job)
     if san is None:
@@ -87,7 +87,7 @@ def _load(san: Any, ref: Any, row: dict[str, Any]) -> tuple[Any, str | None]:
     """One adapter of ``FleetSanitizer.process``'s read loop, with the same helpers in the
     same order: ``(adapter, fingerprint)``, adapter None when the ledger says it is done."""
     from safelora_ray.formats.peft_adapter import read_adapter
-    from safelora_ray.pipelines.sanitize import _skip, ledger_path
+    from safelora_ray.pipelines.sanitize.driver import _skip, ledger_path
 
     ledger = san._read_ledger(ref.adapter_id)
     san._check_owner(ledger, ref)
@@ -126,8 +126,8 @@ def _load_obj(raw: bytes) -> Any:
 
 def read_stage(batch: dict[str, np.ndarray], job: Any) -> dict[str, Any]:
     """Stage 1 (CPU tasks): ledger, read and validate each adapter of the batch."""
-    from safelora_ray.catalog import AdapterRef
-    from safelora_ray.pipelines.sanitize import _base_row, _fail
+    from safelora_ray.pipelines.sanitize.driver import _base_row, _fail
+    from safelora_ray.planning.catalog import AdapterRef
 
     san = _sanitizer(job)
     out: dict[str, list[Any]] = {k: [] for k in ("adapter_id", "uri", "prefix", "row",
@@ -157,9 +157,9 @@ class Holder:
         import ray
         import torch
 
-        from safelora_ray.math_core import full_precision_matmul
-        from safelora_ray.pipelines.projection import MatrixCache, ProjectionEngine, SetKey
-        from safelora_ray.ray_utils import pick_device
+        from safelora_ray.core.math_core import full_precision_matmul
+        from safelora_ray.execution.ray_utils import pick_device
+        from safelora_ray.pipelines.sanitize.projection import MatrixCache, ProjectionEngine, SetKey
 
         device = pick_device(num_gpus)
         if device == "cpu":
@@ -195,8 +195,8 @@ class Holder:
 def write_stage(batch: dict[str, np.ndarray], job: Any) -> dict[str, Any]:
     """Stage 3 (CPU tasks): select, write each adapter atomically, then its ledger record
     (the product's ``FleetSanitizer._finish``)."""
-    from safelora_ray.catalog import AdapterRef
-    from safelora_ray.pipelines.sanitize import _fail
+    from safelora_ray.pipelines.sanitize.driver import _fail
+    from safelora_ray.planning.catalog import AdapterRef
 
     san = _sanitizer(job)
     rows, layers = [], []
@@ -254,16 +254,15 @@ def sanitize_raydata(*, alignment: str, adapters: str, out: str,
     """Sanitize a catalog with the Ray Data pipeline (Ray must be initialised).
 
     Returns:
-        The product's :class:`~safelora_ray.pipelines.sanitize.SanitizeResult` (reports
+        The product's :class:`~safelora_ray.pipelines.sanitize.driver.SanitizeResult` (reports
         written by the product's ReportWriter), with a ``raydata`` dict attribute: holders,
         batch sizes, CPUs per task and actor.
     """
     import ray
     import ray.data
 
-    from safelora_ray.catalog import AdapterRef, iter_catalog
     from safelora_ray.formats.alignment_set import AlignmentSet
-    from safelora_ray.pipelines.sanitize import (
+    from safelora_ray.pipelines.sanitize.driver import (
         REPORTS_PREFIX,
         SanitizeConfig,
         SanitizeJob,
@@ -271,6 +270,7 @@ def sanitize_raydata(*, alignment: str, adapters: str, out: str,
         _base_row,
         sweep_stale_writes,
     )
+    from safelora_ray.planning.catalog import AdapterRef, iter_catalog
     from safelora_ray.reports import ReportWriter
     from safelora_ray.storage import open_storage
 
@@ -381,8 +381,8 @@ def check_equal(n: int = 12, batch_size: int = 4) -> dict[str, Any]:
     import common
     import pyarrow.parquet as pq
 
-    from safelora_ray.pipelines.build import BuildConfig, build
-    from safelora_ray.pipelines.sanitize import SanitizeConfig, sanitize
+    from safelora_ray.pipelines.build.driver import BuildConfig, build
+    from safelora_ray.pipelines.sanitize.driver import SanitizeConfig, sanitize
     from safelora_ray.storage import open_storage
 
     with tempfile.TemporaryDirectory(prefix="raydata-check-",

@@ -15,7 +15,7 @@ from _bootstrap import ensure_importable
 
 ensure_importable()
 
-from safelora_ray.cli import run  # noqa: E402
+from safelora_ray.cli.main import run  # noqa: E402
 
 if __name__ == "__main__":
     run(["nightly", *sys.argv[1:]])

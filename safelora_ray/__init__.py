@@ -25,7 +25,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from safelora_ray._version import __version__
-from safelora_ray.errors import (
+from safelora_ray.core.errors import (
     AdapterError,
     AlignmentSetError,
     CheckpointError,
@@ -39,25 +39,29 @@ from safelora_ray.errors import (
 #: Public name → the module that defines it (imported when the name is first used).
 _LAZY = {
     "AlignmentSet": "safelora_ray.formats.alignment_set",
-    "BuildConfig": "safelora_ray.pipelines.build",
-    "FinetuneConfig": "safelora_ray.pipelines.finetune",
-    "FinetuneResult": "safelora_ray.pipelines.finetune",
-    "project_model": "safelora_ray.pipelines.finetune",
-    "BuildResult": "safelora_ray.pipelines.build",
-    "build": "safelora_ray.pipelines.build",
-    "inspect": "safelora_ray.pipelines.build",
-    "SanitizeConfig": "safelora_ray.pipelines.sanitize",
-    "SanitizeResult": "safelora_ray.pipelines.sanitize",
-    "sanitize": "safelora_ray.pipelines.sanitize",
-    "worker_session": "safelora_ray.workers",
+    "BuildConfig": "safelora_ray.pipelines.build.driver",
+    "FinetuneConfig": "safelora_ray.pipelines.project_model.driver",
+    "FinetuneResult": "safelora_ray.pipelines.project_model.driver",
+    "project_model": "safelora_ray.pipelines.project_model.driver",
+    "BuildResult": "safelora_ray.pipelines.build.driver",
+    "build": "safelora_ray.pipelines.build.driver",
+    "inspect": "safelora_ray.pipelines.build.driver",
+    "SanitizeConfig": "safelora_ray.pipelines.sanitize.driver",
+    "SanitizeResult": "safelora_ray.pipelines.sanitize.driver",
+    "sanitize": "safelora_ray.pipelines.sanitize.driver",
+    "worker_session": "safelora_ray.execution.workers",
 }
 
 if TYPE_CHECKING:
+    from safelora_ray.execution.workers import worker_session
     from safelora_ray.formats.alignment_set import AlignmentSet
-    from safelora_ray.pipelines.build import BuildConfig, BuildResult, build, inspect
-    from safelora_ray.pipelines.finetune import FinetuneConfig, FinetuneResult, project_model
-    from safelora_ray.pipelines.sanitize import SanitizeConfig, SanitizeResult, sanitize
-    from safelora_ray.workers import worker_session
+    from safelora_ray.pipelines.build.driver import BuildConfig, BuildResult, build, inspect
+    from safelora_ray.pipelines.project_model.driver import (
+        FinetuneConfig,
+        FinetuneResult,
+        project_model,
+    )
+    from safelora_ray.pipelines.sanitize.driver import SanitizeConfig, SanitizeResult, sanitize
 
 
 def __getattr__(name: str) -> Any:

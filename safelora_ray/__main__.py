@@ -1,5 +1,5 @@
 """``python -m safelora_ray``: the ``safelora-ray`` command."""
 
-from safelora_ray.cli import run
+from safelora_ray.cli.main import run
 
 run()

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from safelora_ray import BuildConfig, SanitizeConfig, build, sanitize
-    from safelora_ray.demo import write_adapter, write_model
+    from safelora_ray.cli.demo import write_adapter, write_model
     from tests.cluster_harness import LocalCluster
     from tests.factory import Arch, aligned_from, llama_tensors
 

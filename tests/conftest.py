@@ -151,7 +151,7 @@ def ray_local(s3_server: str, ray_isolation: pathlib.Path) -> Iterator[None]:
     """
     import ray
 
-    from safelora_ray.ray_utils import ensure_ray
+    from safelora_ray.execution.ray_utils import ensure_ray
 
     ensure_ray(num_cpus=2, object_store_memory=150 * 1024**2, include_dashboard=False,
                log_to_driver=False, configure_logging=False,

@@ -9,7 +9,7 @@ from typing import Any
 
 import ray
 
-from safelora_ray import workers as workers_mod
+from safelora_ray.execution import workers as workers_mod
 
 
 def crashing_worker(before_call: Callable[[Callable[..., Any], tuple[Any, ...]], None]) -> Any:

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from safelora_ray import AlignmentSet, BuildConfig, build
-from safelora_ray.cli import main as cli_main
-from safelora_ray.errors import AlignmentSetError, CheckpointError, ConfigError
+from safelora_ray.cli.main import main as cli_main
+from safelora_ray.core.errors import AlignmentSetError, CheckpointError, ConfigError
 from safelora_ray.formats.checkpoint import Checkpoint
-from safelora_ray.plan import plan_build
+from safelora_ray.planning.plan import plan_build
 from tests.factory import (
     Arch,
     aligned_from,
@@ -384,7 +384,7 @@ def test_source_digest_is_a_sha256_tree_over_both_parts():
     import concurrent.futures as cf
     import hashlib
 
-    from safelora_ray.pipelines.build import DIGEST_CHUNK, source_digest
+    from safelora_ray.pipelines.build.driver import DIGEST_CHUNK, source_digest
 
     g = torch.Generator().manual_seed(5)
     big = torch.randint(0, 256, (2 * DIGEST_CHUNK + 12345,), dtype=torch.uint8,

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from safelora_ray.catalog import AdapterRef, iter_catalog, validate_id
-from safelora_ray.errors import ConfigError
+from safelora_ray.core.errors import ConfigError
+from safelora_ray.planning.catalog import AdapterRef, iter_catalog, validate_id
 
 
 def _adapter(root: Path, rel: str) -> None:

@@ -32,7 +32,7 @@ import pytest
 import torch
 
 from safelora_ray import AlignmentSet, BuildConfig, ConfigError, SanitizeConfig, build, sanitize
-from safelora_ray.demo import write_adapter, write_model
+from safelora_ray.cli.demo import write_adapter, write_model
 from tests.cluster_harness import LocalCluster, can_isolate_disks
 from tests.factory import Arch, aligned_from, llama_tensors
 
@@ -274,7 +274,7 @@ def test_a_lost_node_costs_nothing_to_a_sanitize(world, tmp_path, spare, caplog)
 @pytest.mark.slow
 def test_nodes_joining_during_a_run_get_workers(world, tmp_path, caplog, monkeypatch):
     """An autoscaler adding a node while a sanitize runs: the node gets workers at once."""
-    import safelora_ray.pipelines.sanitize as san
+    import safelora_ray.pipelines.sanitize.driver as san
 
     monkeypatch.setattr(san, "GROW_EVERY_S", 0.5)
     b, s3, bucket = world["b"], world["s3"], world["bucket"]

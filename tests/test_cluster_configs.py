@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from safelora_ray.cli import build_parser as cli_build_parser
+from safelora_ray.cli.main import build_parser as cli_build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -406,7 +406,7 @@ def test_nightly_configmap_matches_the_example() -> None:
     assert set(embedded) == set(example), \
         f"{where}: top-level keys {sorted(embedded)} != example's {sorted(example)}"
     try:
-        from safelora_ray.nightly import NightlyConfig
+        from safelora_ray.cli.nightly import NightlyConfig
     except ImportError:
         return
     NightlyConfig.from_dict(embedded, where=where)   # raises on an invalid config

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from safelora_ray import AlignmentSet, BuildConfig, SanitizeConfig, build, sanitize
-from safelora_ray.errors import CheckpointError
+from safelora_ray.core.errors import CheckpointError
 from tests.adapters import edit_config, make_gpt2_adapter, read_weights, tiny_gpt2
 from tests.reference import dense_c, sanitize_dense
 
@@ -207,7 +207,7 @@ def test_project_model_gpt2_fine_tune(gpt2: dict, tmp_path: Path) -> None:
 def test_a_config_that_names_no_model_tells_nothing() -> None:
     """Layouts come from config.json, never from names alone: a config with neither
     ``model_type`` nor ``architectures`` says nothing (a GPT-2-named module is then refused)."""
-    from safelora_ray.plan import conv1d_names
+    from safelora_ray.planning.plan import conv1d_names
 
     assert conv1d_names(None) is None
     assert conv1d_names({"hidden_size": 768}) is None

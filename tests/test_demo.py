@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from safelora_ray.cli import main as cli_main
+from safelora_ray.cli.main import main as cli_main
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 REPO = Path(__file__).resolve().parents[1]

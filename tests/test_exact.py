@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from safelora_ray import AlignmentSet, BuildConfig, SanitizeConfig, build, sanitize
-from safelora_ray.cli import build_parser
-from safelora_ray.cli import main as cli_main
-from safelora_ray.errors import AlignmentSetError, ConfigError
+from safelora_ray.cli.main import build_parser
+from safelora_ray.cli.main import main as cli_main
+from safelora_ray.core.errors import AlignmentSetError, ConfigError
 from tests.adapters import make_adapter, read_weights
 from tests.factory import Arch, aligned_from, llama_tensors, write_checkpoint
 from tests.reference import dense_exact, sanitize_dense

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from safelora_ray import BuildConfig, build
-from safelora_ray.pipelines.sanitize import SanitizeResult
-from safelora_ray.ray_utils import worker_runtime_env
+from safelora_ray.execution.ray_utils import worker_runtime_env
+from safelora_ray.pipelines.sanitize.driver import SanitizeResult
 from tests.s3_fault_proxy import KINDS, FaultSchedule, S3FaultProxy, wait_for
 from tests.test_reliability import (
     World,
@@ -48,7 +48,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> World:
 
 def _catalog(root: Path, world: World, n: int, tenants: int = 4) -> list[str]:
     """``n`` small q/v adapters spread over ``tenants`` tenants; returns their ids."""
-    from safelora_ray.demo import write_adapter
+    from safelora_ray.cli.demo import write_adapter
 
     ids = []
     for i in range(n):
@@ -182,7 +182,7 @@ def test_driver_killed_then_rerun(tmp_path: Path, world: World) -> None:
     before = tree_hash(cat)
     out = tmp_path / "out"
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    args = [sys.executable, "-m", "safelora_ray.cli", "sanitize", "--alignment",
+    args = [sys.executable, "-m", "safelora_ray.cli.main", "sanitize", "--alignment",
             world.alignment, "--adapters", str(cat), "--out", str(out), "--threshold", "0.35",
             "--workers", "1", "--batch-size", "1", "--max-in-flight", "1", "--run-id", "killed",
             "--no-progress", "--log-level", "WARNING"]
@@ -361,7 +361,7 @@ def _read_only(path: Path) -> Any:
 def test_full_disk_and_denied_write_fail_only_that_tenant(tmp_path: Path, world: World
                                                           ) -> None:
     cat = tmp_path / "catalog"
-    from safelora_ray.demo import write_adapter
+    from safelora_ray.cli.demo import write_adapter
 
     tenants = {"ok": 3, "full": 2, "denied": 2, "blocked": 2}
     ids = []

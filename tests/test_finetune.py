@@ -18,15 +18,15 @@ import torch
 from safetensors import safe_open
 
 from safelora_ray import BuildConfig, FinetuneConfig, build, project_model
-from safelora_ray.cli import main as cli_main
-from safelora_ray.errors import CheckpointError, ConfigError
+from safelora_ray.cli.main import main as cli_main
+from safelora_ray.core.errors import CheckpointError, ConfigError
 from safelora_ray.formats.checkpoint import Checkpoint
 from safelora_ray.storage import open_storage
 from tests.adapters import tiny_model
 from tests.crashy import crashing_worker
 from tests.reference import dense_c, dense_finetune
 
-workers_mod = importlib.import_module("safelora_ray.workers")
+workers_mod = importlib.import_module("safelora_ray.execution.workers")
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 GQA_TARGETS = ("q_proj", "k_proj", "v_proj")
@@ -325,7 +325,7 @@ def test_killed_worker(llama: dict[str, Any], tmp_path: Path, monkeypatch) -> No
     flag.mkdir()
 
     def die_mid_file(fn, args):
-        import safelora_ray.pipelines.finetune as fm
+        import safelora_ray.pipelines.project_model.driver as fm
 
         if fn.__name__ == "write_file" and not getattr(fm, "_crashy", False):
             real = fm._write_bytes

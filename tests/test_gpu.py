@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from safelora_ray import AlignmentSet, BuildConfig, SanitizeConfig, build, sanitize
-from safelora_ray.demo import write_adapter, write_model
+from safelora_ray.cli.demo import write_adapter, write_model
 from tests.factory import Arch, aligned_from, llama_tensors
 from tests.reference import dense_c, dense_exact, sanitize_dense
 

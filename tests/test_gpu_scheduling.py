@@ -11,8 +11,8 @@ import ray
 import torch
 
 from safelora_ray import AlignmentSet, BuildConfig, SanitizeConfig, build, sanitize
-from safelora_ray.demo import write_adapter, write_model
-from safelora_ray.workers import resolve_workers
+from safelora_ray.cli.demo import write_adapter, write_model
+from safelora_ray.execution.workers import resolve_workers
 from tests.factory import Arch, aligned_from, llama_tensors
 from tests.reference import dense_c
 

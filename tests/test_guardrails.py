@@ -27,9 +27,9 @@ import torch
 import yaml
 
 from safelora_ray import AlignmentSet, BuildConfig, ConfigError, SanitizeConfig, build
-from safelora_ray.checks import check_selection
-from safelora_ray.cli import main as cli_main
-from safelora_ray.demo import BASE_MODEL_ID, write_adapter, write_model
+from safelora_ray.cli.demo import BASE_MODEL_ID, write_adapter, write_model
+from safelora_ray.cli.main import main as cli_main
+from safelora_ray.core.validate import check_selection
 from safelora_ray.storage.base import check_uri, overlap
 from tests.factory import Arch, aligned_from, llama_tensors
 
@@ -458,7 +458,7 @@ def test_quiet_shows_warnings_only(world, tmp_path):
 
 
 def test_progress_line_has_total_rate_and_eta():
-    from safelora_ray.progress import Progress
+    from safelora_ray.execution.progress import Progress
 
     class Pipe:
         def isatty(self) -> bool:
@@ -481,7 +481,7 @@ def test_progress_line_has_total_rate_and_eta():
 
 
 def test_help_and_usage_errors_do_not_load_torch_or_ray():
-    code = ("import sys\nfrom safelora_ray.cli import main\n"
+    code = ("import sys\nfrom safelora_ray.cli.main import main\n"
             "for argv in (['--help'], ['sanitize', '--help'], ['sanitize', '--threshold', '1']):\n"
             "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
             "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")

@@ -21,11 +21,11 @@ import pytest
 import torch
 
 from safelora_ray import BuildConfig, build
-from safelora_ray.cli import main as cli_main
-from safelora_ray.errors import AlignmentSetError, SafeLoraError
+from safelora_ray.cli.main import main as cli_main
+from safelora_ray.core.errors import AlignmentSetError, SafeLoraError
 from safelora_ray.formats import alignment_set as als
 from safelora_ray.formats.alignment_set import AlignmentSet
-from safelora_ray.pipelines.sanitize import SanitizeConfig, sanitize
+from safelora_ray.pipelines.sanitize.driver import SanitizeConfig, sanitize
 from tests.adapters import make_adapter, save_base_model
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -224,7 +224,7 @@ def test_a_set_from_before_digests_still_loads_with_one_warning(
 
 @pytest.fixture(scope="module")
 def salora_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from safelora_ray.salora.modules import SaloraConfig, salora_modules
+    from safelora_ray.pipelines.salora.modules import SaloraConfig, salora_modules
     from tests.salora_models import save_model, token_samples, write_token_calibration
 
     root = tmp_path_factory.mktemp("salora-integrity")
@@ -259,7 +259,7 @@ def test_salora_set_is_checked_too(salora_set: Path, tmp_path: Path,
         assert repr(tensor) in err
         assert not list(out.rglob("adapter_config.json")) and not (out / "_ledger").exists()
     with pytest.raises(AlignmentSetError, match="corrupt"):
-        from safelora_ray.salora.export import export_cs
+        from safelora_ray.pipelines.salora.export import export_cs
 
         export_cs(str(bad), str(tmp_path / "cs.safetensors"))
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from safelora_ray.demo import write_adapter, write_model
+from safelora_ray.cli.demo import write_adapter, write_model
 from tests.cluster_harness import PortPlan
 from tests.factory import Arch, aligned_from, llama_tensors
 

@@ -31,7 +31,7 @@ import psutil
 import pytest
 import torch
 
-from safelora_ray.demo import BASE_MODEL_ID
+from safelora_ray.cli.demo import BASE_MODEL_ID
 from tests.test_reliability import (
     MODULES,
     PFX,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from safelora_ray import math_core as mc
+from safelora_ray.core import math_core as mc
 from tests.reference import dense_c, dense_cos, sanitize_dense
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]

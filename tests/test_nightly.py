@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from safelora_ray.demo import write_adapter, write_model
-from safelora_ray.errors import ConfigError
-from safelora_ray.lease import Lease, LeaseHeldError
-from safelora_ray.nightly import NightlyConfig, main
+from safelora_ray.cli.demo import write_adapter, write_model
+from safelora_ray.cli.nightly import NightlyConfig, main
+from safelora_ray.core.errors import ConfigError
 from safelora_ray.storage import open_storage
+from safelora_ray.storage.lease import Lease, LeaseHeldError
 from tests.factory import Arch, aligned_from, llama_tensors
 
 

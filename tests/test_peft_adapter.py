@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from safelora_ray.errors import AdapterError
+from safelora_ray.core.errors import AdapterError
 from safelora_ray.formats.peft_adapter import (
     Adapter,
     get_pattern_key,

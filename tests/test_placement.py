@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from safelora_ray.errors import ConfigError
-from safelora_ray.placement import (
+from safelora_ray.core.errors import ConfigError
+from safelora_ray.execution.placement import (
     GPU_WORKER_CPUS,
     NodeInfo,
     plan_device_workers,

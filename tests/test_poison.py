@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from safelora_ray import AlignmentSet, BuildConfig, SanitizeConfig, build, sanitize
-from safelora_ray.demo import write_adapter, write_model
+from safelora_ray.cli.demo import write_adapter, write_model
 from tests.crashy import crashing_worker
 from tests.factory import Arch, aligned_from, llama_tensors
 
-workers_mod = importlib.import_module("safelora_ray.workers")
+workers_mod = importlib.import_module("safelora_ray.execution.workers")
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

@@ -22,9 +22,9 @@ import ray
 import torch
 
 from safelora_ray import BuildConfig, SanitizeConfig, build, sanitize
-from safelora_ray.demo import write_adapter, write_model
-from safelora_ray.pipelines.projection import split_groups
-from safelora_ray.workers import worker_session
+from safelora_ray.cli.demo import write_adapter, write_model
+from safelora_ray.execution.workers import worker_session
+from safelora_ray.pipelines.sanitize.projection import split_groups
 from tests.factory import Arch, aligned_from, llama_tensors
 
 
@@ -65,7 +65,7 @@ def ray_one_fake_gpu(tiny_requests: None, s3_server: str,
                      ray_isolation: Path) -> Iterator[None]:
     """A local Ray with 2 CPUs and one fake GPU: ``use_gpu=True`` plans a GPU holder (computing
     on the CPU: torch sees no CUDA device) and an I/O worker; ``use_gpu=False`` a CPU node."""
-    from safelora_ray.ray_utils import ensure_ray
+    from safelora_ray.execution.ray_utils import ensure_ray
 
     ensure_ray(num_cpus=2, num_gpus=1, object_store_memory=150 * 1024**2,
                include_dashboard=False, log_to_driver=False, configure_logging=False,
@@ -177,10 +177,10 @@ def test_cpu_node_shares_the_set_through_its_object_store(ray_one_fake_gpu: None
 def test_a_set_too_large_for_a_cpu_nodes_object_store_is_refused(
         ray_one_fake_gpu: None, fleet: Any, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from safelora_ray.errors import ConfigError
+    from safelora_ray.core.errors import ConfigError
+    from safelora_ray.execution.placement import NodeInfo
     from safelora_ray.formats.alignment_set import AlignmentSet
     from safelora_ray.pipelines import projection
-    from safelora_ray.placement import NodeInfo
 
     aset = AlignmentSet.open(fleet[0])
     need = sum(4 * int(torch.tensor(r.stored_shape).prod()) for r in aset.rows.values())

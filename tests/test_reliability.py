@@ -39,9 +39,10 @@ import yaml
 from safetensors.torch import load_file
 
 from safelora_ray import BuildConfig, build
-from safelora_ray.catalog import iter_catalog
-from safelora_ray.demo import write_adapter
-from safelora_ray.errors import (
+from safelora_ray.cli.demo import write_adapter
+from safelora_ray.cli.nightly import NightlyConfig
+from safelora_ray.cli.nightly import main as nightly_main
+from safelora_ray.core.errors import (
     AlignmentSetError,
     SafeLoraError,
     StorageError,
@@ -49,9 +50,13 @@ from safelora_ray.errors import (
 from safelora_ray.formats.alignment_set import AlignmentSet
 from safelora_ray.formats.checkpoint import Checkpoint
 from safelora_ray.formats.peft_adapter import read_adapter
-from safelora_ray.nightly import NightlyConfig
-from safelora_ray.nightly import main as nightly_main
-from safelora_ray.pipelines.sanitize import SanitizeConfig, SanitizeResult, ledger_path, sanitize
+from safelora_ray.pipelines.sanitize.driver import (
+    SanitizeConfig,
+    SanitizeResult,
+    ledger_path,
+    sanitize,
+)
+from safelora_ray.planning.catalog import iter_catalog
 from safelora_ray.storage import open_storage
 from safelora_ray.storage.local import LocalStorage
 from tests.factory import Arch, aligned_from, llama_tensors, write_checkpoint
@@ -1193,7 +1198,7 @@ def test_secrets_never_reach_logs_or_reports(tmp_path: Path, world: World, s3_bu
     try:
         with open(log, "wb") as f:
             proc = subprocess.run(
-                [sys.executable, "-m", "safelora_ray.cli", "sanitize",
+                [sys.executable, "-m", "safelora_ray.cli.main", "sanitize",
                  "--alignment", f"s3://{s3_bucket}/set",
                  "--adapters", f"s3://{s3_bucket}/manifest.jsonl", "--out", out,
                  "--threshold", "0.35", "--workers", "1", "--run-id", "sec",
@@ -1226,7 +1231,7 @@ def test_secrets_never_reach_logs_or_reports(tmp_path: Path, world: World, s3_bu
 
 def test_redact_masks_signed_urls_passwords_and_secret_env(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from safelora_ray.redact import redact
+    from safelora_ray.core.redact import redact
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
     text = ("cannot read https://b.s3.amazonaws.com/k?X-Amz-Algorithm=AWS4-HMAC-SHA256&"

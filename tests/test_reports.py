@@ -21,16 +21,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from safelora_ray.catalog import validate_id
-from safelora_ray.errors import AdapterError, ConfigError
+from safelora_ray.core.errors import AdapterError, ConfigError
 from safelora_ray.formats.peft_adapter import check_config, read_adapter
-from safelora_ray.pipelines.sanitize import (
+from safelora_ray.pipelines.sanitize.driver import (
     SanitizeConfig,
     SanitizeResult,
     _fail,
     ledger_path,
     sanitize,
 )
+from safelora_ray.planning.catalog import validate_id
 from safelora_ray.reports import ReportWriter, classify, ledger_figures
 from safelora_ray.reports import writer as writer_mod
 from safelora_ray.reports.aggregate import ModuleStats, cos_units, tau_units
@@ -460,8 +460,8 @@ def test_the_page_is_bounded_and_points_to_the_rest(tmp_path: Path,
 
 
 def test_sanitize_then_incremental_rerun(tmp_path: Path) -> None:
-    from safelora_ray.demo import write_demo_inputs
-    from safelora_ray.pipelines.build import BuildConfig, build
+    from safelora_ray.cli.demo import write_demo_inputs
+    from safelora_ray.pipelines.build.driver import BuildConfig, build
 
     paths = write_demo_inputs(tmp_path, tenants=2, per_tenant=2)
     aset = str(tmp_path / "set")

@@ -14,7 +14,7 @@ import safetensors
 import safetensors.torch as st
 import torch
 
-from safelora_ray.errors import (
+from safelora_ray.core.errors import (
     CheckpointError,
     NotFoundError,
     SafeLoraError,

@@ -22,18 +22,18 @@ from typing import Any
 import pytest
 import torch
 
-from safelora_ray.cli import main as cli_main
-from safelora_ray.errors import ConfigError
+from safelora_ray.cli.main import main as cli_main
+from safelora_ray.core.errors import ConfigError
 from safelora_ray.formats.alignment_set import AlignmentSet
-from safelora_ray.salora import forward as fwd
-from safelora_ray.salora.calibration import (
+from safelora_ray.pipelines.salora import forward as fwd
+from safelora_ray.pipelines.salora.calibration import (
     TokenizedSamples,
     parse_calibration,
     pretokenized,
     tokenize,
 )
-from safelora_ray.salora.forward import CalibrationJob, CalibrationRunner
-from safelora_ray.salora.modules import SaloraConfig, salora_modules
+from safelora_ray.pipelines.salora.forward import CalibrationJob, CalibrationRunner
+from safelora_ray.pipelines.salora.modules import SaloraConfig, salora_modules
 from tests.reference import dense_cs, dense_safety_basis, projector, sanitize_dense
 from tests.salora_models import (
     ARCHS,
@@ -482,7 +482,7 @@ def test_fold_report_inspect_labels_and_project_model_refusal(llama_set, models,
 
 
 def test_method_must_match_the_set(llama_set, models, tmp_path, capsys):
-    from safelora_ray.pipelines.build import BuildConfig, build
+    from safelora_ray.pipelines.build.driver import BuildConfig, build
     from tests.adapters import save_base_model
 
     _catalog(tmp_path / "cat")
@@ -501,7 +501,7 @@ def test_method_must_match_the_set(llama_set, models, tmp_path, capsys):
     assert "use --method safelora" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     with pytest.raises(ConfigError, match="at most one"):
-        from safelora_ray.pipelines.sanitize import SanitizeConfig
+        from safelora_ray.pipelines.sanitize.driver import SanitizeConfig
 
         SanitizeConfig(alignment="a", adapters="b", out="c", method="salora", threshold=0.3,
                        num_proj_layers=2)
@@ -513,7 +513,7 @@ def test_export_and_peft_training_step_with_cs(llama_set, models, tmp_path, caps
     salora, every module) gives a plain PEFT adapter with the same outputs."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from safelora_ray.salora.training import attach_safety_modules, load_safety_modules
+    from safelora_ray.pipelines.salora.training import attach_safety_modules, load_safety_modules
     from tests.adapters import load_base_model
 
     path = tmp_path / "cs.safetensors"

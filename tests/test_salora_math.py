@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from safelora_ray import math_core as mc
+from safelora_ray.core import math_core as mc
 from tests.reference import dense_cos, dense_cs, dense_safety_basis, projector
 
 

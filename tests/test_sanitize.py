@@ -33,9 +33,14 @@ import torch
 from safetensors.torch import load_file
 
 from safelora_ray import BuildConfig, build
-from safelora_ray.cli import main as cli_main
+from safelora_ray.cli.main import main as cli_main
 from safelora_ray.formats.peft_adapter import adapter_digest, read_adapter
-from safelora_ray.pipelines.sanitize import SanitizeConfig, SanitizeResult, ledger_path, sanitize
+from safelora_ray.pipelines.sanitize.driver import (
+    SanitizeConfig,
+    SanitizeResult,
+    ledger_path,
+    sanitize,
+)
 from safelora_ray.storage import open_storage
 from tests.adapters import (
     edit_config,
@@ -947,7 +952,7 @@ def test_kill_and_rerun(tmp_path: Path, qv_catalog: Catalog) -> None:
     log = open(tmp_path / "killed.log", "wb")  # noqa: SIM115 - closed in finally
     marker = f"RAY_TMPDIR={ray_tmp}"
     assert not _run_pids(marker)
-    proc = subprocess.Popen([sys.executable, "-m", "safelora_ray.cli", *args], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "safelora_ray.cli.main", *args], env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 150
@@ -1089,8 +1094,8 @@ def test_a_batch_run_again_in_the_same_run_reports_ok(tmp_path: Path,
                                                       qv_catalog: Catalog) -> None:
     """Ray reruns a batch whose reply was lost with its worker: the adapters it finds done by
     this same run are reported ok (sanitized once, now), not skipped; another run skips them."""
-    from safelora_ray.catalog import iter_catalog
-    from safelora_ray.pipelines.sanitize import FleetSanitizer
+    from safelora_ray.pipelines.sanitize.driver import FleetSanitizer
+    from safelora_ray.planning.catalog import iter_catalog
 
     refs = [r for r in iter_catalog(str(qv_catalog.root)) if not isinstance(r, tuple)]
     sel = SanitizeConfig(alignment="/x", adapters="/y", out="/z", threshold=0.35).selection

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from safelora_ray import AlignmentSet
-from safelora_ray.demo import write_model
+from safelora_ray.cli.demo import write_model
 from tests.factory import Arch, aligned_from, llama_tensors
 from tests.test_guardrails import _catalog, _run, tiny_world
 
@@ -180,7 +180,7 @@ def test_nightly_refuses_an_existing_run_id(tmp_path, capsys):
 
 
 def test_manifest_ids_keep_the_tenant_prefix(world, tmp_path, capsys):
-    from safelora_ray.catalog import AdapterRef, iter_catalog
+    from safelora_ray.planning.catalog import AdapterRef, iter_catalog
 
     cat = _catalog(world, tmp_path / "cat", ["acme/chat-0", "globex/chat-0"])
     manifest = tmp_path / "m.jsonl"
@@ -288,8 +288,8 @@ def test_threshold_hint_only_for_a_percentage(world, tmp_path, capsys, value, hi
 
 
 def test_nightly_threshold_hint_and_config_errors(tmp_path, capsys, caplog):
-    from safelora_ray.errors import ConfigError
-    from safelora_ray.nightly import NightlyConfig
+    from safelora_ray.cli.nightly import NightlyConfig
+    from safelora_ray.core.errors import ConfigError
 
     config = {
         "output_root": str(tmp_path / "out"), "alignment_root": str(tmp_path / "sets"),
@@ -313,7 +313,7 @@ def test_nightly_threshold_hint_and_config_errors(tmp_path, capsys, caplog):
         with pytest.raises(ConfigError, match=re.escape(message)):
             NightlyConfig.from_dict(cfg)
     # An old config's ttl_s of hours (when it was the run's whole length) is said.
-    with caplog.at_level(logging.WARNING, logger="safelora_ray.nightly"):
+    with caplog.at_level(logging.WARNING, logger="safelora_ray.cli.nightly"):
         assert NightlyConfig.from_dict({**config, "lock": {"ttl_s": 21600}}).lock_ttl_s == 21600
     assert "a run that dies on another host keeps the lock that long" in caplog.text
     # A missing --config is a usage error (2), as documented, with a one-line message.

@@ -12,10 +12,10 @@ import ray
 import torch
 
 from safelora_ray import AlignmentSet, BuildConfig, SanitizeConfig, build, sanitize
-from safelora_ray.demo import write_adapter, write_model
+from safelora_ray.cli.demo import write_adapter, write_model
 from tests.factory import Arch, aligned_from, llama_tensors
 
-workers_mod = importlib.import_module("safelora_ray.workers")
+workers_mod = importlib.import_module("safelora_ray.execution.workers")
 
 
 def _inputs(root: Path, n: int) -> tuple[str, str, Path]:
@@ -181,8 +181,8 @@ def _logs_from_a_helper_thread(ctx: object) -> str:
 
 @pytest.mark.timeout(300)
 def test_records_of_helper_threads_reach_the_driver(ray_local, caplog):
-    from safelora_ray.placement import WorkerSpec
-    from safelora_ray.workers import RayExecutor, WorkerPlan
+    from safelora_ray.execution.placement import WorkerSpec
+    from safelora_ray.execution.workers import RayExecutor, WorkerPlan
 
     caplog.set_level("WARNING", logger="safelora_ray")
     ex = RayExecutor(WorkerPlan((WorkerSpec(None, 1.0, 0.0, "device"),)))

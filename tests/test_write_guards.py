@@ -26,9 +26,9 @@ import pytest
 import yaml
 
 from safelora_ray import BuildConfig, ConfigError, FinetuneConfig, SanitizeConfig, build
-from safelora_ray.cli import main as cli_main
-from safelora_ray.salora.export import export_cs, exported_from
-from safelora_ray.salora.modules import SaloraConfig, salora_modules
+from safelora_ray.cli.main import main as cli_main
+from safelora_ray.pipelines.salora.export import export_cs, exported_from
+from safelora_ray.pipelines.salora.modules import SaloraConfig, salora_modules
 from tests.adapters import make_adapter
 from tests.s3_fault_proxy import FaultSchedule, S3FaultProxy
 from tests.salora_models import save_model, token_samples, write_token_calibration
@@ -339,7 +339,7 @@ def test_os_and_s3_errors_are_one_line_and_programming_errors_are_not_hidden(mon
                                                                              capsys):
     import botocore.exceptions
 
-    import safelora_ray.inspection as inspection
+    import safelora_ray.cli.inspection as inspection
 
     raised: list[BaseException] = [
         PermissionError(13, "Permission denied", "/data/out/_reports"),

@@ -31,7 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from safelora_ray.errors import AlignmentSetError, NotFoundError, SafeLoraError
+from safelora_ray.core.errors import AlignmentSetError, NotFoundError, SafeLoraError
+from safelora_ray.core.math_core import AlignmentMatrix
 from safelora_ray.formats.integrity import (
     TENSOR_SCHEME,
     file_sha256,
@@ -46,7 +47,6 @@ from safelora_ray.formats.safetensors_io import (
     torch_dtype_of,
     torch_shape_of,
 )
-from safelora_ray.math_core import AlignmentMatrix
 from safelora_ray.storage import Storage, open_storage
 
 logger = logging.getLogger(__name__)

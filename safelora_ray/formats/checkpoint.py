@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from safelora_ray.errors import (
+from safelora_ray.core.errors import (
     CheckpointError,
     NotFoundError,
     SafetensorsFormatError,

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from safelora_ray.errors import (
+from safelora_ray.core.errors import (
     AdapterError,
     NotFoundError,
     SafeLoraError,

@@ -37,7 +37,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from safelora_ray.errors import CheckpointError, SafeLoraError, SafetensorsFormatError
+from safelora_ray.core.errors import CheckpointError, SafeLoraError, SafetensorsFormatError
 from safelora_ray.formats.integrity import FileHasher
 from safelora_ray.storage.base import Storage
 

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from safelora_ray.errors import NotFoundError, SafeLoraError
+from safelora_ray.core.errors import NotFoundError, SafeLoraError
 from safelora_ray.storage import Storage
 
 logger = logging.getLogger(__name__)

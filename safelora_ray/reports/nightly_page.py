@@ -12,7 +12,7 @@ import json
 import logging
 from typing import Any
 
-from safelora_ray.errors import SafeLoraError
+from safelora_ray.core.errors import SafeLoraError
 from safelora_ray.reports.fleet import read_json
 from safelora_ray.reports.html import CSS, JS, _href, _n, _num, esc
 from safelora_ray.storage import Storage

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from safelora_ray.errors import ConfigError, StorageError
+from safelora_ray.core.errors import ConfigError, StorageError
 
 #: Name prefix of a local staging directory (swept by the next run when left behind).
 STAGING_PREFIX = ".staging-"

@@ -18,7 +18,7 @@ from urllib.parse import unquote
 import huggingface_hub.constants
 from huggingface_hub import HfApi, HfFileSystem
 
-from safelora_ray.errors import NotFoundError, StorageError
+from safelora_ray.core.errors import NotFoundError, StorageError
 from safelora_ray.storage.base import ObjectInfo, Storage, normalize_relpath
 from safelora_ray.storage.local import (
     as_byte_view,

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from safelora_ray.errors import NotFoundError, StorageError
+from safelora_ray.core.errors import NotFoundError, StorageError
 from safelora_ray.storage.base import STAGING_PREFIX, ObjectInfo, Storage, normalize_relpath
 
 logger = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
-from safelora_ray.errors import NotFoundError, StorageError
+from safelora_ray.core.errors import NotFoundError, StorageError
 from safelora_ray.storage.base import ObjectInfo, Storage, normalize_relpath
 from safelora_ray.storage.local import as_byte_view, check_range
 

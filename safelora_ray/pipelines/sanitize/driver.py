@@ -1,8 +1,8 @@
 """Fleet sanitization: an alignment set + a catalog of LoRA adapters → sanitized adapters.
 
 The driver streams the catalog into batches and keeps a bounded number of batches in flight
-on a pool of worker actors (:mod:`safelora_ray.workers`; this process for a small catalog),
-each holding the alignment set once (on its GPU when it has one).
+on a pool of worker actors (:mod:`safelora_ray.execution.workers`; this process for a small
+catalog), each holding the alignment set once (on its GPU when it has one).
 A worker reads its batch's adapters, multiplies every adapter's B of one module by that
 module's C in a single matrix product, scores and selects modules per adapter exactly as
 SPEC §2 says, writes each adapter atomically, records it in the ledger and returns one row per
@@ -32,35 +32,41 @@ from typing import Any
 
 import torch
 
-from safelora_ray.catalog import CONFIG_FILE, AdapterRef, is_manifest, iter_catalog
-from safelora_ray.checks import (
-    Output,
-    check_at_least,
-    check_outputs,
-    check_positive,
-    check_selection,
-    env_number,
-    flag,
-    probe_outputs,
-    selection_record,
-)
-from safelora_ray.errors import (
+from safelora_ray.core.errors import (
     AdapterError,
     ConfigError,
     NotFoundError,
     SafeLoraError,
 )
-from safelora_ray.formats.alignment_set import AlignmentSet
-from safelora_ray.formats.peft_adapter import Adapter, output_digest, read_adapter, write_adapter
-from safelora_ray.lease import hold_output
-from safelora_ray.math_core import (
+from safelora_ray.core.math_core import (
     ModuleScore,
     lora_gram,
     pdst,
     scores_from_sums,
     select_modules,
 )
-from safelora_ray.pipelines.projection import (
+from safelora_ray.core.redact import redact
+from safelora_ray.core.validate import (
+    check_at_least,
+    check_positive,
+    check_selection,
+    env_number,
+    flag,
+    selection_record,
+)
+from safelora_ray.execution.placement import NodeInfo, WorkerSpec, plan_pipeline
+from safelora_ray.execution.progress import Progress
+from safelora_ray.execution.workers import (
+    INLINE_MAX_ADAPTERS,
+    WORKER_LOST,
+    WorkerContext,
+    open_executor,
+    resolve_workers,
+    wind_down,
+)
+from safelora_ray.formats.alignment_set import AlignmentSet
+from safelora_ray.formats.peft_adapter import Adapter, output_digest, read_adapter, write_adapter
+from safelora_ray.pipelines.sanitize.projection import (
     GroupKey,
     HolderLost,
     MatrixCache,
@@ -73,21 +79,13 @@ from safelora_ray.pipelines.projection import (
     shared_projector,
     warm_set,
 )
-from safelora_ray.placement import NodeInfo, WorkerSpec, plan_pipeline
-from safelora_ray.progress import Progress
-from safelora_ray.redact import redact
+from safelora_ray.planning.catalog import CONFIG_FILE, AdapterRef, is_manifest, iter_catalog
 from safelora_ray.reports import ReportWriter, ledger_figures
 from safelora_ray.storage import Storage, open_storage
 from safelora_ray.storage.base import check_uri, join_uri, overlap
+from safelora_ray.storage.guards import Output, check_outputs, probe_outputs
+from safelora_ray.storage.lease import hold_output
 from safelora_ray.storage.local import STAGING_PREFIX, TMP_PREFIX, TRASH_PREFIX, LocalStorage
-from safelora_ray.workers import (
-    INLINE_MAX_ADAPTERS,
-    WORKER_LOST,
-    WorkerContext,
-    open_executor,
-    resolve_workers,
-    wind_down,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +115,7 @@ class SanitizeConfig:
         workers: I/O workers (read, check, write adapters); 0 = in this process; None = one
             per CPU left beside the holders of the set (in this process for a catalog of at
             most ``INLINE_MAX_ADAPTERS`` adapters when no Ray cluster is configured: see
-            :mod:`safelora_ray.workers`).
+            :mod:`safelora_ray.execution.workers`).
         use_gpu: Force GPU/CPU workers; None = GPUs when the cluster has them.
         workers_per_gpu: Holders of the alignment set per GPU, each with its own copy (on a
             CPU-only node the first I/O worker puts it in the node's object store, once).
@@ -190,7 +188,7 @@ class SanitizeConfig:
 
     @property
     def outputs(self) -> list[Output]:
-        """What the run writes (see :func:`~safelora_ray.checks.check_outputs`)."""
+        """What the run writes (see :func:`~safelora_ray.storage.guards.check_outputs`)."""
         return [Output("--out", self.out)]
 
     @property
@@ -255,7 +253,7 @@ def ledger_path(adapter_id: str) -> str:
 class FleetSanitizer:
     """Sanitizes batches of adapters against one alignment set (plain Python; a worker
     actor's task wraps it): reads and checks adapters, has their products computed by a
-    *projector* (the set's holder; see :mod:`safelora_ray.pipelines.projection`), selects
+    *projector* (the set's holder; see :mod:`safelora_ray.pipelines.sanitize.projection`), selects
     modules, writes each adapter and its ledger record.
 
     Args:
@@ -730,7 +728,7 @@ def sweep_stale_writes(out: Storage) -> int:
     ``.staging-*`` / ``.trash-*`` trees (never listed or read, but they take space).
 
     A run owns its ``--out`` while it runs (it holds the lease ``_safelora/lease.json`` there,
-    see :mod:`safelora_ray.lease`), so whatever is there when a run starts is stale. Other
+    see :mod:`safelora_ray.storage.lease`), so whatever is there when a run starts is stale. Other
     tools' top-level ``_*`` folders (``_nightly``, ``_safelora``) are left alone. Object
     stores need nothing: an interrupted upload is never visible.
 

@@ -1,7 +1,7 @@
 """Alignment-set build on Ray: plan on the driver, one worker per shard of layers.
 
-Each worker (a :class:`~safelora_ray.workers.SafeLoraWorker` actor, or this process for a
-small pair: see :mod:`safelora_ray.workers`) streams its modules: a reader thread fetches the
+Each worker (a :class:`~safelora_ray.execution.workers.SafeLoraWorker` actor, or this process for a
+small pair: see :mod:`safelora_ray.execution.workers`) streams its modules: a reader thread fetches the
 next modules' base and aligned tensors (ranged reads) while the current one is computed, so a
 worker holds only a few modules in memory whatever the model size. Output files are written
 to a local temp file with a precomputed safetensors header, then published atomically;
@@ -30,15 +30,9 @@ from typing import Any
 import torch
 
 from safelora_ray._version import __version__
-from safelora_ray.checks import (
-    Output,
-    check_at_least,
-    check_outputs,
-    check_positive,
-    flag,
-    probe_outputs,
-)
-from safelora_ray.errors import (
+from safelora_ray.core.validate import check_at_least, check_positive, flag
+from safelora_ray.storage.guards import Output, check_outputs, probe_outputs
+from safelora_ray.core.errors import (
     AlignmentSetError,
     CheckpointError,
     ClusterError,
@@ -62,8 +56,8 @@ from safelora_ray.formats.integrity import (  # noqa: F401 (the digest's scheme,
 )
 from safelora_ray.formats.integrity import tree_digest as source_digest
 from safelora_ray.formats.safetensors_io import SafetensorsWriter
-from safelora_ray.math_core import as_linear, check_norm, start_alignment
-from safelora_ray.plan import (
+from safelora_ray.core.math_core import as_linear, check_norm, start_alignment
+from safelora_ray.planning.plan import (
     DEFAULT_MAX_FILE_BYTES,
     DEFAULT_TARGETS,
     FilePlan,
@@ -73,10 +67,10 @@ from safelora_ray.plan import (
     plan_build,
     shard_modules,
 )
-from safelora_ray.progress import Progress
+from safelora_ray.execution.progress import Progress
 from safelora_ray.storage import Storage, open_storage
 from safelora_ray.storage.base import check_uri
-from safelora_ray.workers import (
+from safelora_ray.execution.workers import (
     INLINE_MAX_BUILD_BYTES,
     WORKER_LOST,
     WorkerContext,
@@ -100,7 +94,7 @@ class BuildConfig:
         targets: Module-name suffixes (``q_proj,v_proj``).
         workers: Worker actors; 0 = in this process; None = one per GPU, or one per CPU
             without GPUs (in this process for a small pair when no Ray cluster is
-            configured: see :mod:`safelora_ray.workers`).
+            configured: see :mod:`safelora_ray.execution.workers`).
         use_gpu: Force GPU (True) or CPU (False); None = GPUs when the cluster has them.
         max_file_bytes: Cap on one output safetensors file.
         prefetch: Modules read ahead per worker (bounds worker memory).
@@ -149,12 +143,12 @@ class BuildConfig:
 
     @property
     def outputs(self) -> list[Output]:
-        """What the build writes (see :func:`~safelora_ray.checks.check_outputs`)."""
+        """What the build writes (see :func:`~safelora_ray.storage.guards.check_outputs`)."""
         return [Output("--out", self.out)]
 
     @property
     def projection_spec(self) -> Projection:
-        """The stored form as a :class:`~safelora_ray.plan.Projection` (validated)."""
+        """The stored form as a :class:`~safelora_ray.planning.plan.Projection` (validated)."""
         return Projection(self.projection, self.rank, self.energy)  # type: ignore[arg-type]
 
 

@@ -24,8 +24,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from safelora_ray.checks import env_number
-from safelora_ray.errors import LeaseHeldError, NotFoundError, SafeLoraError, StorageError
+from safelora_ray.core.errors import LeaseHeldError, NotFoundError, SafeLoraError, StorageError
+from safelora_ray.core.validate import env_number
 from safelora_ray.storage import Storage
 from safelora_ray.storage.local import LocalStorage
 

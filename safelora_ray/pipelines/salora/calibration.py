@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import torch
 
-from safelora_ray.errors import ConfigError, NotFoundError
+from safelora_ray.core.errors import ConfigError, NotFoundError
 from safelora_ray.storage import Storage, open_storage
 
 logger = logging.getLogger(__name__)

@@ -34,11 +34,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from safelora_ray.errors import CheckpointError, ConfigError
+from safelora_ray.core.errors import CheckpointError, ConfigError
+from safelora_ray.core.math_core import accumulate_second_moment
 from safelora_ray.formats.checkpoint import Checkpoint, TensorRef, read_ref
-from safelora_ray.math_core import accumulate_second_moment
-from safelora_ray.plan import match_target
-from safelora_ray.salora.calibration import TokenizedSamples
+from safelora_ray.pipelines.salora.calibration import TokenizedSamples
+from safelora_ray.planning.plan import match_target
 from safelora_ray.storage import Storage
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import threading
 import time
 from types import FrameType
 
-from safelora_ray.checks import env_number
+from safelora_ray.core.validate import env_number
 
 logger = logging.getLogger(__name__)
 

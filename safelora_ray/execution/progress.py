@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any, TextIO
 
-from safelora_ray.checks import env_number
+from safelora_ray.core.validate import env_number
 
 logger = logging.getLogger(__name__)
 

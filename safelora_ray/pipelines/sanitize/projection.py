@@ -4,7 +4,7 @@ the one copy of the alignment set a GPU or a node keeps.
 An I/O worker groups a batch's modules by (module, dtype, rank): per group, the stacked B
 (n x d_out x r, in the adapters' dtype) and G = A Aᵀ (n x r x r, float64), all the rule needs
 of A at r/d_in of its size. The products are C B in B's dtype and the n x 4 score sums
-(:func:`~safelora_ray.math_core.gram_sums`). Where they are computed depends on the node:
+(:func:`~safelora_ray.core.math_core.gram_sums`). Where they are computed depends on the node:
 
 - **GPU nodes**: the *holder* (one actor per GPU) keeps the set on its GPU, and the I/O
   workers send it their groups. A :class:`ProjectionService` coalesces the requests of every
@@ -36,12 +36,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from safelora_ray.checks import env_number
-from safelora_ray.errors import ClusterError, ConfigError, SafeLoraError
+from safelora_ray.core.errors import ClusterError, ConfigError, SafeLoraError
+from safelora_ray.core.math_core import AlignmentMatrix, project_stack
+from safelora_ray.core.validate import env_number
+from safelora_ray.execution.placement import NodeInfo
+from safelora_ray.execution.workers import REJOIN_TIMEOUT_S, WorkerContext, wait_back
 from safelora_ray.formats.alignment_set import AlignmentSet
-from safelora_ray.math_core import AlignmentMatrix, project_stack
-from safelora_ray.placement import NodeInfo
-from safelora_ray.workers import REJOIN_TIMEOUT_S, WorkerContext, wait_back
 
 logger = logging.getLogger(__name__)
 
@@ -363,9 +363,10 @@ def split_groups(groups: dict[GroupKey, Pair], max_bytes: int
 def _ask_holder(holder: Any, timeout_s: float, fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)`` on ``holder`` (an actor of this node), its log records relayed. If the
     holder dies mid-call, the call is made again once Ray has restarted it; if it does not
-    come back within :data:`~safelora_ray.workers.REJOIN_TIMEOUT_S`, :class:`HolderLost`."""
-    from safelora_ray.ray_utils import get_unwrapped
-    from safelora_ray.workers import WORKER_LOST, Relayed, relay
+    come back within :data:`~safelora_ray.execution.workers.REJOIN_TIMEOUT_S`,
+    :class:`HolderLost`."""
+    from safelora_ray.execution.ray_utils import get_unwrapped
+    from safelora_ray.execution.workers import WORKER_LOST, Relayed, relay
 
     for attempt in (1, 2):
         ref = holder.call.options(concurrency_group="serve").remote(fn, *args)

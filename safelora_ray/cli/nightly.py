@@ -34,7 +34,22 @@ from typing import Any
 
 import yaml
 
-from safelora_ray.catalog import (
+from safelora_ray.core.errors import (
+    AlignmentSetError,
+    ConfigError,
+    LeaseHeldError,
+    NotFoundError,
+    SafeLoraError,
+)
+from safelora_ray.core.interrupts import describe
+from safelora_ray.core.redact import redact
+from safelora_ray.core.validate import as_yaml_keys, check_selection
+from safelora_ray.execution.workers import worker_session
+from safelora_ray.formats.alignment_set import AlignmentSet
+from safelora_ray.pipelines.build.driver import BuildConfig, build
+from safelora_ray.pipelines.project_model.driver import FinetuneConfig, project_model
+from safelora_ray.pipelines.sanitize.driver import SanitizeConfig, sanitize
+from safelora_ray.planning.catalog import (
     CONFIG_FILE,
     AdapterRef,
     ModelRef,
@@ -42,32 +57,12 @@ from safelora_ray.catalog import (
     iter_models,
     validate_id,
 )
-from safelora_ray.checks import (
-    Output,
-    as_yaml_keys,
-    check_outputs,
-    check_selection,
-    probe_outputs,
-)
-from safelora_ray.errors import (
-    AlignmentSetError,
-    ConfigError,
-    LeaseHeldError,
-    NotFoundError,
-    SafeLoraError,
-)
-from safelora_ray.formats.alignment_set import AlignmentSet
-from safelora_ray.interrupts import describe
-from safelora_ray.lease import DEFAULT_TTL_S, Lease
-from safelora_ray.pipelines.build import BuildConfig, build
-from safelora_ray.pipelines.finetune import FinetuneConfig, project_model
-from safelora_ray.pipelines.sanitize import SanitizeConfig, sanitize
-from safelora_ray.plan import parse_targets
-from safelora_ray.redact import redact
+from safelora_ray.planning.plan import parse_targets
 from safelora_ray.reports import nightly_page, text_summary
 from safelora_ray.storage import open_storage
 from safelora_ray.storage.base import check_uri, join_uri, refuse_overlap
-from safelora_ray.workers import worker_session
+from safelora_ray.storage.guards import Output, check_outputs, probe_outputs
+from safelora_ray.storage.lease import DEFAULT_TTL_S, Lease
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +220,7 @@ class NightlyConfig:
 
     @property
     def outputs(self) -> list[Output]:
-        """What a run writes (see :func:`~safelora_ray.checks.check_outputs`)."""
+        """What a run writes (see :func:`~safelora_ray.storage.guards.check_outputs`)."""
         return [Output("output_root", self.output_root),
                 Output("alignment_root", self.alignment_root)]
 
@@ -595,6 +590,6 @@ def summary_text(record: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """``jobs/nightly.py``'s entry point: ``safelora-ray nightly`` (same flags, exit codes 0 ok,
     1 failed, 2 usage, 3 partial, 4 locked)."""
-    from safelora_ray.cli import main as cli_main
+    from safelora_ray.cli.main import main as cli_main
 
     return cli_main(["nightly", *(sys.argv[1:] if argv is None else argv)])

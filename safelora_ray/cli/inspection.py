@@ -15,7 +15,7 @@ import os
 from collections import Counter
 from typing import Any
 
-from safelora_ray.errors import (
+from safelora_ray.core.errors import (
     AdapterError,
     AlignmentSetError,
     ConfigError,
@@ -47,7 +47,7 @@ def describe(uri: str, verify: bool = False) -> dict[str, Any]:
         AlignmentSetError: ``verify``: a shard differs from its digest, or the set has none;
             or ``verify`` of something that is not an alignment set.
     """
-    from safelora_ray.catalog import is_manifest
+    from safelora_ray.planning.catalog import is_manifest
 
     if is_manifest(uri):
         return _describe_manifest(uri)
@@ -176,7 +176,7 @@ def _describe_checkpoint(storage: Storage) -> dict[str, Any]:
 def _describe_manifest(uri: str) -> dict[str, Any]:
     """A ``.jsonl`` / ``.parquet`` catalog manifest: its entries, read as ``sanitize`` reads
     them (ids, collisions, URIs checked; the adapters themselves are not opened)."""
-    from safelora_ray.catalog import iter_catalog
+    from safelora_ray.planning.catalog import iter_catalog
 
     adapters, invalid = 0, []
     for item in iter_catalog(uri):

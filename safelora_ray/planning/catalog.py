@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from safelora_ray.errors import ConfigError, NotFoundError, StorageError
+from safelora_ray.core.errors import ConfigError, NotFoundError, StorageError
 from safelora_ray.storage import Storage, open_storage
 from safelora_ray.storage.base import check_uri, split_uri
 from safelora_ray.storage.local import LocalStorage

@@ -9,8 +9,9 @@ for byte.
 
 Work unit: one output file = one weights file of the fine-tune (same name, same tensors in the
 same order, same header bytes), so the index stays valid. Files go to workers (Ray actors, or
-this process for a small model) through the execution layer (:mod:`safelora_ray.workers`); a
-worker streams its file: a reader thread fetches the next items ahead (a bounded queue) while
+this process for a small model) through the execution layer
+(:mod:`safelora_ray.execution.workers`); a worker streams its file: a reader thread fetches
+the next items ahead (a bounded queue) while
 the current one is written: a non-target tensor as ranged-read chunks of ``chunk_bytes``
 (never whole; all-zero chunks become holes of the output), a target module as its fine-tuned
 and aligned weights plus the module's alignment matrix (ranged reads). A worker holds a few
@@ -53,21 +54,35 @@ from typing import Any
 import torch
 
 from safelora_ray._version import __version__
-from safelora_ray.checks import (
-    Output,
-    check_at_least,
-    check_outputs,
-    check_positive,
-    check_selection,
-    flag,
-    probe_outputs,
-    selection_record,
-)
-from safelora_ray.errors import (
+from safelora_ray.core.errors import (
     CheckpointError,
     ConfigError,
     Interrupted,
     NotFoundError,
+)
+from safelora_ray.core.math_core import (
+    AlignmentMatrix,
+    ResidualScore,
+    as_linear,
+    residual_delta,
+    residual_score,
+    select_modules,
+)
+from safelora_ray.core.validate import (
+    check_at_least,
+    check_positive,
+    check_selection,
+    flag,
+    selection_record,
+)
+from safelora_ray.execution.progress import Progress
+from safelora_ray.execution.workers import (
+    INLINE_MAX_BUILD_BYTES,
+    WORKER_LOST,
+    WorkerContext,
+    open_executor,
+    resolve_workers,
+    wind_down,
 )
 from safelora_ray.formats.alignment_set import AlignmentSet, ManifestRow
 from safelora_ray.formats.checkpoint import (
@@ -78,33 +93,17 @@ from safelora_ray.formats.checkpoint import (
     read_ref,
 )
 from safelora_ray.formats.peft_adapter import is_weight_file
-from safelora_ray.lease import hold_output
-from safelora_ray.math_core import (
-    AlignmentMatrix,
-    ResidualScore,
-    as_linear,
-    residual_delta,
-    residual_score,
-    select_modules,
-)
-from safelora_ray.model_report import write_reports
-from safelora_ray.pipelines.build import _BufferPool
-from safelora_ray.plan import (
+from safelora_ray.pipelines.build.driver import _BufferPool
+from safelora_ray.planning.plan import (
     check_target_weight,
     match_target,
     weight_layouts,
 )
-from safelora_ray.progress import Progress
+from safelora_ray.reports.model import write_reports
 from safelora_ray.storage import Storage, open_storage
 from safelora_ray.storage.base import check_uri, split_uri
-from safelora_ray.workers import (
-    INLINE_MAX_BUILD_BYTES,
-    WORKER_LOST,
-    WorkerContext,
-    open_executor,
-    resolve_workers,
-    wind_down,
-)
+from safelora_ray.storage.guards import Output, check_outputs, probe_outputs
+from safelora_ray.storage.lease import hold_output
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +184,7 @@ class FinetuneConfig:
 
     @property
     def outputs(self) -> list[Output]:
-        """What the run writes (see :func:`~safelora_ray.checks.check_outputs`)."""
+        """What the run writes (see :func:`~safelora_ray.storage.guards.check_outputs`)."""
         return [Output("--out", self.out),
                 *([Output("--reports", self.reports)] if self.reports is not None else [])]
 
@@ -906,7 +905,7 @@ def _project_model(config: FinetuneConfig, run_id: str) -> FinetuneResult:
         result.duration_s = time.perf_counter() - t_start
         return result
 
-    from safelora_ray.pipelines.sanitize import sweep_stale_writes  # killed writers' temps
+    from safelora_ray.pipelines.sanitize.driver import sweep_stale_writes  # killed writers' temps
 
     sweep_stale_writes(out)
     out.put_bytes(PROVENANCE_FILE, json.dumps(

@@ -29,10 +29,10 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from safelora_ray import interrupts
 from safelora_ray._version import __version__
-from safelora_ray.errors import ConfigError, LeaseHeldError, SafeLoraError, system_error_line
-from safelora_ray.redact import configure_logging, redact
+from safelora_ray.core import interrupts
+from safelora_ray.core.errors import ConfigError, LeaseHeldError, SafeLoraError, system_error_line
+from safelora_ray.core.redact import configure_logging, redact
 
 logger = logging.getLogger(__name__)
 
@@ -273,13 +273,13 @@ Outcome = tuple[int, "dict[str, Any] | None"]
 
 def _max_file_bytes(args: argparse.Namespace) -> int:
     """``--max-file-gb`` in bytes (a positive, finite number of GB)."""
-    from safelora_ray.checks import check_positive
+    from safelora_ray.core.validate import check_positive
 
     check_positive(args.max_file_gb, "max_file_gb")
     return int(args.max_file_gb * 1024**3)
 
 def _cmd_build(args: argparse.Namespace) -> Outcome:
-    from safelora_ray.pipelines.build import BuildConfig, build
+    from safelora_ray.pipelines.build.driver import BuildConfig, build
 
     cfg = BuildConfig(
         base=args.base, aligned=args.aligned, out=args.out, targets=args.targets,
@@ -305,7 +305,7 @@ def _cmd_build(args: argparse.Namespace) -> Outcome:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> Outcome:
-    from safelora_ray.inspection import as_json, describe, render
+    from safelora_ray.cli.inspection import as_json, describe, render
 
     d = describe(args.uri, verify=args.verify)
     _say(args, render(d, modules=args.modules))
@@ -313,7 +313,7 @@ def _cmd_inspect(args: argparse.Namespace) -> Outcome:
 
 
 def _cmd_sanitize(args: argparse.Namespace) -> Outcome:
-    from safelora_ray.pipelines.sanitize import SanitizeConfig, sanitize
+    from safelora_ray.pipelines.sanitize.driver import SanitizeConfig, sanitize
     from safelora_ray.reports import text_summary
 
     cfg = SanitizeConfig(
@@ -341,7 +341,7 @@ def _cmd_sanitize(args: argparse.Namespace) -> Outcome:
 
 
 def _cmd_nightly(args: argparse.Namespace) -> Outcome:
-    from safelora_ray.nightly import NightlyConfig, run_nightly, summary_text
+    from safelora_ray.cli.nightly import NightlyConfig, run_nightly, summary_text
 
     cfg = NightlyConfig.load(args.config)
     record = run_nightly(cfg, run_id=args.run_id, dry_run=args.dry_run,
@@ -354,7 +354,7 @@ def _cmd_nightly(args: argparse.Namespace) -> Outcome:
 
 
 def _cmd_project_model(args: argparse.Namespace) -> Outcome:
-    from safelora_ray.pipelines.finetune import FinetuneConfig, project_model
+    from safelora_ray.pipelines.project_model.driver import FinetuneConfig, project_model
 
     cfg = FinetuneConfig(
         alignment=args.alignment, aligned=args.aligned, finetuned=args.finetuned,
@@ -385,7 +385,7 @@ def _cmd_project_model(args: argparse.Namespace) -> Outcome:
 
 
 def _cmd_salora_modules(args: argparse.Namespace) -> Outcome:
-    from safelora_ray.salora.modules import SaloraConfig, salora_modules
+    from safelora_ray.pipelines.salora.modules import SaloraConfig, salora_modules
 
     cfg = SaloraConfig(
         model=args.model, calibration=args.calibration, out=args.out, targets=args.targets,
@@ -414,7 +414,7 @@ def _cmd_salora_modules(args: argparse.Namespace) -> Outcome:
 
 
 def _cmd_salora_export(args: argparse.Namespace) -> Outcome:
-    from safelora_ray.salora.export import export_cs
+    from safelora_ray.pipelines.salora.export import export_cs
 
     n = export_cs(args.alignment, args.out, dtype=args.dtype, force=args.force)
     _say(args, f"C_s of {n} modules written to {args.out}")
@@ -422,7 +422,7 @@ def _cmd_salora_export(args: argparse.Namespace) -> Outcome:
 
 
 def _cmd_demo(args: argparse.Namespace) -> Outcome:
-    from safelora_ray.demo import run_demo
+    from safelora_ray.cli.demo import run_demo
 
     return run_demo(args.dir, threshold=args.threshold, workers=args.workers,
                     progress=args.progress, say=lambda text: _say(args, text))

@@ -3,7 +3,7 @@
 The driver reads and tokenizes the calibration set, shares its samples out to the workers
 (balanced by length) and asks every worker for one target layer at a time
 (:func:`calibrate_layer`: each worker runs the aligned model over its share, whole or layer by
-layer, see :mod:`safelora_ray.salora.forward`, and returns that layer's Σ per input group,
+layer, see :mod:`safelora_ray.pipelines.salora.forward`, and returns that layer's Σ per input group,
 float64). When all workers have returned a layer, the driver sums their Σ in worker order and
 hands each target module of the layer to a worker (:func:`decompose_module`: V_s = the top-r_s
 eigenvectors of ``W Σ Wᵀ``, on the worker's GPU when it has one). Driver memory stays at a
@@ -30,20 +30,23 @@ from typing import Any
 import torch
 
 from safelora_ray._version import __version__
-from safelora_ray.checks import (
-    Output,
-    check_at_least,
-    check_outputs,
-    check_positive,
-    flag,
-    probe_outputs,
-)
-from safelora_ray.errors import (
+from safelora_ray.core.errors import (
     AlignmentSetError,
     CheckpointError,
     ClusterError,
     ConfigError,
     NotFoundError,
+)
+from safelora_ray.core.math_core import safety_basis
+from safelora_ray.core.validate import check_at_least, check_positive, flag
+from safelora_ray.execution.progress import Progress
+from safelora_ray.execution.workers import (
+    INLINE_MAX_BUILD_BYTES,
+    WORKER_LOST,
+    WorkerContext,
+    open_executor,
+    resolve_workers,
+    wind_down,
 )
 from safelora_ray.formats.alignment_set import (
     FORMAT,
@@ -57,17 +60,7 @@ from safelora_ray.formats.alignment_set import (
 from safelora_ray.formats.checkpoint import Checkpoint, TensorRef, read_ref
 from safelora_ray.formats.integrity import FileHasher
 from safelora_ray.formats.safetensors_io import SafetensorsWriter
-from safelora_ray.math_core import safety_basis
-from safelora_ray.plan import (
-    DEFAULT_MAX_FILE_BYTES,
-    DEFAULT_TARGETS,
-    FLOAT_DTYPES,
-    layer_index,
-    match_target,
-    parse_targets,
-)
-from safelora_ray.progress import Progress
-from safelora_ray.salora.calibration import (
+from safelora_ray.pipelines.salora.calibration import (
     CalibrationFile,
     TokenizedSamples,
     check_samples,
@@ -76,17 +69,18 @@ from safelora_ray.salora.calibration import (
     read_calibration,
     tokenize,
 )
-from safelora_ray.salora.forward import DTYPES, MODES, CalibrationJob
+from safelora_ray.pipelines.salora.forward import DTYPES, MODES, CalibrationJob
+from safelora_ray.planning.plan import (
+    DEFAULT_MAX_FILE_BYTES,
+    DEFAULT_TARGETS,
+    FLOAT_DTYPES,
+    layer_index,
+    match_target,
+    parse_targets,
+)
 from safelora_ray.storage import Storage, open_storage
 from safelora_ray.storage.base import check_uri
-from safelora_ray.workers import (
-    INLINE_MAX_BUILD_BYTES,
-    WORKER_LOST,
-    WorkerContext,
-    open_executor,
-    resolve_workers,
-    wind_down,
-)
+from safelora_ray.storage.guards import Output, check_outputs, probe_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +103,7 @@ class SaloraConfig:
         model: URI of the aligned checkpoint (with its ``config.json``; with its tokenizer
             files when the calibration set is text).
         calibration: URI of the calibration JSONL (see
-            :mod:`safelora_ray.salora.calibration`).
+            :mod:`safelora_ray.pipelines.salora.calibration`).
         out: URI where the safety-module set is written.
         targets: Module-name suffixes (``q_proj,v_proj``).
         safety_rank: r_s, directions kept per module (SaLoRA: 32).
@@ -126,7 +120,7 @@ class SaloraConfig:
         max_file_bytes: Cap on one output safetensors file.
         task_timeout_s: Longest one layer (or one module's decomposition) may take.
         export_cs: Also write C_s per module as safetensors keyed by PEFT module name here
-            (see :mod:`safelora_ray.salora.export`).
+            (see :mod:`safelora_ray.pipelines.salora.export`).
         force: Replace an existing file at ``export_cs`` (an earlier export of the same set
             is replaced without it).
         progress: Show a progress bar.
@@ -181,8 +175,8 @@ class SaloraConfig:
     @property
     def outputs(self) -> list[Output]:
         """What the run writes: the set, and the export (see
-        :func:`~safelora_ray.checks.check_outputs`)."""
-        from safelora_ray.salora.export import export_output
+        :func:`~safelora_ray.storage.guards.check_outputs`)."""
+        from safelora_ray.pipelines.salora.export import export_output
 
         return [Output("--out", self.out),
                 *([export_output(self.export_cs, "--export-cs")] if self.export_cs else [])]
@@ -269,7 +263,7 @@ def calibrate_layer(ctx: WorkerContext, job: CalibrationJob, share: int,
     run. A call for a layer the runner has passed (Ray running a call again after its worker
     was restarted gets a fresh runner anyway) starts a fresh runner.
     """
-    from safelora_ray.salora.forward import CalibrationRunner
+    from safelora_ray.pipelines.salora.forward import CalibrationRunner
 
     def make() -> CalibrationRunner:
         return CalibrationRunner(job, samples, ctx.device, hash_weights=share == 0)
@@ -425,7 +419,7 @@ def salora_modules(config: SaloraConfig) -> SaloraResult:
     probe_outputs(config.outputs, force=config.force)
 
     # Checks the driver can make before any worker starts.
-    from safelora_ray.salora.forward import require_transformers
+    from safelora_ray.pipelines.salora.forward import require_transformers
 
     require_transformers()
     model_bytes = sum(ckpt.ref(n).nbytes for n in ckpt.weight_map)
@@ -597,7 +591,7 @@ def _export(result: SaloraResult, config: SaloraConfig) -> SaloraResult:
     there is kept as it is)."""
     if not config.export_cs:
         return result
-    from safelora_ray.salora.export import export_cs, exported_from
+    from safelora_ray.pipelines.salora.export import export_cs, exported_from
 
     if not result.reused or exported_from(config.export_cs) != result.content_id:
         export_cs(result.uri, config.export_cs, force=config.force, out_flag="--export-cs")

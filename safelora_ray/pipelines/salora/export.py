@@ -3,8 +3,8 @@
 One safetensors file, one d_out x d_out tensor per target module, keyed by the module's name
 in a PEFT model (``base_model.model.<module>``, e.g.
 ``base_model.model.model.layers.0.self_attn.q_proj``), so a training loop finds each C_s by
-``named_modules()``; :mod:`safelora_ray.salora.training` applies them. Written one module at
-a time and published atomically (local or ``s3://``).
+``named_modules()``; :mod:`safelora_ray.pipelines.salora.training` applies them.
+Written one module at a time and published atomically (local or ``s3://``).
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from dataclasses import replace
 
 import torch
 
-from safelora_ray.checks import Output, check_outputs, probe_outputs
-from safelora_ray.errors import AlignmentSetError, ConfigError, SafeLoraError
+from safelora_ray.core.errors import AlignmentSetError, ConfigError, SafeLoraError
 from safelora_ray.formats.alignment_set import AlignmentSet
 from safelora_ray.formats.safetensors_io import SafetensorsWriter, read_header
 from safelora_ray.storage import open_storage
+from safelora_ray.storage.guards import Output, check_outputs, probe_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ EXPORT_DTYPES = {"float32": ("F32", torch.float32), "bfloat16": ("BF16", torch.b
 
 
 def export_output(out: str, out_flag: str = "--out") -> Output:
-    """The export file as an output (see :func:`~safelora_ray.checks.check_outputs`).
+    """The export file as an output (see :func:`~safelora_ray.storage.guards.check_outputs`).
 
     Raises:
         ConfigError: ``out`` does not name a ``.safetensors`` file.

@@ -1,7 +1,7 @@
 """Where worker actors go: a plan per node from the cluster's live nodes.
 
 Pure planning (no Ray calls here, so it is tested on made-up clusters). The execution layer
-(:mod:`safelora_ray.workers`) reads the live nodes, asks for a plan and pins each actor to
+(:mod:`safelora_ray.execution.workers`) reads the live nodes, asks for a plan and pins each actor to
 its node (hard node affinity: an actor whose node is lost dies with it, and the run goes on
 with the others instead of waiting for a replacement that may never be placed).
 
@@ -15,7 +15,7 @@ Two shapes of work:
   a holder of their own node for the products. The set is held once per GPU (or per node),
   however many I/O workers there are. On a CPU-only node the first I/O worker is the holder:
   it puts the set in the node's object store, and every I/O worker computes its own products
-  with those pages (see :mod:`safelora_ray.pipelines.projection`).
+  with those pages (see :mod:`safelora_ray.pipelines.sanitize.projection`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from safelora_ray.errors import ConfigError
+from safelora_ray.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

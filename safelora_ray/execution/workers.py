@@ -8,7 +8,7 @@ pipeline's module (shipped to workers by reference). It runs on a worker against
 calls (a shard builder's reader threads, an alignment set resident on the GPU).
 :class:`WorkerCore` holds that context; :class:`SafeLoraWorker` is the core as a Ray actor.
 
-Workers are planned per node (:mod:`safelora_ray.placement`) and pinned to their node. The
+Workers are planned per node (:mod:`safelora_ray.execution.placement`) and pinned to their node. The
 pipelines' driver loops talk to an *executor*:
 
 - :class:`RayExecutor` runs on worker actors. A worker whose process dies is restarted by Ray
@@ -44,18 +44,23 @@ from typing import Any, TypeVar
 import ray
 import torch
 
-from safelora_ray.checks import env_number
-from safelora_ray.errors import ClusterError, ConfigError
-from safelora_ray.interrupts import grace_left
-from safelora_ray.math_core import full_precision_matmul
-from safelora_ray.placement import (
+from safelora_ray.core.errors import ClusterError, ConfigError
+from safelora_ray.core.interrupts import grace_left
+from safelora_ray.core.math_core import full_precision_matmul
+from safelora_ray.core.validate import env_number
+from safelora_ray.execution.placement import (
     NodeInfo,
     WorkerSpec,
     describe_plan,
     plan_device_workers,
     plan_pipeline,
 )
-from safelora_ray.ray_utils import ensure_ray, get_unwrapped, pick_device, worker_runtime_env
+from safelora_ray.execution.ray_utils import (
+    ensure_ray,
+    get_unwrapped,
+    pick_device,
+    worker_runtime_env,
+)
 
 logger = logging.getLogger(__name__)
 

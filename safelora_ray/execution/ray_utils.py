@@ -8,8 +8,8 @@ from typing import Any
 
 import ray
 
-from safelora_ray.checks import env_number
-from safelora_ray.interrupts import reclaim
+from safelora_ray.core.interrupts import reclaim
+from safelora_ray.core.validate import env_number
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +32,8 @@ FORWARDED_ENV = (
 #: Ray setting read from the environment when a node starts: modules each worker process
 #: imports as soon as it starts, before any actor needs them.
 PRELOAD_ENV = "RAY_preload_python_modules"
-PRELOAD_MODULES = ("torch,safelora_ray.workers,safelora_ray.pipelines.build,"
-                   "safelora_ray.pipelines.sanitize")
+PRELOAD_MODULES = ("torch,safelora_ray.execution.workers,safelora_ray.pipelines.build.driver,"
+                   "safelora_ray.pipelines.sanitize.driver")
 
 #: The environment of a local Ray's processes (unless set already): preloaded modules, and
 #: two glibc malloc arenas per process — a worker runs up to ~70 threads (batches, a holder's
@@ -91,7 +91,7 @@ def probe_address(address: str, timeout_s: float = _PROBE_TIMEOUT_S) -> None:
     """
     import socket
 
-    from safelora_ray.errors import ClusterError
+    from safelora_ray.core.errors import ClusterError
 
     if address == "auto":
         return  # Ray answers at once when no local cluster runs
@@ -163,7 +163,7 @@ def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
     not wait for those imports.
 
     Worker output is not forwarded to the driver: workers' log records travel back with their
-    results and are emitted here, in order, once (see :mod:`safelora_ray.workers`).
+    results and are emitted here, in order, once (see :mod:`safelora_ray.execution.workers`).
 
     Raises:
         ClusterError: the cluster cannot be reached or connected to in time.
@@ -237,7 +237,7 @@ def _init_bounded(address: str, kwargs: dict[str, Any]) -> None:
     is no Ray head (or a head that never answers) must not hang the run."""
     import threading
 
-    from safelora_ray.errors import ClusterError
+    from safelora_ray.core.errors import ClusterError
 
     box: dict[str, BaseException | None] = {}
 
@@ -275,10 +275,10 @@ def pick_device(num_gpus: float) -> str:
 def get_unwrapped(ref: ray.ObjectRef, timeout_s: float) -> Any:
     """``ray.get`` with a timeout that re-raises our own errors without Ray's wrapper.
 
-    A :class:`~safelora_ray.errors.SafeLoraError` raised in a worker reaches the user as the
+    A :class:`~safelora_ray.core.errors.SafeLoraError` raised in a worker reaches the user as the
     same one-line message it would have locally, not a remote traceback.
     """
-    from safelora_ray.errors import SafeLoraError
+    from safelora_ray.core.errors import SafeLoraError
 
     try:
         return ray.get(ref, timeout=timeout_s)

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from safelora_ray.errors import CheckpointError, ConfigError
+from safelora_ray.core.errors import CheckpointError, ConfigError
+from safelora_ray.core.math_core import Form, choose_form
 from safelora_ray.formats.checkpoint import Checkpoint, TensorRef
-from safelora_ray.math_core import Form, choose_form
 
 logger = logging.getLogger(__name__)
 
