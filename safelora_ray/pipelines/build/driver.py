@@ -67,6 +67,7 @@ from safelora_ray.planning.plan import (
     plan_build,
     shard_modules,
 )
+from safelora_ray.execution.dispatch import Dispatcher, Policy, Task
 from safelora_ray.execution.progress import Progress
 from safelora_ray.storage import Storage, open_storage
 from safelora_ray.storage.base import check_uri
@@ -622,18 +623,12 @@ def build(config: BuildConfig) -> BuildResult:
     )
     build_id = uuid.uuid4().hex
     shipped = [ex.put(files) for files in plan.shards]
-    owner = list(range(len(plan.shards)))  # shard → worker
-    pending: dict[Any, tuple[int, int]] = {}
-    attempts: collections.Counter[tuple[int, int]] = collections.Counter()
-
-    def submit(shard: int, j: int) -> None:
-        attempts[(shard, j)] += 1
-        pending[ex.submit(owner[shard], build_file, build_id, shard, shipped[shard], out.uri,
-                          config.prefetch, j, group="stream")] = (shard, j)
-
-    for shard, files in enumerate(plan.shards):
-        for j in range(len(files)):
-            submit(shard, j)
+    # A shard's files go to one worker, in order: its reader runs ahead of its writer.
+    tasks = [Task(build_file, (build_id, shard, shipped[shard], out.uri, config.prefetch, j),
+                  item=(shard, j), pin=shard, group="stream")
+             for shard, files in enumerate(plan.shards) for j in range(len(files))]
+    policy = Policy("alignment shard file", config.task_timeout_s, build_id, role="device",
+                    in_flight=None, attempts=MAX_FILE_ATTEMPTS)
     rows: list[ManifestRow] = []
     shard_digests: dict[str, dict[str, Any]] = {}
     stats = {"read_s": 0.0, "compute_s": 0.0, "write_s": 0.0}
@@ -641,47 +636,34 @@ def build(config: BuildConfig) -> BuildResult:
     device = "cpu"
     bar = Progress("build", "B", total=plan.input_bytes, unit_scale=True,
                    enabled=config.progress)
+
+    def done(task: Task, result: dict[str, Any]) -> None:
+        nonlocal device
+        shard, _ = task.item
+        rows.extend(result["rows"])
+        written = result["shard"]
+        shard_digests[written["path"]] = {"sha256": written["sha256"],
+                                          "bytes": written["bytes"]}
+        device = result["device"]
+        # Counters are cumulative per builder: keep the latest (calls finish in order).
+        key = (shard, task.worker or 0)
+        fetched[key] = max(fetched.get(key, 0), result["bytes_fetched"])
+        for k in stats:
+            stats[k] += result[k]
+        bar.update(result["input_bytes"])
+
+    def failed(task: Task, e: BaseException) -> None:
+        shard, j = task.item
+        raise ClusterError(
+            f"{plan.shards[shard][j].path}: its worker died {MAX_FILE_ATTEMPTS} "
+            f"times while building it ({type(e).__name__})") from e
+
     ok = False
     try:
-        while pending:
-            ref = ex.wait(list(pending), config.task_timeout_s, "alignment shard file")
-            if ref is None:  # a worker came up or was dropped (its calls fail and come back)
-                continue
-            shard, j = pending.pop(ref)
-            worker = ex.worker_of(ref)
-            try:
-                result = ex.result(ref, config.task_timeout_s)
-            except WORKER_LOST as e:
-                if attempts[(shard, j)] >= MAX_FILE_ATTEMPTS:
-                    raise ClusterError(
-                        f"{plan.shards[shard][j].path}: its worker died {MAX_FILE_ATTEMPTS} "
-                        f"times while building it ({type(e).__name__})") from e
-                if not ex.lost(worker):
-                    # Lost for good (its node too, maybe): another worker takes the shard.
-                    live = ex.alive("device")
-                    load = collections.Counter(owner[s] for s, _ in pending.values())
-                    owner[shard] = min(live, key=lambda w: (load[w], w))
-                    logger.warning("shard %d (%s...) goes to worker %d", shard,
-                                   plan.shards[shard][0].path, owner[shard])
-                submit(shard, j)
-                continue
-            rows.extend(result["rows"])
-            written = result["shard"]
-            shard_digests[written["path"]] = {"sha256": written["sha256"],
-                                              "bytes": written["bytes"]}
-            device = result["device"]
-            # Counters are cumulative per builder: keep the latest (calls finish in order).
-            fetched[(shard, worker)] = max(fetched.get((shard, worker), 0),
-                                           result["bytes_fetched"])
-            for k in stats:
-                stats[k] += result[k]
-            bar.update(result["input_bytes"])
+        # Files already published by an interrupted build stay (a rerun overwrites them);
+        # without alignment.json nothing reads them as a set.
+        Dispatcher(ex, policy).run(tasks, done, failed)
         ok = True
-    except KeyboardInterrupt:
-        # Files already published stay (a rerun overwrites them); without alignment.json
-        # nothing reads them as a set.
-        wind_down(ex, build_id, list(pending))
-        raise
     finally:
         bar.close()
         if ok and not ex.owns_workers:
