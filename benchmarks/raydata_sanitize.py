@@ -268,11 +268,11 @@ def sanitize_raydata(*, alignment: str, adapters: str, out: str,
         SanitizeJob,
         SanitizeResult,
         _base_row,
-        sweep_stale_writes,
     )
     from safelora_ray.planning.catalog import AdapterRef, iter_catalog
     from safelora_ray.reports import ReportWriter
     from safelora_ray.storage import open_storage
+    from safelora_ray.storage.local import sweep_stale_writes
 
     t_start = time.perf_counter()
     cfg = SanitizeConfig(alignment=alignment, adapters=adapters, out=out, threshold=threshold,

@@ -567,3 +567,42 @@ def _fsync_dir(d: str) -> None:
         pass  # some filesystems refuse fsync on directories; durability is best effort there
     finally:
         os.close(fd)
+def sweep_stale_writes(out: Storage, descend: tuple[str, ...] = ()) -> int:
+    """Remove what killed writers left under a local ``--out``: ``.tmp-*`` files and
+    ``.staging-*`` / ``.trash-*`` trees (never listed or read, but they take space).
+
+    A run owns its ``--out`` while it runs (it holds the lease ``_safelora/lease.json`` there,
+    see :mod:`safelora_ray.storage.lease`), so whatever is there when a run starts is stale. Other
+    tools' top-level ``_*`` folders (``_nightly``, ``_safelora``) are left alone. Object
+    stores need nothing: an interrupted upload is never visible.
+
+    Args:
+        out: The output.
+        descend: Top-level ``_*`` folders of the tool's own to sweep too (a sanitize's
+            ledger and reports).
+
+    Returns:
+        How many were removed.
+    """
+    if not isinstance(out, LocalStorage):
+        return 0
+    stale = (TMP_PREFIX, STAGING_PREFIX, TRASH_PREFIX)
+    removed = 0
+    for parent, dirs, files in os.walk(out.root):
+        if parent == out.root:
+            dirs[:] = [d for d in dirs if not d.startswith("_")
+                       or d in descend]
+        for name in [d for d in dirs if d.startswith(stale)]:
+            dirs.remove(name)
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            removed += 1
+        for name in files:
+            if name.startswith(stale):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(parent, name))
+                removed += 1
+    if removed:
+        logger.info("removed %d leftover(s) of an interrupted run under %s", removed, out.uri)
+    return removed
+
+

@@ -67,7 +67,10 @@ from safelora_ray.planning.plan import (
     plan_build,
     shard_modules,
 )
+from safelora_ray.execution.buffers import BufferPool
+from safelora_ray.execution.device import to_host
 from safelora_ray.execution.dispatch import Dispatcher, Policy, Task
+from safelora_ray.execution.prefetch import read_ahead
 from safelora_ray.execution.progress import Progress
 from safelora_ray.storage import Storage, open_storage
 from safelora_ray.storage.base import check_uri
@@ -183,43 +186,6 @@ class _Fetched:
     digest: str
     read_s: float
     buffers: tuple[Any, Any]
-
-
-class _BufferPool:
-    """Read buffers kept for reuse, by size. A buffer read into once stays mapped: reading
-    into fresh memory costs a page fault per 4 KiB, more than the read itself (1.4 GB/s into
-    fresh buffers, 5.9 GB/s into reused ones, here). Bounded: at most ``max_free`` bytes wait
-    for reuse.
-
-    Args:
-        max_free: Bytes of free buffers kept.
-        pinned: Hand out page-locked uint8 tensors (for a GPU: its copies from them run
-            asynchronously, and pinning is paid once per buffer) instead of bytearrays.
-    """
-
-    def __init__(self, max_free: int, pinned: bool = False) -> None:
-        self.max_free = max_free
-        self.pinned = pinned
-        self._free: dict[int, list[Any]] = {}
-        self._free_bytes = 0
-        self._lock = threading.Lock()
-
-    def get(self, size: int) -> Any:
-        with self._lock:
-            bufs = self._free.get(size)
-            if bufs:
-                self._free_bytes -= size
-                return bufs.pop()
-        if self.pinned:
-            return torch.empty(size, dtype=torch.uint8, pin_memory=True)
-        return bytearray(size)
-
-    def put(self, buf: Any) -> None:
-        size = buf.numel() if isinstance(buf, torch.Tensor) else len(buf)
-        with self._lock:
-            if self._free_bytes + size <= self.max_free:
-                self._free.setdefault(size, []).append(buf)
-                self._free_bytes += size
 
 
 @dataclass
@@ -338,9 +304,8 @@ class ShardBuilder:
         self.device = device
         self.prefetch = prefetch
         self._storages: dict[str, Storage] = {}
-        self._queue: queue.Queue[_Fetched | BaseException | None] | None = None
+        self._reader: Iterator[_Fetched] | None = None
         self._next_file = -1
-        self._stop = threading.Event()
         self._pool = cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="safelora-read")
         self._hash_pool = cf.ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)),
                                                 thread_name_prefix="safelora-hash")
@@ -349,13 +314,14 @@ class ShardBuilder:
                       default=0)
         # Pinned on a GPU: its copies from them run asynchronously. Enough for a module being
         # written, the prefetched ones and one being read.
-        self._buffers = _BufferPool(max_free=(2 * prefetch + 2) * biggest,
+        self._buffers = BufferPool(max_free=(2 * prefetch + 2) * biggest,
                                     pinned=device.startswith("cuda"))
 
     def close(self) -> None:
         """Stop the reader thread and its pools (a long-lived worker moves on to other work)."""
-        self._stop.set()
-        self._queue = None
+        if self._reader is not None:
+            self._reader.close()  # stops its thread
+            self._reader = None
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._hash_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -386,41 +352,22 @@ class ShardBuilder:
     def _start_reader(self, first_file: int) -> None:
         # Reading module i+1 while hashing module i was tried: on 2 cores it was slower
         # (2.0 vs 2.14 GB/s), reads and hash threads competing for the same cores.
-        self._stop.set()
-        self._stop = stop = threading.Event()
-        q: queue.Queue[_Fetched | BaseException | None] = queue.Queue(maxsize=self.prefetch)
-        self._queue = q
+        if self._reader is not None:
+            self._reader.close()
         modules = [m for f in self.files[first_file:] for m in f.modules]
-
-        def run() -> None:
-            try:
-                for m in modules:
-                    if stop.is_set():
-                        return
-                    item = self._fetch(m)
-                    while not stop.is_set():
-                        try:
-                            q.put(item, timeout=0.5)
-                            break
-                        except queue.Full:
-                            continue
-            except BaseException as e:  # surfaced to the consumer, which raises it
-                q.put(e)
-
-        threading.Thread(target=run, name="safelora-prefetch", daemon=True).start()
+        self._reader = read_ahead((self._fetch(m) for m in modules), self.prefetch)
 
     def _modules(self, index: int) -> Iterator[_Fetched]:
-        if self._queue is None or index != self._next_file:
+        if self._reader is None or index != self._next_file:
             self._start_reader(index)  # first call, or a retry after a restart
         self._next_file = index + 1
-        assert self._queue is not None
+        assert self._reader is not None
         for _ in self.files[index].modules:
-            item = self._queue.get()
-            if isinstance(item, BaseException):
-                self._queue = None
-                raise item
-            assert item is not None
-            yield item
+            try:
+                yield next(self._reader)
+            except BaseException:
+                self._reader = None
+                raise
 
     def build_file(self, index: int,
                    cancelled: Callable[[], bool] | None = None) -> dict[str, Any]:
@@ -469,7 +416,12 @@ class ShardBuilder:
                             )
                         except ValueError as e:
                             raise CheckpointError(f"module {m.module!r}: {e}") from None
-                        host, done = _to_host(pending.tensor, cuda)
+                        # On a GPU: an asynchronous copy, and the event that marks it done.
+                        host, done = pending.tensor, None
+                        if cuda:
+                            host = to_host(pending.tensor)
+                            done = torch.cuda.Event()
+                            done.record()
                         sink.put(_Computed(item, host, pending.norm, pending.energy, done))
                         timings["compute_s"] += time.perf_counter() - t0
                         del item, pending, host
@@ -495,18 +447,6 @@ class ShardBuilder:
             **timings,
             "device": self.device,
         }
-
-
-def _to_host(t: torch.Tensor, cuda: bool) -> tuple[torch.Tensor, Any]:
-    """``t`` on the host: on a GPU an asynchronous copy into pinned memory and the event that
-    marks it done; on a CPU ``t`` itself."""
-    if not cuda:
-        return t, None
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    done = torch.cuda.Event()
-    done.record()
-    return host, done
 
 
 #: Worker slots holding a build's shard builders: ``build:<shard>`` (a worker that takes over

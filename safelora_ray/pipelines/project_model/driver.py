@@ -43,7 +43,6 @@ import json
 import logging
 import math
 import os
-import queue
 import threading
 import time
 import uuid
@@ -75,6 +74,8 @@ from safelora_ray.core.validate import (
     flag,
     selection_record,
 )
+from safelora_ray.execution.buffers import BufferPool
+from safelora_ray.execution.prefetch import read_ahead
 from safelora_ray.execution.progress import Progress
 from safelora_ray.execution.workers import (
     INLINE_MAX_BUILD_BYTES,
@@ -93,7 +94,6 @@ from safelora_ray.formats.checkpoint import (
     read_ref,
 )
 from safelora_ray.formats.peft_adapter import is_weight_file
-from safelora_ray.pipelines.build.driver import _BufferPool
 from safelora_ray.planning.plan import (
     check_target_weight,
     match_target,
@@ -104,6 +104,7 @@ from safelora_ray.storage import Storage, open_storage
 from safelora_ray.storage.base import check_uri, split_uri
 from safelora_ray.storage.guards import Output, check_outputs, probe_outputs
 from safelora_ray.storage.lease import hold_output
+from safelora_ray.storage.local import sweep_stale_writes  # killed writers' temps
 
 logger = logging.getLogger(__name__)
 
@@ -420,44 +421,6 @@ class _Module:
     matrix: AlignmentMatrix
 
 
-def read_ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
-    """Run the generator ``items`` (whose steps do the reads) in a thread, at most ``depth``
-    items ahead of the consumer; its exceptions are raised to the consumer. Closing the
-    consumer's iterator stops the thread."""
-    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(entry: tuple[str, Any]) -> bool:
-        while not stop.is_set():  # a consumer that stopped takes nothing more: give up
-            try:
-                q.put(entry, timeout=0.5)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def run() -> None:
-        try:
-            for item in items:
-                if not put(("item", item)):
-                    return
-            put(("end", None))
-        except BaseException as e:  # surfaced to the consumer
-            put(("error", e))
-
-    threading.Thread(target=run, name="safelora-read-ahead", daemon=True).start()
-    try:
-        while True:
-            kind, value = q.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        stop.set()
-
-
 class FileProjector:
     """Scores and writes output files of one run on one worker (plain Python; task functions
     below run it). Keeps the run's storages, the alignment set's headers and read buffers.
@@ -475,10 +438,10 @@ class FileProjector:
         self._storages: dict[str, Storage] = {}
         self._lock = threading.Lock()
         self._pool = cf.ThreadPoolExecutor(max_workers=3, thread_name_prefix="safelora-read")
-        self._buffers = _BufferPool(max_free=(job.prefetch + 2) * job.chunk_bytes)
+        self._buffers = BufferPool(max_free=(job.prefetch + 2) * job.chunk_bytes)
         # A module's two weights (reading into fresh memory costs a page fault per 4 KiB:
         # slower than the read itself); as many as can be in flight.
-        self._module_buffers = _BufferPool(max_free=(job.prefetch + 2) * 2 * job.max_target_bytes)
+        self._module_buffers = BufferPool(max_free=(job.prefetch + 2) * 2 * job.max_target_bytes)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -905,7 +868,6 @@ def _project_model(config: FinetuneConfig, run_id: str) -> FinetuneResult:
         result.duration_s = time.perf_counter() - t_start
         return result
 
-    from safelora_ray.pipelines.sanitize.driver import sweep_stale_writes  # killed writers' temps
 
     sweep_stale_writes(out)
     out.put_bytes(PROVENANCE_FILE, json.dumps(

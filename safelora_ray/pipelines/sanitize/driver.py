@@ -12,7 +12,6 @@ adapter and per module. The driver streams those rows into Parquet reports.
 from __future__ import annotations
 
 import collections
-import contextlib
 import datetime as _dt
 import hashlib
 import itertools
@@ -85,7 +84,7 @@ from safelora_ray.storage import Storage, open_storage
 from safelora_ray.storage.base import check_uri, join_uri, overlap
 from safelora_ray.storage.guards import Output, check_outputs, probe_outputs
 from safelora_ray.storage.lease import hold_output
-from safelora_ray.storage.local import STAGING_PREFIX, TMP_PREFIX, TRASH_PREFIX, LocalStorage
+from safelora_ray.storage.local import STAGING_PREFIX, sweep_stale_writes
 
 logger = logging.getLogger(__name__)
 
@@ -723,40 +722,6 @@ def _adapter_counter() -> Any:
         return None
 
 
-def sweep_stale_writes(out: Storage) -> int:
-    """Remove what killed writers left under a local ``--out``: ``.tmp-*`` files and
-    ``.staging-*`` / ``.trash-*`` trees (never listed or read, but they take space).
-
-    A run owns its ``--out`` while it runs (it holds the lease ``_safelora/lease.json`` there,
-    see :mod:`safelora_ray.storage.lease`), so whatever is there when a run starts is stale. Other
-    tools' top-level ``_*`` folders (``_nightly``, ``_safelora``) are left alone. Object
-    stores need nothing: an interrupted upload is never visible.
-
-    Returns:
-        How many were removed.
-    """
-    if not isinstance(out, LocalStorage):
-        return 0
-    stale = (TMP_PREFIX, STAGING_PREFIX, TRASH_PREFIX)
-    removed = 0
-    for parent, dirs, files in os.walk(out.root):
-        if parent == out.root:
-            dirs[:] = [d for d in dirs if not d.startswith("_")
-                       or d in (LEDGER_PREFIX, REPORTS_PREFIX)]
-        for name in [d for d in dirs if d.startswith(stale)]:
-            dirs.remove(name)
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-            removed += 1
-        for name in files:
-            if name.startswith(stale):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(parent, name))
-                removed += 1
-    if removed:
-        logger.info("removed %d leftover(s) of an interrupted run under %s", removed, out.uri)
-    return removed
-
-
 def _count_in_background(catalog: str, bar: Progress) -> None:
     """List the catalog a second time in a thread, to give the progress report its total
     (the run itself streams the catalog, never holding it whole)."""
@@ -845,7 +810,7 @@ def _sanitize(config: SanitizeConfig) -> SanitizeResult:
     if next(iter(out.list(report_prefix)), None) is not None:  # never write over a report
         raise ConfigError(f"--run-id {config.run_id}: {out.describe(report_prefix)} already "
                           "holds that run's report; choose another id, or leave --run-id out")
-    sweep_stale_writes(out)
+    sweep_stale_writes(out, descend=(LEDGER_PREFIX, REPORTS_PREFIX))
     # A look at the catalog's head says whether it is small enough for this process.
     items = iter_catalog(config.adapters)
     if is_manifest(config.adapters):  # a directory catalog was checked as a whole already
@@ -1014,7 +979,7 @@ def _sanitize(config: SanitizeConfig) -> SanitizeResult:
         # A worker killed mid-write (and retried elsewhere) leaves its temp files behind; no
         # writer is left now, so they go.
         try:
-            sweep_stale_writes(out)
+            sweep_stale_writes(out, descend=(LEDGER_PREFIX, REPORTS_PREFIX))
         except Exception as e:  # never mask the run's own outcome
             logger.warning("could not remove stale temp files under %s: %s", out.uri, e)
     if all_by_k[0]:
@@ -1029,5 +994,4 @@ def _sanitize(config: SanitizeConfig) -> SanitizeResult:
 
 
 __all__ = ["METHODS", "FleetSanitizer", "MatrixCache", "SanitizeConfig", "SanitizeJob",
-           "SanitizeResult", "check_method", "ledger_path", "sanitize", "sanitize_batch",
-           "sweep_stale_writes"]
+           "SanitizeResult", "check_method", "ledger_path", "sanitize", "sanitize_batch"]

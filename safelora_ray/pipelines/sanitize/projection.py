@@ -39,6 +39,7 @@ import torch
 from safelora_ray.core.errors import ClusterError, ConfigError, SafeLoraError
 from safelora_ray.core.math_core import AlignmentMatrix, project_stack
 from safelora_ray.core.validate import env_number
+from safelora_ray.execution.device import to_host
 from safelora_ray.execution.placement import NodeInfo
 from safelora_ray.execution.workers import REJOIN_TIMEOUT_S, WorkerContext, wait_back
 from safelora_ray.formats.alignment_set import AlignmentSet
@@ -142,8 +143,8 @@ class ProjectionEngine:
                 b, g = _pinned(b), _pinned(g)
             cb, sums = project_stack(matrix, b, g)
             if self.cuda:
-                cb = _to_host(cb)
-                sums = _to_host(sums)
+                cb = to_host(cb)
+                sums = to_host(sums)
             out[key] = (cb, sums)
         if self.cuda:
             torch.cuda.current_stream().synchronize()  # once per batch
@@ -157,12 +158,6 @@ def _pinned(t: torch.Tensor) -> torch.Tensor:
     staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     staged.copy_(t)
     return staged
-
-
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    return host
 
 
 @dataclass
