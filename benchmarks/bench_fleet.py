@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.pop("RAY_ADDRESS", None)  # "auto" is a machine with no cluster configured
         import ray
 
-        from safelora_ray.execution.workers import worker_session
+        from safelora_ray.execution import worker_session
 
         build, BuildConfig = common.pipeline("build").build, common.pipeline("build").BuildConfig
         sanitize = common.pipeline("sanitize").sanitize

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         ray_init_s = common.start_ray()
         import ray
 
-        from safelora_ray.execution.workers import resolve_workers
+        from safelora_ray.execution import resolve_workers
 
         res = resolve_workers(args.workers, use_gpu, None, small=False)
         threads = args.read_threads or 2 * res.num_workers

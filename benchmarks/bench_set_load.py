@@ -43,7 +43,7 @@ from safelora_ray.formats.alignment_set import (
     publish,
 )
 from safelora_ray.formats.integrity import FileHasher
-from safelora_ray.formats.safetensors_io import SafetensorsWriter
+from safelora_ray.formats.safetensors import SafetensorsWriter
 from safelora_ray.pipelines.sanitize.projection import MatrixCache
 from safelora_ray.planning.plan import DEFAULT_MAX_FILE_BYTES
 from safelora_ray.storage import open_storage

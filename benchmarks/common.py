@@ -551,7 +551,7 @@ def actor_startup_s(n: int | None, use_gpu: bool) -> float:
     fixed Ray cost every build / sanitize call pays before its first byte is read."""
     import ray
 
-    from safelora_ray.execution.workers import resolve_workers
+    from safelora_ray.execution import resolve_workers
 
     @ray.remote
     class _Probe:

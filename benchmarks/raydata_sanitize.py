@@ -86,7 +86,7 @@ def _sanitizer(job: Any) -> Any:
 def _load(san: Any, ref: Any, row: dict[str, Any]) -> tuple[Any, str | None]:
     """One adapter of ``FleetSanitizer.process``'s read loop, with the same helpers in the
     same order: ``(adapter, fingerprint)``, adapter None when the ledger says it is done."""
-    from safelora_ray.formats.peft_adapter import read_adapter
+    from safelora_ray.formats.peft import read_adapter
     from safelora_ray.pipelines.sanitize.driver import _skip, ledger_path
 
     ledger = san._read_ledger(ref.adapter_id)

@@ -53,7 +53,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from safelora_ray.execution.workers import worker_session
+    from safelora_ray.execution import worker_session
     from safelora_ray.formats.alignment_set import AlignmentSet
     from safelora_ray.pipelines.build.driver import BuildConfig, BuildResult, build, inspect
     from safelora_ray.pipelines.project_model.driver import (

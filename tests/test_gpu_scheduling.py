@@ -12,7 +12,7 @@ import torch
 
 from safelora_ray import AlignmentSet, BuildConfig, SanitizeConfig, build, sanitize
 from safelora_ray.cli.demo import write_adapter, write_model
-from safelora_ray.execution.workers import resolve_workers
+from safelora_ray.execution import resolve_workers
 from tests.factory import Arch, aligned_from, llama_tensors
 from tests.reference import dense_c
 

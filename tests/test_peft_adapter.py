@@ -1,4 +1,4 @@
-"""Tests of safelora_ray.formats.peft_adapter against real PEFT adapters (tiny Llama, offline)."""
+"""Tests of safelora_ray.formats.peft.adapter against real PEFT adapters (tiny Llama, offline)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from safelora_ray.core.errors import AdapterError
-from safelora_ray.formats.peft_adapter import (
+from safelora_ray.formats.peft import (
     Adapter,
     get_pattern_key,
     output_digest,

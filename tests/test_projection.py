@@ -23,7 +23,7 @@ import torch
 
 from safelora_ray import BuildConfig, SanitizeConfig, build, sanitize
 from safelora_ray.cli.demo import write_adapter, write_model
-from safelora_ray.execution.workers import worker_session
+from safelora_ray.execution import worker_session
 from safelora_ray.pipelines.sanitize.projection import split_groups
 from tests.factory import Arch, aligned_from, llama_tensors
 

@@ -49,7 +49,7 @@ from safelora_ray.core.errors import (
 )
 from safelora_ray.formats.alignment_set import AlignmentSet
 from safelora_ray.formats.checkpoint import Checkpoint
-from safelora_ray.formats.peft_adapter import read_adapter
+from safelora_ray.formats.peft import read_adapter
 from safelora_ray.pipelines.sanitize.driver import (
     SanitizeConfig,
     SanitizeResult,
@@ -503,7 +503,7 @@ def write_pickle_bomb(path: Path, marker: Path) -> None:
 
 
 def _raw_adapter(path: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
-    from safelora_ray.formats.safetensors_io import save_tensors
+    from safelora_ray.formats.safetensors import save_tensors
 
     path.mkdir(parents=True, exist_ok=True)
     save_tensors(path / ST, tensors, {"format": "pt"})

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from safelora_ray.core.errors import AdapterError, ConfigError
-from safelora_ray.formats.peft_adapter import check_config, read_adapter
+from safelora_ray.formats.peft import check_config, read_adapter
 from safelora_ray.pipelines.sanitize.driver import (
     SanitizeConfig,
     SanitizeResult,

@@ -21,8 +21,8 @@ from safelora_ray.core.errors import (
     SafetensorsFormatError,
     StorageError,
 )
-from safelora_ray.formats import safetensors_io as sio
-from safelora_ray.formats.safetensors_io import (
+from safelora_ray.formats import safetensors as sio
+from safelora_ray.formats.safetensors import (
     DTYPES,
     SafetensorsWriter,
     library_layout,

@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 
 from safelora_ray import BuildConfig, build
 from safelora_ray.cli.main import main as cli_main
-from safelora_ray.formats.peft_adapter import adapter_digest, read_adapter
+from safelora_ray.formats.peft import adapter_digest, read_adapter
 from safelora_ray.pipelines.sanitize.driver import (
     SanitizeConfig,
     SanitizeResult,

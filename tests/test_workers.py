@@ -181,8 +181,8 @@ def _logs_from_a_helper_thread(ctx: object) -> str:
 
 @pytest.mark.timeout(300)
 def test_records_of_helper_threads_reach_the_driver(ray_local, caplog):
+    from safelora_ray.execution import RayExecutor, WorkerPlan
     from safelora_ray.execution.placement import WorkerSpec
-    from safelora_ray.execution.workers import RayExecutor, WorkerPlan
 
     caplog.set_level("WARNING", logger="safelora_ray")
     ex = RayExecutor(WorkerPlan((WorkerSpec(None, 1.0, 0.0, "device"),)))

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from safelora_ray.formats.safetensors_io import save_tensors
+from safelora_ray.formats.safetensors import save_tensors
 from safelora_ray.storage.guards import Output, check_outputs, probe_outputs
 
 logger = logging.getLogger(__name__)
@@ -153,8 +153,8 @@ def run_demo(root: str, threshold: float = 0.35, workers: int | None = None,
     Returns:
         The exit code, and what ``demo --json`` prints.
     """
+    from safelora_ray.execution import worker_session
     from safelora_ray.execution.ray_utils import ensure_ray
-    from safelora_ray.execution.workers import worker_session
     from safelora_ray.formats.alignment_set import AlignmentSet
     from safelora_ray.pipelines.build.driver import BuildConfig, build
     from safelora_ray.pipelines.sanitize.driver import SanitizeConfig, sanitize

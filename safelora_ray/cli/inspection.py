@@ -81,8 +81,8 @@ def describe(uri: str, verify: bool = False) -> dict[str, Any]:
 def describe_adapter(storage: Storage, prefix: str = "") -> dict[str, Any]:
     """An adapter directory: PEFT type, base model, modules, ranks, dtypes, and whether the
     Safe LoRA rule covers it (the reason when not)."""
-    from safelora_ray.formats.peft_adapter import check_config
-    from safelora_ray.formats.safetensors_io import read_header
+    from safelora_ray.formats.peft import check_config
+    from safelora_ray.formats.safetensors import read_header
 
     def rel(name: str) -> str:
         return f"{prefix}/{name}" if prefix else name

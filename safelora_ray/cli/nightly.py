@@ -44,7 +44,7 @@ from safelora_ray.core.errors import (
 from safelora_ray.core.interrupts import describe
 from safelora_ray.core.redact import redact
 from safelora_ray.core.validate import as_yaml_keys, check_selection
-from safelora_ray.execution.workers import worker_session
+from safelora_ray.execution import worker_session
 from safelora_ray.formats.alignment_set import AlignmentSet
 from safelora_ray.pipelines.build.driver import BuildConfig, build
 from safelora_ray.pipelines.project_model.driver import FinetuneConfig, project_model

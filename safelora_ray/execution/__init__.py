@@ -1,1 +1,41 @@
-"""execution"""
+"""execution: the public names of this package."""
+
+from safelora_ray.execution.workers import (
+    CONTROL_GROUP,
+    GROUPS,
+    INLINE_MAX_ADAPTERS,
+    INLINE_MAX_BUILD_BYTES,
+    REJOIN_TIMEOUT_S,
+    WORKER_LOST,
+    RayExecutor,
+    Relayed,
+    WorkerContext,
+    WorkerCore,
+    WorkerPlan,
+    open_executor,
+    relay,
+    resolve_workers,
+    wait_back,
+    wind_down,
+    worker_session,
+)
+
+__all__ = [
+    "CONTROL_GROUP",
+    "GROUPS",
+    "INLINE_MAX_ADAPTERS",
+    "INLINE_MAX_BUILD_BYTES",
+    "REJOIN_TIMEOUT_S",
+    "WORKER_LOST",
+    "RayExecutor",
+    "Relayed",
+    "WorkerContext",
+    "WorkerCore",
+    "WorkerPlan",
+    "open_executor",
+    "relay",
+    "resolve_workers",
+    "wait_back",
+    "wind_down",
+    "worker_session",
+]

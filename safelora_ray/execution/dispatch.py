@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from safelora_ray.core.errors import ClusterError
-from safelora_ray.execution.workers import WORKER_LOST, wind_down
+from safelora_ray.execution import WORKER_LOST, wind_down
 
 logger = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ from safelora_ray.formats.integrity import (
     stream_sha256,
     tensor_digest,
 )
-from safelora_ray.formats.safetensors_io import (
+from safelora_ray.formats.safetensors import (
     SafetensorsHeader,
     read_header,
     require_little_endian,

@@ -21,7 +21,7 @@ from safelora_ray.core.errors import (
     SafetensorsFormatError,
     StorageError,
 )
-from safelora_ray.formats.safetensors_io import DTYPES, SafetensorsHeader, read_header
+from safelora_ray.formats.safetensors import DTYPES, SafetensorsHeader, read_header
 from safelora_ray.storage import Storage, open_storage
 
 logger = logging.getLogger(__name__)

@@ -55,7 +55,7 @@ from safelora_ray.formats.integrity import (  # noqa: F401 (the digest's scheme,
     FileHasher,
 )
 from safelora_ray.formats.integrity import tree_digest as source_digest
-from safelora_ray.formats.safetensors_io import SafetensorsWriter
+from safelora_ray.formats.safetensors import SafetensorsWriter
 from safelora_ray.core.math_core import as_linear, check_norm, start_alignment
 from safelora_ray.planning.plan import (
     DEFAULT_MAX_FILE_BYTES,
@@ -74,7 +74,7 @@ from safelora_ray.execution.prefetch import read_ahead
 from safelora_ray.execution.progress import Progress
 from safelora_ray.storage import Storage, open_storage
 from safelora_ray.storage.base import check_uri
-from safelora_ray.execution.workers import (
+from safelora_ray.execution import (
     INLINE_MAX_BUILD_BYTES,
     WORKER_LOST,
     WorkerContext,

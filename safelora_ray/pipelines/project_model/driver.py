@@ -74,10 +74,7 @@ from safelora_ray.core.validate import (
     flag,
     selection_record,
 )
-from safelora_ray.execution.buffers import BufferPool
-from safelora_ray.execution.prefetch import read_ahead
-from safelora_ray.execution.progress import Progress
-from safelora_ray.execution.workers import (
+from safelora_ray.execution import (
     INLINE_MAX_BUILD_BYTES,
     WORKER_LOST,
     WorkerContext,
@@ -85,6 +82,9 @@ from safelora_ray.execution.workers import (
     resolve_workers,
     wind_down,
 )
+from safelora_ray.execution.buffers import BufferPool
+from safelora_ray.execution.prefetch import read_ahead
+from safelora_ray.execution.progress import Progress
 from safelora_ray.formats.alignment_set import AlignmentSet, ManifestRow
 from safelora_ray.formats.checkpoint import (
     INDEX_FILE,
@@ -93,7 +93,7 @@ from safelora_ray.formats.checkpoint import (
     TensorRef,
     read_ref,
 )
-from safelora_ray.formats.peft_adapter import is_weight_file
+from safelora_ray.formats.peft import is_weight_file
 from safelora_ray.planning.plan import (
     check_target_weight,
     match_target,

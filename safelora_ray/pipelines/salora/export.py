@@ -16,7 +16,7 @@ import torch
 
 from safelora_ray.core.errors import AlignmentSetError, ConfigError, SafeLoraError
 from safelora_ray.formats.alignment_set import AlignmentSet
-from safelora_ray.formats.safetensors_io import SafetensorsWriter, read_header
+from safelora_ray.formats.safetensors import SafetensorsWriter, read_header
 from safelora_ray.storage import open_storage
 from safelora_ray.storage.guards import Output, check_outputs, probe_outputs
 

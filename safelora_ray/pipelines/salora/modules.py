@@ -39,8 +39,7 @@ from safelora_ray.core.errors import (
 )
 from safelora_ray.core.math_core import safety_basis
 from safelora_ray.core.validate import check_at_least, check_positive, flag
-from safelora_ray.execution.progress import Progress
-from safelora_ray.execution.workers import (
+from safelora_ray.execution import (
     INLINE_MAX_BUILD_BYTES,
     WORKER_LOST,
     WorkerContext,
@@ -48,6 +47,7 @@ from safelora_ray.execution.workers import (
     resolve_workers,
     wind_down,
 )
+from safelora_ray.execution.progress import Progress
 from safelora_ray.formats.alignment_set import (
     FORMAT,
     FORMAT_VERSION,
@@ -59,7 +59,7 @@ from safelora_ray.formats.alignment_set import (
 )
 from safelora_ray.formats.checkpoint import Checkpoint, TensorRef, read_ref
 from safelora_ray.formats.integrity import FileHasher
-from safelora_ray.formats.safetensors_io import SafetensorsWriter
+from safelora_ray.formats.safetensors import SafetensorsWriter
 from safelora_ray.pipelines.salora.calibration import (
     CalibrationFile,
     TokenizedSamples,

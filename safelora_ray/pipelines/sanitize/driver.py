@@ -53,9 +53,7 @@ from safelora_ray.core.validate import (
     flag,
     selection_record,
 )
-from safelora_ray.execution.placement import NodeInfo, WorkerSpec, plan_pipeline
-from safelora_ray.execution.progress import Progress
-from safelora_ray.execution.workers import (
+from safelora_ray.execution import (
     INLINE_MAX_ADAPTERS,
     WORKER_LOST,
     WorkerContext,
@@ -63,8 +61,10 @@ from safelora_ray.execution.workers import (
     resolve_workers,
     wind_down,
 )
+from safelora_ray.execution.placement import NodeInfo, WorkerSpec, plan_pipeline
+from safelora_ray.execution.progress import Progress
 from safelora_ray.formats.alignment_set import AlignmentSet
-from safelora_ray.formats.peft_adapter import Adapter, output_digest, read_adapter, write_adapter
+from safelora_ray.formats.peft import Adapter, output_digest, read_adapter, write_adapter
 from safelora_ray.pipelines.sanitize.projection import (
     GroupKey,
     HolderLost,

@@ -39,9 +39,9 @@ import torch
 from safelora_ray.core.errors import ClusterError, ConfigError, SafeLoraError
 from safelora_ray.core.math_core import AlignmentMatrix, project_stack
 from safelora_ray.core.validate import env_number
+from safelora_ray.execution import REJOIN_TIMEOUT_S, WorkerContext, wait_back
 from safelora_ray.execution.device import to_host
 from safelora_ray.execution.placement import NodeInfo
-from safelora_ray.execution.workers import REJOIN_TIMEOUT_S, WorkerContext, wait_back
 from safelora_ray.formats.alignment_set import AlignmentSet
 
 logger = logging.getLogger(__name__)
@@ -360,8 +360,8 @@ def _ask_holder(holder: Any, timeout_s: float, fn: Callable[..., Any], *args: An
     holder dies mid-call, the call is made again once Ray has restarted it; if it does not
     come back within :data:`~safelora_ray.execution.workers.REJOIN_TIMEOUT_S`,
     :class:`HolderLost`."""
+    from safelora_ray.execution import WORKER_LOST, Relayed, relay
     from safelora_ray.execution.ray_utils import get_unwrapped
-    from safelora_ray.execution.workers import WORKER_LOST, Relayed, relay
 
     for attempt in (1, 2):
         ref = holder.call.options(concurrency_group="serve").remote(fn, *args)

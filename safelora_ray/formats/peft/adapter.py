@@ -40,7 +40,7 @@ from safelora_ray.core.errors import (
     SafeLoraError,
     SafetensorsFormatError,
 )
-from safelora_ray.formats.safetensors_io import (
+from safelora_ray.formats.safetensors import (
     MAX_HEADER_BYTES,
     SafetensorsHeader,
     SafetensorsWriter,
