@@ -72,6 +72,7 @@ from safelora_ray.execution.device import to_host
 from safelora_ray.execution.dispatch import Dispatcher, Policy, Task
 from safelora_ray.execution.prefetch import read_ahead
 from safelora_ray.execution.progress import Progress
+from safelora_ray.storage.cache import StorageCache
 from safelora_ray.storage import Storage, open_storage
 from safelora_ray.storage.base import check_uri
 from safelora_ray.execution import (
@@ -303,7 +304,7 @@ class ShardBuilder:
         self.out = open_storage(out_uri)
         self.device = device
         self.prefetch = prefetch
-        self._storages: dict[str, Storage] = {}
+        self._storages = StorageCache()
         self._reader: Iterator[_Fetched] | None = None
         self._next_file = -1
         self._pool = cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="safelora-read")
@@ -332,19 +333,14 @@ class ShardBuilder:
 
     def bytes_fetched(self) -> int:
         """Bytes read from source storages so far (their own counters)."""
-        return sum(s.bytes_read for s in self._storages.values())
-
-    def _storage(self, uri: str) -> Storage:
-        if uri not in self._storages:
-            self._storages[uri] = open_storage(uri)
-        return self._storages[uri]
+        return self._storages.bytes_read
 
     def _fetch(self, m: ModulePlan) -> _Fetched:
         """Read one module's base and aligned tensors (two threads), then hash them."""
         t0 = time.perf_counter()
         bufs = (self._buffers.get(m.base.nbytes), self._buffers.get(m.aligned.nbytes))
-        fb = self._pool.submit(read_ref, self._storage(m.base.uri), m.base, bufs[0])
-        fa = self._pool.submit(read_ref, self._storage(m.aligned.uri), m.aligned, bufs[1])
+        fb = self._pool.submit(read_ref, self._storages.get(m.base.uri), m.base, bufs[0])
+        fa = self._pool.submit(read_ref, self._storages.get(m.aligned.uri), m.aligned, bufs[1])
         (tb, bb), (ta, ba) = fb.result(), fa.result()
         digest = source_digest([bb, ba], self._hash_pool)
         return _Fetched(m, tb, ta, digest, time.perf_counter() - t0, bufs)

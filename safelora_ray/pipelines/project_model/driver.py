@@ -102,6 +102,7 @@ from safelora_ray.planning.plan import (
 from safelora_ray.reports.model import write_reports
 from safelora_ray.storage import Storage, open_storage
 from safelora_ray.storage.base import check_uri, split_uri
+from safelora_ray.storage.cache import StorageCache
 from safelora_ray.storage.guards import Output, check_outputs, probe_outputs
 from safelora_ray.storage.lease import hold_output
 from safelora_ray.storage.local import sweep_stale_writes  # killed writers' temps
@@ -435,7 +436,7 @@ class FileProjector:
         self.device = device
         self.aset = AlignmentSet.open(job.alignment_uri, expect=job.alignment_id)
         self.out = open_storage(job.out_uri)
-        self._storages: dict[str, Storage] = {}
+        self._storages = StorageCache()
         self._lock = threading.Lock()
         self._pool = cf.ThreadPoolExecutor(max_workers=3, thread_name_prefix="safelora-read")
         self._buffers = BufferPool(max_free=(job.prefetch + 2) * job.chunk_bytes)
@@ -446,24 +447,17 @@ class FileProjector:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _storage(self, uri: str) -> Storage:
-        with self._lock:  # one instance per URI: its byte counter is the one summed
-            st = self._storages.get(uri)
-            if st is None:
-                st = self._storages[uri] = open_storage(uri)
-            return st
-
     def bytes_fetched(self) -> int:
-        return sum(s.bytes_read for s in self._storages.values()) + self.aset.storage.bytes_read
+        return self._storages.bytes_read + self.aset.storage.bytes_read
 
     # -- reads (run in the read-ahead thread) ----------------------------------------------
     def _read_module(self, t: TargetPlan) -> _Module:
         """A module's fine-tuned and aligned weights and its alignment matrix (three ranged
         reads at once)."""
         ft_buf = self._module_buffers.get(t.ft.nbytes)
-        f_ft = self._pool.submit(read_ref, self._storage(t.ft.uri), t.ft, ft_buf)
+        f_ft = self._pool.submit(read_ref, self._storages.get(t.ft.uri), t.ft, ft_buf)
         al_buf = self._module_buffers.get(t.aligned.nbytes)
-        f_al = self._pool.submit(read_ref, self._storage(t.aligned.uri), t.aligned, al_buf)
+        f_al = self._pool.submit(read_ref, self._storages.get(t.aligned.uri), t.aligned, al_buf)
         f_m = self._pool.submit(self.aset.load, t.module, self.device)
         return _Module(t, f_ft.result()[0], ft_buf, f_al.result()[0], al_buf, f_m.result())
 
@@ -473,7 +467,7 @@ class FileProjector:
         self._module_buffers.put(m.aligned_buf)
 
     def _chunks(self, uri: str, path: str, start: int, end: int) -> Iterator[_Chunk]:
-        storage = self._storage(uri)
+        storage = self._storages.get(uri)
         pos = start
         while pos < end:
             n = min(self.job.chunk_bytes, end - pos)
@@ -551,7 +545,7 @@ class FileProjector:
         before, t0 = self.bytes_fetched(), time.perf_counter()
         rows: list[dict[str, Any]] = []
         timings = {"compute_s": 0.0, "write_s": 0.0}
-        storage = self._storage(ft_uri)
+        storage = self._storages.get(ft_uri)
 
         def computed(t: TargetPlan) -> bool:
             return selected is None or t.module in selected

@@ -80,8 +80,9 @@ from safelora_ray.pipelines.sanitize.projection import (
 )
 from safelora_ray.planning.catalog import CONFIG_FILE, AdapterRef, is_manifest, iter_catalog
 from safelora_ray.reports import ReportWriter, ledger_figures
-from safelora_ray.storage import Storage, open_storage
+from safelora_ray.storage import open_storage
 from safelora_ray.storage.base import check_uri, join_uri, overlap
+from safelora_ray.storage.cache import StorageCache
 from safelora_ray.storage.guards import Output, check_outputs, probe_outputs
 from safelora_ray.storage.lease import hold_output
 from safelora_ray.storage.local import STAGING_PREFIX, sweep_stale_writes
@@ -278,22 +279,13 @@ class FleetSanitizer:
         self.device = device
         self.force = force
         self.max_adapter_bytes = max_adapter_bytes
-        self._storages: dict[str, Storage] = {}
+        self._storages = StorageCache()
         self._own_engine: ProjectionEngine | None = None
         # process() may run in two threads at once (one batch reads while another computes):
         # the caches are filled under this lock.
         self._lock = threading.Lock()
 
     # -- helpers ---------------------------------------------------------------------------
-    def _storage(self, uri: str) -> Storage:
-        st = self._storages.get(uri)
-        if st is None:
-            with self._lock:
-                st = self._storages.get(uri)
-                if st is None:
-                    st = self._storages[uri] = open_storage(uri)
-        return st
-
     def _default_projector(self) -> Projector:
         with self._lock:
             if self._own_engine is None:
@@ -316,7 +308,7 @@ class FleetSanitizer:
 
     def _fingerprint(self, ref: AdapterRef) -> str | None:
         """Cheap change detector from object versions (no weight download)."""
-        st = self._storage(ref.uri)
+        st = self._storages.get(ref.uri)
         try:
             parts = [st.version(f"{ref.prefix}/{n}" if ref.prefix else n)
                      for n in ("adapter_config.json", "adapter_model.safetensors")]
@@ -397,7 +389,7 @@ class FleetSanitizer:
                         ledger, self._ledger_key(ledger.get("key", {}).get("content_digest")), ref):
                     _skip(row, ledger, "unchanged since the last run (ledger)", self.run_id)
                     continue
-                adapter = read_adapter(self._storage(ref.uri), ref.prefix, ref.adapter_id,
+                adapter = read_adapter(self._storages.get(ref.uri), ref.prefix, ref.adapter_id,
                                        max_bytes=self.max_adapter_bytes)
                 row["source_digest"] = adapter.digest
                 row["bytes_in"] = adapter.nbytes
@@ -503,7 +495,7 @@ class FleetSanitizer:
         # Written next to the outputs when they are local: then moved into place, not copied.
         tmp = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.out.scratch_dir())
         try:
-            files = write_adapter(adapter, new_b, tmp, self._storage(ref.uri), ref.prefix)
+            files = write_adapter(adapter, new_b, tmp, self._storages.get(ref.uri), ref.prefix)
             out_digest = output_digest(files)
             bytes_out = sum(os.path.getsize(p) for _, p in files)
             self.out.put_tree(ref.adapter_id, files, move=True)
