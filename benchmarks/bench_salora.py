@@ -107,7 +107,7 @@ def run_pass(model: Path, cal: Path, targets: tuple[str, ...], mode: str, dtype:
 
 def time_eigen(model: Path, sigma: torch.Tensor, module: str, rank: int,
                device: str) -> float:
-    from safelora_ray.core.math_core import safety_basis
+    from safelora_ray.core.safety_basis import safety_basis
     from safelora_ray.formats.checkpoint import Checkpoint, read_ref
 
     ckpt = Checkpoint.open(str(model))

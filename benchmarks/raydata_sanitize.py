@@ -157,7 +157,7 @@ class Holder:
         import ray
         import torch
 
-        from safelora_ray.core.math_core import full_precision_matmul
+        from safelora_ray.core.alignment import full_precision_matmul
         from safelora_ray.execution.ray_utils import pick_device
         from safelora_ray.pipelines.sanitize.projection import MatrixCache, ProjectionEngine, SetKey
 

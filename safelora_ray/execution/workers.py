@@ -44,9 +44,9 @@ from typing import Any, TypeVar
 import ray
 import torch
 
+from safelora_ray.core.alignment import full_precision_matmul
 from safelora_ray.core.errors import ClusterError, ConfigError
 from safelora_ray.core.interrupts import grace_left
-from safelora_ray.core.math_core import full_precision_matmul
 from safelora_ray.core.validate import env_number
 from safelora_ray.execution.placement import (
     NodeInfo,

@@ -31,8 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from safelora_ray.core.alignment import AlignmentMatrix
 from safelora_ray.core.errors import AlignmentSetError, NotFoundError, SafeLoraError
-from safelora_ray.core.math_core import AlignmentMatrix
 from safelora_ray.formats.integrity import (
     TENSOR_SCHEME,
     file_sha256,

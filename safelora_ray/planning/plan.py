@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from safelora_ray.core.alignment import Form, choose_form
 from safelora_ray.core.errors import CheckpointError, ConfigError
-from safelora_ray.core.math_core import Form, choose_form
 from safelora_ray.formats.checkpoint import Checkpoint, TensorRef
 
 logger = logging.getLogger(__name__)

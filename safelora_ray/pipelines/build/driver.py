@@ -56,7 +56,7 @@ from safelora_ray.formats.integrity import (  # noqa: F401 (the digest's scheme,
 )
 from safelora_ray.formats.integrity import tree_digest as source_digest
 from safelora_ray.formats.safetensors import SafetensorsWriter
-from safelora_ray.core.math_core import as_linear, check_norm, start_alignment
+from safelora_ray.core.alignment import as_linear, check_norm, start_alignment
 from safelora_ray.planning.plan import (
     DEFAULT_MAX_FILE_BYTES,
     DEFAULT_TARGETS,

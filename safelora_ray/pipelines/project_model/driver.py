@@ -53,16 +53,15 @@ from typing import Any
 import torch
 
 from safelora_ray._version import __version__
+from safelora_ray.core.alignment import AlignmentMatrix, as_linear
 from safelora_ray.core.errors import (
     CheckpointError,
     ConfigError,
     Interrupted,
     NotFoundError,
 )
-from safelora_ray.core.math_core import (
-    AlignmentMatrix,
+from safelora_ray.core.scores import (
     ResidualScore,
-    as_linear,
     residual_delta,
     residual_score,
     select_modules,

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from safelora_ray.core.errors import CheckpointError, ConfigError
-from safelora_ray.core.math_core import accumulate_second_moment
+from safelora_ray.core.safety_basis import accumulate_second_moment
 from safelora_ray.formats.checkpoint import Checkpoint, TensorRef, read_ref
 from safelora_ray.pipelines.salora.calibration import TokenizedSamples
 from safelora_ray.planning.plan import match_target

@@ -37,7 +37,7 @@ from safelora_ray.core.errors import (
     ConfigError,
     NotFoundError,
 )
-from safelora_ray.core.math_core import safety_basis
+from safelora_ray.core.safety_basis import safety_basis
 from safelora_ray.core.validate import check_at_least, check_positive, flag
 from safelora_ray.execution import (
     INLINE_MAX_BUILD_BYTES,

@@ -37,14 +37,14 @@ from safelora_ray.core.errors import (
     NotFoundError,
     SafeLoraError,
 )
-from safelora_ray.core.math_core import (
+from safelora_ray.core.redact import redact
+from safelora_ray.core.scores import (
     ModuleScore,
     lora_gram,
     pdst,
     scores_from_sums,
     select_modules,
 )
-from safelora_ray.core.redact import redact
 from safelora_ray.core.validate import (
     check_at_least,
     check_positive,

@@ -4,7 +4,7 @@ the one copy of the alignment set a GPU or a node keeps.
 An I/O worker groups a batch's modules by (module, dtype, rank): per group, the stacked B
 (n x d_out x r, in the adapters' dtype) and G = A Aᵀ (n x r x r, float64), all the rule needs
 of A at r/d_in of its size. The products are C B in B's dtype and the n x 4 score sums
-(:func:`~safelora_ray.core.math_core.gram_sums`). Where they are computed depends on the node:
+(:func:`~safelora_ray.core.scores.gram_sums`). Where they are computed depends on the node:
 
 - **GPU nodes**: the *holder* (one actor per GPU) keeps the set on its GPU, and the I/O
   workers send it their groups. A :class:`ProjectionService` coalesces the requests of every
@@ -36,8 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from safelora_ray.core.alignment import AlignmentMatrix
 from safelora_ray.core.errors import ClusterError, ConfigError, SafeLoraError
-from safelora_ray.core.math_core import AlignmentMatrix, project_stack
+from safelora_ray.core.scores import project_stack
 from safelora_ray.core.validate import env_number
 from safelora_ray.execution import REJOIN_TIMEOUT_S, WorkerContext, wait_back
 from safelora_ray.execution.device import to_host
