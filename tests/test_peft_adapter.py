@@ -1,4 +1,4 @@
-"""Tests of safelora_ray.formats.peft.adapter against real PEFT adapters (tiny Llama, offline)."""
+"""Tests of safelora_ray.formats.peft against real PEFT adapters (tiny Llama, offline)."""
 
 from __future__ import annotations
 

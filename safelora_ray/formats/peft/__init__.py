@@ -1,16 +1,21 @@
-"""peft: the public names of this package."""
+"""peft: the public names of this package.
 
-from safelora_ray.formats.peft.adapter import (
-    Adapter,
-    adapter_digest,
+``config`` (adapter_config.json checks, rank/alpha patterns), ``pairing`` (lora_A with lora_B),
+``read`` (read_adapter) and ``write`` (write_adapter) hold the code; import from here.
+"""
+
+from safelora_ray.formats.peft.config import (
     check_config,
     get_pattern_key,
-    is_weight_file,
-    output_digest,
-    read_adapter,
     resolve_rank_alpha,
-    write_adapter,
 )
+from safelora_ray.formats.peft.read import (
+    Adapter,
+    adapter_digest,
+    is_weight_file,
+    read_adapter,
+)
+from safelora_ray.formats.peft.write import output_digest, write_adapter
 
 __all__ = [
     "Adapter",

@@ -1,0 +1,252 @@
+"""Reading a PEFT LoRA adapter: both files with one whole-object read each, validated strictly
+and paired (SPEC §2: DoRA, non-LoRA PEFT types, embedding/conv LoRA, pickle-only adapters,
+lone or mis-ranked factors and non-finite values are refused with a message naming the
+adapter and the culprit).
+
+A PEFT LoRA adapter is a directory holding ``adapter_config.json`` and
+``adapter_model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from safelora_ray.core.errors import AdapterError, NotFoundError, SafeLoraError
+from safelora_ray.formats.peft.config import (
+    CONFIG_NAME,
+    MAX_CONFIG_BYTES,
+    PICKLE_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    _parse_config,
+    check_config,
+)
+from safelora_ray.formats.peft.pairing import LoraModule, _pair_modules
+from safelora_ray.formats.safetensors import (
+    TensorInfo,
+    buffer_tensor,
+    parse_buffer_header,
+    require_little_endian,
+)
+from safelora_ray.storage.base import Storage
+
+logger = logging.getLogger(__name__)
+
+#: Default cap on ``adapter_model.safetensors`` (read whole into memory).
+DEFAULT_MAX_ADAPTER_BYTES = 4 * 1024**3
+
+#: Suffixes of files that hold weights; they are listed as skipped and never opened (a pickle
+#: is code, and an unsanitized copy of the weights must not travel with the sanitized one).
+WEIGHT_SUFFIXES = (
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".pkl",
+    ".pickle",
+    ".safetensors",
+    ".gguf",
+    ".h5",
+    ".msgpack",
+)
+
+
+@dataclass
+class Adapter:
+    """A validated PEFT LoRA adapter held in memory.
+
+    Attributes:
+        adapter_id: Identifier used in messages and reports.
+        uri: The adapter directory's URI.
+        config: Parsed ``adapter_config.json``.
+        config_bytes: Its raw bytes (written back unchanged).
+        metadata: The safetensors ``__metadata__`` map, or None.
+        tensors: Every tensor of ``adapter_model.safetensors`` by name, in file order; views
+            into one buffer holding the file.
+        modules: LoRA modules by module name, in file order of their A tensor.
+        untouched: Names of tensors kept as they are (LoRA biases, ``modules_to_save``
+            weights, anything else that is not a lora_A/lora_B pair).
+        modules_to_save: Module names from the config's ``modules_to_save``.
+        extra_files: ``(path relative to the adapter, size)`` of the other non-weight files.
+        skipped_files: Relative paths of other weight files (never opened, never copied).
+        digest: ``sha256:<hex>`` over the config and weights bytes (see :func:`adapter_digest`).
+        base_model: The config's ``base_model_name_or_path`` (may be None).
+        nbytes: Size of ``adapter_model.safetensors`` in bytes.
+        tensor_infos: The header entry of every tensor (dtype string, shape, offsets).
+    """
+
+    adapter_id: str
+    uri: str
+    config: dict[str, Any]
+    config_bytes: bytes
+    metadata: dict[str, str] | None
+    tensors: dict[str, torch.Tensor]
+    modules: dict[str, LoraModule]
+    untouched: list[str]
+    modules_to_save: list[str]
+    extra_files: list[tuple[str, int]]
+    skipped_files: list[str]
+    digest: str
+    base_model: str | None
+    nbytes: int
+    tensor_infos: dict[str, TensorInfo] = field(default_factory=dict, repr=False)
+
+
+def read_adapter(
+    storage: Storage,
+    prefix: str,
+    adapter_id: str,
+    *,
+    max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
+) -> Adapter:
+    """Read, validate and pair one PEFT LoRA adapter.
+
+    Args:
+        storage: Where the adapter lives.
+        prefix: The adapter directory inside ``storage`` (``""`` for its root).
+        adapter_id: Name used in every message.
+        max_bytes: Largest ``adapter_model.safetensors`` accepted.
+
+    Returns:
+        The adapter, its tensors views into a single buffer holding the weights file.
+
+    Raises:
+        AdapterError: The adapter is missing, malformed or not covered by the rule; the
+            message starts with ``adapter '<adapter_id>':`` and names the file, tensor or
+            module at fault.
+    """
+    require_little_endian()
+    prefix = prefix.strip("/")
+    uri = storage.describe(prefix)
+
+    def fail(reason: str) -> AdapterError:
+        return AdapterError(f"adapter {adapter_id!r}: {reason}")
+
+    # One listing gives every file and its size; no per-file existence probes.
+    try:
+        listed = _list_dir(storage, prefix)
+    except SafeLoraError as e:
+        raise fail(f"cannot list {uri}: {e}") from e
+    sizes = dict(listed)
+
+    if CONFIG_NAME not in sizes:
+        raise fail(f"{CONFIG_NAME} is missing in {uri}")
+    config_path = posixpath.join(prefix, CONFIG_NAME)
+    try:
+        config_bytes = storage.read(config_path, max_bytes=MAX_CONFIG_BYTES)
+    except SafeLoraError as e:
+        raise fail(f"cannot read {CONFIG_NAME}: {e}") from e
+    config = _parse_config(config_bytes, fail)
+    check_config(config, fail)
+
+    if WEIGHTS_NAME not in sizes:
+        if PICKLE_WEIGHTS_NAME in sizes:
+            raise fail(
+                f"pickle-only adapter: {uri} has {PICKLE_WEIGHTS_NAME} but no {WEIGHTS_NAME}; "
+                "pickles are never unpickled; convert the adapter to safetensors"
+            )
+        # Listings skip what the storage refuses to serve (a symlink out of its root): name
+        # the reason rather than calling the file missing.
+        try:
+            storage.size(posixpath.join(prefix, WEIGHTS_NAME))
+        except NotFoundError:
+            pass
+        except SafeLoraError as e:
+            raise fail(f"cannot read {WEIGHTS_NAME}: {e}") from e
+        raise fail(f"{WEIGHTS_NAME} is missing in {uri}")
+
+    weights_path = posixpath.join(prefix, WEIGHTS_NAME)
+    weights_uri = storage.describe(weights_path)
+    size = sizes[WEIGHTS_NAME]
+    if size > max_bytes:
+        raise fail(f"{WEIGHTS_NAME} is {size} bytes, more than the {max_bytes} allowed")
+    # A bytearray (not bytes) so the tensor views are writable; filled by one read.
+    buf = bytearray(size)
+    try:
+        if size:
+            storage.read_into(weights_path, 0, memoryview(buf))
+    except SafeLoraError as e:
+        raise fail(f"cannot read {WEIGHTS_NAME}: {e}") from e
+    try:
+        header = parse_buffer_header(buf, weights_path, weights_uri)
+    except SafeLoraError as e:
+        raise fail(f"{WEIGHTS_NAME} is not a valid safetensors file: {e}") from e
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, info in header.tensors.items():
+        try:
+            tensors[name] = buffer_tensor(buf, weights_uri, info)
+        except SafeLoraError as e:
+            raise fail(f"{WEIGHTS_NAME}: {e}") from e
+
+    modules, untouched = _pair_modules(config, header, tensors, fail)
+
+    extra_files: list[tuple[str, int]] = []
+    skipped_files: list[str] = []
+    for rel, n in listed:
+        if rel in (CONFIG_NAME, WEIGHTS_NAME):
+            continue
+        if is_weight_file(rel):
+            skipped_files.append(rel)
+        else:
+            extra_files.append((rel, n))
+    if skipped_files:
+        logger.info(
+            "adapter %r: not opening weight file(s) %s (only %s is read)",
+            adapter_id,
+            ", ".join(skipped_files),
+            WEIGHTS_NAME,
+        )
+
+    return Adapter(
+        adapter_id=adapter_id,
+        uri=uri,
+        config=config,
+        config_bytes=config_bytes,
+        metadata=header.metadata,
+        tensors=tensors,
+        modules=modules,
+        untouched=untouched,
+        modules_to_save=list(config.get("modules_to_save") or []),
+        extra_files=extra_files,
+        skipped_files=skipped_files,
+        digest=adapter_digest(config_bytes, buf),
+        base_model=config.get("base_model_name_or_path"),
+        nbytes=size,
+        tensor_infos=dict(header.tensors),
+    )
+
+
+def is_weight_file(path: str) -> bool:
+    """Whether ``path`` names a weights file (by suffix, case-insensitively)."""
+    return path.lower().endswith(WEIGHT_SUFFIXES)
+
+
+def adapter_digest(config_bytes: bytes | memoryview, weights_bytes: bytes | bytearray) -> str:
+    """``sha256:<hex>`` over the framed config and weights bytes.
+
+    The framing (``adapter_config.json\\0`` + config + ``\\0adapter_model.safetensors\\0`` +
+    weights) keeps the two parts from being confused with each other.
+    """
+    h = hashlib.sha256()
+    h.update(CONFIG_NAME.encode() + b"\0")
+    h.update(config_bytes)
+    h.update(b"\0" + WEIGHTS_NAME.encode() + b"\0")
+    h.update(memoryview(weights_bytes))
+    return "sha256:" + h.hexdigest()
+
+
+def _list_dir(storage: Storage, prefix: str) -> list[tuple[str, int]]:
+    """``(path relative to prefix, size)`` of every object under the directory ``prefix``."""
+    out: list[tuple[str, int]] = []
+    cut = len(prefix) + 1 if prefix else 0
+    for obj in storage.list(prefix):
+        if prefix and not obj.path.startswith(prefix + "/"):
+            continue  # a sibling that merely shares the name's beginning
+        out.append((obj.path[cut:], obj.size))
+    return out

@@ -1,0 +1,150 @@
+"""Writing the sanitized copy of a PEFT LoRA adapter: the same tensors, dtypes and metadata with
+some B replaced, the config byte for byte, and the adapter's other non-weight files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import posixpath
+import shutil
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from safelora_ray.core.errors import AdapterError, SafeLoraError
+from safelora_ray.formats.peft.config import CONFIG_NAME, WEIGHTS_NAME, Fail
+from safelora_ray.formats.peft.pairing import _first_non_finite
+from safelora_ray.formats.peft.read import Adapter
+from safelora_ray.formats.safetensors import SafetensorsWriter
+from safelora_ray.storage.base import Storage, normalize_relpath
+
+logger = logging.getLogger(__name__)
+
+
+def write_adapter(
+    adapter: Adapter,
+    new_b: Mapping[str, torch.Tensor],
+    out_dir: str,
+    storage_for_extras: Storage | None,
+    prefix: str,
+) -> list[tuple[str, str]]:
+    """Write the sanitized adapter into the local directory ``out_dir``.
+
+    ``adapter_model.safetensors`` gets the input's tensors in the input's order, dtypes and
+    ``__metadata__``, with lora_B of each module in ``new_b`` replaced (cast to B's dtype);
+    every other tensor keeps its exact bytes. ``adapter_config.json`` is copied byte for byte,
+    and the extra (non-weight) files are copied from ``storage_for_extras``. Skipped weight
+    files are not copied: they would carry unsanitized weights.
+
+    Args:
+        adapter: The adapter as read by :func:`read_adapter`.
+        new_b: Replacement B per module name (any float dtype, any device).
+        out_dir: Local directory to write into (created if needed).
+        storage_for_extras: Storage the adapter was read from, to copy its extra files;
+            None to copy none.
+        prefix: The adapter directory inside ``storage_for_extras``.
+
+    Returns:
+        ``(relative path, local path)`` pairs in publish order, ``adapter_config.json`` last
+        (its presence marks an adapter as complete).
+
+    Raises:
+        AdapterError: ``new_b`` names an unknown module, has a wrong shape, or becomes
+            non-finite in B's dtype; or an extra file cannot be copied.
+    """
+
+    def fail(reason: str) -> AdapterError:
+        return AdapterError(f"adapter {adapter.adapter_id!r}: {reason}")
+
+    replaced: dict[str, torch.Tensor] = {}
+    for module, b in new_b.items():
+        mod = adapter.modules.get(module)
+        if mod is None:
+            raise fail(f"no LoRA module {module!r} to replace B of")
+        if tuple(b.shape) != tuple(mod.b.shape):
+            raise fail(
+                f"module {module!r}: new lora_B has shape {list(b.shape)}, expected "
+                f"{list(mod.b.shape)}"
+            )
+        replaced[mod.b_key] = b.detach().to(device="cpu", dtype=mod.b.dtype).contiguous()
+    bad = _first_non_finite(replaced)
+    if bad is not None:
+        mod = next(m for m in adapter.modules.values() if m.b_key == bad)
+        raise fail(f"module {mod.module!r}: new lora_B has non-finite values in {mod.b.dtype}")
+
+    os.makedirs(out_dir, exist_ok=True)
+    files: list[tuple[str, str]] = []
+
+    weights_local = os.path.join(out_dir, WEIGHTS_NAME)
+    layout = [(name, info.dtype, info.shape) for name, info in adapter.tensor_infos.items()]
+    with SafetensorsWriter(weights_local, layout, adapter.metadata) as writer:
+        for name in writer.tensors:
+            writer.write(name, replaced.get(name, adapter.tensors[name]))
+    files.append((WEIGHTS_NAME, weights_local))
+
+    if storage_for_extras is not None:
+        prefix = prefix.strip("/")
+        for rel, size in adapter.extra_files:
+            try:
+                rel_ok = normalize_relpath(rel)
+            except SafeLoraError as e:
+                raise fail(f"extra file {rel!r} has an unsafe path: {e}") from e
+            if not rel_ok:
+                continue
+            local = os.path.join(out_dir, *rel_ok.split("/"))
+            _copy_extra(storage_for_extras, posixpath.join(prefix, rel_ok), size, local, fail)
+            files.append((rel_ok, local))
+
+    config_local = os.path.join(out_dir, CONFIG_NAME)
+    with open(config_local, "wb") as f:
+        f.write(adapter.config_bytes)
+    files.append((CONFIG_NAME, config_local))
+    return files
+
+
+def _copy_extra(storage: Storage, path: str, size: int, local: str, fail: Fail) -> None:
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    try:
+        src = storage.local_path(path)
+        if src is not None:
+            shutil.copyfile(src, local)
+        else:
+            # Extras are small (README, tokenizer files); allow some growth since listing.
+            data = storage.read(path, max_bytes=max(size, 1) * 2 + 1024**2)
+            with open(local, "wb") as f:
+                f.write(data)
+    except (OSError, SafeLoraError) as e:
+        raise fail(f"cannot copy extra file {storage.describe(path)}: {e}") from e
+
+
+def output_digest(files: Sequence[tuple[str, str]]) -> str:
+    """The :func:`adapter_digest` of a written adapter, from :func:`write_adapter`'s result.
+
+    Args:
+        files: ``(relative path, local path)`` pairs including the config and the weights.
+
+    Returns:
+        ``sha256:<hex>``, equal to :attr:`Adapter.digest` of the adapter read back.
+
+    Raises:
+        AdapterError: ``files`` lacks the config or the weights.
+    """
+    paths = dict(files)
+    for need in (CONFIG_NAME, WEIGHTS_NAME):
+        if need not in paths:
+            raise AdapterError(f"written adapter files lack {need}: {sorted(paths)}")
+    h = hashlib.sha256()
+    h.update(CONFIG_NAME.encode() + b"\0")
+    _hash_file(h, paths[CONFIG_NAME])
+    h.update(b"\0" + WEIGHTS_NAME.encode() + b"\0")
+    _hash_file(h, paths[WEIGHTS_NAME])
+    return "sha256:" + h.hexdigest()
+
+
+def _hash_file(h: Any, path: str) -> None:
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * 1024 * 1024):
+            h.update(chunk)
