@@ -30,7 +30,7 @@ from safelora_ray import AlignmentSet, BuildConfig, ConfigError, SanitizeConfig,
 from safelora_ray.cli.demo import BASE_MODEL_ID, write_adapter, write_model
 from safelora_ray.cli.main import main as cli_main
 from safelora_ray.core.validate import check_selection
-from safelora_ray.storage.base import check_uri, overlap
+from safelora_ray.storage.uri import check_uri, overlap
 from tests.factory import Arch, aligned_from, llama_tensors
 
 REPO = Path(__file__).resolve().parents[1]

@@ -32,7 +32,8 @@ from safelora_ray.formats.safetensors import (
     save_tensors,
     serialize,
 )
-from safelora_ray.storage.base import ObjectInfo, Storage, open_storage
+from safelora_ray.storage import open_storage
+from safelora_ray.storage.base import ObjectInfo, Storage
 
 # -- helpers ---------------------------------------------------------------------------------
 

@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from safelora_ray.core.errors import ConfigError, NotFoundError, StorageError
+from safelora_ray.storage import Storage, open_storage
 from safelora_ray.storage import hf as hf_mod
-from safelora_ray.storage.base import Storage, open_storage
 from safelora_ray.storage.hf import HfStorage
 from safelora_ray.storage.local import LocalStorage
 from safelora_ray.storage.s3 import S3Storage

@@ -60,9 +60,9 @@ from safelora_ray.planning.catalog import (
 from safelora_ray.planning.plan import parse_targets
 from safelora_ray.reports import nightly_page, text_summary
 from safelora_ray.storage import open_storage
-from safelora_ray.storage.base import check_uri, join_uri, refuse_overlap
 from safelora_ray.storage.guards import Output, check_outputs, probe_outputs
 from safelora_ray.storage.lease import DEFAULT_TTL_S, Lease
+from safelora_ray.storage.uri import check_uri, join_uri, refuse_overlap
 
 logger = logging.getLogger(__name__)
 

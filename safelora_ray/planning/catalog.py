@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from safelora_ray.core.errors import ConfigError, NotFoundError, StorageError
 from safelora_ray.storage import Storage, open_storage
-from safelora_ray.storage.base import check_uri, split_uri
 from safelora_ray.storage.local import LocalStorage
+from safelora_ray.storage.uri import check_uri, split_uri
 
 logger = logging.getLogger(__name__)
 

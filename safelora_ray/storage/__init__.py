@@ -5,6 +5,8 @@ size, ranged read, listing, and atomic put. Paths passed to a storage are relati
 root URI and always use ``/``.
 """
 
-from safelora_ray.storage.base import Storage, join_uri, open_storage, split_uri
+from safelora_ray.storage.base import Storage
+from safelora_ray.storage.registry import open_storage
+from safelora_ray.storage.uri import join_uri, split_uri
 
 __all__ = ["Storage", "join_uri", "open_storage", "split_uri"]

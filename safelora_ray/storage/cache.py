@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 
-from safelora_ray.storage.base import Storage, open_storage
+from safelora_ray.storage.base import Storage
+from safelora_ray.storage.registry import open_storage
 
 
 class StorageCache:

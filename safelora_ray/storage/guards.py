@@ -16,7 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from safelora_ray.core.errors import ConfigError, StorageError
-from safelora_ray.storage.base import check_uri, open_storage, refuse_overlap, split_uri
+from safelora_ray.storage.registry import open_storage
+from safelora_ray.storage.uri import check_uri, refuse_overlap, split_uri
 
 logger = logging.getLogger(__name__)
 

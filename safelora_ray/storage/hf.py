@@ -19,14 +19,15 @@ import huggingface_hub.constants
 from huggingface_hub import HfApi, HfFileSystem
 
 from safelora_ray.core.errors import NotFoundError, StorageError
-from safelora_ray.storage.base import ObjectInfo, Storage, normalize_relpath
-from safelora_ray.storage.local import (
+from safelora_ray.storage.base import ObjectInfo, Storage
+from safelora_ray.storage.localfs import (
     as_byte_view,
     check_range,
     read_into_fd,
     read_range_fd,
     walk_sorted,
 )
+from safelora_ray.storage.uri import normalize_relpath
 
 logger = logging.getLogger(__name__)
 

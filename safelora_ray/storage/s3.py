@@ -22,8 +22,9 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
 from safelora_ray.core.errors import NotFoundError, StorageError
-from safelora_ray.storage.base import ObjectInfo, Storage, normalize_relpath
-from safelora_ray.storage.local import as_byte_view, check_range
+from safelora_ray.storage.base import ObjectInfo, Storage
+from safelora_ray.storage.localfs import as_byte_view, check_range
+from safelora_ray.storage.uri import normalize_relpath
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,9 @@ class S3Storage(Storage):
 
     def __repr__(self) -> str:
         return f"S3Storage({self.uri!r})"
+
+    def __reduce__(self):  # re-open on the other side instead of pickling the client
+        return (S3Storage, (f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket,))
 
     # -- plumbing ----------------------------------------------------------------------------
     @property

@@ -19,7 +19,8 @@ from safelora_ray.formats.peft.config import CONFIG_NAME, WEIGHTS_NAME, Fail
 from safelora_ray.formats.peft.pairing import _first_non_finite
 from safelora_ray.formats.peft.read import Adapter
 from safelora_ray.formats.safetensors import SafetensorsWriter
-from safelora_ray.storage.base import Storage, normalize_relpath
+from safelora_ray.storage.base import Storage
+from safelora_ray.storage.uri import normalize_relpath
 
 logger = logging.getLogger(__name__)
 

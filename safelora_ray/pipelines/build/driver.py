@@ -74,7 +74,7 @@ from safelora_ray.execution.prefetch import read_ahead
 from safelora_ray.execution.progress import Progress
 from safelora_ray.storage.cache import StorageCache
 from safelora_ray.storage import Storage, open_storage
-from safelora_ray.storage.base import check_uri
+from safelora_ray.storage.uri import check_uri
 from safelora_ray.execution import (
     INLINE_MAX_BUILD_BYTES,
     WORKER_LOST,

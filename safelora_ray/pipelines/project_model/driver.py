@@ -100,11 +100,11 @@ from safelora_ray.planning.plan import (
 )
 from safelora_ray.reports.model import write_reports
 from safelora_ray.storage import Storage, open_storage
-from safelora_ray.storage.base import check_uri, split_uri
 from safelora_ray.storage.cache import StorageCache
 from safelora_ray.storage.guards import Output, check_outputs, probe_outputs
 from safelora_ray.storage.lease import hold_output
 from safelora_ray.storage.local import sweep_stale_writes  # killed writers' temps
+from safelora_ray.storage.uri import check_uri, split_uri
 
 logger = logging.getLogger(__name__)
 

@@ -79,8 +79,8 @@ from safelora_ray.planning.plan import (
     parse_targets,
 )
 from safelora_ray.storage import Storage, open_storage
-from safelora_ray.storage.base import check_uri
 from safelora_ray.storage.guards import Output, check_outputs, probe_outputs
+from safelora_ray.storage.uri import check_uri
 
 logger = logging.getLogger(__name__)
 

@@ -81,11 +81,11 @@ from safelora_ray.pipelines.sanitize.projection import (
 from safelora_ray.planning.catalog import CONFIG_FILE, AdapterRef, is_manifest, iter_catalog
 from safelora_ray.reports import ReportWriter, ledger_figures
 from safelora_ray.storage import open_storage
-from safelora_ray.storage.base import check_uri, join_uri, overlap
 from safelora_ray.storage.cache import StorageCache
 from safelora_ray.storage.guards import Output, check_outputs, probe_outputs
 from safelora_ray.storage.lease import hold_output
 from safelora_ray.storage.local import STAGING_PREFIX, sweep_stale_writes
+from safelora_ray.storage.uri import check_uri, join_uri, overlap
 
 logger = logging.getLogger(__name__)
 
