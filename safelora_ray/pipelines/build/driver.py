@@ -48,7 +48,7 @@ from safelora_ray.formats.alignment_set import (
     publish,
     read_metadata,
 )
-from safelora_ray.formats.checkpoint import CONFIG_FILE, Checkpoint, read_ref
+from safelora_ray.formats.checkpoint import Checkpoint, read_ref
 from safelora_ray.formats.integrity import (  # noqa: F401 (the digest's scheme, re-exported)
     DIGEST_CHUNK,
     DIGEST_SCHEME,
@@ -67,6 +67,7 @@ from safelora_ray.planning.plan import (
     plan_build,
     shard_modules,
 )
+from safelora_ray.planning.provenance import same_inputs
 from safelora_ray.execution.buffers import BufferPool
 from safelora_ray.execution.device import to_host
 from safelora_ray.execution.dispatch import Dispatcher, Policy, Task
@@ -477,21 +478,6 @@ def end_build(ctx: WorkerContext, build_id: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _config_file(ckpt: Checkpoint) -> set[str]:
-    return {CONFIG_FILE} if ckpt.model_config() is not None else set()
-
-
-def _same_inputs(existing: dict[str, Any], proposed: dict[str, Any]) -> bool:
-    keys = ("targets", "method")
-    if any(existing.get(k) != proposed.get(k) for k in keys):
-        return False
-    for side in ("base", "aligned"):
-        a, b = existing.get(side, {}), proposed.get(side, {})
-        if a.get("files") != b.get("files") or a.get("revision") != b.get("revision"):
-            return False
-    return True
-
-
 def build(config: BuildConfig) -> BuildResult:
     """Build an alignment set (SPEC §1) on Ray.
 
@@ -516,17 +502,16 @@ def build(config: BuildConfig) -> BuildResult:
     method = config.projection_spec.method()
     # The weights files read, and config.json where there is one: it decides each weight's
     # orientation (a corrected model_type must not reuse a set built the other way).
-    base_files = {m.base.path for m in plan.modules} | _config_file(base)
-    aligned_files = {m.aligned.path for m in plan.modules} | _config_file(aligned)
     proposed = {
         "targets": list(plan.targets),
         "method": method,
-        "base": base.source_info(base_files),
-        "aligned": aligned.source_info(aligned_files),
+        "base": base.source_info({m.base.path for m in plan.modules}, config=True),
+        "aligned": aligned.source_info({m.aligned.path for m in plan.modules}, config=True),
     }
     existing = read_metadata(out)
     if existing is not None:
-        if _same_inputs(existing, proposed):
+        if same_inputs(existing, proposed, equal=("targets", "method"),
+                       sources=("base", "aligned")):
             logger.info("%s already holds this alignment set (%s); reusing it",
                         out.uri, existing["content_id"])
             return BuildResult(out.uri, existing["content_id"], existing["num_modules"],
