@@ -1,4 +1,5 @@
-"""Build planning: which tensors to read, paired and checked, split into balanced shards.
+"""Build planning: the target weights of the base and aligned checkpoints, paired and checked
+(:mod:`safelora_ray.planning.targets`), their stored forms, split into balanced shards.
 
 Source URI → :class:`Checkpoint` (index + headers only) → :class:`BuildPlan`. Nothing here
 reads tensor data.

@@ -173,7 +173,9 @@ def weight_layouts(ckpts: Sequence[Checkpoint], modules: Iterable[str]) -> dict[
 
 @dataclass(frozen=True)
 class Side:
-    """One checkpoint of a pair, as error messages name it (``base``, ``the fine-tune``)."""
+    """One checkpoint of a pair and the word error messages name it by: "shape … in
+    <role> <uri>" (``base``, ``the fine-tune``); :func:`check_same_targets` also says "the
+    <role> model"."""
 
     ckpt: Checkpoint
     role: str
