@@ -325,7 +325,7 @@ def test_killed_worker(llama: dict[str, Any], tmp_path: Path, monkeypatch) -> No
     flag.mkdir()
 
     def die_mid_file(fn, args):
-        import safelora_ray.pipelines.project_model.driver as fm
+        import safelora_ray.pipelines.project_model.worker as fm
 
         if fn.__name__ == "write_file" and not getattr(fm, "_crashy", False):
             real = fm._write_bytes

@@ -93,6 +93,9 @@ class Policy:
         lost_errors: The errors that mean "the worker died", not "the task failed".
         mark_lost: Tells the executor which worker died (default ``ex.lost(i)``); returns
             whether it comes back.
+        mark_last_loss: Whether a task out of attempts (not under ``isolate``) still tells
+            the executor (which waits for the worker to come back) before ``on_failed``;
+            False: ``on_failed`` at once.
     """
 
     what: str
@@ -106,6 +109,7 @@ class Policy:
     plan_node: Callable[[Any], list[Any]] | None = None
     lost_errors: tuple[type[BaseException], ...] = WORKER_LOST
     mark_lost: Callable[[Any, int, BaseException], bool] | None = None
+    mark_last_loss: bool = True
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
@@ -233,6 +237,9 @@ class Dispatcher:
 
     def _lost(self, i: int, task: Task, error: BaseException, on_failed: OnFailed) -> None:
         p = self.policy
+        if not p.mark_last_loss and not p.isolate and task.runs >= p.attempts:
+            on_failed(task, error)  # not run again: no need to wait for its worker
+            return
         back = p.mark_lost(self.ex, i, error) if p.mark_lost else self.ex.lost(i)
         if p.isolate:
             if task.alone:

@@ -185,11 +185,18 @@ class Checkpoint:
             files.add(INDEX_FILE)
         return {p: self.storage.version(p) for p in sorted(files)}
 
-    def source_info(self, paths: set[str] | None = None) -> dict[str, Any]:
+    def source_info(self, paths: set[str] | None = None, *,
+                    config: bool = False) -> dict[str, Any]:
         """What identifies this checkpoint as an input: URI, layout, the version of the index
-        and of the given files (default: every weights file), the Hub revision if any."""
+        and of the given files (default: every weights file), the Hub revision if any.
+
+        ``config``: ``config.json`` too, where there is one (it decides how the weights are
+        read: a corrected ``model_type`` is another input)."""
+        files = set(paths if paths is not None else self.weight_map.values())
+        if config and self.model_config() is not None:
+            files.add(CONFIG_FILE)
         info: dict[str, Any] = {"uri": self.uri, "layout": self.layout,
-                                "files": self.versions(paths)}
+                                "files": self.versions(files)}
         commit = getattr(self.storage, "commit", None)
         if commit:
             info["revision"] = commit

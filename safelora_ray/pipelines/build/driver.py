@@ -1,8 +1,8 @@
 """Alignment-set build on Ray: plan on the driver, one worker per shard of layers.
 
-Each worker (a :class:`~safelora_ray.execution.workers.SafeLoraWorker` actor, or this process for a
-small pair: see :mod:`safelora_ray.execution.workers`) streams its modules: a reader thread fetches the
-next modules' base and aligned tensors (ranged reads) while the current one is computed, so a
+Each worker (a :class:`~safelora_ray.execution.workers.SafeLoraWorker` actor, or this
+process for a small pair: see :mod:`safelora_ray.execution.workers`) streams its modules: a
+reader thread fetches the next modules' base and aligned tensors (ranged reads) while the current one is computed, so a
 worker holds only a few modules in memory whatever the model size. Output files are written
 to a local temp file with a precomputed safetensors header, then published atomically;
 ``manifest.parquet`` and, last, ``alignment.json`` are written by the driver once every shard
@@ -11,7 +11,6 @@ is in place.
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures as cf
 import contextlib
 import dataclasses
@@ -30,8 +29,7 @@ from typing import Any
 import torch
 
 from safelora_ray._version import __version__
-from safelora_ray.core.validate import check_at_least, check_positive, flag
-from safelora_ray.storage.guards import Output, check_outputs, probe_outputs
+from safelora_ray.core.alignment import as_linear, check_norm, start_alignment
 from safelora_ray.core.errors import (
     AlignmentSetError,
     CheckpointError,
@@ -39,6 +37,18 @@ from safelora_ray.core.errors import (
     ConfigError,
     Interrupted,
 )
+from safelora_ray.core.validate import check_at_least, check_positive, flag
+from safelora_ray.execution import (
+    INLINE_MAX_BUILD_BYTES,
+    WorkerContext,
+    open_executor,
+    resolve_workers,
+)
+from safelora_ray.execution.buffers import BufferPool
+from safelora_ray.execution.device import to_host
+from safelora_ray.execution.dispatch import Dispatcher, Policy, Task
+from safelora_ray.execution.prefetch import read_ahead
+from safelora_ray.execution.progress import Progress
 from safelora_ray.formats.alignment_set import (
     FORMAT,
     FORMAT_VERSION,
@@ -48,7 +58,7 @@ from safelora_ray.formats.alignment_set import (
     publish,
     read_metadata,
 )
-from safelora_ray.formats.checkpoint import CONFIG_FILE, Checkpoint, read_ref
+from safelora_ray.formats.checkpoint import Checkpoint, read_ref
 from safelora_ray.formats.integrity import (  # noqa: F401 (the digest's scheme, re-exported)
     DIGEST_CHUNK,
     DIGEST_SCHEME,
@@ -56,7 +66,6 @@ from safelora_ray.formats.integrity import (  # noqa: F401 (the digest's scheme,
 )
 from safelora_ray.formats.integrity import tree_digest as source_digest
 from safelora_ray.formats.safetensors import SafetensorsWriter
-from safelora_ray.core.alignment import as_linear, check_norm, start_alignment
 from safelora_ray.planning.plan import (
     DEFAULT_MAX_FILE_BYTES,
     DEFAULT_TARGETS,
@@ -67,22 +76,11 @@ from safelora_ray.planning.plan import (
     plan_build,
     shard_modules,
 )
-from safelora_ray.execution.buffers import BufferPool
-from safelora_ray.execution.device import to_host
-from safelora_ray.execution.dispatch import Dispatcher, Policy, Task
-from safelora_ray.execution.prefetch import read_ahead
-from safelora_ray.execution.progress import Progress
+from safelora_ray.planning.provenance import same_inputs
+from safelora_ray.storage import open_storage
 from safelora_ray.storage.cache import StorageCache
-from safelora_ray.storage import Storage, open_storage
+from safelora_ray.storage.guards import Output, check_outputs, probe_outputs
 from safelora_ray.storage.uri import check_uri
-from safelora_ray.execution import (
-    INLINE_MAX_BUILD_BYTES,
-    WORKER_LOST,
-    WorkerContext,
-    open_executor,
-    resolve_workers,
-    wind_down,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -477,21 +475,6 @@ def end_build(ctx: WorkerContext, build_id: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _config_file(ckpt: Checkpoint) -> set[str]:
-    return {CONFIG_FILE} if ckpt.model_config() is not None else set()
-
-
-def _same_inputs(existing: dict[str, Any], proposed: dict[str, Any]) -> bool:
-    keys = ("targets", "method")
-    if any(existing.get(k) != proposed.get(k) for k in keys):
-        return False
-    for side in ("base", "aligned"):
-        a, b = existing.get(side, {}), proposed.get(side, {})
-        if a.get("files") != b.get("files") or a.get("revision") != b.get("revision"):
-            return False
-    return True
-
-
 def build(config: BuildConfig) -> BuildResult:
     """Build an alignment set (SPEC §1) on Ray.
 
@@ -516,17 +499,16 @@ def build(config: BuildConfig) -> BuildResult:
     method = config.projection_spec.method()
     # The weights files read, and config.json where there is one: it decides each weight's
     # orientation (a corrected model_type must not reuse a set built the other way).
-    base_files = {m.base.path for m in plan.modules} | _config_file(base)
-    aligned_files = {m.aligned.path for m in plan.modules} | _config_file(aligned)
     proposed = {
         "targets": list(plan.targets),
         "method": method,
-        "base": base.source_info(base_files),
-        "aligned": aligned.source_info(aligned_files),
+        "base": base.source_info({m.base.path for m in plan.modules}, config=True),
+        "aligned": aligned.source_info({m.aligned.path for m in plan.modules}, config=True),
     }
     existing = read_metadata(out)
     if existing is not None:
-        if _same_inputs(existing, proposed):
+        if same_inputs(existing, proposed, equal=("targets", "method"),
+                       sources=("base", "aligned")):
             logger.info("%s already holds this alignment set (%s); reusing it",
                         out.uri, existing["content_id"])
             return BuildResult(out.uri, existing["content_id"], existing["num_modules"],
