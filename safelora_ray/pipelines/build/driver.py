@@ -3,10 +3,10 @@
 Each worker (a :class:`~safelora_ray.execution.workers.SafeLoraWorker` actor, or this
 process for a small pair: see :mod:`safelora_ray.execution.workers`) streams its modules: a
 reader thread fetches the next modules' base and aligned tensors (ranged reads) while the
-current one is computed, so a worker holds only a few modules in memory whatever the model size. Output files are written
-to a local temp file with a precomputed safetensors header, then published atomically;
-``manifest.parquet`` and, last, ``alignment.json`` are written by the driver once every shard
-is in place.
+current one is computed, so a worker holds only a few modules in memory whatever the model
+size. Output files are written to a local temp file with a precomputed safetensors header,
+then published atomically; ``manifest.parquet`` and, last, ``alignment.json`` are written by
+the driver once every shard is in place.
 """
 
 from __future__ import annotations
