@@ -14,9 +14,10 @@ Placement, in order:
    for an idle worker, no new task is handed out.
 2. Retried tasks go next, then new tasks in the order the pipeline gives them.
 3. A task pinned to a worker (``Task.pin``: state lives there, e.g. a shard's open writer)
-   goes to that worker, or to the one that took its place if the worker was lost for good.
-   Any other task goes to the least loaded usable worker of ``Policy.role`` with fewer than
-   ``Policy.in_flight`` tasks.
+   goes to that worker, or to the one that took its place if the worker was lost for good;
+   ``Policy.in_flight`` does not limit it (the worker's concurrency group orders its calls),
+   but it waits while its worker runs a task alone. Any other task goes to the least loaded
+   usable worker of ``Policy.role`` with fewer than ``Policy.in_flight`` tasks.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from safelora_ray.core.errors import ClusterError
-from safelora_ray.execution import WORKER_LOST, wind_down
+from safelora_ray.execution.actor import WORKER_LOST
+from safelora_ray.execution.executor import Executor, wind_down
 
 logger = logging.getLogger(__name__)
 
@@ -60,18 +62,8 @@ class Task:
     alone: bool = field(default=False, init=False)
 
 
-class WorkerPool(Protocol):
-    """What the dispatcher needs of an executor (:mod:`safelora_ray.execution.workers`)."""
-
-    in_process: bool
-
-    def usable(self, role: str | None = None) -> list[int]: ...
-    def alive(self, role: str | None = None) -> list[int]: ...
-    def submit(self, i: int, fn: Callable[..., Any], *args: Any, group: str = "batch") -> Any: ...
-    def wait(self, handles: list[Any], timeout_s: float, what: str) -> Any | None: ...
-    def result(self, handle: Any, timeout_s: float) -> Any: ...
-    def lost(self, i: int, gone: str | None = None) -> bool: ...
-    def grow(self, plan_node: Callable[[Any], list[Any]]) -> int: ...
+#: What the dispatcher needs of an executor: the one executor interface.
+WorkerPool = Executor
 
 
 @dataclass(frozen=True)
@@ -128,7 +120,7 @@ def _give_up(task: Task, error: BaseException) -> None:
 class Dispatcher:
     """Runs tasks on an executor's workers under a :class:`Policy`."""
 
-    def __init__(self, ex: WorkerPool, policy: Policy) -> None:
+    def __init__(self, ex: Executor, policy: Policy) -> None:
         self.ex = ex
         self.policy = policy
         self._pending: dict[Any, tuple[int, Task]] = {}
@@ -174,7 +166,7 @@ class Dispatcher:
                     continue
                 follow.extend(on_result(task, result) or ())
         except KeyboardInterrupt:
-            wind_down(self.ex, p.token, list(self._pending))  # type: ignore[arg-type]
+            wind_down(self.ex, p.token, list(self._pending))
             raise
 
     # -- placement -------------------------------------------------------------------------
@@ -213,14 +205,20 @@ class Dispatcher:
 
     def _worker_for(self, task: Task) -> int | None:
         if task.pin is not None:
-            i = task.pin
-            while i in self._moved:
-                i = self._moved[i]
-            return i
+            i = self._pinned_to(task.pin)
+            # Not beside a suspect running alone; otherwise pins ignore in_flight (the
+            # worker's own concurrency group orders them).
+            return None if i in self._alone else i
         limit = self.policy.in_flight
         free = [i for i in self.ex.usable(self.policy.role)
                 if i not in self._alone and (limit is None or self._load[i] < limit)]
         return min(free, key=lambda i: (self._load[i], i)) if free else None
+
+    def _pinned_to(self, pin: int) -> int:
+        """The worker that holds ``pin``'s tasks now (it, or the one that took its place)."""
+        while pin in self._moved:
+            pin = self._moved[pin]
+        return pin
 
     def _submit(self, i: int, task: Task) -> None:
         task.runs += 1
@@ -246,20 +244,18 @@ class Dispatcher:
         if task.runs >= p.attempts:
             on_failed(task, error)
             return
-        if task.pin is not None and not back:
-            # Lost for good (its node too, maybe): the least loaded live worker takes its pins.
-            old = task.pin
-            while old in self._moved:
-                old = self._moved[old]
-            live = [w for w in self.ex.alive(p.role) if w != old]
+        if task.pin is not None and not back and i not in self._moved:
+            # Lost for good (its node too, maybe): the least loaded live worker takes its pins
+            # (once: the other tasks it had in flight follow them there).
+            live = [w for w in self.ex.alive(p.role) if w != i and w not in self._moved]
             if not live:
                 raise ClusterError(f"{task.item}: no worker left to run it") from error
-            self._moved[old] = min(live, key=lambda w: (self._load[w], w))
+            self._moved[i] = min(live, key=lambda w: (self._load[w], w))
             logger.warning("%s goes to worker %d (worker %d was lost)", task.item,
-                           self._moved[old], old)
+                           self._moved[i], i)
         logger.warning("the worker running %s died (%s); running it again", task.item,
                        type(error).__name__)
         self._retry.append(task)
 
 
-__all__ = ["Dispatcher", "Policy", "Task", "WorkerPool"]
+__all__ = ["Dispatcher", "OnFailed", "OnResult", "Policy", "Task", "WorkerPool"]
