@@ -12,7 +12,8 @@ Placement, in order:
 1. Tasks to run *alone* (the parts of a task whose worker died, under ``Policy.isolate``) go
    first, each to an idle worker that takes nothing else until it answers; while one waits
    for an idle worker, no new task is handed out.
-2. Retried tasks go next, then new tasks in the order the pipeline gives them.
+2. Retried tasks go next, then the follow-up tasks ``on_result`` returned, then new tasks in
+   the order the pipeline gives them (taken one at a time, when a worker can take one).
 3. A task pinned to a worker (``Task.pin``: state lives there, e.g. a shard's open writer)
    goes to that worker, or to the one that took its place if the worker was lost for good;
    ``Policy.in_flight`` does not limit it (the worker's concurrency group orders its calls),
@@ -129,6 +130,7 @@ class Dispatcher:
         self._moved: dict[int, int] = {}  # worker lost for good → the one that took its pins
         self._isolated: collections.deque[Task] = collections.deque()
         self._retry: collections.deque[Task] = collections.deque()
+        self._next: Task | None = None  # taken from the pipeline's tasks, not placed yet
 
     def run(self, tasks: Iterable[Task], on_result: OnResult,
             on_failed: OnFailed = _give_up) -> None:
@@ -150,7 +152,7 @@ class Dispatcher:
                     self.ex.grow(p.plan_node)
                     next_grow = time.monotonic() + p.grow_every_s
                 exhausted = self._place(source, follow, exhausted)
-                if not self._pending and exhausted and not (
+                if not self._pending and exhausted and self._next is None and not (
                         follow or self._retry or self._isolated):
                     return
                 ref = self.ex.wait(list(self._pending), p.timeout_s, p.what)
@@ -188,19 +190,23 @@ class Dispatcher:
                 task = self._retry[0]
             elif follow:
                 task = follow[0]
+            elif self._next is not None:
+                task = self._next
             elif not exhausted:
-                nxt = next(source, None)
-                if nxt is None:
-                    exhausted = True
-                    continue
-                follow.append(nxt)
-                task = nxt
+                self._next = next(source, None)
+                exhausted = self._next is None
+                continue
             else:
                 return exhausted
             i = self._worker_for(task)
             if i is None:
                 return exhausted
-            (self._retry if self._retry else follow).popleft()
+            if self._retry:
+                self._retry.popleft()
+            elif follow:
+                follow.popleft()
+            else:
+                self._next = None
             self._submit(i, task)
 
     def _worker_for(self, task: Task) -> int | None:
