@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         ray_init_s = common.start_ray()
         import ray
 
-        from safelora_ray.pipelines.build.driver import BuildConfig, build
+        from safelora_ray.pipelines.build.config import BuildConfig
+        from safelora_ray.pipelines.build.driver import build
         from safelora_ray.pipelines.project_model.driver import FinetuneConfig, project_model
 
         with common.timer() as tb:

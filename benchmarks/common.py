@@ -489,13 +489,27 @@ def _package_has(sub: str) -> bool:
 
 
 def pipeline(name: str) -> Any:
-    """``safelora_ray.pipelines.<name>``, or ``safelora_ray.<name>`` in the code before
+    """``safelora_ray.pipelines.<name>`` (for a package, the public names of its ``config``,
+    ``worker`` and ``driver`` modules together), or ``safelora_ray.<name>`` in the code before
     commit a98145a (so that the same benchmark measures the code before a redesign too)."""
     import importlib
+    import types
 
-    if _package_has("pipelines"):
-        return importlib.import_module(f"safelora_ray.pipelines.{name}")
-    return importlib.import_module(f"safelora_ray.{name}")
+    if not _package_has("pipelines"):
+        return importlib.import_module(f"safelora_ray.{name}")
+    mod = importlib.import_module(f"safelora_ray.pipelines.{name}")
+    if not hasattr(mod, "__path__"):
+        return mod
+    names: dict[str, Any] = {}
+    for part in ("config", "worker", "driver"):
+        try:
+            sub = importlib.import_module(f"{mod.__name__}.{part}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{mod.__name__}.{part}":
+                raise
+            continue
+        names.update({k: v for k, v in vars(sub).items() if not k.startswith("_")})
+    return types.SimpleNamespace(**names)
 
 
 def holder_design() -> bool:

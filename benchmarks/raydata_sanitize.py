@@ -1,5 +1,5 @@
 """Benchmark only (not product code): safelora-ray's sanitize as a Ray Data pipeline, to
-compare Ray Data's streaming executor with the product's own (``safelora_ray.execution.workers`` +
+compare Ray Data's streaming executor with the product's own (``safelora_ray.execution`` +
 ``safelora_ray.pipelines.sanitize.driver``) on the same work.
 
 The pipeline, one adapter per row::
@@ -381,7 +381,8 @@ def check_equal(n: int = 12, batch_size: int = 4) -> dict[str, Any]:
     import common
     import pyarrow.parquet as pq
 
-    from safelora_ray.pipelines.build.driver import BuildConfig, build
+    from safelora_ray.pipelines.build.config import BuildConfig
+    from safelora_ray.pipelines.build.driver import build
     from safelora_ray.pipelines.sanitize.driver import SanitizeConfig, sanitize
     from safelora_ray.storage import open_storage
 

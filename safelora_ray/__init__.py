@@ -39,23 +39,24 @@ from safelora_ray.core.errors import (
 #: Public name → the module that defines it (imported when the name is first used).
 _LAZY = {
     "AlignmentSet": "safelora_ray.formats.alignment_set",
-    "BuildConfig": "safelora_ray.pipelines.build.driver",
+    "BuildConfig": "safelora_ray.pipelines.build.config",
     "FinetuneConfig": "safelora_ray.pipelines.project_model.driver",
     "FinetuneResult": "safelora_ray.pipelines.project_model.driver",
     "project_model": "safelora_ray.pipelines.project_model.driver",
-    "BuildResult": "safelora_ray.pipelines.build.driver",
+    "BuildResult": "safelora_ray.pipelines.build.config",
     "build": "safelora_ray.pipelines.build.driver",
     "inspect": "safelora_ray.pipelines.build.driver",
     "SanitizeConfig": "safelora_ray.pipelines.sanitize.driver",
     "SanitizeResult": "safelora_ray.pipelines.sanitize.driver",
     "sanitize": "safelora_ray.pipelines.sanitize.driver",
-    "worker_session": "safelora_ray.execution.workers",
+    "worker_session": "safelora_ray.execution.session",
 }
 
 if TYPE_CHECKING:
     from safelora_ray.execution import worker_session
     from safelora_ray.formats.alignment_set import AlignmentSet
-    from safelora_ray.pipelines.build.driver import BuildConfig, BuildResult, build, inspect
+    from safelora_ray.pipelines.build.config import BuildConfig, BuildResult
+    from safelora_ray.pipelines.build.driver import build, inspect
     from safelora_ray.pipelines.project_model.driver import (
         FinetuneConfig,
         FinetuneResult,

@@ -9,7 +9,7 @@ from typing import Any
 
 import ray
 
-from safelora_ray.execution import workers as workers_mod
+from safelora_ray.execution.context import CONTROL_GROUP, GROUPS, WorkerCore
 
 
 def crashing_worker(before_call: Callable[[Callable[..., Any], tuple[Any, ...]], None]) -> Any:
@@ -18,16 +18,16 @@ def crashing_worker(before_call: Callable[[Callable[..., Any], tuple[Any, ...]],
     hook may close over the test's own objects."""
 
     @ray.remote(max_restarts=-1, max_task_retries=0,
-                concurrency_groups={**workers_mod.GROUPS, workers_mod.CONTROL_GROUP: 1})
+                concurrency_groups={**GROUPS, CONTROL_GROUP: 1})
     class Crashy:
         def __init__(self, num_gpus: float, log_level: int | None = None) -> None:
-            self.core = workers_mod.WorkerCore("cpu", ray.get_runtime_context().get_node_id())
+            self.core = WorkerCore("cpu", ray.get_runtime_context().get_node_id())
 
-        @ray.method(concurrency_group=workers_mod.CONTROL_GROUP)
+        @ray.method(concurrency_group=CONTROL_GROUP)
         def ready(self) -> str:
             return "cpu"
 
-        @ray.method(concurrency_group=workers_mod.CONTROL_GROUP)
+        @ray.method(concurrency_group=CONTROL_GROUP)
         def cancel(self, token: str) -> None:
             self.core.context.cancel(token)
 

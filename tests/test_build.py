@@ -384,7 +384,7 @@ def test_source_digest_is_a_sha256_tree_over_both_parts():
     import concurrent.futures as cf
     import hashlib
 
-    from safelora_ray.pipelines.build.driver import DIGEST_CHUNK, source_digest
+    from safelora_ray.pipelines.build.worker import DIGEST_CHUNK, source_digest
 
     g = torch.Generator().manual_seed(5)
     big = torch.randint(0, 256, (2 * DIGEST_CHUNK + 12345,), dtype=torch.uint8,

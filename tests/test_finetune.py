@@ -26,7 +26,7 @@ from tests.adapters import tiny_model
 from tests.crashy import crashing_worker
 from tests.reference import dense_c, dense_finetune
 
-workers_mod = importlib.import_module("safelora_ray.execution.workers")
+actor_mod = importlib.import_module("safelora_ray.execution.actor")  # starts the actors
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 GQA_TARGETS = ("q_proj", "k_proj", "v_proj")
@@ -340,7 +340,7 @@ def test_killed_worker(llama: dict[str, Any], tmp_path: Path, monkeypatch) -> No
             fm._write_bytes, fm._crashy = dying, True
 
     Crashy = crashing_worker(die_mid_file)  # restarted on its node after each death
-    monkeypatch.setattr(workers_mod, "SafeLoraWorker", Crashy)
+    monkeypatch.setattr(actor_mod, "SafeLoraWorker", Crashy)
     cfg = {"alignment": llama["set"], "aligned": str(llama["aligned"]),
            "finetuned": str(llama["ft"]), "threshold": 0.5, "workers": 1, "progress": False}
     (flag / "limit").write_text("1")  # one crash, then fine

@@ -14,7 +14,7 @@ from safelora_ray.cli.demo import write_adapter, write_model
 from tests.crashy import crashing_worker
 from tests.factory import Arch, aligned_from, llama_tensors
 
-workers_mod = importlib.import_module("safelora_ray.execution.workers")
+actor_mod = importlib.import_module("safelora_ray.execution.actor")  # starts the actors
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -41,7 +41,7 @@ def test_poison_adapter_fails_alone(tmp_path, monkeypatch):
             os._exit(1)
 
     Crashy = crashing_worker(die_on_poison)
-    monkeypatch.setattr(workers_mod, "SafeLoraWorker", Crashy)
+    monkeypatch.setattr(actor_mod, "SafeLoraWorker", Crashy)
     run = sanitize(SanitizeConfig(alignment=res.uri, adapters=str(tmp_path / "cat"),
                                   out=str(tmp_path / "out"), threshold=0.35, batch_size=3,
                                   workers=2, progress=False))

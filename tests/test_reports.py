@@ -461,7 +461,8 @@ def test_the_page_is_bounded_and_points_to_the_rest(tmp_path: Path,
 
 def test_sanitize_then_incremental_rerun(tmp_path: Path) -> None:
     from safelora_ray.cli.demo import write_demo_inputs
-    from safelora_ray.pipelines.build.driver import BuildConfig, build
+    from safelora_ray.pipelines.build.config import BuildConfig
+    from safelora_ray.pipelines.build.driver import build
 
     paths = write_demo_inputs(tmp_path, tenants=2, per_tenant=2)
     aset = str(tmp_path / "set")

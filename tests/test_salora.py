@@ -482,7 +482,8 @@ def test_fold_report_inspect_labels_and_project_model_refusal(llama_set, models,
 
 
 def test_method_must_match_the_set(llama_set, models, tmp_path, capsys):
-    from safelora_ray.pipelines.build.driver import BuildConfig, build
+    from safelora_ray.pipelines.build.config import BuildConfig
+    from safelora_ray.pipelines.build.driver import build
     from tests.adapters import save_base_model
 
     _catalog(tmp_path / "cat")

@@ -13,9 +13,11 @@ import torch
 
 from safelora_ray import AlignmentSet, BuildConfig, SanitizeConfig, build, sanitize
 from safelora_ray.cli.demo import write_adapter, write_model
+from safelora_ray.core.errors import ConfigError
+from safelora_ray.execution import InlineExecutor, RayExecutor, worker_session
 from tests.factory import Arch, aligned_from, llama_tensors
 
-workers_mod = importlib.import_module("safelora_ray.execution.workers")
+resolve_mod = importlib.import_module("safelora_ray.execution.resolve")
 
 
 def _inputs(root: Path, n: int) -> tuple[str, str, Path]:
@@ -52,21 +54,21 @@ def _catalog(set_uri: str, cat: Path, n: int) -> None:
 def test_in_process_policy(monkeypatch, requested, use_gpu, address, small, ray_up, cuda,
                            expected):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(workers_mod.ray, "is_initialized", lambda: ray_up)
-    monkeypatch.setattr(workers_mod.torch.cuda, "is_available", lambda: cuda)
-    assert workers_mod.in_process(requested, use_gpu, address, small) is expected
+    monkeypatch.setattr(resolve_mod.ray, "is_initialized", lambda: ray_up)
+    monkeypatch.setattr(resolve_mod.torch.cuda, "is_available", lambda: cuda)
+    assert resolve_mod.in_process(requested, use_gpu, address, small) is expected
 
 
 def test_ray_address_env_counts_as_a_configured_cluster(monkeypatch):
-    monkeypatch.setattr(workers_mod.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(resolve_mod.ray, "is_initialized", lambda: False)
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
-    assert not workers_mod.in_process(None, None, None, True)
+    assert not resolve_mod.in_process(None, None, None, True)
 
 
 def test_in_process_gpu_without_cuda_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(workers_mod.torch.cuda, "is_available", lambda: False)
-    with pytest.raises(workers_mod.ConfigError, match="no CUDA device"):
-        workers_mod.InlineExecutor(use_gpu=True)
+    monkeypatch.setattr(resolve_mod.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        InlineExecutor(use_gpu=True)
 
 
 def test_small_job_without_a_cluster_runs_here_and_starts_no_ray(tmp_path, monkeypatch):
@@ -90,7 +92,7 @@ def test_small_job_without_a_cluster_runs_here_and_starts_no_ray(tmp_path, monke
 @pytest.mark.timeout(300)
 def test_session_shares_workers_between_build_and_sanitize(tmp_path, ray_local):
     b, a, cat = _inputs(tmp_path, 4)
-    with workers_mod.worker_session() as session:
+    with worker_session() as session:
         res = build(BuildConfig(base=b, aligned=a, out=str(tmp_path / "set"), workers=2,
                                 progress=False))
         after_build = [h for _, h in session._actors]
@@ -124,13 +126,13 @@ def test_session_shares_workers_between_build_and_sanitize(tmp_path, ray_local):
 def test_without_a_session_each_call_stops_its_workers(tmp_path, ray_local, monkeypatch):
     b, a, _cat = _inputs(tmp_path, 1)
     seen: list[object] = []
-    real = workers_mod.RayExecutor.__init__
+    real = RayExecutor.__init__
 
     def spy(self, plan):
         real(self, plan)
         seen.extend(s.handle for s in self.slots)
 
-    monkeypatch.setattr(workers_mod.RayExecutor, "__init__", spy)
+    monkeypatch.setattr(RayExecutor, "__init__", spy)
     build(BuildConfig(base=b, aligned=a, out=str(tmp_path / "set"), workers=1,
                       progress=False))
     assert len(seen) == 1
@@ -146,7 +148,7 @@ def test_session_notices_a_set_rebuilt_at_the_same_uri(tmp_path, ray_local):
 
     b, a, cat = _inputs(tmp_path, 2)
     set_uri = str(tmp_path / "set")
-    with workers_mod.worker_session():
+    with worker_session():
         first = build(BuildConfig(base=b, aligned=a, out=set_uri, workers=1, progress=False))
         _catalog(first.uri, cat, 2)  # q_proj and v_proj modules
         run1 = sanitize(SanitizeConfig(alignment=set_uri, adapters=str(cat),
@@ -181,7 +183,7 @@ def _logs_from_a_helper_thread(ctx: object) -> str:
 
 @pytest.mark.timeout(300)
 def test_records_of_helper_threads_reach_the_driver(ray_local, caplog):
-    from safelora_ray.execution import RayExecutor, WorkerPlan
+    from safelora_ray.execution import WorkerPlan
     from safelora_ray.execution.placement import WorkerSpec
 
     caplog.set_level("WARNING", logger="safelora_ray")

@@ -156,7 +156,8 @@ def run_demo(root: str, threshold: float = 0.35, workers: int | None = None,
     from safelora_ray.execution import worker_session
     from safelora_ray.execution.ray_utils import ensure_ray
     from safelora_ray.formats.alignment_set import AlignmentSet
-    from safelora_ray.pipelines.build.driver import BuildConfig, build
+    from safelora_ray.pipelines.build.config import BuildConfig
+    from safelora_ray.pipelines.build.driver import build
     from safelora_ray.pipelines.sanitize.driver import SanitizeConfig, sanitize
     from safelora_ray.reports import text_summary
 

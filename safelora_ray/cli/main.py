@@ -279,7 +279,8 @@ def _max_file_bytes(args: argparse.Namespace) -> int:
     return int(args.max_file_gb * 1024**3)
 
 def _cmd_build(args: argparse.Namespace) -> Outcome:
-    from safelora_ray.pipelines.build.driver import BuildConfig, build
+    from safelora_ray.pipelines.build.config import BuildConfig
+    from safelora_ray.pipelines.build.driver import build
 
     cfg = BuildConfig(
         base=args.base, aligned=args.aligned, out=args.out, targets=args.targets,

@@ -46,7 +46,8 @@ from safelora_ray.core.redact import redact
 from safelora_ray.core.validate import as_yaml_keys, check_selection
 from safelora_ray.execution import worker_session
 from safelora_ray.formats.alignment_set import AlignmentSet
-from safelora_ray.pipelines.build.driver import BuildConfig, build
+from safelora_ray.pipelines.build.config import BuildConfig
+from safelora_ray.pipelines.build.driver import build
 from safelora_ray.pipelines.project_model.driver import FinetuneConfig, project_model
 from safelora_ray.pipelines.sanitize.driver import SanitizeConfig, sanitize
 from safelora_ray.planning.catalog import (

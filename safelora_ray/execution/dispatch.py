@@ -12,11 +12,13 @@ Placement, in order:
 1. Tasks to run *alone* (the parts of a task whose worker died, under ``Policy.isolate``) go
    first, each to an idle worker that takes nothing else until it answers; while one waits
    for an idle worker, no new task is handed out.
-2. Retried tasks go next, then new tasks in the order the pipeline gives them.
+2. Retried tasks go next, then the follow-up tasks ``on_result`` returned, then new tasks in
+   the order the pipeline gives them (taken one at a time, when a worker can take one).
 3. A task pinned to a worker (``Task.pin``: state lives there, e.g. a shard's open writer)
-   goes to that worker, or to the one that took its place if the worker was lost for good.
-   Any other task goes to the least loaded usable worker of ``Policy.role`` with fewer than
-   ``Policy.in_flight`` tasks.
+   goes to that worker, or to the one that took its place if the worker was lost for good;
+   ``Policy.in_flight`` does not limit it (the worker's concurrency group orders its calls),
+   but it waits while its worker runs a task alone. Any other task goes to the least loaded
+   usable worker of ``Policy.role`` with fewer than ``Policy.in_flight`` tasks.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from safelora_ray.core.errors import ClusterError
-from safelora_ray.execution import WORKER_LOST, wind_down
+from safelora_ray.execution.actor import WORKER_LOST
+from safelora_ray.execution.executor import Executor, wind_down
 
 logger = logging.getLogger(__name__)
 
@@ -60,18 +63,8 @@ class Task:
     alone: bool = field(default=False, init=False)
 
 
-class WorkerPool(Protocol):
-    """What the dispatcher needs of an executor (:mod:`safelora_ray.execution.workers`)."""
-
-    in_process: bool
-
-    def usable(self, role: str | None = None) -> list[int]: ...
-    def alive(self, role: str | None = None) -> list[int]: ...
-    def submit(self, i: int, fn: Callable[..., Any], *args: Any, group: str = "batch") -> Any: ...
-    def wait(self, handles: list[Any], timeout_s: float, what: str) -> Any | None: ...
-    def result(self, handle: Any, timeout_s: float) -> Any: ...
-    def lost(self, i: int, gone: str | None = None) -> bool: ...
-    def grow(self, plan_node: Callable[[Any], list[Any]]) -> int: ...
+#: What the dispatcher needs of an executor: the one executor interface.
+WorkerPool = Executor
 
 
 @dataclass(frozen=True)
@@ -132,7 +125,7 @@ def _give_up(task: Task, error: BaseException) -> None:
 class Dispatcher:
     """Runs tasks on an executor's workers under a :class:`Policy`."""
 
-    def __init__(self, ex: WorkerPool, policy: Policy) -> None:
+    def __init__(self, ex: Executor, policy: Policy) -> None:
         self.ex = ex
         self.policy = policy
         self._pending: dict[Any, tuple[int, Task]] = {}
@@ -141,6 +134,7 @@ class Dispatcher:
         self._moved: dict[int, int] = {}  # worker lost for good → the one that took its pins
         self._isolated: collections.deque[Task] = collections.deque()
         self._retry: collections.deque[Task] = collections.deque()
+        self._next: Task | None = None  # taken from the pipeline's tasks, not placed yet
 
     def run(self, tasks: Iterable[Task], on_result: OnResult,
             on_failed: OnFailed = _give_up) -> None:
@@ -162,7 +156,7 @@ class Dispatcher:
                     self.ex.grow(p.plan_node)
                     next_grow = time.monotonic() + p.grow_every_s
                 exhausted = self._place(source, follow, exhausted)
-                if not self._pending and exhausted and not (
+                if not self._pending and exhausted and self._next is None and not (
                         follow or self._retry or self._isolated):
                     return
                 ref = self.ex.wait(list(self._pending), p.timeout_s, p.what)
@@ -178,7 +172,7 @@ class Dispatcher:
                     continue
                 follow.extend(on_result(task, result) or ())
         except KeyboardInterrupt:
-            wind_down(self.ex, p.token, list(self._pending))  # type: ignore[arg-type]
+            wind_down(self.ex, p.token, list(self._pending))
             raise
 
     # -- placement -------------------------------------------------------------------------
@@ -200,31 +194,41 @@ class Dispatcher:
                 task = self._retry[0]
             elif follow:
                 task = follow[0]
+            elif self._next is not None:
+                task = self._next
             elif not exhausted:
-                nxt = next(source, None)
-                if nxt is None:
-                    exhausted = True
-                    continue
-                follow.append(nxt)
-                task = nxt
+                self._next = next(source, None)
+                exhausted = self._next is None
+                continue
             else:
                 return exhausted
             i = self._worker_for(task)
             if i is None:
                 return exhausted
-            (self._retry if self._retry else follow).popleft()
+            if self._retry:
+                self._retry.popleft()
+            elif follow:
+                follow.popleft()
+            else:
+                self._next = None
             self._submit(i, task)
 
     def _worker_for(self, task: Task) -> int | None:
         if task.pin is not None:
-            i = task.pin
-            while i in self._moved:
-                i = self._moved[i]
-            return i
+            i = self._pinned_to(task.pin)
+            # Not beside a suspect running alone; otherwise pins ignore in_flight (the
+            # worker's own concurrency group orders them).
+            return None if i in self._alone else i
         limit = self.policy.in_flight
         free = [i for i in self.ex.usable(self.policy.role)
                 if i not in self._alone and (limit is None or self._load[i] < limit)]
         return min(free, key=lambda i: (self._load[i], i)) if free else None
+
+    def _pinned_to(self, pin: int) -> int:
+        """The worker that holds ``pin``'s tasks now (it, or the one that took its place)."""
+        while pin in self._moved:
+            pin = self._moved[pin]
+        return pin
 
     def _submit(self, i: int, task: Task) -> None:
         task.runs += 1
@@ -253,20 +257,18 @@ class Dispatcher:
         if task.runs >= p.attempts:
             on_failed(task, error)
             return
-        if task.pin is not None and not back:
-            # Lost for good (its node too, maybe): the least loaded live worker takes its pins.
-            old = task.pin
-            while old in self._moved:
-                old = self._moved[old]
-            live = [w for w in self.ex.alive(p.role) if w != old]
+        if task.pin is not None and not back and i not in self._moved:
+            # Lost for good (its node too, maybe): the least loaded live worker takes its pins
+            # (once: the other tasks it had in flight follow them there).
+            live = [w for w in self.ex.alive(p.role) if w != i and w not in self._moved]
             if not live:
                 raise ClusterError(f"{task.item}: no worker left to run it") from error
-            self._moved[old] = min(live, key=lambda w: (self._load[w], w))
+            self._moved[i] = min(live, key=lambda w: (self._load[w], w))
             logger.warning("%s goes to worker %d (worker %d was lost)", task.item,
-                           self._moved[old], old)
+                           self._moved[i], i)
         logger.warning("the worker running %s died (%s); running it again", task.item,
                        type(error).__name__)
         self._retry.append(task)
 
 
-__all__ = ["Dispatcher", "Policy", "Task", "WorkerPool"]
+__all__ = ["Dispatcher", "OnFailed", "OnResult", "Policy", "Task", "WorkerPool"]

@@ -1,9 +1,9 @@
 """Where worker actors go: a plan per node from the cluster's live nodes.
 
 Pure planning (no Ray calls here, so it is tested on made-up clusters). The execution layer
-(:mod:`safelora_ray.execution.workers`) reads the live nodes, asks for a plan and pins each actor to
-its node (hard node affinity: an actor whose node is lost dies with it, and the run goes on
-with the others instead of waiting for a replacement that may never be placed).
+(:mod:`safelora_ray.execution.resolve`) reads the live nodes, asks for a plan and pins each
+actor to its node (hard node affinity: an actor whose node is lost dies with it, and the run
+goes on with the others instead of waiting for a replacement that may never be placed).
 
 Two shapes of work:
 

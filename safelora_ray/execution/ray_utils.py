@@ -32,7 +32,7 @@ FORWARDED_ENV = (
 #: Ray setting read from the environment when a node starts: modules each worker process
 #: imports as soon as it starts, before any actor needs them.
 PRELOAD_ENV = "RAY_preload_python_modules"
-PRELOAD_MODULES = ("torch,safelora_ray.execution.workers,safelora_ray.pipelines.build.driver,"
+PRELOAD_MODULES = ("torch,safelora_ray.execution.actor,safelora_ray.pipelines.build.worker,"
                    "safelora_ray.pipelines.sanitize.driver")
 
 #: The environment of a local Ray's processes (unless set already): preloaded modules, and
@@ -163,7 +163,7 @@ def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
     not wait for those imports.
 
     Worker output is not forwarded to the driver: workers' log records travel back with their
-    results and are emitted here, in order, once (see :mod:`safelora_ray.execution.workers`).
+    results and are emitted here, in order, once (see :mod:`safelora_ray.execution.relay`).
 
     Raises:
         ClusterError: the cluster cannot be reached or connected to in time.
