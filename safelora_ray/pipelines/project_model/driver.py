@@ -67,13 +67,8 @@ from safelora_ray.core.math_core import (
     residual_score,
     select_modules,
 )
-from safelora_ray.core.validate import (
-    check_at_least,
-    check_positive,
-    check_selection,
-    flag,
-    selection_record,
-)
+from safelora_ray.core.selection import Selection
+from safelora_ray.core.validate import check_at_least, check_positive, flag
 from safelora_ray.execution import (
     INLINE_MAX_BUILD_BYTES,
     WORKER_LOST,
@@ -168,7 +163,7 @@ class FinetuneConfig:
             check_uri(getattr(self, name), flag(name))
         if self.reports is not None:
             check_uri(self.reports, "--reports")
-        check_selection(self.threshold, self.num_proj_layers, self.strict_k)
+        Selection(self.threshold, self.num_proj_layers, self.strict_k)  # checks
         if self.workers is not None:
             check_at_least(self.workers, "workers", 0, " (0 = in this process)")
         if self.chunk_bytes < 4096:
@@ -193,7 +188,7 @@ class FinetuneConfig:
     @property
     def selection(self) -> dict[str, Any]:
         """The selection parameters, as recorded in the provenance and reports."""
-        return selection_record(self.threshold, self.num_proj_layers, self.strict_k)
+        return Selection(self.threshold, self.num_proj_layers, self.strict_k).record()
 
 
 @dataclass
