@@ -12,7 +12,9 @@ from safelora_ray.pipelines.sanitize.ledger import source_uri
 from safelora_ray.planning.catalog import AdapterRef
 from safelora_ray.reports import ledger_figures
 
-logger = logging.getLogger(__name__)
+# The pipeline's name (``safelora_ray.pipelines.sanitize``), not this module's: an adapter's
+# failure is the pipeline's record, and log files are searched for it under that name.
+logger = logging.getLogger(__package__)
 
 
 def base_row(ref: AdapterRef) -> dict[str, Any]:
