@@ -215,16 +215,16 @@ def _sanitize(config: SanitizeConfig) -> SanitizeResult:
         row["error"] = redact(message)
         record({"adapters": [row], "layers": []})
 
-    def task(batch: list[AdapterRef]) -> Task:
+    def batch_task(batch: list[AdapterRef]) -> Task:
         # The holder is the chosen worker's; a batch whose worker (or the holder of its
         # node's set) died is replaced by its adapters, each run alone on a worker, so a
         # poison adapter fails alone and its batch-mates do not; those already written are
         # found in the ledger (done by this run: ok).
         return Task(sanitize_batch, lambda i: (job, batch, ex.holder_of(i), share_set_in_store),
-                    item=batch, parts=lambda: [task([ref]) for ref in batch])
+                    item=batch, parts=lambda: [batch_task([ref]) for ref in batch])
 
-    def died_alone(task: Task, e: BaseException) -> None:
-        ref = task.item[0]
+    def died_alone(alone: Task, e: BaseException) -> None:
+        ref = alone.item[0]
         row = base_row(ref)
         row["error"] = (f"adapter {ref.adapter_id!r}: the worker died while sanitizing it "
                         f"({type(e).__name__}); the rest of the fleet went on")
@@ -262,7 +262,8 @@ def _sanitize(config: SanitizeConfig) -> SanitizeResult:
     try:
         # On Ctrl-C the dispatcher lets the batches in flight reach a safe point first;
         # adapters already written are in the ledger: the next run resumes after them.
-        Dispatcher(ex, policy).run(map(task, batches), lambda _, p: record(p), died_alone)
+        Dispatcher(ex, policy).run(map(batch_task, batches), lambda _, p: record(p),
+                                  died_alone)
         ok = True
     except BaseException:
         report.abort()
