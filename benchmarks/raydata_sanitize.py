@@ -69,47 +69,18 @@ _SANITIZERS: dict[Any, Any] = {}
 def _sanitizer(job: Any) -> Any:
     """The run's FleetSanitizer in this process (made once; the set's metadata only)."""
     from safelora_ray.core.errors import AlignmentSetError
-    from safelora_ray.pipelines.sanitize.driver import FleetSanitizer
+    from safelora_ray.pipelines.sanitize.worker import FleetSanitizer
 
     san = _SANITIZERS.get(job)
     if san is None:
         _SANITIZERS.clear()  # one run at a time per process
-        san = FleetSanitizer(job.alignment_uri, job.out_uri, json.loads(job.selection_json),
+        san = FleetSanitizer(job.alignment_uri, job.out_uri, job.selection,
                              "cpu", job.force, job.max_adapter_bytes, run_id=job.run_id)
         if san.aset.content_id != job.alignment_id:
             raise AlignmentSetError(f"{job.alignment_uri} now holds alignment set "
                                     f"{san.aset.content_id}, not {job.alignment_id}")
         _SANITIZERS[job] = san
     return san
-
-
-def _load(san: Any, ref: Any, row: dict[str, Any]) -> tuple[Any, str | None]:
-    """One adapter of ``FleetSanitizer.process``'s read loop, with the same helpers in the
-    same order: ``(adapter, fingerprint)``, adapter None when the ledger says it is done."""
-    from safelora_ray.formats.peft import read_adapter
-    from safelora_ray.pipelines.sanitize.driver import _skip, ledger_path
-
-    ledger = san._read_ledger(ref.adapter_id)
-    san._check_owner(ledger, ref)
-    fp = san._fingerprint(ref)
-    if ledger and fp and ledger.get("fingerprint") == fp and san._done(
-            ledger, san._ledger_key(ledger.get("key", {}).get("content_digest")), ref):
-        _skip(row, ledger, "unchanged since the last run (ledger)", san.run_id)
-        return None, fp
-    adapter = read_adapter(san._storage(ref.uri), ref.prefix, ref.adapter_id,
-                           max_bytes=san.max_adapter_bytes)
-    row["source_digest"] = adapter.digest
-    row["bytes_in"] = adapter.nbytes
-    row["base_model"] = adapter.base_model
-    if san._done(ledger, san._ledger_key(adapter.digest), ref):
-        if fp and ledger.get("fingerprint") != fp:  # rewritten with the same bytes
-            ledger = {**ledger, "fingerprint": fp}
-            san.out.put_bytes(ledger_path(ref.adapter_id), json.dumps(ledger, indent=1).encode())
-        _skip(row, ledger, "already sanitized with this alignment set and selection",
-              san.run_id)
-        return None, fp
-    san._check(adapter)
-    return adapter, fp
 
 
 def _dump(obj: Any) -> bytes:
@@ -126,7 +97,7 @@ def _load_obj(raw: bytes) -> Any:
 
 def read_stage(batch: dict[str, np.ndarray], job: Any) -> dict[str, Any]:
     """Stage 1 (CPU tasks): ledger, read and validate each adapter of the batch."""
-    from safelora_ray.pipelines.sanitize.driver import _base_row, _fail
+    from safelora_ray.pipelines.sanitize.rows import base_row, mark_failed
     from safelora_ray.planning.catalog import AdapterRef
 
     san = _sanitizer(job)
@@ -135,13 +106,13 @@ def read_stage(batch: dict[str, np.ndarray], job: Any) -> dict[str, Any]:
     for aid, uri, prefix in zip(batch["adapter_id"], batch["uri"], batch["prefix"],
                                 strict=True):
         ref = AdapterRef(str(aid), str(uri), str(prefix))
-        row = _base_row(ref)
+        row = base_row(ref)
         t0 = time.perf_counter()
         adapter = fp = None
-        try:
-            adapter, fp = _load(san, ref, row)
+        try:  # the product's own read loop: ledger, read, check
+            adapter, fp = san.load(ref, row)
         except Exception as e:  # one bad adapter never stops the batch
-            _fail(row, e)
+            mark_failed(row, e)
         for k, v in (("adapter_id", ref.adapter_id), ("uri", ref.uri), ("prefix", ref.prefix),
                      ("row", json.dumps(row)), ("adapter", _dump(adapter)),
                      ("fingerprint", fp or ""), ("read_s", time.perf_counter() - t0)):
@@ -195,7 +166,7 @@ class Holder:
 def write_stage(batch: dict[str, np.ndarray], job: Any) -> dict[str, Any]:
     """Stage 3 (CPU tasks): select, write each adapter atomically, then its ledger record
     (the product's ``FleetSanitizer._finish``)."""
-    from safelora_ray.pipelines.sanitize.driver import _fail
+    from safelora_ray.pipelines.sanitize.rows import mark_failed
     from safelora_ray.planning.catalog import AdapterRef
 
     san = _sanitizer(job)
@@ -215,7 +186,7 @@ def write_stage(batch: dict[str, np.ndarray], job: Any) -> dict[str, Any]:
                 row["read_s"] = round(float(batch["read_s"][i]), 4)
                 row["compute_s"] = round(row["compute_s"] + float(batch["compute_s"][i]), 4)
             except Exception as e:
-                _fail(row, e)
+                mark_failed(row, e)
                 lay = []
         # no batch spans the three stages: an adapter's own read + compute + write time
         row["batch_s"] = round(float(batch["read_s"][i]) + float(batch["compute_s"][i])
@@ -262,13 +233,13 @@ def sanitize_raydata(*, alignment: str, adapters: str, out: str,
     import ray.data
 
     from safelora_ray.formats.alignment_set import AlignmentSet
-    from safelora_ray.pipelines.sanitize.driver import (
+    from safelora_ray.pipelines.sanitize.config import (
         REPORTS_PREFIX,
         SanitizeConfig,
-        SanitizeJob,
         SanitizeResult,
-        _base_row,
     )
+    from safelora_ray.pipelines.sanitize.rows import base_row
+    from safelora_ray.pipelines.sanitize.worker import SanitizeJob
     from safelora_ray.planning.catalog import AdapterRef, iter_catalog
     from safelora_ray.reports import ReportWriter
     from safelora_ray.storage import open_storage
@@ -282,8 +253,8 @@ def sanitize_raydata(*, alignment: str, adapters: str, out: str,
     aset = AlignmentSet.open(cfg.alignment)
     store = open_storage(cfg.out)
     sweep_stale_writes(store)
-    job = SanitizeJob.of(aset.uri, aset.content_id, store.uri, cfg.selection, cfg.force,
-                         cfg.max_adapter_bytes, cfg.run_id, cfg.task_timeout_s)
+    job = SanitizeJob(aset.uri, aset.content_id, store.uri, cfg.selection, cfg.force,
+                      cfg.max_adapter_bytes, cfg.run_id, cfg.task_timeout_s)
     prefix = f"{REPORTS_PREFIX}/{cfg.run_id}"
     result = SanitizeResult(cfg.run_id, store.uri, store.describe(prefix),
                             alignment_id=aset.content_id)
@@ -298,7 +269,7 @@ def sanitize_raydata(*, alignment: str, adapters: str, out: str,
     refs: list[AdapterRef] = []
     for item in iter_catalog(cfg.adapters):
         if isinstance(item, tuple):
-            row = _base_row(AdapterRef(item[0], cfg.adapters, ""))
+            row = base_row(AdapterRef(item[0], cfg.adapters, ""))
             row["error"] = item[1]
             record([row], [])
         else:
@@ -344,7 +315,7 @@ def sanitize_raydata(*, alignment: str, adapters: str, out: str,
         # Exactly one row per adapter: one that never came back is reported, not dropped.
         for ref in refs:
             if ref.adapter_id not in seen:
-                row = _base_row(ref)
+                row = base_row(ref)
                 row["error"] = (f"adapter {ref.adapter_id!r}: no result came back from the "
                                 "Ray Data pipeline")
                 record([row], [])

@@ -29,7 +29,7 @@ from safelora_ray import BuildConfig, SanitizeConfig, build, sanitize
 from safelora_ray.cli.demo import BASE_MODEL_ID, write_model
 from safelora_ray.cli.main import main as cli_main
 from safelora_ray.core.errors import LeaseHeldError
-from safelora_ray.pipelines.sanitize import driver as sanitize_mod
+from safelora_ray.pipelines.sanitize import worker as sanitize_mod
 from safelora_ray.storage import open_storage
 from safelora_ray.storage.lease import OUT_LEASE, Lease, hold_output, host_id
 from tests.factory import Arch, aligned_from, llama_tensors

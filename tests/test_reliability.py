@@ -50,12 +50,8 @@ from safelora_ray.core.errors import (
 from safelora_ray.formats.alignment_set import AlignmentSet
 from safelora_ray.formats.checkpoint import Checkpoint
 from safelora_ray.formats.peft import read_adapter
-from safelora_ray.pipelines.sanitize.driver import (
-    SanitizeConfig,
-    SanitizeResult,
-    ledger_path,
-    sanitize,
-)
+from safelora_ray.pipelines.sanitize.driver import SanitizeConfig, SanitizeResult, sanitize
+from safelora_ray.pipelines.sanitize.ledger import ledger_path
 from safelora_ray.planning.catalog import iter_catalog
 from safelora_ray.storage import open_storage
 from safelora_ray.storage.local import LocalStorage

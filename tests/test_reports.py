@@ -23,13 +23,9 @@ from safetensors.torch import save_file
 
 from safelora_ray.core.errors import AdapterError, ConfigError
 from safelora_ray.formats.peft import check_config, read_adapter
-from safelora_ray.pipelines.sanitize.driver import (
-    SanitizeConfig,
-    SanitizeResult,
-    _fail,
-    ledger_path,
-    sanitize,
-)
+from safelora_ray.pipelines.sanitize.driver import SanitizeConfig, SanitizeResult, sanitize
+from safelora_ray.pipelines.sanitize.ledger import ledger_path
+from safelora_ray.pipelines.sanitize.rows import mark_failed as _fail
 from safelora_ray.planning.catalog import validate_id
 from safelora_ray.reports import ReportWriter, classify, ledger_figures
 from safelora_ray.reports import writer as writer_mod

@@ -35,12 +35,8 @@ from safetensors.torch import load_file
 from safelora_ray import BuildConfig, build
 from safelora_ray.cli.main import main as cli_main
 from safelora_ray.formats.peft import adapter_digest, read_adapter
-from safelora_ray.pipelines.sanitize.driver import (
-    SanitizeConfig,
-    SanitizeResult,
-    ledger_path,
-    sanitize,
-)
+from safelora_ray.pipelines.sanitize.driver import SanitizeConfig, SanitizeResult, sanitize
+from safelora_ray.pipelines.sanitize.ledger import ledger_path
 from safelora_ray.storage import open_storage
 from tests.adapters import (
     edit_config,
@@ -1094,7 +1090,7 @@ def test_a_batch_run_again_in_the_same_run_reports_ok(tmp_path: Path,
                                                       qv_catalog: Catalog) -> None:
     """Ray reruns a batch whose reply was lost with its worker: the adapters it finds done by
     this same run are reported ok (sanitized once, now), not skipped; another run skips them."""
-    from safelora_ray.pipelines.sanitize.driver import FleetSanitizer
+    from safelora_ray.pipelines.sanitize.worker import FleetSanitizer
     from safelora_ray.planning.catalog import iter_catalog
 
     refs = [r for r in iter_catalog(str(qv_catalog.root)) if not isinstance(r, tuple)]

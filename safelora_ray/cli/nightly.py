@@ -43,7 +43,8 @@ from safelora_ray.core.errors import (
 )
 from safelora_ray.core.interrupts import describe
 from safelora_ray.core.redact import redact
-from safelora_ray.core.validate import as_yaml_keys, check_selection
+from safelora_ray.core.selection import Selection
+from safelora_ray.core.validate import as_yaml_keys
 from safelora_ray.execution import worker_session
 from safelora_ray.formats.alignment_set import AlignmentSet
 from safelora_ray.pipelines.build.config import BuildConfig
@@ -189,7 +190,7 @@ class NightlyConfig:
                                   f"the configured pairs {sorted(pair_names)}")
         # Validate the selection now, not at the first sanitize, in the YAML's own terms.
         try:
-            check_selection(**self._selection_kwargs())
+            Selection(**self._selection_kwargs())
         except ConfigError as e:
             raise ConfigError(as_yaml_keys(str(e), "selection")) from None
         if self.lock_ttl_s <= 0:

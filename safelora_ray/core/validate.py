@@ -31,7 +31,8 @@ def as_yaml_keys(message: str, section: str) -> str:
 
 def check_selection(threshold: float | None, num_proj_layers: int | None,
                     strict_k: bool, allow_none: bool = False) -> None:
-    """Validate the SPEC §2 selection: exactly one of τ (a cosine, so in [−1, 1]) or k ≥ 1.
+    """Validate the SPEC §2 selection: exactly one of τ (a cosine, so in [−1, 1]) or k ≥ 1
+    (what :class:`~safelora_ray.core.selection.Selection` checks when it is made).
 
     Args:
         threshold: τ.
@@ -69,16 +70,6 @@ def check_selection(threshold: float | None, num_proj_layers: int | None,
             raise ConfigError(f"--num-proj-layers must be ≥ 1, got {num_proj_layers}")
     if strict_k and num_proj_layers is None:
         raise ConfigError("--strict-k needs --num-proj-layers")
-
-
-def selection_record(threshold: float | None, num_proj_layers: int | None,
-                     strict_k: bool) -> dict[str, Any]:
-    """The selection as recorded in ledgers, provenance and reports (``all``: neither)."""
-    if threshold is not None:
-        return {"mode": "threshold", "threshold": threshold}
-    if num_proj_layers is None:
-        return {"mode": "all"}
-    return {"mode": "number", "num_proj_layers": num_proj_layers, "strict": strict_k}
 
 
 def check_at_least(value: float | int, field: str, minimum: float | int,
@@ -120,4 +111,4 @@ def env_number(name: str, default: float, kind: type = float) -> Any:
 
 
 __all__ = ["as_yaml_keys", "check_at_least", "check_positive", "check_selection", "env_number",
-           "flag", "selection_record"]
+           "flag"]

@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from safelora_ray._version import __version__
+from safelora_ray.core.selection import Selection
 from safelora_ray.reports import html as _html
 from safelora_ray.reports.aggregate import FINE_BINS, ModuleStats
 from safelora_ray.reports.causes import CAUSES, classify
@@ -139,19 +140,20 @@ class ReportWriter:
     Args:
         run_id: The run's id (report folder name).
         aset: The alignment set used.
-        selection: The selection parameters.
+        selection: The run's selection (or its record, as ``summary.json`` holds it).
         catalog: The catalog URI.
         tenant_depth: Path components of an adapter id that name its tenant.
     """
 
-    def __init__(self, run_id: str, aset: AlignmentSet, selection: dict[str, Any],
-                 catalog: str, tenant_depth: int = 1):
+    def __init__(self, run_id: str, aset: AlignmentSet,
+                 selection: Selection | dict[str, Any], catalog: str, tenant_depth: int = 1):
         if tenant_depth < 1:
             raise ValueError(f"tenant_depth must be ≥ 1, got {tenant_depth}")
         self.run_id = run_id
         self.alignment = {"uri": aset.uri, "content_id": aset.content_id,
                           "targets": list(aset.targets)}
-        self.selection = selection
+        self.selection = (selection.record() if isinstance(selection, Selection)
+                          else selection)
         self.catalog = catalog
         self.tenant_depth = tenant_depth
         self.started_at = _dt.datetime.now(_dt.timezone.utc)
@@ -163,7 +165,7 @@ class ReportWriter:
                                         compression="zstd")
         self._fleet = pq.ParquetWriter(self._path("run-fleet.parquet"), RUN_FLEET_SCHEMA,
                                        compression="zstd")
-        self.stats = ModuleStats(selection)
+        self.stats = ModuleStats(self.selection)
         self.pdst_hist = [0] * PDST_BINS
         self.status: Counter[str] = Counter()
         self.causes: Counter[str] = Counter()

@@ -8,12 +8,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from safelora_ray.core.errors import ConfigError
+from safelora_ray.core.selection import Selection
 from safelora_ray.core.validate import (
     check_at_least,
     check_positive,
-    check_selection,
     flag,
-    selection_record,
 )
 from safelora_ray.planning.model_plan import STATE_DIR
 from safelora_ray.storage.guards import Output, check_outputs
@@ -77,7 +76,7 @@ class FinetuneConfig:
             check_uri(getattr(self, name), flag(name))
         if self.reports is not None:
             check_uri(self.reports, "--reports")
-        check_selection(self.threshold, self.num_proj_layers, self.strict_k)
+        Selection(self.threshold, self.num_proj_layers, self.strict_k)  # checks
         if self.workers is not None:
             check_at_least(self.workers, "workers", 0, " (0 = in this process)")
         if self.chunk_bytes < 4096:
@@ -102,7 +101,7 @@ class FinetuneConfig:
     @property
     def selection(self) -> dict[str, Any]:
         """The selection parameters, as recorded in the provenance and reports."""
-        return selection_record(self.threshold, self.num_proj_layers, self.strict_k)
+        return Selection(self.threshold, self.num_proj_layers, self.strict_k).record()
 
 
 @dataclass

@@ -1,0 +1,409 @@
+"""The worker side of a sanitize run: one batch of adapters → sanitized adapters and rows.
+
+A worker reads its batch's adapters, has every adapter's B of one module multiplied by that
+module's C in a single matrix product (by the set's holder, see
+:mod:`safelora_ray.pipelines.sanitize.projection`), scores and selects modules per adapter
+exactly as SPEC §2 says, writes each adapter atomically, records it in the ledger and returns
+one row per adapter and per module.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import logging
+import math
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from safelora_ray.core.errors import AdapterError, SafeLoraError
+from safelora_ray.core.scores import ModuleScore, lora_gram, pdst, scores_from_sums
+from safelora_ray.core.selection import Selection
+from safelora_ray.execution import WorkerContext
+from safelora_ray.formats.alignment_set import AlignmentSet
+from safelora_ray.formats.peft import Adapter, output_digest, read_adapter, write_adapter
+from safelora_ray.pipelines.sanitize.ledger import Ledger, source_uri
+from safelora_ray.pipelines.sanitize.projection import (
+    GroupKey,
+    MatrixCache,
+    ProjectionEngine,
+    Projector,
+    SetKey,
+    dtype_name,
+    remote_projector,
+    shared_projector,
+)
+from safelora_ray.pipelines.sanitize.rows import base_row, mark_failed, mark_skipped
+from safelora_ray.planning.catalog import AdapterRef
+from safelora_ray.storage import open_storage
+from safelora_ray.storage.cache import StorageCache
+from safelora_ray.storage.local import STAGING_PREFIX
+
+logger = logging.getLogger(__name__)
+
+
+class FleetSanitizer:
+    """Sanitizes batches of adapters against one alignment set (plain Python; a worker
+    actor's task wraps it): reads and checks adapters, has their products computed by a
+    *projector* (the set's holder; see :mod:`safelora_ray.pipelines.sanitize.projection`),
+    selects modules, writes each adapter and its ledger record.
+
+    Args:
+        alignment_uri: The alignment set.
+        out_uri: Output root.
+        selection: The run's selection (:attr:`SanitizeConfig.selection`).
+        device: ``cpu`` or ``cuda``, for a projector made here (see :meth:`process`).
+        force: Ignore the ledger.
+        max_adapter_bytes: Cap on one adapter's weights file.
+        aset: The set's metadata, already opened; None opens it.
+        run_id: The run, recorded in the ledger (an adapter found done by this same run was
+            sanitized by a retried batch: it is reported ``ok``, not ``skipped``).
+    """
+
+    def __init__(self, alignment_uri: str, out_uri: str, selection: Selection,
+                 device: str = "cpu", force: bool = False,
+                 max_adapter_bytes: int = 4 * 1024**3, aset: AlignmentSet | None = None,
+                 run_id: str | None = None):
+        self.run_id = run_id
+        self.aset = aset or AlignmentSet.open(alignment_uri)
+        self.out = open_storage(out_uri)
+        self.selection = selection
+        self.ledger = Ledger(self.out, self.aset.content_id, selection, force)
+        self.device = device
+        self.max_adapter_bytes = max_adapter_bytes
+        self._storages = StorageCache()
+        self._own_engine: ProjectionEngine | None = None
+        # process() may run in two threads at once (one batch reads while another computes):
+        # the caches are filled under this lock.
+        self._lock = threading.Lock()
+
+    def _default_projector(self) -> Projector:
+        with self._lock:
+            if self._own_engine is None:
+                self._own_engine = ProjectionEngine(MatrixCache(self.aset, self.device))
+            return self._own_engine.run
+
+    def _fingerprint(self, ref: AdapterRef) -> str | None:
+        """Cheap change detector from object versions (no weight download)."""
+        st = self._storages.get(ref.uri)
+        try:
+            parts = [st.version(f"{ref.prefix}/{n}" if ref.prefix else n)
+                     for n in ("adapter_config.json", "adapter_model.safetensors")]
+        except SafeLoraError:
+            return None
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+    # -- the work --------------------------------------------------------------------------
+    def load(self, ref: AdapterRef, row: dict[str, Any]) -> tuple[Adapter | None, str | None]:
+        """Reads and checks one adapter unless the ledger says it is done (then ``row`` is
+        marked skipped and the adapter is None).
+
+        Returns:
+            ``(adapter, fingerprint)``.
+
+        Raises:
+            Exception: the adapter cannot be sanitized (``row`` becomes its error).
+        """
+        ledger = self.ledger
+        record = ledger.read(ref.adapter_id)
+        ledger.check_owner(record, ref)
+        fp = self._fingerprint(ref)
+        # Same object versions as last time: skip without downloading the weights.
+        if record and fp and record.get("fingerprint") == fp and ledger.done(
+                record, ledger.key(record.get("key", {}).get("content_digest")), ref):
+            mark_skipped(row, record, "unchanged since the last run (ledger)", self.run_id)
+            return None, fp
+        adapter = read_adapter(self._storages.get(ref.uri), ref.prefix, ref.adapter_id,
+                               max_bytes=self.max_adapter_bytes)
+        row["source_digest"] = adapter.digest
+        row["bytes_in"] = adapter.nbytes
+        row["base_model"] = adapter.base_model
+        if ledger.done(record, ledger.key(adapter.digest), ref):
+            assert record is not None
+            if fp and record.get("fingerprint") != fp:  # rewritten with the same bytes
+                record = {**record, "fingerprint": fp}
+                ledger.write(ref.adapter_id, record)
+            mark_skipped(row, record, "already sanitized with this alignment set and selection",
+                         self.run_id)
+            return None, fp
+        self._check(adapter)
+        return adapter, fp
+
+    def process(self, refs: Sequence[AdapterRef],
+                cancelled: Callable[[], bool] | None = None,
+                project: Projector | None = None) -> dict[str, Any]:
+        """Sanitize one batch; never raises for a bad adapter (it becomes an error row).
+
+        Args:
+            refs: The adapters.
+            cancelled: Polled before each adapter is read and before each is written: once
+                it says so, the rest of the batch is left alone (status ``cancelled``), so an
+                interrupted run stops after the adapter in progress, never inside one.
+            project: Computes the batch's products (default: here, the set loaded on this
+                sanitizer's device).
+
+        Returns:
+            ``{"adapters": [row, ...], "layers": [row, ...]}``.
+        """
+        stop = cancelled or (lambda: False)
+        t_batch = time.perf_counter()
+        rows: dict[str, dict[str, Any]] = {}
+        loaded: dict[str, tuple[AdapterRef, Adapter, str | None, float]] = {}
+        for ref in refs:
+            if stop():
+                rows[ref.adapter_id] = {**base_row(ref), "status": "cancelled"}
+                continue
+            t0 = time.perf_counter()
+            row = rows[ref.adapter_id] = base_row(ref)
+            try:
+                adapter, fp = self.load(ref, row)
+                if adapter is not None:
+                    loaded[ref.adapter_id] = (ref, adapter, fp, time.perf_counter() - t0)
+            except Exception as e:  # one bad adapter never stops the batch
+                mark_failed(row, e)
+        layers: list[dict[str, Any]] = []
+        if loaded:
+            t0 = time.perf_counter()
+            projected, scores = self._project_all([a for _, a, _, _ in loaded.values()],
+                                                  project or self._default_projector())
+            share = (time.perf_counter() - t0) / len(loaded)  # batch compute, per adapter
+            for adapter_id, (ref, adapter, fp, read_s) in loaded.items():
+                row = rows[adapter_id]
+                if stop():
+                    row["status"] = "cancelled"
+                    continue
+                try:
+                    layers.extend(self._finish(ref, adapter, fp, projected[adapter_id],
+                                               scores[adapter_id], row))
+                    row["read_s"] = round(read_s, 4)
+                    row["compute_s"] = round(row["compute_s"] + share, 4)
+                except Exception as e:
+                    mark_failed(row, e)
+        for row in rows.values():
+            row["batch_s"] = round(time.perf_counter() - t_batch, 4)
+        return {"adapters": list(rows.values()), "layers": layers}
+
+    def _check(self, adapter: Adapter) -> None:
+        missing = [m for m in adapter.modules if m not in self.aset.rows]
+        if missing:
+            raise AdapterError(
+                f"adapter {adapter.adapter_id!r}: {len(missing)} module(s) have no entry in "
+                f"alignment set {self.aset.content_id} (targets {','.join(self.aset.targets)}): "
+                + ", ".join(sorted(missing)[:5])
+            )
+        if not adapter.modules:
+            raise AdapterError(f"adapter {adapter.adapter_id!r}: no LoRA modules found")
+        for m in adapter.modules:
+            check_orientation(adapter, m, self.aset)
+
+    def _project_all(self, adapters: Sequence[Adapter], project: Projector
+                     ) -> tuple[dict[str, dict[str, torch.Tensor]],
+                                dict[str, dict[str, ModuleScore]]]:
+        """C B and the scores of every adapter and module of a batch: one product per module
+        (and dtype and rank) for the whole batch (SPEC §2), computed by ``project``.
+
+        Returns:
+            ``(cb, scores)``, each ``{adapter_id: {module: ...}}``; C B in each B's dtype (the
+            scores use the float32 product).
+        """
+        members: dict[GroupKey, list[tuple[str, Any]]] = {}
+        for ad in adapters:
+            for m, lm in ad.modules.items():
+                key = (m, dtype_name(lm.b.dtype), int(lm.rank))
+                members.setdefault(key, []).append((ad.adapter_id, lm))
+        groups = {key: (torch.stack([lm.b for _, lm in items]),
+                        lora_gram(torch.stack([lm.a for _, lm in items])))
+                  for key, items in members.items()}
+        out = project(groups)
+        cast: dict[str, dict[str, torch.Tensor]] = {ad.adapter_id: {} for ad in adapters}
+        scores: dict[str, dict[str, ModuleScore]] = {ad.adapter_id: {} for ad in adapters}
+        for key, items in members.items():
+            cb, sums = out[key]
+            for (adapter_id, _), one, sc in zip(items, cb, scores_from_sums(sums),
+                                                 strict=True):
+                cast[adapter_id][key[0]] = one
+                scores[adapter_id][key[0]] = sc
+        return cast, scores
+
+    def _finish(self, ref: AdapterRef, adapter: Adapter, fingerprint: str | None,
+                cbs: dict[str, torch.Tensor], scores: dict[str, ModuleScore],
+                row: dict[str, Any]) -> list[dict[str, Any]]:
+        t0 = time.perf_counter()
+        chosen = self.selection.pick({m: s.cos_rounded for m, s in scores.items()})
+        new_b = {m: cbs[m] for m in chosen}
+        kept = untouched_note(adapter)
+        notes = [kept] if kept else []
+        k = self.selection.num_proj_layers
+        if k is not None and k >= len(scores):
+            notes.append(f"--num-proj-layers {k} ≥ its {len(scores)} module(s): every module "
+                         "was projected (the number is per adapter)")
+        compute_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        # Written next to the outputs when they are local: then moved into place, not copied.
+        tmp = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.out.scratch_dir())
+        try:
+            files = write_adapter(adapter, new_b, tmp, self._storages.get(ref.uri), ref.prefix)
+            out_digest = output_digest(files)
+            bytes_out = sum(os.path.getsize(p) for _, p in files)
+            self.out.put_tree(ref.adapter_id, files, move=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        outputs = self.ledger.outputs(ref.adapter_id, [rel for rel, _ in files])
+        dists = [0.0 if m in chosen else s.dist for m, s in scores.items()]
+        adapter_pdst = pdst(dists)
+        # The record goes last: an adapter is "done" only once its output is in place.
+        self.ledger.write(ref.adapter_id, {
+            "adapter_id": ref.adapter_id,
+            "source": source_uri(ref),
+            "key": self.ledger.key(adapter.digest),
+            # The versions seen before reading (not re-fetched: two HEADs per adapter saved).
+            "fingerprint": fingerprint,
+            "output_digest": out_digest,
+            # What a later run checks before skipping it (a cheap listing, not a re-hash).
+            "outputs": outputs,
+            "run_id": self.run_id,
+            "modules": len(scores),
+            "projected": sorted(chosen),
+            # The figures a later run that skips this adapter reports for it.
+            "pdst": adapter_pdst if math.isfinite(adapter_pdst) else None,
+            "scores": {m: (s.cos_rounded if math.isfinite(s.cos_rounded) else None)
+                       for m, s in scores.items()},
+            "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        })
+        row.update(
+            status="ok", modules=len(scores), projected=len(chosen), pdst=adapter_pdst,
+            output_digest=out_digest, bytes_out=bytes_out, compute_s=round(compute_s, 4),
+            write_s=round(time.perf_counter() - t1, 4),
+            untouched=len(adapter.untouched), note="; ".join(notes) or None,
+        )
+        layers = []
+        for m, s in scores.items():
+            info = self.aset.rows[m]
+            layers.append({
+                "adapter_id": ref.adapter_id, "module": m, "layer": info.layer,
+                "kind": info.kind, "rank": int(adapter.modules[m].rank),
+                "cos": s.cos, "cos_rounded": s.cos_rounded, "projected": m in chosen,
+                "norm_delta": s.norm_delta, "norm_projected": s.norm_projected,
+                "dist": 0.0 if m in chosen else s.dist,
+            })
+        return layers
+
+
+def check_orientation(adapter: Adapter, module: str, aset: AlignmentSet) -> None:
+    """Refuse a module whose A/B do not fit the set's weight, naming the real cause.
+
+    The set stores every weight as nn.Linear's d_out x d_in (V of a GPT-2 ``Conv1D``, stored
+    d_in x d_out, was transposed by the build); PEFT's A (r x d_in) and B (d_out x r) are in
+    that orientation too, and its ``fan_in_fan_out`` says the base layer is a Conv1D.
+    """
+    row = aset.rows[module]
+    lm = adapter.modules[module]
+    who = f"adapter {adapter.adapter_id!r}: module {module!r}"
+    fifo = bool(adapter.config.get("fan_in_fan_out", False))
+    if fifo and row.layout != "conv1d":
+        raise AdapterError(
+            f"{who}: the adapter has fan_in_fan_out=true (its base layer is a GPT-2-style "
+            f"Conv1D, weight stored d_in x d_out) but alignment set {aset.content_id} holds "
+            "this module as an nn.Linear weight: the set was built from another model, or by "
+            "a safelora-ray that did not record weight layouts (rebuild it)")
+    if not fifo and row.layout == "conv1d":
+        raise AdapterError(
+            f"{who}: the alignment set's model stores this weight as a GPT-2-style Conv1D "
+            "(d_in x d_out) but the adapter has fan_in_fan_out=false, which PEFT never saves "
+            "for a Conv1D layer: an adapter for another model, or an edited config")
+    d_out, d_in = row.shape
+    b_out, a_in = int(lm.b.shape[0]), int(lm.a.shape[1])
+    if (b_out, a_in) == (d_out, d_in):
+        return
+    shapes = (f"A {list(lm.a.shape)} and B {list(lm.b.shape)} (ΔW = B A is {b_out}x{a_in}), "
+              f"but the alignment set's weight is {d_out}x{d_in} (d_out x d_in)")
+    if (b_out, a_in) == (d_in, d_out):
+        raise AdapterError(f"{who}: {shapes}: the adapter's factors are transposed against "
+                           "the weight (A and B were swapped, or written for the transposed "
+                           "layout)")
+    raise AdapterError(f"{who}: {shapes}: an adapter for another base model (other "
+                       "dimensions)")
+
+
+def untouched_note(adapter: Adapter) -> str | None:
+    """The report note naming what is kept as it is: ``modules_to_save`` and the biases an
+    adapter saves (``lora_bias``: ``…lora_B.bias``; ``bias="lora_only"``/``"all"``:
+    ``…base_layer.bias`` and other biases). The rule covers neither (SPEC §2)."""
+    parts = []
+    if adapter.modules_to_save:
+        parts.append("modules_to_save left as is: " + ",".join(adapter.modules_to_save))
+    mts = [f".{m}." for m in adapter.modules_to_save]
+    biases = [n for n in adapter.untouched
+              if n.endswith(".bias") and not any(m in f".{n}" for m in mts)]
+    if biases:
+        shown = ",".join(b.removeprefix("base_model.model.") for b in biases[:20])
+        more = f" and {len(biases) - 20} more" if len(biases) > 20 else ""
+        parts.append(f"biases left as is: {shown}{more}")
+    return "; ".join(parts) or None
+
+
+# ---------------------------------------------------------------------------------------------
+# The task
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SanitizeJob:
+    """What a worker needs to sanitize batches of one run (hashable: workers cache on it)."""
+
+    alignment_uri: str
+    alignment_id: str  # the set's content id: a set rebuilt at the same URI is another set
+    out_uri: str
+    selection: Selection
+    force: bool
+    max_adapter_bytes: int
+    run_id: str
+    task_timeout_s: float = 1800.0
+
+
+#: The worker slot of the latest job's sanitizer, so the next batches of a run reuse it.
+SANITIZER_SLOT = "sanitizer"
+
+
+def sanitize_batch(ctx: WorkerContext, job: SanitizeJob, refs: Sequence[AdapterRef],
+                   holder: Any = None, shared: bool = False) -> dict[str, Any]:
+    """Task: sanitize one batch of adapters (see :meth:`FleetSanitizer.process`).
+
+    Args:
+        ctx: This worker.
+        job: The run.
+        refs: The batch.
+        holder: The actor of this node keeping the set (None: this worker is the holder, or
+            this is the driver's process).
+        shared: The node is CPU-only: the set is in its object store (put there by the
+            holder) and this worker computes its own products with it; else ``holder``
+            computes them (on its GPU).
+    """
+    key = SetKey(job.alignment_uri, job.alignment_id)
+
+    def sanitizer() -> FleetSanitizer:
+        aset = AlignmentSet.open(job.alignment_uri, expect=job.alignment_id)
+        return FleetSanitizer(job.alignment_uri, job.out_uri, job.selection, ctx.device,
+                              job.force, job.max_adapter_bytes, aset=aset, run_id=job.run_id)
+
+    san = ctx.resident(SANITIZER_SLOT, job, sanitizer)
+    if shared:
+        project: Projector | None = shared_projector(ctx, holder, key, san.aset,
+                                                     job.task_timeout_s)
+    elif holder is not None:
+        project = remote_projector(holder, key, job.task_timeout_s)
+    else:  # the driver's process: the sanitizer's own engine
+        project = None
+    return san.process(refs, cancelled=lambda: ctx.cancelled(job.run_id), project=project)
+
+
+__all__ = ["FleetSanitizer", "SanitizeJob", "check_orientation", "sanitize_batch",
+           "untouched_note"]
