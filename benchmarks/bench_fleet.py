@@ -79,7 +79,7 @@ TARGETS = ("q_proj", "v_proj")
 #: Ray system setting (read from the environment by ``ray.init``): modules every worker
 #: process imports when it starts, before any task or actor needs it.
 PRELOAD_ENV = "RAY_preload_python_modules"
-PRELOAD = "torch,safelora_ray.pipelines.build.worker,safelora_ray.pipelines.sanitize.driver"
+PRELOAD = "torch,safelora_ray.pipelines.build.worker,safelora_ray.pipelines.sanitize.worker"
 ARCHS = {"fleet-100m": common.FLEET_100M, "llama2-7b": common.LLAMA2_7B}
 
 
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warm-workers", action="store_true",
                    help="start Ray with RAY_preload_python_modules=torch,"
                         "safelora_ray.pipelines.build.worker,"
-                        "safelora_ray.pipelines.sanitize.driver: worker "
+                        "safelora_ray.pipelines.sanitize.worker: worker "
                         "processes import torch before they are needed, as on a long-lived "
                         "cluster configured for safelora-ray")
     common.common_args(p)

@@ -30,10 +30,11 @@ FORWARDED_ENV = (
 
 
 #: Ray setting read from the environment when a node starts: modules each worker process
-#: imports as soon as it starts, before any actor needs them.
+#: imports as soon as it starts, before any actor needs them. Names, not imports: the
+#: execution layer still imports no pipeline; the workers import the heavy task modules.
 PRELOAD_ENV = "RAY_preload_python_modules"
 PRELOAD_MODULES = ("torch,safelora_ray.execution.actor,safelora_ray.pipelines.build.worker,"
-                   "safelora_ray.pipelines.sanitize.driver")
+                   "safelora_ray.pipelines.sanitize.worker")
 
 #: The environment of a local Ray's processes (unless set already): preloaded modules, and
 #: two glibc malloc arenas per process — a worker runs up to ~70 threads (batches, a holder's
