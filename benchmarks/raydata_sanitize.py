@@ -96,7 +96,7 @@ def _load(san: Any, ref: Any, row: dict[str, Any]) -> tuple[Any, str | None]:
             ledger, san._ledger_key(ledger.get("key", {}).get("content_digest")), ref):
         _skip(row, ledger, "unchanged since the last run (ledger)", san.run_id)
         return None, fp
-    adapter = read_adapter(san._storage(ref.uri), ref.prefix, ref.adapter_id,
+    adapter = read_adapter(san._storages.get(ref.uri), ref.prefix, ref.adapter_id,
                            max_bytes=san.max_adapter_bytes)
     row["source_digest"] = adapter.digest
     row["bytes_in"] = adapter.nbytes

@@ -23,10 +23,13 @@ def _package_has(sub: str) -> bool:
 
 
 def pipeline(name: str) -> Any:
-    """``safelora_ray.pipelines.<name>``, or ``safelora_ray.<name>`` in the code before
-    commit a98145a (so that the same benchmark measures the code before a redesign too)."""
+    """The module holding pipeline ``name``'s entry points: ``safelora_ray.pipelines.<name>.driver``
+    (the layer folders), ``safelora_ray.pipelines.<name>`` before them, ``safelora_ray.<name>``
+    before commit a98145a (so that the same benchmark measures the code before a redesign too)."""
     import importlib
 
+    if _package_has(f"pipelines/{name}/driver"):
+        return importlib.import_module(f"safelora_ray.pipelines.{name}.driver")
     if _package_has("pipelines"):
         return importlib.import_module(f"safelora_ray.pipelines.{name}")
     return importlib.import_module(f"safelora_ray.{name}")
@@ -35,7 +38,8 @@ def pipeline(name: str) -> Any:
 def holder_design() -> bool:
     """Whether the code measured has set holders and I/O workers (issue 11, commit 36cc1b4),
     rather than one copy of the set in every sanitize worker."""
-    return _package_has("pipelines") and _package_has("pipelines/projection")
+    return _package_has("pipelines/sanitize/projection") or (
+        _package_has("pipelines") and _package_has("pipelines/projection"))
 
 
 #: Ray's object store for the benchmarks (``--object-store-mb``): None = Ray's default (30 % of
