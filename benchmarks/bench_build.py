@@ -27,7 +27,22 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import common
+from benchlib.floors import checkpoint_files
+from benchlib.measure import build_tables, measure_build
+from benchlib.models import LLAMA2_7B, TINY, write_pair
+from benchlib.runs import (
+    apply_common,
+    common_args,
+    emit,
+    machine_info,
+    setup_logging,
+    timer,
+    workdir,
+)
+from benchlib.runtime import actor_startup_s, start_ray
+from benchlib.s3 import MotoS3
+
+from safelora_ray.formats.synthetic import Arch
 
 TARGETS = ("q_proj", "v_proj")
 
@@ -36,11 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=4, help="layers (Llama-2-7B has 32)")
-    p.add_argument("--hidden", type=int, default=common.LLAMA2_7B.hidden)
-    p.add_argument("--heads", type=int, default=common.LLAMA2_7B.heads)
-    p.add_argument("--kv-heads", type=int, default=common.LLAMA2_7B.kv_heads)
-    p.add_argument("--intermediate", type=int, default=common.LLAMA2_7B.intermediate)
-    p.add_argument("--vocab", type=int, default=common.LLAMA2_7B.vocab)
+    p.add_argument("--hidden", type=int, default=LLAMA2_7B.hidden)
+    p.add_argument("--heads", type=int, default=LLAMA2_7B.heads)
+    p.add_argument("--kv-heads", type=int, default=LLAMA2_7B.kv_heads)
+    p.add_argument("--intermediate", type=int, default=LLAMA2_7B.intermediate)
+    p.add_argument("--vocab", type=int, default=LLAMA2_7B.vocab)
     p.add_argument("--fill", choices=("dense", "holes"), default="dense",
                    help="non-target tensors: real bytes on disk (dense) or sparse holes")
     p.add_argument("--shard-gb", type=float, default=1.0, help="checkpoint shard size (GB)")
@@ -49,31 +64,31 @@ def main(argv: list[str] | None = None) -> int:
                         "reads base and aligned of a module at once in every worker)")
     p.add_argument("--cold", action="store_true",
                    help="drop the files' cached pages before each measurement (local only)")
-    common.common_args(p)
+    common_args(p)
     args = p.parse_args(argv)
-    common.setup_logging()
-    common.apply_common(args)
+    setup_logging()
+    apply_common(args)
 
-    arch = common.Arch(args.layers, args.hidden, args.heads, args.kv_heads, args.intermediate,
-                       args.vocab)
+    arch = Arch(args.layers, args.hidden, args.heads, args.kv_heads, args.intermediate,
+                args.vocab)
     if args.smoke:
-        arch = replace(common.TINY, layers=2)
+        arch = replace(TINY, layers=2)
         args.repeats = 1
     if args.cold and args.storage != "local":
         p.error("--cold applies to local storage only")
     use_gpu = args.device == "cuda"
 
-    info = common.machine_info()
-    with common.workdir(args.workdir, args.keep, "bench-build-") as root:
+    info = machine_info()
+    with workdir(args.workdir, args.keep, "bench-build-") as root:
         print(f"writing the pair ({arch}) under {root} ...", flush=True)
-        with common.timer() as tw:
-            pair = common.write_pair(root / "models", arch, targets=TARGETS, fill=args.fill,
-                                     max_shard_bytes=int(args.shard_gb * 1e9))
+        with timer() as tw:
+            pair = write_pair(root / "models", arch, targets=TARGETS, fill=args.fill,
+                              max_shard_bytes=int(args.shard_gb * 1e9))
         print(f"  written in {tw['s']:.1f} s: {pair['files_per_model']} file(s) per model, "
               f"{pair['apparent_bytes_per_model'] / 1e9:.2f} GB per model", flush=True)
         s3 = None
         if args.storage == "s3":
-            s3 = common.MotoS3(root)
+            s3 = MotoS3(root)
             base_uri = s3.upload_tree(pair["base"], "models/base")
             aligned_uri = s3.upload_tree(pair["aligned"], "models/aligned")
 
@@ -85,20 +100,20 @@ def main(argv: list[str] | None = None) -> int:
             def out_uri(rep: int) -> str:
                 return str(root / "sets" / f"run-{rep}")
         try:
-            ray_init_s = common.start_ray()
+            ray_init_s = start_ray()
             import ray
 
             from safelora_ray.execution import resolve_workers
 
             res = resolve_workers(args.workers, use_gpu, None, small=False)
             threads = args.read_threads or 2 * res.num_workers
-            cold = (common.checkpoint_files(pair["base"], pair["aligned"])
+            cold = (checkpoint_files(pair["base"], pair["aligned"])
                     if args.cold else None)
-            m = common.measure_build(base_uri=base_uri, aligned_uri=aligned_uri,
-                                     out_uri=out_uri, targets=TARGETS, workers=args.workers,
-                                     use_gpu=use_gpu, repeats=args.repeats,
-                                     read_threads=threads, cold_files=cold)
-            startup = (common.actor_startup_s(res.num_workers, use_gpu)
+            m = measure_build(base_uri=base_uri, aligned_uri=aligned_uri,
+                              out_uri=out_uri, targets=TARGETS, workers=args.workers,
+                              use_gpu=use_gpu, repeats=args.repeats,
+                              read_threads=threads, cold_files=cold)
+            startup = (actor_startup_s(res.num_workers, use_gpu)
                        if not args.smoke else float("nan"))
             ray.shutdown()
         finally:
@@ -119,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     line = (f"{arch.layers} layers of hidden {arch.hidden}, {args.storage}, "
             f"{result['cache']} cache, {res.num_workers} {args.device} worker(s)")
-    tables = common.build_tables(m, line)
+    tables = build_tables(m, line)
     tables[1][2].append(["Ray: start-up of the worker actors (probe)", round(startup, 3)])
-    common.emit(result, tables, args.out_json)
+    emit(result, tables, args.out_json)
     return 0
 
 

@@ -28,76 +28,93 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import common
 import torch
 from bench_scale import entries
+from benchlib.models import LLAMA2_70B, UPDATE_RANK, aligned_weight, gen, update_basis, write_pair
+from benchlib.monitor import MEMORY_HEADERS, ProcessMonitor, memory_rows
+from benchlib.runs import (
+    apply_common,
+    common_args,
+    emit,
+    gbps,
+    machine_info,
+    mib,
+    scale_arch,
+    scale_args,
+    setup_logging,
+    timer,
+    workdir,
+)
+from benchlib.runtime import start_ray
+
+from safelora_ray.formats.synthetic import is_target, write_streamed_checkpoint
 
 TARGETS = ("q_proj", "v_proj")
-C_Q_BYTES = common.LLAMA2_70B.hidden ** 2 * 4
+C_Q_BYTES = LLAMA2_70B.hidden ** 2 * 4
 
 
 def finetuned_weight(name: str, shape: tuple[int, ...], seed: int, index: int) -> torch.Tensor:
     """The fine-tune's target: aligned + a residual leaning on the alignment update's column
     space (modules 0, 2, ...: high cosine, kept at τ = 0.35) or random (low: projected)."""
-    w = common.aligned_weight(name, shape, seed).to(torch.float32)
-    g = common._gen(seed, name, "ft")
+    w = aligned_weight(name, shape, seed).to(torch.float32)
+    g = gen(seed, name, "ft")
     resid = torch.randn(*shape, generator=g) * 2e-4
     if index % 2 == 0:
-        u = common.update_basis(name, shape, seed)
-        resid += u @ torch.randn(common.UPDATE_RANK, shape[1], generator=g) * 1e-3
+        u = update_basis(name, shape, seed)
+        resid += u @ torch.randn(UPDATE_RANK, shape[1], generator=g) * 1e-3
     return w.add_(resid).to(torch.bfloat16)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.scale_args(p, layers=2)
+    scale_args(p, layers=2)
     sel = p.add_mutually_exclusive_group()
     sel.add_argument("--threshold", type=float, default=None,
                      help="threshold mode (default 0.35)")
     sel.add_argument("--num-proj-layers", type=int, default=None, help="number mode")
-    common.common_args(p, storage=False)
+    common_args(p, storage=False)
     p.set_defaults(repeats=1)
     args = p.parse_args(argv)
-    common.setup_logging()
-    common.apply_common(args)
+    setup_logging()
+    apply_common(args)
     if args.threshold is None and args.num_proj_layers is None:
         args.threshold = 0.35
 
-    arch, real = common.scale_arch(args)
+    arch, real = scale_arch(args)
     use_gpu = args.device == "cuda"
-    info = common.machine_info()
+    info = machine_info()
 
-    with common.workdir(args.workdir, args.keep, "bench-finetune-") as root:
+    with workdir(args.workdir, args.keep, "bench-finetune-") as root:
         ents = entries(arch, real)
         print(f"writing base, aligned and fine-tuned: {len(ents)} tensors per model, q/v real "
               f"in {real} of {arch.layers} layers, everything else sparse holes, under {root}",
               flush=True)
         shard = int(args.shard_gb * 1e9)
-        with common.timer() as tw:
-            pair = common.write_pair(root / "models", arch, targets=TARGETS, fill="holes",
-                                     max_shard_bytes=shard, entries=ents)
-            order = [n for n, _ in ents if common.is_target(n, TARGETS)]
+        with timer() as tw:
+            pair = write_pair(root / "models", arch, targets=TARGETS, fill="holes",
+                              max_shard_bytes=shard, entries=ents)
+            order = [n for n, _ in ents if is_target(n, TARGETS)]
 
             def ft_tensor(name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
-                if not common.is_target(name, TARGETS):
+                if not is_target(name, TARGETS):
                     return None
                 return finetuned_weight(name, shape, 0, order.index(name))
 
-            ft_info = common.write_checkpoint(root / "models" / "finetuned", ents, ft_tensor,
-                                              fill="holes", max_shard_bytes=shard)
+            ft_info = write_streamed_checkpoint(root / "models" / "finetuned", ents, ft_tensor,
+                                                fill="holes", max_shard_bytes=shard)
         ft_uri = str(root / "models" / "finetuned")
         print(f"  written in {tw['s']:.1f} s: {ft_info['files']} file(s) of "
               f"{ft_info['apparent_bytes'] / 1e9:.1f} GB apparent per model, "
               f"{ft_info['allocated_bytes'] / 1e9:.2f} GB on disk", flush=True)
-        ray_init_s = common.start_ray()
+        ray_init_s = start_ray()
         import ray
 
         from safelora_ray.pipelines.build.config import BuildConfig
         from safelora_ray.pipelines.build.driver import build
         from safelora_ray.pipelines.project_model.driver import FinetuneConfig, project_model
 
-        with common.timer() as tb:
+        with timer() as tb:
             aset = build(BuildConfig(base=pair["base"], aligned=pair["aligned"],
                                      out=str(root / "set"), targets=list(TARGETS),
                                      workers=args.workers, use_gpu=use_gpu, progress=False))
@@ -105,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         for rep in range(args.repeats):
             out = root / "out" / f"run-{rep}"
-            with common.ProcessMonitor() as mon, common.timer() as t:
+            with ProcessMonitor() as mon, timer() as t:
                 res = project_model(FinetuneConfig(
                     alignment=aset.uri, aligned=pair["aligned"], finetuned=ft_uri,
                     out=str(out), threshold=args.threshold,
@@ -115,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             rec = {"repeat": rep, "s": round(t["s"], 3), "bytes_read": res.bytes_read,
                    "must_read": res.must_read_bytes,
                    "read_ratio": round(res.bytes_read / res.must_read_bytes, 5),
-                   "gbps": common.gbps(ft_info["apparent_bytes"], t["s"]),
+                   "gbps": gbps(ft_info["apparent_bytes"], t["s"]),
                    "modules": res.modules, "selected": res.selected, "tau": res.tau,
                    "workers": res.workers, "device": res.device,
                    "stats": {k: round(v, 3) for k, v in res.stats.items()},
@@ -162,16 +179,16 @@ def main(argv: list[str] | None = None) -> int:
         ["compute_s / write_s (sum over workers)",
          f"{mid['stats'].get('compute_s')} / {mid['stats'].get('write_s')}"],
         ["largest worker peak RSS (in q_proj C = 256 MiB units)",
-         f"{common.mib(worker_peak)} MiB ({result['worker_peak_in_q_proj_C']})"],
+         f"{mib(worker_peak)} MiB ({result['worker_peak_in_q_proj_C']})"],
         ["repeats (median reported)", len(runs)],
     ]
     tables = [
         (f"project-model: Llama-2-70B shapes, q/v real in {real} of {arch.layers} layers",
          ["figure", "value"], main_rows),
-        ("peak RSS and CPU time by process role (median run)", common.MEMORY_HEADERS,
-         common.memory_rows(mid["memory"])),
+        ("peak RSS and CPU time by process role (median run)", MEMORY_HEADERS,
+         memory_rows(mid["memory"])),
     ]
-    common.emit(result, tables, args.out_json)
+    emit(result, tables, args.out_json)
     return 0
 
 

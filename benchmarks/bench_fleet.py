@@ -72,15 +72,39 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import common
 import torch
+from benchlib.floors import io_floor
+from benchlib.models import FLEET_100M, LLAMA2_7B, TINY, link_catalog, write_adapters, write_pair
+from benchlib.monitor import MEMORY_HEADERS, ProcessMonitor, memory_rows
+from benchlib.runs import (
+    apply_common,
+    common_args,
+    emit,
+    machine_info,
+    median,
+    mib,
+    setup_logging,
+    timer,
+    workdir,
+)
+from benchlib.runtime import actor_startup_s, holder_design, pipeline, start_ray
+from benchlib.s3 import MotoS3
+from benchlib.workers import (
+    release_freed_memory,
+    session_actors,
+    wait_workers_gone,
+    worker_roles,
+    worker_states,
+)
+
+from safelora_ray.formats.synthetic import MiB
 
 TARGETS = ("q_proj", "v_proj")
 #: Ray system setting (read from the environment by ``ray.init``): modules every worker
 #: process imports when it starts, before any task or actor needs it.
 PRELOAD_ENV = "RAY_preload_python_modules"
 PRELOAD = "torch,safelora_ray.pipelines.build.worker,safelora_ray.pipelines.sanitize.worker"
-ARCHS = {"fleet-100m": common.FLEET_100M, "llama2-7b": common.LLAMA2_7B}
+ARCHS = {"fleet-100m": FLEET_100M, "llama2-7b": LLAMA2_7B}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,17 +313,17 @@ def main(argv: list[str] | None = None) -> int:
                         "safelora_ray.pipelines.sanitize.worker: worker "
                         "processes import torch before they are needed, as on a long-lived "
                         "cluster configured for safelora-ray")
-    common.common_args(p)
+    common_args(p)
     args = p.parse_args(argv)
-    common.setup_logging()
-    common.apply_common(args)
+    setup_logging()
+    apply_common(args)
 
     arch = ARCHS[args.arch]
     if args.layers:
         arch = replace(arch, layers=args.layers)
     ns = sorted({int(x) for x in args.n.split(",") if x.strip()})
     if args.smoke:
-        arch, ns, args.repeats, args.baseline_per_repeat = common.TINY, [2], 1, 2
+        arch, ns, args.repeats, args.baseline_per_repeat = TINY, [2], 1, 2
         args.batch_size = 1  # several batches in flight per worker: the threaded actor path
     use_gpu = args.device == "cuda"
     if use_gpu and torch.cuda.device_count() < 1:
@@ -318,24 +342,24 @@ def main(argv: list[str] | None = None) -> int:
         plan = [max(ns)] + [0] * (chunks - 1)
     else:
         plan = [min(args.baseline_per_repeat, max(ns))] * chunks
-    info = common.machine_info()
+    info = machine_info()
 
-    with common.workdir(args.workdir, args.keep, "bench-fleet-") as root:
+    with workdir(args.workdir, args.keep, "bench-fleet-") as root:
         print(f"writing the pair ({arch}, {arch.params / 1e6:.0f}M parameters) and "
               f"{max(ns)} adapters under {root} ...", flush=True)
-        with common.timer() as tw:
-            pair = common.write_pair(root / "models", arch, targets=TARGETS, fill=args.fill,
-                                     max_shard_bytes=int(2e9))
+        with timer() as tw:
+            pair = write_pair(root / "models", arch, targets=TARGETS, fill=args.fill,
+                              max_shard_bytes=int(2e9))
             pool_root = root / "pool"
-            pool = common.write_adapters(pool_root, arch, max(ns), rank=args.rank,
-                                         targets=TARGETS)
-            catalogs = {n: common.link_catalog(pool[:n], pool_root, root / f"catalog-{n}")
+            pool = write_adapters(pool_root, arch, max(ns), rank=args.rank,
+                                  targets=TARGETS)
+            catalogs = {n: link_catalog(pool[:n], pool_root, root / f"catalog-{n}")
                         for n in ns}
         print(f"  written in {tw['s']:.1f} s", flush=True)
 
         s3 = None
         if args.storage == "s3":
-            s3 = common.MotoS3(root)
+            s3 = MotoS3(root)
             base_uri = s3.upload_tree(pair["base"], "models/base")
             aligned_uri = s3.upload_tree(pair["aligned"], "models/aligned")
             cat_uri = {n: s3.upload_tree(c, f"catalog-{n}") for n, c in catalogs.items()}
@@ -353,10 +377,10 @@ def main(argv: list[str] | None = None) -> int:
 
         from safelora_ray.execution import worker_session
 
-        build, BuildConfig = common.pipeline("build").build, common.pipeline("build").BuildConfig
-        sanitize = common.pipeline("sanitize").sanitize
-        SanitizeConfig = common.pipeline("sanitize").SanitizeConfig
-        holders_design = common.holder_design()
+        build, BuildConfig = pipeline("build").build, pipeline("build").BuildConfig
+        sanitize = pipeline("sanitize").sanitize
+        SanitizeConfig = pipeline("sanitize").SanitizeConfig
+        holders_design = holder_design()
 
         if "raydata" in modes:
             import raydata_sanitize
@@ -364,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(info["cpu_count"] or 1)
         base_out = root / "baseline-out"
         baseline: list[dict[str, Any]] = []
-        bmon = common.ProcessMonitor(pids=[os.getpid()])
+        bmon = ProcessMonitor(pids=[os.getpid()])
         comparison = Comparison(pool, pool_root, base_out)
         runs: dict[str, dict[int, list[dict[str, Any]]]] = {m: {n: [] for n in ns}
                                                             for m in modes}
@@ -395,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             gpu = use_gpu if on_ray else None
             tag = f"{mode}-n{n}-r{rep}"
             was_up = ray.is_initialized()
-            common.release_freed_memory()  # the baseline's freed heap is not ours
+            release_freed_memory()  # the baseline's freed heap is not ours
             load_start = [round(x, 2) for x in os.getloadavg()]
             states: list[dict[str, Any]] = []
             actors = 0
@@ -403,13 +427,13 @@ def main(argv: list[str] | None = None) -> int:
             # CPUs to Ray Data's own tasks and actors)
             session = (worker_session() if mode != "raydata"
                        else contextlib.nullcontext(None))
-            with common.ProcessMonitor() as mon, session as sess:
-                with common.timer() as t:
-                    with common.timer() as tb:
+            with ProcessMonitor() as mon, session as sess:
+                with timer() as t:
+                    with timer() as tb:
                         bres = build(BuildConfig(
                             base=base_uri, aligned=aligned_uri, out=uri(f"sets/{tag}"),
                             targets=list(TARGETS), workers=bwk, use_gpu=gpu, progress=False))
-                    with common.timer() as ts:
+                    with timer() as ts:
                         if mode == "raydata":
                             r = raydata_sanitize.sanitize_raydata(
                                 alignment=bres.uri, adapters=cat_uri[n],
@@ -429,9 +453,9 @@ def main(argv: list[str] | None = None) -> int:
                                 workers_per_gpu=args.workers_per_gpu,
                                 run_id=tag, progress=False))
                 if sess is not None:  # ask the workers what they hold, before they stop
-                    states = common.worker_states(sess)
-                    mon.label(common.worker_roles(states))
-                    actors = len(common.session_actors(sess))
+                    states = worker_states(sess)
+                    mon.label(worker_roles(states))
+                    actors = len(session_actors(sess))
             assert r.ok == n and r.error == 0, (r.ok, r.error, r.errors[:3])
             if ray.is_initialized() and not was_up:
                 ray.shutdown()  # auto started a local Ray for this job (its time is counted)
@@ -468,18 +492,18 @@ def main(argv: list[str] | None = None) -> int:
             if mode == "raydata":
                 rec["sanitize"]["set_copies"] = rec["sanitize"]["raydata"]["holders"]
             # the next job's memory must not count this one's dying workers
-            rec["waited_for_workers_exit_s"] = common.wait_workers_gone()
+            rec["waited_for_workers_exit_s"] = wait_workers_gone()
             comparison.check_run(out, n, baseline)
             if args.storage == "local" and not args.keep_outputs:
                 shutil.rmtree(out, ignore_errors=True)  # bounded disk at large N
                 shutil.rmtree(uri(f"sets/{tag}"), ignore_errors=True)
             if args.io_floor:  # the same catalog's plain I/O, on the same disk, right after
-                floor = common.io_floor(catalogs[n], root / f"io-floor-{tag}")
+                floor = io_floor(catalogs[n], root / f"io-floor-{tag}")
                 floor["sanitize_over_floor"] = round(ts["s"] / floor["s"], 2)
                 rec["io_floor"] = floor
             print(f"  {mode} N={n} run {rep}: {t['s']:.2f} s (build {tb['s']:.2f} s, "
                   f"sanitize {ts['s']:.2f} s; {n / t['s']:.1f} adapters/s; peak RSS "
-                  f"{rec['memory']['peak_total_rss'] / common.MiB:,.0f} MiB"
+                  f"{rec['memory']['peak_total_rss'] / MiB:,.0f} MiB"
                   + (f"; sanitize / I/O floor {rec['io_floor']['sanitize_over_floor']}"
                      if args.io_floor else "") + ")", flush=True)
             return rec
@@ -500,23 +524,23 @@ def main(argv: list[str] | None = None) -> int:
                 # session: alternating modes get a fresh Ray each
                 fresh = on_ray and len(group) > 1
                 if on_ray and not fresh:
-                    inits.append(common.start_ray())
+                    inits.append(start_ray())
                 for rep in range(args.repeats):
                     for mode in group:
                         if fresh:
-                            inits.append(common.start_ray())
+                            inits.append(start_ray())
                         run_baseline(plan[k])
                         k += 1
                         for n in ns:
                             runs[mode][n].append(one_job(mode, rep, n))
                         if mode == "ray" and rep == args.repeats - 1:
-                            startup = (common.actor_startup_s(args.build_workers, use_gpu)
+                            startup = (actor_startup_s(args.build_workers, use_gpu)
                                        if not args.smoke else float("nan"))
                         if fresh:
                             ray.shutdown()
                 if on_ray and not fresh:
                     ray.shutdown()
-            ray_init_s = common.median(inits)
+            ray_init_s = median(inits)
             check = comparison.summary(baseline)
             if args.no_baseline:
                 check = {**check, "equal": None, "skipped": True}
@@ -525,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
             if s3 is not None:
                 s3.stop()
 
-    per_adapter = common.median([b["s"] for b in baseline])
+    per_adapter = median([b["s"] for b in baseline])
     k_base = len(baseline)
     # CPU seconds (user + system, every process): the load-independent cost of each side.
     base_cpu_per_adapter = bmon.summary()["cpu_s"] / k_base if k_base else float("nan")
@@ -533,17 +557,17 @@ def main(argv: list[str] | None = None) -> int:
     for mode in modes:
         for n in ns:
             rs = runs[mode][n]
-            total = common.median([r["s"] for r in rs])
-            build_s = common.median([r["build_s"] for r in rs])
-            san = common.median([r["sanitize_s"] for r in rs])
+            total = median([r["s"] for r in rs])
+            build_s = median([r["build_s"] for r in rs])
+            san = median([r["sanitize_s"] for r in rs])
             measured = n <= k_base and args.baseline_per_repeat == 0
             base_t = sum(b["s"] for b in baseline[:n]) if measured else n * per_adapter
-            ours_cpu = common.median([r["memory"]["cpu_s"] for r in rs])
+            ours_cpu = median([r["memory"]["cpu_s"] for r in rs])
             base_cpu = n * base_cpu_per_adapter
             init = ray_init_s if mode in ("ray", "raydata") else 0.0
-            peak = common.median([r["memory"]["peak_total_rss"] for r in rs])
-            peak_anon = common.median([r["memory"]["peak_total_anon"] for r in rs])
-            peak_pss = common.median([r["memory"].get("peak_total_pss", 0) for r in rs])
+            peak = median([r["memory"]["peak_total_rss"] for r in rs])
+            peak_anon = median([r["memory"]["peak_total_anon"] for r in rs])
+            peak_pss = median([r["memory"].get("peak_total_pss", 0) for r in rs])
             copies = rs[0]["sanitize"]["set_copies"]
             rec = {
                 "mode": mode, "n": n, "executor": rs[0]["executor"], "build_s": build_s,
@@ -562,21 +586,21 @@ def main(argv: list[str] | None = None) -> int:
                 "runs": rs,
             }
             if args.io_floor:
-                rec["io_floor_s_median"] = common.median([r["io_floor"]["s"] for r in rs])
+                rec["io_floor_s_median"] = median([r["io_floor"]["s"] for r in rs])
                 rec["sanitize_over_floor_median"] = round(san / rec["io_floor_s_median"], 2)
                 floor_rows.append([mode, n, round(san, 2),
-                                   round(common.median([r["io_floor"]["read_s"] for r in rs]), 3),
-                                   round(common.median([r["io_floor"]["write_fsync_s"]
-                                                        for r in rs]), 3),
+                                   round(median([r["io_floor"]["read_s"] for r in rs]), 3),
+                                   round(median([r["io_floor"]["write_fsync_s"]
+                                                 for r in rs]), 3),
                                    round(rec["io_floor_s_median"], 3),
                                    rec["sanitize_over_floor_median"],
                                    f"{100 / rec['sanitize_over_floor_median']:.0f} %"])
             results.append(rec)
             mid = median_run(rs)
             mem_rows.append([mode, n, round(san, 2), rec["sanitize_adapters_per_s"],
-                             common.mib(peak), common.mib(peak_anon), common.mib(peak_pss),
+                             mib(peak), mib(peak_anon), mib(peak_pss),
                              copies,
-                             common.mib(mid["sanitize"]["set_bytes_per_copy"])
+                             mib(mid["sanitize"]["set_bytes_per_copy"])
                              if mid["sanitize"]["set_bytes_per_copy"] is not None else "-",
                              mid["sanitize"]["io_workers"] or "-"])
             rows.append([mode, n, rec["executor"], round(build_s, 2), round(san, 2),
@@ -598,9 +622,9 @@ def main(argv: list[str] | None = None) -> int:
         "ray_init_s": round(ray_init_s, 3), "actor_startup_s": round(startup, 3),
         "baseline": {"adapters_measured": k_base, "per_adapter_s_median": round(per_adapter, 3),
                      "cpu_s_per_adapter": round(base_cpu_per_adapter, 3),
-                     "load_s_median": round(common.median([b["load_s"] for b in baseline]), 3),
+                     "load_s_median": round(median([b["load_s"] for b in baseline]), 3),
                      "compute_write_s_median": round(
-                         common.median([b["compute_write_s"] for b in baseline]), 3),
+                         median([b["compute_write_s"] for b in baseline]), 3),
                      "per_adapter_s": [round(b["s"], 3) for b in baseline],
                      "memory": bmon.summary()},
         "equality": check,
@@ -628,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
          result["baseline"]["compute_write_s_median"]],
     ]
     extrap = "" if args.baseline_per_repeat == 0 else " (N x median per adapter)"
-    common.emit(result, [
+    emit(result, [
         (f"fleet: {arch.params / 1e6:.0f}M-parameter pair, r={args.rank} q/v adapters, "
          f"{args.storage}, {args.device}; ours = build + sanitize as one job"
          + (", warm workers" if args.warm_workers else ""),
@@ -652,10 +676,10 @@ def main(argv: list[str] | None = None) -> int:
            str(result["outputs_identical_across_modes"])]]),
         (f"where the time goes (N={max(ns)}, median run)", ["figure", "seconds"], where),
         *[(f"memory and CPU time by process role ({m}, N={max(ns)}, median run)",
-           common.MEMORY_HEADERS, common.memory_rows(median_run(runs[m][max(ns)])["memory"]))
+           MEMORY_HEADERS, memory_rows(median_run(runs[m][max(ns)])["memory"]))
           for m in modes],
         ("peak RSS and CPU time (baseline, all its adapters, in the driver process)",
-         common.MEMORY_HEADERS, common.memory_rows(result["baseline"]["memory"])),
+         MEMORY_HEADERS, memory_rows(result["baseline"]["memory"])),
     ], args.out_json)
     if check["equal"] is False:
         print("WARNING: the baseline's outputs differ from ours: " + json.dumps(check))

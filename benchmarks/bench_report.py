@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from common import emit, machine_info, median, mib, setup_logging, workdir
+from benchlib.runs import emit, machine_info, median, mib, setup_logging, workdir
 
 from safelora_ray.pipelines.sanitize.driver import SanitizeResult
 from safelora_ray.reports import ReportWriter

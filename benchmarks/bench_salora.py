@@ -33,20 +33,34 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import common
 import torch
+from benchlib.models import LLAMA2_7B, TINY, base_weight
+from benchlib.monitor import ProcessMonitor
+from benchlib.runs import (
+    apply_common,
+    common_args,
+    emit,
+    machine_info,
+    median,
+    mib,
+    setup_logging,
+    timer,
+    workdir,
+)
+
+from safelora_ray.formats.synthetic import Arch, write_streamed_checkpoint
 
 
-def write_model(path: Path, arch: common.Arch, seed: int = 0) -> dict[str, Any]:
+def write_model(path: Path, arch: Arch, seed: int = 0) -> dict[str, Any]:
     """A Llama checkpoint of ``arch`` with random bf16 weights and a complete config."""
     def tensor(name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
         if len(shape) == 1:  # RMSNorm weights
             return torch.ones(shape, dtype=torch.bfloat16)
         if name.startswith("model.layers."):
-            return common.base_weight(name, shape, seed)
+            return base_weight(name, shape, seed)
         return None  # embeddings, lm_head: valid bf16 filler
 
-    info = common.write_checkpoint(path, arch.shapes(), tensor, fill="dense")
+    info = write_streamed_checkpoint(path, arch.shapes(), tensor, fill="dense")
     config = {
         "model_type": "llama", "architectures": ["LlamaForCausalLM"],
         "hidden_size": arch.hidden, "intermediate_size": arch.intermediate,
@@ -83,7 +97,7 @@ def run_pass(model: Path, cal: Path, targets: tuple[str, ...], mode: str, dtype:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     sigmas: dict[str, torch.Tensor] = {}
-    with common.ProcessMonitor(pids=[os.getpid()]) as mon, common.timer() as t:
+    with ProcessMonitor(pids=[os.getpid()]) as mon, timer() as t:
         runner = CalibrationRunner(job, samples, device)
         layers = sorted({tm.layer for _, tm in runner.targets.values()})
         for layer in layers:
@@ -135,16 +149,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default="layers,whole", help="comma-separated: whole, layers")
     p.add_argument("--end-to-end", action="store_true",
                    help="also run the whole salora-modules job (V_s of every module, the set)")
-    common.common_args(p, storage=False)
+    common_args(p, storage=False)
     p.set_defaults(repeats=1)
     args = p.parse_args(argv)
-    common.setup_logging()
-    common.apply_common(args)
+    setup_logging()
+    apply_common(args)
 
-    arch = replace(common.LLAMA2_7B, layers=args.layers)
+    arch = replace(LLAMA2_7B, layers=args.layers)
     rank = args.safety_rank
     if args.smoke:
-        arch = replace(common.TINY, layers=2)
+        arch = replace(TINY, layers=2)
         args.samples, args.length, rank, args.repeats = 3, 16, 4, 1
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -152,12 +166,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    info = common.machine_info()
+    info = machine_info()
 
-    with common.workdir(args.workdir, args.keep, "bench-salora-") as root:
+    with workdir(args.workdir, args.keep, "bench-salora-") as root:
         print(f"writing a {arch.params / 1e9:.2f}B-parameter Llama ({arch.layers} layers of "
               f"Llama-2-7B shapes) under {root} ...", flush=True)
-        with common.timer() as tw:
+        with timer() as tw:
             ck = write_model(root / "model", arch)
         cal = calibration(root / "cal.jsonl", args.samples, args.length, arch.vocab)
         print(f"  written in {tw['s']:.1f} s ({ck['apparent_bytes'] / 1e9:.2f} GB)", flush=True)
@@ -199,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {}
     for mode in modes:
         rs = [r for r in runs if r["mode"] == mode]
-        summary[mode] = {k: common.median([r[k] for r in rs])
+        summary[mode] = {k: median([r[k] for r in rs])
                          for k in ("wall_s", "forward_s", "load_s", "tokens_per_s_forward",
                                    "tokens_per_s_wall", "peak_rss")}
         if device == "cuda":
@@ -220,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     for mode, s in summary.items():
         rows.append([mode, s["wall_s"], s["forward_s"], s["load_s"],
                      s["tokens_per_s_forward"], s["tokens_per_s_wall"],
-                     common.mib(s["peak_rss"]),
-                     common.mib(s["gpu_peak_bytes"]) if device == "cuda" else "-"])
+                     mib(s["peak_rss"]),
+                     mib(s["gpu_peak_bytes"]) if device == "cuda" else "-"])
     tables = [(f"Calibration pass, {arch.layers} layer(s) of Llama-2-7B shapes, "
                f"{args.samples} x {args.length} tokens, {args.dtype}, {device}",
                ["mode", "wall s", "forward s", "load s", "positions/s (forward)",
@@ -235,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{e2e['duration_s']:.2f} s, {e2e['modules']} modules, "
                       f"{e2e['tokens_per_s']:,.0f} positions/s forward"]] if e2e else []),
               ])]
-    common.emit(result, tables, args.out_json)
+    emit(result, tables, args.out_json)
     return 0
 
 

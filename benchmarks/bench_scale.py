@@ -34,17 +34,34 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import common
+from benchlib.floors import checkpoint_files
+from benchlib.measure import build_tables, measure_build
+from benchlib.models import LLAMA2_70B, write_pair
+from benchlib.runs import (
+    apply_common,
+    common_args,
+    emit,
+    machine_info,
+    mib,
+    scale_arch,
+    scale_args,
+    setup_logging,
+    timer,
+    workdir,
+)
+from benchlib.runtime import start_ray
+
+from safelora_ray.formats.synthetic import Arch, is_target
 
 TARGETS = ("q_proj", "v_proj")
-C_Q_BYTES = common.LLAMA2_70B.hidden ** 2 * 4  # one q_proj C in float32: 256 MiB
+C_Q_BYTES = LLAMA2_70B.hidden ** 2 * 4  # one q_proj C in float32: 256 MiB
 
 
-def entries(arch: common.Arch, real_layers: int) -> list[tuple[str, tuple[int, ...]]]:
+def entries(arch: Arch, real_layers: int) -> list[tuple[str, tuple[int, ...]]]:
     """Every tensor of the 70B model, minus the q/v of the layers past ``real_layers``."""
     out = []
     for name, shape in arch.shapes():
-        if common.is_target(name, TARGETS) and int(name.split(".")[2]) >= real_layers:
+        if is_target(name, TARGETS) and int(name.split(".")[2]) >= real_layers:
             continue
         out.append((name, shape))
     return out
@@ -53,7 +70,7 @@ def entries(arch: common.Arch, real_layers: int) -> list[tuple[str, tuple[int, .
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.scale_args(p, layers=8)
+    scale_args(p, layers=8)
     p.add_argument("--read-threads", type=int, default=None,
                    help="threads of the raw threaded read (default 2 x workers)")
     p.add_argument("--cold", action="store_true",
@@ -63,36 +80,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=None, help="exact: k per module")
     p.add_argument("--energy", type=float, default=None,
                    help="exact: the smallest k keeping this fraction of Σσ²")
-    common.common_args(p, storage=False)
+    common_args(p, storage=False)
     p.set_defaults(repeats=1)
     args = p.parse_args(argv)
-    common.setup_logging()
-    common.apply_common(args)
+    setup_logging()
+    apply_common(args)
 
-    arch, real = common.scale_arch(args)
+    arch, real = scale_arch(args)
     use_gpu = args.device == "cuda"
-    info = common.machine_info()
+    info = machine_info()
 
-    with common.workdir(args.workdir, args.keep, "bench-scale-") as root:
+    with workdir(args.workdir, args.keep, "bench-scale-") as root:
         ents = entries(arch, real)
         print(f"writing the pair: {len(ents)} tensors per model, q/v real in {real} of "
               f"{arch.layers} layers, everything else sparse holes, under {root} ...",
               flush=True)
-        with common.timer() as tw:
-            pair = common.write_pair(root / "models", arch, targets=TARGETS, fill="holes",
-                                     max_shard_bytes=int(args.shard_gb * 1e9), entries=ents)
+        with timer() as tw:
+            pair = write_pair(root / "models", arch, targets=TARGETS, fill="holes",
+                              max_shard_bytes=int(args.shard_gb * 1e9), entries=ents)
         print(f"  written in {tw['s']:.1f} s: {pair['files_per_model']} file(s) of "
               f"{pair['apparent_bytes_per_model'] / 1e9:.1f} GB apparent per model, "
               f"{pair['allocated_bytes_per_model'] / 1e9:.2f} GB on disk", flush=True)
-        ray_init_s = common.start_ray()
+        ray_init_s = start_ray()
         import ray
 
         from safelora_ray.execution import resolve_workers
 
         res = resolve_workers(args.workers, use_gpu, None, small=False)
         threads = args.read_threads or 2 * res.num_workers
-        cold = common.checkpoint_files(pair["base"], pair["aligned"]) if args.cold else None
-        m = common.measure_build(
+        cold = checkpoint_files(pair["base"], pair["aligned"]) if args.cold else None
+        m = measure_build(
             base_uri=pair["base"], aligned_uri=pair["aligned"],
             out_uri=lambda rep: str(root / "sets" / f"run-{rep}"), targets=TARGETS,
             workers=args.workers, use_gpu=use_gpu, repeats=args.repeats,
@@ -124,9 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         **m,
     }
     apparent = 2 * pair["apparent_bytes_per_model"]
-    tables = common.build_tables(m, f"Llama-2-70B shapes, q/v real in {real} of "
-                                    f"{arch.layers} layers, {res.num_workers} "
-                                    f"{args.device} worker(s), {result['cache']} cache")
+    tables = build_tables(m, f"Llama-2-70B shapes, q/v real in {real} of "
+                             f"{arch.layers} layers, {res.num_workers} "
+                             f"{args.device} worker(s), {result['cache']} cache")
     tables[0][2][0:0] = [
         ["apparent size of the pair (2 models)", f"{apparent / 1e9:.1f} GB"],
         ["allocated on disk (2 models)", f"{2 * pair['allocated_bytes_per_model'] / 1e9:.2f} GB"],
@@ -134,16 +151,16 @@ def main(argv: list[str] | None = None) -> int:
         ["bytes read / apparent size", f"{s['bytes_read'] / apparent:.5f}"],
     ]
     tables[0][2].append(["largest worker peak RSS (in q_proj C = 256 MiB units)",
-                         f"{common.mib(worker_peak)} MiB "
+                         f"{mib(worker_peak)} MiB "
                          f"({result['worker_peak_in_q_proj_C']})"])
     if exact:
         tables.append(("exact projection: k per module and the cost of the eigendecomposition",
                        ["figure", "value"], exact["rows"]))
-    common.emit(result, tables, args.out_json)
+    emit(result, tables, args.out_json)
     return 0
 
 
-def exact_figures(set_dir: Path, m: dict, arch: common.Arch) -> dict | None:
+def exact_figures(set_dir: Path, m: dict, arch: Arch) -> dict | None:
     """k and kept energy per module (from the manifest), the compute time per module (the
     build's compute_s split by module kind through their d_out² d_in cost), and the
     extrapolation to every q/v module of the architecture, marked as such."""

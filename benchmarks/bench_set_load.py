@@ -30,9 +30,10 @@ import sys
 import time
 from pathlib import Path
 
-import common
 import pyarrow.parquet as pq
 import torch
+from benchlib.models import LLAMA2_70B, TINY
+from benchlib.runs import emit, machine_info, median, setup_logging, workdir
 
 from safelora_ray.formats.alignment_set import (
     FORMAT,
@@ -44,12 +45,13 @@ from safelora_ray.formats.alignment_set import (
 )
 from safelora_ray.formats.integrity import FileHasher
 from safelora_ray.formats.safetensors import SafetensorsWriter
+from safelora_ray.formats.synthetic import Arch
 from safelora_ray.pipelines.sanitize.projection import MatrixCache
 from safelora_ray.planning.plan import DEFAULT_MAX_FILE_BYTES
 from safelora_ray.storage import open_storage
 
 
-def write_set(out: Path, arch: common.Arch, layers: int) -> dict[str, int]:
+def write_set(out: Path, arch: Arch, layers: int) -> dict[str, int]:
     """A fast-form q/v set of ``layers`` layers of ``arch``; returns its size and files."""
     mods = []
     kv = arch.hidden // arch.heads * arch.kv_heads
@@ -125,10 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-json", default=None)
     p.add_argument("--smoke", action="store_true", help="tiny widths (the smoke test)")
     args = p.parse_args(argv)
-    common.setup_logging()
-    arch = common.TINY if args.smoke else common.LLAMA2_70B
-    info = common.machine_info()
-    with common.workdir(args.workdir, args.keep, "bench-set-load-") as root:
+    setup_logging()
+    arch = TINY if args.smoke else LLAMA2_70B
+    info = machine_info()
+    with workdir(args.workdir, args.keep, "bench-set-load-") as root:
         t0 = time.perf_counter()
         written = write_set(root / "new", arch, args.layers)
         strip_digests(root / "new", root / "old")
@@ -145,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         AlignmentSet.open(str(root / "new")).verify()
         verify_s = time.perf_counter() - t0
-    old, new = common.median(runs["old"]), common.median(runs["new"])
+    old, new = median(runs["old"]), median(runs["new"])
     old_min, new_min = min(runs["old"]), min(runs["new"])
-    cpu_old, cpu_new = common.median(cpu["old"]), common.median(cpu["new"])
+    cpu_old, cpu_new = median(cpu["old"]), median(cpu["new"])
     result = {
         "benchmark": "set_load",
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None
@@ -170,9 +172,9 @@ def main(argv: list[str] | None = None) -> int:
          f"{cpu_old:.3f} / {cpu_new:.3f} s ({100 * (cpu_new / cpu_old - 1):+.1f} %)"],
         ["inspect --verify (every shard whole, SHA-256)", f"{verify_s:.2f} s"],
     ]
-    common.emit(result, [(f"loading a Llama-2-70B-shaped set ({args.layers} layers of q/v), "
-                          f"{args.repeats} loads of each copy, warm cache",
-                          ["figure", "value"], rows)], args.out_json)
+    emit(result, [(f"loading a Llama-2-70B-shaped set ({args.layers} layers of q/v), "
+                   f"{args.repeats} loads of each copy, warm cache",
+                   ["figure", "value"], rows)], args.out_json)
     return 0
 
 

@@ -349,8 +349,8 @@ def check_equal(n: int = 12, batch_size: int = 4) -> dict[str, Any]:
     selection. Ray must be initialised."""
     import io
 
-    import common
     import pyarrow.parquet as pq
+    from benchlib.models import TINY, write_adapters, write_pair
 
     from safelora_ray.pipelines.build.config import BuildConfig
     from safelora_ray.pipelines.build.driver import build
@@ -360,9 +360,9 @@ def check_equal(n: int = 12, batch_size: int = 4) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="raydata-check-",
                                      dir=os.environ.get("BENCH_TMPDIR")) as tmp:
         root = Path(tmp)
-        arch = common.TINY
-        pair = common.write_pair(root / "models", arch)
-        pool = common.write_adapters(root / "catalog", arch, n, rank=4)
+        arch = TINY
+        pair = write_pair(root / "models", arch)
+        pool = write_adapters(root / "catalog", arch, n, rank=4)
         bad = pool[len(pool) // 2] / "adapter_model.safetensors"
         bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")  # a corrupt one
         aset = build(BuildConfig(base=pair["base"], aligned=pair["aligned"],
@@ -411,8 +411,9 @@ def check_equal(n: int = 12, batch_size: int = 4) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import common
     import ray
+    from benchlib.runs import emit, machine_info, setup_logging
+    from benchlib.runtime import start_ray
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true",
@@ -421,17 +422,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="the smoke test's size")
     p.add_argument("--out-json", default=None)
     args = p.parse_args(argv)
-    common.setup_logging()
+    setup_logging()
     n = 6 if args.smoke else args.n
-    info = common.machine_info()
-    common.start_ray(num_cpus=2)
+    info = machine_info()
+    start_ray(num_cpus=2)
     try:
         res = check_equal(n=n, batch_size=2 if args.smoke else 4)
     finally:
         ray.shutdown()
     result = {"benchmark": "raydata-check", "machine": info, "check": res}
-    common.emit(result, [("Ray Data pipeline vs the product: same outputs",
-                          ["figure", "value"], [[k, str(v)] for k, v in res.items()])],
+    emit(result, [("Ray Data pipeline vs the product: same outputs",
+                   ["figure", "value"], [[k, str(v)] for k, v in res.items()])],
                 args.out_json)
     return 0 if res["equal"] else 1
 

@@ -347,7 +347,7 @@ def test_sigterm_mid_nightly_marks_the_run_and_frees_the_lock(world, tmp_path):
 
 
 def test_ctrl_c_marks_the_nightly_run_interrupted(tmp_path, monkeypatch):
-    from safelora_ray.cli import nightly
+    from safelora_ray.cli import nightly_run as nightly  # where _ensure_alignment is used
 
     root = tmp_path
     (root / "cat" / "a").mkdir(parents=True)

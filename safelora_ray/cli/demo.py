@@ -3,111 +3,49 @@
 Writes a Llama-shaped base/aligned pair (sharded safetensors + index) and a catalog of tenant
 adapters in the PEFT format, builds the alignment set, sanitizes the catalog, and prints where
 everything is. One adapter is a DoRA adapter, which Safe LoRA does not cover: it shows how a
-refused adapter is reported while the rest of the fleet completes.
+refused adapter is reported while the rest of the fleet completes. The files are written with
+:mod:`safelora_ray.formats.synthetic` (whose ``write_model``, ``write_adapter`` and
+``BASE_MODEL_ID`` are also importable from here, as the tests do).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from safelora_ray.formats.safetensors import save_tensors
+from safelora_ray.formats.synthetic import (
+    BASE_MODEL_ID,
+    Arch,
+    random_weights,
+    write_adapter,
+    write_model,
+)
 from safelora_ray.storage.guards import Output, check_outputs, probe_outputs
 
 logger = logging.getLogger(__name__)
 
-BASE_MODEL_ID = "safelora-demo/llama-mini"
+#: The synthetic model: a small Llama with GQA.
+DEMO_ARCH = Arch(layers=4, hidden=256, heads=8, kv_heads=2, intermediate=512, vocab=1000)
 
 
-@dataclass(frozen=True)
-class DemoShape:
-    """The synthetic model: a small Llama with GQA."""
-
-    layers: int = 4
-    hidden: int = 256
-    heads: int = 8
-    kv_heads: int = 2
-    intermediate: int = 512
-    vocab: int = 1000
-
-    @property
-    def kv_dim(self) -> int:
-        return self.hidden // self.heads * self.kv_heads
-
-
-def _weights(shape: DemoShape, g: torch.Generator) -> dict[str, torch.Tensor]:
-    def r(*s: int) -> torch.Tensor:
-        return (torch.randn(*s, generator=g) * 0.02).to(torch.bfloat16)
-
-    h, kv, i = shape.hidden, shape.kv_dim, shape.intermediate
-    t = {"model.embed_tokens.weight": r(shape.vocab, h), "lm_head.weight": r(shape.vocab, h),
-         "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
-    for layer in range(shape.layers):
-        p = f"model.layers.{layer}."
-        for name, s in (("self_attn.q_proj", (h, h)), ("self_attn.k_proj", (kv, h)),
-                        ("self_attn.v_proj", (kv, h)), ("self_attn.o_proj", (h, h)),
-                        ("mlp.gate_proj", (i, h)), ("mlp.up_proj", (i, h)),
-                        ("mlp.down_proj", (h, i))):
-            t[p + name + ".weight"] = r(*s)
-        t[p + "input_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
-        t[p + "post_attention_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
-    return t
-
-
-def write_model(path: Path, tensors: dict[str, torch.Tensor], shards: int = 2) -> None:
-    """An HF-layout checkpoint: ``model-0000i-of-0000n.safetensors`` + index."""
-    path.mkdir(parents=True, exist_ok=True)
-    names = sorted(tensors)
-    per = -(-len(names) // shards)
-    weight_map = {}
-    total = 0
-    for s in range(shards):
-        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        chunk = {n: tensors[n] for n in names[s * per:(s + 1) * per]}
-        save_tensors(path / fname, chunk, {"format": "pt"})
-        weight_map.update(dict.fromkeys(chunk, fname))
-        total += sum(t.numel() * t.element_size() for t in chunk.values())
-    (path / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    (path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-
-
-def write_adapter(path: Path, modules: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                  r: int, use_dora: bool = False) -> None:
-    """A PEFT LoRA adapter directory as ``save_pretrained`` writes it."""
-    path.mkdir(parents=True, exist_ok=True)
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": BASE_MODEL_ID,
-        "r": r, "lora_alpha": 2 * r, "lora_dropout": 0.05, "bias": "none",
-        "target_modules": ["q_proj", "v_proj"], "use_dora": use_dora, "use_rslora": False,
-        "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None,
-        "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
-        "init_lora_weights": True, "revision": None,
-    }
-    tensors: dict[str, torch.Tensor] = {}
-    for module, (a, b) in modules.items():
-        tensors[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
-        tensors[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
-        if use_dora:
-            tensors[f"base_model.model.{module}.lora_magnitude_vector"] = torch.ones(
-                b.shape[0], dtype=b.dtype)
-    save_tensors(path / "adapter_model.safetensors", tensors, {"format": "pt"})
-    (path / "adapter_config.json").write_text(json.dumps(config, indent=2))
+def _weights(arch: Arch, g: torch.Generator) -> dict[str, torch.Tensor]:
+    # The demo draws lm_head right after the embeddings (its inputs stay what they were).
+    shapes = arch.shapes()
+    order = [shapes[0], shapes[-1], *shapes[1:-1]]
+    return random_weights(order, g, scale=0.02, dtype=torch.bfloat16)
 
 
 def write_demo_inputs(root: Path, seed: int = 0, tenants: int = 3,
                       per_tenant: int = 4) -> dict[str, str]:
     """Write the pair and the catalog under ``root``; returns their locations."""
     g = torch.Generator().manual_seed(seed)
-    shape = DemoShape()
-    base = _weights(shape, g)
+    arch = DEMO_ARCH
+    base = _weights(arch, g)
     aligned = {}
     for name, w in base.items():
         if w.dim() == 2:
@@ -119,7 +57,7 @@ def write_demo_inputs(root: Path, seed: int = 0, tenants: int = 3,
     write_model(root / "models" / "base", base)
     write_model(root / "models" / "aligned", aligned)
 
-    modules = [f"model.layers.{i}.self_attn.{p}" for i in range(shape.layers)
+    modules = [f"model.layers.{i}.self_attn.{p}" for i in range(arch.layers)
                for p in ("q_proj", "v_proj")]
     catalog = root / "catalog"
     for t in range(tenants):
@@ -138,8 +76,8 @@ def write_demo_inputs(root: Path, seed: int = 0, tenants: int = 3,
                 lora[m] = (a.to(torch.bfloat16), b.to(torch.bfloat16))
             write_adapter(catalog / f"tenant-{t}" / f"adapter-{k:02d}", lora, r)
     # A DoRA adapter: outside Safe LoRA's rule, refused with a clear message.
-    a, b = (torch.randn(8, shape.hidden, generator=g).bfloat16(),
-            torch.randn(shape.hidden, 8, generator=g).bfloat16())
+    a, b = (torch.randn(8, arch.hidden, generator=g).bfloat16(),
+            torch.randn(arch.hidden, 8, generator=g).bfloat16())
     write_adapter(catalog / "tenant-0" / "dora-adapter", {modules[0]: (a, b)}, 8, use_dora=True)
     return {"base": str(root / "models" / "base"), "aligned": str(root / "models" / "aligned"),
             "catalog": str(catalog)}
@@ -205,3 +143,7 @@ def run_demo(root: str, threshold: float = 0.35, workers: int | None = None,
     say("the DoRA adapter was refused on purpose (Safe LoRA covers plain LoRA only); "
         "every other adapter was sanitized.")
     return 0, record
+
+
+__all__ = ["BASE_MODEL_ID", "DEMO_ARCH", "run_demo", "write_adapter", "write_demo_inputs",
+           "write_model"]

@@ -342,7 +342,8 @@ def _cmd_sanitize(args: argparse.Namespace) -> Outcome:
 
 
 def _cmd_nightly(args: argparse.Namespace) -> Outcome:
-    from safelora_ray.cli.nightly import NightlyConfig, run_nightly, summary_text
+    from safelora_ray.cli.nightly_config import NightlyConfig
+    from safelora_ray.cli.nightly_run import run_nightly, summary_text
 
     cfg = NightlyConfig.load(args.config)
     record = run_nightly(cfg, run_id=args.run_id, dry_run=args.dry_run,

@@ -1,5 +1,6 @@
 """Reports of a ``project-model`` run: ``layers.parquet`` for machines, ``summary.json`` and a
-self-contained ``report.html`` (a cosine histogram marking τ, the selected modules) for people.
+self-contained ``report.html`` (a cosine histogram marking τ, drawn by :mod:`.charts` like the
+fleet report's, and the selected modules) for people.
 
 One row per target module (a 70B model has at most a few hundred), so everything is built in
 memory and published at the end, ``summary.json`` last.
@@ -18,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from safelora_ray.reports.charts import DEFS, hist_svg
 from safelora_ray.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -65,34 +67,6 @@ def write_reports(storage: Storage, rows: Sequence[dict[str, Any]],
                       json.dumps(summary, indent=2, ensure_ascii=False).encode())
 
 
-def _svg_histogram(counts: list[int], tau: float | None, width: int = 640,
-                   height: int = 180) -> str:
-    top = max(counts) or 1
-    pad, bw = 28, (width - 40) / len(counts)
-    parts = [f'<svg viewBox="0 0 {width} {height + pad}" width="{width}" role="img" '
-             f'aria-label="histogram of rounded cosines">']
-    for i, c in enumerate(counts):
-        h = (height - 10) * c / top
-        x = 20 + i * bw
-        lo = -1.0 + 2.0 * i / len(counts)
-        selected = tau is not None and lo + 2.0 / len(counts) <= tau + 1e-12
-        fill = "#c0392b" if selected else "#2e86c1"
-        parts.append(f'<rect x="{x:.1f}" y="{height - h:.1f}" width="{bw - 1:.1f}" '
-                     f'height="{h:.1f}" fill="{fill}"><title>[{lo:.2f}, '
-                     f'{lo + 2.0 / len(counts):.2f}): {c}</title></rect>')
-    for v in (-1.0, -0.5, 0.0, 0.5, 1.0):
-        x = 20 + (v + 1.0) / 2.0 * (width - 40)
-        parts.append(f'<text x="{x:.1f}" y="{height + 18}" font-size="11" '
-                     f'text-anchor="middle">{v:g}</text>')
-    if tau is not None and math.isfinite(tau):
-        x = 20 + (min(max(tau, -1.0), 1.0) + 1.0) / 2.0 * (width - 40)
-        parts.append(f'<line x1="{x:.1f}" y1="0" x2="{x:.1f}" y2="{height}" stroke="#000" '
-                     f'stroke-dasharray="4 3"/><text x="{x + 4:.1f}" y="12" font-size="12">'
-                     f'τ = {tau:g}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
-
-
 def render_html(rows: Sequence[dict[str, Any]], summary: dict[str, Any]) -> str:
     """A one-page, dependency-free report of the run."""
     e = html.escape
@@ -126,7 +100,13 @@ def render_html(rows: Sequence[dict[str, Any]], summary: dict[str, Any]) -> str:
             f"<td>{'NaN' if cos is None or math.isnan(cos) else f'{cos:.5f}'}</td>"
             f"<td>{r['norm_delta']:.4g}</td><td>{r['norm_projected']:.4g}</td>"
             f"<td>{'yes' if r['selected'] else ''}</td></tr>")
-    hist = _svg_histogram(summary["histogram"]["counts"], summary.get("tau"))
+    counts = summary["histogram"]["counts"]
+    tau = summary.get("tau")
+    hist = hist_svg(counts, -1.0, 2.0 / len(counts), closed="left", width=640,
+                    title=f"Rounded cosines of the {c['modules']} target modules "
+                          f"(bins of {2.0 / len(counts):g})",
+                    xlabel="rounded cosine cos(ΔW, CΔW)", ylabel="modules", tau=tau,
+                    tau_label=f"τ = {tau:g}" if tau is not None else "", hatch_upto=tau)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>safelora-ray project-model
 {e(summary['run_id'])}</title>
@@ -135,8 +115,8 @@ table{{border-collapse:collapse}}td,th{{padding:2px 8px;text-align:left;
 border-bottom:1px solid #ddd}}tr.sel td{{background:#fdecea}}</style></head><body>
 <h1>Projected fine-tune</h1>
 <table>{fact_rows}</table>
-<h2>Cosines cos(ΔW, CΔW), rounded (red: projected)</h2>
-{hist}
+<h2>Cosines cos(ΔW, CΔW), rounded (hatched: projected)</h2>
+{DEFS}{hist}
 <h2>Target modules</h2>
 <table><tr><th>module</th><th>layer</th><th>kind</th><th>d_out x d_in</th><th>cos</th>
 <th>‖ΔW‖</th><th>‖CΔW‖</th><th>projected</th></tr>{"".join(body)}</table>

@@ -14,7 +14,7 @@ from typing import Any
 
 from safelora_ray.core.errors import SafeLoraError
 from safelora_ray.reports.fleet import read_json
-from safelora_ray.reports.html import CSS, JS, _href, _n, _num, esc
+from safelora_ray.reports.page import CSS, JS, esc, fmt_n, href, num_cell
 from safelora_ray.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -43,8 +43,8 @@ def _table(head: list[str], rows: list[str], page: int = 50) -> str:
 
 
 def _more(shown: int, total: int) -> str:
-    return (f"<p class='note'>{_n(shown)} of {_n(total)} listed (the run record lists at most "
-            f"{_n(shown)}).</p>" if total > shown else "")
+    return (f"<p class='note'>{fmt_n(shown)} of {fmt_n(total)} listed (the run record lists "
+            f"at most {fmt_n(shown)}).</p>" if total > shown else "")
 
 
 def render_run(record: dict[str, Any], report_link: Any = None) -> str:
@@ -61,17 +61,18 @@ def render_run(record: dict[str, Any], report_link: Any = None) -> str:
     cat_errs = record.get("catalog_errors") or []
     unmatched = record.get("unmatched") or []
     n_unmatched = c.get("unmatched", len(unmatched))
+    ok, skipped, failed = (fmt_n(c.get(k)) for k in ("ok", "skipped", "error"))
     parts = [f"""<h1>safelora-ray nightly · run {esc(record['run_id'])}</h1>
 <p class="meta">{esc(status)} · started {esc(str(record.get('started_at')))} · finished
-{esc(str(record.get('finished_at')))} ({_n(record.get('duration_s'))} s)</p>
-<p>{_n(c.get('adapters'))} adapter(s) listed: ✓ {_n(c.get('ok'))} sanitized, ○
-{_n(c.get('skipped'))} skipped, ✗ {_n(c.get('error'))} failed, <b>{_n(n_unmatched)} matching
-no model pair</b>; <b>{_n(len(cat_errs))} catalog(s) could not be listed</b>.</p>"""]
+{esc(str(record.get('finished_at')))} ({fmt_n(record.get('duration_s'))} s)</p>
+<p>{fmt_n(c.get('adapters'))} adapter(s) listed: ✓ {ok} sanitized, ○
+{skipped} skipped, ✗ {failed} failed, <b>{fmt_n(n_unmatched)} matching
+no model pair</b>; <b>{fmt_n(len(cat_errs))} catalog(s) could not be listed</b>.</p>"""]
     if record.get("failure"):
         parts.append(f"<p><b>✗ The run failed:</b> {esc(str(record['failure']))}</p>")
     rows = [f"<tr><td class='id'>{esc(str(e.get('catalog')))}</td>"
             f"<td class='msg'>{esc(str(e.get('error')))}</td></tr>" for e in cat_errs]
-    parts.append(f"<section id='catalogs'><h2>Catalogs not listed ({_n(len(cat_errs))})</h2>"
+    parts.append(f"<section id='catalogs'><h2>Catalogs not listed ({fmt_n(len(cat_errs))})</h2>"
                  + (("<p>Missing, unreadable or empty: nothing of these catalogs was "
                      "sanitized or projected; the run fails (exit 1) until they are fixed or "
                      "removed from the config.</p>" + _table(["catalog", "error"], rows))
@@ -80,15 +81,15 @@ no model pair</b>; <b>{_n(len(cat_errs))} catalog(s) could not be listed</b>.</p
             f"<td class='id'>{esc(str(u.get('adapter_id')))}</td>"
             f"<td class='id'>{esc(str(u.get('base_model')))}</td></tr>" for u in unmatched]
     parts.append(
-        f"<section id='unmatched'><h2>Adapters matching no model pair ({_n(n_unmatched)})</h2>"
+        f"<section id='unmatched'><h2>Adapters matching no model pair ({fmt_n(n_unmatched)})</h2>"
         + (("<p>Their <code>base_model_name_or_path</code> is in no pair's "
             "<code>base_model_ids</code>: they were not sanitized (never guessed). Add the id "
             "to a pair of the config, or fix the adapter's config.</p>"
             + _table(["catalog", "adapter", "base model"], rows) + _more(len(rows), n_unmatched))
            if rows else "<p>✓ Every adapter matched a model pair.</p>") + "</section>")
     rows = [f"<tr><td class='id'>{esc(str(g.get('catalog')))}</td>"
-            f"<td class='id'>{esc(str(g.get('pair')))}</td>{_num(g.get('adapters'))}"
-            f"{_num(g.get('ok'))}{_num(g.get('skipped'))}{_num(g.get('error'))}"
+            f"<td class='id'>{esc(str(g.get('pair')))}</td>{num_cell(g.get('adapters'))}"
+            f"{num_cell(g.get('ok'))}{num_cell(g.get('skipped'))}{num_cell(g.get('error'))}"
             f"<td><a href='{esc(link(str(g.get('report_html'))))}'>report</a></td></tr>"
             for g in record.get("groups") or []]
     parts.append("<section id='groups'><h2>Sanitize runs</h2>"
@@ -102,7 +103,7 @@ no model pair</b>; <b>{_n(len(cat_errs))} catalog(s) could not be listed</b>.</p
             f"<td class='msg'>{esc(str(m.get('error') or m.get('out') or ''))}</td></tr>"
             for m in models.get("items") or []]
     if rows:
-        parts.append(f"<section id='models'><h2>Full fine-tunes ({_n(models.get('total'))})"
+        parts.append(f"<section id='models'><h2>Full fine-tunes ({fmt_n(models.get('total'))})"
                      "</h2>" + _table(["catalog", "model", "status", "output or error"], rows)
                      + "</section>")
     errors = record.get("errors") or []
@@ -110,12 +111,12 @@ no model pair</b>; <b>{_n(len(cat_errs))} catalog(s) could not be listed</b>.</p
             f"<td class='id'>{esc(str(e.get('adapter_id') or e.get('model_id')))}</td>"
             f"<td class='msg'>{esc(str(e.get('error')))}</td></tr>" for e in errors]
     if rows:
-        parts.append(f"<section id='errors'><h2>Failures ({_n(len(rows))} listed)</h2>"
+        parts.append(f"<section id='errors'><h2>Failures ({fmt_n(len(rows))} listed)</h2>"
                      "<p>Each catalog's report groups them by cause.</p>"
                      + _table(["catalog", "adapter or model", "error"], rows) + "</section>")
     return _page(f"{status} · safelora-ray nightly {record['run_id']}",
                  "<nav><a href='../index.html'>All nightly runs</a>"
-                 f"<a href='{_href(record['run_id'])}.json'>run record (JSON)</a></nav>",
+                 f"<a href='{href(record['run_id'])}.json'>run record (JSON)</a></nav>",
                  "".join(parts))
 
 
@@ -127,13 +128,14 @@ def render_index(runs: list[dict[str, Any]]) -> str:
         ce = r.get("catalog_errors") or 0
         un = c.get("unmatched") or 0
         rows.append(
-            f"<tr><td class='id'><a href='{_href(r['page'])}'>{esc(r['run_id'])}</a></td>"
+            f"<tr><td class='id'><a href='{href(r['page'])}'>{esc(r['run_id'])}</a></td>"
             f"<td>{esc(STATUS_TEXT.get(r.get('status') or '', str(r.get('status'))))}</td>"
-            f"<td>{esc(str(r.get('finished_at') or ''))}</td>{_num(c.get('adapters'))}"
-            f"{_num(c.get('ok'))}{_num(c.get('skipped'))}{_num(c.get('error'))}"
-            f"{_num(un, ('✗ ' if un else '') + _n(un))}{_num(ce, ('✗ ' if ce else '') + _n(ce))}"
-            f"{_num(r.get('models_error'))}</tr>")
-    latest = (f"<p><a href='{_href(runs[-1]['page'])}'>The latest run ({esc(runs[-1]['run_id'])})"
+            f"<td>{esc(str(r.get('finished_at') or ''))}</td>{num_cell(c.get('adapters'))}"
+            f"{num_cell(c.get('ok'))}{num_cell(c.get('skipped'))}{num_cell(c.get('error'))}"
+            f"{num_cell(un, ('✗ ' if un else '') + fmt_n(un))}"
+            f"{num_cell(ce, ('✗ ' if ce else '') + fmt_n(ce))}"
+            f"{num_cell(r.get('models_error'))}</tr>")
+    latest = (f"<p><a href='{href(runs[-1]['page'])}'>The latest run ({esc(runs[-1]['run_id'])})"
               "</a> · <a href='latest.json'>latest.json</a></p>" if runs else "")
     return _page("safelora-ray nightly runs", "", f"""<h1>safelora-ray nightly runs</h1>{latest}
 <p>Each run's page lists the catalogs it could not list and the adapters that match no model
@@ -158,7 +160,7 @@ def publish(out: Storage, prefix: str, record: dict[str, Any]) -> None:
     root = out.uri.rstrip("/") + "/"
 
     def link(uri: str) -> str:  # a report under the output root: relative to runs/
-        return "../../" + _href(uri[len(root):]) if uri.startswith(root) else uri
+        return "../../" + href(uri[len(root):]) if uri.startswith(root) else uri
 
     try:
         out.put_bytes(f"{prefix}/runs/{record['run_id']}.html",

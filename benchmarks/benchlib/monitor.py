@@ -1,0 +1,288 @@
+"""Memory and CPU time of every process of a run (the driver, Ray's, the workers), sampled in a
+background thread, by role.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import psutil
+
+from benchlib.runs import mib
+
+#: Fields of ``/proc/PID/status`` read per sample (kB): the peak (``VmHWM``), the current
+#: resident set and its three parts. ``RssFile`` is mapped files (shared libraries, mapped
+#: checkpoints: page cache the process maps), ``RssShmem`` shared memory (Ray's object store
+#: is mapped by every worker that reads from it).
+_STATUS_FIELDS = {"VmHWM:": "hwm", "VmRSS:": "rss", "RssAnon:": "anon", "RssFile:": "file",
+                  "RssShmem:": "shmem"}
+
+
+def _status(pid: int) -> dict[str, int] | None:
+    """``VmHWM``, ``VmRSS``, ``RssAnon``, ``RssFile``, ``RssShmem`` of a process in bytes, or
+    None when it is gone."""
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key = _STATUS_FIELDS.get(line[:line.find(":") + 1])
+                if key is not None:
+                    out[key] = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return out if "rss" in out else None
+
+
+def _pss(pid: int) -> int:
+    """The process's proportional set size in bytes (``Pss`` of ``/proc/PID/smaps_rollup``:
+    each shared page divided among the processes mapping it), 0 when unreadable."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _reset_hwm(pid: int) -> None:
+    """Reset a process's ``VmHWM`` to its current RSS (Linux ``clear_refs`` 5); best effort."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+
+
+#: Generic roles, least specific first; any other role is an actor's class name. A process
+#: is re-classified when a later sample gives a more specific role (an idle worker becomes an
+#: actor; a command line read mid-exec looks like ``bash``).
+_GENERIC_ROLES = ("?", "ray worker (starting)", "ray worker (idle)", "ray system")
+_RAY_SYSTEM_TITLES = ("DashboardAgent", "RuntimeEnvAgent", "JobAgent")
+#: Ray Data's processes: its task workers (titled after the operator they run), and the
+#: actors its executor starts (statistics, autoscaling, actor locations).
+_RAY_DATA_TASKS = ("MapBatches(", "Map(", "ReadItems", "FromItems", "_map_task")
+_RAY_DATA_SYSTEM = ("StatsActor", "AutoscalingCoordinator", "ActorLocationTracker",
+                    "SplitCoordinator")
+
+
+def _specificity(role: str) -> int:
+    if role in _GENERIC_ROLES:
+        return 1 + _GENERIC_ROLES.index(role)
+    if role == "driver" or role[:1].isupper():  # an actor class name
+        return 10
+    return 0  # some other program name, seen mid-exec
+
+
+def process_role(proc: psutil.Process, driver: int) -> str:
+    if proc.pid == driver:
+        return "driver"
+    try:
+        cmd = proc.cmdline()
+    except (psutil.Error, OSError):
+        return "?"
+    head = cmd[0] if cmd else proc.name()
+    if head.startswith("ray::"):
+        words = head[5:].split()
+        title = words[0] if words else "worker"
+        if title.startswith("IDLE"):
+            return "ray worker (idle)"
+        if title.startswith(_RAY_SYSTEM_TITLES):
+            return "ray system"
+        if title.startswith(_RAY_DATA_TASKS):  # a task worker's title changes per task
+            return "Ray Data task worker"
+        if title.lstrip("_").startswith(_RAY_DATA_SYSTEM):
+            return "Ray Data system actor"
+        return title.split(".")[0].lstrip("_") or "ray worker"
+    text = " ".join(cmd)
+    if "default_worker.py" in text:
+        return "ray worker (starting)"
+    for key in ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "agent"):
+        if key in text:
+            return "ray system"
+    return proc.name() or "other"
+
+
+class ProcessMonitor:
+    """Memory and CPU time of the driver and of every process it started (Ray's GCS, raylet,
+    workers), sampled in a background thread.
+
+    Per process the peak is the kernel's ``VmHWM`` (exact, reset when the monitor starts),
+    read every ``interval`` seconds while the process lives (a process that exits between two
+    samples loses at most its last ``interval`` of growth). For the run as a whole, each
+    sample sums the current RSS of every process; ``peak_total`` is the largest such sum seen
+    (the run's RSS at its peak moment, not a sum of per-process peaks reached at different
+    times), and ``peak_moment`` what each process and role held in that sample. Shared pages
+    (torch's libraries, Ray's object store) count in every process that maps them, so the
+    sum is an upper bound; its anonymous part (``RssAnon``: heaps, tensors) is reported
+    apart, as is its own peak, and so is the largest sum of PSS (``peak_total_pss``: shared
+    pages divided among the processes mapping them, so that a page counts once in the sum —
+    the run's real memory, page cache it maps included). PSS is read every ``pss_interval``
+    seconds only: the kernel walks every mapping for it (~2 ms a process, 23 ms a sample of
+    a 2-worker Ray here), which every 50 ms would take a third of a core from the run.
+
+    Roles come from the processes' Ray titles (``SafeLoraWorker``, ``ray system``, ...);
+    :meth:`label` refines them (which worker holds the alignment set).
+    """
+
+    def __init__(self, interval: float = 0.05, pids: Sequence[int] | None = None,
+                 pss_interval: float = 0.5) -> None:
+        self.interval = interval
+        self.pss_interval = pss_interval
+        self._pss_next = 0.0
+        self.driver = os.getpid()
+        self.only = list(pids) if pids is not None else None
+        self.peaks: dict[int, dict[str, Any]] = {}
+        self.peak_total = 0
+        self.peak_anon = 0
+        self.peak_pss = 0
+        self.peak_moment: dict[str, Any] = {}
+        self.samples = 0
+        self.labels: dict[int, str] = {}
+        self._t0 = time.perf_counter()
+        self._cpu_last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _procs(self) -> list[psutil.Process]:
+        if self.only is not None:
+            return [psutil.Process(p) for p in self.only if psutil.pid_exists(p)]
+        me = psutil.Process(self.driver)
+        try:
+            return [me, *me.children(recursive=True)]
+        except psutil.Error:
+            return [me]
+
+    def _sample(self, first: bool = False) -> None:
+        total = anon = pss = 0
+        now: dict[int, dict[str, int]] = {}
+        with_pss = first or time.perf_counter() >= self._pss_next
+        if with_pss:
+            self._pss_next = time.perf_counter() + self.pss_interval
+        for p in self._procs():
+            if first:
+                _reset_hwm(p.pid)
+            st = _status(p.pid)
+            if st is None:
+                continue
+            rss = st["rss"]
+            now[p.pid] = st
+            total += rss
+            anon += st.get("anon", 0)
+            if with_pss:
+                pss += _pss(p.pid)
+            try:
+                ct = p.cpu_times()
+                cpu = ct.user + ct.system
+            except (psutil.Error, OSError):
+                cpu = None
+            rec = self.peaks.get(p.pid)
+            if rec is None:
+                rec = self.peaks[p.pid] = {"pid": p.pid, "role": process_role(p, self.driver),
+                                           "peak_rss": 0, "peak_anon": 0, "cpu_s": 0.0}
+            elif rec["role"] != "driver":
+                role = process_role(p, self.driver)
+                if _specificity(role) > _specificity(rec["role"]):
+                    rec["role"] = role
+            if cpu is not None:
+                last = self._cpu_last.get(p.pid)
+                # CPU time spent since the previous sample (or since the process started,
+                # when it started inside the measured block).
+                rec["cpu_s"] += cpu - last if last is not None else (0.0 if first else cpu)
+                self._cpu_last[p.pid] = cpu
+            rec["peak_rss"] = max(rec["peak_rss"], st.get("hwm", 0), rss)
+            rec["peak_anon"] = max(rec["peak_anon"], st.get("anon", 0))
+        self.samples += 1
+        self.peak_anon = max(self.peak_anon, anon)
+        self.peak_pss = max(self.peak_pss, pss)
+        if total > self.peak_total:
+            self.peak_total = total
+            self.peak_moment = {
+                "t_s": round(time.perf_counter() - self._t0, 3),
+                "pids": {pid: {k: st.get(k, 0) for k in ("rss", "anon", "file", "shmem")}
+                         for pid, st in now.items()}}
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> ProcessMonitor:
+        """Start sampling (again: peaks and CPU time accumulate over every ``with`` block)."""
+        self._stop = threading.Event()
+        self._cpu_last = {}
+        self._t0 = time.perf_counter()
+        self._sample(first=True)
+        self._thread = threading.Thread(target=self._run, name="bench-monitor", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample()
+
+    def label(self, roles: dict[int, str]) -> None:
+        """Give these processes (by pid) a more precise role than their Ray title, e.g.
+        ``SafeLoraWorker (holder)``. Applies to every sample, past and future."""
+        self.labels.update(roles)
+
+    def _role_of(self, pid: int) -> str:
+        return self.labels.get(pid) or self.peaks.get(pid, {}).get("role", "?")
+
+    def summary(self) -> dict[str, Any]:
+        """Per role: process count, the largest per-process peak RSS, their sum, the role's
+        RSS at the run's peak moment, and the CPU seconds used inside the measured blocks;
+        the run's peak total (RSS and its anonymous part), and every process."""
+        roles: dict[str, dict[str, Any]] = {}
+        for pid, rec in self.peaks.items():
+            if not rec["peak_rss"]:
+                continue  # gone before it could be read
+            r = roles.setdefault(self._role_of(pid), {
+                "processes": 0, "max_peak_rss": 0, "sum_peak_rss": 0, "cpu_s": 0.0,
+                "rss_at_peak": 0, "anon_at_peak": 0})
+            r["processes"] += 1
+            r["max_peak_rss"] = max(r["max_peak_rss"], rec["peak_rss"])
+            r["sum_peak_rss"] += rec["peak_rss"]
+            r["cpu_s"] = round(r["cpu_s"] + rec["cpu_s"], 3)
+        at_peak = self.peak_moment.get("pids", {})
+        for pid, st in at_peak.items():
+            r = roles.get(self._role_of(pid))
+            if r is not None:
+                r["rss_at_peak"] += st["rss"]
+                r["anon_at_peak"] += st["anon"]
+        moment = {k: sum(st[k] for st in at_peak.values())
+                  for k in ("rss", "anon", "file", "shmem")}
+        return {"roles": roles, "peak_total_rss": self.peak_total,
+                "peak_total_anon": self.peak_anon, "peak_total_pss": self.peak_pss,
+                "peak_moment": {"t_s": self.peak_moment.get("t_s"),
+                                "processes": len(at_peak), **moment},
+                "samples": self.samples,
+                "cpu_s": round(sum(rec["cpu_s"] for rec in self.peaks.values()), 3),
+                "processes": sorted(({**rec, "role": self._role_of(pid)}
+                                     for pid, rec in self.peaks.items()),
+                                    key=lambda r: r["pid"])}
+
+
+MEMORY_HEADERS = ["role", "processes", "max peak RSS per process, MiB", "sum of peaks, MiB",
+                  "RSS at the run's peak, MiB", "CPU s"]
+
+
+def memory_rows(summary: dict[str, Any]) -> list[list[Any]]:
+    rows = []
+    for role, r in sorted(summary["roles"].items()):
+        rows.append([role, r["processes"], mib(r["max_peak_rss"]), mib(r["sum_peak_rss"]),
+                     mib(r.get("rss_at_peak", 0)), round(r["cpu_s"], 2)])
+    pm = summary.get("peak_moment") or {}
+    rows.append(["all processes at the run's peak moment (RSS; anon / file / shmem)", "",
+                 "", "", f"{mib(summary['peak_total_rss'])} ({mib(pm.get('anon', 0))} / "
+                 f"{mib(pm.get('file', 0))} / {mib(pm.get('shmem', 0))})",
+                 round(summary["cpu_s"], 2)])
+    rows.append(["largest sum of anonymous RSS (heaps, tensors; no page cache)", "", "", "",
+                 mib(summary.get("peak_total_anon", 0)), ""])
+    rows.append(["largest sum of PSS (a shared page counted once)", "", "", "",
+                 mib(summary.get("peak_total_pss", 0)), ""])
+    return rows
