@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from safelora_ray._version import __version__
 from safelora_ray.core import interrupts
@@ -35,6 +36,8 @@ from safelora_ray.core.errors import ConfigError, LeaseHeldError, SafeLoraError,
 from safelora_ray.core.redact import configure_logging, redact
 
 logger = logging.getLogger(__name__)
+
+C = TypeVar("C")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -278,17 +281,19 @@ def _max_file_bytes(args: argparse.Namespace) -> int:
     check_positive(args.max_file_gb, "max_file_gb")
     return int(args.max_file_gb * 1024**3)
 
+def _config(cls: type[C], args: argparse.Namespace, **extra: Any) -> C:
+    """A command's config: each field from the flag of the same name, ``--timeout`` as
+    ``task_timeout_s``, and ``extra`` (flags that need converting)."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    given = {k: v for k, v in vars(args).items() if k in names}
+    return cls(**given, task_timeout_s=args.timeout, **extra)
+
+
 def _cmd_build(args: argparse.Namespace) -> Outcome:
     from safelora_ray.pipelines.build.config import BuildConfig
     from safelora_ray.pipelines.build.driver import build
 
-    cfg = BuildConfig(
-        base=args.base, aligned=args.aligned, out=args.out, targets=args.targets,
-        workers=args.workers, use_gpu=args.use_gpu,
-        max_file_bytes=_max_file_bytes(args), task_timeout_s=args.timeout,
-        progress=args.progress, ray_address=args.ray_address,
-        projection=args.projection, rank=args.rank, energy=args.energy,
-    )
+    cfg = _config(BuildConfig, args, max_file_bytes=_max_file_bytes(args))
     res = build(cfg)
     verb = "reused" if res.reused else "built"
     _say(args, f"{verb} alignment set {res.content_id}: {res.num_modules} modules at {res.uri}")
@@ -317,15 +322,7 @@ def _cmd_sanitize(args: argparse.Namespace) -> Outcome:
     from safelora_ray.pipelines.sanitize.driver import SanitizeConfig, sanitize
     from safelora_ray.reports import text_summary
 
-    cfg = SanitizeConfig(
-        alignment=args.alignment, adapters=args.adapters, out=args.out,
-        threshold=args.threshold, num_proj_layers=args.num_proj_layers, strict_k=args.strict_k,
-        force=args.force, workers=args.workers, use_gpu=args.use_gpu,
-        batch_size=args.batch_size, max_in_flight=args.max_in_flight, run_id=args.run_id,
-        workers_per_gpu=args.workers_per_gpu, allow_empty=args.allow_empty,
-        tenant_depth=args.tenant_depth, progress=args.progress, task_timeout_s=args.timeout,
-        ray_address=args.ray_address, method=args.method, wait_s=args.wait,
-    )
+    cfg = _config(SanitizeConfig, args, wait_s=args.wait)
     result = sanitize(cfg)
     _say(args, text_summary(result))
     code = EXIT_OK if result.exit_ok else EXIT_PARTIAL
@@ -358,13 +355,7 @@ def _cmd_nightly(args: argparse.Namespace) -> Outcome:
 def _cmd_project_model(args: argparse.Namespace) -> Outcome:
     from safelora_ray.pipelines.project_model.driver import FinetuneConfig, project_model
 
-    cfg = FinetuneConfig(
-        alignment=args.alignment, aligned=args.aligned, finetuned=args.finetuned,
-        out=args.out, threshold=args.threshold, num_proj_layers=args.num_proj_layers,
-        strict_k=args.strict_k, reports=args.reports, workers=args.workers,
-        use_gpu=args.use_gpu, task_timeout_s=args.timeout, progress=args.progress,
-        ray_address=args.ray_address, wait_s=args.wait,
-    )
+    cfg = _config(FinetuneConfig, args, wait_s=args.wait)
     res = project_model(cfg)
     summary = {"command": "project-model", "status": "reused" if res.reused else "projected",
                "uri": res.uri, "modules": res.modules, "selected": res.selected,
@@ -389,14 +380,7 @@ def _cmd_project_model(args: argparse.Namespace) -> Outcome:
 def _cmd_salora_modules(args: argparse.Namespace) -> Outcome:
     from safelora_ray.pipelines.salora.modules import SaloraConfig, salora_modules
 
-    cfg = SaloraConfig(
-        model=args.model, calibration=args.calibration, out=args.out, targets=args.targets,
-        safety_rank=args.safety_rank, dtype=args.dtype, mode=args.mode,
-        batch_tokens=args.batch_tokens, workers=args.workers, use_gpu=args.use_gpu,
-        max_file_bytes=_max_file_bytes(args), task_timeout_s=args.timeout,
-        export_cs=args.export_cs, progress=args.progress, ray_address=args.ray_address,
-        force=args.force,
-    )
+    cfg = _config(SaloraConfig, args, max_file_bytes=_max_file_bytes(args))
     res = salora_modules(cfg)
     verb = "reused" if res.reused else "computed"
     _say(args, f"{verb} safety-module set {res.content_id}: {res.num_modules} modules at "

@@ -184,11 +184,7 @@ def compute_alignment(
     """
     v = alignment_difference(w_base, w_aligned)
     norm = frobenius_norm(v)
-    if norm == 0.0 or not math.isfinite(norm):
-        raise ValueError(
-            "‖W_aligned − W_base‖_F is 0 (identical weights): C = V Vᵀ/‖V‖_F is undefined"
-            if norm == 0.0 else f"‖W_aligned − W_base‖_F is {norm} (NaN/Inf in the weights)"
-        )
+    check_norm(norm)
     form = form or choose_form(*v.shape)
     if form == "C":
         return AlignmentMatrix("C", gram(v).div_(norm), norm)

@@ -18,6 +18,7 @@ written before digests existed still loads, with a warning (once per process and
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import io
 import json
@@ -31,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from safelora_ray._version import __version__
 from safelora_ray.core.alignment import AlignmentMatrix
 from safelora_ray.core.errors import AlignmentSetError, NotFoundError, SafeLoraError
 from safelora_ray.formats.integrity import (
@@ -374,24 +376,31 @@ class AlignmentSet:
             f"method         {md.get('method', {}).get('name')}",
             f"base           {_source_line(md.get('base', {}))}",
             f"aligned        {_source_line(md.get('aligned', {}))}",
-            f"targets        {','.join(self.targets)}",
-            "modules        "
-            + f"{len(self.rows)} ("
-            + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
-            + f"), layers {layers[0] if layers else '-'}..{layers[-1] if layers else '-'}",
-            "stored forms   " + ", ".join(f"{k} {v}" for k, v in sorted(forms.items())),
+            *self._module_lines(kinds, forms, layers),
             exact,
             "weight layouts " + ", ".join(f"{k} {v}" for k, v in sorted(layouts.items()))
             + ("  (conv1d: GPT-2 Conv1D, stored d_in x d_out; V taken as d_out x d_in)"
                if "conv1d" in layouts else ""),
-            f"stored bytes   {_human(int(md.get('stored_bytes', 0)))} in "
-            f"{len(md.get('shards', []))} shard file(s)",
+            self._bytes_line(),
             f"source bytes   {_human(int(md.get('source_bytes', 0)))} read",
             f"‖V‖_F          min {min(norms):.4g}  max {max(norms):.4g}" if norms else "",
             f"built          {md.get('created_at')} by safelora-ray {md.get('tool_version')}"
             f" on {md.get('build', {}).get('device')} x{md.get('build', {}).get('workers')}",
         ]
         return "\n".join(line for line in lines if line)
+
+    def _module_lines(self, kinds: dict[str, int], forms: dict[str, int],
+                      layers: list[int]) -> list[str]:
+        span = f"{layers[0]}..{layers[-1]}" if layers else "-..-"
+        return [f"targets        {','.join(self.targets)}",
+                f"modules        {len(self.rows)} ("
+                + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())) + f"), layers {span}",
+                "stored forms   " + ", ".join(f"{k} {v}" for k, v in sorted(forms.items()))]
+
+    def _bytes_line(self) -> str:
+        md = self.metadata
+        return (f"stored bytes   {_human(int(md.get('stored_bytes', 0)))} in "
+                f"{len(md.get('shards', []))} shard file(s)")
 
     def _salora_summary(self, kinds: dict[str, int], forms: dict[str, int],
                         layers: list[int]) -> str:
@@ -407,14 +416,8 @@ class AlignmentSet:
             f"model          {_source_line(md.get('model', {}))}",
             f"calibration    {cal.get('uri')} (sha256 {str(cal.get('sha256'))[:16]}…, "
             f"{cal.get('samples')} samples, {cal.get('tokens')} counted tokens)",
-            f"targets        {','.join(self.targets)}",
-            "modules        "
-            + f"{len(self.rows)} ("
-            + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
-            + f"), layers {layers[0] if layers else '-'}..{layers[-1] if layers else '-'}",
-            "stored forms   " + ", ".join(f"{k} {v}" for k, v in sorted(forms.items())),
-            f"stored bytes   {_human(int(md.get('stored_bytes', 0)))} in "
-            f"{len(md.get('shards', []))} shard file(s)",
+            *self._module_lines(kinds, forms, layers),
+            self._bytes_line(),
             f"energy         min {min(energies):.4g}  max {max(energies):.4g} (share of "
             "‖W Xᵀ‖_F² in V_s)" if energies else "",
             f"built          {md.get('created_at')} by safelora-ray {md.get('tool_version')}"
@@ -422,6 +425,17 @@ class AlignmentSet:
             f" ({md.get('build', {}).get('mode')})",
         ]
         return "\n".join(line for line in lines if line)
+
+
+def metadata_head(content_id: str) -> dict[str, Any]:
+    """The first keys of every set's ``alignment.json``: format, version, id, when, by what."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "content_id": content_id,
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "tool_version": __version__,
+    }
 
 
 def publish(out: Storage, rows: Iterable[ManifestRow], metadata: dict[str, Any],

@@ -21,7 +21,7 @@ from safelora_ray.core.errors import (
     SafetensorsFormatError,
     StorageError,
 )
-from safelora_ray.formats.safetensors import DTYPES, SafetensorsHeader, read_header
+from safelora_ray.formats.safetensors import DTYPES, SafetensorsHeader, TensorInfo, read_header
 from safelora_ray.storage import Storage, open_storage
 
 logger = logging.getLogger(__name__)
@@ -36,31 +36,13 @@ PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt",
 MAX_INDEX_BYTES = 64 * 1024 * 1024
 
 
-@dataclass(frozen=True)
-class TensorRef:
-    """Where one tensor's bytes live; enough for any worker to read it.
-
-    Attributes:
-        uri: Storage root URI of the checkpoint.
-        path: File path relative to the root.
-        name: Tensor name.
-        dtype: safetensors dtype string (``BF16``, ``F16``, ``F32`` ...).
-        shape: Tensor shape.
-        start: Absolute byte offset of the data in the file.
-        end: Absolute end offset (exclusive).
-    """
+@dataclass(frozen=True, kw_only=True)
+class TensorRef(TensorInfo):
+    """Where one tensor's bytes live, enough for any worker to read it: its header entry
+    (name, dtype, shape, absolute byte range) in file ``path`` of the checkpoint at ``uri``."""
 
     uri: str
     path: str
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    start: int
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
 
     def describe(self) -> str:
         return f"tensor {self.name!r} in {self.uri.rstrip('/')}/{self.path}"
@@ -176,7 +158,8 @@ class Checkpoint:
                 f"{self.uri}: the index maps tensor {name!r} to {path}, but that file's header "
                 "does not contain it"
             )
-        return TensorRef(self.uri, path, name, info.dtype, tuple(info.shape), info.start, info.end)
+        return TensorRef(name=name, dtype=info.dtype, shape=tuple(info.shape), start=info.start,
+                         end=info.end, uri=self.uri, path=path)
 
     def versions(self, paths: set[str] | None = None) -> dict[str, str]:
         """Version tokens (ETag, commit, mtime) of the index and of the given files."""

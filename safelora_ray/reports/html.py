@@ -17,15 +17,16 @@ from typing import Any
 from safelora_ray.reports.charts import DEFS, heatmap_svg, hist_svg
 from safelora_ray.reports.page import CSS, JS, esc, fmt_n, fmt_pct, href, num_cell
 from safelora_ray.reports.sections import (
+    adapters_section,
     failures_section,
     no_threshold,
     previous_section,
     selection_text,
     state_section,
+    tenants_section,
     threshold_section,
     verb_of,
 )
-from safelora_ray.reports.tables import adapters_section, tenants_section
 
 MEANING = """<section id="meaning"><h2>What these numbers mean</h2><dl class="meaning">
 <dt>cosine, cos(ΔW, CΔW)</dt><dd>For each LoRA module, ΔW = B·A is the fine-tune's update and

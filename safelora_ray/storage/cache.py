@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import threading
-
+from safelora_ray.core.once import OnceMap
 from safelora_ray.storage.base import Storage
 from safelora_ray.storage.registry import open_storage
 
@@ -13,23 +12,15 @@ class StorageCache:
     Thread-safe: a reader's threads share it."""
 
     def __init__(self) -> None:
-        self._storages: dict[str, Storage] = {}
-        self._lock = threading.Lock()
+        self._storages: OnceMap[str, Storage] = OnceMap()
 
     def get(self, uri: str) -> Storage:
-        st = self._storages.get(uri)
-        if st is None:
-            with self._lock:
-                st = self._storages.get(uri)
-                if st is None:
-                    st = self._storages[uri] = open_storage(uri)
-        return st
+        return self._storages.get(uri, lambda: open_storage(uri))
 
     @property
     def bytes_read(self) -> int:
         """Bytes read through every storage opened so far (their own counters)."""
-        with self._lock:
-            return sum(s.bytes_read for s in self._storages.values())
+        return sum(s.bytes_read for s in self._storages.values())
 
 
 __all__ = ["StorageCache"]

@@ -19,14 +19,8 @@ import huggingface_hub.constants
 from huggingface_hub import HfApi, HfFileSystem
 
 from safelora_ray.core.errors import NotFoundError, StorageError
+from safelora_ray.storage import localfs
 from safelora_ray.storage.base import ObjectInfo, Storage
-from safelora_ray.storage.localfs import (
-    as_byte_view,
-    check_range,
-    read_into_fd,
-    read_range_fd,
-    walk_sorted,
-)
 from safelora_ray.storage.uri import normalize_relpath
 
 logger = logging.getLogger(__name__)
@@ -228,13 +222,13 @@ class HfStorage(Storage):
 
     def read_range(self, path: str, start: int, length: int) -> bytes:
         """Exactly ``length`` bytes from ``start`` (pread from the cache or a ranged GET)."""
-        check_range(start, length)
+        localfs.check_range(start, length)
         rp = self._repo_path(path)
         local = self._cached(rp)
         if local is not None:
             fd = os.open(local, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             try:
-                data = read_range_fd(fd, start, length, self.describe(path))
+                data = localfs.read_range_fd(fd, start, length, self.describe(path))
             finally:
                 os.close(fd)
             self._count(len(data))
@@ -265,19 +259,19 @@ class HfStorage(Storage):
 
     def read_into(self, path: str, start: int, buffer: memoryview) -> None:
         """Fill ``buffer``; cached files are read with ``preadv`` straight into it."""
-        check_range(start, len(buffer))
+        localfs.check_range(start, len(buffer))
         rp = self._repo_path(path)
         local = self._cached(rp)
         if local is None:
-            view = as_byte_view(buffer)
+            view = localfs.as_byte_view(buffer)
             view[:] = self.read_range(path, start, len(view))
             return
         fd = os.open(local, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
-            read_into_fd(fd, start, buffer, self.describe(path))
+            localfs.read_into_fd(fd, start, buffer, self.describe(path))
         finally:
             os.close(fd)
-        self._count(as_byte_view(buffer).nbytes)
+        self._count(localfs.as_byte_view(buffer).nbytes)
 
     def exists(self, path: str) -> bool:
         """Whether the file exists at the commit (cache first, then the Hub)."""
@@ -308,7 +302,7 @@ class HfStorage(Storage):
                     f"({snap} is missing) and HF_HUB_OFFLINE is set"
                 )
             top = os.path.join(snap, *base.split("/")) if base else snap
-            for entry in walk_sorted(top, base):
+            for entry in localfs.walk_sorted(top, base):
                 version = (
                     os.path.basename(entry.link) if entry.link else f"{self.commit}:{entry.rel}"
                 )

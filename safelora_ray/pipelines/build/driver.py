@@ -8,7 +8,6 @@ order (:mod:`safelora_ray.pipelines.build.worker`); the driver then writes
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import math
 import time
@@ -16,7 +15,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from safelora_ray._version import __version__
 from safelora_ray.core.errors import AlignmentSetError, ClusterError
 from safelora_ray.execution import (
     INLINE_MAX_BUILD_BYTES,
@@ -27,11 +25,10 @@ from safelora_ray.execution import (
 from safelora_ray.execution.dispatch import Dispatcher, Policy, Task
 from safelora_ray.execution.progress import Progress
 from safelora_ray.formats.alignment_set import (
-    FORMAT,
-    FORMAT_VERSION,
     AlignmentSet,
     ManifestRow,
     content_id,
+    metadata_head,
     publish,
     read_metadata,
 )
@@ -201,11 +198,7 @@ def _publish(out: Storage, plan: BuildPlan, proposed: dict[str, Any], built: _Bu
     stored_bytes = sum(4 * math.prod(r.stored_shape) for r in rows)
     duration = time.perf_counter() - t_start
     metadata = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "content_id": cid,
-        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "tool_version": __version__,
+        **metadata_head(cid),
         **proposed,
         "dtypes": {
             "base": sorted({m.base.dtype for m in plan.modules}),

@@ -17,14 +17,12 @@ alignment-set format (``shards/`` + ``manifest.parquet`` + ``alignment.json`` la
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 import time
 import uuid
 from typing import Any
 
-from safelora_ray._version import __version__
 from safelora_ray.core.errors import (
     AlignmentSetError,
     CheckpointError,
@@ -39,10 +37,9 @@ from safelora_ray.execution import (
 from safelora_ray.execution.dispatch import Dispatcher, Policy, Task
 from safelora_ray.execution.progress import Progress
 from safelora_ray.formats.alignment_set import (
-    FORMAT,
-    FORMAT_VERSION,
     SALORA_METHOD,
     content_id,
+    metadata_head,
     publish,
     read_metadata,
 )
@@ -316,11 +313,7 @@ def salora_modules(config: SaloraConfig) -> SaloraResult:
         "bytes_read": sum(w["stats"]["bytes_read"] for w in worker_stats.values()),
     }
     metadata = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "content_id": cid,
-        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "tool_version": __version__,
+        **metadata_head(cid),
         **proposed,
         "calibration": {"uri": cal.uri, "sha256": cal.sha256, "form": cal.form,
                         "samples": len(samples), "tokens": samples.tokens,

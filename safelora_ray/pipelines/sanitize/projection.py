@@ -38,6 +38,7 @@ import torch
 
 from safelora_ray.core.alignment import AlignmentMatrix
 from safelora_ray.core.errors import ClusterError, ConfigError, SafeLoraError
+from safelora_ray.core.once import OnceMap
 from safelora_ray.core.scores import project_stack
 from safelora_ray.core.validate import env_number
 from safelora_ray.execution import REJOIN_TIMEOUT_S, WorkerContext, wait_back
@@ -97,11 +98,10 @@ class MatrixCache:
                  matrices: dict[str, AlignmentMatrix] | None = None) -> None:
         self.aset = aset
         self.device = device
-        self._matrices: dict[str, AlignmentMatrix] = dict(matrices or {})
+        self._matrices: OnceMap[str, AlignmentMatrix] = OnceMap((matrices or {}).items())
         #: The matrices are views of the node's object store (a :class:`MappedSet`), not a
         #: copy of this process's own.
         self.mapped = matrices is not None
-        self._lock = threading.Lock()
 
     @classmethod
     def open(cls, key: SetKey, device: str) -> MatrixCache:
@@ -109,13 +109,7 @@ class MatrixCache:
         return cls(AlignmentSet.open(key.uri, expect=key.content_id), device)
 
     def get(self, module: str) -> AlignmentMatrix:
-        m = self._matrices.get(module)
-        if m is None:
-            with self._lock:
-                m = self._matrices.get(module)
-                if m is None:
-                    m = self._matrices[module] = self.aset.load(module, device=self.device)
-        return m
+        return self._matrices.get(module, lambda: self.aset.load(module, device=self.device))
 
     def load_all(self) -> None:
         """Load every module now (a holder warms up while the I/O workers read)."""
