@@ -23,8 +23,6 @@ from typing import Any
 
 import torch
 
-from safelora_ray.formats.safetensors import save_tensors
-
 logger = logging.getLogger(__name__)
 
 GiB = 1024**3
@@ -135,6 +133,14 @@ def aligned_from(base: Mapping[str, torch.Tensor], seed: int = 1, scale: float =
 # -- checkpoints ---------------------------------------------------------------------------------
 
 
+def _save(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    # The safetensors library writes the files, as ``save_pretrained`` does: what reads them
+    # (this package) is what the tests and benchmarks exercise, so it must not write them too.
+    from safetensors.torch import save_file
+
+    save_file({n: t.contiguous() for n, t in tensors.items()}, str(path), dict(metadata))
+
+
 def write_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], *,
                      shards: int = 1, metadata: Mapping[str, str] | None = None,
                      single_file: bool | None = None) -> Path:
@@ -148,7 +154,7 @@ def write_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], *,
     md = {"format": "pt", **(metadata or {})}
     names = sorted(tensors)
     if single_file if single_file is not None else shards == 1:
-        save_tensors(path / "model.safetensors", {n: tensors[n] for n in names}, md)
+        _save(path / "model.safetensors", {n: tensors[n] for n in names}, md)
     else:
         per = -(-len(names) // shards)
         weight_map: dict[str, str] = {}
@@ -156,7 +162,7 @@ def write_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], *,
         for s in range(shards):
             fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
             chunk = {n: tensors[n] for n in names[s * per:(s + 1) * per]}
-            save_tensors(path / fname, chunk, md)
+            _save(path / fname, chunk, md)
             weight_map.update(dict.fromkeys(chunk, fname))
             total += sum(t.numel() * t.element_size() for t in chunk.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -306,7 +312,7 @@ def write_adapter(path: str | Path, modules: Mapping[str, tuple[torch.Tensor, to
         if use_dora:
             tensors[f"base_model.model.{module}.lora_magnitude_vector"] = torch.ones(
                 b.shape[0], dtype=b.dtype)
-    save_tensors(path / "adapter_model.safetensors", tensors, {"format": "pt"})
+    _save(path / "adapter_model.safetensors", tensors, {"format": "pt"})
     (path / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
 
