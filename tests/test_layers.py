@@ -37,12 +37,12 @@ def _layer(module: str) -> str | None:
     return parts[0]
 
 
-def _module_of(path: Path) -> str:
-    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+def _module_of(path: Path, package: Path = PACKAGE) -> str:
+    rel = path.relative_to(package.parent).with_suffix("")
     return ".".join(rel.parts)
 
 
-def _imports(path: Path) -> list[tuple[int, str]]:
+def _imports(path: Path, package: Path = PACKAGE) -> list[tuple[int, str]]:
     tree = ast.parse(path.read_text(), str(path))
     found: list[tuple[int, str]] = []
     for node in ast.walk(tree):
@@ -52,8 +52,8 @@ def _imports(path: Path) -> list[tuple[int, str]]:
             found.append((node.lineno, node.module))
             # ``from safelora_ray.x import y`` may name a module y
             found += [(node.lineno, f"{node.module}.{a.name}") for a in node.names
-                      if (PACKAGE.parent / f"{node.module}.{a.name}".replace(".", "/")).exists()
-                      or (PACKAGE.parent / (f"{node.module}.{a.name}".replace(".", "/")
+                      if (package.parent / f"{node.module}.{a.name}".replace(".", "/")).exists()
+                      or (package.parent / (f"{node.module}.{a.name}".replace(".", "/")
                                             + ".py")).exists()]
     return [(line, m) for line, m in found if m == "safelora_ray" or m.startswith("safelora_ray.")]
 
@@ -67,17 +67,17 @@ def _allowed(src: str, dst: str) -> bool:
     return top_dst in ALLOWED[top_src]
 
 
-def violations() -> list[str]:
+def violations(package: Path = PACKAGE) -> list[str]:
     out = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        src = _layer(_module_of(path))
+    for path in sorted(package.rglob("*.py")):
+        src = _layer(_module_of(path, package))
         if src is None:
             continue
-        for line, target in _imports(path):
+        for line, target in _imports(path, package):
             dst = _layer(target)
             if dst is None or _allowed(src, dst):
                 continue
-            out.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {src} imports {target}")
+            out.append(f"{path.relative_to(package.parent)}:{line}: {src} imports {target}")
     return out
 
 
@@ -128,8 +128,24 @@ def test_no_import_circle() -> None:
 
 
 def test_the_checker_sees_a_broken_rule(tmp_path: Path) -> None:
-    """The walk is not vacuous: an execution module importing storage is caught."""
-    assert not _allowed("execution", "storage")
-    assert not _allowed("pipelines.build", "pipelines.sanitize")
-    assert _allowed("pipelines.build", "execution")
-    assert _layer("safelora_ray.pipelines.sanitize.driver") == "pipelines.sanitize"
+    """The walk is not vacuous: a copy of the package with three planted breaks (execution
+    importing storage inside a function, a pipeline importing another, core importing
+    formats through ``from safelora_ray.formats import ...``) are found, and nothing else."""
+    import shutil
+
+    copy = tmp_path / "safelora_ray"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert violations(copy) == []
+    (copy / "execution" / "planted.py").write_text(
+        "def f():\n    from safelora_ray.storage import open_storage\n")
+    (copy / "pipelines" / "build" / "planted.py").write_text(
+        "import safelora_ray.pipelines.sanitize.driver\n")
+    (copy / "core" / "planted.py").write_text("from safelora_ray.formats import safetensors\n")
+    found = violations(copy)
+    assert {v.split(":")[0] for v in found} == {
+        "safelora_ray/execution/planted.py", "safelora_ray/pipelines/build/planted.py",
+        "safelora_ray/core/planted.py"}, found
+    assert any("execution/planted.py:2: execution imports safelora_ray.storage" in v
+               for v in found)
+    assert any("pipelines.build imports safelora_ray.pipelines.sanitize" in v for v in found)
+    assert any("core/planted.py:1: core imports safelora_ray.formats" in v for v in found)
