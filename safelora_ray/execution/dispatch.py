@@ -250,7 +250,7 @@ class Dispatcher:
                 on_failed(task, error)
                 return
             parts = task.parts() if task.parts else [task]
-            logger.warning("a worker died (%s) with a %s in flight; running each of its %d "
+            logger.warning("a worker died (%s) with work in flight (%s); running each of its %d "
                            "part(s) alone", type(error).__name__, p.what, len(parts))
             self._isolated.extend(parts)
             return
