@@ -103,12 +103,6 @@ def env_number(name: str, default: float, kind: type = float) -> Any:
     return value
 
 
-# ---------------------------------------------------------------------------------------------
-# Outputs: the one rule every writing flag follows
-# ---------------------------------------------------------------------------------------------
-
-#: Name prefix of the probe file (object) written and removed to test a location.
-
 
 __all__ = ["as_yaml_keys", "check_at_least", "check_positive", "check_selection", "env_number",
            "flag"]
