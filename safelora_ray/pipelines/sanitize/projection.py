@@ -25,6 +25,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -63,6 +64,10 @@ LINGER_S = env_number("SAFELORA_COALESCE_LINGER_S", 0.004)
 MAX_REQUEST_BYTES = env_number("SAFELORA_REQUEST_MAX_BYTES", 16 * 1024**2, int)
 #: The worker slot of a holder's service (one set resident at a time).
 SERVICE_SLOT = "projection"
+#: Benchmarks only (``bench_fleet.py --null-product``): the product is replaced by a copy of B
+#: on the set's device and scores of cosine 1, so the same bytes travel the same way with the
+#: arithmetic gone (what is left is the data path's own cost).
+NULL_PRODUCT = os.environ.get("SAFELORA_BENCH_NULL_PRODUCT") == "1"
 
 
 class HolderLost(SafeLoraError):
@@ -136,7 +141,7 @@ class ProjectionEngine:
             matrix = self.matrices.get(key[0])
             if self.cuda:  # asynchronous copies from pinned memory: no stall per module
                 b, g = _pinned(b), _pinned(g)
-            cb, sums = project_stack(matrix, b, g)
+            cb, sums = null_stack(matrix, b) if NULL_PRODUCT else project_stack(matrix, b, g)
             if self.cuda:
                 cb = to_host(cb)
                 sums = to_host(sums)
@@ -144,6 +149,15 @@ class ProjectionEngine:
         if self.cuda:
             torch.cuda.current_stream().synchronize()  # once per batch
         return out
+
+
+def null_stack(matrix: AlignmentMatrix, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:data:`NULL_PRODUCT`'s stand-in for :func:`project_stack`: B copied to the matrix's
+    device and back as "C B", with sums that score a cosine of 1 (nothing drifts)."""
+    cb = b.to(matrix.tensor.device, non_blocking=True).clone()
+    sums = torch.tensor([[1.0, 1.0, 1.0, 0.0]], dtype=torch.float64,
+                        device=cb.device).expand(b.shape[0], 4)
+    return cb, sums
 
 
 def _pinned(t: torch.Tensor) -> torch.Tensor:
