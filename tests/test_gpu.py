@@ -1,14 +1,16 @@
 """On a real GPU: the build and the sanitize pipeline (a holder of the set on the GPU, I/O
 workers beside it) against the dense float64 reference of SPEC §1–2.
 
-These run where torch sees a CUDA device (the lent H100: ``benchmarks/gpu_issue11.sh check``)
-and are skipped elsewhere, CI included (the same paths on fake GPUs are in
-``test_gpu_scheduling.py``). ``SAFELORA_GPU_TESTS_ON_CPU=1`` runs them with CPU workers, to
-check the tests themselves on a machine without a GPU.
+These run where torch sees a CUDA device (the lent H100: ``benchmarks/gpu_issue11.sh check``),
+and in CI with ``SAFELORA_GPU_TESTS_ON_CPU=1`` (``.ci/run``): then Ray has one fake GPU, the
+GPU actors compute on the CPU, and every step of the GPU node's path (the holder, the set
+shared with the I/O workers, their products) runs as on a GPU node, so it cannot rot between
+GPU sessions. Without either they are skipped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from pathlib import Path
@@ -21,6 +23,8 @@ from safetensors.torch import load_file
 
 from safelora_ray import AlignmentSet, BuildConfig, SanitizeConfig, build, sanitize
 from safelora_ray.cli.demo import write_adapter, write_model
+from safelora_ray.execution import worker_session
+from safelora_ray.pipelines.sanitize.projection import SERVICE_SLOT
 from tests.factory import Arch, aligned_from, llama_tensors
 from tests.reference import dense_c, dense_exact, sanitize_dense
 
@@ -36,7 +40,7 @@ PFX = "base_model.model."
 
 @pytest.fixture(scope="module")
 def ray_gpu() -> Any:
-    ray.init(address="local", num_cpus=4, num_gpus=1 if ON_GPU else 0,
+    ray.init(address="local", num_cpus=4, num_gpus=1,  # a fake one without CUDA
              object_store_memory=150 * 1024**2, include_dashboard=False,
              log_to_driver=False, configure_logging=False)
     try:
@@ -64,7 +68,7 @@ def _dense(pair: dict[str, Any], module: str) -> torch.Tensor:
 def gpu_set(pair: dict[str, Any], ray_gpu: None) -> str:
     res = build(BuildConfig(base=str(pair["root"] / "base"), aligned=str(pair["root"] / "aligned"),
                             out=str(pair["root"] / "set"), targets=list(TARGETS), workers=1,
-                            use_gpu=ON_GPU, progress=False))
+                            use_gpu=True, progress=False))
     assert res.device == ("cuda" if ON_GPU else "cpu")
     assert res.num_modules == ARCH.layers * len(TARGETS)
     return res.uri
@@ -80,7 +84,7 @@ def test_gpu_build_matches_dense(pair: dict[str, Any], gpu_set: str) -> None:
 def test_gpu_exact_build_matches_dense(pair: dict[str, Any], ray_gpu: None) -> None:
     res = build(BuildConfig(base=str(pair["root"] / "base"), aligned=str(pair["root"] / "aligned"),
                             out=str(pair["root"] / "exact"), targets=["q_proj"], workers=1,
-                            use_gpu=ON_GPU, progress=False, projection="exact", rank=3))
+                            use_gpu=True, progress=False, projection="exact", rank=3))
     aset = AlignmentSet.open(res.uri)
     for m in aset.rows:
         w = m + ".weight"
@@ -129,7 +133,8 @@ def test_gpu_sanitize_matches_dense(pair: dict[str, Any], gpu_set: str,
                                     mode: dict[str, Any], workers: int | None) -> None:
     out = tmp_path / "out"
     res = sanitize(SanitizeConfig(alignment=gpu_set, adapters=str(catalog["root"]),
-                                  out=str(out), workers=workers, use_gpu=ON_GPU, batch_size=4,
+                                  out=str(out), workers=workers,
+                                  use_gpu=ON_GPU if workers == 0 else True, batch_size=4,
                                   progress=False, **mode))
     assert res.error == 0, res.errors
     assert res.ok == len(catalog["adapters"])
@@ -151,3 +156,46 @@ def test_gpu_sanitize_matches_dense(pair: dict[str, Any], gpu_set: str,
         total += len(lora)
     assert 0 < projected < total  # the selection is not trivial
     assert res.projected == projected and not math.isnan(res.duration_s)
+
+
+def _digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("adapter_model.safetensors"))}
+
+
+def _holder_adapters(ctx: Any) -> int | None:
+    """Runs on a worker: the batches its projection service ran (None: it has none)."""
+    held = ctx.peek(SERVICE_SLOT)
+    return None if held is None else held[1].batches
+
+
+@pytest.mark.parametrize("products", ["workers", "holder"])
+def test_gpu_node_paths_give_the_bits_of_the_in_process_run(
+        gpu_set: str, catalog: dict[str, Any], tmp_path: Path, products: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU node's pipeline (a holder of the set on the GPU, two I/O workers) writes the
+    bytes of the in-process run, whether the I/O workers compute on the holder's GPU memory
+    (``workers``: CUDA IPC; on a fake GPU the node's object store) or send B to the holder."""
+    from safelora_ray.pipelines.sanitize import shared_set
+
+    def run(name: str, workers: int) -> dict[str, str]:
+        res = sanitize(SanitizeConfig(alignment=gpu_set, adapters=str(catalog["root"]),
+                                      out=str(tmp_path / name), threshold=0.35, batch_size=3,
+                                      workers=workers,
+                                      use_gpu=ON_GPU if workers == 0 else True,
+                                      progress=False))
+        assert res.error == 0 and res.ok == len(catalog["adapters"]), res.errors
+        return _digests(tmp_path / name)
+
+    ref = run("in-process", 0)
+    monkeypatch.setattr(shared_set, "GPU_PRODUCTS", products)
+    with worker_session() as sess:
+        got = run("pipeline", 2)
+        served = [ray.get(a.call.options(concurrency_group="control").remote(_holder_adapters),
+                          timeout=60).result for _, a in sess._actors]
+    assert got == ref
+    served = [n for n in served if n is not None]
+    if products == "holder":  # the batches' B went through the holder
+        assert sum(served) > 0, served
+    else:  # none did: the I/O workers computed their own products
+        assert sum(served) == 0, served

@@ -180,7 +180,7 @@ def test_a_set_too_large_for_a_cpu_nodes_object_store_is_refused(
     from safelora_ray.core.errors import ConfigError
     from safelora_ray.execution.placement import NodeInfo
     from safelora_ray.formats.alignment_set import AlignmentSet
-    from safelora_ray.pipelines.sanitize import projection
+    from safelora_ray.pipelines.sanitize import shared_set as projection
 
     aset = AlignmentSet.open(fleet[0])
     need = sum(4 * int(torch.tensor(r.stored_shape).prod()) for r in aset.rows.values())

@@ -37,13 +37,13 @@ from safelora_ray.pipelines.sanitize.config import (
     check_method,
 )
 from safelora_ray.pipelines.sanitize.ledger import LEDGER_PREFIX
-from safelora_ray.pipelines.sanitize.projection import (
-    HolderLost,
-    SetKey,
+from safelora_ray.pipelines.sanitize.projection import HolderLost, SetKey
+from safelora_ray.pipelines.sanitize.rows import base_row
+from safelora_ray.pipelines.sanitize.shared_set import (
+    check_gpu_products,
     check_store_room,
     warm_set,
 )
-from safelora_ray.pipelines.sanitize.rows import base_row
 from safelora_ray.pipelines.sanitize.worker import SanitizeJob, sanitize_batch
 from safelora_ray.planning.catalog import CONFIG_FILE, AdapterRef, is_manifest, iter_catalog
 from safelora_ray.reports import ReportWriter
@@ -169,19 +169,21 @@ def _sanitize(config: SanitizeConfig) -> SanitizeResult:
     plan = resolve_workers(config.workers, config.use_gpu, config.ray_address,
                            small=len(head) <= INLINE_MAX_ADAPTERS, shape="pipeline",
                            workers_per_gpu=config.workers_per_gpu)
+    gpu_products = check_gpu_products()
     ex = open_executor(plan, config.use_gpu)
     key = SetKey(aset.uri, aset.content_id)
-    # CPU-only nodes share the set through their object store (see projection.py).
-    share_set_in_store = not ex.in_process and not plan.uses_gpu
+    # The I/O workers compute their own products with the one copy of the set their node
+    # (CPU) or GPU keeps, unless told to send them to the GPU's holder (see shared_set.py).
+    shared = not ex.in_process and (not plan.uses_gpu or gpu_products == "workers")
     try:
         # Every node with a worker must see the local paths the workers read and write.
         ex.check_shared([("--out", config.out, True), ("--alignment", config.alignment, False),
                          ("--adapters", config.adapters, False)])
-        if share_set_in_store:  # the nodes as the plan read them (their stores' sizes too)
+        if shared and not plan.uses_gpu:  # the plan's nodes (their stores' sizes too)
             used = {s.node_id for s in plan.specs}
             check_store_room(aset, [n for n in plan.nodes if n.node_id in used])
         if not ex.in_process:  # holders load the set while the I/O workers read
-            ex.notify(warm_set, key, share_set_in_store, group="serve", role="holder")
+            ex.notify(warm_set, key, shared, group="serve", role="holder")
     except BaseException:
         ex.close(False)
         raise
@@ -220,7 +222,7 @@ def _sanitize(config: SanitizeConfig) -> SanitizeResult:
         # node's set) died is replaced by its adapters, each run alone on a worker, so a
         # poison adapter fails alone and its batch-mates do not; those already written are
         # found in the ledger (done by this run: ok).
-        return Task(sanitize_batch, lambda i: (job, batch, ex.holder_of(i), share_set_in_store),
+        return Task(sanitize_batch, lambda i: (job, batch, ex.holder_of(i), shared),
                     item=batch, parts=lambda: [batch_task([ref]) for ref in batch])
 
     def died_alone(alone: Task, e: BaseException) -> None:
@@ -233,7 +235,7 @@ def _sanitize(config: SanitizeConfig) -> SanitizeResult:
     def plan_node(node: NodeInfo) -> list[WorkerSpec]:
         if plan.uses_gpu and node.gpus < 1:
             return []
-        if share_set_in_store:
+        if shared and not plan.uses_gpu:
             try:
                 check_store_room(aset, [node])
             except ConfigError as e:

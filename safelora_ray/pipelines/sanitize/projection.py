@@ -6,15 +6,15 @@ An I/O worker groups a batch's modules by (module, dtype, rank): per group, the 
 of A at r/d_in of its size. The products are C B in B's dtype and the n x 4 score sums
 (:func:`~safelora_ray.core.scores.gram_sums`). Where they are computed depends on the node:
 
-- **GPU nodes**: the *holder* (one actor per GPU) keeps the set on its GPU, and the I/O
-  workers send it their groups. A :class:`ProjectionService` coalesces the requests of every
-  I/O worker of its node for a few milliseconds and runs them as one: one matrix product per
-  module for hundreds of adapters, the inputs staged in pinned host memory and copied
-  asynchronously, and a single synchronisation per batch (none per module).
-- **CPU-only nodes**: the node's first I/O worker puts the set in the node's Ray object store
-  (:class:`SharedSet`), once; every I/O worker of the node maps those same pages (zero-copy,
-  read-only: :class:`MappedSet`) and computes its own products. The set is held once per
-  node, and the products run on all the node's cores instead of queueing behind one process.
+- **On the set's own device** (every node by default, see
+  :mod:`~safelora_ray.pipelines.sanitize.shared_set`): each I/O worker computes its own
+  products with the one copy its node or GPU keeps (object store pages, or the holder's GPU
+  memory through CUDA IPC).
+- **By a holder** (``SAFELORA_GPU_PRODUCTS=holder``, or a GPU that cannot share its memory):
+  the I/O workers send it their groups. A :class:`ProjectionService` coalesces the requests
+  of every I/O worker of its node for a few milliseconds and runs them as one: one matrix
+  product per module for hundreds of adapters, the inputs staged in pinned host memory and
+  copied asynchronously, and a single synchronisation per batch (none per module).
 
 The same :class:`ProjectionEngine` runs everywhere, in-process jobs included, with fixed-width
 products: every path gives the same bits.
@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
-import math
 import os
 import queue
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,13 +37,12 @@ import numpy as np
 import torch
 
 from safelora_ray.core.alignment import AlignmentMatrix
-from safelora_ray.core.errors import ClusterError, ConfigError, SafeLoraError
+from safelora_ray.core.errors import ClusterError, SafeLoraError
 from safelora_ray.core.once import OnceMap
 from safelora_ray.core.scores import project_stack
 from safelora_ray.core.validate import env_number
 from safelora_ray.execution import REJOIN_TIMEOUT_S, WorkerContext, wait_back
 from safelora_ray.execution.device import to_host
-from safelora_ray.execution.placement import NodeInfo
 from safelora_ray.formats.alignment_set import AlignmentSet
 
 logger = logging.getLogger(__name__)
@@ -305,7 +303,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _service(ctx: WorkerContext, key: SetKey) -> ProjectionService:
+def holder_service(ctx: WorkerContext, key: SetKey) -> ProjectionService:
     def make() -> ProjectionService:
         # On a GPU, coalescing makes products of hundreds of adapters; a holder computing on
         # the CPU (a GPU actor where torch sees no CUDA device) gains nothing by waiting.
@@ -316,29 +314,12 @@ def _service(ctx: WorkerContext, key: SetKey) -> ProjectionService:
     return ctx.resident(SERVICE_SLOT, key, make)
 
 
-def warm_set(ctx: WorkerContext, key: SetKey, share: bool = False) -> int:
-    """Task: load the set onto this holder's device now (``share``: a CPU node's holder puts
-    it in the node's object store instead); returns its bytes (0: the set could not be
-    loaded)."""
-    try:
-        if share:
-            return _shared(ctx, key).store_bytes
-        svc = _service(ctx, key)
-        svc.engine.matrices.load_all()
-        return svc.engine.matrices.nbytes
-    except SafeLoraError as e:
-        # Nobody reads this call's result: a broken set (a corrupt shard) is reported by the
-        # first batch that needs it, in one line, instead of as Ray's unhandled-error trace.
-        logger.debug("alignment set %s not loaded ahead: %s", key.content_id, e)
-        return 0
-
-
 def project_request(ctx: WorkerContext, key: SetKey,
                     groups: dict[GroupKey, tuple[np.ndarray, np.ndarray]]
                     ) -> dict[GroupKey, tuple[np.ndarray, np.ndarray]]:
     """Task (``serve`` group): the products of an I/O worker's batch, coalesced with those of
     the node's other I/O workers."""
-    return pack(_service(ctx, key).submit(unpack(groups)))
+    return pack(holder_service(ctx, key).submit(unpack(groups)))
 
 
 Projector = Callable[[dict[GroupKey, Pair]], dict[GroupKey, Pair]]
@@ -364,7 +345,7 @@ def split_groups(groups: dict[GroupKey, Pair], max_bytes: int
     return parts
 
 
-def _ask_holder(holder: Any, timeout_s: float, fn: Callable[..., Any], *args: Any) -> Any:
+def ask_holder(holder: Any, timeout_s: float, fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)`` on ``holder`` (an actor of this node), its log records relayed. If the
     holder dies mid-call, the call is made again once Ray has restarted it; if it does not
     come back within :data:`~safelora_ray.execution.workers.REJOIN_TIMEOUT_S`,
@@ -393,160 +374,34 @@ def _ask_holder(holder: Any, timeout_s: float, fn: Callable[..., Any], *args: An
 
 def remote_projector(holder: Any, key: SetKey, timeout_s: float) -> Projector:
     """Products computed by ``holder`` (a GPU holder of this node), in requests of at most
-    :data:`MAX_REQUEST_BYTES` (see :func:`_ask_holder` for a holder that dies)."""
+    :data:`MAX_REQUEST_BYTES` (see :func:`ask_holder` for a holder that dies)."""
 
     def call(groups: dict[GroupKey, Pair]) -> dict[GroupKey, Pair]:
         out: dict[GroupKey, Pair] = {}
         for part in split_groups(groups, MAX_REQUEST_BYTES):
             # Copied out: the holder's store frees the answer when this returns, not when
             # this batch has been written.
-            out.update(unpack(_ask_holder(holder, timeout_s, project_request, key, pack(part)),
+            out.update(unpack(ask_holder(holder, timeout_s, project_request, key, pack(part)),
                               copy=True))
         return out
 
     return call
 
 
-# ---------------------------------------------------------------------------------------------
-# CPU-only nodes: the set once in the node's object store, products in every I/O worker
-# ---------------------------------------------------------------------------------------------
-
-#: The worker slot of a CPU node's shared (or mapped) set.
-SHARED_SLOT = "shared-set"
-#: Largest share of a CPU node's object store the set may take (the rest carries the run's
-#: other objects): a larger set is refused before the run starts.
-STORE_SHARE = env_number("SAFELORA_SET_STORE_SHARE", 0.6)
-
-
-def check_store_room(aset: AlignmentSet, nodes: Sequence[NodeInfo]) -> None:
-    """Refuse a run whose set cannot be held in the object store of a CPU-only node it uses.
-
-    Raises:
-        ConfigError: naming the set, its size, the node and its object store.
-    """
-    need = sum(4 * math.prod(r.stored_shape) for r in aset.rows.values())
-    for n in nodes:
-        if n.store_bytes and need > STORE_SHARE * n.store_bytes:
-            raise ConfigError(
-                f"alignment set {aset.uri} ({need / 2**30:.2f} GiB of matrices) does not fit "
-                f"the Ray object store of node {n.address} ({n.store_bytes / 2**30:.2f} GiB; "
-                f"a CPU-only node keeps the set there, at most {STORE_SHARE:.0%} of it): start "
-                "its Ray with a larger --object-store-memory, or sanitize on GPU nodes")
-class SharedSet:
-    """An alignment set put in this node's object store by the node's first I/O worker, which
-    then uses the store's pages itself (its own loaded copy is dropped module by module: at
-    most one module is held twice at any moment). It owns the objects: they live as long as
-    this slot does.
-
-    Args:
-        refs: Per module, the object ref of its matrix (what :class:`MappedSet` maps).
-        matrices: The mapped matrices, for this worker's own batches.
-        store_bytes: Bytes put in the object store.
-    """
-
-    def __init__(self, refs: dict[str, Any], matrices: MatrixCache, store_bytes: int) -> None:
-        self.refs = refs
-        self.engine = ProjectionEngine(matrices)
-        self.store_bytes = store_bytes
-
-    @classmethod
-    def put(cls, key: SetKey) -> SharedSet:
-        import ray
-
-        aset = AlignmentSet.open(key.uri, expect=key.content_id)
-        t0 = time.perf_counter()
-        refs: dict[str, Any] = {}
-        nbytes = 0
-        for module in aset.rows:
-            m = aset.load(module)
-            refs[module] = ray.put(m.tensor.numpy())
-            nbytes += m.tensor.numel() * m.tensor.element_size()
-            del m  # the store's copy replaces this one
-        logger.info("alignment set %s put in this node's object store: %d module(s), %.1f MiB "
-                    "in %.2f s", key.content_id, len(refs), nbytes / 2**20,
-                    time.perf_counter() - t0)
-        return cls(refs, _mapped(aset, refs, REJOIN_TIMEOUT_S), nbytes)
-
-
-class MappedSet:
-    """A CPU node's set as an I/O worker sees it: the pages of the node's object store, mapped
-    read-only (no copy), and an engine computing this worker's products with them.
-
-    Args:
-        key: The set.
-        aset: Its metadata (this worker's sanitizer opened it: forms and norms).
-        holder: The node's first I/O worker (the :class:`SharedSet`'s owner).
-        timeout_s: Bound on asking the holder and mapping the objects.
-    """
-
-    def __init__(self, key: SetKey, aset: AlignmentSet, holder: Any, timeout_s: float
-                 ) -> None:
-        self._refs = _ask_holder(holder, timeout_s, share_set, key)  # borrowed: kept alive
-        self.engine = ProjectionEngine(_mapped(aset, self._refs, timeout_s))
-
-
-def _mapped(aset: AlignmentSet, refs: dict[str, Any], timeout_s: float) -> MatrixCache:
-    """The set's matrices as views of the object store's pages (``ray.get`` of a numpy array
-    maps it read-only, without a copy)."""
-    import ray
-
-    arrays = ray.get(list(refs.values()), timeout=timeout_s) if refs else []
-    matrices = {}
-    with warnings.catch_warnings():
-        # "the given NumPy array is not writable": nothing writes to an alignment matrix
-        warnings.simplefilter("ignore", UserWarning)
-        for module, arr in zip(refs, arrays, strict=True):
-            row = aset.rows[module]
-            matrices[module] = AlignmentMatrix(
-                row.form, torch.from_numpy(arr), row.norm)  # type: ignore[arg-type]
-    return MatrixCache(aset, "cpu", matrices)
-
-
-def _shared(ctx: WorkerContext, key: SetKey) -> SharedSet:
-    return ctx.resident(SHARED_SLOT, key, lambda: SharedSet.put(key))
-
-
-def share_set(ctx: WorkerContext, key: SetKey) -> dict[str, Any]:
-    """Task (``serve`` group, on a CPU node's first I/O worker): the refs of the set in this
-    node's object store, putting it there the first time."""
-    return _shared(ctx, key).refs
-
-
-def shared_projector(ctx: WorkerContext, holder: Any | None, key: SetKey,
-                     aset: AlignmentSet, timeout_s: float) -> Projector:
-    """Products computed here with the set in this node's object store: put there by this
-    worker (``holder`` None: it is the node's first I/O worker) or by ``holder``. The set is
-    found on the first call, once the batch's adapters are read: a worker starting its first
-    batch reads while the holder is still putting the set in the store. ``aset``: the set's
-    metadata, already opened here."""
-
-    def run(groups: dict[GroupKey, Pair]) -> dict[GroupKey, Pair]:
-        if holder is None:
-            return _shared(ctx, key).engine.run(groups)
-        mapped = ctx.resident(SHARED_SLOT, key, lambda: MappedSet(key, aset, holder, timeout_s))
-        return mapped.engine.run(groups)
-
-    return run
-
-
 __all__ = [
     "GroupKey",
     "HolderLost",
-    "MappedSet",
     "MatrixCache",
     "ProjectionEngine",
     "ProjectionService",
     "Projector",
     "SetKey",
-    "SharedSet",
-    "check_store_room",
+    "ask_holder",
     "dtype_name",
+    "holder_service",
     "pack",
     "project_request",
     "remote_projector",
-    "share_set",
-    "shared_projector",
     "split_groups",
     "unpack",
-    "warm_set",
 ]

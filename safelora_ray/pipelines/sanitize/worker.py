@@ -39,9 +39,9 @@ from safelora_ray.pipelines.sanitize.projection import (
     SetKey,
     dtype_name,
     remote_projector,
-    shared_projector,
 )
 from safelora_ray.pipelines.sanitize.rows import base_row, mark_failed, mark_skipped
+from safelora_ray.pipelines.sanitize.shared_set import shared_projector
 from safelora_ray.planning.catalog import AdapterRef
 from safelora_ray.storage import open_storage
 from safelora_ray.storage.cache import StorageCache
@@ -383,9 +383,10 @@ def sanitize_batch(ctx: WorkerContext, job: SanitizeJob, refs: Sequence[AdapterR
         refs: The batch.
         holder: The actor of this node keeping the set (None: this worker is the holder, or
             this is the driver's process).
-        shared: The node is CPU-only: the set is in its object store (put there by the
-            holder) and this worker computes its own products with it; else ``holder``
-            computes them (on its GPU).
+        shared: This worker computes its own products with the set its holder shares (a
+            CPU node's object store, a GPU's memory through CUDA IPC: see
+            :mod:`~safelora_ray.pipelines.sanitize.shared_set`); else ``holder`` computes
+            them.
     """
     key = SetKey(job.alignment_uri, job.alignment_id)
 

@@ -1,0 +1,350 @@
+"""One copy of the alignment set per node (CPU) or per GPU, shared by every I/O worker there,
+each of which computes its own products with it.
+
+- **CPU-only nodes**: the node's first I/O worker puts the set in the node's Ray object store
+  (:class:`SharedSet`), once; every I/O worker of the node maps those same pages (zero-copy,
+  read-only: :class:`MappedSet`).
+- **GPU nodes** (``SAFELORA_GPU_PRODUCTS=workers``, the default): the holder (one actor per
+  GPU) loads the set on its GPU and exports CUDA IPC handles of its tensors; each I/O worker
+  of the node opens them (the same GPU memory, no copy) and runs its own batch's products on
+  that GPU. A batch's B travels disk → I/O worker → GPU → I/O worker → disk and never
+  through the holder, whose CPU would otherwise cap the node (it touched every adapter's B
+  about five times: 17.8 ms of CPU per 7B adapter on an H100 node, ~3,400 adapters/min).
+  A holder on a GPU that cannot export IPC handles (a MIG slice), or on another node, serves
+  the I/O worker's products itself, as ``SAFELORA_GPU_PRODUCTS=holder`` does everywhere
+  (:func:`~safelora_ray.pipelines.sanitize.projection.remote_projector`).
+- A fake GPU (a GPU actor where torch sees no CUDA device, as in the CPU proxy of the GPU
+  node, ``bench_fleet.py --fake-gpu``) shares its set through the object store: the I/O side
+  runs exactly as on a GPU node.
+
+Because every engine computes fixed-width products, each of these gives the bits of an
+in-process run.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from safelora_ray.core.alignment import AlignmentMatrix
+from safelora_ray.core.errors import ConfigError, SafeLoraError
+from safelora_ray.core.validate import env_number
+from safelora_ray.execution import REJOIN_TIMEOUT_S, WorkerContext
+from safelora_ray.execution.placement import NodeInfo
+from safelora_ray.formats.alignment_set import AlignmentSet
+from safelora_ray.pipelines.sanitize.projection import (
+    GroupKey,
+    HolderLost,
+    MatrixCache,
+    Pair,
+    ProjectionEngine,
+    Projector,
+    SetKey,
+    ask_holder,
+    holder_service,
+    remote_projector,
+)
+
+logger = logging.getLogger(__name__)
+
+#: The worker slot of a node's shared (or mapped) set.
+SHARED_SLOT = "shared-set"
+#: The slot of a GPU holder's exported handles (beside its service, which keeps the tensors).
+EXPORT_SLOT = "set-export"
+#: Largest share of a CPU-only node's object store the set may take (the rest carries the
+#: run's other objects): a larger set is refused before the run starts.
+STORE_SHARE = env_number("SAFELORA_SET_STORE_SHARE", 0.6)
+#: Where a GPU node's products run: ``workers`` (each I/O worker, on the holder's GPU memory
+#: through CUDA IPC) or ``holder`` (the holder computes every I/O worker's batch: one process
+#: per GPU touches every adapter). Read by the driver only.
+GPU_PRODUCTS = os.environ.get("SAFELORA_GPU_PRODUCTS", "workers")
+
+
+def check_gpu_products() -> str:
+    """:data:`GPU_PRODUCTS`, validated.
+
+    Raises:
+        ConfigError: an unknown value.
+    """
+    if GPU_PRODUCTS not in ("workers", "holder"):
+        raise ConfigError(f"SAFELORA_GPU_PRODUCTS={GPU_PRODUCTS!r}: expected 'workers' (each "
+                          "I/O worker computes on the holder's GPU memory) or 'holder'")
+    return GPU_PRODUCTS
+
+
+def check_store_room(aset: AlignmentSet, nodes: Sequence[NodeInfo]) -> None:
+    """Refuse a run whose set cannot be held in the object store of a CPU-only node it uses.
+
+    Raises:
+        ConfigError: naming the set, its size, the node and its object store.
+    """
+    need = sum(4 * math.prod(r.stored_shape) for r in aset.rows.values())
+    for n in nodes:
+        if n.store_bytes and need > STORE_SHARE * n.store_bytes:
+            raise ConfigError(
+                f"alignment set {aset.uri} ({need / 2**30:.2f} GiB of matrices) does not fit "
+                f"the Ray object store of node {n.address} ({n.store_bytes / 2**30:.2f} GiB; "
+                f"a CPU-only node keeps the set there, at most {STORE_SHARE:.0%} of it): start "
+                "its Ray with a larger --object-store-memory, or sanitize on GPU nodes")
+
+
+@dataclass(frozen=True)
+class SetHandles:
+    """How an I/O worker reaches a holder's set.
+
+    Attributes:
+        kind: ``store`` (object refs of numpy arrays in the node's object store), ``cuda-ipc``
+            (``torch.multiprocessing`` reductions of the holder's GPU tensors) or ``none``
+            (the holder cannot share: ``why`` says why; its products are asked of it).
+        refs: Per module, an object ref (``store``) or ``(rebuild, args)`` (``cuda-ipc``).
+        node_id: The holder's node (IPC handles open on that node only).
+        pid: The holder's process: the handles are valid while it lives.
+        device_uuid: The holder's GPU (``cuda-ipc``), found among the I/O worker's devices.
+        why: Why ``none``.
+    """
+
+    kind: str
+    refs: dict[str, Any] = field(default_factory=dict)
+    node_id: str | None = None
+    pid: int = 0
+    device_uuid: str | None = None
+    why: str | None = None
+
+
+class SharedSet:
+    """An alignment set put in this node's object store by its holder, which may then use the
+    store's pages itself (its own loaded copy is dropped module by module: at most one module
+    is held twice at any moment). It owns the objects: they live as long as this slot does.
+
+    Args:
+        refs: Per module, the object ref of its matrix (what :class:`MappedSet` maps).
+        matrices: The mapped matrices, for this worker's own batches.
+        store_bytes: Bytes put in the object store.
+    """
+
+    def __init__(self, refs: dict[str, Any], matrices: MatrixCache, store_bytes: int) -> None:
+        self.refs = refs
+        self.engine = ProjectionEngine(matrices)
+        self.store_bytes = store_bytes
+
+    @classmethod
+    def put(cls, key: SetKey) -> SharedSet:
+        import ray
+
+        aset = AlignmentSet.open(key.uri, expect=key.content_id)
+        t0 = time.perf_counter()
+        refs: dict[str, Any] = {}
+        nbytes = 0
+        for module in aset.rows:
+            m = aset.load(module)
+            refs[module] = ray.put(m.tensor.numpy())
+            nbytes += m.tensor.numel() * m.tensor.element_size()
+            del m  # the store's copy replaces this one
+        logger.info("alignment set %s put in this node's object store: %d module(s), %.1f MiB "
+                    "in %.2f s", key.content_id, len(refs), nbytes / 2**20,
+                    time.perf_counter() - t0)
+        return cls(refs, _mapped(aset, refs, REJOIN_TIMEOUT_S), nbytes)
+
+
+def _shared(ctx: WorkerContext, key: SetKey) -> SharedSet:
+    return ctx.resident(SHARED_SLOT, key, lambda: SharedSet.put(key))
+
+
+def _mapped(aset: AlignmentSet, refs: dict[str, Any], timeout_s: float) -> MatrixCache:
+    """The set's matrices as views of the object store's pages (``ray.get`` of a numpy array
+    maps it read-only, without a copy)."""
+    import ray
+
+    arrays = ray.get(list(refs.values()), timeout=timeout_s) if refs else []
+    matrices = {}
+    with warnings.catch_warnings():
+        # "the given NumPy array is not writable": nothing writes to an alignment matrix
+        warnings.simplefilter("ignore", UserWarning)
+        for module, arr in zip(refs, arrays, strict=True):
+            row = aset.rows[module]
+            matrices[module] = AlignmentMatrix(
+                row.form, torch.from_numpy(arr), row.norm)  # type: ignore[arg-type]
+    return MatrixCache(aset, "cpu", matrices)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU holders: CUDA IPC handles of the set on the GPU
+# ---------------------------------------------------------------------------------------------
+
+
+def _node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+def _export_cuda(ctx: WorkerContext, key: SetKey) -> SetHandles:
+    """The set on this holder's GPU (its service's copy: one per GPU) as IPC handles."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    matrices = holder_service(ctx, key).engine.matrices
+    matrices.load_all()
+    refs = {}
+    try:
+        for module in matrices.aset.rows:
+            refs[module] = reduce_tensor(matrices.get(module).tensor)
+        uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+    except (RuntimeError, AttributeError) as e:  # e.g. a MIG slice: no CUDA IPC
+        logger.warning("the alignment set on this GPU cannot be shared through CUDA IPC "
+                       "(%s): this holder computes its I/O workers' products", e)
+        return SetHandles("none", node_id=_node_id(), pid=os.getpid(), why=str(e))
+    return SetHandles("cuda-ipc", refs, _node_id(), os.getpid(), uuid)
+
+
+def _handles(ctx: WorkerContext, key: SetKey) -> SetHandles:
+    if ctx.device.startswith("cuda"):
+        return ctx.resident(EXPORT_SLOT, key, lambda: _export_cuda(ctx, key))
+    return SetHandles("store", _shared(ctx, key).refs, _node_id(), os.getpid())
+
+
+def share_set(ctx: WorkerContext, key: SetKey) -> SetHandles:
+    """Task (``serve`` group, on a holder): how this holder's set is reached, sharing it the
+    first time (a CPU node's holder, or a fake GPU's: the object store; a GPU's: IPC)."""
+    return _handles(ctx, key)
+
+
+def holder_pid(ctx: WorkerContext) -> int:
+    """Task (``serve`` group): the holder's process (its IPC handles die with it)."""
+    return os.getpid()
+
+
+def warm_set(ctx: WorkerContext, key: SetKey, share: bool = False) -> int:
+    """Task: load the set onto this holder's device now (``share``: and share it with the
+    node's I/O workers, see :func:`share_set`); returns its bytes (0: the set could not be
+    loaded)."""
+    try:
+        if share and not ctx.device.startswith("cuda"):
+            return _shared(ctx, key).store_bytes
+        if share:
+            _handles(ctx, key)
+        svc = holder_service(ctx, key)
+        svc.engine.matrices.load_all()
+        return svc.engine.matrices.nbytes
+    except SafeLoraError as e:
+        # Nobody reads this call's result: a broken set (a corrupt shard) is reported by the
+        # first batch that needs it, in one line, instead of as Ray's unhandled-error trace.
+        logger.debug("alignment set %s not loaded ahead: %s", key.content_id, e)
+        return 0
+
+
+def _cuda_index(uuid: str | None) -> int:
+    """This process's index of the GPU with ``uuid`` (an I/O worker sees the node's GPUs)."""
+    for i in range(torch.cuda.device_count()):
+        if str(torch.cuda.get_device_properties(i).uuid) == uuid:
+            return i
+    raise RuntimeError(f"GPU {uuid} is not visible to this process "
+                       f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+
+
+def _open_cuda(aset: AlignmentSet, handles: SetHandles) -> MatrixCache:
+    """The holder's GPU tensors, opened here through their IPC handles (no copy)."""
+    index = _cuda_index(handles.device_uuid)
+    torch.cuda.set_device(index)
+    matrices = {}
+    for module, (rebuild, args) in handles.refs.items():
+        params = list(inspect.signature(rebuild).parameters)
+        args = list(args)
+        args[params.index("storage_device")] = index  # the holder's index is its own view's
+        row = aset.rows[module]
+        matrices[module] = AlignmentMatrix(row.form, rebuild(*args), row.norm)
+    return MatrixCache(aset, f"cuda:{index}", matrices)
+
+
+class HolderRestarted(SafeLoraError):
+    """The holder's process changed under a batch that used its GPU memory."""
+
+
+class MappedSet:
+    """A holder's set as an I/O worker sees it: the node's object store pages (mapped
+    read-only) or the holder's GPU memory (CUDA IPC), and an engine computing this worker's
+    products with them; or, when the holder cannot share, its products asked of the holder.
+
+    Args:
+        key: The set.
+        aset: Its metadata (this worker's sanitizer opened it: forms and norms).
+        holder: The holder actor (a CPU node's first I/O worker, or a GPU's holder).
+        timeout_s: Bound on asking the holder and mapping the objects.
+    """
+
+    def __init__(self, key: SetKey, aset: AlignmentSet, holder: Any, timeout_s: float
+                 ) -> None:
+        self.holder = holder
+        self.timeout_s = timeout_s
+        self.handles: SetHandles = ask_holder(holder, timeout_s, share_set, key)
+        self.engine: ProjectionEngine | None = None
+        self.fallback: Projector | None = None
+        h = self.handles
+        why = h.why
+        if h.kind == "store":
+            self.engine = ProjectionEngine(_mapped(aset, h.refs, timeout_s))
+        elif h.kind == "cuda-ipc" and h.node_id != _node_id():
+            why = "the holder is on another node"
+        elif h.kind == "cuda-ipc":
+            try:
+                self.engine = ProjectionEngine(_open_cuda(aset, h))
+            except (RuntimeError, ValueError) as e:
+                why = f"its CUDA IPC handles do not open here: {e}"
+        if self.engine is None:
+            logger.warning("alignment set %s: %s; its holder computes this worker's products",
+                           key.content_id, why)
+            self.fallback = remote_projector(holder, key, timeout_s)
+
+    def run(self, groups: dict[GroupKey, Pair]) -> dict[GroupKey, Pair]:
+        if self.engine is None:
+            assert self.fallback is not None
+            return self.fallback(groups)
+        out = self.engine.run(groups)
+        if self.handles.kind == "cuda-ipc":
+            # IPC memory is valid while its exporter lives: a holder that died (and came
+            # back as another process) during the products may have left garbage in them.
+            pid = ask_holder(self.holder, self.timeout_s, holder_pid)
+            if pid != self.handles.pid:
+                raise HolderRestarted(f"the worker holding the alignment set restarted (pid "
+                                      f"{self.handles.pid} → {pid}) while a batch used its "
+                                      "GPU memory")
+        return out
+
+
+def shared_projector(ctx: WorkerContext, holder: Any | None, key: SetKey,
+                     aset: AlignmentSet, timeout_s: float) -> Projector:
+    """Products computed here with the shared set: put in the object store by this worker
+    (``holder`` None: it is a CPU node's first I/O worker) or shared by ``holder``. The set
+    is found on the first call, once the batch's adapters are read: a worker starting its
+    first batch reads while the holder is still loading it. ``aset``: the set's metadata,
+    already opened here."""
+
+    def run(groups: dict[GroupKey, Pair]) -> dict[GroupKey, Pair]:
+        if holder is None:
+            return _shared(ctx, key).engine.run(groups)
+        for attempt in (1, 2):
+            mapped = ctx.resident(SHARED_SLOT, key,
+                                  lambda: MappedSet(key, aset, holder, timeout_s))
+            try:
+                return mapped.run(groups)
+            except HolderRestarted as e:
+                ctx.drop(SHARED_SLOT)  # map the new holder's set, and compute again
+                if attempt == 2:
+                    raise HolderLost(str(e)) from None
+                logger.warning("%s: computing the batch again with its new copy", e)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    return run
+
+
+__all__ = ["EXPORT_SLOT", "GPU_PRODUCTS", "SHARED_SLOT", "STORE_SHARE", "MappedSet",
+           "SetHandles", "SharedSet", "check_gpu_products", "check_store_room", "holder_pid",
+           "share_set", "shared_projector", "warm_set"]
