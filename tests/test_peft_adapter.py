@@ -17,6 +17,7 @@ import torch
 from safelora_ray.core.errors import AdapterError
 from safelora_ray.formats.peft import (
     Adapter,
+    OutputDigest,
     get_pattern_key,
     output_digest,
     read_adapter,
@@ -137,7 +138,11 @@ def test_round_trip(tmp_path: Path, qv_copy: Path, base_dir: Path) -> None:
     storage = open_storage(str(qv_copy.parent))
     ad = read_adapter(storage, "qv", "qv")
     out = tmp_path / "out"
-    files = write_adapter(ad, {}, str(out), storage, "qv")
+    digest = OutputDigest()
+    files = write_adapter(ad, {}, str(out), storage, "qv", digest)
+    # hashed as written = hashed from the files = the digest of the adapter read back
+    assert digest.value() == output_digest(files) == read_adapter(
+        open_storage(str(out.parent)), out.name, "out").digest
 
     assert [rel for rel, _ in files] == [
         "adapter_model.safetensors",
@@ -668,3 +673,13 @@ def test_read_and_copy_extras_from_s3(qv_copy: Path, tmp_path: Path, s3_bucket: 
     files = write_adapter(ad, {}, str(tmp_path / "out"), storage, "adapters/qv")
     assert (tmp_path / "out" / "sub" / "notes.txt").read_text() == "hello"
     assert output_digest(files) == ad.digest
+
+
+def test_huge_finite_values_are_not_taken_for_non_finite(qv_copy: Path) -> None:
+    """The finite check sums each dtype in float32 (fast) and searches tensor by tensor only
+    when that sum is not finite: finite values whose sum overflows float32 (float32 and
+    float64 factors near their range) are still read, bit for bit."""
+    big = {A0: torch.full((4, 32), 3.0e38), B0: torch.full((32, 4), 1e300, dtype=torch.float64)}
+    rewrite_weights(qv_copy, lambda t: {**t, **big})
+    ad = _read(qv_copy, "big")
+    assert torch.equal(ad.tensors[A0], big[A0]) and torch.equal(ad.tensors[B0], big[B0])

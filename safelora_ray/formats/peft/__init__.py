@@ -15,10 +15,11 @@ from safelora_ray.formats.peft.read import (
     is_weight_file,
     read_adapter,
 )
-from safelora_ray.formats.peft.write import output_digest, write_adapter
+from safelora_ray.formats.peft.write import OutputDigest, output_digest, write_adapter
 
 __all__ = [
     "Adapter",
+    "OutputDigest",
     "adapter_digest",
     "check_config",
     "get_pattern_key",

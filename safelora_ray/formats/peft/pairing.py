@@ -167,16 +167,17 @@ def _check_pair(
 def _first_non_finite(named: Mapping[str, torch.Tensor]) -> str | None:
     """The first key of ``named`` whose tensor has a NaN or an Inf, or None.
 
-    One float64 sum per dtype over all the tensors: it is finite exactly when every value is
-    (NaN and ±Inf propagate; finite half/float32 values cannot overflow a float64 sum), and a
-    per-tensor ``isfinite`` costs a dispatch per tensor, most of the time of a small adapter.
-    The per-tensor search runs only when something is wrong.
+    One float32 sum per dtype over all the tensors (8x faster than a float64 one, which
+    converts every element: ~30 ms of a 7B adapter's 8 MB): a NaN or ±Inf anywhere makes it
+    non-finite, so a finite sum proves every value finite. A non-finite sum may also be an
+    overflow of finite values; only then does the exact per-tensor search run (a per-tensor
+    ``isfinite`` costs a dispatch per tensor, most of the time of a small adapter).
     """
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for t in named.values():
         if t.numel():
             by_dtype.setdefault(t.dtype, []).append(t.reshape(-1))
-    if all(bool(torch.cat(ts).sum(dtype=torch.float64).isfinite())
+    if all(bool(torch.cat(ts).sum(dtype=torch.float32).isfinite())
            for ts in by_dtype.values()):
         return None
-    return next(k for k, t in named.items() if not bool(torch.isfinite(t).all()))
+    return next((k for k, t in named.items() if not bool(torch.isfinite(t).all())), None)

@@ -31,6 +31,7 @@ def write_adapter(
     out_dir: str,
     storage_for_extras: Storage | None,
     prefix: str,
+    digest: OutputDigest | None = None,
 ) -> list[tuple[str, str]]:
     """Write the sanitized adapter into the local directory ``out_dir``.
 
@@ -47,6 +48,8 @@ def write_adapter(
         storage_for_extras: Storage the adapter was read from, to copy its extra files;
             None to copy none.
         prefix: The adapter directory inside ``storage_for_extras``.
+        digest: Fed every byte of the config and weights as they are written: then it holds
+            :func:`output_digest` of the result without reading the files back.
 
     Returns:
         ``(relative path, local path)`` pairs in publish order, ``adapter_config.json`` last
@@ -81,7 +84,9 @@ def write_adapter(
 
     weights_local = os.path.join(out_dir, WEIGHTS_NAME)
     layout = [(name, info.dtype, info.shape) for name, info in adapter.tensor_infos.items()]
-    with SafetensorsWriter(weights_local, layout, adapter.metadata) as writer:
+    if digest is not None:
+        digest.start(adapter.config_bytes)
+    with SafetensorsWriter(weights_local, layout, adapter.metadata, hasher=digest) as writer:
         for name in writer.tensors:
             writer.write(name, replaced.get(name, adapter.tensors[name]))
     files.append((WEIGHTS_NAME, weights_local))
@@ -143,6 +148,25 @@ def output_digest(files: Sequence[tuple[str, str]]) -> str:
     h.update(b"\0" + WEIGHTS_NAME.encode() + b"\0")
     _hash_file(h, paths[WEIGHTS_NAME])
     return "sha256:" + h.hexdigest()
+
+
+class OutputDigest:
+    """:func:`output_digest` computed while :func:`write_adapter` writes (the config's bytes
+    first, as the digest frames them, then the weights file's as they go to disk)."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+
+    def start(self, config_bytes: bytes) -> None:
+        self._h.update(CONFIG_NAME.encode() + b"\0")
+        self._h.update(config_bytes)
+        self._h.update(b"\0" + WEIGHTS_NAME.encode() + b"\0")
+
+    def update(self, data: bytes | bytearray | memoryview, tensor: str | None = None) -> None:
+        self._h.update(data)
+
+    def value(self) -> str:
+        return "sha256:" + self._h.hexdigest()
 
 
 def _hash_file(h: Any, path: str) -> None:
