@@ -36,7 +36,7 @@ def cluster_configured(ray_address: str | None) -> bool:
     return ray.is_initialized() or bool(ray_address or os.environ.get("RAY_ADDRESS"))
 
 
-def local_build(use_gpu: bool | None) -> bool:
+def local_build() -> bool:
     """The ``shape == "build"`` rule: on one machine with no Ray cluster configured and no
     :func:`~safelora_ray.execution.session.worker_session` open, a build runs in this process
     whatever its size — on the local GPU (``use_gpu`` True or None and torch sees CUDA), else
@@ -46,9 +46,9 @@ def local_build(use_gpu: bool | None) -> bool:
     with the same reader, compute and writer threads as a worker actor, so the actor adds
     nothing but its start: on an H100 5.1 s of a 9.1 s 7B build (docs/benchmarks.md §6), plus
     4-7 s for the private local Ray. On the CPU, in-process measured faster than one Ray
-    worker per CPU too (§14). A session keeps today's rule: its workers, warm from the build,
-    serve the sanitize that follows."""
-    del use_gpu  # the device is the executor's choice (InlineExecutor: CUDA when it is seen)
+    worker per CPU too (§14). Inside a session the other jobs' rule applies: its workers,
+    warm from the build, serve the sanitize that follows. ``use_gpu=True`` where torch sees
+    no CUDA device is refused by the in-process executor (a ConfigError)."""
     return active_session() is None
 
 
@@ -63,7 +63,7 @@ def in_process(requested: int | None, use_gpu: bool | None, ray_address: str | N
         return True
     if requested is not None or cluster_configured(ray_address):
         return False
-    if shape == "build" and local_build(use_gpu):
+    if shape == "build" and local_build():
         return True
     if use_gpu or not small:
         return False

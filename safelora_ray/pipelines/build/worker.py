@@ -1,11 +1,11 @@
 """The worker side of a build: one shard's output files, built module by module.
 
 Each worker (a :class:`~safelora_ray.execution.actor.SafeLoraWorker` actor, or this process
-for a small pair: see :mod:`safelora_ray.execution.resolve`) streams its modules: a reader
-thread fetches the next modules' base and aligned tensors (ranged reads) while the current one
-is computed, so a worker holds only a few modules in memory whatever the model size. Output
-files are written to a local temp file with a precomputed safetensors header, then published
-atomically.
+on a machine with no Ray cluster: see :mod:`safelora_ray.execution.resolve`) streams its
+modules: a reader thread fetches the next modules' base and aligned tensors (ranged reads)
+while the current one is computed, so a worker holds only a few modules in memory whatever
+the model size. Output files are written to a local temp file with a precomputed safetensors
+header, then published atomically.
 """
 
 from __future__ import annotations
