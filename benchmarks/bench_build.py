@@ -7,14 +7,18 @@ same bytes:
 
 1. reads exactly the build's target byte ranges with the same Storage (``read_into``),
    sequentially and with N threads;
-2. builds the alignment set on a local Ray, sampling the peak RSS of the driver and of every
-   Ray process.
+2. builds the alignment set in each of ``--modes`` (default ``auto,ray``: the product's
+   default on a machine with no cluster, which runs in this process since issue 22, and on the
+   worker actors of a local Ray started beforehand), sampling the peak RSS of the driver and of
+   every Ray process; the start-up share (build call → first module read, over the build) and
+   build / max(best raw read, write + fsync of the set's bytes) of each.
 
 Example::
 
     python benchmarks/bench_build.py                      # 4 layers of 7B, CPU, local disk
     python benchmarks/bench_build.py --layers 32 --device cuda --out-json build-7b-h100.json
     python benchmarks/bench_build.py --storage s3 --layers 2
+    python benchmarks/bench_build.py --modes inprocess,ray --layers 8 --fill holes
 
 The page cache is warm unless ``--cold`` (then every file's cached pages are dropped with
 ``posix_fadvise(DONTNEED)`` before each measurement).
@@ -28,7 +32,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from benchlib.floors import checkpoint_files
-from benchlib.measure import build_tables, measure_build
+from benchlib.measure import build_tables, measure_build_mode, modes_table, parse_modes
 from benchlib.models import LLAMA2_7B, TINY, write_pair
 from benchlib.runs import (
     apply_common,
@@ -39,7 +43,6 @@ from benchlib.runs import (
     timer,
     workdir,
 )
-from benchlib.runtime import actor_startup_s, start_ray
 from benchlib.s3 import MotoS3
 
 from safelora_ray.formats.synthetic import Arch
@@ -64,8 +67,12 @@ def main(argv: list[str] | None = None) -> int:
                         "reads base and aligned of a module at once in every worker)")
     p.add_argument("--cold", action="store_true",
                    help="drop the files' cached pages before each measurement (local only)")
+    p.add_argument("--modes", default="auto,ray",
+                   help="where the build runs, in turn: auto (the default rule, no cluster), "
+                        "inprocess (workers=0), ray (worker actors on a local Ray)")
     common_args(p)
     args = p.parse_args(argv)
+    modes = parse_modes(args.modes)
     setup_logging()
     apply_common(args)
 
@@ -92,34 +99,35 @@ def main(argv: list[str] | None = None) -> int:
             base_uri = s3.upload_tree(pair["base"], "models/base")
             aligned_uri = s3.upload_tree(pair["aligned"], "models/aligned")
 
-            def out_uri(rep: int) -> str:
-                return s3.uri(f"sets/run-{rep}")
+            def out_uri(run: str) -> str:
+                return s3.uri(f"sets/run-{run}")
         else:
             base_uri, aligned_uri = pair["base"], pair["aligned"]
 
-            def out_uri(rep: int) -> str:
-                return str(root / "sets" / f"run-{rep}")
+            def out_uri(run: str) -> str:
+                return str(root / "sets" / f"run-{run}")
         try:
-            ray_init_s = start_ray()
-            import ray
+            import torch
 
-            from safelora_ray.execution import resolve_workers
-
-            res = resolve_workers(args.workers, use_gpu, None, small=False)
-            threads = args.read_threads or 2 * res.num_workers
+            # The raw threaded read: two readers (base, aligned) per device worker on Ray.
+            per = torch.cuda.device_count() if use_gpu else (info["cpu_count"] or 1)
+            threads = args.read_threads or 2 * (args.workers or max(1, per))
             cold = (checkpoint_files(pair["base"], pair["aligned"])
                     if args.cold else None)
-            m = measure_build(base_uri=base_uri, aligned_uri=aligned_uri,
-                              out_uri=out_uri, targets=TARGETS, workers=args.workers,
-                              use_gpu=use_gpu, repeats=args.repeats,
-                              read_threads=threads, cold_files=cold)
-            startup = (actor_startup_s(res.num_workers, use_gpu)
-                       if not args.smoke else float("nan"))
-            ray.shutdown()
+            results = {}
+            for mode in modes:
+                print(f"mode {mode}:", flush=True)
+                results[mode] = measure_build_mode(
+                    mode, workers=args.workers, use_gpu=use_gpu, smoke=args.smoke,
+                    base_uri=base_uri, aligned_uri=aligned_uri,
+                    out_uri=lambda rep, mode=mode: out_uri(f"{mode}-{rep}"),
+                    targets=TARGETS, repeats=args.repeats, read_threads=threads,
+                    cold_files=cold)
         finally:
             if s3 is not None:
                 s3.stop()
 
+    first = results[modes[0]]
     result = {
         "benchmark": "build",
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None
@@ -128,14 +136,18 @@ def main(argv: list[str] | None = None) -> int:
         "arch": asdict(arch), "targets": list(TARGETS),
         "inputs": {k: v for k, v in pair.items() if k not in ("base", "aligned")},
         "storage": args.storage, "cache": "cold (fadvise)" if args.cold else "warm",
-        "device": args.device, "workers": res.num_workers,
-        "ray_init_s": round(ray_init_s, 3), "actor_startup_s": round(startup, 3),
-        **m,
+        "device": args.device, "workers": first["summary"]["workers"],
+        # The first mode's figures at the top, as before --modes; every mode's under "modes".
+        "ray_init_s": first["ray_init_s"], "actor_startup_s": first["actor_startup_s"],
+        "summary": first["summary"], "runs": first["runs"],
+        "modes": results,
     }
-    line = (f"{arch.layers} layers of hidden {arch.hidden}, {args.storage}, "
-            f"{result['cache']} cache, {res.num_workers} {args.device} worker(s)")
-    tables = build_tables(m, line)
-    tables[1][2].append(["Ray: start-up of the worker actors (probe)", round(startup, 3)])
+    tables = [modes_table(results)]
+    for mode, r in results.items():
+        line = (f"{arch.layers} layers of hidden {arch.hidden}, {args.storage}, "
+                f"{result['cache']} cache, mode {mode}: {r['summary']['workers']} "
+                f"{r['summary']['device']} worker(s) (0 = this process)")
+        tables += build_tables(r, line)
     emit(result, tables, args.out_json)
     return 0
 

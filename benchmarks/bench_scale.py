@@ -30,12 +30,13 @@ compute time per module kind (``per_module_s``), from which a full 70B build is 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from benchlib.floors import checkpoint_files
-from benchlib.measure import build_tables, measure_build
+from benchlib.measure import build_tables, measure_build_mode, modes_table, parse_modes
 from benchlib.models import LLAMA2_70B, write_pair
 from benchlib.runs import (
     apply_common,
@@ -49,7 +50,6 @@ from benchlib.runs import (
     timer,
     workdir,
 )
-from benchlib.runtime import start_ray
 
 from safelora_ray.formats.synthetic import Arch, is_target
 
@@ -80,9 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=None, help="exact: k per module")
     p.add_argument("--energy", type=float, default=None,
                    help="exact: the smallest k keeping this fraction of Σσ²")
+    p.add_argument("--modes", default="auto,ray",
+                   help="where the build runs, in turn: auto (the default rule, no cluster), "
+                        "inprocess (workers=0), ray (worker actors on a local Ray)")
     common_args(p, storage=False)
     p.set_defaults(repeats=1)
     args = p.parse_args(argv)
+    modes = parse_modes(args.modes)
     setup_logging()
     apply_common(args)
 
@@ -101,29 +105,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  written in {tw['s']:.1f} s: {pair['files_per_model']} file(s) of "
               f"{pair['apparent_bytes_per_model'] / 1e9:.1f} GB apparent per model, "
               f"{pair['allocated_bytes_per_model'] / 1e9:.2f} GB on disk", flush=True)
-        ray_init_s = start_ray()
-        import ray
+        import torch
 
-        from safelora_ray.execution import resolve_workers
-
-        res = resolve_workers(args.workers, use_gpu, None, small=False)
-        threads = args.read_threads or 2 * res.num_workers
+        per = torch.cuda.device_count() if use_gpu else (info["cpu_count"] or 1)
+        threads = args.read_threads or 2 * (args.workers or max(1, per))
         cold = checkpoint_files(pair["base"], pair["aligned"]) if args.cold else None
-        m = measure_build(
-            base_uri=pair["base"], aligned_uri=pair["aligned"],
-            out_uri=lambda rep: str(root / "sets" / f"run-{rep}"), targets=TARGETS,
-            workers=args.workers, use_gpu=use_gpu, repeats=args.repeats,
-            read_threads=threads, cold_files=cold,
-            build_kwargs={"projection": args.projection, "rank": args.rank,
-                          "energy": args.energy})
-        exact = exact_figures(root / "sets" / f"run-{m['summary']['median_run']}", m, arch)
-        ray.shutdown()
+        results: dict[str, dict] = {}
+        for mode in modes:
+            print(f"mode {mode}:", flush=True)
+            sets = root / "sets" / mode
+            m = measure_build_mode(
+                mode, workers=args.workers, use_gpu=use_gpu, smoke=args.smoke,
+                base_uri=pair["base"], aligned_uri=pair["aligned"],
+                out_uri=lambda rep, sets=sets: str(sets / f"run-{rep}"), targets=TARGETS,
+                repeats=args.repeats, read_threads=threads, cold_files=cold,
+                build_kwargs={"projection": args.projection, "rank": args.rank,
+                              "energy": args.energy})
+            m["exact"] = exact_figures(sets / f"run-{m['summary']['median_run']}", m, arch)
+            mid = next(r for r in m["runs"] if r["repeat"] == m["summary"]["median_run"])
+            m["worker_peak_rss"] = max((r["max_peak_rss"] for k, r in
+                                        mid["memory"]["roles"].items()
+                                        if k == "SafeLoraWorker"), default=0)
+            # A 70B set is ~22 GB: the next mode's must fit beside the pair.
+            shutil.rmtree(sets, ignore_errors=True)
+            results[mode] = m
 
+    # The first mode's figures at the top, as before --modes; every mode's under "modes".
+    m = results[modes[0]]
     s = m["summary"]
-    mid = next(r for r in m["runs"] if r["repeat"] == s["median_run"])
-    roles = mid["memory"]["roles"]
-    worker_peak = max((r["max_peak_rss"] for k, r in roles.items() if k == "SafeLoraWorker"),
-                      default=0)
+    # The worker actors' peak (ray mode); in this process the driver's is the build's.
+    worker_peak = max(r["worker_peak_rss"] for r in results.values())
     result = {
         "benchmark": "scale",
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None
@@ -133,29 +144,37 @@ def main(argv: list[str] | None = None) -> int:
         "inputs": {k: v for k, v in pair.items() if k not in ("base", "aligned")},
         "write_s": round(tw["s"], 1),
         "cache": "cold (fadvise)" if args.cold else "warm",
-        "device": args.device, "workers": res.num_workers, "ray_init_s": round(ray_init_s, 3),
+        "device": args.device, "workers": s["workers"], "ray_init_s": m["ray_init_s"],
         "worker_peak_rss": worker_peak,
         "worker_peak_in_q_proj_C": round(worker_peak / C_Q_BYTES, 2),
         "projection": {"kind": args.projection, "rank": args.rank, "energy": args.energy},
-        "exact": exact,
-        **m,
+        "exact": m["exact"],
+        "summary": s, "runs": m["runs"],
+        "modes": results,
     }
     apparent = 2 * pair["apparent_bytes_per_model"]
-    tables = build_tables(m, f"Llama-2-70B shapes, q/v real in {real} of "
-                             f"{arch.layers} layers, {res.num_workers} "
-                             f"{args.device} worker(s), {result['cache']} cache")
-    tables[0][2][0:0] = [
-        ["apparent size of the pair (2 models)", f"{apparent / 1e9:.1f} GB"],
-        ["allocated on disk (2 models)", f"{2 * pair['allocated_bytes_per_model'] / 1e9:.2f} GB"],
-        ["files per model", pair["files_per_model"]],
-        ["bytes read / apparent size", f"{s['bytes_read'] / apparent:.5f}"],
-    ]
-    tables[0][2].append(["largest worker peak RSS (in q_proj C = 256 MiB units)",
-                         f"{mib(worker_peak)} MiB "
-                         f"({result['worker_peak_in_q_proj_C']})"])
-    if exact:
-        tables.append(("exact projection: k per module and the cost of the eigendecomposition",
-                       ["figure", "value"], exact["rows"]))
+    tables = [modes_table(results)]
+    for mode, r in results.items():
+        rs = r["summary"]
+        mtables = build_tables(r, f"Llama-2-70B shapes, q/v real in {real} of "
+                                  f"{arch.layers} layers, mode {mode}: {rs['workers']} "
+                                  f"{rs['device']} worker(s) (0 = this process), "
+                                  f"{result['cache']} cache")
+        mtables[0][2][0:0] = [
+            ["apparent size of the pair (2 models)", f"{apparent / 1e9:.1f} GB"],
+            ["allocated on disk (2 models)",
+             f"{2 * pair['allocated_bytes_per_model'] / 1e9:.2f} GB"],
+            ["files per model", pair["files_per_model"]],
+            ["bytes read / apparent size", f"{rs['bytes_read'] / apparent:.5f}"],
+        ]
+        if r["worker_peak_rss"]:
+            mtables[0][2].append(["largest worker peak RSS (in q_proj C = 256 MiB units)",
+                                  f"{mib(r['worker_peak_rss'])} MiB "
+                                  f"({round(r['worker_peak_rss'] / C_Q_BYTES, 2)})"])
+        tables += mtables
+        if r["exact"]:
+            tables.append((f"exact projection ({mode}): k per module and the cost of the "
+                           "eigendecomposition", ["figure", "value"], r["exact"]["rows"]))
     emit(result, tables, args.out_json)
     return 0
 

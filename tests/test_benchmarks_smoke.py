@@ -39,8 +39,14 @@ def test_bench_build_smoke(tmp_path):
     s = r["summary"]
     assert s["bytes_read"] >= s["target_bytes"] > 0
     assert s["raw_seq_s_median"] > 0 and s["build_s_median"] > 0
-    roles = r["runs"][0]["memory"]["roles"]
-    assert "driver" in roles and "SafeLoraWorker" in roles
+    # --modes auto,ray: the default rule builds in this process (no Ray started), then on Ray
+    auto, on_ray = r["modes"]["auto"], r["modes"]["ray"]
+    assert auto["summary"]["workers"] == 0 and not auto["ray_started_by_build"]
+    assert set(auto["runs"][0]["memory"]["roles"]) == {"driver"}
+    roles = on_ray["runs"][0]["memory"]["roles"]
+    assert on_ray["summary"]["workers"] >= 1 and "driver" in roles and "SafeLoraWorker" in roles
+    for m in (auto, on_ray):  # the start-up share (build call → first read)
+        assert 0 <= m["summary"]["startup_share_median"] < 1
 
 
 @pytest.mark.timeout(180)

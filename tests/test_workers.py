@@ -4,6 +4,10 @@ actors (and the resident alignment set) between build and sanitize calls."""
 from __future__ import annotations
 
 import importlib
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -53,10 +57,40 @@ def _catalog(set_uri: str, cat: Path, n: int) -> None:
 )
 def test_in_process_policy(monkeypatch, requested, use_gpu, address, small, ray_up, cuda,
                            expected):
+    """The rule of every job but a build (``shape`` device or pipeline)."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(resolve_mod.ray, "is_initialized", lambda: ray_up)
     monkeypatch.setattr(resolve_mod.torch.cuda, "is_available", lambda: cuda)
-    assert resolve_mod.in_process(requested, use_gpu, address, small) is expected
+    for shape in ("device", "pipeline"):
+        assert resolve_mod.in_process(requested, use_gpu, address, small, shape) is expected
+
+
+@pytest.mark.parametrize(
+    ("requested", "use_gpu", "address", "small", "ray_up", "cuda", "session", "expected"),
+    [
+        (None, None, None, False, False, False, False, True),  # big, CPU only: here
+        (None, None, None, False, False, True, False, True),  # big, a local GPU: here, on it
+        (None, True, None, False, False, True, False, True),  # --gpu: here, on the local GPU
+        (None, False, None, False, False, True, False, True),  # --cpu: here, on the CPU
+        (None, None, None, True, False, True, False, True),  # small, a local GPU: here
+        (0, None, None, False, False, False, True, True),  # workers=0: always here
+        (2, None, None, False, False, False, False, False),  # workers asked for: Ray
+        (None, None, "auto", False, False, False, False, False),  # a cluster is configured
+        (None, None, None, False, True, False, False, False),  # connected to Ray
+        (None, None, None, False, False, False, True, False),  # a session: today's rule, big
+        (None, None, None, True, False, False, True, True),  # a session: today's rule, small
+        (None, None, None, True, False, True, True, False),  # a session, a local GPU: Ray
+    ],
+)
+def test_build_runs_here_on_a_machine_with_no_cluster(
+        monkeypatch, requested, use_gpu, address, small, ray_up, cuda, session, expected):
+    """``shape="build"``: on one machine with no cluster and no worker session, a build runs
+    in this process whatever its size (``resolve.local_build``)."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(resolve_mod.ray, "is_initialized", lambda: ray_up)
+    monkeypatch.setattr(resolve_mod.torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(resolve_mod, "active_session", lambda: object() if session else None)
+    assert resolve_mod.in_process(requested, use_gpu, address, small, "build") is expected
 
 
 def test_ray_address_env_counts_as_a_configured_cluster(monkeypatch):
@@ -195,3 +229,45 @@ def test_records_of_helper_threads_reach_the_driver(ray_local, caplog):
         ex.close(True)
     text = caplog.text
     assert "from the call's own thread" in text and "from a helper thread of the call" in text
+
+
+#: A build in a fresh process with no cluster configured, as ``build`` on one machine runs it:
+#: counted as big (the rule holds whatever the size); prints where it ran.
+_BUILD_HERE = """
+import json, sys
+import ray
+import safelora_ray.pipelines.build.driver as driver
+from safelora_ray import BuildConfig, build
+driver.INLINE_MAX_BUILD_BYTES = 0
+res = build(BuildConfig(base=sys.argv[1], aligned=sys.argv[2], out=sys.argv[3],
+                        progress=False))
+print(json.dumps({"workers": res.workers, "ray": ray.is_initialized(),
+                  "content_id": res.content_id, "startup_s": res.stats.get("startup_s")}))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_build_with_no_cluster_starts_no_ray_and_equals_a_ray_build(tmp_path, ray_local):
+    """Issue 22: a build (however big) on a machine with no Ray cluster configured runs in
+    its own process and starts no Ray; its set has the bytes of a build on a Ray worker."""
+    b, a, _cat = _inputs(tmp_path, 0)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", _BUILD_HERE, b, a, str(tmp_path / "here")],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    here = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert here["workers"] == 0 and here["ray"] is False
+    assert here["startup_s"] is not None and here["startup_s"] >= 0
+    res = build(BuildConfig(base=b, aligned=a, out=str(tmp_path / "ray"), workers=1,
+                            progress=False))
+    assert res.workers == 1 and res.stats["startup_s"] >= 0
+    assert res.content_id == here["content_id"]
+    def files(root: Path) -> list[str]:  # the shards and the manifest (not the timings)
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                      if p.suffix in (".safetensors", ".parquet"))
+
+    names = files(tmp_path / "here")
+    assert any(n.endswith(".safetensors") for n in names) and "manifest.parquet" in names
+    assert names == files(tmp_path / "ray")
+    for n in names:
+        assert (tmp_path / "here" / n).read_bytes() == (tmp_path / "ray" / n).read_bytes(), n

@@ -119,6 +119,12 @@ def measure_build(*, base_uri: str, aligned_uri: str, out_uri: Callable[[int], s
             "num_modules": res.num_modules, "memory": mon.summary(),
             "stored_bytes": res.stored_bytes,
         })
+        # The build's fixed cost: from the call to its first module read (planning, starting
+        # the workers: the actor's start-up on Ray); None from code that does not report it.
+        startup = res.stats.get("startup_s")
+        rec["startup_s"] = round(startup, 3) if startup is not None else None
+        rec["startup_share"] = (round(startup / t["s"], 3)
+                                if startup is not None and t["s"] > 0 else None)
         best_raw = min(rec["raw_seq"]["s"], rec["raw_threads"]["s"])
         rec["build_over_raw"] = round(t["s"] / best_raw, 2) if best_raw > 0 else None
         out = out_uri(rep)
@@ -132,6 +138,7 @@ def measure_build(*, base_uri: str, aligned_uri: str, out_uri: Callable[[int], s
             rec["raw_write"] = write_floor(sizes, Path(out).parent / f".write-floor-{rep}")
             floor = max(best_raw, rec["raw_write"]["s"])
             rec["build_over_floor"] = round(t["s"] / floor, 2) if floor > 0 else None
+            rec["build_over_max_read_write"] = rec["build_over_floor"]
         runs.append(rec)
         print(f"  repeat {rep}: build {t['s']:.2f} s ({rec['build_gbps']} GB/s), raw read "
               f"{rec['raw_seq']['s']:.2f} s seq / {rec['raw_threads']['s']:.2f} s "
@@ -149,6 +156,12 @@ def measure_build(*, base_uri: str, aligned_uri: str, out_uri: Callable[[int], s
                                            for r in runs]),
         "read_threads": read_threads,
         "median_run": mid["repeat"],
+        "workers": mid["workers"],
+        "device": mid["device"],
+        "startup_s_median": median([r["startup_s"] for r in runs
+                                    if r["startup_s"] is not None]),
+        "startup_share_median": median([r["startup_share"] for r in runs
+                                        if r["startup_share"] is not None]),
     }
     summary["build_gbps_median"] = gbps(target_bytes, summary["build_s_median"])
     summary["raw_seq_gbps_median"] = gbps(target_bytes, summary["raw_seq_s_median"])
@@ -165,6 +178,7 @@ def measure_build(*, base_uri: str, aligned_uri: str, out_uri: Callable[[int], s
                                                 summary["raw_write_s_median"])
         floor = max(best, summary["raw_write_s_median"])
         summary["build_over_floor_median"] = round(summary["build_s_median"] / floor, 2)
+        summary["build_over_max_read_write"] = summary["build_over_floor_median"]
     return {"summary": summary, "runs": runs}
 
 
@@ -186,6 +200,8 @@ def build_tables(m: dict, arch_line: str) -> list[tuple[str, list[str], list[lis
         ["build wall time (s, GB/s of target bytes)",
          f"{s['build_s_median']:.3f} s, {s['build_gbps_median']} GB/s"],
         ["build time / best raw read time", f"{s['build_over_raw_median']:.2f}"],
+        ["start-up: build call to first module read (s, share of the build)",
+         f"{s['startup_s_median']:.3f} s, {s['startup_share_median']:.1%}"],
         *([["set bytes written + fsynced, plain sequential (s, GB/s)",
             f"{s['raw_write_s_median']:.3f} s, {s['raw_write_gbps_median']} GB/s "
             f"({s['set_bytes']:,} bytes)"],
@@ -210,3 +226,58 @@ def build_tables(m: dict, arch_line: str) -> list[tuple[str, list[str], list[lis
         ("peak RSS and CPU time by process role (median run)", MEMORY_HEADERS,
          memory_rows(mid["memory"])),
     ]
+
+
+#: Where ``--modes`` runs the build: ``auto`` is the product's default on a machine with no
+#: cluster (``workers=None``, no Ray started beforehand: the rule of
+#: ``safelora_ray.execution.resolve`` decides), ``inprocess`` forces this process
+#: (``workers=0``), ``ray`` starts a local Ray first and builds on its worker actors (what the
+#: rule before issue 22 chose for a big build or a local GPU).
+BUILD_MODES = ("auto", "inprocess", "ray")
+
+
+def parse_modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in BUILD_MODES]
+    if bad or not modes:
+        raise SystemExit(f"--modes: choose among {', '.join(BUILD_MODES)} (got {text!r})")
+    return modes
+
+
+def measure_build_mode(mode: str, *, workers: int | None, use_gpu: bool, smoke: bool,
+                       **kwargs: Any) -> dict:
+    """:func:`measure_build` in one of :data:`BUILD_MODES`; with the Ray start (``ray``) and
+    the actor start-up probe, and whether the build left a Ray running (``auto``)."""
+    import ray
+
+    from benchlib.runtime import actor_startup_s, start_ray
+
+    ray_init_s = probe_s = float("nan")
+    if ray.is_initialized():
+        ray.shutdown()  # each mode starts from a process with no Ray
+    if mode == "ray":
+        ray_init_s = start_ray()
+    m = measure_build(workers={"auto": None, "inprocess": 0}.get(mode, workers),
+                      use_gpu=use_gpu, **kwargs)
+    ray_up = ray.is_initialized()
+    if mode == "ray" and not smoke:
+        probe_s = actor_startup_s(m["summary"]["workers"] or None, use_gpu)
+    if ray_up:
+        ray.shutdown()
+    return {"mode": mode, "ray_started_by_build": ray_up and mode != "ray",
+            "ray_init_s": round(ray_init_s, 3), "actor_startup_s": round(probe_s, 3), **m}
+
+
+def modes_table(results: dict[str, dict]) -> tuple[str, list[str], list[list[Any]]]:
+    """One row per mode: where it ran, the build, its start-up share, and the issue's bound."""
+    rows = []
+    for mode, r in results.items():
+        s = r["summary"]
+        rows.append([mode, f"{s['workers']} x {s['device']}", s["build_s_median"],
+                     s["startup_s_median"], f"{s['startup_share_median']:.1%}",
+                     r["actor_startup_s"], r["ray_init_s"],
+                     s.get("build_over_max_read_write")])
+    return ("the build by mode (medians; ray: Ray started beforehand, its start not counted)",
+            ["mode", "workers x device", "build s", "start-up s (call → first read)",
+             "start-up share", "actor start-up probe s", "ray.init s",
+             "build / max(read, write)"], rows)

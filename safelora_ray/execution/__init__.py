@@ -20,8 +20,8 @@ to an :class:`Executor` (:mod:`.executor`), usually through the :class:`Dispatch
   :func:`worker_session` (:mod:`.session`) the actors are shared by every call; outside one,
   each call starts its own and stops them when it returns.
 - :class:`InlineExecutor` (:mod:`.inline`) runs in the driver process (``workers=0``), and is
-  what ``workers=None`` picks for a small job when no Ray cluster is configured
-  (:mod:`.resolve`).
+  what ``workers=None`` picks for a small job, and for any build, when no Ray cluster is
+  configured (:mod:`.resolve`).
 """
 
 from safelora_ray.execution.actor import (

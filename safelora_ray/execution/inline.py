@@ -1,6 +1,6 @@
 """The executor that runs in the driver process (:class:`InlineExecutor`): ``workers=0``, like
-PyTorch's ``DataLoader(num_workers=0)``, and what ``workers=None`` picks for a small job when
-no Ray cluster is configured (:mod:`safelora_ray.execution.resolve`)."""
+PyTorch's ``DataLoader(num_workers=0)``, and what ``workers=None`` picks for a small job, and
+for any build, when no Ray cluster is configured (:mod:`safelora_ray.execution.resolve`)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Where a call runs: in this process, or on worker actors planned per live node.
 
 A small job runs in this process when no Ray cluster is configured: starting a private local
-Ray (4-7 s) and worker processes that import torch (~2 s) would cost more than the job.
+Ray (4-7 s) and worker processes that import torch (~2 s) would cost more than the job. A
+build on such a machine runs here whatever its size (:func:`local_build`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from safelora_ray.execution.inline import InlineExecutor
 from safelora_ray.execution.placement import plan_device_workers, plan_pipeline
 from safelora_ray.execution.ray_executor import RayExecutor, WorkerPlan
 from safelora_ray.execution.ray_utils import ensure_ray
+from safelora_ray.execution.session import active_session
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +36,36 @@ def cluster_configured(ray_address: str | None) -> bool:
     return ray.is_initialized() or bool(ray_address or os.environ.get("RAY_ADDRESS"))
 
 
+def local_build() -> bool:
+    """The ``shape == "build"`` rule: on one machine with no Ray cluster configured and no
+    :func:`~safelora_ray.execution.session.worker_session` open, a build runs in this process
+    whatever its size — on the local GPU (``use_gpu`` True or None and torch sees CUDA), else
+    on the CPU with torch's intra-op threads.
+
+    Why: a build is one stream (read → ``V Vᵀ`` → write) that the in-process executor runs
+    with the same reader, compute and writer threads as a worker actor, so the actor adds
+    nothing but its start: on an H100 5.1 s of a 9.1 s 7B build (docs/benchmarks.md §6), plus
+    4-7 s for the private local Ray. On the CPU, in-process measured faster than one Ray
+    worker per CPU too (§14). Inside a session the other jobs' rule applies: its workers,
+    warm from the build, serve the sanitize that follows. ``use_gpu=True`` where torch sees
+    no CUDA device is refused by the in-process executor (a ConfigError)."""
+    return active_session() is None
+
+
 def in_process(requested: int | None, use_gpu: bool | None, ray_address: str | None,
-               small: bool) -> bool:
-    """Whether a call runs in this process (see the module docstring)."""
+               small: bool, shape: str = "device") -> bool:
+    """Whether a call runs in this process (see the module docstring).
+
+    Args:
+        shape: ``build`` applies :func:`local_build` on a machine with no cluster.
+    """
     if requested == 0:
         return True
-    if requested is not None or use_gpu or not small or cluster_configured(ray_address):
+    if requested is not None or cluster_configured(ray_address):
+        return False
+    if shape == "build" and local_build():
+        return True
+    if use_gpu or not small:
         return False
     # A local GPU that use_gpu=None would use: Ray's GPU workers pipeline better.
     return use_gpu is False or not torch.cuda.is_available()
@@ -55,14 +81,16 @@ def resolve_workers(requested: int | None, use_gpu: bool | None, ray_address: st
         use_gpu: ``use_gpu`` of the config.
         ray_address: Cluster address of the config.
         small: Whether the job is small enough for this process.
-        shape: ``device`` (a build: one worker per GPU or CPU) or ``pipeline`` (a
+        shape: ``device`` (one worker per GPU or CPU), ``build`` (the same, and in this
+            process on a machine with no cluster: :func:`local_build`) or ``pipeline`` (a
             sanitize: holders of the set and I/O workers, ``requested`` counting the latter).
         workers_per_gpu: Holders per GPU (pipeline).
     """
-    if in_process(requested, use_gpu, ray_address, small):
+    if in_process(requested, use_gpu, ray_address, small, shape):
         if requested is None:
-            logger.info("a small job and no Ray cluster configured: running in this process "
-                        "(--workers N runs it on N Ray workers)")
+            logger.info("%s and no Ray cluster configured: running in this process "
+                        "(--workers N runs it on N Ray workers)",
+                        "a build" if shape == "build" else "a small job")
         return WorkerPlan(())
     ensure_ray(ray_address)
     nodes = live_nodes()
@@ -87,4 +115,4 @@ def open_executor(plan: WorkerPlan, use_gpu: bool | None) -> Executor:
 
 
 __all__ = ["INLINE_MAX_ADAPTERS", "INLINE_MAX_BUILD_BYTES", "cluster_configured", "in_process",
-           "open_executor", "resolve_workers"]
+           "local_build", "open_executor", "resolve_workers"]

@@ -1,11 +1,11 @@
 """The worker side of a build: one shard's output files, built module by module.
 
 Each worker (a :class:`~safelora_ray.execution.actor.SafeLoraWorker` actor, or this process
-for a small pair: see :mod:`safelora_ray.execution.resolve`) streams its modules: a reader
-thread fetches the next modules' base and aligned tensors (ranged reads) while the current one
-is computed, so a worker holds only a few modules in memory whatever the model size. Output
-files are written to a local temp file with a precomputed safetensors header, then published
-atomically.
+on a machine with no Ray cluster: see :mod:`safelora_ray.execution.resolve`) streams its
+modules: a reader thread fetches the next modules' base and aligned tensors (ranged reads)
+while the current one is computed, so a worker holds only a few modules in memory whatever
+the model size. Output files are written to a local temp file with a precomputed safetensors
+header, then published atomically.
 """
 
 from __future__ import annotations
@@ -175,6 +175,7 @@ class ShardBuilder:
         self._storages = StorageCache()
         self._reader: Iterator[_Fetched] | None = None
         self._next_file = -1
+        self.first_read_at: float | None = None  # wall clock: the build's start-up share
         self._pool = cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="safelora-read")
         self._hash_pool = cf.ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)),
                                                 thread_name_prefix="safelora-hash")
@@ -206,6 +207,8 @@ class ShardBuilder:
     def _fetch(self, m: ModulePlan) -> _Fetched:
         """Read one module's base and aligned tensors (two threads), then hash them."""
         t0 = time.perf_counter()
+        if self.first_read_at is None:
+            self.first_read_at = time.time()
         bufs = (self._buffers.get(m.base.nbytes), self._buffers.get(m.aligned.nbytes))
         fb = self._pool.submit(read_ref, self._storages.get(m.base.uri), m.base, bufs[0])
         fa = self._pool.submit(read_ref, self._storages.get(m.aligned.uri), m.aligned, bufs[1])
@@ -308,6 +311,7 @@ class ShardBuilder:
             "shard": {"path": fplan.path, "sha256": hasher.file_digest(), "bytes": size},
             "input_bytes": fplan.input_bytes,
             "bytes_fetched": self.bytes_fetched(),
+            "first_read_at": self.first_read_at,
             **timings,
             "device": self.device,
         }
