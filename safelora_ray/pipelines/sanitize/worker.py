@@ -56,8 +56,25 @@ logger = logging.getLogger(__name__)
 #: instead of one thread carrying all of it (which would cap what a GPU can be fed), and
 #: one adapter's fsync waits while the others go on.
 IO_THREADS = env_number("SAFELORA_IO_THREADS", 4, int)
-#: An adapter read and checked: its ref, the adapter, its fingerprint, the seconds it took.
-Loaded = tuple[AdapterRef, Adapter, str | None, float]
+#: An adapter read and checked: its ref, the adapter, its fingerprint, the seconds it took,
+#: and per module G = A Aᵀ (float64).
+Loaded = tuple[AdapterRef, Adapter, str | None, float, dict[str, torch.Tensor]]
+
+
+def adapter_grams(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """G = A Aᵀ (float64, r x r) of every module, one product per shape and dtype of A.
+
+    Computed by the thread that read the adapter (it releases the GIL), not by the one that
+    runs the batch's products: G is all the scores need of A, at r/d_in of its size.
+    """
+    by_shape: dict[tuple[Any, ...], list[str]] = {}
+    for m, lm in adapter.modules.items():
+        by_shape.setdefault((lm.a.dtype, *lm.a.shape), []).append(m)
+    out: dict[str, torch.Tensor] = {}
+    for names in by_shape.values():
+        g = lora_gram(torch.stack([adapter.modules[m].a for m in names]))
+        out.update(zip(names, g, strict=True))
+    return out
 
 
 class FleetSanitizer:
@@ -175,7 +192,10 @@ class FleetSanitizer:
             row = base_row(ref)
             try:
                 adapter, fp = self.load(ref, row)
-                return row, (ref, adapter, fp, time.perf_counter() - t0) if adapter else None
+                if adapter is None:
+                    return row, None
+                grams = adapter_grams(adapter)
+                return row, (ref, adapter, fp, time.perf_counter() - t0, grams)
             except Exception as e:  # one bad adapter never stops the batch
                 mark_failed(row, e)
                 return row, None
@@ -189,12 +209,13 @@ class FleetSanitizer:
         layers: list[dict[str, Any]] = []
         if loaded:
             t0 = time.perf_counter()
-            projected, scores = self._project_all([a for _, a, _, _ in loaded.values()],
-                                                  project or self._default_projector())
+            projected, scores = self._project_all(
+                [(a, g) for _, a, _, _, g in loaded.values()],
+                project or self._default_projector())
             share = (time.perf_counter() - t0) / len(loaded)  # batch compute, per adapter
 
             def write_one(item: tuple[str, Loaded]) -> list[dict[str, Any]]:
-                adapter_id, (ref, adapter, fp, read_s) = item
+                adapter_id, (ref, adapter, fp, read_s, _) = item
                 row = rows[adapter_id]
                 if stop():
                     row["status"] = "cancelled"
@@ -241,31 +262,36 @@ class FleetSanitizer:
         for m in adapter.modules:
             check_orientation(adapter, m, self.aset)
 
-    def _project_all(self, adapters: Sequence[Adapter], project: Projector
-                     ) -> tuple[dict[str, dict[str, torch.Tensor]],
-                                dict[str, dict[str, ModuleScore]]]:
+    def _project_all(self, loaded: Sequence[tuple[Adapter, dict[str, torch.Tensor]]],
+                     project: Projector) -> tuple[dict[str, dict[str, torch.Tensor]],
+                                                  dict[str, dict[str, ModuleScore]]]:
         """C B and the scores of every adapter and module of a batch: one product per module
         (and dtype and rank) for the whole batch (SPEC §2), computed by ``project``.
+
+        Args:
+            loaded: The adapters, each with its :func:`adapter_grams`.
+            project: Computes the products.
 
         Returns:
             ``(cb, scores)``, each ``{adapter_id: {module: ...}}``; C B in each B's dtype (the
             scores use the float32 product).
         """
-        members: dict[GroupKey, list[tuple[str, Any]]] = {}
-        for ad in adapters:
+        adapters = [ad for ad, _ in loaded]
+        members: dict[GroupKey, list[tuple[str, Any, torch.Tensor]]] = {}
+        for ad, grams in loaded:
             for m, lm in ad.modules.items():
                 key = (m, dtype_name(lm.b.dtype), int(lm.rank))
-                members.setdefault(key, []).append((ad.adapter_id, lm))
-        groups = {key: (torch.stack([lm.b for _, lm in items]),
-                        lora_gram(torch.stack([lm.a for _, lm in items])))
+                members.setdefault(key, []).append((ad.adapter_id, lm, grams[m]))
+        groups = {key: (torch.stack([lm.b for _, lm, _ in items]),
+                        torch.stack([g for _, _, g in items]))
                   for key, items in members.items()}
         out = project(groups)
         cast: dict[str, dict[str, torch.Tensor]] = {ad.adapter_id: {} for ad in adapters}
         scores: dict[str, dict[str, ModuleScore]] = {ad.adapter_id: {} for ad in adapters}
         for key, items in members.items():
             cb, sums = out[key]
-            for (adapter_id, _), one, sc in zip(items, cb, scores_from_sums(sums),
-                                                 strict=True):
+            for (adapter_id, _, _), one, sc in zip(items, cb, scores_from_sums(sums),
+                                                    strict=True):
                 cast[adapter_id][key[0]] = one
                 scores[adapter_id][key[0]] = sc
         return cast, scores
