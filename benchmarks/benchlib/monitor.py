@@ -5,14 +5,16 @@ background thread, by role.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import psutil
 
+from benchlib.cpu import CpuBlock
 from benchlib.runs import mib
 
 #: Fields of ``/proc/PID/status`` read per sample (kB): the peak (``VmHWM``), the current
@@ -49,6 +51,13 @@ def _pss(pid: int) -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0
+
+
+def _name_this_thread(name: str) -> None:
+    """Set the OS name (``comm``) of the calling thread, so that the per-thread CPU tables
+    show the monitor's own thread by name (Python < 3.14 leaves it the process's)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
 
 
 def _reset_hwm(pid: int) -> None:
@@ -97,6 +106,8 @@ def process_role(proc: psutil.Process, driver: int) -> str:
         if title.lstrip("_").startswith(_RAY_DATA_SYSTEM):
             return "Ray Data system actor"
         return title.split(".")[0].lstrip("_") or "ray worker"
+    if os.path.basename(head) in ("raylet", "gcs_server"):  # the raylet's command line
+        return "ray system"                                # names default_worker.py too
     text = " ".join(cmd)
     if "default_worker.py" in text:
         return "ray worker (starting)"
@@ -126,12 +137,23 @@ class ProcessMonitor:
 
     Roles come from the processes' Ray titles (``SafeLoraWorker``, ``ray system``, ...);
     :meth:`label` refines them (which worker holds the alignment set).
+
+    :meth:`block` measures the CPU time of every thread of every process inside a part of
+    the run (the sanitize apart from the build), read every ``thread_interval`` seconds
+    (:mod:`benchlib.cpu`). The monitor's own cost is kept: ``cost`` in :meth:`summary`.
     """
 
     def __init__(self, interval: float = 0.05, pids: Sequence[int] | None = None,
-                 pss_interval: float = 0.5) -> None:
+                 pss_interval: float = 0.5, thread_interval: float = 1.0) -> None:
         self.interval = interval
         self.pss_interval = pss_interval
+        self.thread_interval = thread_interval
+        self.blocks: dict[str, CpuBlock] = {}
+        self._open: CpuBlock | None = None
+        self._block_lock = threading.Lock()
+        self._excluded: set[int] = set()
+        self.monitor_tid: int | None = None
+        self._memory_cost_s = 0.0
         self._pss_next = 0.0
         self.driver = os.getpid()
         self.only = list(pids) if pids is not None else None
@@ -152,9 +174,38 @@ class ProcessMonitor:
             return [psutil.Process(p) for p in self.only if psutil.pid_exists(p)]
         me = psutil.Process(self.driver)
         try:
-            return [me, *me.children(recursive=True)]
+            return [p for p in (me, *me.children(recursive=True))
+                    if p.pid not in self._excluded]
         except psutil.Error:
             return [me]
+
+    def exclude(self, pids: Sequence[int]) -> None:
+        """Leave these processes (the measuring tools, such as py-spy) out of every figure."""
+        self._excluded.update(pids)
+
+    def pids(self) -> list[int]:
+        """The processes of the run now (the driver and its descendants, less the excluded)."""
+        return [p.pid for p in self._procs()]
+
+    def _sample_threads(self) -> None:
+        with self._block_lock:
+            if self._open is not None:
+                self._open.sample(self.pids())
+
+    @contextlib.contextmanager
+    def block(self, name: str) -> Iterator[CpuBlock]:
+        """Measure the CPU time of every thread of the run inside this block (read at its
+        start, every ``thread_interval`` seconds, and at its end), kept as ``blocks[name]``."""
+        blk = self.blocks[name] = CpuBlock()
+        with self._block_lock:
+            self._open = blk
+            blk.sample(self.pids())
+        try:
+            yield blk
+        finally:
+            with self._block_lock:
+                blk.sample(self.pids())
+                self._open = None
 
     def _sample(self, first: bool = False) -> None:
         total = anon = pss = 0
@@ -206,8 +257,16 @@ class ProcessMonitor:
                          for pid, st in now.items()}}
 
     def _run(self) -> None:
+        _name_this_thread("bench-monitor")
+        self.monitor_tid = threading.get_native_id()
+        next_threads = time.perf_counter() + self.thread_interval
         while not self._stop.wait(self.interval):
+            c0 = time.thread_time()
             self._sample()
+            self._memory_cost_s += time.thread_time() - c0
+            if time.perf_counter() >= next_threads:
+                next_threads = time.perf_counter() + self.thread_interval
+                self._sample_threads()  # its CPU time: the block's cost_s
 
     def __enter__(self) -> ProcessMonitor:
         """Start sampling (again: peaks and CPU time accumulate over every ``with`` block)."""
@@ -230,7 +289,8 @@ class ProcessMonitor:
         ``SafeLoraWorker (holder)``. Applies to every sample, past and future."""
         self.labels.update(roles)
 
-    def _role_of(self, pid: int) -> str:
+    def role_of(self, pid: int) -> str:
+        """The process's role: its label, else the most specific one sampled."""
         return self.labels.get(pid) or self.peaks.get(pid, {}).get("role", "?")
 
     def summary(self) -> dict[str, Any]:
@@ -241,7 +301,7 @@ class ProcessMonitor:
         for pid, rec in self.peaks.items():
             if not rec["peak_rss"]:
                 continue  # gone before it could be read
-            r = roles.setdefault(self._role_of(pid), {
+            r = roles.setdefault(self.role_of(pid), {
                 "processes": 0, "max_peak_rss": 0, "sum_peak_rss": 0, "cpu_s": 0.0,
                 "rss_at_peak": 0, "anon_at_peak": 0})
             r["processes"] += 1
@@ -250,7 +310,7 @@ class ProcessMonitor:
             r["cpu_s"] = round(r["cpu_s"] + rec["cpu_s"], 3)
         at_peak = self.peak_moment.get("pids", {})
         for pid, st in at_peak.items():
-            r = roles.get(self._role_of(pid))
+            r = roles.get(self.role_of(pid))
             if r is not None:
                 r["rss_at_peak"] += st["rss"]
                 r["anon_at_peak"] += st["anon"]
@@ -261,8 +321,18 @@ class ProcessMonitor:
                 "peak_moment": {"t_s": self.peak_moment.get("t_s"),
                                 "processes": len(at_peak), **moment},
                 "samples": self.samples,
+                # CPU time of the monitor's own sampling (in the driver's figures): memory
+                # every `interval`, every thread's CPU every `thread_interval` and at the
+                # blocks' start and end
+                "cost": {"memory_sampling_s": round(self._memory_cost_s, 4),
+                         "memory_samples": self.samples,
+                         "thread_sampling_s": round(sum(b.cost_s for b in
+                                                        self.blocks.values()), 4),
+                         "thread_samples": sum(b.samples for b in self.blocks.values()),
+                         "interval_s": self.interval,
+                         "thread_interval_s": self.thread_interval},
                 "cpu_s": round(sum(rec["cpu_s"] for rec in self.peaks.values()), 3),
-                "processes": sorted(({**rec, "role": self._role_of(pid)}
+                "processes": sorted(({**rec, "role": self.role_of(pid)}
                                      for pid, rec in self.peaks.items()),
                                     key=lambda r: r["pid"])}
 
