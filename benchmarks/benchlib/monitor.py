@@ -148,6 +148,8 @@ class ProcessMonitor:
         self.interval = interval
         self.pss_interval = pss_interval
         self.thread_interval = thread_interval
+        self.list_interval = 0.25
+        self._listed: tuple[float, list[psutil.Process]] | None = None
         self.blocks: dict[str, CpuBlock] = {}
         self._open: CpuBlock | None = None
         self._block_lock = threading.Lock()
@@ -169,15 +171,25 @@ class ProcessMonitor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _procs(self) -> list[psutil.Process]:
+    def _procs(self, fresh: bool = True) -> list[psutil.Process]:
+        """The processes of the run. ``fresh=False`` (the memory samples) reuses the list
+        while it is younger than ``list_interval``: listing a process's descendants reads the
+        stat file of every process of the machine (60 % of a sample's cost); a process that
+        starts in between is seen at the next listing, its ``VmHWM`` keeping its peak."""
+        now = time.perf_counter()
+        if not fresh and self._listed is not None and now < self._listed[0]:
+            return self._listed[1]
         if self.only is not None:
-            return [psutil.Process(p) for p in self.only if psutil.pid_exists(p)]
-        me = psutil.Process(self.driver)
-        try:
-            return [p for p in (me, *me.children(recursive=True))
-                    if p.pid not in self._excluded]
-        except psutil.Error:
-            return [me]
+            procs = [psutil.Process(p) for p in self.only if psutil.pid_exists(p)]
+        else:
+            me = psutil.Process(self.driver)
+            try:
+                procs = [p for p in (me, *me.children(recursive=True))
+                         if p.pid not in self._excluded]
+            except psutil.Error:
+                procs = [me]
+        self._listed = (now + self.list_interval, procs)
+        return procs
 
     def exclude(self, pids: Sequence[int]) -> None:
         """Leave these processes (the measuring tools, such as py-spy) out of every figure."""
@@ -213,7 +225,9 @@ class ProcessMonitor:
         with_pss = first or time.perf_counter() >= self._pss_next
         if with_pss:
             self._pss_next = time.perf_counter() + self.pss_interval
-        for p in self._procs():
+        for p in self._procs(fresh=first):
+            if p.pid in self._excluded:
+                continue
             if first:
                 _reset_hwm(p.pid)
             st = _status(p.pid)
@@ -234,7 +248,7 @@ class ProcessMonitor:
             if rec is None:
                 rec = self.peaks[p.pid] = {"pid": p.pid, "role": process_role(p, self.driver),
                                            "peak_rss": 0, "peak_anon": 0, "cpu_s": 0.0}
-            elif rec["role"] != "driver":
+            elif _specificity(rec["role"]) < 10:  # else final: no command line to read
                 role = process_role(p, self.driver)
                 if _specificity(role) > _specificity(rec["role"]):
                     rec["role"] = role
