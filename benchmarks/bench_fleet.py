@@ -616,7 +616,11 @@ def main(argv: list[str] | None = None) -> int:
     emit(result, [
         (f"fleet: {arch.params / 1e6:.0f}M-parameter pair, r={args.rank} q/v adapters, "
          f"{args.storage}, {args.device}; ours = build + sanitize as one job"
-         + (", warm workers" if args.warm_workers else ""),
+         + (", warm workers" if args.warm_workers else "")
+         + (", a fake GPU (use_gpu=True, no CUDA)" if args.fake_gpu else "")
+         + (", the null product (B copied)" if args.null_product else "")
+         + (f"; the set built once ({set_once['s']:.1f} s), each job's build a tiny pair's "
+            "(it starts the workers)" if set_once else ""),
          ["mode", "N", "ran on", "build s", "sanitize s", "total s", "ours ad/s",
           f"baseline s{extrap}", "baseline ad/s", "ratio", "ratio incl. ray.init",
           "CPU-s ours", "CPU-s baseline", "CPU-s ratio"], rows),

@@ -132,8 +132,9 @@ class ProcessMonitor:
     apart, as is its own peak, and so is the largest sum of PSS (``peak_total_pss``: shared
     pages divided among the processes mapping them, so that a page counts once in the sum —
     the run's real memory, page cache it maps included). PSS is read every ``pss_interval``
-    seconds only: the kernel walks every mapping for it (~2 ms a process, 23 ms a sample of
-    a 2-worker Ray here), which every 50 ms would take a third of a core from the run.
+    seconds only, and less often when it costs more (at most 5 % of a core): the kernel walks
+    every mapping for it (~2 ms a small process, ~55 ms one holding 4 GiB), which every 50 ms
+    would take a third of a core or more from the run.
 
     Roles come from the processes' Ray titles (``SafeLoraWorker``, ``ray system``, ...);
     :meth:`label` refines them (which worker holds the alignment set).
@@ -157,6 +158,7 @@ class ProcessMonitor:
         self.monitor_tid: int | None = None
         self._memory_cost_s = 0.0
         self._pss_next = 0.0
+        self.pss_samples = 0
         self.driver = os.getpid()
         self.only = list(pids) if pids is not None else None
         self.peaks: dict[int, dict[str, Any]] = {}
@@ -223,8 +225,7 @@ class ProcessMonitor:
         total = anon = pss = 0
         now: dict[int, dict[str, int]] = {}
         with_pss = first or time.perf_counter() >= self._pss_next
-        if with_pss:
-            self._pss_next = time.perf_counter() + self.pss_interval
+        pss_cost = 0.0
         for p in self._procs(fresh=first):
             if p.pid in self._excluded:
                 continue
@@ -238,7 +239,9 @@ class ProcessMonitor:
             total += rss
             anon += st.get("anon", 0)
             if with_pss:
+                c0 = time.thread_time()
                 pss += _pss(p.pid)
+                pss_cost += time.thread_time() - c0
             try:
                 ct = p.cpu_times()
                 cpu = ct.user + ct.system
@@ -260,6 +263,11 @@ class ProcessMonitor:
                 self._cpu_last[p.pid] = cpu
             rec["peak_rss"] = max(rec["peak_rss"], st.get("hwm", 0), rss)
             rec["peak_anon"] = max(rec["peak_anon"], st.get("anon", 0))
+        if with_pss:
+            # The kernel walks every page of a process for its PSS: ~55 ms for a 4 GiB
+            # holder of a 7B set. Spaced so that it takes at most 5 % of a core.
+            self._pss_next = time.perf_counter() + max(self.pss_interval, 20 * pss_cost)
+            self.pss_samples += 1
         self.samples += 1
         self.peak_anon = max(self.peak_anon, anon)
         self.peak_pss = max(self.peak_pss, pss)
@@ -339,7 +347,7 @@ class ProcessMonitor:
                 # every `interval`, every thread's CPU every `thread_interval` and at the
                 # blocks' start and end
                 "cost": {"memory_sampling_s": round(self._memory_cost_s, 4),
-                         "memory_samples": self.samples,
+                         "memory_samples": self.samples, "pss_samples": self.pss_samples,
                          "thread_sampling_s": round(sum(b.cost_s for b in
                                                         self.blocks.values()), 4),
                          "thread_samples": sum(b.samples for b in self.blocks.values()),
