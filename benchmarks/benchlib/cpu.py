@@ -194,7 +194,11 @@ def thread_rows(s: dict[str, Any], gil: dict[int, dict[str, Any]] | None = None
     """The busiest threads' table."""
     rows = []
     for t in s["threads"]:
-        share = ((gil or {}).get(t["pid"]) or {}).get("threads", {}).get(t["tid"])
-        rows.append([t["role"], t["pid"], f"{t['name']} ({t['tid']})", t["cpu_s"],
+        g = (gil or {}).get(t["pid"]) or {}
+        share = g.get("threads", {}).get(t["tid"])
+        # Ray names every thread of a worker after its title: py-spy knows Python's names
+        py_name = g.get("thread_names", {}).get(t["tid"])
+        name = f"{t['name']} / {py_name}" if py_name else t["name"]
+        rows.append([t["role"], t["pid"], f"{name} ({t['tid']})", t["cpu_s"],
                      t["ms_per_adapter"], _pct(share)])
     return rows
