@@ -49,6 +49,20 @@ same disk (read every adapter file, write the same bytes to as many files, each 
 and the ratio sanitize time / that floor (the issue's bound where the disk is the limit: a
 ratio ≤ 1.25 is ≥ 80 % of what the disk can carry).
 
+``--null-product --fake-gpu``: a CPU proxy of a GPU node's host path. ``--fake-gpu`` starts
+the local Ray with one GPU that is not there and runs ours with ``use_gpu=True`` (holders and
+I/O workers as on a GPU node; the holder, given the GPU, computes on the CPU);
+``--null-product`` replaces the engine's product by a copy of B (the same bytes travel the
+same way, the arithmetic is gone), so the set's content does not matter and it is built once
+before all runs (``--set-once``, timed apart); each run then starts its workers with the
+build of a tiny pair (as a job's build starts them) and sanitizes with the shared set.
+
+CPU: inside each sanitize, every thread of every process of the run (``/proc``, every second
+and at the sanitize's start and end): the busiest thread's CPU per adapter (a thread runs on
+one core at a time: the cap it puts on a GPU's feed), all processes' CPU per adapter, and
+their tables. ``--gil`` adds, per Python process of the sanitize, the share of its samples
+in which one of its threads held the GIL (py-spy; it perturbs the run).
+
 Example::
 
     python benchmarks/bench_fleet.py                              # N = 1, 16, 64, 256 on CPU
@@ -61,19 +75,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
-import io
+import importlib
 import json
 import os
 import shutil
 import sys
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from benchlib.baseline import TARGETS, Comparison, baseline_one
+from benchlib.cpu import summarize
+from benchlib.fleet import cpu_tables, median_run, output_digests, report_timings, reuse_inputs
 from benchlib.floors import io_floor
+from benchlib.gil import GilSampler, py_spy, python_role
 from benchlib.models import FLEET_100M, LLAMA2_7B, TINY, link_catalog, write_adapters, write_pair
 from benchlib.monitor import MEMORY_HEADERS, ProcessMonitor, memory_rows
 from benchlib.runs import (
@@ -99,159 +115,15 @@ from benchlib.workers import (
 
 from safelora_ray.formats.synthetic import MiB
 
-TARGETS = ("q_proj", "v_proj")
+#: The stand-in product of the sanitize's engine (B copied, cosine 1), read from the
+#: environment when ``safelora_ray.pipelines.sanitize.projection`` is imported (Ray's workers
+#: inherit the driver's environment at ``ray.init``).
+NULL_PRODUCT_ENV = "SAFELORA_BENCH_NULL_PRODUCT"
 #: Ray system setting (read from the environment by ``ray.init``): modules every worker
 #: process imports when it starts, before any task or actor needs it.
 PRELOAD_ENV = "RAY_preload_python_modules"
 PRELOAD = "torch,safelora_ray.pipelines.build.worker,safelora_ray.pipelines.sanitize.worker"
 ARCHS = {"fleet-100m": FLEET_100M, "llama2-7b": LLAMA2_7B}
-
-
-# ---------------------------------------------------------------------------------------------
-# The baseline: the official script's approach, per adapter, in this process
-# ---------------------------------------------------------------------------------------------
-
-
-def baseline_one(base_dir: str, aligned_dir: str, adapter_dir: Path, out_dir: Path,
-                 threshold: float, device: str) -> dict[str, Any]:
-    """Sanitize one adapter the way the official code does, from scratch."""
-    import torch.nn.functional as F
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    t0 = time.perf_counter()
-    models = []
-    for d in (base_dir, aligned_dir):  # both models, every tensor (from_pretrained reads all)
-        sd: dict[str, torch.Tensor] = {}
-        for f in sorted(Path(d).glob("*.safetensors")):
-            # load_file maps the file lazily on CPU: copy every tensor into its own memory,
-            # as from_pretrained's load_state_dict (or .to("cuda")) does.
-            loaded = load_file(str(f), device=device)
-            sd.update({k: t.clone() for k, t in loaded.items()} if device == "cpu" else loaded)
-        models.append(sd)
-    base, aligned = models
-    t_load = time.perf_counter() - t0
-
-    t1 = time.perf_counter()
-    proj: dict[str, torch.Tensor] = {}  # official get_aligned_matrix: C = V Vᵀ/‖V‖
-    for name in base:
-        module = name[: -len(".weight")]
-        if name.endswith(".weight") and module.rsplit(".", 1)[-1] in TARGETS:
-            v = aligned[name].float() - base[name].float()
-            proj[module] = torch.mm(v, v.t()) / torch.norm(v)
-    del models, base, aligned
-
-    weights = adapter_dir / "adapter_model.safetensors"
-    with safe_open(str(weights), framework="pt") as f:
-        metadata = f.metadata()
-    ad = load_file(str(weights), device=device)
-    cos: dict[str, float] = {}
-    projected: list[str] = []
-    for key in list(ad):
-        if not key.endswith(".lora_A.weight"):
-            continue
-        module = key[len("base_model.model."): -len(".lora_A.weight")]
-        b_key = key.replace("lora_A", "lora_B")
-        a, b = ad[key].float(), ad[b_key].float()
-        w = torch.mm(proj[module], b)
-        fw, ori = torch.mm(w, a), torch.mm(b, a)  # official: dense d_out x d_in products
-        c = round(F.cosine_similarity(fw.reshape(1, -1), ori.reshape(1, -1)).item(), 5)
-        cos[module] = c
-        if c <= threshold:
-            ad[b_key] = w.to(ad[b_key].dtype)
-            projected.append(module)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: t.contiguous().cpu() for k, t in ad.items()},
-              str(out_dir / "adapter_model.safetensors"), metadata)
-    shutil.copyfile(adapter_dir / "adapter_config.json", out_dir / "adapter_config.json")
-    if device == "cuda":
-        torch.cuda.synchronize()
-        del proj, ad
-        torch.cuda.empty_cache()  # give the GPU memory back to our workers' processes
-    return {"s": time.perf_counter() - t0, "load_s": t_load,
-            "compute_write_s": time.perf_counter() - t1, "cos": cos,
-            "projected": sorted(projected)}
-
-
-class Comparison:
-    """Our sanitized adapters vs the baseline's (projected modules and B values), checked
-    after each of our runs for the baseline adapters that run covered."""
-
-    def __init__(self, pool_adapters: list[Path], pool_root: Path, baseline_out: Path) -> None:
-        self.pool, self.root, self.baseline_out = pool_adapters, pool_root, baseline_out
-        self.done: dict[int, tuple[bool, float, str | None]] = {}
-
-    def check_run(self, out_uri: str, n: int, baseline: list[dict[str, Any]]) -> None:
-        from safetensors.torch import load, load_file
-
-        from safelora_ray.storage import open_storage
-
-        st = open_storage(out_uri)
-        for b in baseline:
-            i = b["index"]
-            if i >= n or i in self.done:
-                continue
-            aid = self.pool[i].relative_to(self.root).as_posix()
-            src = load_file(str(self.pool[i] / "adapter_model.safetensors"))
-            mine = load(st.read(f"{aid}/adapter_model.safetensors"))
-            theirs = load_file(str(self.baseline_out / aid / "adapter_model.safetensors"))
-            if set(mine) != set(theirs):
-                self.done[i] = (False, float("inf"), f"{aid}: different tensor names")
-                continue
-            sel = sorted(k[len("base_model.model."): -len(".lora_B.weight")] for k in mine
-                         if k.endswith("lora_B.weight") and not torch.equal(mine[k], src[k]))
-            rel = 0.0
-            for k in mine:
-                x, y = mine[k].float(), theirs[k].float()
-                rel = max(rel, float((x - y).abs().max()) / (float(y.abs().max()) or 1.0))
-            same = sel == b["projected"]
-            self.done[i] = (same, rel, None if same else
-                            f"{aid}: ours projected {sel}, baseline {b['projected']}")
-
-    def summary(self, baseline: list[dict[str, Any]]) -> dict[str, Any]:
-        same = sum(1 for ok, _, _ in self.done.values() if ok)
-        rel = max((r for _, r, _ in self.done.values()), default=0.0)
-        wanted = len({b["index"] for b in baseline})
-        return {"adapters_compared": len(self.done), "same_selection": same,
-                "max_abs_diff_over_max_abs": rel,
-                "differences": [d for _, _, d in self.done.values() if d][:10],
-                # one bf16 rounding step of the largest |B| (C is float32 on both sides, the
-                # norm float64 here and float32 there: the cast to bf16 may round either way)
-                "equal": (len(self.done) == wanted and same == len(self.done)
-                          and rel <= 2**-7)}
-
-
-def report_timings(out_uri: str, run_id: str, batch_size: int) -> dict[str, float]:
-    """Sum the per-adapter timings of a sanitize run's adapters.parquet."""
-    import pyarrow.parquet as pq
-
-    from safelora_ray.storage import open_storage
-
-    raw = open_storage(out_uri).read(f"_reports/{run_id}/adapters.parquet")
-    t = pq.read_table(io.BytesIO(raw)).to_pydict()
-    n = len(t["adapter_id"])
-    return {"adapters": n, "read_s": round(sum(t["read_s"]), 3),
-            "compute_s": round(sum(t["compute_s"]), 3), "write_s": round(sum(t["write_s"]), 3),
-            # every row of a batch carries the batch's time: Σ rows / batch size ≈ Σ batches
-            "batch_s_sum": round(sum(t["batch_s"]) / min(batch_size, max(n, 1)), 3)}
-
-
-def median_run(rs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run of median wall time."""
-    return sorted(rs, key=lambda r: r["s"])[len(rs) // 2]
-
-
-def output_digests(out_uri: str, run_id: str) -> str:
-    """One digest over every adapter's output digest (from the run's ``adapters.parquet``):
-    equal between two runs exactly when they wrote the same bytes for the same adapters."""
-    import pyarrow.parquet as pq
-
-    from safelora_ray.storage import open_storage
-
-    raw = open_storage(out_uri).read(f"_reports/{run_id}/adapters.parquet")
-    t = pq.read_table(io.BytesIO(raw), columns=["adapter_id", "output_digest"]).to_pydict()
-    pairs = sorted(zip(t["adapter_id"], t["output_digest"], strict=True))
-    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,6 +179,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-outputs", action="store_true",
                    help="keep every run's sanitized adapters (local storage; default: removed "
                         "after each run once checked)")
+    p.add_argument("--null-product", action="store_true",
+                   help=f"replace the engine's product by a copy of B ({NULL_PRODUCT_ENV}=1 in "
+                        "this process and Ray's workers): the host path's cost alone; implies "
+                        "--set-once and --no-baseline")
+    p.add_argument("--set-once", action="store_true",
+                   help="build the alignment set once before all runs (timed apart); each run "
+                        "starts its workers with a tiny pair's build, then sanitizes with it")
+    p.add_argument("--fake-gpu", action="store_true",
+                   help="a GPU node's sanitize path on a machine without CUDA: Ray started "
+                        "with num_gpus=1, ours run with use_gpu=True (the workers given the "
+                        "GPU compute on the CPU)")
+    p.add_argument("--gil", action="store_true",
+                   help="during each sanitize, sample every Python process of the run with "
+                        "py-spy (pip install py-spy): how much of the time a thread holds the "
+                        "GIL, per process and per thread (perturbs the run)")
+    p.add_argument("--gil-rate", type=int, default=100, help="--gil: samples per second")
+    p.add_argument("--inputs", default=None,
+                   help="reuse inputs written before (DIR/models/{base,aligned} and DIR/pool, "
+                        "e.g. a kept --workdir) with the same --arch, --layers, --fill, "
+                        "--rank, instead of writing them")
     p.add_argument("--warm-workers", action="store_true",
                    help="start Ray with RAY_preload_python_modules=torch,"
                         "safelora_ray.pipelines.build.worker,"
@@ -325,9 +217,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         arch, ns, args.repeats, args.baseline_per_repeat = TINY, [2], 1, 2
         args.batch_size = 1  # several batches in flight per worker: the threaded actor path
-    use_gpu = args.device == "cuda"
-    if use_gpu and torch.cuda.device_count() < 1:
+    if args.fake_gpu and args.device == "cuda":
+        p.error("--fake-gpu stands in for a GPU: not with --device cuda")
+    use_gpu = args.device == "cuda" or args.fake_gpu
+    if args.device == "cuda" and torch.cuda.device_count() < 1:
         p.error("--device cuda: this machine has no CUDA device")
+    if args.gil and py_spy() is None:
+        p.error("--gil needs py-spy, which is not installed: pip install py-spy")
+    if args.null_product:
+        # Before Ray starts and before the sanitize's modules are imported (both read it).
+        os.environ[NULL_PRODUCT_ENV] = "1"
+        # its outputs are B unprojected: no baseline to compare with, the set's content moot
+        args.set_once = args.no_baseline = True
     if args.io_floor and args.storage != "local":
         p.error("--io-floor measures the local disk: use it with --storage local")
     all_modes = ["auto", "inline", "ray", "raydata"]
@@ -335,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     if not modes or set(modes) - set(all_modes):
         p.error("--modes: a comma-separated list of " + ", ".join(all_modes))
     modes = sorted(set(modes), key=all_modes.index)
+    if args.fake_gpu and "raydata" in modes:
+        p.error("--fake-gpu: the ray mode's path only (not raydata)")
+    if args.set_once and "raydata" in modes:
+        p.error("--set-once / --null-product: not with the raydata mode")
     chunks = args.repeats * len(modes)  # the baseline runs before each repeat of each mode
     if args.no_baseline:
         plan = [0] * chunks
@@ -348,11 +253,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"writing the pair ({arch}, {arch.params / 1e6:.0f}M parameters) and "
               f"{max(ns)} adapters under {root} ...", flush=True)
         with timer() as tw:
-            pair = write_pair(root / "models", arch, targets=TARGETS, fill=args.fill,
-                              max_shard_bytes=int(2e9))
-            pool_root = root / "pool"
-            pool = write_adapters(pool_root, arch, max(ns), rank=args.rank,
-                                  targets=TARGETS)
+            if args.inputs:
+                pair, pool_root, pool = reuse_inputs(Path(args.inputs), max(ns))
+            else:
+                pair = write_pair(root / "models", arch, targets=TARGETS, fill=args.fill,
+                                  max_shard_bytes=int(2e9))
+                pool_root = root / "pool"
+                pool = write_adapters(pool_root, arch, max(ns), rank=args.rank,
+                                      targets=TARGETS)
             catalogs = {n: link_catalog(pool[:n], pool_root, root / f"catalog-{n}")
                         for n in ns}
         print(f"  written in {tw['s']:.1f} s", flush=True)
@@ -381,6 +289,26 @@ def main(argv: list[str] | None = None) -> int:
         sanitize = pipeline("sanitize").sanitize
         SanitizeConfig = pipeline("sanitize").SanitizeConfig
         holders_design = holder_design()
+        if args.null_product:
+            try:
+                projection = importlib.import_module("safelora_ray.pipelines.sanitize.projection")
+            except ModuleNotFoundError:
+                projection = None
+            if not getattr(projection, "NULL_PRODUCT", False):
+                p.error(f"--null-product: the code measured did not read {NULL_PRODUCT_ENV} "
+                        "(no safelora_ray.pipelines.sanitize.projection.NULL_PRODUCT)")
+        set_once: dict[str, Any] | None = None
+        if args.set_once:
+            # In this process (no Ray yet): the content of the set every run reuses.
+            with timer() as tso:
+                sres = build(BuildConfig(base=base_uri, aligned=aligned_uri,
+                                         out=uri("set-once"), targets=list(TARGETS),
+                                         workers=0, progress=False))
+            set_once = {"uri": sres.uri, "s": round(tso["s"], 3), "where": "driver"}
+            # The tiny pair whose build starts each run's workers, as a job's build does.
+            warm_pair = write_pair(root / "warmup-models", TINY, targets=TARGETS)
+            print(f"  the alignment set built once in {tso['s']:.1f} s", flush=True)
+            release_freed_memory()
 
         if "raydata" in modes:
             import raydata_sanitize
@@ -427,16 +355,27 @@ def main(argv: list[str] | None = None) -> int:
             # CPUs to Ray Data's own tasks and actors)
             session = (worker_session() if mode != "raydata"
                        else contextlib.nullcontext(None))
+            gil: GilSampler | None = None
             with ProcessMonitor() as mon, session as sess:
                 with timer() as t:
                     with timer() as tb:
+                        # --set-once: a tiny pair's build starts the workers (as the real
+                        # build does in a job); the sanitize uses the set built once
+                        src = (warm_pair if set_once else
+                               {"base": base_uri, "aligned": aligned_uri})
                         bres = build(BuildConfig(
-                            base=base_uri, aligned=aligned_uri, out=uri(f"sets/{tag}"),
+                            base=src["base"], aligned=src["aligned"], out=uri(f"sets/{tag}"),
                             targets=list(TARGETS), workers=bwk, use_gpu=gpu, progress=False))
-                    with timer() as ts:
+                    alignment = set_once["uri"] if set_once else bres.uri
+                    if args.gil:  # attached before the sanitize's clock starts
+                        gil = GilSampler(root / f"gil-{tag}", lambda: [
+                            (pid, mon.role_of(pid)) for pid in mon.pids()], python_role,
+                            lambda pid: mon.exclude([pid]), rate=args.gil_rate)
+                    with (gil or contextlib.nullcontext()), mon.block("sanitize"), \
+                            timer() as ts:
                         if mode == "raydata":
                             r = raydata_sanitize.sanitize_raydata(
-                                alignment=bres.uri, adapters=cat_uri[n],
+                                alignment=alignment, adapters=cat_uri[n],
                                 out=uri(f"out-{tag}"),
                                 threshold=args.threshold, batch_size=args.batch_size,
                                 use_gpu=use_gpu, workers_per_gpu=args.workers_per_gpu,
@@ -446,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                                 fuse_read=args.raydata_fuse_read, run_id=tag)
                         else:
                             r = sanitize(SanitizeConfig(
-                                alignment=bres.uri, adapters=cat_uri[n],
+                                alignment=alignment, adapters=cat_uri[n],
                                 out=uri(f"out-{tag}"),
                                 threshold=args.threshold, workers=wk, use_gpu=gpu,
                                 batch_size=args.batch_size, max_in_flight=args.max_in_flight,
@@ -489,6 +428,14 @@ def main(argv: list[str] | None = None) -> int:
                    "timings": report_timings(out, tag, args.batch_size),
                    "output_digests": output_digests(out, tag),
                    "memory": mon.summary()}
+            # CPU inside the sanitize: every thread of every process (the monitor's own
+            # sampling thread left out), per adapter; with --gil, who held the GIL
+            cpu = summarize(mon.blocks["sanitize"], n, mon.role_of, [mon.monitor_tid or -1])
+            rec.update({"max_thread_cpu_ms_per_adapter": cpu["max_thread_cpu_ms_per_adapter"],
+                        "total_cpu_ms_per_adapter": cpu["total_cpu_ms_per_adapter"],
+                        "cpu": cpu, "set_once": set_once is not None})
+            if gil is not None:
+                rec["gil"] = gil.results()
             if mode == "raydata":
                 rec["sanitize"]["set_copies"] = rec["sanitize"]["raydata"]["holders"]
             # the next job's memory must not count this one's dying workers
@@ -501,9 +448,12 @@ def main(argv: list[str] | None = None) -> int:
                 floor = io_floor(catalogs[n], root / f"io-floor-{tag}")
                 floor["sanitize_over_floor"] = round(ts["s"] / floor["s"], 2)
                 rec["io_floor"] = floor
+                rec["io_floor_s"] = floor["s"]
             print(f"  {mode} N={n} run {rep}: {t['s']:.2f} s (build {tb['s']:.2f} s, "
                   f"sanitize {ts['s']:.2f} s; {n / t['s']:.1f} adapters/s; peak RSS "
-                  f"{rec['memory']['peak_total_rss'] / MiB:,.0f} MiB"
+                  f"{rec['memory']['peak_total_rss'] / MiB:,.0f} MiB; busiest thread "
+                  f"{cpu['max_thread_cpu_ms_per_adapter']:.2f} ms/adapter, all "
+                  f"{cpu['total_cpu_ms_per_adapter']:.1f} ms/adapter"
                   + (f"; sanitize / I/O floor {rec['io_floor']['sanitize_over_floor']}"
                      if args.io_floor else "") + ")", flush=True)
             return rec
@@ -524,11 +474,11 @@ def main(argv: list[str] | None = None) -> int:
                 # session: alternating modes get a fresh Ray each
                 fresh = on_ray and len(group) > 1
                 if on_ray and not fresh:
-                    inits.append(start_ray())
+                    inits.append(start_ray(num_gpus=1 if args.fake_gpu else None))
                 for rep in range(args.repeats):
                     for mode in group:
                         if fresh:
-                            inits.append(start_ray())
+                            inits.append(start_ray(num_gpus=1 if args.fake_gpu else None))
                         run_baseline(plan[k])
                         k += 1
                         for n in ns:
@@ -553,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     k_base = len(baseline)
     # CPU seconds (user + system, every process): the load-independent cost of each side.
     base_cpu_per_adapter = bmon.summary()["cpu_s"] / k_base if k_base else float("nan")
-    rows, results, mem_rows, floor_rows = [], [], [], []
+    rows, results, mem_rows, floor_rows, cpu_rows = [], [], [], [], []
     for mode in modes:
         for n in ns:
             rs = runs[mode][n]
@@ -583,10 +533,21 @@ def main(argv: list[str] | None = None) -> int:
                 "peak_total_rss_median": int(peak), "peak_total_anon_median": int(peak_anon),
                 "peak_total_pss_median": int(peak_pss),
                 "set_copies": copies,
+                "max_thread_cpu_ms_per_adapter": median(
+                    [r["max_thread_cpu_ms_per_adapter"] for r in rs]),
+                "total_cpu_ms_per_adapter": median([r["total_cpu_ms_per_adapter"] for r in rs]),
                 "runs": rs,
             }
+            mid = median_run(rs)
+            busiest = (mid["cpu"]["threads"] or [{"role": "-", "name": "-"}])[0]
+            cost = mid["memory"]["cost"]
+            cpu_rows.append([mode, n, round(san, 2), rec["max_thread_cpu_ms_per_adapter"],
+                             f"{busiest['name']} in {busiest['role']}",
+                             rec["total_cpu_ms_per_adapter"], mid["cpu"]["monitor_cpu_s"],
+                             cost["memory_sampling_s"], cost["thread_sampling_s"]])
             if args.io_floor:
-                rec["io_floor_s_median"] = median([r["io_floor"]["s"] for r in rs])
+                rec["io_floor_s"] = rec["io_floor_s_median"] = median(
+                    [r["io_floor"]["s"] for r in rs])
                 rec["sanitize_over_floor_median"] = round(san / rec["io_floor_s_median"], 2)
                 floor_rows.append([mode, n, round(san, 2),
                                    round(median([r["io_floor"]["read_s"] for r in rs]), 3),
@@ -596,7 +557,6 @@ def main(argv: list[str] | None = None) -> int:
                                    rec["sanitize_over_floor_median"],
                                    f"{100 / rec['sanitize_over_floor_median']:.0f} %"])
             results.append(rec)
-            mid = median_run(rs)
             mem_rows.append([mode, n, round(san, 2), rec["sanitize_adapters_per_s"],
                              mib(peak), mib(peak_anon), mib(peak_pss),
                              copies,
@@ -615,7 +575,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": info, "arch": asdict(arch), "params": arch.params,
         "targets": list(TARGETS), "rank": args.rank, "threshold": args.threshold,
         "storage": args.storage, "device": args.device, "modes": modes, "workers": workers,
-        "warm_workers": args.warm_workers,
+        "warm_workers": args.warm_workers, "null_product": args.null_product,
+        "fake_gpu": args.fake_gpu, "gil": args.gil, "set_once": set_once,
         "batch_size": args.batch_size, "max_in_flight": args.max_in_flight,
         "workers_per_gpu": args.workers_per_gpu, "repeats": args.repeats,
         "inputs": {k: v for k, v in pair.items() if k not in ("base", "aligned")},
@@ -655,7 +616,11 @@ def main(argv: list[str] | None = None) -> int:
     emit(result, [
         (f"fleet: {arch.params / 1e6:.0f}M-parameter pair, r={args.rank} q/v adapters, "
          f"{args.storage}, {args.device}; ours = build + sanitize as one job"
-         + (", warm workers" if args.warm_workers else ""),
+         + (", warm workers" if args.warm_workers else "")
+         + (", a fake GPU (use_gpu=True, no CUDA)" if args.fake_gpu else "")
+         + (", the null product (B copied)" if args.null_product else "")
+         + (f"; the set built once ({set_once['s']:.1f} s), each job's build a tiny pair's "
+            "(it starts the workers)" if set_once else ""),
          ["mode", "N", "ran on", "build s", "sanitize s", "total s", "ours ad/s",
           f"baseline s{extrap}", "baseline ad/s", "ratio", "ratio incl. ray.init",
           "CPU-s ours", "CPU-s baseline", "CPU-s ratio"], rows),
@@ -667,6 +632,12 @@ def main(argv: list[str] | None = None) -> int:
             "target: ratio ≤ 1.25, i.e. ≥ 80 % of the disk)",
             ["mode", "N", "sanitize s", "read s", "write + fsync s", "floor s", "ratio",
              "of the disk"], floor_rows)] if floor_rows else []),
+        ("CPU inside the sanitize, every thread of every process (median run; targets: the "
+         "busiest thread ≤ 3 ms an adapter, all processes ≤ 30 ms)",
+         ["mode", "N", "sanitize s", "busiest thread, ms / adapter", "busiest thread",
+          "all processes, ms / adapter", "monitor thread in the sanitize, CPU s",
+          "whole job: memory sampling CPU s", "thread sampling CPU s"], cpu_rows),
+        *[t for m in modes for t in cpu_tables(m, max(ns), median_run(runs[m][max(ns)]))],
         ("baseline vs ours: equal outputs", ["figure", "value"],
          [["adapters compared", check["adapters_compared"]],
           ["same projected modules", check["same_selection"]],

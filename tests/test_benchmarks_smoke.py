@@ -139,3 +139,114 @@ def test_bench_set_load_smoke(tmp_path):
     r = _run("bench_set_load", tmp_path, "--repeats", "2")
     assert r["set"]["modules"] == 16 and len(r["runs_s"]["old"]) == len(r["runs_s"]["new"]) == 2
     assert r["new_median_s"] > 0 and r["verify_s"] >= 0
+
+
+@pytest.mark.timeout(180)
+def test_bench_fleet_cpu_proxy_smoke(tmp_path):
+    """The CPU proxy of a GPU node's host path: the null product, a fake GPU, the set built
+    once, per-thread CPU of the sanitize and the I/O floor in the JSON."""
+    r = _run("bench_fleet", tmp_path, "--modes", "ray", "--null-product", "--fake-gpu",
+             "--io-floor")
+    assert r["null_product"] and r["fake_gpu"] and r["set_once"]["s"] > 0
+    assert r["equality"]["skipped"]  # B unprojected: nothing to compare with the baseline
+    (res,) = r["results"]
+    run = res["runs"][0]
+    assert run["set_once"] and run["sanitize_s"] > 0 and run["io_floor_s"] > 0
+    busiest, total = run["max_thread_cpu_ms_per_adapter"], run["total_cpu_ms_per_adapter"]
+    assert 0 < busiest <= total
+    cpu = run["cpu"]
+    assert cpu["adapters"] == 2 and cpu["samples"] >= 2 and cpu["threads_seen"] > 10
+    assert cpu["max_thread_cpu_s"] == cpu["threads"][0]["cpu_s"]
+    assert sum(p["cpu_s"] for p in cpu["processes"]) == pytest.approx(cpu["total_cpu_s"],
+                                                                      abs=0.01)
+    roles = {p["role"] for p in cpu["processes"]}
+    # a GPU node's topology: the holder apart from the I/O worker
+    assert {"driver", "SafeLoraWorker (holder)", "SafeLoraWorker (io)"} <= roles, roles
+    assert all(p["busiest_thread_cpu_s"] <= p["cpu_s"] + 0.02 for p in cpu["processes"])
+    cost = run["memory"]["cost"]
+    assert cost["thread_samples"] == cpu["samples"] and cost["memory_sampling_s"] > 0
+    assert res["max_thread_cpu_ms_per_adapter"] == busiest and res["io_floor_s"] > 0
+
+
+def _benchlib():
+    import sys
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    from benchlib import cpu, gil, monitor
+    return cpu, gil, monitor
+
+
+def _burn(cpu_s: float) -> None:
+    import time
+    t0 = time.thread_time()
+    while time.thread_time() - t0 < cpu_s:
+        pass
+
+
+def test_thread_cpu_sampler_finds_the_busiest_thread():
+    """A thread born inside the block that burns ~0.3 s of CPU is the busiest, with about
+    that CPU; what the main thread burned before the block does not count."""
+    import threading
+    cpu, _, monitor = _benchlib()
+    _burn(0.2)  # before the block: not counted
+    mon = monitor.ProcessMonitor(pids=[os.getpid()], thread_interval=0.1)
+    done = threading.Event()
+    burner = threading.Thread(target=lambda: (_burn(0.3), done.wait(10)), name="burner")
+    with mon, mon.block("x") as blk:
+        burner.start()
+        while burner.is_alive() and not any(t["tid"] == burner.native_id and t["cpu_s"] > 0.25
+                                             for t in blk.thread_rows()):
+            __import__("time").sleep(0.05)
+    done.set()
+    burner.join()
+    s = cpu.summarize(mon.blocks["x"], 10, mon.role_of, [mon.monitor_tid])
+    top = s["threads"][0]
+    assert top["tid"] == burner.native_id, s["threads"][:3]
+    assert 0.2 <= top["cpu_s"] <= 0.6
+    assert top["ms_per_adapter"] == pytest.approx(top["cpu_s"] * 100, rel=0.01)
+    assert s["max_thread_cpu_s"] == top["cpu_s"] <= s["total_cpu_s"] < 1.0
+    assert all(t["tid"] != mon.monitor_tid for t in s["threads"])
+    (proc,) = s["processes"]
+    assert proc["role"] == "driver" and proc["busiest_thread_cpu_s"] == top["cpu_s"]
+
+
+def test_gil_share_from_py_spy_raw():
+    _, gil, _ = _benchlib()
+    raw = ("thread (101): MainThread;f (a.py:1) 30\n"
+           "thread (0x66): worker;g (a.py:2);h (a.py:3) 10\n"
+           "thread (101): MainThread;k (a.py:4) 5\n")
+    total, per, names = gil.parse_raw(raw)
+    assert total == 45 and per == {101: 35, 102: 10}
+    assert names == {101: "MainThread", 102: "worker"}
+
+
+@pytest.mark.timeout(60)
+def test_gil_sampler_on_a_python_process(tmp_path):
+    """py-spy on a process whose one thread spins in Python: the GIL is held most of the
+    time, by that thread."""
+    _, gil, _ = _benchlib()
+    if gil.py_spy() is None:
+        pytest.skip("py-spy is not installed")
+    import sys
+    import time
+    code = ("import threading, time\n"
+            "def spin():\n    t = time.time()\n    while time.time() - t < 20: pass\n"
+            "threading.Thread(target=spin, name='spinner').start()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    spies: list[int] = []
+    try:
+        time.sleep(0.5)
+        s = gil.GilSampler(tmp_path, lambda: [(proc.pid, "driver")], gil.python_role,
+                           spies.append, rate=50)
+        with s:
+            time.sleep(2.0)
+        res = s.results()[proc.pid]
+    finally:
+        proc.kill()
+        proc.wait()
+    if "error" in res or not res.get("gil_samples"):
+        pytest.skip(f"py-spy could not sample here (ptrace rights?): {res.get('stderr')}")
+    assert len(spies) == 1 and res["samples"] >= 50
+    assert res["gil_share"] > 0.5
+    spinner = [tid for tid, name in res["thread_names"].items() if name == "spinner"]
+    assert spinner and res["threads"][spinner[0]] > 0.5

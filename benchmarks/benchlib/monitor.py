@@ -5,14 +5,16 @@ background thread, by role.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import psutil
 
+from benchlib.cpu import CpuBlock
 from benchlib.runs import mib
 
 #: Fields of ``/proc/PID/status`` read per sample (kB): the peak (``VmHWM``), the current
@@ -49,6 +51,13 @@ def _pss(pid: int) -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0
+
+
+def _name_this_thread(name: str) -> None:
+    """Set the OS name (``comm``) of the calling thread, so that the per-thread CPU tables
+    show the monitor's own thread by name (Python < 3.14 leaves it the process's)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
 
 
 def _reset_hwm(pid: int) -> None:
@@ -97,6 +106,8 @@ def process_role(proc: psutil.Process, driver: int) -> str:
         if title.lstrip("_").startswith(_RAY_DATA_SYSTEM):
             return "Ray Data system actor"
         return title.split(".")[0].lstrip("_") or "ray worker"
+    if os.path.basename(head) in ("raylet", "gcs_server"):  # the raylet's command line
+        return "ray system"                                # names default_worker.py too
     text = " ".join(cmd)
     if "default_worker.py" in text:
         return "ray worker (starting)"
@@ -121,18 +132,33 @@ class ProcessMonitor:
     apart, as is its own peak, and so is the largest sum of PSS (``peak_total_pss``: shared
     pages divided among the processes mapping them, so that a page counts once in the sum —
     the run's real memory, page cache it maps included). PSS is read every ``pss_interval``
-    seconds only: the kernel walks every mapping for it (~2 ms a process, 23 ms a sample of
-    a 2-worker Ray here), which every 50 ms would take a third of a core from the run.
+    seconds only, and less often when it costs more (at most 5 % of a core): the kernel walks
+    every mapping for it (~2 ms a small process, ~55 ms one holding 4 GiB), which every 50 ms
+    would take a third of a core or more from the run.
 
     Roles come from the processes' Ray titles (``SafeLoraWorker``, ``ray system``, ...);
     :meth:`label` refines them (which worker holds the alignment set).
+
+    :meth:`block` measures the CPU time of every thread of every process inside a part of
+    the run (the sanitize apart from the build), read every ``thread_interval`` seconds
+    (:mod:`benchlib.cpu`). The monitor's own cost is kept: ``cost`` in :meth:`summary`.
     """
 
     def __init__(self, interval: float = 0.05, pids: Sequence[int] | None = None,
-                 pss_interval: float = 0.5) -> None:
+                 pss_interval: float = 0.5, thread_interval: float = 1.0) -> None:
         self.interval = interval
         self.pss_interval = pss_interval
+        self.thread_interval = thread_interval
+        self.list_interval = 0.25
+        self._listed: tuple[float, list[psutil.Process]] | None = None
+        self.blocks: dict[str, CpuBlock] = {}
+        self._open: CpuBlock | None = None
+        self._block_lock = threading.Lock()
+        self._excluded: set[int] = set()
+        self.monitor_tid: int | None = None
+        self._memory_cost_s = 0.0
         self._pss_next = 0.0
+        self.pss_samples = 0
         self.driver = os.getpid()
         self.only = list(pids) if pids is not None else None
         self.peaks: dict[int, dict[str, Any]] = {}
@@ -147,22 +173,62 @@ class ProcessMonitor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _procs(self) -> list[psutil.Process]:
+    def _procs(self, fresh: bool = True) -> list[psutil.Process]:
+        """The processes of the run. ``fresh=False`` (the memory samples) reuses the list
+        while it is younger than ``list_interval``: listing a process's descendants reads the
+        stat file of every process of the machine (60 % of a sample's cost); a process that
+        starts in between is seen at the next listing, its ``VmHWM`` keeping its peak."""
+        now = time.perf_counter()
+        if not fresh and self._listed is not None and now < self._listed[0]:
+            return self._listed[1]
         if self.only is not None:
-            return [psutil.Process(p) for p in self.only if psutil.pid_exists(p)]
-        me = psutil.Process(self.driver)
+            procs = [psutil.Process(p) for p in self.only if psutil.pid_exists(p)]
+        else:
+            me = psutil.Process(self.driver)
+            try:
+                procs = [p for p in (me, *me.children(recursive=True))
+                         if p.pid not in self._excluded]
+            except psutil.Error:
+                procs = [me]
+        self._listed = (now + self.list_interval, procs)
+        return procs
+
+    def exclude(self, pids: Sequence[int]) -> None:
+        """Leave these processes (the measuring tools, such as py-spy) out of every figure."""
+        self._excluded.update(pids)
+
+    def pids(self) -> list[int]:
+        """The processes of the run now (the driver and its descendants, less the excluded)."""
+        return [p.pid for p in self._procs()]
+
+    def _sample_threads(self) -> None:
+        with self._block_lock:
+            if self._open is not None:
+                self._open.sample(self.pids())
+
+    @contextlib.contextmanager
+    def block(self, name: str) -> Iterator[CpuBlock]:
+        """Measure the CPU time of every thread of the run inside this block (read at its
+        start, every ``thread_interval`` seconds, and at its end), kept as ``blocks[name]``."""
+        blk = self.blocks[name] = CpuBlock()
+        with self._block_lock:
+            self._open = blk
+            blk.sample(self.pids())
         try:
-            return [me, *me.children(recursive=True)]
-        except psutil.Error:
-            return [me]
+            yield blk
+        finally:
+            with self._block_lock:
+                blk.sample(self.pids())
+                self._open = None
 
     def _sample(self, first: bool = False) -> None:
         total = anon = pss = 0
         now: dict[int, dict[str, int]] = {}
         with_pss = first or time.perf_counter() >= self._pss_next
-        if with_pss:
-            self._pss_next = time.perf_counter() + self.pss_interval
-        for p in self._procs():
+        pss_cost = 0.0
+        for p in self._procs(fresh=first):
+            if p.pid in self._excluded:
+                continue
             if first:
                 _reset_hwm(p.pid)
             st = _status(p.pid)
@@ -173,7 +239,9 @@ class ProcessMonitor:
             total += rss
             anon += st.get("anon", 0)
             if with_pss:
+                c0 = time.thread_time()
                 pss += _pss(p.pid)
+                pss_cost += time.thread_time() - c0
             try:
                 ct = p.cpu_times()
                 cpu = ct.user + ct.system
@@ -183,7 +251,7 @@ class ProcessMonitor:
             if rec is None:
                 rec = self.peaks[p.pid] = {"pid": p.pid, "role": process_role(p, self.driver),
                                            "peak_rss": 0, "peak_anon": 0, "cpu_s": 0.0}
-            elif rec["role"] != "driver":
+            elif _specificity(rec["role"]) < 10:  # else final: no command line to read
                 role = process_role(p, self.driver)
                 if _specificity(role) > _specificity(rec["role"]):
                     rec["role"] = role
@@ -195,6 +263,11 @@ class ProcessMonitor:
                 self._cpu_last[p.pid] = cpu
             rec["peak_rss"] = max(rec["peak_rss"], st.get("hwm", 0), rss)
             rec["peak_anon"] = max(rec["peak_anon"], st.get("anon", 0))
+        if with_pss:
+            # The kernel walks every page of a process for its PSS: ~55 ms for a 4 GiB
+            # holder of a 7B set. Spaced so that it takes at most 5 % of a core.
+            self._pss_next = time.perf_counter() + max(self.pss_interval, 20 * pss_cost)
+            self.pss_samples += 1
         self.samples += 1
         self.peak_anon = max(self.peak_anon, anon)
         self.peak_pss = max(self.peak_pss, pss)
@@ -206,8 +279,16 @@ class ProcessMonitor:
                          for pid, st in now.items()}}
 
     def _run(self) -> None:
+        _name_this_thread("bench-monitor")
+        self.monitor_tid = threading.get_native_id()
+        next_threads = time.perf_counter() + self.thread_interval
         while not self._stop.wait(self.interval):
+            c0 = time.thread_time()
             self._sample()
+            self._memory_cost_s += time.thread_time() - c0
+            if time.perf_counter() >= next_threads:
+                next_threads = time.perf_counter() + self.thread_interval
+                self._sample_threads()  # its CPU time: the block's cost_s
 
     def __enter__(self) -> ProcessMonitor:
         """Start sampling (again: peaks and CPU time accumulate over every ``with`` block)."""
@@ -230,7 +311,8 @@ class ProcessMonitor:
         ``SafeLoraWorker (holder)``. Applies to every sample, past and future."""
         self.labels.update(roles)
 
-    def _role_of(self, pid: int) -> str:
+    def role_of(self, pid: int) -> str:
+        """The process's role: its label, else the most specific one sampled."""
         return self.labels.get(pid) or self.peaks.get(pid, {}).get("role", "?")
 
     def summary(self) -> dict[str, Any]:
@@ -241,7 +323,7 @@ class ProcessMonitor:
         for pid, rec in self.peaks.items():
             if not rec["peak_rss"]:
                 continue  # gone before it could be read
-            r = roles.setdefault(self._role_of(pid), {
+            r = roles.setdefault(self.role_of(pid), {
                 "processes": 0, "max_peak_rss": 0, "sum_peak_rss": 0, "cpu_s": 0.0,
                 "rss_at_peak": 0, "anon_at_peak": 0})
             r["processes"] += 1
@@ -250,7 +332,7 @@ class ProcessMonitor:
             r["cpu_s"] = round(r["cpu_s"] + rec["cpu_s"], 3)
         at_peak = self.peak_moment.get("pids", {})
         for pid, st in at_peak.items():
-            r = roles.get(self._role_of(pid))
+            r = roles.get(self.role_of(pid))
             if r is not None:
                 r["rss_at_peak"] += st["rss"]
                 r["anon_at_peak"] += st["anon"]
@@ -261,8 +343,18 @@ class ProcessMonitor:
                 "peak_moment": {"t_s": self.peak_moment.get("t_s"),
                                 "processes": len(at_peak), **moment},
                 "samples": self.samples,
+                # CPU time of the monitor's own sampling (in the driver's figures): memory
+                # every `interval`, every thread's CPU every `thread_interval` and at the
+                # blocks' start and end
+                "cost": {"memory_sampling_s": round(self._memory_cost_s, 4),
+                         "memory_samples": self.samples, "pss_samples": self.pss_samples,
+                         "thread_sampling_s": round(sum(b.cost_s for b in
+                                                        self.blocks.values()), 4),
+                         "thread_samples": sum(b.samples for b in self.blocks.values()),
+                         "interval_s": self.interval,
+                         "thread_interval_s": self.thread_interval},
                 "cpu_s": round(sum(rec["cpu_s"] for rec in self.peaks.values()), 3),
-                "processes": sorted(({**rec, "role": self._role_of(pid)}
+                "processes": sorted(({**rec, "role": self.role_of(pid)}
                                      for pid, rec in self.peaks.items()),
                                     key=lambda r: r["pid"])}
 
