@@ -228,7 +228,7 @@ class AlignmentSet:
             raise AlignmentSetError(f"{storage.uri}: no alignment set ({METADATA_FILE} not found)")
         try:
             raw = storage.read(MANIFEST_FILE, max_bytes=MAX_MANIFEST_BYTES)
-            table = pq.read_table(io.BytesIO(raw))
+            table = pq.ParquetFile(io.BytesIO(raw)).read()  # read_table imports pyarrow.dataset
         except NotFoundError as e:
             raise AlignmentSetError(f"{storage.uri}: {MANIFEST_FILE} is missing") from e
         except (pa.ArrowException, OSError) as e:

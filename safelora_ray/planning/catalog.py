@@ -243,7 +243,7 @@ def _iter_manifest(uri: str) -> Iterator[AdapterRef | tuple[str, str]]:
         import pyarrow.parquet as pq
 
         try:
-            table = pq.read_table(io.BytesIO(raw))
+            table = pq.ParquetFile(io.BytesIO(raw)).read()  # read_table imports pyarrow.dataset
         except Exception as e:
             raise ConfigError(f"{uri}: not a Parquet file: {e}") from e
         if "uri" not in table.column_names:
