@@ -4,9 +4,11 @@
 #
 #   bash benchmarks/gpu_issue11.sh check      # tests/test_gpu.py: GPU build + sanitize = dense ref
 #   bash benchmarks/gpu_issue11.sh fleet      # sanitize 2,048 7B r=8 q/v adapters + I/O floor
+#   bash benchmarks/gpu_issue11.sh fleetholder  # the same inputs, products by the holder (old)
 #   bash benchmarks/gpu_issue11.sh build7b    # build, 7B-shaped pair, all 32 layers
 #   bash benchmarks/gpu_issue11.sh scale70b   # build, 70B-shaped pair, all 80 layers
-#   bash benchmarks/gpu_issue11.sh all        # the four in that order, inside BUDGET seconds
+#   bash benchmarks/gpu_issue11.sh all        # check, fleet, fleetholder, build7b, in BUDGET s
+#                                             # (scale70b needs a call of its own: its disk)
 #
 # JSON and logs go to $OUT (the device tool's output folder; default benchmarks/results);
 # `all` writes one log (all.log) and one JSON per part, as the tool brings back 8 files.
@@ -48,6 +50,8 @@ device_info() {  # whatever the GPU is, its name and memory go with the figures
 # Each part runs in its own scratch folder, removed afterwards even when a part ran out of
 # time (the next part needs the disk). SIGINT first, so that Ray shuts down with the script.
 SCRATCH=${SCRATCH:-/tmp/slr-gpu-bench}
+# The fleet's inputs, kept from fleet for fleetholder (removed after it, or by hand).
+INPUTS=${INPUTS:-/tmp/slr-gpu-fleet-inputs}
 run_part() {  # run_part NAME LIMIT_S COMMAND...
   local name=$1 limit=$2 rc=0
   shift 2
@@ -68,10 +72,17 @@ part() {  # the command of one part
       echo "$PY -m pytest -q -p no:cacheprovider tests/test_gpu.py"
       ;;
     fleet)
-      # One run (--repeats 1) of build + sanitize; the baseline would load both 13.5 GB
-      # models per adapter (--no-baseline); the plain read + write/fsync floor of the same
-      # catalog is measured right after (--io-floor); the RSS of every process is sampled.
-      echo "$PY benchmarks/bench_fleet.py --arch llama2-7b --fill holes --device $DEV --modes ray --repeats 1 --no-baseline --io-floor ${FLEET[*]} --out-json $OUT/fleet-7b-n2048-$TAG.json"
+      # One run (--repeats 1) of build + sanitize, each I/O worker computing on the holder's
+      # set through CUDA IPC (issue 22); the baseline would load both 13.5 GB models per
+      # adapter (--no-baseline); the plain read + write/fsync floor of the same catalog is
+      # measured right after (--io-floor); the RSS and the CPU of every process and thread
+      # are sampled. The inputs stay in $INPUTS for fleetholder.
+      echo "$PY benchmarks/bench_fleet.py --arch llama2-7b --fill holes --device $DEV --modes ray --repeats 1 --no-baseline --io-floor ${FLEET[*]} --workdir $INPUTS --keep --out-json $OUT/fleet-7b-n2048-$TAG.json"
+      ;;
+    fleetholder)
+      # The same inputs, the products computed by the holder (the design before issue 22:
+      # every adapter's B through one process per GPU), for old against new on one card.
+      echo "env SAFELORA_GPU_PRODUCTS=holder $PY benchmarks/bench_fleet.py --arch llama2-7b --fill holes --device $DEV --modes ray --repeats 1 --no-baseline --io-floor ${FLEET[*]} --inputs $INPUTS --out-json $OUT/fleet-7b-n2048-holder-$TAG.json"
       ;;
     build7b)
       # Raw read of the target bytes, one worker's reader loop, the build, and writing +
@@ -87,7 +98,7 @@ part() {  # the command of one part
   esac
 }
 case "${1:-}" in
-  check|fleet|build7b|scale70b)
+  check|fleet|fleetholder|build7b|scale70b)
     cmd=$(part "$1")
     # shellcheck disable=SC2086
     { device_info; run_part "$1" "$LIMIT" $cmd; } 2>&1 | tee "$OUT/$1-$TAG.log"
@@ -100,24 +111,25 @@ case "${1:-}" in
     (
     device_info
     status=0
-    for name in check fleet build7b scale70b; do
+    for name in check fleet fleetholder build7b; do
       left=$((BUDGET - (SECONDS - start) - 10))
       if [ "$left" -lt 30 ]; then
         echo "=== $name: skipped, ${left} s left of the budget"
         status=1
         continue
       fi
-      case "$name" in check) cap=150 ;; fleet) cap=330 ;; build7b) cap=170 ;; *) cap=$left ;; esac
+      case "$name" in check) cap=150 ;; fleet) cap=240 ;; fleetholder) cap=150 ;; *) cap=$left ;; esac
       cmd=$(part "$name")
       # shellcheck disable=SC2086
       run_part "$name" "$((left < cap ? left : cap))" $cmd || status=1
+      if [ "$name" = fleetholder ]; then rm -rf "$INPUTS"; fi  # the build parts need the disk
     done
     exit "$status"
     ) 2>&1 | tee "$OUT/all-$TAG.log"
     exit "${PIPESTATUS[0]}"
     ;;
   *)
-    echo "usage: $0 check|fleet|build7b|scale70b|all" >&2
+    echo "usage: $0 check|fleet|fleetholder|build7b|scale70b|all" >&2
     exit 2
     ;;
 esac
