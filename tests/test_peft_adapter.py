@@ -676,10 +676,22 @@ def test_read_and_copy_extras_from_s3(qv_copy: Path, tmp_path: Path, s3_bucket: 
 
 
 def test_huge_finite_values_are_not_taken_for_non_finite(qv_copy: Path) -> None:
-    """The finite check sums each dtype in float32 (fast) and searches tensor by tensor only
-    when that sum is not finite: finite values whose sum overflows float32 (float32 and
-    float64 factors near their range) are still read, bit for bit."""
+    """Finite values at the edge of their dtype's range (whose sum would overflow) are read,
+    bit for bit: the check reads exponent bits, it does not add values up."""
     big = {A0: torch.full((4, 32), 3.0e38), B0: torch.full((32, 4), 1e300, dtype=torch.float64)}
     rewrite_weights(qv_copy, lambda t: {**t, **big})
     ad = _read(qv_copy, "big")
     assert torch.equal(ad.tensors[A0], big[A0]) and torch.equal(ad.tensors[B0], big[B0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_the_finite_check_of_every_float_dtype(dtype: torch.dtype) -> None:
+    from safelora_ray.formats.peft.pairing import _first_non_finite
+
+    fin = torch.finfo(dtype)
+    edge = torch.tensor([fin.max, -fin.max, fin.tiny, fin.tiny / 4, -0.0, 1.0], dtype=dtype)
+    assert _first_non_finite({"a": edge, "b": edge.clone()}) is None
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        x = torch.zeros(7, dtype=dtype)
+        x[3] = bad
+        assert _first_non_finite({"a": edge, "b": x, "c": edge}) == "b", bad

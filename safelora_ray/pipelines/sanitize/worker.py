@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 #: hashing, checking and writing release the GIL: the per-adapter CPU spreads over them
 #: instead of one thread carrying all of it (which would cap what a GPU can be fed), and
 #: one adapter's fsync waits while the others go on.
-IO_THREADS = env_number("SAFELORA_IO_THREADS", 4, int)
+IO_THREADS = env_number("SAFELORA_IO_THREADS", 8, int)
 #: An adapter read and checked: its ref, the adapter, its fingerprint, the seconds it took,
 #: and per module G = A Aᵀ (float64).
 Loaded = tuple[AdapterRef, Adapter, str | None, float, dict[str, torch.Tensor]]
