@@ -275,15 +275,26 @@ class AlignmentSet:
                 self._headers[shard] = h
         return h
 
-    def load(self, module: str, device: str = "cpu") -> AlignmentMatrix:
-        """Load one module's :class:`AlignmentMatrix` (a ranged read of its tensor)."""
+    def load(self, module: str, device: str = "cpu",
+             scratch: bytearray | None = None) -> AlignmentMatrix:
+        """Load one module's :class:`AlignmentMatrix` (a ranged read of its tensor).
+
+        Args:
+            module: The module.
+            device: Where the matrix goes.
+            scratch: Read into this buffer (when it is large enough) instead of a new one:
+                for a caller that copies each matrix elsewhere at once (into an object
+                store), so that one buffer's pages serve every module (fresh pages cost a
+                page fault each; on a VM that first-touches them from the host, most of a
+                load's CPU). The matrix returned is a view of it.
+        """
         row = self.rows.get(module)
         if row is None:
             raise AlignmentSetError(f"{self.uri}: module {module!r} is not in the alignment set")
         header = self.header(row.shard)
         if module not in header.tensors:
             raise AlignmentSetError(f"{self.storage.describe(row.shard)}: no tensor {module!r}")
-        t = self._read(row, header)
+        t = self._read(row, header, scratch)
         if tuple(t.shape) != row.stored_shape or str(t.dtype) != "torch.float32":
             raise AlignmentSetError(
                 f"{self.storage.describe(row.shard)}: tensor {module!r} is {t.dtype} "
@@ -291,18 +302,22 @@ class AlignmentSet:
             )
         return AlignmentMatrix(row.form, t.to(device), row.norm)  # type: ignore[arg-type]
 
-    def _read(self, row: ManifestRow, header: SafetensorsHeader) -> torch.Tensor:
+    def _read(self, row: ManifestRow, header: SafetensorsHeader,
+              scratch: bytearray | None = None) -> torch.Tensor:
         """The module's stored tensor (one ranged read), its bytes checked against the
         manifest's digest while they are read."""
         require_little_endian()
         info = header.tensor(row.module)
         dtype, shape = torch_dtype_of(header.uri, info), torch_shape_of(header.uri, info)
-        buf = bytearray(info.nbytes)
+        if scratch is not None and len(scratch) >= info.nbytes:
+            buf = memoryview(scratch)[:info.nbytes]
+        else:
+            buf = memoryview(bytearray(info.nbytes))
         if row.digest is None:  # a set from before digests (warned about at open)
             if info.nbytes:
-                self.storage.read_into(header.path, info.start, memoryview(buf))
+                self.storage.read_into(header.path, info.start, buf)
         else:
-            got = (read_digested(self.storage, header.path, info.start, memoryview(buf))
+            got = (read_digested(self.storage, header.path, info.start, buf)
                    if info.nbytes else tensor_digest(b""))
             if got != row.digest:
                 raise AlignmentSetError(

@@ -144,11 +144,15 @@ class SharedSet:
         t0 = time.perf_counter()
         refs: dict[str, Any] = {}
         nbytes = 0
+        # One read buffer for every module (each is copied into the store at once): its
+        # pages are touched once, not once per module.
+        scratch = bytearray(max((4 * math.prod(r.stored_shape) for r in aset.rows.values()),
+                                default=0))
         for module in aset.rows:
-            m = aset.load(module)
+            m = aset.load(module, scratch=scratch)
             refs[module] = ray.put(m.tensor.numpy())
             nbytes += m.tensor.numel() * m.tensor.element_size()
-            del m  # the store's copy replaces this one
+            del m
         logger.info("alignment set %s put in this node's object store: %d module(s), %.1f MiB "
                     "in %.2f s", key.content_id, len(refs), nbytes / 2**20,
                     time.perf_counter() - t0)
