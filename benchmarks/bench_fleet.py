@@ -447,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.io_floor:  # the same catalog's plain I/O, on the same disk, right after
                 floor = io_floor(catalogs[n], root / f"io-floor-{tag}")
                 floor["sanitize_over_floor"] = round(ts["s"] / floor["s"], 2)
+                floor["cpu_ms_per_adapter"] = round(1e3 * floor["cpu_s"] / max(n, 1), 2)
                 rec["io_floor"] = floor
                 rec["io_floor_s"] = floor["s"]
             print(f"  {mode} N={n} run {rep}: {t['s']:.2f} s (build {tb['s']:.2f} s, "
@@ -549,13 +550,16 @@ def main(argv: list[str] | None = None) -> int:
                 rec["io_floor_s"] = rec["io_floor_s_median"] = median(
                     [r["io_floor"]["s"] for r in rs])
                 rec["sanitize_over_floor_median"] = round(san / rec["io_floor_s_median"], 2)
+                rec["io_floor_cpu_ms_per_adapter"] = median(
+                    [r["io_floor"]["cpu_ms_per_adapter"] for r in rs])
                 floor_rows.append([mode, n, round(san, 2),
                                    round(median([r["io_floor"]["read_s"] for r in rs]), 3),
                                    round(median([r["io_floor"]["write_fsync_s"]
                                                  for r in rs]), 3),
                                    round(rec["io_floor_s_median"], 3),
                                    rec["sanitize_over_floor_median"],
-                                   f"{100 / rec['sanitize_over_floor_median']:.0f} %"])
+                                   f"{100 / rec['sanitize_over_floor_median']:.0f} %",
+                                   rec["io_floor_cpu_ms_per_adapter"]])
             results.append(rec)
             mem_rows.append([mode, n, round(san, 2), rec["sanitize_adapters_per_s"],
                              mib(peak), mib(peak_anon), mib(peak_pss),
@@ -631,7 +635,8 @@ def main(argv: list[str] | None = None) -> int:
         *([("sanitize against plain sequential I/O of the same catalog (--io-floor; "
             "target: ratio ≤ 1.25, i.e. ≥ 80 % of the disk)",
             ["mode", "N", "sanitize s", "read s", "write + fsync s", "floor s", "ratio",
-             "of the disk"], floor_rows)] if floor_rows else []),
+             "of the disk", "floor's own CPU, ms / adapter"], floor_rows)] if floor_rows
+          else []),
         ("CPU inside the sanitize, every thread of every process (median run; targets: the "
          "busiest thread ≤ 3 ms an adapter, all processes ≤ 30 ms)",
          ["mode", "N", "sanitize s", "busiest thread, ms / adapter", "busiest thread",

@@ -41,7 +41,9 @@ def io_floor(src: str | Path, scratch: str | Path) -> dict[str, Any]:
     one file at a time; the two are timed apart (read a file, then write it).
 
     Returns:
-        ``{"files", "bytes", "read_s", "write_fsync_s", "s"}`` (``s`` = read + write).
+        ``{"files", "bytes", "read_s", "write_fsync_s", "s", "cpu_s"}`` (``s`` = read +
+        write; ``cpu_s``: this process's user + system CPU for it, the kernel's work of the
+        syscalls included: what the plain I/O itself costs a host's cores).
     """
     src, scratch = Path(src), Path(scratch)
     files = sorted(p for p in src.rglob("*") if p.is_file())
@@ -50,6 +52,7 @@ def io_floor(src: str | Path, scratch: str | Path) -> dict[str, Any]:
     read_s = write_s = 0.0
     total = 0
     made: set[Path] = set()
+    cpu0 = _cpu_s()
     for p in files:
         t0 = time.perf_counter()
         with open(p, "rb", buffering=0) as f:
@@ -73,9 +76,16 @@ def io_floor(src: str | Path, scratch: str | Path) -> dict[str, Any]:
         read_s += t1 - t0
         write_s += t2 - t1
         total += n
+    cpu_s = _cpu_s() - cpu0
     shutil.rmtree(scratch, ignore_errors=True)
     return {"files": len(files), "bytes": total, "read_s": round(read_s, 4),
-            "write_fsync_s": round(write_s, 4), "s": round(read_s + write_s, 4)}
+            "write_fsync_s": round(write_s, 4), "s": round(read_s + write_s, 4),
+            "cpu_s": round(cpu_s, 3)}
+
+
+def _cpu_s() -> float:
+    """This thread's CPU seconds (user + system; the floor runs on one thread)."""
+    return time.thread_time()
 
 
 def write_floor(nbytes: Sequence[int], scratch: str | Path) -> dict[str, Any]:

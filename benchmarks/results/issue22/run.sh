@@ -28,3 +28,5 @@ for side in old new; do run "cpu-$side-1" $side bench_fleet.py "${cpu[@]}"; done
 for side in new old; do run "proxy-$side-2" $side bench_fleet.py "${proxy[@]}"; done
 for side in new old; do run "cpu-$side-2" $side bench_fleet.py "${cpu[@]}"; done
 run "proxy-new-gil" new bench_fleet.py "${proxy[@]}" --gil
+# A third round, run after the floor's own CPU was added to --io-floor (benchlib/floors.py).
+for side in new old; do run "proxy-$side-3" $side bench_fleet.py "${proxy[@]}"; done

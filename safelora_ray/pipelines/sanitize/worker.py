@@ -189,7 +189,6 @@ class FleetSanitizer:
         """
         stop = cancelled or (lambda: False)
         t_batch = time.perf_counter()
-        each = self._pool().map if self._large_adapters() else map
 
         def read_one(ref: AdapterRef) -> tuple[dict[str, Any], Loaded | None]:
             if stop():
@@ -208,11 +207,21 @@ class FleetSanitizer:
 
         rows: dict[str, dict[str, Any]] = {}
         loaded: dict[str, Loaded] = {}
-        for ref, (row, got) in zip(refs, each(read_one, refs), strict=True):
+
+        def keep(ref: AdapterRef, row: dict[str, Any], got: Loaded | None) -> None:
             rows[ref.adapter_id] = row
             if got is not None:
                 loaded[ref.adapter_id] = got
                 self._seen(got[1].nbytes)
+
+        # The run's first adapter is read here: its size says whether threads pay.
+        rest = list(refs)
+        while rest and self._large_adapters() is None:
+            keep(rest[0], *read_one(rest[0]))
+            rest.pop(0)
+        each = self._pool().map if self._large_adapters() else map
+        for ref, (row, got) in zip(rest, each(read_one, rest), strict=True):
+            keep(ref, row, got)
         layers: list[dict[str, Any]] = []
         if loaded:
             t0 = time.perf_counter()
@@ -248,12 +257,14 @@ class FleetSanitizer:
             self._read_count += 1
             self._read_bytes += nbytes
 
-    def _large_adapters(self) -> bool:
-        """Whether this run's adapters so far are large enough for the I/O threads (the
-        first batch runs in the calling thread)."""
+    def _large_adapters(self) -> bool | None:
+        """Whether this run's adapters so far are large enough for the I/O threads; None
+        before one was read."""
         with self._lock:
             n = self._read_count
-            return n > 0 and self._read_bytes / n >= IO_THREADS_MIN_BYTES and IO_THREADS > 1
+            if n == 0:
+                return None
+            return IO_THREADS > 1 and self._read_bytes / n >= IO_THREADS_MIN_BYTES
 
     def _pool(self) -> ThreadPoolExecutor:
         with self._lock:
