@@ -134,6 +134,17 @@ class ProjectionEngine:
 
     def run(self, groups: dict[GroupKey, Pair]) -> dict[GroupKey, Pair]:
         """C B and the score sums of every group; outputs on the CPU."""
+        if not self.cuda:
+            return self._run(groups)
+        # The set's GPU is made current in the calling thread (an I/O worker sees every GPU
+        # of its node, and each of its threads starts on GPU 0): the copies, products and
+        # the synchronisation below go to that GPU's stream.
+        with torch.cuda.device(torch.device(self.matrices.device)):
+            out = self._run(groups)
+            torch.cuda.current_stream().synchronize()  # once per batch
+        return out
+
+    def _run(self, groups: dict[GroupKey, Pair]) -> dict[GroupKey, Pair]:
         out: dict[GroupKey, Pair] = {}
         for key, (b, g) in groups.items():
             matrix = self.matrices.get(key[0])
@@ -144,8 +155,6 @@ class ProjectionEngine:
                 cb = to_host(cb)
                 sums = to_host(sums)
             out[key] = (cb, sums)
-        if self.cuda:
-            torch.cuda.current_stream().synchronize()  # once per batch
         return out
 
 

@@ -257,7 +257,7 @@ def _cuda_index(uuid: str | None) -> int:
 def _open_cuda(aset: AlignmentSet, handles: SetHandles) -> MatrixCache:
     """The holder's GPU tensors, opened here through their IPC handles (no copy)."""
     index = _cuda_index(handles.device_uuid)
-    torch.cuda.set_device(index)
+    torch.cuda.set_device(index)  # this thread; the engine makes it current in every other
     matrices = {}
     for module, (rebuild, args) in handles.refs.items():
         params = list(inspect.signature(rebuild).parameters)
