@@ -369,3 +369,29 @@ def test_ctrl_c_marks_the_nightly_run_interrupted(tmp_path, monkeypatch):
     rec = json.loads((root / "out" / "_nightly" / "runs" / "r1.json").read_text())
     assert rec["status"] == "interrupted" and rec["failure"] == "interrupted"
     assert not (root / "out" / "_nightly" / "lock.json").exists()
+
+
+def test_a_lease_directory_removed_under_a_taker_is_made_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A released lease removes the empty ``_safelora`` it made; a run taking the lease at
+    that moment (``--wait``) found its directory gone ("No such file or directory"). Now the
+    taker makes it again, and the release removes only an empty directory, under the lock
+    the taker writes under."""
+    from safelora_ray.storage.local import LocalStorage, remove_empty_dir
+
+    st = LocalStorage(str(tmp_path / "out"))
+    real = st._makedirs
+    made: list[str] = []
+
+    def vanishing(d: str) -> None:  # the releaser's rmdir lands right after the first make
+        real(d)
+        made.append(d)
+        if len(made) == 1:
+            os.rmdir(d)
+
+    monkeypatch.setattr(st, "_makedirs", vanishing)
+    assert st.put_bytes_if("_safelora/lease.json", b"{}", if_version=None)
+    assert len(made) >= 2 and st.read("_safelora/lease.json") == b"{}"
+    assert not remove_empty_dir(str(tmp_path / "out" / "_safelora"))  # holds the lease
+    st.delete("_safelora/lease.json")
+    assert remove_empty_dir(str(tmp_path / "out" / "_safelora"))

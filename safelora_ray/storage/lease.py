@@ -27,7 +27,7 @@ from typing import Any
 from safelora_ray.core.errors import LeaseHeldError, NotFoundError, SafeLoraError, StorageError
 from safelora_ray.core.validate import env_number
 from safelora_ray.storage import Storage
-from safelora_ray.storage.local import LocalStorage
+from safelora_ray.storage.local import LocalStorage, remove_empty_dir
 
 logger = logging.getLogger(__name__)
 
@@ -248,9 +248,7 @@ class Lease:
         if rec and rec.get("token") == self.token:
             self.storage.delete(self.path)
         for d in self._new_dirs:  # deepest first; one holding anything else stays
-            try:
-                os.rmdir(d)
-            except OSError:
+            if not remove_empty_dir(d):
                 break
 
     def __enter__(self) -> Lease:

@@ -208,10 +208,8 @@ class LocalStorage(Storage):
     def put_bytes_if(self, path: str, data: bytes, *, if_version: str | None) -> bool:
         """Compare-and-swap under an exclusive ``flock`` of the file's directory."""
         full = self._resolve(path)
-        self._makedirs(os.path.dirname(full))
-        dfd = os.open(os.path.dirname(full), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        dfd = _locked_dir(os.path.dirname(full), self._makedirs)
         try:
-            fcntl.flock(dfd, fcntl.LOCK_EX)  # serializes writers on this host's filesystem
             try:
                 current = self.version(path)
             except NotFoundError:
@@ -351,6 +349,41 @@ def _moved(src: str, dst: str) -> bool:
             return False
         raise
     return True
+
+
+def _locked_dir(d: str, makedirs: Callable[[str], None]) -> int:
+    """A descriptor of directory ``d`` (made if missing) under an exclusive ``flock``. A lease's
+    release removes the empty directories it made, under the same lock: a directory removed
+    between making and locking it is made again."""
+    for _ in range(5):
+        makedirs(d)
+        try:
+            dfd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except FileNotFoundError:
+            continue
+        fcntl.flock(dfd, fcntl.LOCK_EX)  # serializes writers on this host's filesystem
+        if os.path.isdir(d) and os.stat(d).st_ino == os.fstat(dfd).st_ino:
+            return dfd
+        os.close(dfd)  # removed while we waited for the lock
+    raise StorageError(f"directory {d} keeps disappearing while it is written to")
+
+
+def remove_empty_dir(d: str) -> bool:
+    """Remove directory ``d`` if it is empty, under the lock writers of :func:`_locked_dir`
+    take (so that a writer never loses the directory it is about to write in). Returns
+    whether it was removed."""
+    try:
+        dfd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return False
+    try:
+        fcntl.flock(dfd, fcntl.LOCK_EX)
+        os.rmdir(d)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(dfd)
 
 
 def _fsync_file(path: str) -> None:
