@@ -148,6 +148,7 @@ def _sanitize(config: SanitizeConfig) -> SanitizeResult:
     t_start = time.perf_counter()
     aset = AlignmentSet.open(config.alignment)  # fail fast, before any worker starts
     check_method(aset, config.method)
+    gpu_products = check_gpu_products()  # a wrong setting is refused before Ray starts
     out = open_storage(config.out)
     assert config.run_id is not None
     selection = config.selection
@@ -169,7 +170,6 @@ def _sanitize(config: SanitizeConfig) -> SanitizeResult:
     plan = resolve_workers(config.workers, config.use_gpu, config.ray_address,
                            small=len(head) <= INLINE_MAX_ADAPTERS, shape="pipeline",
                            workers_per_gpu=config.workers_per_gpu)
-    gpu_products = check_gpu_products()
     ex = open_executor(plan, config.use_gpu)
     key = SetKey(aset.uri, aset.content_id)
     # The I/O workers compute their own products with the one copy of the set their node

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -60,9 +60,14 @@ IO_THREADS = env_number("SAFELORA_IO_THREADS", 8, int)
 #: adapter's time is Python holding the GIL, where threads only add switching (measured: a
 #: 100M-parameter pair's 0.3 MB adapters went 60 % slower on 8 threads).
 IO_THREADS_MIN_BYTES = env_number("SAFELORA_IO_THREADS_MIN_BYTES", 2 * 1024**2, int)
-#: An adapter read and checked: its ref, the adapter, its fingerprint, the seconds it took,
-#: and per module G = A Aᵀ (float64).
-Loaded = tuple[AdapterRef, Adapter, str | None, float, dict[str, torch.Tensor]]
+class Loaded(NamedTuple):
+    """An adapter read and checked, waiting for its batch's products."""
+
+    ref: AdapterRef
+    adapter: Adapter
+    fingerprint: str | None
+    read_s: float
+    grams: dict[str, torch.Tensor]  # per module, G = A Aᵀ (float64)
 
 
 def adapter_grams(adapter: Adapter) -> dict[str, torch.Tensor]:
@@ -200,7 +205,7 @@ class FleetSanitizer:
                 if adapter is None:
                     return row, None
                 grams = adapter_grams(adapter)
-                return row, (ref, adapter, fp, time.perf_counter() - t0, grams)
+                return row, Loaded(ref, adapter, fp, time.perf_counter() - t0, grams)
             except Exception as e:  # one bad adapter never stops the batch
                 mark_failed(row, e)
                 return row, None
@@ -212,7 +217,7 @@ class FleetSanitizer:
             rows[ref.adapter_id] = row
             if got is not None:
                 loaded[ref.adapter_id] = got
-                self._seen(got[1].nbytes)
+                self._seen(got.adapter.nbytes)
 
         # The run's first adapter is read here: its size says whether threads pay.
         rest = list(refs)
@@ -226,12 +231,12 @@ class FleetSanitizer:
         if loaded:
             t0 = time.perf_counter()
             projected, scores = self._project_all(
-                [(a, g) for _, a, _, _, g in loaded.values()],
+                [(x.adapter, x.grams) for x in loaded.values()],
                 project or self._default_projector())
             share = (time.perf_counter() - t0) / len(loaded)  # batch compute, per adapter
 
             def write_one(item: tuple[str, Loaded]) -> list[dict[str, Any]]:
-                adapter_id, (ref, adapter, fp, read_s, _) = item
+                adapter_id, (ref, adapter, fp, read_s, _) = item  # a Loaded
                 row = rows[adapter_id]
                 if stop():
                     row["status"] = "cancelled"
