@@ -695,3 +695,11 @@ def test_the_finite_check_of_every_float_dtype(dtype: torch.dtype) -> None:
         x = torch.zeros(7, dtype=dtype)
         x[3] = bad
         assert _first_non_finite({"a": edge, "b": x, "c": edge}) == "b", bad
+    # Above 1 MiB of a dtype the tensors are checked one by one in place: the same answers.
+    n = (1 << 20) // torch.empty((), dtype=dtype).element_size()
+    big = edge.repeat(n // len(edge) + 1)
+    assert _first_non_finite({"a": big, "b": big.clone()}) is None
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        x = big.clone()
+        x[-5] = bad
+        assert _first_non_finite({"a": big, "b": x, "c": edge}) == "b", bad

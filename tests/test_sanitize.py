@@ -469,6 +469,27 @@ def test_matches_dense_reference(request: pytest.FixtureRequest, tmp_path: Path,
             _check_loads_in_peft(cat.pair.base, run.out / adapter_id)
 
 
+def test_reused_read_buffers_give_the_reference(tmp_path: Path, catalog: Catalog,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every read goes into a buffer reused from an earlier batch (a 7B adapter's size and
+    up is pooled; here every size): the outputs still match the dense reference, and a
+    buffer an adapter still uses is never handed out again."""
+    from safelora_ray.execution.buffers import Loans
+    from safelora_ray.pipelines.sanitize import worker
+
+    monkeypatch.setattr(worker, "POOLED_MIN_BYTES", 0)
+    back: list[int] = []
+    give_back = Loans.give_back
+    monkeypatch.setattr(Loans, "give_back", lambda self: back.append(give_back(self)) or back[-1])
+    sel = {"threshold": _mid_threshold(catalog)}
+    run = _run(catalog.alignment, catalog.root, tmp_path / "out", run_id="r1", batch_size=2,
+               workers=0, **sel)
+    assert run.result.ok == len(catalog.ids), run.result.errors
+    for adapter_id in catalog.ids:
+        _check_adapter(catalog, run, adapter_id, sel)
+    assert len(back) >= len(catalog.ids) // 2 and sum(back) >= len(catalog.ids) - 2
+
+
 def test_cosines_are_spread(catalog: Catalog) -> None:
     """The catalog exercises both sides of the paper's threshold."""
     cos = []

@@ -22,6 +22,7 @@ import torch
 from safelora_ray.core.alignment import full_precision_matmul
 from safelora_ray.core.validate import env_number
 from safelora_ray.execution.context import CONTROL_GROUP, GROUPS, WorkerCore
+from safelora_ray.execution.memory import keep_freed_memory
 from safelora_ray.execution.placement import NodeInfo, WorkerSpec
 from safelora_ray.execution.ray_utils import pick_device
 from safelora_ray.execution.relay import Relayed, _Relay
@@ -49,6 +50,7 @@ def _configure_process(num_gpus: float) -> str:
         cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
         torch.set_num_threads(cpus)
     full_precision_matmul()  # no TF32: SPEC equality needs full float32 products
+    keep_freed_memory()  # batches free and allocate the same sizes again: no page faults
     return device
 
 

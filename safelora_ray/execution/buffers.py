@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Any
 
@@ -45,4 +46,50 @@ class BufferPool:
                 self._free_bytes += size
 
 
-__all__ = ["BufferPool"]
+class Loans:
+    """The buffers of one pool lent to one piece of work (a batch's reads), taken back
+    together when it is done: a callable ``size -> buffer`` for a reader.
+
+    A buffer goes back to the pool only if nothing references it any more: a tensor view of
+    it still alive (an adapter kept by a caller) keeps it out, and it is freed with the view.
+    So a reused buffer is never one whose bytes someone still reads.
+
+    Args:
+        pool: Where the buffers come from and go back to.
+        min_bytes: Smaller reads get a fresh bytearray (the allocator reuses small blocks).
+        granule: Sizes are rounded up to a multiple of this, so that files of nearly the same
+            size (another header) share buffers; the reader uses the first ``size`` bytes.
+    """
+
+    def __init__(self, pool: BufferPool, min_bytes: int = 1 << 20,
+                 granule: int = 1 << 20) -> None:
+        self.pool = pool
+        self.min_bytes = min_bytes
+        self.granule = granule
+        self._lent: list[Any] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, size: int) -> Any:
+        if size < self.min_bytes:
+            return bytearray(size)
+        buf = self.pool.get(-(-size // self.granule) * self.granule)
+        with self._lock:
+            self._lent.append(buf)
+        return buf
+
+    def give_back(self) -> int:
+        """Return the unreferenced buffers to the pool; how many went back."""
+        back = 0
+        with self._lock:
+            lent, self._lent = self._lent, []
+        while lent:
+            buf = lent.pop()
+            # This name and getrefcount's argument: any other reference is a live view.
+            if sys.getrefcount(buf) <= 2:
+                self.pool.put(buf)
+                back += 1
+            del buf
+        return back
+
+
+__all__ = ["BufferPool", "Loans"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import posixpath
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,6 +104,7 @@ def read_adapter(
     adapter_id: str,
     *,
     max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
+    buffer: Callable[[int], bytearray] | None = None,
 ) -> Adapter:
     """Read, validate and pair one PEFT LoRA adapter.
 
@@ -111,6 +113,9 @@ def read_adapter(
         prefix: The adapter directory inside ``storage`` (``""`` for its root).
         adapter_id: Name used in every message.
         max_bytes: Largest ``adapter_model.safetensors`` accepted.
+        buffer: Gives a buffer of at least the size asked for, to read the weights into
+            (a reused one: reading into fresh memory costs a page fault per 4 KiB); default
+            a new bytearray. The adapter's tensors are views into it.
 
     Returns:
         The adapter, its tensors views into a single buffer holding the weights file.
@@ -166,7 +171,9 @@ def read_adapter(
     if size > max_bytes:
         raise fail(f"{WEIGHTS_NAME} is {size} bytes, more than the {max_bytes} allowed")
     # A bytearray (not bytes) so the tensor views are writable; filled by one read.
-    buf = bytearray(size)
+    buf: bytearray | memoryview = bytearray(size)
+    if buffer is not None and size:
+        buf = memoryview(buffer(size))[:size]
     try:
         if size:
             storage.read_into(weights_path, 0, memoryview(buf))
@@ -227,7 +234,8 @@ def is_weight_file(path: str) -> bool:
     return path.lower().endswith(WEIGHT_SUFFIXES)
 
 
-def adapter_digest(config_bytes: bytes | memoryview, weights_bytes: bytes | bytearray) -> str:
+def adapter_digest(config_bytes: bytes | memoryview,
+                   weights_bytes: bytes | bytearray | memoryview) -> str:
     """``sha256:<hex>`` over the framed config and weights bytes.
 
     The framing (``adapter_config.json\\0`` + config + ``\\0adapter_model.safetensors\\0`` +

@@ -123,7 +123,7 @@ def read_tensor(
     return tensor
 
 
-def parse_buffer_header(buf: bytearray, path: str, uri: str) -> SafetensorsHeader:
+def parse_buffer_header(buf: bytearray | memoryview, path: str, uri: str) -> SafetensorsHeader:
     """Validate the header of the safetensors file held whole in ``buf``.
 
     Args:
@@ -140,7 +140,7 @@ def parse_buffer_header(buf: bytearray, path: str, uri: str) -> SafetensorsHeade
     return parse_header(bytes(buf[_N_LEN : _N_LEN + n]), file_size=size, path=path, uri=uri)
 
 
-def buffer_tensor(buf: bytearray, uri: str, info: TensorInfo) -> torch.Tensor:
+def buffer_tensor(buf: bytearray | memoryview, uri: str, info: TensorInfo) -> torch.Tensor:
     """Tensor ``info`` of the file held whole in ``buf``, as a view into ``buf`` (no copy)."""
     dtype = torch_dtype_of(uri, info)
     shape = torch_shape_of(uri, info)

@@ -30,6 +30,7 @@ from safelora_ray.core.scores import ModuleScore, lora_gram, pdst, scores_from_s
 from safelora_ray.core.selection import Selection
 from safelora_ray.core.validate import env_number
 from safelora_ray.execution import WorkerContext
+from safelora_ray.execution.buffers import BufferPool, Loans
 from safelora_ray.formats.alignment_set import AlignmentSet
 from safelora_ray.formats.peft import Adapter, OutputDigest, read_adapter, write_adapter
 from safelora_ray.pipelines.sanitize.ledger import Ledger, source_uri
@@ -60,6 +61,14 @@ IO_THREADS = env_number("SAFELORA_IO_THREADS", 8, int)
 #: adapter's time is Python holding the GIL, where threads only add switching (measured: a
 #: 100M-parameter pair's 0.3 MB adapters went 60 % slower on 8 threads).
 IO_THREADS_MIN_BYTES = env_number("SAFELORA_IO_THREADS_MIN_BYTES", 2 * 1024**2, int)
+#: Bytes of read buffers a sanitizer keeps for its next batches (two batches of 16 7B
+#: adapters): a read into reused memory skips a page fault per 4 KiB, which cost more than
+#: the read itself (docs/benchmarks.md, section 14).
+READ_POOL_BYTES = env_number("SAFELORA_READ_POOL_MB", 256, int) * 1024**2
+#: Adapters smaller than this are read into fresh memory (malloc reuses small blocks itself).
+POOLED_MIN_BYTES = 1024**2
+
+
 class Loaded(NamedTuple):
     """An adapter read and checked, waiting for its batch's products."""
 
@@ -118,6 +127,7 @@ class FleetSanitizer:
         self._storages = StorageCache()
         self._own_engine: ProjectionEngine | None = None
         self._io_pool: ThreadPoolExecutor | None = None
+        self._buffers = BufferPool(max_free=READ_POOL_BYTES)
         self._read_count = 0
         self._read_bytes = 0
         # process() may run in two threads at once (one batch reads while another computes):
@@ -141,9 +151,12 @@ class FleetSanitizer:
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
     # -- the work --------------------------------------------------------------------------
-    def load(self, ref: AdapterRef, row: dict[str, Any]) -> tuple[Adapter | None, str | None]:
+    def load(self, ref: AdapterRef, row: dict[str, Any],
+             buffer: Callable[[int], bytearray] | None = None
+             ) -> tuple[Adapter | None, str | None]:
         """Reads and checks one adapter unless the ledger says it is done (then ``row`` is
-        marked skipped and the adapter is None).
+        marked skipped and the adapter is None). ``buffer`` gives the memory its weights are
+        read into (see :func:`~safelora_ray.formats.peft.read_adapter`).
 
         Returns:
             ``(adapter, fingerprint)``.
@@ -161,7 +174,7 @@ class FleetSanitizer:
             mark_skipped(row, record, "unchanged since the last run (ledger)", self.run_id)
             return None, fp
         adapter = read_adapter(self._storages.get(ref.uri), ref.prefix, ref.adapter_id,
-                               max_bytes=self.max_adapter_bytes)
+                               max_bytes=self.max_adapter_bytes, buffer=buffer)
         row["source_digest"] = adapter.digest
         row["bytes_in"] = adapter.nbytes
         row["base_model"] = adapter.base_model
@@ -192,7 +205,16 @@ class FleetSanitizer:
         Returns:
             ``{"adapters": [row, ...], "layers": [row, ...]}``.
         """
-        stop = cancelled or (lambda: False)
+        loans = Loans(self._buffers, min_bytes=POOLED_MIN_BYTES)
+        try:
+            return self._batch(refs, cancelled or (lambda: False), project, loans)
+        finally:
+            # After _batch returned: its names holding the adapters (and so views into
+            # these buffers) are gone with its frame.
+            loans.give_back()
+
+    def _batch(self, refs: Sequence[AdapterRef], stop: Callable[[], bool],
+               project: Projector | None, loans: Loans) -> dict[str, Any]:
         t_batch = time.perf_counter()
 
         def read_one(ref: AdapterRef) -> tuple[dict[str, Any], Loaded | None]:
@@ -201,7 +223,7 @@ class FleetSanitizer:
             t0 = time.perf_counter()
             row = base_row(ref)
             try:
-                adapter, fp = self.load(ref, row)
+                adapter, fp = self.load(ref, row, loans)
                 if adapter is None:
                     return row, None
                 grams = adapter_grams(adapter)
