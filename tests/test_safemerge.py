@@ -389,3 +389,23 @@ def test_cli_runs(world: dict[str, Any], tmp_path: Path,
     assert code == 0, capsys.readouterr().err
     summary = json.loads(capsys.readouterr().out)
     assert summary["counts"]["ok"] == 3
+
+
+def test_ray_workers_read_the_safety_adapter_from_s3(world: dict[str, Any], tmp_path: Path,
+                                                     ray_local: None, s3_admin_client: Any,
+                                                     s3_bucket: str) -> None:
+    """On Ray workers, the safety adapter read from s3:// once per worker: the same bytes as
+    the in-process run with the local copy."""
+    for f in world["safety"].iterdir():
+        s3_admin_client.upload_file(str(f), s3_bucket, f"safety/{f.name}")
+    kw = {"threshold": 0.5, "combination": "cat", "weights": "0.6,0.4"}
+    local = _run(world, tmp_path / "local", **kw)
+    remote = sanitize(SanitizeConfig(
+        alignment=world["set"], adapters=str(world["catalog"]), out=str(tmp_path / "ray"),
+        method="safemerge", safety_adapter=f"s3://{s3_bucket}/safety", workers=1,
+        progress=False, **kw))
+    assert local.ok == remote.ok == 3, remote.errors
+    for aid in SPECS:
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            assert ((tmp_path / "ray" / aid / name).read_bytes()
+                    == (tmp_path / "local" / aid / name).read_bytes())
