@@ -387,8 +387,10 @@ def test_cli_runs(world: dict[str, Any], tmp_path: Path,
                      "--combination", "cat", "--out", str(out), "--workers", "0",
                      "--no-progress", "--json"])
     assert code == 0, capsys.readouterr().err
-    summary = json.loads(capsys.readouterr().out)
-    assert summary["counts"]["ok"] == 3
+    printed = capsys.readouterr()
+    assert "merged 9" in printed.out + printed.err
+    summary = json.loads(printed.out)
+    assert summary["counts"]["ok"] == 3 and summary["projected"] == 9
 
 
 def test_ray_workers_read_the_safety_adapter_from_s3(world: dict[str, Any], tmp_path: Path,

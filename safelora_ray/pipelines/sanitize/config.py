@@ -174,6 +174,7 @@ class SanitizeResult:
     duration_s: float = 0.0
     alignment_id: str = ""
     errors: list[tuple[str, str]] = field(default_factory=list)
+    method: str = "safelora"
 
     @property
     def exit_ok(self) -> bool:

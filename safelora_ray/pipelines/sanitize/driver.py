@@ -204,7 +204,7 @@ def _sanitize(config: SanitizeConfig) -> SanitizeResult:
         ex.close(False)
         raise
     result = SanitizeResult(config.run_id, out.uri, out.describe(report_prefix),
-                            alignment_id=aset.content_id)
+                            alignment_id=aset.content_id, method=config.method)
     # Recorded as an absolute URI: a report read later, elsewhere, says where its inputs were.
     catalog_uri = open_storage(config.adapters).uri
     report = ReportWriter(config.run_id, aset, selection if merge is None else
