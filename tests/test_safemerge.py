@@ -328,6 +328,7 @@ def test_refusals_per_adapter(world: dict[str, Any], tmp_path: Path) -> None:
     _adapter(cat / "fine", SPECS["plain"], 40)
     _adapter(cat / "with-k", SPECS["plain"], 41, target_modules=["q_proj", "k_proj"])
     _adapter(cat / "other-base", SPECS["plain"], 42, base="another/model")
+    _adapter(cat / "negative", {**SPECS["plain"], "alpha_pattern": {"v_proj": -2.0}}, 43)
     out = tmp_path / "out"
     res = _run(world, out, catalog=cat, threshold=0.5)
     adapters, _ = _report(out, res.run_id)
@@ -336,6 +337,7 @@ def test_refusals_per_adapter(world: dict[str, Any], tmp_path: Path) -> None:
     assert "k_proj" in adapters["with-k"]["error"]
     assert "'another/model'" in adapters["other-base"]["error"]
     assert "another model" in adapters["other-base"]["error"]
+    assert "lora_alpha is -2.0" in adapters["negative"]["error"]
     assert not (out / "with-k").exists() and not (out / "other-base").exists()
 
 

@@ -128,6 +128,10 @@ def check_pair(adapter: Adapter, safety: Adapter, combination: str) -> None:
             raise AdapterError(f"{who}: module {m!r} updates a {mine_s[0]}x{mine_s[1]} weight "
                                f"but the safety adapter's a {their_s[0]}x{their_s[1]} one: it "
                                "targets another model")
+        for whose, mod in (("its", lm), ("the safety adapter's", sm)):
+            if not (mod.alpha or 0) > 0:  # the merge takes √(w s): a scaling must be > 0
+                raise AdapterError(f"{who}: module {m!r}: {whose} lora_alpha is {mod.alpha}; "
+                                   "SafeMERGE needs a positive scaling")
         if combination == "linear" and lm.rank != sm.rank:
             raise AdapterError(f"{who}: module {m!r} has rank {lm.rank} but the safety "
                                f"adapter's has rank {sm.rank}: --combination linear needs "
