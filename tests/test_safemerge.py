@@ -413,3 +413,24 @@ def test_ray_workers_read_the_safety_adapter_from_s3(world: dict[str, Any], tmp_
         for name in ("adapter_model.safetensors", "adapter_config.json"):
             assert ((tmp_path / "ray" / aid / name).read_bytes()
                     == (tmp_path / "local" / aid / name).read_bytes())
+
+
+def test_bf16_adapter_written_in_its_dtype(world: dict[str, Any], tmp_path: Path) -> None:
+    """A bf16 task adapter (float32 safety adapter): the output's factors are bf16, and its ΔW
+    is the reference's up to bf16 rounding of the factors."""
+    cat = tmp_path / "catalog"
+    spec = SPECS["patterns"]
+    _spread(_adapter(cat / "bf16", spec, 50, dtype=torch.bfloat16), world["v"], 1)
+    out = tmp_path / "out"
+    res = _run(world, out, catalog=cat, threshold=0.5, combination="cat")
+    assert res.ok == 1, res.errors
+    written = load_file(str(out / "bf16" / "adapter_model.safetensors"))
+    assert {t.dtype for t in written.values()} == {torch.bfloat16}
+    task = ref_factors(cat / "bf16", spec)
+    delta, _, merged = safemerge_dense(world["c"], task, ref_factors(world["safety"],
+                                       SAFETY_SPEC), weights=(0.8, 0.2), combination="cat",
+                                       threshold=0.5)
+    assert merged
+    got = peft_deltas(world["base"], out / "bf16")
+    for m, ref in delta.items():
+        torch.testing.assert_close(got[m], ref, rtol=0.03, atol=3e-3, msg=m)
