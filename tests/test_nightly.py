@@ -216,3 +216,52 @@ def test_nightly_a_mistyped_model_catalog_fails_the_run(tmp_path, capsys):
     assert "model catalog 'typo'" in out and "finetunez does not exist" in out
     assert "model catalog 'none-yet'" in out and "allow_empty: true" in out
     assert "'finetunes'" not in out  # empty, and allowed to be
+
+
+def test_nightly_config_safety_adapter_errors(tmp_path):
+    _, config = _setup(tmp_path)
+    pair = config["pairs"][0]
+    ok = NightlyConfig.from_dict({**config, "pairs": [{**pair, "safety_adapter": "s3://b/s",
+                                                       "weights": [0.7, 0.3],
+                                                       "combination": "cat"}]})
+    assert ok.pairs[0].method_kwargs() == {"method": "safemerge", "safety_adapter": "s3://b/s",
+                                           "weights": (0.7, 0.3), "combination": "cat"}
+    bad = [
+        ({**pair, "weights": "0.8,0.2"}, r"pairs\[p\]\.weights is only used with"),
+        ({**pair, "combination": "cat"}, r"pairs\[p\]\.combination is only used with"),
+        ({**pair, "safety_adapter": "/s", "weights": "0.8"}, "weights must be two positive"),
+        ({**pair, "safety_adapter": "/s", "combination": "sum"}, "combination must be one of"),
+        ({**pair, "safety_adapter": str(tmp_path / "out" / "s")}, "safety_adapter"),
+    ]
+    for p, match in bad:
+        with pytest.raises(ConfigError, match=match):
+            NightlyConfig.from_dict({**config, "pairs": [p]})
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_nightly_pair_with_safety_adapter_runs_safemerge(tmp_path, capsys):
+    """Issue 24: a pair's safety_adapter: sanitizes its adapters with SafeMERGE."""
+    import torch
+
+    path, config = _setup(tmp_path)
+    base = llama_tensors(Arch())
+    mods = sorted(k[:-7] for k in base if k.endswith(("q_proj.weight", "v_proj.weight")))
+    g = torch.Generator().manual_seed(9)
+    lora = {m: (torch.randn(4, base[m + ".weight"].shape[1], generator=g),
+                torch.randn(base[m + ".weight"].shape[0], 4, generator=g)) for m in mods}
+    write_adapter(tmp_path / "safety", lora, 4)
+    cfg = json.loads((tmp_path / "safety" / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "acme/chat"
+    (tmp_path / "safety" / "adapter_config.json").write_text(json.dumps(cfg))
+    config["pairs"][0].update(safety_adapter=str(tmp_path / "safety"), combination="cat")
+    path.write_text(yaml.safe_dump(config))
+    assert main(["--config", str(path), "--run-id", "r1", "--no-progress"]) == 3  # unmatched
+    capsys.readouterr()
+    rec = json.loads((tmp_path / "out" / "_nightly" / "runs" / "r1.json").read_text())
+    assert rec["counts"]["ok"] == 2, rec["errors"]
+    report = Path(rec["groups"][0]["report"])
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["selection"]["method"] == "safemerge"
+    assert summary["selection"]["merge"]["combination"] == "cat"
+    out_cfg = json.loads((tmp_path / "out" / "main" / "a0" / "adapter_config.json").read_text())
+    assert out_cfg["lora_alpha"] == out_cfg["r"] and out_cfg["rank_pattern"]  # 1 merged: 8

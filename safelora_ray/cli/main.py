@@ -151,10 +151,21 @@ def build_parser() -> argparse.ArgumentParser:
                         ".parquet/.jsonl manifest with a 'uri' column")
     s.add_argument("--out", required=True,
                    help="output root (path or s3://), apart from the catalog; one per catalog")
-    s.add_argument("--method", choices=["safelora", "salora"], default="safelora",
+    s.add_argument("--method", choices=["safelora", "salora", "safemerge"], default="safelora",
                    help="safelora: an alignment set from 'build' (B ← C B); salora: SaLoRA "
                         "safety modules from 'salora-modules' (B ← (I − V_s V_sᵀ) B; with "
-                        "neither --threshold nor --num-proj-layers every module is folded)")
+                        "neither --threshold nor --num-proj-layers every module is folded); "
+                        "safemerge: Safe LoRA's set and test, the modules with cos < τ merged "
+                        "with --safety-adapter (SPEC §5)")
+    m = s.add_argument_group("SafeMERGE (--method safemerge)")
+    m.add_argument("--safety-adapter", default=None, metavar="URI",
+                   help="the safety LoRA adapter (path, s3:// or hf://) merged into the "
+                        "drifting modules")
+    m.add_argument("--weights", default=None, metavar="W_F,W_S",
+                   help="weights of the task and the safety adapter (default 0.8,0.2)")
+    m.add_argument("--combination", default=None, choices=["linear", "cat"],
+                   help="linear (the official code's; equal ranks; default) or cat (the exact "
+                        "weighted sum, any ranks)")
     _add_selection(s, "per adapter: project its K modules with the smallest cosines",
                    required=False)
     s.add_argument("--force", action="store_true", help="redo adapters already in the ledger")

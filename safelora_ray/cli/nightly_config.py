@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from safelora_ray.core.errors import ConfigError, NotFoundError
+from safelora_ray.core.merge import COMBINATIONS, parse_weights
 from safelora_ray.core.selection import Selection
 from safelora_ray.core.validate import as_yaml_keys
 from safelora_ray.planning.catalog import validate_id
@@ -26,13 +27,30 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PairSpec:
-    """A base/aligned model pair and the adapters' base model ids that map to it."""
+    """A base/aligned model pair and the adapters' base model ids that map to it.
+
+    Attributes:
+        safety_adapter: A safety LoRA adapter for the pair's model: its adapters are then
+            sanitized with SafeMERGE (``--method safemerge``, SPEC §5) instead of Safe LoRA.
+        weights: SafeMERGE's (w_f, w_s) (default 0.8, 0.2); only with ``safety_adapter``.
+        combination: ``linear`` (default) or ``cat``; only with ``safety_adapter``.
+    """
 
     name: str
     base: str
     aligned: str
     targets: tuple[str, ...]
     base_model_ids: tuple[str, ...]
+    safety_adapter: str | None = None
+    weights: tuple[float, float] | None = None
+    combination: str | None = None
+
+    def method_kwargs(self) -> dict[str, Any]:
+        """The SanitizeConfig fields of the pair's method (none for Safe LoRA)."""
+        if self.safety_adapter is None:
+            return {}
+        return {"method": "safemerge", "safety_adapter": self.safety_adapter,
+                "weights": self.weights, "combination": self.combination}
 
 
 @dataclass(frozen=True)
@@ -159,12 +177,15 @@ class NightlyConfig:
         for p in self.pairs:
             for side in ("base", "aligned"):
                 check_uri(getattr(p, side), f"pairs[{p.name}].{side}")
+            _check_merge(p)
         # Neither root equals, lies inside or contains anything a run reads.
         check_outputs(self.outputs, [
             *((f"{section}[{c.name}].uri", c.uri, "the outputs would overwrite the originals "
                "or become catalog entries of the next run") for section, c in catalogs),
             *((f"pairs[{p.name}].{side}", getattr(p, side), "the run would write into a "
-               "source checkout") for p in self.pairs for side in ("base", "aligned"))])
+               "source checkout") for p in self.pairs for side in ("base", "aligned")),
+            *((f"pairs[{p.name}].safety_adapter", p.safety_adapter, "the run would write "
+               "into the safety adapter") for p in self.pairs if p.safety_adapter)])
         for _, c in catalogs:
             cat_out = join_uri(self.output_root, c.name)
             refuse_overlap(self.alignment_root, "alignment_root", cat_out,
@@ -205,6 +226,10 @@ class NightlyConfig:
                     name=str(p["name"]), base=str(p["base"]), aligned=str(p["aligned"]),
                     targets=parse_targets(p.get("targets", ["q_proj", "v_proj"])),
                     base_model_ids=tuple(str(x) for x in p.get("base_model_ids", [])),
+                    safety_adapter=(None if p.get("safety_adapter") is None
+                                    else str(p["safety_adapter"])),
+                    weights=_weights(p, f"{where}: pairs[{p.get('name')}]"),
+                    combination=p.get("combination"),
                 )
                 for p in _entries(raw, "pairs", where, _PAIR_KEYS)
             ]
@@ -238,7 +263,33 @@ class NightlyConfig:
 
 _CATALOG_KEYS = frozenset({"name", "uri", "allow_empty"})
 _MODELS_KEYS = frozenset({"name", "uri", "pair", "allow_empty"})
-_PAIR_KEYS = frozenset({"name", "base", "aligned", "targets", "base_model_ids"})
+_PAIR_KEYS = frozenset({"name", "base", "aligned", "targets", "base_model_ids",
+                        "safety_adapter", "weights", "combination"})
+
+
+def _weights(pair: dict[str, Any], what: str) -> tuple[float, float] | None:
+    """A pair's ``weights:`` ([w_f, w_s] or "w_f,w_s"), checked."""
+    if pair.get("weights") is None:
+        return None
+    try:
+        return parse_weights(pair["weights"])
+    except ConfigError as e:
+        raise ConfigError(f"{what}: {str(e).replace('--weights', 'weights')}") from None
+
+
+def _check_merge(p: PairSpec) -> None:
+    """A pair's SafeMERGE keys: weights and combination only with a safety adapter."""
+    what = f"pairs[{p.name}]"
+    if p.safety_adapter is None:
+        for key in ("weights", "combination"):
+            if getattr(p, key) is not None:
+                raise ConfigError(f"{what}.{key} is only used with {what}.safety_adapter "
+                                  "(SafeMERGE)")
+        return
+    check_uri(p.safety_adapter, f"{what}.safety_adapter")
+    if p.combination is not None and p.combination not in COMBINATIONS:
+        raise ConfigError(f"{what}.combination must be one of {', '.join(COMBINATIONS)}, got "
+                          f"{p.combination!r}")
 
 
 def _entries(raw: dict[str, Any], section: str, where: str,

@@ -171,6 +171,7 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, dry_run: bool = F
                         out=join_uri(cfg.output_root, cat_name),
                         run_id=f"{run_id}-{pair_name}", progress=progress,
                         **cfg._selection_kwargs(), **cfg.sanitize,
+                        **pairs[pair_name].method_kwargs(),
                     ))
                 except LeaseHeldError as e:  # a manual run writes there: the others go on
                     msg = redact(f"catalog {cat_name!r}: another run is in progress: {e}")

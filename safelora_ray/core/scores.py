@@ -168,6 +168,7 @@ def select_modules(
     threshold: float | None = None,
     num_proj_layers: int | None = None,
     strict: bool = False,
+    below: bool = False,
 ) -> set[str]:
     """The modules to project, by threshold or by number (SPEC §2, the reference's rule).
 
@@ -177,6 +178,8 @@ def select_modules(
         num_proj_layers: τ := the k-th smallest rounded cos, then the threshold rule (ties
             may project more than k), unless ``strict``.
         strict: With ``num_proj_layers``: exactly k modules, ties broken by module name.
+        below: With ``threshold``: rounded cos < threshold, strictly (SafeMERGE's official
+            code, SPEC §5); the number mode is unchanged (≤ the k-th smallest).
 
     Returns:
         The set of selected module names. NaN cosines (a zero update) are never selected:
@@ -186,6 +189,8 @@ def select_modules(
         raise ValueError("give exactly one of threshold or num_proj_layers")
     finite = {m: c for m, c in cos_rounded.items() if not math.isnan(c)}
     if threshold is not None:
+        if below:
+            return {m for m, c in finite.items() if c < threshold}
         return {m for m, c in finite.items() if c <= threshold}
     k = int(num_proj_layers)  # type: ignore[arg-type]
     if k < 0:

@@ -28,7 +28,8 @@ class Selection:
         threshold: τ: every module whose rounded cosine is ≤ τ.
         num_proj_layers: k: the k modules with the smallest cosines (ties included).
         strict_k: With k: exactly k modules, ties broken by module name.
-        method: ``safelora`` or ``salora``; SaLoRA may give neither τ nor k (every module).
+        method: ``safelora``, ``salora`` or ``safemerge``; SaLoRA may give neither τ nor k
+            (every module); SafeMERGE selects by cos < τ, strictly (SPEC §5).
 
     Raises:
         ConfigError: at construction, naming the flag (see
@@ -65,15 +66,16 @@ class Selection:
         return rec
 
     def pick(self, cos_rounded: Mapping[str, float]) -> set[str]:
-        """The modules to project, given each one's rounded cosine (SPEC §2); ``all``: every
-        module, a zero update's (NaN) too."""
+        """The modules to project (SafeMERGE: merge), given each one's rounded cosine (SPEC §2,
+        §5); ``all``: every module, a zero update's (NaN) too."""
         if self.mode == "all":
             return set(cos_rounded)
         # Imported here: the math needs torch, a config or a report reading this does not.
         from safelora_ray.core.scores import select_modules
 
         return select_modules(cos_rounded, threshold=self.threshold,
-                              num_proj_layers=self.num_proj_layers, strict=self.strict_k)
+                              num_proj_layers=self.num_proj_layers, strict=self.strict_k,
+                              below=self.method == "safemerge")
 
 
 __all__ = ["Selection"]

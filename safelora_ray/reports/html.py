@@ -62,6 +62,15 @@ a folded module's B becomes (I − V_s V_sᵀ)·B, so the update keeps no compon
 its folded update.</p></section>"""
 
 
+MERGE_MEANING = """<section id="merge"><h2>What a merge is (SafeMERGE)</h2><p>This run
+merged adapters with a safety adapter (<code>--method safemerge</code>, SPEC §5): each module is
+scored with Safe LoRA's cosine cos(ΔW, CΔW), and a module whose rounded cosine is below τ
+(strictly) is <em>merged</em>: its update becomes w_f·ΔW_task + w_s·ΔW_safety (<code>cat</code>,
+exact) or PEFT's "linear" combination of the factors (<code>linear</code>, as the official
+code). The others keep their update. A "merged" module below is what a Safe LoRA run calls
+"projected"; the output adapter's scaling is 1 (lora_alpha = r).</p></section>"""
+
+
 def _files_section(up: str) -> str:
     items = [
         ("summary.json", "this page's figures for dashboards (per tenant, failure groups, "
@@ -124,7 +133,7 @@ safelora-ray {esc(s['tool_version'])}</p>
 {threshold_section(s)}
 {tenants_section(s, page)}
 {adapters_section(s, page, up)}
-{FOLD_MEANING if fold else ""}{meaning}
+{FOLD_MEANING if fold else ""}{MERGE_MEANING if verb_of(s) == "merged" else ""}{meaning}
 {_files_section(up)}
 </main><script>{JS}</script></body></html>
 """

@@ -49,8 +49,10 @@ def _tile(label: str, value: str, detail: str = "", bad: bool = False) -> str:
 
 
 def verb_of(s: dict[str, Any]) -> str:
-    """What the selected modules undergo: SaLoRA folds them, Safe LoRA projects them."""
-    return "folded" if (s.get("selection") or {}).get("method") == "salora" else "projected"
+    """What the selected modules undergo: SaLoRA folds them, SafeMERGE merges them with a
+    safety adapter, Safe LoRA projects them."""
+    method = (s.get("selection") or {}).get("method")
+    return {"salora": "folded", "safemerge": "merged"}.get(method or "", "projected")
 
 
 def no_threshold(sel: dict[str, Any]) -> bool:
@@ -58,14 +60,27 @@ def no_threshold(sel: dict[str, Any]) -> bool:
     return sel.get("threshold") is None and sel.get("num_proj_layers") is None
 
 
+def merge_text(sel: dict[str, Any]) -> str:
+    """SafeMERGE's safety adapter, weights and combination, as a run's selection records them
+    (empty for the other methods)."""
+    m = sel.get("merge")
+    if not m:
+        return ""
+    w = ",".join(f"{x:g}" for x in m.get("weights") or [])
+    return (f"; merged with safety adapter {m.get('safety_uri')} ({m.get('safety_adapter')}), "
+            f"weights {w}, combination {m.get('combination')}")
+
+
 def selection_text(sel: dict[str, Any]) -> str:
     verb = verb_of({"selection": sel})
     if sel.get("mode") == "threshold" or sel.get("threshold") is not None:
+        if verb == "merged":  # SafeMERGE's test is strict (SPEC §5)
+            return f"threshold τ = {sel.get('threshold')} (merged iff cos < τ){merge_text(sel)}"
         return f"threshold τ = {sel.get('threshold')}"
     if no_threshold(sel):
         return f"every module {verb} (no threshold)"
     return (f"number: the {sel.get('num_proj_layers')} lowest-cosine modules of each adapter"
-            + (" (strict)" if sel.get("strict") else " (ties included)"))
+            + (" (strict)" if sel.get("strict") else " (ties included)") + merge_text(sel))
 
 
 def state_section(s: dict[str, Any]) -> str:
@@ -309,8 +324,9 @@ def threshold_section(s: dict[str, Any]) -> str:
         xlabel="rounded cosine cos(ΔW, CΔW)", ylabel="modules",
         tau=tau, tau_label=f"τ = {tau:g}" if tau is not None else "",
         hatch_upto=tau, verb=verb))
-    parts.append(f'<p class="note">Hatched bars: {verb} (cosine ≤ τ); solid: kept as '
-                 "trained. Bins are right-closed, like the rule's ≤.</p>")
+    rule = "cosine < τ, strictly" if verb == "merged" else "cosine ≤ τ"
+    parts.append(f'<p class="note">Hatched bars: {verb} ({rule}); solid: kept as '
+                 "trained. Bins are right-closed, like Safe LoRA's ≤.</p>")
     parts.append(heatmap_svg(s["layer_kind"], f"Share of modules {verb}, by layer and "
                                               "module kind (this catalog)", verb))
     pf = hist["pdst_fine"]["counts"]

@@ -491,13 +491,18 @@ def _by_layer(cells: list[dict[str, Any]]) -> dict[str, list[int]]:
     return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
 
 
+#: What a method does to the selected modules (Safe LoRA: projected).
+_VERBS = {"salora": "folded", "safemerge": "merged"}
+
+
 def text_summary(result: RunResult, max_errors: int = 10) -> str:
     """The short human summary printed at the end of a run."""
     lines = [
         f"run {result.run_id}: {result.total} adapter(s) in {result.duration_s:.1f} s "
         f"with alignment set {result.alignment_id}",
         f"  ok {result.ok}   skipped {result.skipped}   failed {result.error}",
-        f"  modules scored {result.modules}, projected {result.projected}",
+        f"  modules scored {result.modules}, "
+        f"{_VERBS.get(getattr(result, 'method', ''), 'projected')} {result.projected}",
         f"  outputs  {result.out}/<adapter id>/",
         f"  reports  {result.report_uri}/ (report.html, summary.json, adapters.parquet, "
         "layers.parquet, fleet.parquet, tenants.parquet)",

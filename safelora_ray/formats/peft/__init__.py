@@ -7,7 +7,9 @@
 from safelora_ray.formats.peft.config import (
     check_config,
     get_pattern_key,
+    module_scaling,
     resolve_rank_alpha,
+    unit_scaling_config,
 )
 from safelora_ray.formats.peft.read import (
     Adapter,
@@ -24,8 +26,10 @@ __all__ = [
     "check_config",
     "get_pattern_key",
     "is_weight_file",
+    "module_scaling",
     "output_digest",
     "read_adapter",
     "resolve_rank_alpha",
+    "unit_scaling_config",
     "write_adapter",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -105,6 +106,34 @@ def resolve_rank_alpha(config: Mapping[str, Any], module: str) -> tuple[int, flo
         get_pattern_key(alpha_pattern.keys(), module), config.get("lora_alpha", 8)
     )
     return r, alpha
+
+
+def module_scaling(config: Mapping[str, Any], rank: int, alpha: float) -> float:
+    """The scaling PEFT applies to a module of rank ``rank`` and alpha ``alpha`` (both as
+    :func:`resolve_rank_alpha` gives them): ``alpha / r``, or ``alpha / √r`` with
+    ``use_rslora``."""
+    if config.get("use_rslora"):
+        return float(alpha) / math.sqrt(rank)
+    return float(alpha) / rank
+
+
+def unit_scaling_config(config: Mapping[str, Any], ranks: Mapping[str, int]) -> bytes:
+    """``adapter_config.json`` for the same adapter whose modules have ``ranks`` and scaling 1
+    (SafeMERGE's output, SPEC §5): ``lora_alpha = r``, no rsLoRA, and every module whose rank
+    is not ``r`` named in ``rank_pattern`` and ``alpha_pattern`` with that rank, by its whole
+    name escaped (PEFT reads a key as a regular expression matching a name's suffix: an
+    escaped whole name matches that module only, whatever order the keys are read in).
+
+    Args:
+        config: The task adapter's parsed config (the other fields are kept).
+        ranks: Module name → its rank in the output.
+    """
+    out = dict(config)
+    r = int(config.get("r", 8))
+    pattern = {re.escape(m): int(k) for m, k in sorted(ranks.items()) if int(k) != r}
+    out.update(r=r, lora_alpha=r, use_rslora=False, rank_pattern=pattern,
+               alpha_pattern=dict(pattern))
+    return (json.dumps(out, indent=2, sort_keys=True) + "\n").encode()
 
 
 def check_config(config: Mapping[str, Any], fail: Fail | None = None) -> None:

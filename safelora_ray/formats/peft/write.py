@@ -32,6 +32,9 @@ def write_adapter(
     storage_for_extras: Storage | None,
     prefix: str,
     digest: OutputDigest | None = None,
+    *,
+    new_a: Mapping[str, torch.Tensor] | None = None,
+    config_bytes: bytes | None = None,
 ) -> list[tuple[str, str]]:
     """Write the sanitized adapter into the local directory ``out_dir``.
 
@@ -50,6 +53,10 @@ def write_adapter(
         prefix: The adapter directory inside ``storage_for_extras``.
         digest: Fed every byte of the config and weights as they are written: then it holds
             :func:`output_digest` of the result without reading the files back.
+        new_a: Replacement A per module (SafeMERGE writes both factors, SPEC §5).
+        config_bytes: The output's ``adapter_config.json`` instead of the input's; with it, a
+            module's rank may change (its new A and B must agree on it, and the config must
+            give it: see :func:`~safelora_ray.formats.peft.config.unit_scaling_config`).
 
     Returns:
         ``(relative path, local path)`` pairs in publish order, ``adapter_config.json`` last
@@ -64,28 +71,43 @@ def write_adapter(
         return AdapterError(f"adapter {adapter.adapter_id!r}: {reason}")
 
     replaced: dict[str, torch.Tensor] = {}
-    for module, b in new_b.items():
-        mod = adapter.modules.get(module)
-        if mod is None:
-            raise fail(f"no LoRA module {module!r} to replace B of")
-        if tuple(b.shape) != tuple(mod.b.shape):
-            raise fail(
-                f"module {module!r}: new lora_B has shape {list(b.shape)}, expected "
-                f"{list(mod.b.shape)}"
-            )
-        replaced[mod.b_key] = b.detach().to(device="cpu", dtype=mod.b.dtype).contiguous()
+    for which, new in (("B", new_b), ("A", new_a or {})):
+        for module, t in new.items():
+            mod = adapter.modules.get(module)
+            if mod is None:
+                raise fail(f"no LoRA module {module!r} to replace {which} of")
+            old = mod.b if which == "B" else mod.a
+            # Only a new config may change a rank (the dimension B and A share).
+            fixed = 0 if which == "B" else 1
+            same = (tuple(t.shape) == tuple(old.shape) if config_bytes is None
+                    else t.dim() == 2 and t.shape[fixed] == old.shape[fixed])
+            if not same:
+                raise fail(f"module {module!r}: new lora_{which} has shape {list(t.shape)}, "
+                           f"expected {list(old.shape)}")
+            key = mod.b_key if which == "B" else mod.a_key
+            replaced[key] = t.detach().to(device="cpu", dtype=old.dtype).contiguous()
+    for module in new_a or {}:
+        mod = adapter.modules[module]
+        b = replaced.get(mod.b_key, mod.b)
+        if replaced[mod.a_key].shape[0] != b.shape[1]:
+            raise fail(f"module {module!r}: new lora_A has rank {replaced[mod.a_key].shape[0]} "
+                       f"but lora_B {b.shape[1]}")
     bad = _first_non_finite(replaced)
     if bad is not None:
-        mod = next(m for m in adapter.modules.values() if m.b_key == bad)
-        raise fail(f"module {mod.module!r}: new lora_B has non-finite values in {mod.b.dtype}")
+        mod = next(m for m in adapter.modules.values() if bad in (m.a_key, m.b_key))
+        which = "B" if bad == mod.b_key else "A"
+        raise fail(f"module {mod.module!r}: new lora_{which} has non-finite values in "
+                   f"{replaced[bad].dtype}")
 
     os.makedirs(out_dir, exist_ok=True)
     files: list[tuple[str, str]] = []
 
     weights_local = os.path.join(out_dir, WEIGHTS_NAME)
-    layout = [(name, info.dtype, info.shape) for name, info in adapter.tensor_infos.items()]
+    layout = [(name, info.dtype, tuple(replaced[name].shape) if name in replaced else info.shape)
+              for name, info in adapter.tensor_infos.items()]
+    config_out = adapter.config_bytes if config_bytes is None else config_bytes
     if digest is not None:
-        digest.start(adapter.config_bytes)
+        digest.start(config_out)
     with SafetensorsWriter(weights_local, layout, adapter.metadata, hasher=digest) as writer:
         for name in writer.tensors:
             writer.write(name, replaced.get(name, adapter.tensors[name]))
@@ -106,7 +128,7 @@ def write_adapter(
 
     config_local = os.path.join(out_dir, CONFIG_NAME)
     with open(config_local, "wb") as f:
-        f.write(adapter.config_bytes)
+        f.write(config_out)
     files.append((CONFIG_NAME, config_local))
     return files
 

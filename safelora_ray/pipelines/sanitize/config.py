@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from safelora_ray.core.errors import ConfigError
+from safelora_ray.core.merge import DEFAULT_WEIGHTS, MergeRule, parse_weights
 from safelora_ray.core.selection import Selection
 from safelora_ray.core.validate import check_at_least, check_positive, flag
 from safelora_ray.formats.alignment_set import AlignmentSet
@@ -19,8 +20,9 @@ from safelora_ray.storage.uri import check_uri
 
 logger = logging.getLogger(__name__)
 
-#: ``--method``: Safe LoRA's alignment sets, or SaLoRA's safety modules (SPEC §4).
-METHODS = ("safelora", "salora")
+#: ``--method``: Safe LoRA's alignment sets, SaLoRA's safety modules (SPEC §4), or SafeMERGE's
+#: merge with a safety adapter (SPEC §5, on a Safe LoRA set).
+METHODS = ("safelora", "salora", "safemerge")
 
 REPORTS_PREFIX = "_reports"
 
@@ -62,6 +64,9 @@ class SanitizeConfig:
         tenant_depth: Path components of an adapter id that name its tenant (reports).
         wait_s: When another run holds ``out``'s lease: wait at most this long for it
             (``math.inf``: as long as it takes); None: refuse at once (LeaseHeldError).
+        safety_adapter: ``safemerge`` only (and required there): the safety adapter's URI.
+        weights: ``safemerge`` only: (w_f, w_s) or ``"w_f,w_s"`` (default 0.8,0.2).
+        combination: ``safemerge`` only: ``linear`` (default) or ``cat``.
     """
 
     alignment: str
@@ -85,11 +90,15 @@ class SanitizeConfig:
     method: str = "safelora"
     tenant_depth: int = 1
     wait_s: float | None = None
+    safety_adapter: str | None = None
+    weights: tuple[float, float] | str | None = None
+    combination: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got "
                               f"{self.method!r}")
+        self._check_merge()
         Selection(self.threshold, self.num_proj_layers, self.strict_k, self.method)  # checks
         for name in ("batch_size", "max_in_flight", "workers_per_gpu", "tenant_depth"):
             check_at_least(getattr(self, name), name, 1)
@@ -101,15 +110,39 @@ class SanitizeConfig:
             self.run_id = f"{now}-{uuid.uuid4().hex[:6]}"
         elif not self.run_id.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise ConfigError(f"--run-id {self.run_id!r} may only use letters, digits, . _ -")
-        for name in ("alignment", "adapters", "out"):
-            check_uri(getattr(self, name), flag(name))
+        for name in ("alignment", "adapters", "out", "safety_adapter"):
+            if getattr(self, name) is not None:
+                check_uri(getattr(self, name), flag(name))
         # Inputs are never written, and outputs never become inputs of the next run (a
         # manifest's own entries are checked one by one as they are listed).
         check_outputs(self.outputs, [
             ("--adapters", self.adapters, "the run would write over the manifest"
              if is_manifest(self.adapters) else "sanitized adapters would overwrite the "
              "originals or become catalog entries of the next run"),
-            ("--alignment", self.alignment, "the run would write into the alignment set")])
+            ("--alignment", self.alignment, "the run would write into the alignment set"),
+            *([("--safety-adapter", self.safety_adapter, "the run would write into the safety "
+                "adapter")] if self.safety_adapter else [])])
+
+    def _check_merge(self) -> None:
+        """SafeMERGE's flags: a safety adapter required with it, none of them without it."""
+        if self.method != "safemerge":
+            given = [f for f, v in (("--safety-adapter", self.safety_adapter),
+                                    ("--weights", self.weights),
+                                    ("--combination", self.combination)) if v is not None]
+            if given:
+                raise ConfigError(f"{given[0]} is only used with --method safemerge (this run's "
+                                  f"method is {self.method})")
+            return
+        if not self.safety_adapter:
+            raise ConfigError("--method safemerge needs --safety-adapter URI (the LoRA adapter "
+                              "the drifting modules are merged with)")
+        _ = self.merge_rule  # checks --weights and --combination
+
+    @property
+    def merge_rule(self) -> MergeRule:
+        """SafeMERGE's weights and combination (defaults: 0.8,0.2 and linear)."""
+        return MergeRule(DEFAULT_WEIGHTS if self.weights is None else parse_weights(self.weights),
+                         self.combination or "linear")
 
     @property
     def outputs(self) -> list[Output]:
@@ -141,6 +174,7 @@ class SanitizeResult:
     duration_s: float = 0.0
     alignment_id: str = ""
     errors: list[tuple[str, str]] = field(default_factory=list)
+    method: str = "safelora"
 
     @property
     def exit_ok(self) -> bool:
@@ -160,12 +194,12 @@ class SanitizeResult:
 
 
 def check_method(aset: AlignmentSet, method: str) -> None:
-    """``--method`` must name the method the set was made for.
+    """``--method`` must name the method the set was made for (SafeMERGE uses Safe LoRA's).
 
     Raises:
         ConfigError: a Safe LoRA set with ``salora``, or SaLoRA safety modules without it.
     """
-    if aset.method_family != method:
+    if aset.method_family != ("safelora" if method == "safemerge" else method):
         made_by = ("safelora-ray salora-modules" if aset.method_family == "salora"
                    else "safelora-ray build")
         raise ConfigError(

@@ -39,6 +39,7 @@ from safelora_ray.pipelines.sanitize.config import (
 from safelora_ray.pipelines.sanitize.ledger import LEDGER_PREFIX
 from safelora_ray.pipelines.sanitize.projection import HolderLost, SetKey
 from safelora_ray.pipelines.sanitize.rows import base_row
+from safelora_ray.pipelines.sanitize.safemerge import SafetySpec, check_safety_set, read_safety
 from safelora_ray.pipelines.sanitize.shared_set import (
     check_gpu_products,
     check_store_room,
@@ -122,6 +123,20 @@ def _mark_lost(ex: Any, i: int, e: BaseException) -> bool:
     return ex.lost(i)
 
 
+def _safety_spec(config: SanitizeConfig, aset: AlignmentSet) -> SafetySpec | None:
+    """SafeMERGE's safety adapter, read and checked against the set before any worker
+    starts (the workers read it again, once each, and refuse other bytes)."""
+    if config.method != "safemerge":
+        return None
+    assert config.safety_adapter is not None
+    uri = open_storage(config.safety_adapter).uri
+    safety = read_safety(uri, config.max_adapter_bytes)
+    check_safety_set(safety, uri, aset)
+    logger.info("SafeMERGE: safety adapter %s (%s, %d modules), %s", uri, safety.digest,
+                len(safety.modules), config.merge_rule.record())
+    return SafetySpec(uri, safety.digest, config.merge_rule)
+
+
 def sanitize(config: SanitizeConfig) -> SanitizeResult:
     """Sanitize every adapter of a catalog (SPEC §2) on Ray.
 
@@ -148,6 +163,7 @@ def _sanitize(config: SanitizeConfig) -> SanitizeResult:
     t_start = time.perf_counter()
     aset = AlignmentSet.open(config.alignment)  # fail fast, before any worker starts
     check_method(aset, config.method)
+    merge = _safety_spec(config, aset)  # SafeMERGE: the safety adapter read once, here too
     gpu_products = check_gpu_products()  # a wrong setting is refused before Ray starts
     out = open_storage(config.out)
     assert config.run_id is not None
@@ -188,13 +204,14 @@ def _sanitize(config: SanitizeConfig) -> SanitizeResult:
         ex.close(False)
         raise
     result = SanitizeResult(config.run_id, out.uri, out.describe(report_prefix),
-                            alignment_id=aset.content_id)
+                            alignment_id=aset.content_id, method=config.method)
     # Recorded as an absolute URI: a report read later, elsewhere, says where its inputs were.
     catalog_uri = open_storage(config.adapters).uri
-    report = ReportWriter(config.run_id, aset, selection, catalog_uri,
+    report = ReportWriter(config.run_id, aset, selection if merge is None else
+                          {**selection.record(), "merge": merge.record()}, catalog_uri,
                           tenant_depth=config.tenant_depth)
     job = SanitizeJob(aset.uri, aset.content_id, out.uri, selection, config.force,
-                      config.max_adapter_bytes, config.run_id, config.task_timeout_s)
+                      config.max_adapter_bytes, config.run_id, config.task_timeout_s, merge)
 
     counter = _adapter_counter() if not ex.in_process else None
     all_by_k = 0  # adapters with at most --num-proj-layers modules: all projected

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from safelora_ray.core.errors import AdapterError, NotFoundError, SafeLoraError
@@ -41,13 +41,18 @@ class Ledger:
         alignment_id: The set's content id (part of every record's key).
         selection: The run's selection (part of every record's key).
         force: Nothing is done already, and any output may be replaced.
+        merge: SafeMERGE's safety adapter digest, weights and combination (part of the key:
+            a changed safety adapter redoes every adapter).
     """
 
     def __init__(self, out: Storage, alignment_id: str, selection: Selection,
-                 force: bool = False) -> None:
+                 force: bool = False, merge: Mapping[str, Any] | None = None) -> None:
         self.out = out
         self.alignment_id = alignment_id
-        self.params = json.dumps(selection.record(), sort_keys=True)
+        params = selection.record()
+        if merge is not None:  # (Safe LoRA and SaLoRA keys keep their form)
+            params = {**params, "merge": dict(merge)}
+        self.params = json.dumps(params, sort_keys=True)
         self.force = force
 
     def key(self, digest: str | None) -> dict[str, str | None]:

@@ -44,6 +44,12 @@ from safelora_ray.pipelines.sanitize.projection import (
     remote_projector,
 )
 from safelora_ray.pipelines.sanitize.rows import base_row, mark_failed, mark_skipped
+from safelora_ray.pipelines.sanitize.safemerge import (
+    SafetySpec,
+    check_pair,
+    merged_factors,
+    read_safety,
+)
 from safelora_ray.pipelines.sanitize.shared_set import shared_projector
 from safelora_ray.planning.catalog import AdapterRef
 from safelora_ray.storage import open_storage
@@ -111,17 +117,23 @@ class FleetSanitizer:
         aset: The set's metadata, already opened; None opens it.
         run_id: The run, recorded in the ledger (an adapter found done by this same run was
             sanitized by a retried batch: it is reported ``ok``, not ``skipped``).
+        merge: SafeMERGE (SPEC §5): the selected modules are merged with this safety adapter
+            (read here, once) instead of projected.
     """
 
     def __init__(self, alignment_uri: str, out_uri: str, selection: Selection,
                  device: str = "cpu", force: bool = False,
                  max_adapter_bytes: int = 4 * 1024**3, aset: AlignmentSet | None = None,
-                 run_id: str | None = None):
+                 run_id: str | None = None, merge: SafetySpec | None = None):
         self.run_id = run_id
+        self.merge = merge
+        self.safety = (read_safety(merge.uri, max_adapter_bytes, expect=merge.digest)
+                       if merge is not None else None)
         self.aset = aset or AlignmentSet.open(alignment_uri)
         self.out = open_storage(out_uri)
         self.selection = selection
-        self.ledger = Ledger(self.out, self.aset.content_id, selection, force)
+        self.ledger = Ledger(self.out, self.aset.content_id, selection, force,
+                             merge.ledger_key() if merge is not None else None)
         self.device = device
         self.max_adapter_bytes = max_adapter_bytes
         self._storages = StorageCache()
@@ -187,6 +199,9 @@ class FleetSanitizer:
                          self.run_id)
             return None, fp
         self._check(adapter)
+        if self.merge is not None:
+            assert self.safety is not None
+            check_pair(adapter, self.safety, self.merge.rule.combination)
         return adapter, fp
 
     def process(self, refs: Sequence[AdapterRef],
@@ -359,6 +374,12 @@ class FleetSanitizer:
         t0 = time.perf_counter()
         chosen = self.selection.pick({m: s.cos_rounded for m, s in scores.items()})
         new_b = {m: cbs[m] for m in chosen}
+        new_a: dict[str, torch.Tensor] | None = None
+        config_bytes: bytes | None = None
+        if self.merge is not None:  # SafeMERGE: every module rewritten (scaling 1)
+            assert self.safety is not None
+            new_a, new_b, config_bytes = merged_factors(adapter, self.safety, chosen,
+                                                        self.merge.rule)
         kept = untouched_note(adapter)
         notes = [kept] if kept else []
         k = self.selection.num_proj_layers
@@ -372,7 +393,7 @@ class FleetSanitizer:
         try:
             digest = OutputDigest()  # hashed as written: no read-back
             files = write_adapter(adapter, new_b, tmp, self._storages.get(ref.uri), ref.prefix,
-                                  digest)
+                                  digest, new_a=new_a, config_bytes=config_bytes)
             out_digest = digest.value()
             bytes_out = sum(os.path.getsize(p) for _, p in files)
             self.out.put_tree(ref.adapter_id, files, move=True)
@@ -489,6 +510,7 @@ class SanitizeJob:
     max_adapter_bytes: int
     run_id: str
     task_timeout_s: float = 1800.0
+    merge: SafetySpec | None = None  # SafeMERGE's safety adapter (SPEC §5)
 
 
 #: The worker slot of the latest job's sanitizer, so the next batches of a run reuse it.
@@ -515,7 +537,8 @@ def sanitize_batch(ctx: WorkerContext, job: SanitizeJob, refs: Sequence[AdapterR
     def sanitizer() -> FleetSanitizer:
         aset = AlignmentSet.open(job.alignment_uri, expect=job.alignment_id)
         return FleetSanitizer(job.alignment_uri, job.out_uri, job.selection, ctx.device,
-                              job.force, job.max_adapter_bytes, aset=aset, run_id=job.run_id)
+                              job.force, job.max_adapter_bytes, aset=aset, run_id=job.run_id,
+                              merge=job.merge)
 
     san = ctx.resident(SANITIZER_SLOT, job, sanitizer)
     if shared:
