@@ -278,10 +278,11 @@ class S3Storage(Storage):
         return True
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        """Objects under the "directory" ``prefix``, lazily, one page per request.
+        """Objects under the "directory" ``prefix``, in lexicographic order of path.
 
-        S3 returns keys in UTF-8 binary order, which is the lexicographic order of the
-        relative paths.
+        AWS returns keys in UTF-8 binary order, but not every S3 server does: SeaweedFS walks
+        its directory tree ("a/b" before "a-c"). The pages are gathered and sorted (a catalog
+        of 10,000 keys is ~1 MB of names), so the order never depends on the server.
         """
         rel = normalize_relpath(prefix.rstrip("/"))
         full = "/".join(p for p in (self.prefix, rel) if p)
@@ -289,6 +290,7 @@ class S3Storage(Storage):
         cut = len(self.prefix) + 1 if self.prefix else 0
         paginator = self.client.get_paginator("list_objects_v2")
         pagination = {"PageSize": self.list_page_size} if self.list_page_size else {}
+        found: list[ObjectInfo] = []
         try:
             pages = paginator.paginate(
                 Bucket=self.bucket, Prefix=s3_prefix, PaginationConfig=pagination
@@ -298,9 +300,12 @@ class S3Storage(Storage):
                     key = obj["Key"]
                     if key.endswith("/"):  # "folder" placeholder objects made by consoles
                         continue
-                    yield ObjectInfo(key[cut:], int(obj["Size"]), obj["ETag"].strip('"'))
+                    found.append(ObjectInfo(key[cut:], int(obj["Size"]), obj["ETag"].strip('"')))
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
             self._raise(exc, rel, "LIST")
+        # Python orders str by code point, which is the order of their UTF-8 bytes.
+        found.sort(key=lambda o: o.path)
+        yield from found
 
     def version(self, path: str) -> str:
         """The object's ETag, without quotes."""
