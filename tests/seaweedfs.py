@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import http.client
 import json
 import logging
 import os
@@ -24,7 +25,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +201,26 @@ class SeaweedFS:
         with contextlib.suppress(OSError):
             return (self.workdir / "weed.log").read_text(errors="replace")[-n:]
         return ""
+
+    def put_many(self, bucket: str, items: dict[str, bytes], threads: int = 8) -> None:
+        """Write many small objects fast, for a test's set-up: straight to the filer (a bucket
+        is its ``/buckets/<name>`` folder), one keep-alive connection per thread, no signing
+        (~4x faster than boto3 PUTs). What the product reads is still served by S3."""
+        local = threading.local()
+
+        def put(kv: tuple[str, bytes]) -> None:
+            conn = getattr(local, "conn", None)
+            if conn is None:
+                conn = local.conn = http.client.HTTPConnection("127.0.0.1", self.ports["filer"],
+                                                               timeout=60)
+            conn.request("PUT", f"/buckets/{bucket}/{urllib.parse.quote(kv[0])}", body=kv[1])
+            resp = conn.getresponse()
+            resp.read()
+            if resp.status >= 300:
+                raise RuntimeError(f"filer PUT {bucket}/{kv[0]}: HTTP {resp.status}")
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(put, items.items()))
 
     # -- clients -----------------------------------------------------------------------------
     def env(self, *, reader: bool = False) -> dict[str, str]:
