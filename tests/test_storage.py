@@ -1,4 +1,4 @@
-"""Tests of the storage backends: local files, S3 (moto over HTTP) and the HF Hub cache."""
+"""Tests of the storage backends: local files, S3 (SeaweedFS) and the HF Hub cache."""
 
 from __future__ import annotations
 
