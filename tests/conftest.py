@@ -1,4 +1,4 @@
-"""Shared fixtures: an S3 server (moto over real HTTP), an offline Hugging Face Hub cache, a
+"""Shared fixtures: a real S3 server (SeaweedFS on loopback), an offline Hugging Face Hub cache, a
 local Ray per module; and Ray's token, temp files and logs kept inside the test run's own
 temp dir, never in the user's ``~/.ray`` or ``/tmp/ray``."""
 
@@ -71,36 +71,37 @@ def ray_isolation() -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A moto S3 server on a free localhost port; the AWS env points boto3 at it.
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real S3 server for the session: SeaweedFS (:mod:`tests.seaweedfs`) on loopback ports,
+    its data in the run's temp dir, stopped by pid at the end. Started once (~3 s)."""
+    from tests.seaweedfs import SeaweedFS
+
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(seaweedfs: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The S3 endpoint of :func:`seaweedfs`; the AWS env points boto3 (and the CLI, and Ray
+    workers started later) at it with the admin identity.
 
     Yields:
         The endpoint URL, ``http://127.0.0.1:<port>``.
     """
-    from moto.server import ThreadedMotoServer
-
-    # werkzeug logs every request at INFO; keep test output readable.
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
     empty = tmp_path_factory.mktemp("aws") / "none"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AWS_ENDPOINT_URL", endpoint)
-        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        for k, v in seaweedfs.env().items():
+            mp.setenv(k, v)
         # Isolate from the developer's AWS setup and never reach instance metadata.
-        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
         mp.setenv("AWS_CONFIG_FILE", str(empty))
         mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
         for var in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
             mp.delenv(var, raising=False)
-        try:
-            yield endpoint
-        finally:
-            server.stop()
+        yield seaweedfs.endpoint
 
 
 @pytest.fixture(scope="session")
@@ -145,7 +146,7 @@ def hf_cache(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib
 def ray_local(s3_server: str, ray_isolation: pathlib.Path) -> Iterator[None]:
     """A real local Ray for one test module (2 CPUs, a small object store).
 
-    Depends on ``s3_server`` so that the workers inherit the AWS settings of the moto server.
+    Depends on ``s3_server`` so that the workers inherit the AWS settings of the S3 server.
     Started as the product starts a local Ray (``ensure_ray``: preloaded worker processes),
     its temp files under this run's temp dir.
     """

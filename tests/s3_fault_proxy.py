@@ -1,4 +1,4 @@
-"""A small fault-injecting HTTP proxy for S3 tests, in front of a (moto) S3 server.
+"""A small fault-injecting HTTP proxy for S3 tests, in front of an S3 server (the tests' SeaweedFS).
 
 Clients point ``AWS_ENDPOINT_URL`` at the proxy; it forwards every request to the upstream
 server and, on a configurable schedule, answers some of them with a fault instead:

@@ -250,3 +250,12 @@ def test_gil_sampler_on_a_python_process(tmp_path):
     assert res["gil_share"] > 0.5
     spinner = [tid for tid, name in res["thread_names"].items() if name == "spinner"]
     assert spinner and res["threads"][spinner[0]] > 0.5
+
+
+@pytest.mark.timeout(180)
+def test_bench_s3_smoke(tmp_path):
+    r = _run("bench_s3", tmp_path, "--modes", "inline")  # SeaweedFS started by the script
+    assert r["server"].startswith("seaweedfs") and r["n"] == 8
+    (run,) = r["runs"]
+    assert run["sanitize_s"] > 0 and run["floor_s"] > 0 and run["ratio"] > 0
+    assert r["reader"]["ranges"] > 0 and r["reader"]["ratio"] > 0

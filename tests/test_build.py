@@ -296,7 +296,7 @@ def test_plan_shards_are_balanced_and_contiguous(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Other storages: S3 (moto server) and the Hub (offline cache)
+# Other storages: S3 (SeaweedFS) and the Hub (offline cache)
 # ----------------------------------------------------------------------------------------------
 
 

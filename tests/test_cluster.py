@@ -1,7 +1,7 @@
 """Distributed correctness (issue #12) on a real multi-node Ray cluster on loopback: a head and
 three worker nodes started with ``ray start`` (1 CPU each), the worker nodes on *private
 disks* (a mount namespace hides this test's data directory from them, as real nodes do not
-share the driver's disk), S3 through the local moto server.
+share the driver's disk), S3 through the session's SeaweedFS server.
 
 - local paths the nodes do not share are refused up front; a shared one is accepted;
 - build and sanitize spread over the nodes and equal the in-process results bit for bit;

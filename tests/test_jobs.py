@@ -1,4 +1,4 @@
-"""Ray Jobs against a real head (`ray start --head` on 127.0.0.1) and S3 (moto server):
+"""Ray Jobs against a real head (`ray start --head` on 127.0.0.1) and S3 (SeaweedFS):
 build_alignment.py, sanitize_catalog.py and nightly.py submitted with JobSubmissionClient."""
 
 from __future__ import annotations

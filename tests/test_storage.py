@@ -1,4 +1,4 @@
-"""Tests of the storage backends: local files, S3 (moto over HTTP) and the HF Hub cache."""
+"""Tests of the storage backends: local files, S3 (SeaweedFS) and the HF Hub cache."""
 
 from __future__ import annotations
 
@@ -563,7 +563,7 @@ def test_s3_bytes_read_counts_ranges(s3: S3Storage) -> None:
     assert clone.bytes_read == 0 and clone.read_range("f", 0, 3) == _pattern(1000)[:3]
 
 
-def test_s3_list_paged_and_lazy(s3: S3Storage, s3_bucket: str) -> None:
+def test_s3_list_paged_and_sorted(s3: S3Storage, s3_bucket: str) -> None:
     names = [f"k/{i:02d}" for i in range(7)]
     for n in names:
         s3.put_bytes(n, n.encode())
@@ -579,7 +579,9 @@ def test_s3_list_paged_and_lazy(s3: S3Storage, s3_bucket: str) -> None:
     assert stats["calls"] == 0  # nothing fetched before iteration
     first = next(it)
     assert first.path == "k/00" and first.size == 4
-    assert stats["calls"] == 1
+    # every page is fetched before the first item: not every server sorts keys (SeaweedFS
+    # lists "a/b" before "a-c"), so S3Storage sorts them itself
+    assert stats["calls"] == 4
     rest = [i.path for i in it]
     assert [first.path, *rest] == names
     assert stats["calls"] == 4

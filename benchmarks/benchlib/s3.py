@@ -1,4 +1,6 @@
-"""Storage for ``--storage s3``: a moto S3 server started by the benchmark itself.
+"""Storage for ``--storage s3``: a moto S3 server (:class:`MotoS3`) or a real one, SeaweedFS
+(:class:`SeaweedS3`, the launcher of the tests: ``tests/seaweedfs.py``), started by the
+benchmark itself.
 """
 
 from __future__ import annotations
@@ -6,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
 from safelora_ray.formats.synthetic import MiB
 
@@ -59,3 +63,35 @@ class MotoS3:
     def stop(self) -> None:
         with contextlib.suppress(Exception):
             self.server.stop()
+
+
+def _point_env(env: dict[str, str], workdir: Path) -> None:
+    """Point boto3 (this process, and Ray workers started later) at ``env``'s server."""
+    empty = workdir / "aws-none"
+    empty.write_text("")
+    os.environ.update({**env, "AWS_EC2_METADATA_DISABLED": "true",
+                       "AWS_CONFIG_FILE": str(empty), "AWS_SHARED_CREDENTIALS_FILE": str(empty)})
+    for var in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
+        os.environ.pop(var, None)
+
+
+class SeaweedS3(MotoS3):
+    """A real S3 server: SeaweedFS on loopback ports, its data under ``workdir/seaweedfs``,
+    stopped (by pid) by :meth:`stop`. Same interface as :class:`MotoS3`; its processes are
+    not the driver's (their RSS is not in the driver's)."""
+
+    def __init__(self, workdir: Path, bucket: str = "safelora-bench") -> None:
+        repo = str(Path(__file__).resolve().parents[2])
+        if repo not in sys.path:
+            sys.path.append(repo)
+        from tests.seaweedfs import SeaweedFS
+
+        self.weed = SeaweedFS(Path(workdir) / "seaweedfs").start()
+        self.endpoint = self.weed.endpoint
+        _point_env(self.weed.env(), Path(workdir))
+        self.client: Any = self.weed.client(max_pool_connections=64)
+        self.bucket = bucket
+        self.client.create_bucket(Bucket=self.bucket)
+
+    def stop(self) -> None:
+        self.weed.stop()

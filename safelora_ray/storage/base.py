@@ -58,6 +58,9 @@ class Storage(abc.ABC):
     uri: str
     #: Bytes fetched by reads on this instance (for "read only the targets" accounting).
     bytes_read: int = 0
+    #: Every request pays a network round trip (an object store): callers overlap requests
+    #: in threads whatever the objects' sizes, and save requests where a listing says enough.
+    remote: bool = False
     _count_lock = threading.Lock()
 
     def _count(self, n: int) -> None:

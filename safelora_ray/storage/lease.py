@@ -222,7 +222,13 @@ class Lease:
 
     def _take(self, version: str | None) -> bool:
         if not self.storage.put_bytes_if(self.path, self._record(), if_version=version):
-            return False
+            # A conditional PUT whose response was lost is retried by botocore and then fails
+            # its own precondition (412): the record there may be ours all the same.
+            rec, current = self._current()
+            if not rec or rec.get("token") != self.token:
+                return False
+            self._version = current
+            return True
         self._version = self.storage.version(self.path)
         # Confirm: on stores without read-after-write conditional semantics, re-read wins.
         rec, _ = self._current()

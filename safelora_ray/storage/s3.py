@@ -8,6 +8,7 @@ The endpoint, region and credentials come from the usual AWS environment and con
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -22,7 +23,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
 from safelora_ray.core.errors import NotFoundError, StorageError
-from safelora_ray.storage.base import ObjectInfo, Storage
+from safelora_ray.storage.base import DEFAULT_MAX_READ_BYTES, ObjectInfo, Storage
 from safelora_ray.storage.localfs import as_byte_view, check_range
 from safelora_ray.storage.uri import normalize_relpath
 
@@ -93,6 +94,8 @@ class S3Storage(Storage):
         list_page_size: Keys per LIST request (``None``: the server's default, 1000).
         bytes_read: Total body bytes fetched by ranged reads on this instance.
     """
+
+    remote = True
 
     def __init__(self, rest: str) -> None:
         bucket, _, prefix = rest.strip("/").partition("/")
@@ -269,6 +272,31 @@ class S3Storage(Storage):
                 )
             return
 
+    def read(self, path: str, max_bytes: int = DEFAULT_MAX_READ_BYTES) -> bytes:
+        """The whole object with one GET (no HEAD first: a round trip saved per small file);
+        refuses objects larger than ``max_bytes`` before reading their body."""
+        key = self._key(path)
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=key)
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            self._raise(exc, path, "GET")
+        body = resp["Body"]
+        try:
+            n = int(resp["ContentLength"])
+            if n > max_bytes:
+                raise StorageError(
+                    f"{self.describe(path)} is {n} bytes, more than the {max_bytes} allowed here"
+                )
+            data = body.read()
+        except _BODY_ERRORS:
+            data = None  # a broken stream: re-read it with the retrying ranged path
+        finally:
+            body.close()
+        if data is None or len(data) != n:
+            return self.read_range(path, 0, n) if n else b""
+        self._count(n)
+        return data
+
     def exists(self, path: str) -> bool:
         """Whether an object exists at ``path`` (HEAD)."""
         try:
@@ -278,10 +306,11 @@ class S3Storage(Storage):
         return True
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        """Objects under the "directory" ``prefix``, lazily, one page per request.
+        """Objects under the "directory" ``prefix``, in lexicographic order of path.
 
-        S3 returns keys in UTF-8 binary order, which is the lexicographic order of the
-        relative paths.
+        AWS returns keys in UTF-8 binary order, but not every S3 server does: SeaweedFS walks
+        its directory tree ("a/b" before "a-c"). The pages are gathered and sorted (a catalog
+        of 10,000 keys is ~1 MB of names), so the order never depends on the server.
         """
         rel = normalize_relpath(prefix.rstrip("/"))
         full = "/".join(p for p in (self.prefix, rel) if p)
@@ -289,6 +318,7 @@ class S3Storage(Storage):
         cut = len(self.prefix) + 1 if self.prefix else 0
         paginator = self.client.get_paginator("list_objects_v2")
         pagination = {"PageSize": self.list_page_size} if self.list_page_size else {}
+        found: list[ObjectInfo] = []
         try:
             pages = paginator.paginate(
                 Bucket=self.bucket, Prefix=s3_prefix, PaginationConfig=pagination
@@ -298,9 +328,12 @@ class S3Storage(Storage):
                     key = obj["Key"]
                     if key.endswith("/"):  # "folder" placeholder objects made by consoles
                         continue
-                    yield ObjectInfo(key[cut:], int(obj["Size"]), obj["ETag"].strip('"'))
+                    found.append(ObjectInfo(key[cut:], int(obj["Size"]), obj["ETag"].strip('"')))
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
             self._raise(exc, rel, "LIST")
+        # Python orders str by code point, which is the order of their UTF-8 bytes.
+        found.sort(key=lambda o: o.path)
+        yield from found
 
     def version(self, path: str) -> str:
         """The object's ETag, without quotes."""
@@ -333,6 +366,19 @@ class S3Storage(Storage):
     def put_file(self, path: str, local_path: str) -> None:
         """Upload a local file (multipart above 64 MiB; atomic: visible on completion)."""
         key = self._key(path)
+        try:
+            small = os.path.getsize(local_path) < UPLOAD_PART_SIZE
+        except FileNotFoundError:
+            raise NotFoundError(f"local file to upload not found: {local_path}") from None
+        if small:
+            # One PUT, without a transfer manager (its thread pool per call cost more than
+            # the request itself for a small adapter file).
+            try:
+                with open(local_path, "rb") as f:
+                    self.client.put_object(Bucket=self.bucket, Key=key, Body=f)
+            except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+                self._raise(exc, path, "PUT")
+            return
         config = TransferConfig(
             multipart_threshold=UPLOAD_PART_SIZE,
             multipart_chunksize=UPLOAD_PART_SIZE,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import posixpath
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +34,7 @@ from safelora_ray.formats.safetensors import (
     parse_buffer_header,
     require_little_endian,
 )
-from safelora_ray.storage.base import Storage
+from safelora_ray.storage.base import ObjectInfo, Storage
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ def read_adapter(
     *,
     max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
     buffer: Callable[[int], bytearray] | None = None,
+    listing: Sequence[ObjectInfo] | None = None,
 ) -> Adapter:
     """Read, validate and pair one PEFT LoRA adapter.
 
@@ -116,6 +117,8 @@ def read_adapter(
         buffer: Gives a buffer of at least the size asked for, to read the weights into
             (a reused one: reading into fresh memory costs a page fault per 4 KiB); default
             a new bytearray. The adapter's tensors are views into it.
+        listing: ``storage.list(prefix)`` when the caller has it already (one request saved
+            on an object store).
 
     Returns:
         The adapter, its tensors views into a single buffer holding the weights file.
@@ -134,7 +137,7 @@ def read_adapter(
 
     # One listing gives every file and its size; no per-file existence probes.
     try:
-        listed = _list_dir(storage, prefix)
+        listed = _list_dir(storage, prefix, listing)
     except SafeLoraError as e:
         raise fail(f"cannot list {uri}: {e}") from e
     sizes = dict(listed)
@@ -249,11 +252,13 @@ def adapter_digest(config_bytes: bytes | memoryview,
     return "sha256:" + h.hexdigest()
 
 
-def _list_dir(storage: Storage, prefix: str) -> list[tuple[str, int]]:
-    """``(path relative to prefix, size)`` of every object under the directory ``prefix``."""
+def _list_dir(storage: Storage, prefix: str,
+              listing: Sequence[ObjectInfo] | None = None) -> list[tuple[str, int]]:
+    """``(path relative to prefix, size)`` of every object under the directory ``prefix``
+    (from ``listing``, ``storage.list(prefix)`` made by the caller, when given)."""
     out: list[tuple[str, int]] = []
     cut = len(prefix) + 1 if prefix else 0
-    for obj in storage.list(prefix):
+    for obj in storage.list(prefix) if listing is None else listing:
         if prefix and not obj.path.startswith(prefix + "/"):
             continue  # a sibling that merely shares the name's beginning
         out.append((obj.path[cut:], obj.size))

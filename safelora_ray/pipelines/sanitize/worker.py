@@ -53,6 +53,7 @@ from safelora_ray.pipelines.sanitize.safemerge import (
 from safelora_ray.pipelines.sanitize.shared_set import shared_projector
 from safelora_ray.planning.catalog import AdapterRef
 from safelora_ray.storage import open_storage
+from safelora_ray.storage.base import ObjectInfo
 from safelora_ray.storage.cache import StorageCache
 from safelora_ray.storage.local import STAGING_PREFIX
 
@@ -152,15 +153,31 @@ class FleetSanitizer:
                 self._own_engine = ProjectionEngine(MatrixCache(self.aset, self.device))
             return self._own_engine.run
 
-    def _fingerprint(self, ref: AdapterRef) -> str | None:
-        """Cheap change detector from object versions (no weight download)."""
+    def _fingerprint(self, ref: AdapterRef) -> tuple[str | None, list[ObjectInfo] | None]:
+        """Cheap change detector from object versions (no weight download).
+
+        On an object store, one LIST of the adapter's folder gives both versions (instead of
+        two HEADs) and is handed on to :func:`read_adapter` (instead of its own LIST).
+
+        Returns:
+            ``(fingerprint or None, the folder's listing or None)``.
+        """
         st = self._storages.get(ref.uri)
+        names = ("adapter_config.json", "adapter_model.safetensors")
+        paths = [f"{ref.prefix}/{n}" if ref.prefix else n for n in names]
+        listing: list[ObjectInfo] | None = None
         try:
-            parts = [st.version(f"{ref.prefix}/{n}" if ref.prefix else n)
-                     for n in ("adapter_config.json", "adapter_model.safetensors")]
+            if st.remote:
+                listing = list(st.list(ref.prefix))
+                versions = {o.path: o.version for o in listing}
+                if not all(p in versions for p in paths):
+                    return None, listing
+                parts = [versions[p] for p in paths]
+            else:
+                parts = [st.version(p) for p in paths]
         except SafeLoraError:
-            return None
-        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+            return None, None
+        return hashlib.sha256("|".join(parts).encode()).hexdigest(), listing
 
     # -- the work --------------------------------------------------------------------------
     def load(self, ref: AdapterRef, row: dict[str, Any],
@@ -179,14 +196,15 @@ class FleetSanitizer:
         ledger = self.ledger
         record = ledger.read(ref.adapter_id)
         ledger.check_owner(record, ref)
-        fp = self._fingerprint(ref)
+        fp, listing = self._fingerprint(ref)
         # Same object versions as last time: skip without downloading the weights.
         if record and fp and record.get("fingerprint") == fp and ledger.done(
                 record, ledger.key(record.get("key", {}).get("content_digest")), ref):
             mark_skipped(row, record, "unchanged since the last run (ledger)", self.run_id)
             return None, fp
         adapter = read_adapter(self._storages.get(ref.uri), ref.prefix, ref.adapter_id,
-                               max_bytes=self.max_adapter_bytes, buffer=buffer)
+                               max_bytes=self.max_adapter_bytes, buffer=buffer,
+                               listing=listing)
         row["source_digest"] = adapter.digest
         row["bytes_in"] = adapter.nbytes
         row["base_model"] = adapter.base_model
@@ -261,7 +279,9 @@ class FleetSanitizer:
         while rest and self._large_adapters() is None:
             keep(rest[0], *read_one(rest[0]))
             rest.pop(0)
-        each = self._pool().map if self._large_adapters() else map
+        # Adapters read from an object store: threads overlap the requests' round trips.
+        remote_in = IO_THREADS > 1 and any(self._storages.get(r.uri).remote for r in rest[:1])
+        each = self._pool().map if remote_in or self._large_adapters() else map
         for ref, (row, got) in zip(rest, each(read_one, rest), strict=True):
             keep(ref, row, got)
         layers: list[dict[str, Any]] = []
@@ -300,12 +320,15 @@ class FleetSanitizer:
             self._read_bytes += nbytes
 
     def _large_adapters(self) -> bool | None:
-        """Whether this run's adapters so far are large enough for the I/O threads; None
-        before one was read."""
+        """Whether the I/O threads pay: always when the output is on an object store (each
+        request waits a round trip, with the GIL released), else once this run's adapters
+        average :data:`IO_THREADS_MIN_BYTES`; None before one was read."""
         with self._lock:
             n = self._read_count
             if n == 0:
                 return None
+            if IO_THREADS > 1 and self.out.remote:
+                return True
             return IO_THREADS > 1 and self._read_bytes / n >= IO_THREADS_MIN_BYTES
 
     def _pool(self) -> ThreadPoolExecutor:

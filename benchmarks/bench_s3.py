@@ -1,0 +1,198 @@
+"""Benchmark: sanitize s3:// → s3:// on a real S3 server (SeaweedFS on loopback, started
+here) against the plain-boto3 floor of the same objects, measured in the same run.
+
+Inputs: a Llama-shaped pair (``--arch``) whose alignment set is built once onto S3, and a
+catalog of ``--n`` PEFT LoRA adapters (r = 8 on q_proj and v_proj) uploaded to S3.
+
+- **floor**: boto3, ``--floor-threads`` threads (16) sharing one client: GET every object of
+  the catalog and PUT the same bytes to as many keys (what a sanitize cannot avoid moving);
+- **sanitize**: ``sanitize(s3 set, s3 catalog → s3 out)`` in each of ``--modes``
+  (``inline``: ``workers=0``; ``auto``: the product's default), a fresh output each repeat;
+  the ratio sanitize / floor is the issue's figure (≤ 2);
+- **list**: the listing of the catalog alone (``iter_catalog``), so its share is visible.
+
+Also the build's reader stage from S3: every target tensor of the pair read by the product's
+storage (``S3Storage.read_into``) against plain boto3 ranged GETs of the same byte ranges at
+the same concurrency (``--read-threads``).
+
+Example::
+
+    python benchmarks/bench_s3.py --n 600 --repeats 2 \\
+        --out-json benchmarks/results/issue23/s3-600.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchlib.models import FLEET_100M, TINY, write_adapters, write_pair
+from benchlib.runs import (
+    common_args,
+    emit,
+    machine_info,
+    median,
+    mib,
+    setup_logging,
+    workdir,
+)
+from benchlib.s3 import SeaweedS3
+
+ARCHS = {"tiny": TINY, "100m": FLEET_100M}
+
+
+def upload_parallel(s3: SeaweedS3, local: Path, prefix: str, threads: int = 16) -> list[str]:
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    keys = [f"{prefix}/{f.relative_to(local).as_posix()}" for f in files]
+    with cf.ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda fk: s3.client.put_object(Bucket=s3.bucket, Key=fk[1],
+                                                      Body=fk[0].read_bytes()),
+                      zip(files, keys, strict=True)))
+    return keys
+
+
+def s3_floor(s3: SeaweedS3, keys: list[str], dest: str, threads: int) -> dict[str, Any]:
+    """GET every key and PUT its bytes under ``dest``, ``threads`` at a time, one client."""
+    c = s3.client
+
+    def one(key: str) -> int:
+        body = c.get_object(Bucket=s3.bucket, Key=key)["Body"].read()
+        c.put_object(Bucket=s3.bucket, Key=f"{dest}/{key}", Body=body)
+        return len(body)
+
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(threads) as pool:
+        total = sum(pool.map(one, keys))
+    s = time.perf_counter() - t0
+    return {"objects": len(keys), "bytes": total, "s": s, "threads": threads}
+
+
+def target_ranges(uri: str) -> list[tuple[str, int, int]]:
+    """(file, start, length) of every target tensor of the checkpoint at ``uri``."""
+    from safelora_ray.formats.safetensors.read import read_header
+    from safelora_ray.storage import open_storage
+
+    st = open_storage(uri)
+    out = []
+    for o in st.list():
+        if not o.path.endswith(".safetensors"):
+            continue
+        hdr = read_header(st, o.path)
+        for name, info in hdr.tensors.items():
+            if name.endswith(("q_proj.weight", "v_proj.weight")):
+                out.append((o.path, info.start, info.nbytes))
+    return out
+
+
+def reader_stage(s3: SeaweedS3, prefix: str, threads: int) -> dict[str, Any]:
+    """Product reads (``S3Storage.read_into``) vs plain boto3 ranged GETs of the same ranges."""
+    from safelora_ray.storage import open_storage
+
+    uri = s3.uri(prefix)
+    ranges = target_ranges(uri)
+    st = open_storage(uri)
+    key0 = f"{prefix}/"
+
+    def ours(r: tuple[str, int, int]) -> int:
+        buf = bytearray(r[2])
+        st.read_into(r[0], r[1], memoryview(buf))
+        return r[2]
+
+    def plain(r: tuple[str, int, int]) -> int:
+        rng = f"bytes={r[1]}-{r[1] + r[2] - 1}"
+        return len(s3.client.get_object(Bucket=s3.bucket, Key=key0 + r[0],
+                                        Range=rng)["Body"].read())
+
+    res: dict[str, Any] = {"ranges": len(ranges), "bytes": sum(r[2] for r in ranges)}
+    for name, fn in (("plain", plain), ("ours", ours), ("plain2", plain), ("ours2", ours)):
+        t0 = time.perf_counter()
+        with cf.ThreadPoolExecutor(threads) as pool:
+            assert sum(pool.map(fn, ranges)) == res["bytes"]
+        res[f"{name}_s"] = time.perf_counter() - t0
+    res["ratio"] = min(res["ours_s"], res["ours2_s"]) / min(res["plain_s"], res["plain2_s"])
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common_args(p, storage=False)
+    p.add_argument("--n", type=int, default=600, help="adapters in the catalog")
+    p.add_argument("--arch", choices=sorted(ARCHS), default="tiny")
+    p.add_argument("--modes", default="inline,auto")
+    p.add_argument("--threshold", type=float, default=0.35)
+    p.add_argument("--floor-threads", type=int, default=16)
+    p.add_argument("--read-threads", type=int, default=8)
+    p.add_argument("--reader-arch", choices=sorted(ARCHS), default="100m")
+    args = p.parse_args(argv)
+    setup_logging()
+    if args.smoke:
+        args.n, args.repeats, args.reader_arch = 8, 1, "tiny"
+    arch = ARCHS[args.arch]
+    from safelora_ray import BuildConfig, SanitizeConfig, build, sanitize
+    from safelora_ray.planning.catalog import iter_catalog
+
+    with workdir(args.workdir, args.keep, "bench-s3-") as root:
+        s3 = SeaweedS3(root)
+        try:
+            pair = write_pair(root / "pair", arch)
+            t0 = time.perf_counter()
+            aset = build(BuildConfig(base=pair["base"], aligned=pair["aligned"],
+                                     out=s3.uri("set"), workers=0, progress=False)).uri
+            build_s = time.perf_counter() - t0
+            write_adapters(root / "cat", arch, args.n)
+            keys = upload_parallel(s3, root / "cat", "cat")
+            cat = s3.uri("cat")
+            nbytes = sum(p.stat().st_size for p in (root / "cat").rglob("*") if p.is_file())
+            runs: list[dict[str, Any]] = []
+            for rep in range(args.repeats):
+                floor = s3_floor(s3, keys, f"floor-{rep}", args.floor_threads)
+                t0 = time.perf_counter()
+                listed = sum(1 for _ in iter_catalog(cat))
+                list_s = time.perf_counter() - t0
+                assert listed == args.n
+                for mode in args.modes.split(","):
+                    t0 = time.perf_counter()
+                    r = sanitize(SanitizeConfig(
+                        alignment=aset, adapters=cat, out=s3.uri(f"out-{mode}-{rep}"),
+                        threshold=args.threshold, workers=0 if mode == "inline" else None,
+                        progress=False))
+                    s = time.perf_counter() - t0
+                    assert r.ok == args.n and r.error == 0, (r.ok, r.error, r.errors[:3])
+                    runs.append({"rep": rep, "mode": mode, "sanitize_s": s,
+                                 "floor_s": floor["s"], "ratio": s / floor["s"],
+                                 "list_s": list_s, "per_adapter_ms": 1e3 * s / args.n})
+            reader_pair = (pair if args.reader_arch == args.arch
+                           else write_pair(root / "rpair", ARCHS[args.reader_arch]))
+            upload_parallel(s3, Path(reader_pair["base"]), "rbase")
+            reader = reader_stage(s3, "rbase", args.read_threads)
+        finally:
+            s3.stop()
+    modes = args.modes.split(",")
+    summary = {m: {"sanitize_s_median": median([r["sanitize_s"] for r in runs
+                                                if r["mode"] == m]),
+                   "ratio_median": median([r["ratio"] for r in runs if r["mode"] == m])}
+               for m in modes}
+    result = {"machine": machine_info(), "server": "seaweedfs 4.48 (loopback)",
+              "n": args.n, "arch": args.arch, "catalog_bytes": nbytes, "objects": len(keys),
+              "build_s": build_s, "floor_threads": args.floor_threads, "runs": runs,
+              "summary": summary, "reader": reader, "command": " ".join(sys.argv)}
+    rows = [[r["rep"], r["mode"], f"{r['sanitize_s']:.2f}", f"{r['floor_s']:.2f}",
+             f"{r['ratio']:.2f}", f"{r['list_s']:.2f}", f"{r['per_adapter_ms']:.1f}"]
+            for r in runs]
+    rrows = [[reader["ranges"], f"{mib(reader['bytes']):.0f}", f"{reader['plain_s']:.2f}",
+              f"{reader['ours_s']:.2f}", f"{reader['ratio']:.2f}"]]
+    emit(result, [
+        ("sanitize s3 → s3 vs the GET+PUT floor",
+         ["rep", "mode", "sanitize s", "floor s", "ratio", "list s", "ms/adapter"], rows),
+        ("reader stage vs plain ranged GETs",
+         ["ranges", "MiB", "plain s", "ours s", "ratio"], rrows),
+    ], args.out_json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""What the product relies on from S3, exercised on a real server (SeaweedFS, the session's
+``s3_server``): ranged GETs, multipart uploads above the single-PUT limit, conditional writes
+for the leases, checksums as current boto3 sends them, listing 10,000 keys in order, and the
+errors a user meets (a missing bucket, a read-only identity, wrong keys) as one-line CLI
+messages that never show a credential."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import safelora_ray.storage.s3 as s3mod
+from safelora_ray.cli.demo import write_adapter
+from safelora_ray.cli.main import main as cli_main
+from safelora_ray.core.errors import NotFoundError, StorageError
+from safelora_ray.storage import open_storage
+from tests.seaweedfs import ADMIN_SECRET, READER_KEY, READER_SECRET
+from tests.test_guardrails import tiny_world
+
+MiB = 1024 * 1024
+
+
+def _pattern(n: int, seed: int = 0) -> bytes:
+    return (hashlib.sha256(str(seed).encode()).digest() * (n // 32 + 1))[:n]
+
+
+def test_ranged_gets_split_into_parts(s3_bucket: str) -> None:
+    s = open_storage(f"s3://{s3_bucket}/r")
+    data = _pattern(3 * MiB + 12345)
+    s.put_bytes("blob", data)
+    for start, n in [(0, 1), (7, 100), (MiB - 3, 7), (len(data) - 10, 10), (0, len(data))]:
+        assert s.read_range("blob", start, n) == data[start : start + n]
+    s.part_size = 256 * 1024  # a read above it is several parallel ranged GETs
+    buf = bytearray(2 * MiB + 3)
+    s.read_into("blob", 11, memoryview(buf))
+    assert bytes(buf) == data[11 : 11 + len(buf)]
+    assert s.bytes_read >= len(buf)
+    # a range partly past the end: S3 answers 206 with what there is; the product says so
+    with pytest.raises(StorageError, match=r"short read .* got 1 \(the object has \d+ bytes"):
+        s.read_range("blob", len(data) - 1, 2)
+    with pytest.raises(StorageError, match="past the end"):
+        s.read_range("blob", len(data) + 5, 2)
+
+
+def test_multipart_upload_above_the_single_put_limit(s3_bucket: str, tmp_path: Path,
+                                                     s3_admin_client: Any,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard above ``UPLOAD_PART_SIZE`` goes up in parts (lowered to S3's 5 MiB minimum),
+    each with the CRC32 checksum current boto3 sends by default; it reads back byte-exact."""
+    monkeypatch.setattr(s3mod, "UPLOAD_PART_SIZE", 5 * MiB)
+    data = _pattern(12 * MiB + 5, seed=1)
+    local = tmp_path / "shard.safetensors"
+    local.write_bytes(data)
+    s = open_storage(f"s3://{s3_bucket}/set")
+    s.put_file("shards/shard-0.safetensors", str(local))
+    head = s3_admin_client.head_object(Bucket=s3_bucket, Key="set/shards/shard-0.safetensors")
+    assert head["ETag"].strip('"').endswith("-3")  # three parts: 5 + 5 + 2 MiB
+    assert head["ContentLength"] == len(data)
+    assert s.read_range("shards/shard-0.safetensors", 0, len(data)) == data
+    # a small file is one PUT
+    local.write_bytes(b"x" * 100)
+    s.put_file("small", str(local))
+    assert "-" not in s.version("small")
+
+
+def test_current_boto3_checksums_are_accepted(s3_bucket: str, s3_admin_client: Any) -> None:
+    cfg = s3_admin_client.meta.config
+    assert getattr(cfg, "request_checksum_calculation", "when_supported") == "when_supported"
+    s = open_storage(f"s3://{s3_bucket}")
+    s.put_bytes("c", b"checksummed")
+    got = s3_admin_client.get_object(Bucket=s3_bucket, Key="c", ChecksumMode="ENABLED")
+    assert got["Body"].read() == b"checksummed"
+
+
+def test_conditional_writes_for_leases(s3_bucket: str) -> None:
+    """``If-None-Match: *`` and ``If-Match`` are honoured (SeaweedFS >= 4 answers 412), so
+    two lease takers can never both win."""
+    s = open_storage(f"s3://{s3_bucket}/locks")
+    assert s.put_bytes_if("lease", b"a", if_version=None) is True
+    assert s.put_bytes_if("lease", b"b", if_version=None) is False  # already taken
+    v = s.version("lease")
+    assert s.put_bytes_if("lease", b"c", if_version="0" * 32) is False  # stale version
+    assert s.read_range("lease", 0, 1) == b"a"
+    assert s.put_bytes_if("lease", b"d", if_version=v) is True
+    assert s.read_range("lease", 0, 1) == b"d"
+    assert s.put_bytes_if("gone", b"e", if_version=v) is False  # If-Match on a missing key
+    assert not s.exists("gone")
+    # Racing creators: exactly one wins.
+    with ThreadPoolExecutor(8) as pool:
+        wins = list(pool.map(lambda i: s.put_bytes_if("race", b"%d" % i, if_version=None),
+                             range(8)))
+    assert wins.count(True) == 1
+
+
+def test_listing_ten_thousand_keys(s3_bucket: str, seaweedfs: Any) -> None:
+    keys = [f"cat/t{i % 7}/ad-{i:05d}/adapter_config.json" for i in range(10_000)]
+    seaweedfs.put_many(s3_bucket, dict.fromkeys(keys, b"{}"))
+    s = open_storage(f"s3://{s3_bucket}/cat")
+    got = [o.path for o in s.list()]
+    assert got == sorted(k[len("cat/"):] for k in keys)
+    assert len(got) == 10_000 and all(o.size == 2 for o in s.list("t3"))
+
+
+def test_order_is_byte_order_even_where_the_server_walks_a_tree(s3_bucket: str) -> None:
+    s = open_storage(f"s3://{s3_bucket}")
+    for k in ("a/b", "a-c", "a.d/e", "a0", "Z"):
+        s.put_bytes(k, b"1")
+    assert [o.path for o in s.list()] == ["Z", "a-c", "a.d/e", "a/b", "a0"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors as a user meets them: one line each, naming the URI, never a credential
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    w = tiny_world(tmp_path_factory.mktemp("s3err"))
+    g = torch.Generator().manual_seed(0)
+    cat = w["root"] / "cat"
+    for name in ("a1", "a2"):
+        lora = {m: (torch.randn(2, r.shape[1], generator=g), torch.randn(r.shape[0], 2,
+                                                                         generator=g))
+                for m, r in w["rows"].items()}
+        write_adapter(cat / name, lora, 2)
+    w["cat"] = cat
+    return w
+
+
+def _upload(client: Any, bucket: str, prefix: str, local: Path) -> None:
+    for f in sorted(p for p in local.rglob("*") if p.is_file()):
+        client.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(local).as_posix()}")
+
+
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = cli_main(argv)
+    out, err = capsys.readouterr()
+    return code, out + err
+
+
+def _one_line_error(text: str) -> str:
+    lines = [ln for ln in text.splitlines() if "error" in ln.lower()]
+    assert lines, text
+    assert "Traceback" not in text, text
+    for secret in (ADMIN_SECRET, READER_SECRET):
+        assert secret not in text
+    return lines[0]
+
+
+def test_missing_bucket_is_one_line(small_world: dict[str, Any], tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    code, text = _cli(["sanitize", "--alignment", small_world["set"], "--adapters",
+                       "s3://no-such-bucket-slr/cat", "--out", str(tmp_path / "o"),
+                       "--workers", "0", "--no-progress", "--threshold", "0.35"], capsys)
+    assert code != 0
+    line = _one_line_error(text)
+    assert "no-such-bucket-slr" in line and "does not exist" in line, text
+    code, text = _cli(["inspect", "s3://no-such-bucket-slr/set"], capsys)
+    assert code != 0 and "no-such-bucket-slr" in _one_line_error(text)
+
+
+def test_read_only_identity_gets_access_denied(small_world: dict[str, Any], s3_bucket: str,
+                                               s3_admin_client: Any, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inputs readable, the output not writable: the run stops with one line naming the
+    output and AccessDenied; nothing of the secret shows anywhere."""
+    _upload(s3_admin_client, s3_bucket, "cat", small_world["cat"])
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", READER_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", READER_SECRET)
+    s = open_storage(f"s3://{s3_bucket}/out")
+    with pytest.raises(StorageError, match=r"access denied to s3://.*/out/x \(PUT, HTTP 403"):
+        s.put_bytes("x", b"1")
+    assert open_storage(f"s3://{s3_bucket}/cat").exists("a1/adapter_config.json")
+    code, text = _cli(["sanitize", "--alignment", small_world["set"], "--adapters",
+                       f"s3://{s3_bucket}/cat", "--out", f"s3://{s3_bucket}/out",
+                       "--workers", "0", "--no-progress", "--threshold", "0.35"], capsys)
+    assert code != 0, text
+    line = _one_line_error(text)
+    assert "access denied" in line.lower() and f"s3://{s3_bucket}/out" in line, text
+    assert READER_SECRET not in text
+
+
+def test_wrong_keys_are_one_line(small_world: dict[str, Any], s3_bucket: str,
+                                 capsys: pytest.CaptureFixture[str],
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "no-such-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-abcdef")
+    code, text = _cli(["inspect", f"s3://{s3_bucket}/set"], capsys)
+    assert code != 0
+    line = _one_line_error(text)
+    assert "403" in line and f"s3://{s3_bucket}/set" in line, text
+    assert "wrong-secret-abcdef" not in text
+
+
+def test_sanitize_s3_to_s3_reports_hold_no_credentials(small_world: dict[str, Any],
+                                                        s3_bucket: str, s3_admin_client: Any,
+                                                        capsys: pytest.CaptureFixture[str],
+                                                        caplog: pytest.LogCaptureFixture
+                                                        ) -> None:
+    _upload(s3_admin_client, s3_bucket, "cat", small_world["cat"])
+    code, text = _cli(["sanitize", "--alignment", small_world["set"], "--adapters",
+                       f"s3://{s3_bucket}/cat", "--out", f"s3://{s3_bucket}/out",
+                       "--workers", "0", "--no-progress", "--threshold", "0.35"], capsys)
+    assert code == 0, text
+    out = open_storage(f"s3://{s3_bucket}/out")
+    paths = [o.path for o in out.list()]
+    assert any(p.startswith("a1/") for p in paths) and any(p.startswith("a2/") for p in paths)
+    secrets = (ADMIN_SECRET.encode(), os.environ["AWS_SECRET_ACCESS_KEY"].encode())
+    for p in paths:
+        body = out.read_range(p, 0, out.size(p))
+        assert not any(s in body for s in secrets), p
+    assert not any(s.decode() in text + caplog.text for s in secrets)
+    with pytest.raises(NotFoundError):
+        out.size("a1/nothing")
