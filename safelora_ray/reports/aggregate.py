@@ -54,8 +54,8 @@ class AdapterFigures:
         projected: Modules projected.
         tau: The τ its selection used (the threshold, or its k-th smallest cosine).
         near: Modules within ±0.05 of ``tau``.
-        near_below: Of those, at or below τ (projected; a lower τ would keep them).
-        near_above: Of those, above τ (kept; a higher τ would project them).
+        near_below: Of those, the projected (at or below τ; a lower τ would keep them).
+        near_above: Of those, the kept (above τ, or at it where the selection is strict).
         min_cos: Its smallest rounded cosine.
     """
 
@@ -126,10 +126,13 @@ class ModuleStats:
                 self.zoom_outside[1] += 1
             else:
                 self.zoom[_ceil_div(d + ZOOM_HALF, ZOOM_STEP) - 1] += 1
-            if -NEAR <= d <= 0:
-                below += 1
-            elif 0 < d <= NEAR:
-                above += 1
+            # Counted by what the selection did (not d <= 0): SafeMERGE's τ is strict, and a
+            # strict k breaks ties, so a module at τ itself may have been kept.
+            if -NEAR <= d <= NEAR:
+                if proj:
+                    below += 1
+                else:
+                    above += 1
         near = below + above
         self.adapters += 1
         self.modules += len(mods)
