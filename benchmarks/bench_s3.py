@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     with workdir(args.workdir, args.keep, "bench-s3-") as root:
         s3 = SeaweedS3(root)
         try:
-            pair = write_pair(root / "pair", arch)
+            # A 7B-shaped pair's other tensors are sparse holes: only q/v are read or built.
+            pair = write_pair(root / "pair", arch, fill="holes" if args.arch == "7b" else "dense")
             t0 = time.perf_counter()
             aset = build(BuildConfig(base=pair["base"], aligned=pair["aligned"],
                                      out=s3.uri("set"), workers=0, progress=False)).uri
