@@ -9,7 +9,15 @@ catalog of ``--n`` PEFT LoRA adapters (r = 8 on q_proj and v_proj) uploaded to S
 - **sanitize**: ``sanitize(s3 set, s3 catalog → s3 out)`` in each of ``--modes``
   (``inline``: ``workers=0``; ``auto``: the product's default), a fresh output each repeat;
   the ratio sanitize / floor is the issue's figure (≤ 2);
-- **list**: the listing of the catalog alone (``iter_catalog``), so its share is visible.
+- **list**: the listing of the catalog alone (``iter_catalog``), so its share is visible;
+- **requests**: every S3 call the product's clients make in this process, by operation (an
+  ``inline`` run's are all of them: a deterministic measure, where the times are noisy), per
+  adapter, against the floor's 2 (a GET and a PUT per object).
+
+``--arch 7b --layers L --null-product``: Llama-2-7B-shaped adapters (d = 4096, r = 8 on q/v;
+``L`` of its 32 layers, so that the set's build fits a small machine) with the device's
+product replaced by a copy of B (``SAFELORA_BENCH_NULL_PRODUCT=1``, as ``bench_fleet.py
+--null-product``): what is left is the I/O against its floor.
 
 Also the build's reader stage from S3: every target tensor of the pair read by the product's
 storage (``S3Storage.read_into``) against plain boto3 ranged GETs of the same byte ranges at
@@ -24,13 +32,17 @@ Example::
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures as cf
+import dataclasses
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from benchlib.models import FLEET_100M, TINY, write_adapters, write_pair
+from benchlib.models import FLEET_100M, LLAMA2_7B, TINY, write_adapters, write_pair
 from benchlib.runs import (
     common_args,
     emit,
@@ -42,7 +54,39 @@ from benchlib.runs import (
 )
 from benchlib.s3 import SeaweedS3
 
-ARCHS = {"tiny": TINY, "100m": FLEET_100M}
+ARCHS = {"tiny": TINY, "100m": FLEET_100M, "7b": LLAMA2_7B}
+NULL_PRODUCT_ENV = "SAFELORA_BENCH_NULL_PRODUCT"
+
+
+class RequestCounter:
+    """Counts every call the product's S3 clients make in this process, by operation (one per
+    call, whatever its retries: botocore's ``before-parameter-build``)."""
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
+
+    def install(self) -> None:
+        import safelora_ray.storage.s3 as s3mod
+
+        make = s3mod._new_client
+
+        def counted() -> Any:
+            client = make()
+            client.meta.events.register("before-parameter-build.s3", self._seen)
+            return client
+
+        s3mod._new_client = counted
+
+    def _seen(self, model: Any, **_: Any) -> None:
+        with self._lock:
+            self.counts[model.name] += 1
+
+    def take(self) -> dict[str, int]:
+        with self._lock:
+            out = dict(self.counts)
+            self.counts.clear()
+        return out
 
 
 def upload_parallel(s3: SeaweedS3, local: Path, prefix: str, threads: int = 16) -> list[str]:
@@ -127,18 +171,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--floor-threads", type=int, default=16)
     p.add_argument("--read-threads", type=int, default=8)
     p.add_argument("--reader-arch", choices=sorted(ARCHS), default="100m")
+    p.add_argument("--no-reader", action="store_true", help="skip the reader stage")
+    p.add_argument("--layers", type=int, default=None, help="override the arch's layer count")
+    p.add_argument("--null-product", action="store_true",
+                   help=f"replace the product by a copy of B ({NULL_PRODUCT_ENV}=1)")
     args = p.parse_args(argv)
     setup_logging()
     if args.smoke:
         args.n, args.repeats, args.reader_arch = 8, 1, "tiny"
     arch = ARCHS[args.arch]
+    if args.layers:
+        arch = dataclasses.replace(arch, layers=args.layers)
+    if args.null_product:  # read when the product's modules are imported: set it first
+        os.environ[NULL_PRODUCT_ENV] = "1"
     from safelora_ray import BuildConfig, SanitizeConfig, build, sanitize
     from safelora_ray.planning.catalog import iter_catalog
+
+    counter = RequestCounter()
+    counter.install()
 
     with workdir(args.workdir, args.keep, "bench-s3-") as root:
         s3 = SeaweedS3(root)
         try:
-            pair = write_pair(root / "pair", arch)
+            # A 7B-shaped pair's other tensors are sparse holes: only q/v are read or built.
+            pair = write_pair(root / "pair", arch, fill="holes" if args.arch == "7b" else "dense")
             t0 = time.perf_counter()
             aset = build(BuildConfig(base=pair["base"], aligned=pair["aligned"],
                                      out=s3.uri("set"), workers=0, progress=False)).uri
@@ -155,20 +211,28 @@ def main(argv: list[str] | None = None) -> int:
                 list_s = time.perf_counter() - t0
                 assert listed == args.n
                 for mode in args.modes.split(","):
+                    counter.take()
                     t0 = time.perf_counter()
                     r = sanitize(SanitizeConfig(
                         alignment=aset, adapters=cat, out=s3.uri(f"out-{mode}-{rep}"),
                         threshold=args.threshold, workers=0 if mode == "inline" else None,
                         progress=False))
                     s = time.perf_counter() - t0
+                    calls = counter.take()  # this process's: all of an inline run's
                     assert r.ok == args.n and r.error == 0, (r.ok, r.error, r.errors[:3])
                     runs.append({"rep": rep, "mode": mode, "sanitize_s": s,
                                  "floor_s": floor["s"], "ratio": s / floor["s"],
-                                 "list_s": list_s, "per_adapter_ms": 1e3 * s / args.n})
-            reader_pair = (pair if args.reader_arch == args.arch
-                           else write_pair(root / "rpair", ARCHS[args.reader_arch]))
-            upload_parallel(s3, Path(reader_pair["base"]), "rbase")
-            reader = reader_stage(s3, "rbase", args.read_threads)
+                                 "floor_fraction": floor["s"] / s,
+                                 "list_s": list_s, "per_adapter_ms": 1e3 * s / args.n,
+                                 "requests": calls if mode == "inline" else None,
+                                 "requests_per_adapter": (sum(calls.values()) / args.n
+                                                          if mode == "inline" else None)})
+            reader: dict[str, Any] | None = None
+            if not args.no_reader:
+                reader_pair = (pair if args.reader_arch == args.arch
+                               else write_pair(root / "rpair", ARCHS[args.reader_arch]))
+                upload_parallel(s3, Path(reader_pair["base"]), "rbase")
+                reader = reader_stage(s3, "rbase", args.read_threads)
         finally:
             s3.stop()
     modes = args.modes.split(",")
@@ -177,20 +241,25 @@ def main(argv: list[str] | None = None) -> int:
                    "ratio_median": median([r["ratio"] for r in runs if r["mode"] == m])}
                for m in modes}
     result = {"machine": machine_info(), "server": "seaweedfs 4.48 (loopback)",
-              "n": args.n, "arch": args.arch, "catalog_bytes": nbytes, "objects": len(keys),
+              "n": args.n, "arch": args.arch, "layers": arch.layers,
+              "null_product": args.null_product, "catalog_bytes": nbytes, "objects": len(keys),
               "build_s": build_s, "floor_threads": args.floor_threads, "runs": runs,
               "summary": summary, "reader": reader, "command": " ".join(sys.argv)}
     rows = [[r["rep"], r["mode"], f"{r['sanitize_s']:.2f}", f"{r['floor_s']:.2f}",
-             f"{r['ratio']:.2f}", f"{r['list_s']:.2f}", f"{r['per_adapter_ms']:.1f}"]
-            for r in runs]
-    rrows = [[reader["ranges"], f"{mib(reader['bytes']):.0f}", f"{reader['plain_s']:.2f}",
-              f"{reader['ours_s']:.2f}", f"{reader['ratio']:.2f}"]]
-    emit(result, [
-        ("sanitize s3 → s3 vs the GET+PUT floor",
-         ["rep", "mode", "sanitize s", "floor s", "ratio", "list s", "ms/adapter"], rows),
-        ("reader stage vs plain ranged GETs",
-         ["ranges", "MiB", "plain s", "ours s", "ratio"], rrows),
-    ], args.out_json)
+             f"{r['ratio']:.2f}", f"{100 * r['floor_fraction']:.0f} %", f"{r['list_s']:.2f}",
+             f"{r['per_adapter_ms']:.1f}",
+             "-" if r["requests"] is None else f"{r['requests_per_adapter']:.2f} "
+             + str(dict(sorted(r["requests"].items())))] for r in runs]
+    tables = [("sanitize s3 → s3 vs the GET+PUT floor",
+               ["rep", "mode", "sanitize s", "floor s", "ratio", "floor/ours", "list s",
+                "ms/adapter", "requests/adapter (inline: all, by op)"], rows)]
+    if reader is not None:
+        tables.append(("reader stage vs plain ranged GETs",
+                       ["ranges", "MiB", "plain s", "ours s", "ratio"],
+                       [[reader["ranges"], f"{mib(reader['bytes']):.0f}",
+                         f"{reader['plain_s']:.2f}", f"{reader['ours_s']:.2f}",
+                         f"{reader['ratio']:.2f}"]]))
+    emit(result, tables, args.out_json)
     return 0
 
 

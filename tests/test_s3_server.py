@@ -219,3 +219,70 @@ def test_sanitize_s3_to_s3_reports_hold_no_credentials(small_world: dict[str, An
     assert not any(s.decode() in text + caplog.text for s in secrets)
     with pytest.raises(NotFoundError):
         out.size("a1/nothing")
+
+
+# ----------------------------------------------------------------------------------------------
+# Requests per adapter: what a sanitize s3 → s3 asks the server, beyond the floor's GET + PUT
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def s3_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Every S3 call the product's clients make from now on, as ``(operation, key or
+    prefix)`` (botocore's ``before-parameter-build``: one per call, whatever its retries)."""
+    calls: list[tuple[str, str]] = []
+    make = s3mod._new_client
+
+    def counted() -> Any:
+        client = make()
+
+        def seen(model: Any, params: dict[str, Any], **_: Any) -> None:
+            calls.append((model.name, str(params.get("Key") or params.get("Prefix") or "")))
+
+        client.meta.events.register("before-parameter-build.s3", seen)
+        return client
+
+    monkeypatch.setattr(s3mod, "_new_client", counted)
+    return calls
+
+
+def test_sanitize_s3_requests_per_adapter_and_reruns(small_world: dict[str, Any],
+                                                      s3_bucket: str, s3_admin_client: Any,
+                                                      s3_calls: list[tuple[str, str]]) -> None:
+    """A new adapter costs one LIST of its folder, its two GETs, its two output PUTs and its
+    ledger record's PUT: the ledger is listed once per run (no GET that 404s per adapter) and
+    the outputs' versions come from the PUTs' ETags (no LIST of them). Those versions are
+    the ones a listing shows: a rerun skips every adapter, and redoes one whose output
+    changed."""
+    from safelora_ray import SanitizeConfig, sanitize
+
+    _upload(s3_admin_client, s3_bucket, "cat", small_world["cat"])
+    cfg = dict(alignment=small_world["set"], adapters=f"s3://{s3_bucket}/cat",
+               out=f"s3://{s3_bucket}/out", threshold=0.35, workers=0, progress=False)
+    r = sanitize(SanitizeConfig(**cfg))
+    assert (r.ok, r.skipped, r.error) == (2, 0, 0), r.errors
+    for ad in ("a1", "a2"):
+        mine = [(op, k.split(f"/{ad}", 1)[1].lstrip("/.")) for op, k in s3_calls
+                if f"/{ad}/" in k or k.endswith(f"/{ad}") or f"_ledger/{ad}." in k]
+        assert sorted(mine) == sorted([
+            ("ListObjectsV2", ""), ("GetObject", "adapter_config.json"),
+            ("GetObject", "adapter_model.safetensors"), ("PutObject", "adapter_config.json"),
+            ("PutObject", "adapter_model.safetensors"), ("PutObject", "json"),
+        ]), (mine, s3_calls)
+    assert [k for op, k in s3_calls if op == "ListObjectsV2" and "_ledger" in k] == [
+        "out/_ledger/"]
+    # The recorded versions are the listing's: a rerun reads no weights and skips both.
+    s3_calls.clear()
+    r = sanitize(SanitizeConfig(**cfg))
+    assert (r.ok, r.skipped, r.error) == (0, 2, 0), r.errors
+    assert not [k for op, k in s3_calls if op == "GetObject" and k.endswith(".safetensors")]
+    # One output replaced behind the ledger's back: that adapter alone is redone.
+    s3_admin_client.put_object(Bucket=s3_bucket, Key="out/a1/adapter_model.safetensors",
+                               Body=b"not the output")
+    r = sanitize(SanitizeConfig(**cfg))
+    assert (r.ok, r.skipped, r.error) == (1, 1, 0), r.errors
+    # --force reads no record at all.
+    s3_calls.clear()
+    r = sanitize(SanitizeConfig(**cfg, force=True))
+    assert (r.ok, r.skipped, r.error) == (2, 0, 0), r.errors
+    assert not [k for op, k in s3_calls if "_ledger" in k and op != "PutObject"]

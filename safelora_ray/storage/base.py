@@ -123,8 +123,13 @@ class Storage(abc.ABC):
         """
         raise StorageError(f"{self.uri} does not support conditional writes")
 
-    def put_file(self, path: str, local_path: str) -> None:
-        """Atomically upload the local file ``local_path`` to ``path``."""
+    def put_file(self, path: str, local_path: str) -> str | None:
+        """Atomically upload the local file ``local_path`` to ``path``.
+
+        Returns:
+            The written object's :meth:`version` when the write told it (an S3 PUT's ETag),
+            else None.
+        """
         raise StorageError(f"{self.uri} is read-only")
 
     @contextlib.contextmanager
@@ -144,7 +149,8 @@ class Storage(abc.ABC):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
 
-    def put_tree(self, prefix: str, files: list[tuple[str, str]], move: bool = False) -> None:
+    def put_tree(self, prefix: str, files: list[tuple[str, str]],
+                 move: bool = False) -> dict[str, str] | None:
         """Publish a set of files under ``prefix`` as one unit, as far as the backend allows.
 
         ``files`` are ``(relative path, local file)`` pairs, in the order to publish them; the
@@ -152,9 +158,18 @@ class Storage(abc.ABC):
         Backends with directories (local) stage the tree and rename it into place; object
         stores upload each object atomically and the marker last. ``move``: the local files
         are the caller's to give away (a backend may move them rather than copy them).
+
+        Returns:
+            ``{relative path: version}`` of the objects written, when every write told its
+            version (an object store's PUT answers with the ETag: no listing needed to learn
+            it); else None.
         """
+        versions: dict[str, str] = {}
         for rel, local in files:
-            self.put_file(posixpath.join(prefix, rel), local)
+            v = self.put_file(posixpath.join(prefix, rel), local)
+            if v is not None:
+                versions[rel] = v
+        return versions if len(versions) == len(files) else None
 
     def scratch_dir(self) -> str | None:
         """A local directory where files meant for :meth:`put_tree` are best written (for a

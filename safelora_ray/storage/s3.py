@@ -274,28 +274,37 @@ class S3Storage(Storage):
 
     def read(self, path: str, max_bytes: int = DEFAULT_MAX_READ_BYTES) -> bytes:
         """The whole object with one GET (no HEAD first: a round trip saved per small file);
-        refuses objects larger than ``max_bytes`` before reading their body."""
+        refuses objects larger than ``max_bytes`` before reading their body. A body cut short
+        is read again with the same request (botocore retries only the request itself)."""
         key = self._key(path)
-        try:
-            resp = self.client.get_object(Bucket=self.bucket, Key=key)
-        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
-            self._raise(exc, path, "GET")
-        body = resp["Body"]
-        try:
-            n = int(resp["ContentLength"])
-            if n > max_bytes:
-                raise StorageError(
-                    f"{self.describe(path)} is {n} bytes, more than the {max_bytes} allowed here"
-                )
-            data = body.read()
-        except _BODY_ERRORS:
-            data = None  # a broken stream: re-read it with the retrying ranged path
-        finally:
-            body.close()
-        if data is None or len(data) != n:
-            return self.read_range(path, 0, n) if n else b""
-        self._count(n)
-        return data
+        for attempt in range(1, _BODY_ATTEMPTS + 1):
+            try:
+                resp = self.client.get_object(Bucket=self.bucket, Key=key)
+            except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+                self._raise(exc, path, "GET")
+            body = resp["Body"]
+            broken: Exception | None = None
+            try:
+                n = int(resp["ContentLength"])
+                if n > max_bytes:
+                    raise StorageError(f"{self.describe(path)} is {n} bytes, more than the "
+                                       f"{max_bytes} allowed here")
+                data = body.read()
+            except _BODY_ERRORS as exc:
+                broken, data = exc, b""
+            finally:
+                body.close()
+            self._count(len(data))
+            if broken is None and len(data) == n:
+                return data
+            if attempt == _BODY_ATTEMPTS:
+                if broken is not None:
+                    self._raise(broken, path, "GET")
+                raise StorageError(f"short read from {self.describe(path)}: got {len(data)} "
+                                   f"of its {n} bytes")
+            logger.warning("re-reading %s after a broken response stream: %s",
+                           self.describe(path), type(broken).__name__ if broken else "short")
+        raise AssertionError("unreachable")
 
     def exists(self, path: str) -> bool:
         """Whether an object exists at ``path`` (HEAD)."""
@@ -363,8 +372,14 @@ class S3Storage(Storage):
             self._raise(exc, path, "conditional PUT")
         return True
 
-    def put_file(self, path: str, local_path: str) -> None:
-        """Upload a local file (multipart above 64 MiB; atomic: visible on completion)."""
+    def put_file(self, path: str, local_path: str) -> str | None:
+        """Upload a local file (multipart above 64 MiB; atomic: visible on completion).
+
+        Returns:
+            The object's ETag (as :meth:`list` and :meth:`version` give it): from the PUT's
+            response for a single PUT, from a HEAD after a multipart upload (the transfer
+            manager does not hand the completion's response on).
+        """
         key = self._key(path)
         try:
             small = os.path.getsize(local_path) < UPLOAD_PART_SIZE
@@ -375,10 +390,11 @@ class S3Storage(Storage):
             # the request itself for a small adapter file).
             try:
                 with open(local_path, "rb") as f:
-                    self.client.put_object(Bucket=self.bucket, Key=key, Body=f)
+                    resp = self.client.put_object(Bucket=self.bucket, Key=key, Body=f)
             except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
                 self._raise(exc, path, "PUT")
-            return
+            etag = resp.get("ETag")
+            return str(etag).strip('"') if etag else None
         config = TransferConfig(
             multipart_threshold=UPLOAD_PART_SIZE,
             multipart_chunksize=UPLOAD_PART_SIZE,
@@ -394,6 +410,7 @@ class S3Storage(Storage):
             S3UploadFailedError,
         ) as exc:
             self._raise(exc, path, "PUT")
+        return self.version(path)
 
     def delete(self, path: str) -> None:
         """Delete the object (S3 treats deleting a missing key as success)."""

@@ -36,7 +36,7 @@ from safelora_ray.pipelines.sanitize.config import (
     SanitizeResult,
     check_method,
 )
-from safelora_ray.pipelines.sanitize.ledger import LEDGER_PREFIX
+from safelora_ray.pipelines.sanitize.ledger import LEDGER_PREFIX, recorded_ids
 from safelora_ray.pipelines.sanitize.projection import HolderLost, SetKey
 from safelora_ray.pipelines.sanitize.rows import base_row
 from safelora_ray.pipelines.sanitize.safemerge import SafetySpec, check_safety_set, read_safety
@@ -213,6 +213,9 @@ def _sanitize(config: SanitizeConfig) -> SanitizeResult:
     job = SanitizeJob(aset.uri, aset.content_id, out.uri, selection, config.force,
                       config.max_adapter_bytes, config.run_id, config.task_timeout_s, merge)
 
+    # Which adapters have a ledger record, from one listing (an object store's): a new
+    # adapter's record is then not asked for, one 404 per adapter saved.
+    known = None if config.force else recorded_ids(out)
     counter = _adapter_counter() if not ex.in_process else None
     all_by_k = 0  # adapters with at most --num-proj-layers modules: all projected
     k = selection.num_proj_layers
@@ -234,13 +237,22 @@ def _sanitize(config: SanitizeConfig) -> SanitizeResult:
         row["error"] = redact(message)
         record({"adapters": [row], "layers": []})
 
-    def batch_task(batch: list[AdapterRef]) -> Task:
+    def batch_task(batch: list[AdapterRef], first: bool = True) -> Task:
         # The holder is the chosen worker's; a batch whose worker (or the holder of its
         # node's set) died is replaced by its adapters, each run alone on a worker, so a
         # poison adapter fails alone and its batch-mates do not; those already written are
-        # found in the ledger (done by this run: ok).
-        return Task(sanitize_batch, lambda i: (job, batch, ex.holder_of(i), shared),
-                    item=batch, parts=lambda: [batch_task([ref]) for ref in batch])
+        # found in the ledger (done by this run: ok). A part, or a batch run again, reads
+        # every record: the listing taken at the start knows nothing of this run's.
+        recorded = (frozenset(r.adapter_id for r in batch if r.adapter_id in known)
+                    if first and known is not None else None)
+        runs = itertools.count()
+
+        def args(i: int) -> tuple[Any, ...]:
+            again = next(runs) > 0
+            return (job, batch, ex.holder_of(i), shared, None if again else recorded)
+
+        return Task(sanitize_batch, args, item=batch,
+                    parts=lambda: [batch_task([ref], False) for ref in batch])
 
     def died_alone(alone: Task, e: BaseException) -> None:
         ref = alone.item[0]

@@ -33,6 +33,23 @@ def source_uri(ref: AdapterRef) -> str:
     return redact(f"{ref.uri.rstrip('/')}/{ref.prefix}".rstrip("/")) or ""
 
 
+def recorded_ids(out: Storage) -> frozenset[str] | None:
+    """The ids of the adapters that have a record under ``out``, from one listing of the
+    ledger, when ``out`` is an object store (there, reading a new adapter's record is a GET
+    that answers 404: a round trip per adapter, where one LIST serves a thousand); None
+    elsewhere (a missing local file costs no more than a listing of it).
+
+    Taken once a run holds ``out``'s lease (no other run writes records then); what this run
+    writes afterwards is not in it, so a batch retried within the run reads its records.
+    """
+    if not out.remote:
+        return None
+    suffix = ".json"
+    cut = len(LEDGER_PREFIX) + 1
+    return frozenset(o.path[cut:-len(suffix)] for o in out.list(LEDGER_PREFIX)
+                     if o.path.endswith(suffix))
+
+
 class Ledger:
     """The ledger of one output root, for one alignment set and selection.
 
@@ -60,8 +77,17 @@ class Ledger:
         return {"content_digest": digest, "alignment_id": self.alignment_id,
                 "params": self.params}
 
-    def read(self, adapter_id: str) -> dict[str, Any] | None:
-        """The adapter's record; None when there is none or it cannot be read."""
+    def read(self, adapter_id: str, recorded: frozenset[str] | None = None
+             ) -> dict[str, Any] | None:
+        """The adapter's record; None when there is none or it cannot be read.
+
+        Args:
+            adapter_id: The adapter.
+            recorded: The ids that have a record (:func:`recorded_ids`) when the caller
+                knows them: one not among them is not read.
+        """
+        if recorded is not None and adapter_id not in recorded:
+            return None
         try:
             rec = json.loads(self.out.read(ledger_path(adapter_id), max_bytes=1024**2))
         except NotFoundError:
@@ -113,4 +139,4 @@ class Ledger:
         return found if names is None else {n: found[n] for n in names if n in found}
 
 
-__all__ = ["LEDGER_PREFIX", "Ledger", "ledger_path", "source_uri"]
+__all__ = ["LEDGER_PREFIX", "Ledger", "ledger_path", "recorded_ids", "source_uri"]

@@ -181,11 +181,12 @@ class FleetSanitizer:
 
     # -- the work --------------------------------------------------------------------------
     def load(self, ref: AdapterRef, row: dict[str, Any],
-             buffer: Callable[[int], bytearray] | None = None
-             ) -> tuple[Adapter | None, str | None]:
+             buffer: Callable[[int], bytearray] | None = None,
+             recorded: frozenset[str] | None = None) -> tuple[Adapter | None, str | None]:
         """Reads and checks one adapter unless the ledger says it is done (then ``row`` is
         marked skipped and the adapter is None). ``buffer`` gives the memory its weights are
-        read into (see :func:`~safelora_ray.formats.peft.read_adapter`).
+        read into (see :func:`~safelora_ray.formats.peft.read_adapter`); ``recorded``: the
+        ids with a ledger record, when known (:func:`~.ledger.recorded_ids`).
 
         Returns:
             ``(adapter, fingerprint)``.
@@ -194,7 +195,8 @@ class FleetSanitizer:
             Exception: the adapter cannot be sanitized (``row`` becomes its error).
         """
         ledger = self.ledger
-        record = ledger.read(ref.adapter_id)
+        # --force: no record counts (nor is owned), so none is read.
+        record = None if ledger.force else ledger.read(ref.adapter_id, recorded)
         ledger.check_owner(record, ref)
         fp, listing = self._fingerprint(ref)
         # Same object versions as last time: skip without downloading the weights.
@@ -224,7 +226,8 @@ class FleetSanitizer:
 
     def process(self, refs: Sequence[AdapterRef],
                 cancelled: Callable[[], bool] | None = None,
-                project: Projector | None = None) -> dict[str, Any]:
+                project: Projector | None = None,
+                recorded: frozenset[str] | None = None) -> dict[str, Any]:
         """Sanitize one batch; never raises for a bad adapter (it becomes an error row).
 
         Args:
@@ -234,20 +237,22 @@ class FleetSanitizer:
                 interrupted run stops after the adapter in progress, never inside one.
             project: Computes the batch's products (default: here, the set loaded on this
                 sanitizer's device).
+            recorded: Which of ``refs`` have a ledger record (None: unknown, each is read).
 
         Returns:
             ``{"adapters": [row, ...], "layers": [row, ...]}``.
         """
         loans = Loans(self._buffers, min_bytes=POOLED_MIN_BYTES)
         try:
-            return self._batch(refs, cancelled or (lambda: False), project, loans)
+            return self._batch(refs, cancelled or (lambda: False), project, loans, recorded)
         finally:
             # After _batch returned: its names holding the adapters (and so views into
             # these buffers) are gone with its frame.
             loans.give_back()
 
     def _batch(self, refs: Sequence[AdapterRef], stop: Callable[[], bool],
-               project: Projector | None, loans: Loans) -> dict[str, Any]:
+               project: Projector | None, loans: Loans,
+               recorded: frozenset[str] | None) -> dict[str, Any]:
         t_batch = time.perf_counter()
 
         def read_one(ref: AdapterRef) -> tuple[dict[str, Any], Loaded | None]:
@@ -256,7 +261,7 @@ class FleetSanitizer:
             t0 = time.perf_counter()
             row = base_row(ref)
             try:
-                adapter, fp = self.load(ref, row, loans)
+                adapter, fp = self.load(ref, row, loans, recorded)
                 if adapter is None:
                     return row, None
                 grams = adapter_grams(adapter)
@@ -418,11 +423,15 @@ class FleetSanitizer:
             files = write_adapter(adapter, new_b, tmp, self._storages.get(ref.uri), ref.prefix,
                                   digest, new_a=new_a, config_bytes=config_bytes)
             out_digest = digest.value()
-            bytes_out = sum(os.path.getsize(p) for _, p in files)
-            self.out.put_tree(ref.adapter_id, files, move=True)
+            sizes = {rel: os.path.getsize(p) for rel, p in files}
+            bytes_out = sum(sizes.values())
+            written = self.out.put_tree(ref.adapter_id, files, move=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        outputs = self.ledger.outputs(ref.adapter_id, [rel for rel, _ in files])
+        # Each output's size and version, as a later run's listing will show them: told by
+        # the writes themselves on an object store (the PUTs' ETags), else listed.
+        outputs = ({rel: {"bytes": n, "version": written[rel]} for rel, n in sizes.items()}
+                   if written is not None else self.ledger.outputs(ref.adapter_id, list(sizes)))
         dists = [0.0 if m in chosen else s.dist for m, s in scores.items()]
         adapter_pdst = pdst(dists)
         # The record goes last: an adapter is "done" only once its output is in place.
@@ -541,7 +550,8 @@ SANITIZER_SLOT = "sanitizer"
 
 
 def sanitize_batch(ctx: WorkerContext, job: SanitizeJob, refs: Sequence[AdapterRef],
-                   holder: Any = None, shared: bool = False) -> dict[str, Any]:
+                   holder: Any = None, shared: bool = False,
+                   recorded: frozenset[str] | None = None) -> dict[str, Any]:
     """Task: sanitize one batch of adapters (see :meth:`FleetSanitizer.process`).
 
     Args:
@@ -554,6 +564,8 @@ def sanitize_batch(ctx: WorkerContext, job: SanitizeJob, refs: Sequence[AdapterR
             CPU node's object store, a GPU's memory through CUDA IPC: see
             :mod:`~safelora_ray.pipelines.sanitize.shared_set`); else ``holder`` computes
             them.
+        recorded: Which of ``refs`` had a ledger record when the run started (None:
+            unknown, each adapter's record is read).
     """
     key = SetKey(job.alignment_uri, job.alignment_id)
 
@@ -571,7 +583,8 @@ def sanitize_batch(ctx: WorkerContext, job: SanitizeJob, refs: Sequence[AdapterR
         project = remote_projector(holder, key, job.task_timeout_s)
     else:  # the driver's process: the sanitizer's own engine
         project = None
-    return san.process(refs, cancelled=lambda: ctx.cancelled(job.run_id), project=project)
+    return san.process(refs, cancelled=lambda: ctx.cancelled(job.run_id), project=project,
+                       recorded=recorded)
 
 
 __all__ = ["FleetSanitizer", "SanitizeJob", "check_orientation", "sanitize_batch",
