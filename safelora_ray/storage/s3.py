@@ -25,6 +25,7 @@ from botocore.config import Config
 from safelora_ray.core.errors import NotFoundError, StorageError
 from safelora_ray.storage.base import DEFAULT_MAX_READ_BYTES, ObjectInfo, Storage
 from safelora_ray.storage.localfs import as_byte_view, check_range
+from safelora_ray.storage.s3_outage import ride_out_outages
 from safelora_ray.storage.uri import normalize_relpath
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,8 @@ _loader: Any = None
 
 
 def _new_client() -> Any:
-    """A new S3 client configured from the environment, with retries and a big pool.
+    """A new S3 client configured from the environment, with retries and a big pool, that
+    rides out an endpoint gone for up to ``SAFELORA_S3_OUTAGE_S`` (:mod:`.s3_outage`).
 
     Each client gets a fresh session, so credentials and endpoint are read from the
     environment now (boto3's default session is not thread-safe and caches credentials), but
@@ -69,13 +71,15 @@ def _new_client() -> Any:
             _loader = botocore.loaders.create_loader()
         bs = botocore.session.get_session()
         bs.register_component("data_loader", _loader)
-        return boto3.session.Session(botocore_session=bs).client(
+        client = boto3.session.Session(botocore_session=bs).client(
             "s3",
             config=Config(
                 retries={"mode": "standard", "max_attempts": 10},
                 max_pool_connections=64,
             ),
         )
+    # botocore's retries cover a failed request, not a server down for seconds (a restart).
+    return ride_out_outages(client)
 
 
 class S3Storage(Storage):
