@@ -129,6 +129,8 @@ class SeaweedFS:
             weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
             f"-master.port={p['master']}", f"-master.port.grpc={p['master_grpc']}",
             f"-master.volumeSizeLimitMB={self.volume_size_mb}", "-master.telemetry=false",
+            # A restarted master waits this long before it leads again (raft state on disk):
+            # 10 s by default, during which S3 cannot answer.
             "-master.electionTimeout=1s",
             f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume_grpc']}",
             # 0: as many volumes as the disk holds (the default 8 runs out after a few
