@@ -1,9 +1,11 @@
-"""Figures of docs/reliability.md §7: a 4-node Ray cluster on loopback (tests/cluster_harness.py:
-a head and 3 worker nodes of 1 CPU each, the worker nodes on private disks), S3 through a local
-moto server; sanitize and build timed without faults, with a worker node killed mid-run (on a
-full cluster and with spare capacity) and with the driver killed mid-run.
+"""Figures of docs/reliability.md §6: a 4-node Ray cluster on loopback (tests/cluster_harness.py:
+a head and 3 worker nodes of 1 CPU each, the worker nodes on private disks), S3 through a real
+S3 server on loopback (SeaweedFS, tests/seaweedfs.py); sanitize and build timed without faults,
+with a worker node killed mid-run (on a full cluster and with spare capacity), with the S3
+server restarted mid-run and with the driver killed mid-run.
 
-    .venv/bin/python -m tests.cluster_figures --out-json benchmarks/results/cluster-4nodes.json
+    .venv/bin/python -m tests.cluster_figures \
+        --out-json benchmarks/results/issue23/cluster-4nodes-seaweedfs.json
 
 Not a test (pytest does not collect it): it measures what tests/test_cluster.py checks.
 """
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                         "after ~30 s instead of ~3 s)")
     args = p.parse_args(argv)
 
+    load_start = os.getloadavg()
     root = Path(tempfile.mkdtemp(prefix="slr-fig-", dir="/tmp"))
     token = root / "auth_token"
     token.write_text(secrets.token_hex(32))
@@ -61,15 +64,10 @@ def main(argv: list[str] | None = None) -> int:
                           RAY_health_check_failure_threshold="3",
                           RAY_health_check_initial_delay_ms="1000",
                           RAY_health_check_timeout_ms="1000")
-    from moto.server import ThreadedMotoServer
+    from tests.seaweedfs import SeaweedFS
 
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="x",
-                      AWS_SECRET_ACCESS_KEY="x", AWS_DEFAULT_REGION="us-east-1",
-                      AWS_EC2_METADATA_DISABLED="true")
+    server = SeaweedFS(root / "seaweedfs").start()
+    os.environ.update(server.env())
     import boto3
     import ray
     import torch
@@ -120,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cluster = LocalCluster(root)
     figures: dict[str, Any] = {"adapters": args.adapters, "nodes": 4, "cpus_per_node": 1,
+                               "s3_server": "SeaweedFS " + server.version(),
                                "fast_health_checks": not args.ray_default_health}
     t0 = time.monotonic()
     cluster.start_head()
@@ -147,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
         return None
 
-    def timed_sanitize(name: str, kill_at: int | None, workers: int | None) -> dict[str, Any]:
+    def timed_sanitize(name: str, kill_at: int | None, workers: int | None,
+                       restart_s3: bool = False) -> dict[str, Any]:
         drops.events.clear()
         out = f"{b}/out-{name}"
         box: dict[str, Any] = {}
@@ -164,15 +164,21 @@ def main(argv: list[str] | None = None) -> int:
         if kill_at is not None:
             while keys(f"out-{name}/_ledger/") < kill_at:
                 time.sleep(0.05)
-            victim = busy_node()
             killed = time.monotonic()
-            victim.kill()
+            if restart_s3:
+                server.restart(down_s=2.0)
+            else:
+                busy_node().kill()
+        restarted_s = time.monotonic() - killed if restart_s3 and killed else None
         t.join()
         res = box["res"]
         fig = {"wall_s": round(time.monotonic() - start, 2), "ok": res.ok, "error": res.error,
                "adapters_per_s": round(res.total / res.duration_s, 2),
                "report": keys(f"out-{name}/_reports/{res.run_id}/summary.json") == 1}
-        if killed is not None:
+        if restarted_s is not None:
+            fig["s3_restarted_after_adapters"] = kill_at
+            fig["s3_down_s"] = round(restarted_s, 2)  # killed until it answered again
+        elif killed is not None:
             fig["killed_after_adapters"] = kill_at
             fig["drops"] = len(drops.events)
             fig["first_drop_after_kill_s"] = (round(drops.events[0][0] - killed, 2)
@@ -191,6 +197,16 @@ def main(argv: list[str] | None = None) -> int:
         restore()
         figures["sanitize_node_lost_spare"] = timed_sanitize("spare", args.adapters // 4, 2)
         restore()
+        # The S3 server restarted mid-run (killed, 2 s down, started on the same data): the
+        # requests meanwhile are retried (storage/s3_outage); then the same command again.
+        figures["sanitize_s3_restarted"] = timed_sanitize("s3restart", args.adapters // 4,
+                                                          None, restart_s3=True)
+        rerun = sanitize(SanitizeConfig(alignment=f"{b}/set", adapters=f"{b}/cat",
+                                        out=f"{b}/out-s3restart", threshold=0.35,
+                                        batch_size=2, progress=False))
+        figures["sanitize_s3_restarted"]["rerun"] = {"ok": rerun.ok, "skipped": rerun.skipped,
+                                                     "error": rerun.error,
+                                                     "wall_s": round(rerun.duration_s, 2)}
         # A build losing a node: its shards go elsewhere; the set is the same set.
         drops.events.clear()
         box: dict[str, Any] = {}
@@ -245,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
         shutil.rmtree(root, ignore_errors=True)
     figures["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(),
+                          "load_avg_start": load_start,
                           "load_avg_end": os.getloadavg()}
     if args.out_json:
         Path(args.out_json).write_text(json.dumps(figures, indent=2))

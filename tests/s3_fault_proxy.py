@@ -103,6 +103,8 @@ class ProxyStats:
         injected: Faults injected, by kind.
         faulted_keys: Request keys that got a fault (method, path?query, Range).
         retried_ok: Faulted keys that were later requested again and answered in full.
+        error_answered: Truncated keys whose status line, sent whole, was an error (404 ...):
+            the client has its answer from it and rightly does not ask again.
         by_method: Requests received, by method.
         paths: Requests received, by path (without the query string).
     """
@@ -112,6 +114,7 @@ class ProxyStats:
     injected: Counter[str] = field(default_factory=Counter)
     faulted_keys: set[tuple[str, str, str]] = field(default_factory=set)
     retried_ok: set[tuple[str, str, str]] = field(default_factory=set)
+    error_answered: set[tuple[str, str, str]] = field(default_factory=set)
     by_method: Counter[str] = field(default_factory=Counter)
     paths: Counter[str] = field(default_factory=Counter)
     denied: int = 0
@@ -208,6 +211,9 @@ class _Handler(BaseHTTPRequestHandler):
             # With a body: every header and half of the body. Without one: part of the
             # status line (a truncated header block would read as a complete response).
             cut = raw_head + payload[: len(payload) // 2] if payload else raw_head[:10]
+            if payload and status >= 300:
+                with proxy.lock:
+                    proxy.stats.error_answered.add(key)
             with contextlib.suppress(OSError):
                 self.wfile.write(cut)
                 self.wfile.flush()

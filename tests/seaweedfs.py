@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,9 @@ class SeaweedFS:
             weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
             f"-master.port={p['master']}", f"-master.port.grpc={p['master_grpc']}",
             f"-master.volumeSizeLimitMB={self.volume_size_mb}", "-master.telemetry=false",
+            # A restarted master waits this long before it leads again (raft state on disk):
+            # 10 s by default, during which S3 cannot answer.
+            "-master.electionTimeout=1s",
             f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume_grpc']}",
             # 0: as many volumes as the disk holds (the default 8 runs out after a few
             # buckets: "no free volumes left", a 500 InternalError to the client)
@@ -164,12 +168,27 @@ class SeaweedFS:
                 raise RuntimeError(f"weed exited with {self._proc.returncode}: {self.log_tail()}")
             try:
                 client.list_buckets()
-                return
+                # S3 answers before the volume server has told the master about its volumes
+                # (reads: 500 "volume not found"; writes: "no free volumes left").
+                if self._data_nodes() > 0:
+                    return
+                last = RuntimeError("no volume server registered with the master yet")
             except Exception as exc:  # not listening yet, or the filer not up: retry
                 last = exc
-                time.sleep(0.1)
+            time.sleep(0.1)
         raise RuntimeError(f"SeaweedFS S3 did not answer within {self.startup_timeout_s:.0f} s "
                            f"({last}): {self.log_tail()}")
+
+    def _data_nodes(self) -> int:
+        """Volume servers the master knows (from its ``/dir/status``; 0 on any error)."""
+        url = f"http://127.0.0.1:{self.ports['master']}/dir/status"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                topo = json.load(resp).get("Topology") or {}
+        except (OSError, ValueError):
+            return 0
+        return sum(len(rack.get("DataNodes") or []) for dc in topo.get("DataCenters") or []
+                   for rack in dc.get("Racks") or [])
 
     def stop(self) -> None:
         """Kill the process group started by :meth:`start` (SIGKILL: a graceful stop takes
@@ -186,6 +205,14 @@ class SeaweedFS:
         self.stop()
         time.sleep(down_s)
         self.start()
+
+    @staticmethod
+    def version() -> str:
+        """``weed version``'s version (``"8000GB 4.48 pypi"``), for the figures' records."""
+        out = subprocess.run([weed_binary(), "version"], capture_output=True, text=True,
+                             timeout=30, check=False).stdout
+        first = out.strip().splitlines()[0] if out.strip() else ""
+        return first.removeprefix("version ").rsplit(" linux", 1)[0]
 
     @property
     def pid(self) -> int | None:

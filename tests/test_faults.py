@@ -297,7 +297,8 @@ def test_s3_errors_and_throttling_are_retried(tmp_path: Path, world: World, s3_b
     # The faults really happened, of every kind, on driver and worker requests, and every
     # faulted request was retried until it went through.
     assert all(stats.injected[k] >= 3 for k in KINDS), stats.as_dict()
-    assert stats.retried_ok == stats.faulted_keys
+    # (a truncated 404 is a 404 all the same: the client rightly does not ask again)
+    assert stats.retried_ok | stats.error_answered == stats.faulted_keys
     assert any(p.endswith("/adapter_model.safetensors") for p in stats.paths)  # worker reads
     assert any(p.startswith(f"/{s3_bucket}/set-faulty/shards/") for p in stats.paths)
     record_figures("s3_faults", requests=stats.requests, injected=dict(stats.injected),

@@ -65,6 +65,28 @@ def _left_by(storage: Any, path: str, **fields: Any) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def test_a_lease_that_cannot_be_released_is_a_warning(tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """The store gone as a run ends (an S3 outage past its window): release() warns, and the
+    run's own result is not replaced by the error; the record lapses by itself."""
+    from safelora_ray.core.errors import StorageError
+    from safelora_ray.storage.local import LocalStorage
+
+    store = LocalStorage(str(tmp_path / "out"))
+    lease = Lease(store, "_safelora/lease.json", owner="run-1", ttl_s=600)
+    lease.acquire()
+
+    def down(*_: Any, **__: Any) -> Any:
+        raise StorageError("HEAD s3://b/out/_safelora/lease.json failed (EndpointConnectionError)")
+
+    with caplog.at_level("WARNING"):
+        store.version = down  # type: ignore[method-assign]
+        lease.release()
+    assert "could not release lease" in caplog.text and "lapses 600 s" in caplog.text
+    del store.version  # the store is back: the record is still there, the run's
+    assert json.loads(store.read("_safelora/lease.json"))["token"] == lease.token
+
+
 def test_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(storage):
     _left_by(storage, "_nightly/lock.json", pid=_dead_pid())
     t0 = time.monotonic()

@@ -250,9 +250,17 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        rec, _ = self._current()
-        if rec and rec.get("token") == self.token:
-            self.storage.delete(self.path)
+        try:
+            rec, _ = self._current()
+            if rec and rec.get("token") == self.token:
+                self.storage.delete(self.path)
+        except SafeLoraError as e:
+            # The store is unreachable as the run ends (an S3 outage): the run's own result
+            # matters more than this delete; the lease lapses by itself.
+            logger.warning("could not release lease %s (%s): it lapses %.0f s after its last "
+                           "renewal, or at once for a run on this host once this process has "
+                           "ended", self.storage.describe(self.path), e, self.ttl_s)
+            return
         for d in self._new_dirs:  # deepest first; one holding anything else stays
             if not remove_empty_dir(d):
                 break

@@ -23,8 +23,10 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
 from safelora_ray.core.errors import NotFoundError, StorageError
+from safelora_ray.core.validate import env_number
 from safelora_ray.storage.base import DEFAULT_MAX_READ_BYTES, ObjectInfo, Storage
 from safelora_ray.storage.localfs import as_byte_view, check_range
+from safelora_ray.storage.s3_outage import ride_out_outages
 from safelora_ray.storage.uri import normalize_relpath
 
 logger = logging.getLogger(__name__)
@@ -55,8 +57,25 @@ _loader_lock = threading.Lock()
 _loader: Any = None
 
 
+def _retries() -> dict[str, Any]:
+    """botocore's retry settings: ``standard`` mode, 10 retries, unless the user set the usual
+    ``AWS_RETRY_MODE`` / ``AWS_MAX_ATTEMPTS`` (a config passed to a client overrides them, so
+    they are read here)."""
+    mode = os.environ.get("AWS_RETRY_MODE", "").strip() or "standard"
+    if mode not in ("standard", "adaptive", "legacy"):
+        raise StorageError(f"environment variable AWS_RETRY_MODE={mode!r} is not one of "
+                           "standard, adaptive, legacy")
+    if os.environ.get("AWS_MAX_ATTEMPTS", "").strip():
+        total = env_number("AWS_MAX_ATTEMPTS", 11, int)
+        if total < 1:
+            raise StorageError(f"environment variable AWS_MAX_ATTEMPTS={total} must be ≥ 1")
+        return {"mode": mode, "total_max_attempts": total}
+    return {"mode": mode, "max_attempts": 10}
+
+
 def _new_client() -> Any:
-    """A new S3 client configured from the environment, with retries and a big pool.
+    """A new S3 client configured from the environment, with retries and a big pool, that
+    rides out an endpoint gone for up to ``SAFELORA_S3_OUTAGE_S`` (:mod:`.s3_outage`).
 
     Each client gets a fresh session, so credentials and endpoint are read from the
     environment now (boto3's default session is not thread-safe and caches credentials), but
@@ -69,13 +88,10 @@ def _new_client() -> Any:
             _loader = botocore.loaders.create_loader()
         bs = botocore.session.get_session()
         bs.register_component("data_loader", _loader)
-        return boto3.session.Session(botocore_session=bs).client(
-            "s3",
-            config=Config(
-                retries={"mode": "standard", "max_attempts": 10},
-                max_pool_connections=64,
-            ),
-        )
+        client = boto3.session.Session(botocore_session=bs).client(
+            "s3", config=Config(retries=_retries(), max_pool_connections=64))
+    # botocore's retries cover a failed request, not a server down for seconds (a restart).
+    return ride_out_outages(client)
 
 
 class S3Storage(Storage):
