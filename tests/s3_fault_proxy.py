@@ -311,11 +311,6 @@ class S3FaultProxy:
         with self.lock:
             if key in self.stats.faulted_keys:
                 self.stats.retried_ok.add(key)
-            # A whole-object GET cut short is read again by ranges (S3Storage.read): any
-            # later complete GET of the object retries it.
-            whole = (key[0], key[1], "")
-            if key[0] == "GET" and key[2] and whole in self.stats.faulted_keys:
-                self.stats.retried_ok.add(whole)
 
     # -- forwarding --------------------------------------------------------------------------
     def _conn(self) -> http.client.HTTPConnection:
