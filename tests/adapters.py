@@ -238,3 +238,46 @@ def tree_bytes(path: str | os.PathLike[str]) -> dict[str, bytes]:
     return {
         str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
     }
+
+
+def spread_b(path: str | os.PathLike[str], v: dict[str, torch.Tensor], seed: int,
+             every: int = 2) -> None:
+    """Move every ``every``-th B of the PEFT adapter at ``path`` into the column space of its
+    module's V = W_aligned − W_base (``v``, by module name: a high cosine); the others stay
+    random (low cosines), so selections are not trivial."""
+    g = torch.Generator().manual_seed(seed)
+    pfx, suffix = "base_model.model.", ".lora_B.weight"
+
+    def edit(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        keys = sorted(k for k in t if k.endswith(suffix))
+        for i, k in enumerate(keys):
+            if (i + seed) % every:
+                continue
+            vm = v[k[len(pfx): -len(suffix)]]
+            b = t[k]
+            new = vm @ torch.randn(vm.shape[1], b.shape[1], generator=g, dtype=torch.float64)
+            t[k] = (new * (b.double().norm() / new.norm())).to(b.dtype)
+        return t
+
+    rewrite_weights(path, edit)
+
+
+def save_aligned_pair(root: str | os.PathLike[str], *, seed: int, gqa: bool = False,
+                      max_shard_size: str | None = None) -> tuple[Path, Path]:
+    """A model pair under ``root``: base = the tiny Llama, aligned = base + a rank-2 update +
+    noise on every layer weight (HF safetensors, sharded with ``max_shard_size``)."""
+    root = Path(root)
+    model = tiny_model(0, gqa=gqa)
+    base = root / "base"
+    model.save_pretrained(str(base))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and ".layers." in name:
+                d_out, d_in = p.shape
+                low = torch.randn(d_out, 2, generator=g) @ torch.randn(2, d_in, generator=g)
+                p.add_(low * 0.02 + torch.randn(d_out, d_in, generator=g) * 0.001)
+    aligned = root / "aligned"
+    model.save_pretrained(str(aligned), **({"max_shard_size": max_shard_size}
+                                            if max_shard_size else {}))
+    return base, aligned

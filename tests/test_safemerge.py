@@ -25,7 +25,14 @@ from safelora_ray.cli.main import main as cli_main
 from safelora_ray.core.errors import ConfigError
 from safelora_ray.core.merge import MergeRule, merge_module, parse_weights
 from safelora_ray.pipelines.sanitize.driver import SanitizeConfig, sanitize
-from tests.adapters import edit_config, load_base_model, make_adapter, rewrite_weights, tiny_model
+from tests.adapters import (
+    edit_config,
+    load_base_model,
+    make_adapter,
+    rewrite_weights,
+    save_aligned_pair,
+    spread_b,
+)
 from tests.reference import dense_c, dense_cos
 
 peft = pytest.importorskip("peft")
@@ -116,23 +123,6 @@ def peft_deltas(base: Path, adapter_dir: Path) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _spread(path: Path, v: dict[str, torch.Tensor], seed: int) -> None:
-    """Every other B moved into its V's column space (high cosines), the rest random."""
-    g = torch.Generator().manual_seed(seed)
-
-    def edit(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        for i, key in enumerate(sorted(k for k in t if k.endswith(".lora_B.weight"))):
-            if (i + seed) % 2:
-                continue
-            vm = v[key[len(PFX): -len(".lora_B.weight")]]
-            b = t[key]
-            new = vm @ torch.randn(vm.shape[1], b.shape[1], generator=g, dtype=torch.float64)
-            t[key] = (new * (b.double().norm() / new.norm())).to(b.dtype)
-        return t
-
-    rewrite_weights(path, edit)
-
-
 def _adapter(path: Path, spec: dict[str, Any], seed: int, base: str = BASE_NAME,
              **kw: Any) -> Path:
     args = {k: v for k, v in spec.items() if k != "rslora"}
@@ -147,18 +137,7 @@ def _adapter(path: Path, spec: dict[str, Any], seed: int, base: str = BASE_NAME,
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("safemerge")
-    model = tiny_model(0)
-    base = root / "base"
-    model.save_pretrained(str(base))
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and ".layers." in name:
-                d_out, d_in = p.shape
-                low = torch.randn(d_out, 2, generator=g) @ torch.randn(2, d_in, generator=g)
-                p.add_(low * 0.02 + torch.randn(d_out, d_in, generator=g) * 0.001)
-    aligned = root / "aligned"
-    model.save_pretrained(str(aligned))
+    base, aligned = save_aligned_pair(root, seed=5)
     sb = load_file(str(base / "model.safetensors"))
     sa = load_file(str(aligned / "model.safetensors"))
     c = {n[: -len(".weight")]: dense_c(w, sa[n]) for n, w in sb.items()
@@ -170,7 +149,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     safety = _adapter(root / "safety", SAFETY_SPEC, 7)
     catalog = root / "catalog"
     for i, (aid, spec) in enumerate(SPECS.items()):
-        _spread(_adapter(catalog / aid, spec, 20 + i), v, i)
+        spread_b(_adapter(catalog / aid, spec, 20 + i), v, i)
     return {"root": root, "base": base, "c": c, "v": v, "set": res.uri, "safety": safety,
             "catalog": catalog}
 
@@ -420,7 +399,7 @@ def test_bf16_adapter_written_in_its_dtype(world: dict[str, Any], tmp_path: Path
     is the reference's up to bf16 rounding of the factors."""
     cat = tmp_path / "catalog"
     spec = SPECS["patterns"]
-    _spread(_adapter(cat / "bf16", spec, 50, dtype=torch.bfloat16), world["v"], 1)
+    spread_b(_adapter(cat / "bf16", spec, 50, dtype=torch.bfloat16), world["v"], 1)
     out = tmp_path / "out"
     res = _run(world, out, catalog=cat, threshold=0.5, combination="cat")
     assert res.ok == 1, res.errors

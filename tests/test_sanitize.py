@@ -45,6 +45,8 @@ from tests.adapters import (
     make_ia3_adapter,
     read_weights,
     rewrite_weights,
+    save_aligned_pair,
+    spread_b,
     tiny_model,
 )
 from tests.reference import dense_c, dense_cos, sanitize_dense
@@ -73,19 +75,8 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
 
 def _save_pair(root: Path, gqa: bool, shard: bool) -> tuple[Path, Path]:
     """Base = the tiny Llama; aligned = base + a rank-2 update + noise on every layer weight."""
-    model = tiny_model(0, gqa=gqa)
-    base = root / "base"
-    model.save_pretrained(str(base))
-    g = torch.Generator().manual_seed(11 if gqa else 10)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and ".layers." in name:
-                d_out, d_in = p.shape
-                low = torch.randn(d_out, 2, generator=g) @ torch.randn(2, d_in, generator=g)
-                p.add_(low * 0.02 + torch.randn(d_out, d_in, generator=g) * 0.001)
-    aligned = root / "aligned"
-    model.save_pretrained(str(aligned), **({"max_shard_size": "30KB"} if shard else {}))
-    return base, aligned
+    return save_aligned_pair(root, seed=11 if gqa else 10, gqa=gqa,
+                             max_shard_size="30KB" if shard else None)
 
 
 @dataclass
@@ -134,25 +125,6 @@ def gqa_pair(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Pair:
                       sets={"qkv": ("q_proj", "k_proj", "v_proj")})
 
 
-def _spread(path: Path, v: dict[str, torch.Tensor], seed: int, every: int = 2) -> None:
-    """Move every ``every``-th B into the column space of its V (a high cosine); the others
-    stay random (low cosines), so selections are not trivial."""
-    g = torch.Generator().manual_seed(seed)
-
-    def edit(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        keys = sorted(k for k in t if k.endswith(".lora_B.weight"))
-        for i, k in enumerate(keys):
-            if (i + seed) % every:
-                continue
-            vm = v[k[len(PFX): -len(".lora_B.weight")]]
-            b = t[k]
-            new = vm @ torch.randn(vm.shape[1], b.shape[1], generator=g, dtype=torch.float64)
-            t[k] = (new * (b.double().norm() / new.norm())).to(b.dtype)
-        return t
-
-    rewrite_weights(path, edit)
-
-
 def _tie(path: Path, c: dict[str, torch.Tensor], modules: list[str]) -> None:
     """Make B of ``modules`` rank one along C's top eigenvector: cos rounds to exactly 1.0."""
 
@@ -199,7 +171,7 @@ def catalog(tmp_path_factory: pytest.TempPathFactory, pair: Pair) -> Catalog:
             _tie(path, pair.c, ["model.layers.0.self_attn.q_proj",
                                 "model.layers.1.self_attn.v_proj"])
         else:
-            _spread(path, pair.v, seed=i)
+            spread_b(path, pair.v, seed=i)
     return Catalog(root, pair, pair.sets["all"], list(specs))
 
 
@@ -216,7 +188,7 @@ def gqa_catalog(tmp_path_factory: pytest.TempPathFactory, gqa_pair: Pair) -> Cat
     }
     for i, (adapter_id, kw) in enumerate(specs.items()):
         path, _ = make_adapter(root / adapter_id, gqa=True, adapter_seed=200 + i, **kw)
-        _spread(path, gqa_pair.v, seed=i + 1)
+        spread_b(path, gqa_pair.v, seed=i + 1)
     return Catalog(root, gqa_pair, gqa_pair.sets["qkv"], list(specs))
 
 
@@ -490,7 +462,7 @@ def test_reused_read_buffers_give_the_reference(tmp_path: Path, catalog: Catalog
     assert len(back) >= len(catalog.ids) // 2 and sum(back) >= len(catalog.ids) - 2
 
 
-def test_cosines_are_spread(catalog: Catalog) -> None:
+def test_cosines_arespread_b(catalog: Catalog) -> None:
     """The catalog exercises both sides of the paper's threshold."""
     cos = []
     for adapter_id in catalog.ids:
@@ -513,7 +485,7 @@ def qv_catalog(tmp_path_factory: pytest.TempPathFactory, pair: Pair) -> Catalog:
     for i, adapter_id in enumerate(QV_IDS):
         kw = {"lora_bias": True, "modules_to_save": ["lm_head"]} if i == 2 else {}
         path, _ = make_adapter(root / adapter_id, adapter_seed=300 + i, **kw)
-        _spread(path, pair.v, seed=i)
+        spread_b(path, pair.v, seed=i)
     return Catalog(root, pair, pair.sets["qv"], list(QV_IDS))
 
 
