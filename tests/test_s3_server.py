@@ -18,7 +18,7 @@ import torch
 import safelora_ray.storage.s3 as s3mod
 from safelora_ray.cli.demo import write_adapter
 from safelora_ray.cli.main import main as cli_main
-from safelora_ray.core.errors import NotFoundError, StorageError
+from safelora_ray.core.errors import ChangedError, NotFoundError, StorageError
 from safelora_ray.storage import open_storage
 from tests.seaweedfs import ADMIN_SECRET, READER_KEY, READER_SECRET
 from tests.test_guardrails import tiny_world
@@ -46,6 +46,30 @@ def test_ranged_gets_split_into_parts(s3_bucket: str) -> None:
         s.read_range("blob", len(data) - 1, 2)
     with pytest.raises(StorageError, match="past the end"):
         s.read_range("blob", len(data) + 5, 2)
+
+
+def test_reads_pinned_to_a_listed_version(s3_bucket: str, tmp_path: Path) -> None:
+    """A read given the version a listing showed (``If-Match``) fails with ChangedError once
+    the object is rewritten, in one GET or in parallel ranged parts; so does a local file's."""
+    s = open_storage(f"s3://{s3_bucket}/pin")
+    s.put_bytes("blob", _pattern(MiB + 7))
+    (listed,) = list(s.list(""))
+    assert s.read("blob", if_version=listed.version) == _pattern(MiB + 7)
+    s.put_bytes("blob", _pattern(MiB + 7, seed=1))  # same size, other bytes
+    with pytest.raises(ChangedError, match=r"s3://.*/pin/blob changed since it was listed"):
+        s.read("blob", if_version=listed.version)
+    s.part_size = 256 * 1024
+    with pytest.raises(ChangedError):
+        s.read_into("blob", 0, memoryview(bytearray(MiB)), if_version=listed.version)
+    (now,) = list(s.list(""))
+    s.read_into("blob", 0, memoryview(bytearray(MiB)), if_version=now.version)
+    local = open_storage(str(tmp_path))
+    local.put_bytes("f", b"one")
+    (lv,) = list(local.list(""))
+    assert local.read("f", if_version=lv.version) == b"one"
+    os.utime(tmp_path / "f", ns=(1, 1))
+    with pytest.raises(ChangedError):
+        local.read_into("f", 0, memoryview(bytearray(3)), if_version=lv.version)
 
 
 def test_multipart_upload_above_the_single_put_limit(s3_bucket: str, tmp_path: Path,
@@ -249,11 +273,11 @@ def s3_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
 def test_sanitize_s3_requests_per_adapter_and_reruns(small_world: dict[str, Any],
                                                       s3_bucket: str, s3_admin_client: Any,
                                                       s3_calls: list[tuple[str, str]]) -> None:
-    """A new adapter costs one LIST of its folder, its two GETs, its two output PUTs and its
-    ledger record's PUT: the ledger is listed once per run (no GET that 404s per adapter) and
-    the outputs' versions come from the PUTs' ETags (no LIST of them). Those versions are
-    the ones a listing shows: a rerun skips every adapter, and redoes one whose output
-    changed."""
+    """A new adapter costs the floor's four requests (its two GETs, its two output PUTs) and
+    its ledger record's PUT: its folder's listing is the catalog's (no LIST per adapter), the
+    ledger is listed once per run (no GET that 404s per adapter) and the outputs' versions
+    come from the PUTs' ETags (no LIST of them). Those versions are the ones a listing
+    shows: a rerun skips every adapter, and redoes one whose output changed."""
     from safelora_ray import SanitizeConfig, sanitize
 
     _upload(s3_admin_client, s3_bucket, "cat", small_world["cat"])
@@ -265,7 +289,7 @@ def test_sanitize_s3_requests_per_adapter_and_reruns(small_world: dict[str, Any]
         mine = [(op, k.split(f"/{ad}", 1)[1].lstrip("/.")) for op, k in s3_calls
                 if f"/{ad}/" in k or k.endswith(f"/{ad}") or f"_ledger/{ad}." in k]
         assert sorted(mine) == sorted([
-            ("ListObjectsV2", ""), ("GetObject", "adapter_config.json"),
+            ("GetObject", "adapter_config.json"),
             ("GetObject", "adapter_model.safetensors"), ("PutObject", "adapter_config.json"),
             ("PutObject", "adapter_model.safetensors"), ("PutObject", "json"),
         ]), (mine, s3_calls)
@@ -286,3 +310,39 @@ def test_sanitize_s3_requests_per_adapter_and_reruns(small_world: dict[str, Any]
     r = sanitize(SanitizeConfig(**cfg, force=True))
     assert (r.ok, r.skipped, r.error) == (2, 0, 0), r.errors
     assert not [k for op, k in s3_calls if "_ledger" in k and op != "PutObject"]
+
+
+def test_adapter_rewritten_after_the_catalog_was_listed(
+        small_world: dict[str, Any], s3_bucket: str, s3_admin_client: Any,
+        s3_calls: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The catalog's listing pins what is read: an adapter rewritten between the listing and
+    its turn is listed again and read whole at its new version (never the listed versions
+    recorded against new bytes: a rerun then skips it without reading its weights)."""
+    from safelora_ray import SanitizeConfig, sanitize
+    from safelora_ray.pipelines.sanitize import driver
+
+    _upload(s3_admin_client, s3_bucket, "cat", small_world["cat"])
+    listed = driver.iter_catalog
+
+    def listed_then_rewritten(uri: str) -> Any:
+        items = list(listed(uri))
+        body = s3_admin_client.get_object(
+            Bucket=s3_bucket, Key="cat/a2/adapter_model.safetensors")["Body"].read()
+        s3_admin_client.put_object(Bucket=s3_bucket, Key="cat/a1/adapter_model.safetensors",
+                                   Body=body)
+        yield from items
+
+    monkeypatch.setattr(driver, "iter_catalog", listed_then_rewritten)
+    cfg = dict(alignment=small_world["set"], adapters=f"s3://{s3_bucket}/cat",
+               out=f"s3://{s3_bucket}/out", threshold=0.35, workers=0, progress=False)
+    r = sanitize(SanitizeConfig(**cfg))
+    assert (r.ok, r.skipped, r.error) == (2, 0, 0), r.errors
+    out = [s3_admin_client.get_object(Bucket=s3_bucket, Key=f"out/{a}/adapter_model."
+                                      "safetensors")["Body"].read() for a in ("a1", "a2")]
+    assert out[0] == out[1]  # a1 was read at its new version: a2's bytes
+    assert [k for op, k in s3_calls if op == "ListObjectsV2" and "/a1" in k] == ["cat/a1/"]
+    monkeypatch.setattr(driver, "iter_catalog", listed)
+    s3_calls.clear()
+    r = sanitize(SanitizeConfig(**cfg))
+    assert (r.ok, r.skipped, r.error) == (0, 2, 0), r.errors
+    assert not [k for op, k in s3_calls if op == "GetObject" and k.endswith(".safetensors")]

@@ -19,6 +19,10 @@ class NotFoundError(StorageError):
     """The object or file does not exist."""
 
 
+class ChangedError(StorageError):
+    """The object is no longer the version the caller listed (rewritten since)."""
+
+
 class SafetensorsFormatError(SafeLoraError):
     """A safetensors file is malformed; the message names the file and, where known, the tensor."""
 

@@ -15,11 +15,13 @@ import logging
 import os
 import posixpath
 import re
+from bisect import bisect_left
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from safelora_ray.core.errors import ConfigError, NotFoundError, StorageError
 from safelora_ray.storage import Storage, open_storage
+from safelora_ray.storage.base import ObjectInfo
 from safelora_ray.storage.local import LocalStorage
 from safelora_ray.storage.uri import check_uri, split_uri
 
@@ -41,11 +43,15 @@ class AdapterRef:
         adapter_id: Stable id; also its output path under ``--out``.
         uri: Storage root URI holding the adapter.
         prefix: The adapter directory inside that storage (``""`` for the root itself).
+        listing: ``list(prefix)`` as the catalog's own listing saw it, on an object store
+            (a worker then needs no LIST of its own: a request per adapter saved); its
+            versions pin what is read (``If-Match``). Not part of the ref's identity.
     """
 
     adapter_id: str
     uri: str
     prefix: str
+    listing: tuple[ObjectInfo, ...] | None = field(default=None, compare=False, repr=False)
 
 
 def validate_id(adapter_id: str) -> str:
@@ -102,7 +108,10 @@ def iter_catalog(uri: str) -> Iterator[AdapterRef | tuple[str, str]]:
                                on_unreadable=lambda *r: refused.append((*r, True)))
     else:
         listing = storage.list("")
-    for obj in itertools.chain(listing, [None]):
+    # An object store's listing is gathered whole anyway (S3Storage.list sorts its pages);
+    # each adapter's folder is then a contiguous run of it, handed on with the ref.
+    folders = _Folders(list(listing)) if storage.remote else None
+    for obj in itertools.chain(folders.objects if folders else listing, [None]):
         while refused:
             item = _refused_entry(storage, *refused.pop(0))
             if item is not None:
@@ -116,7 +125,21 @@ def iter_catalog(uri: str) -> Iterator[AdapterRef | tuple[str, str]]:
         except ConfigError as e:
             yield (adapter_id, str(e))
             continue
-        yield AdapterRef(adapter_id, storage.uri, prefix)
+        yield AdapterRef(adapter_id, storage.uri, prefix,
+                         folders.under(prefix) if folders and prefix else None)
+
+
+class _Folders:
+    """A sorted listing, and the objects under any folder of it (a bisection each)."""
+
+    def __init__(self, objects: list[ObjectInfo]) -> None:
+        self.objects = objects
+        self._paths = [o.path for o in objects]
+
+    def under(self, prefix: str) -> tuple[ObjectInfo, ...]:
+        # Every path starting "p/" sorts in ["p/", "p0"): "0" is the code point after "/".
+        lo = bisect_left(self._paths, prefix + "/")
+        return tuple(self.objects[lo:bisect_left(self._paths, prefix + "0", lo)])
 
 
 #: The files that make a directory a Hugging Face safetensors checkpoint.

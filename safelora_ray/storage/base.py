@@ -17,7 +17,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from safelora_ray.core.errors import StorageError
+from safelora_ray.core.errors import ChangedError, StorageError
 from safelora_ray.storage.uri import join_uri
 
 #: Name prefix of a local staging directory (swept by the next run when left behind).
@@ -76,21 +76,34 @@ class Storage(abc.ABC):
     def read_range(self, path: str, start: int, length: int) -> bytes:
         """Exactly ``length`` bytes from offset ``start``; error if the object is shorter."""
 
-    def read_into(self, path: str, start: int, buffer: memoryview) -> None:
+    def read_into(self, path: str, start: int, buffer: memoryview, *,
+                  if_version: str | None = None) -> None:
         """Fill ``buffer`` with the bytes at ``[start, start + len(buffer))``.
 
         Backends override this to read without an intermediate copy or with parallel ranges.
+        ``if_version``: the object's version as listed (:attr:`ObjectInfo.version`); a
+        :class:`ChangedError` when it is no longer that one (an object store checks it on
+        every request, so the bytes of one read never mix two versions).
         """
+        self._check_version(path, if_version)
         buffer[:] = self.read_range(path, start, len(buffer))
 
-    def read(self, path: str, max_bytes: int = DEFAULT_MAX_READ_BYTES) -> bytes:
-        """The whole object; refuses objects larger than ``max_bytes``."""
+    def read(self, path: str, max_bytes: int = DEFAULT_MAX_READ_BYTES, *,
+             if_version: str | None = None) -> bytes:
+        """The whole object; refuses objects larger than ``max_bytes``. ``if_version``: as
+        for :meth:`read_into`."""
+        self._check_version(path, if_version)
         n = self.size(path)
         if n > max_bytes:
             raise StorageError(
                 f"{self.describe(path)} is {n} bytes, more than the {max_bytes} allowed here"
             )
         return self.read_range(path, 0, n) if n else b""
+
+    def _check_version(self, path: str, if_version: str | None) -> None:
+        """Raise :class:`ChangedError` when ``path`` is no longer version ``if_version``."""
+        if if_version is not None and self.version(path) != if_version:
+            raise ChangedError(f"{self.describe(path)} changed since it was listed")
 
     @abc.abstractmethod
     def exists(self, path: str) -> bool:

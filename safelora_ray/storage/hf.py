@@ -257,9 +257,11 @@ class HfStorage(Storage):
         self._count(len(data))
         return bytes(data)
 
-    def read_into(self, path: str, start: int, buffer: memoryview) -> None:
+    def read_into(self, path: str, start: int, buffer: memoryview, *,
+                  if_version: str | None = None) -> None:
         """Fill ``buffer``; cached files are read with ``preadv`` straight into it."""
         localfs.check_range(start, len(buffer))
+        self._check_version(path, if_version)
         rp = self._repo_path(path)
         local = self._cached(rp)
         if local is None:

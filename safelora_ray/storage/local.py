@@ -129,9 +129,11 @@ class LocalStorage(Storage):
         self._count(len(data))
         return data
 
-    def read_into(self, path: str, start: int, buffer: memoryview) -> None:
+    def read_into(self, path: str, start: int, buffer: memoryview, *,
+                  if_version: str | None = None) -> None:
         """Read straight into ``buffer`` with ``preadv`` (no intermediate bytes object)."""
         check_range(start, len(buffer))
+        self._check_version(path, if_version)
         fd, full = self._open_read(path)
         try:
             read_into_fd(fd, start, buffer, full)

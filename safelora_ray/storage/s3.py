@@ -22,7 +22,7 @@ from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
-from safelora_ray.core.errors import NotFoundError, StorageError
+from safelora_ray.core.errors import ChangedError, NotFoundError, StorageError
 from safelora_ray.core.validate import env_number
 from safelora_ray.storage.base import DEFAULT_MAX_READ_BYTES, ObjectInfo, Storage
 from safelora_ray.storage.localfs import as_byte_view, check_range
@@ -172,6 +172,9 @@ class S3Storage(Storage):
                     f"access denied to {where} ({op}, HTTP 403 {code}): check the credentials "
                     f"and the bucket policy"
                 ) from exc
+            if code == "PreconditionFailed" or status == "412":
+                raise ChangedError(f"{where} changed since it was listed ({op}, HTTP 412)"
+                                   ) from exc
             if code == "InvalidRange" or status == "416":
                 raise StorageError(
                     f"byte range is past the end of {where} ({op}, HTTP 416)"
@@ -211,14 +214,18 @@ class S3Storage(Storage):
         self.read_into(path, start, memoryview(buf))
         return bytes(buf)
 
-    def read_into(self, path: str, start: int, buffer: memoryview) -> None:
-        """Fill ``buffer`` from ``start``; reads above :attr:`part_size` go in parallel parts."""
+    def read_into(self, path: str, start: int, buffer: memoryview, *,
+                  if_version: str | None = None) -> None:
+        """Fill ``buffer`` from ``start``; reads above :attr:`part_size` go in parallel parts.
+        With ``if_version`` (an ETag as listed) every GET carries ``If-Match``: the parts of
+        one read never mix two versions of a rewritten object (:class:`ChangedError`)."""
         view = as_byte_view(buffer)
         n = len(view)
         check_range(start, n)
         key = self._key(path)
         if n == 0:
             # No Range header can ask for zero bytes; check the object and offset instead.
+            self._check_version(path, if_version)
             size = self.size(path)
             if start > size:
                 raise StorageError(
@@ -227,14 +234,15 @@ class S3Storage(Storage):
                 )
             return
         part = max(1, int(self.part_size))
+        cond = {} if if_version is None else {"IfMatch": f'"{if_version}"'}
         if n <= part:
-            self._get_into(path, key, start, view)
+            self._get_into(path, key, start, view, cond)
             return
         parts = [(off, min(part, n - off)) for off in range(0, n, part)]
         workers = max(1, min(int(self.max_concurrency), len(parts)))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3-range") as pool:
             futures = [
-                pool.submit(self._get_into, path, key, start + off, view[off : off + ln])
+                pool.submit(self._get_into, path, key, start + off, view[off : off + ln], cond)
                 for off, ln in parts
             ]
             _done, pending = wait(futures, return_when=FIRST_EXCEPTION)
@@ -244,13 +252,15 @@ class S3Storage(Storage):
                 if f.done() and not f.cancelled() and f.exception() is not None:
                     raise f.exception()  # type: ignore[misc]
 
-    def _get_into(self, path: str, key: str, start: int, view: memoryview) -> None:
-        """One ranged GET streamed into ``view``, checking the byte count."""
+    def _get_into(self, path: str, key: str, start: int, view: memoryview,
+                  cond: dict[str, str]) -> None:
+        """One ranged GET streamed into ``view``, checking the byte count; ``cond``: its
+        conditional headers."""
         n = len(view)
         rng = f"bytes={start}-{start + n - 1}"
         for attempt in range(1, _BODY_ATTEMPTS + 1):
             try:
-                resp = self.client.get_object(Bucket=self.bucket, Key=key, Range=rng)
+                resp = self.client.get_object(Bucket=self.bucket, Key=key, Range=rng, **cond)
             except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
                 self._raise(exc, path, f"GET {rng}")
             body = resp["Body"]
@@ -288,14 +298,17 @@ class S3Storage(Storage):
                 )
             return
 
-    def read(self, path: str, max_bytes: int = DEFAULT_MAX_READ_BYTES) -> bytes:
+    def read(self, path: str, max_bytes: int = DEFAULT_MAX_READ_BYTES, *,
+             if_version: str | None = None) -> bytes:
         """The whole object with one GET (no HEAD first: a round trip saved per small file);
         refuses objects larger than ``max_bytes`` before reading their body. A body cut short
-        is read again with the same request (botocore retries only the request itself)."""
+        is read again with the same request (botocore retries only the request itself).
+        ``if_version``: the ETag as listed, sent as ``If-Match``."""
         key = self._key(path)
+        cond = {} if if_version is None else {"IfMatch": f'"{if_version}"'}
         for attempt in range(1, _BODY_ATTEMPTS + 1):
             try:
-                resp = self.client.get_object(Bucket=self.bucket, Key=key)
+                resp = self.client.get_object(Bucket=self.bucket, Key=key, **cond)
             except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
                 self._raise(exc, path, "GET")
             body = resp["Body"]

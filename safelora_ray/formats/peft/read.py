@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from safelora_ray.core.errors import AdapterError, NotFoundError, SafeLoraError
+from safelora_ray.core.errors import AdapterError, ChangedError, NotFoundError, SafeLoraError
 from safelora_ray.formats.peft.config import (
     CONFIG_NAME,
     MAX_CONFIG_BYTES,
@@ -118,7 +118,9 @@ def read_adapter(
             (a reused one: reading into fresh memory costs a page fault per 4 KiB); default
             a new bytearray. The adapter's tensors are views into it.
         listing: ``storage.list(prefix)`` when the caller has it already (one request saved
-            on an object store).
+            on an object store). The files are then read as listed: one rewritten since is a
+            :class:`~safelora_ray.core.errors.ChangedError` (raised as is, not as an
+            :class:`AdapterError`: the caller lists again), never a mix of two versions.
 
     Returns:
         The adapter, its tensors views into a single buffer holding the weights file.
@@ -141,12 +143,17 @@ def read_adapter(
     except SafeLoraError as e:
         raise fail(f"cannot list {uri}: {e}") from e
     sizes = dict(listed)
+    cut = len(prefix) + 1 if prefix else 0
+    pinned = {o.path[cut:]: o.version for o in listing or ()}
 
     if CONFIG_NAME not in sizes:
         raise fail(f"{CONFIG_NAME} is missing in {uri}")
     config_path = posixpath.join(prefix, CONFIG_NAME)
     try:
-        config_bytes = storage.read(config_path, max_bytes=MAX_CONFIG_BYTES)
+        config_bytes = storage.read(config_path, max_bytes=MAX_CONFIG_BYTES,
+                                    if_version=pinned.get(CONFIG_NAME))
+    except ChangedError:
+        raise
     except SafeLoraError as e:
         raise fail(f"cannot read {CONFIG_NAME}: {e}") from e
     config = _parse_config(config_bytes, fail)
@@ -179,7 +186,10 @@ def read_adapter(
         buf = memoryview(buffer(size))[:size]
     try:
         if size:
-            storage.read_into(weights_path, 0, memoryview(buf))
+            storage.read_into(weights_path, 0, memoryview(buf),
+                              if_version=pinned.get(WEIGHTS_NAME))
+    except ChangedError:
+        raise
     except SafeLoraError as e:
         raise fail(f"cannot read {WEIGHTS_NAME}: {e}") from e
     try:

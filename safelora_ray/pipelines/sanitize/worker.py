@@ -9,6 +9,7 @@ one row per adapter and per module.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import logging
@@ -25,7 +26,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from safelora_ray.core.errors import AdapterError, SafeLoraError
+from safelora_ray.core.errors import AdapterError, ChangedError, SafeLoraError
 from safelora_ray.core.scores import ModuleScore, lora_gram, pdst, scores_from_sums
 from safelora_ray.core.selection import Selection
 from safelora_ray.core.validate import env_number
@@ -157,7 +158,8 @@ class FleetSanitizer:
         """Cheap change detector from object versions (no weight download).
 
         On an object store, one LIST of the adapter's folder gives both versions (instead of
-        two HEADs) and is handed on to :func:`read_adapter` (instead of its own LIST).
+        two HEADs) and is handed on to :func:`read_adapter` (instead of its own LIST); the
+        catalog's own listing, when the ref carries it, saves that LIST too.
 
         Returns:
             ``(fingerprint or None, the folder's listing or None)``.
@@ -168,7 +170,7 @@ class FleetSanitizer:
         listing: list[ObjectInfo] | None = None
         try:
             if st.remote:
-                listing = list(st.list(ref.prefix))
+                listing = list(st.list(ref.prefix) if ref.listing is None else ref.listing)
                 versions = {o.path: o.version for o in listing}
                 if not all(p in versions for p in paths):
                     return None, listing
@@ -204,9 +206,18 @@ class FleetSanitizer:
                 record, ledger.key(record.get("key", {}).get("content_digest")), ref):
             mark_skipped(row, record, "unchanged since the last run (ledger)", self.run_id)
             return None, fp
-        adapter = read_adapter(self._storages.get(ref.uri), ref.prefix, ref.adapter_id,
-                               max_bytes=self.max_adapter_bytes, buffer=buffer,
-                               listing=listing)
+        try:
+            adapter = read_adapter(self._storages.get(ref.uri), ref.prefix, ref.adapter_id,
+                                   max_bytes=self.max_adapter_bytes, buffer=buffer,
+                                   listing=listing)
+        except ChangedError as e:
+            if ref.listing is None:  # our own LIST a moment ago: being rewritten right now
+                raise AdapterError(f"adapter {ref.adapter_id!r}: {e}; try again once it is "
+                                   "written") from e
+            # Rewritten since the catalog was listed (hours, on a large fleet): list it again.
+            logger.info("adapter %s changed since the catalog was listed; listing it again",
+                        ref.adapter_id)
+            return self.load(dataclasses.replace(ref, listing=None), row, buffer, recorded)
         row["source_digest"] = adapter.digest
         row["bytes_in"] = adapter.nbytes
         row["base_model"] = adapter.base_model
