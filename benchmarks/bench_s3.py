@@ -89,6 +89,32 @@ class RequestCounter:
         return out
 
 
+class CpuClock:
+    """CPU seconds spent, between two reads: by this process (all its threads), by the S3
+    server's process, and by the whole machine (every core: Ray's workers included). Where a
+    2-core machine is saturated, the wall time follows the sum; the split says whose it is."""
+
+    def __init__(self, server_pid: int | None) -> None:
+        self.server_pid = server_pid
+        self._tick = os.sysconf("SC_CLK_TCK")
+
+    def read(self) -> dict[str, float]:
+        t = os.times()
+        out = {"client": t.user + t.system, "server": 0.0, "machine": 0.0}
+        if self.server_pid:
+            with open(f"/proc/{self.server_pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            out["server"] = (int(fields[11]) + int(fields[12])) / self._tick  # utime + stime
+        with open("/proc/stat") as f:
+            cpu = [int(x) for x in f.readline().split()[1:]]
+        out["machine"] = (sum(cpu) - cpu[3] - cpu[4]) / self._tick  # all but idle + iowait
+        return out
+
+    @staticmethod
+    def spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+        return {k: round(after[k] - before[k], 2) for k in before}
+
+
 def upload_parallel(s3: SeaweedS3, local: Path, prefix: str, threads: int = 16) -> list[str]:
     files = sorted(p for p in local.rglob("*") if p.is_file())
     keys = [f"{prefix}/{f.relative_to(local).as_posix()}" for f in files]
@@ -99,9 +125,11 @@ def upload_parallel(s3: SeaweedS3, local: Path, prefix: str, threads: int = 16) 
     return keys
 
 
-def s3_floor(s3: SeaweedS3, keys: list[str], dest: str, threads: int) -> dict[str, Any]:
+def s3_floor(s3: SeaweedS3, keys: list[str], dest: str, threads: int,
+             clock: CpuClock) -> dict[str, Any]:
     """GET every key and PUT its bytes under ``dest``, ``threads`` at a time, one client."""
     c = s3.client
+    cpu0 = clock.read()
 
     def one(key: str) -> int:
         body = c.get_object(Bucket=s3.bucket, Key=key)["Body"].read()
@@ -112,7 +140,8 @@ def s3_floor(s3: SeaweedS3, keys: list[str], dest: str, threads: int) -> dict[st
     with cf.ThreadPoolExecutor(threads) as pool:
         total = sum(pool.map(one, keys))
     s = time.perf_counter() - t0
-    return {"objects": len(keys), "bytes": total, "s": s, "threads": threads}
+    return {"objects": len(keys), "bytes": total, "s": s, "threads": threads,
+            "cpu_s": CpuClock.spent(cpu0, clock.read())}
 
 
 def target_ranges(uri: str) -> list[tuple[str, int, int]]:
@@ -204,26 +233,30 @@ def main(argv: list[str] | None = None) -> int:
             cat = s3.uri("cat")
             nbytes = sum(p.stat().st_size for p in (root / "cat").rglob("*") if p.is_file())
             runs: list[dict[str, Any]] = []
+            clock = CpuClock(s3.weed.pid)
             for rep in range(args.repeats):
-                floor = s3_floor(s3, keys, f"floor-{rep}", args.floor_threads)
+                floor = s3_floor(s3, keys, f"floor-{rep}", args.floor_threads, clock)
                 t0 = time.perf_counter()
                 listed = sum(1 for _ in iter_catalog(cat))
                 list_s = time.perf_counter() - t0
                 assert listed == args.n
                 for mode in args.modes.split(","):
                     counter.take()
+                    cpu0 = clock.read()
                     t0 = time.perf_counter()
                     r = sanitize(SanitizeConfig(
                         alignment=aset, adapters=cat, out=s3.uri(f"out-{mode}-{rep}"),
                         threshold=args.threshold, workers=0 if mode == "inline" else None,
                         progress=False))
                     s = time.perf_counter() - t0
+                    cpu = CpuClock.spent(cpu0, clock.read())
                     calls = counter.take()  # this process's: all of an inline run's
                     assert r.ok == args.n and r.error == 0, (r.ok, r.error, r.errors[:3])
                     runs.append({"rep": rep, "mode": mode, "sanitize_s": s,
                                  "floor_s": floor["s"], "ratio": s / floor["s"],
                                  "floor_fraction": floor["s"] / s,
                                  "list_s": list_s, "per_adapter_ms": 1e3 * s / args.n,
+                                 "cpu_s": cpu, "floor_cpu_s": floor["cpu_s"],
                                  "requests": calls if mode == "inline" else None,
                                  "requests_per_adapter": (sum(calls.values()) / args.n
                                                           if mode == "inline" else None)})
@@ -248,11 +281,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = [[r["rep"], r["mode"], f"{r['sanitize_s']:.2f}", f"{r['floor_s']:.2f}",
              f"{r['ratio']:.2f}", f"{100 * r['floor_fraction']:.0f} %", f"{r['list_s']:.2f}",
              f"{r['per_adapter_ms']:.1f}",
+             "/".join(f"{r['floor_cpu_s'][k]:.1f}" for k in ("client", "server", "machine")),
+             "/".join(f"{r['cpu_s'][k]:.1f}" for k in ("client", "server", "machine")),
              "-" if r["requests"] is None else f"{r['requests_per_adapter']:.2f} "
              + str(dict(sorted(r["requests"].items())))] for r in runs]
     tables = [("sanitize s3 → s3 vs the GET+PUT floor",
                ["rep", "mode", "sanitize s", "floor s", "ratio", "floor/ours", "list s",
-                "ms/adapter", "requests/adapter (inline: all, by op)"], rows)]
+                "ms/adapter", "floor CPU s (client/server/machine)",
+                "CPU s (client/server/machine)", "requests/adapter (inline: all, by op)"],
+               rows)]
     if reader is not None:
         tables.append(("reader stage vs plain ranged GETs",
                        ["ranges", "MiB", "plain s", "ours s", "ratio"],
