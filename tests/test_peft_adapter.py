@@ -260,6 +260,18 @@ def test_extra_files_and_subfolders(qv_copy: Path, tmp_path: Path) -> None:
         '{"step": 10}'
     )
     assert not (tmp_path / "out" / "optimizer.PT").exists()
+    # In memory (for an object store): the same files, the same bytes, the same digest; no
+    # local file written anywhere.
+    new = {m: mod.b * 0.5 for m, mod in ad.modules.items()}
+    on_disk, in_mem = OutputDigest(), OutputDigest()
+    disk = write_adapter(ad, new, str(tmp_path / "out2"), storage, "qv", on_disk)
+    before = sorted(p for p in tmp_path.rglob("*"))
+    mem = write_adapter(ad, new, None, storage, "qv", in_mem)
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+    assert [rel for rel, _ in mem] == [rel for rel, _ in disk]
+    assert all(isinstance(data, bytes) and data == Path(path).read_bytes()  # type: ignore[arg-type]
+               for (_, data), (_, path) in zip(mem, disk, strict=True))
+    assert in_mem.value() == on_disk.value() == output_digest(mem) == output_digest(disk)
 
 
 def test_prefix_empty_and_trailing_slash(qv_adapter: tuple[Path, dict]) -> None:

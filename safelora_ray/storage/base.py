@@ -118,8 +118,13 @@ class Storage(abc.ABC):
         """The object's version token (see :class:`ObjectInfo`)."""
 
     # -- writing -----------------------------------------------------------------------------
-    def put_bytes(self, path: str, data: bytes) -> None:
-        """Atomically write ``data`` at ``path``: readers see the old object or the new one."""
+    def put_bytes(self, path: str, data: bytes) -> str | None:
+        """Atomically write ``data`` at ``path``: readers see the old object or the new one.
+
+        Returns:
+            The new object's version when the write tells it (an object store's ETag, as
+            :meth:`list` gives it), else None.
+        """
         raise StorageError(f"{self.uri} is read-only")
 
     def put_bytes_if(self, path: str, data: bytes, *, if_version: str | None) -> bool:
@@ -162,12 +167,12 @@ class Storage(abc.ABC):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
 
-    def put_tree(self, prefix: str, files: list[tuple[str, str]],
+    def put_tree(self, prefix: str, files: list[tuple[str, str | bytes]],
                  move: bool = False) -> dict[str, str] | None:
         """Publish a set of files under ``prefix`` as one unit, as far as the backend allows.
 
-        ``files`` are ``(relative path, local file)`` pairs, in the order to publish them; the
-        last one is the marker that makes the tree visible (e.g. ``adapter_config.json``).
+        ``files`` are ``(relative path, local file or bytes)`` pairs, in the order to publish
+        them; the last one is the marker that makes the tree visible (``adapter_config.json``).
         Backends with directories (local) stage the tree and rename it into place; object
         stores upload each object atomically and the marker last. ``move``: the local files
         are the caller's to give away (a backend may move them rather than copy them).
@@ -179,7 +184,9 @@ class Storage(abc.ABC):
         """
         versions: dict[str, str] = {}
         for rel, local in files:
-            v = self.put_file(posixpath.join(prefix, rel), local)
+            path = posixpath.join(prefix, rel)
+            v = (self.put_bytes(path, local) if isinstance(local, bytes)
+                 else self.put_file(path, local))
             if v is not None:
                 versions[rel] = v
         return versions if len(versions) == len(files) else None

@@ -274,7 +274,8 @@ class LocalStorage(Storage):
         self._makedirs(self.root)
         return self.root
 
-    def put_tree(self, prefix: str, files: list[tuple[str, str]], move: bool = False) -> None:
+    def put_tree(self, prefix: str, files: list[tuple[str, str | bytes]],
+                 move: bool = False) -> None:
         """Publish ``files`` as the directory ``prefix`` in one rename.
 
         The tree is staged in a sibling ``.staging-<uuid>`` directory; an existing tree is
@@ -299,7 +300,10 @@ class LocalStorage(Storage):
                 target = os.path.join(staging, rel)
                 os.makedirs(os.path.dirname(target), exist_ok=True)
                 try:
-                    if not (move and _moved(local, target)):
+                    if isinstance(local, bytes):
+                        with open(target, "wb") as out:
+                            out.write(local)
+                    elif not (move and _moved(local, target)):
                         with open(local, "rb") as src, open(target, "wb") as out:
                             shutil.copyfileobj(src, out, _COPY_CHUNK)
                     _fsync_file(target)  # its bytes on disk before the rename

@@ -378,13 +378,15 @@ class S3Storage(Storage):
         return str(self._head(path)["ETag"]).strip('"')
 
     # -- writing -----------------------------------------------------------------------------
-    def put_bytes(self, path: str, data: bytes) -> None:
-        """One PUT; S3 makes the object visible only once it is complete."""
+    def put_bytes(self, path: str, data: bytes) -> str | None:
+        """One PUT; S3 makes the object visible only once it is complete. Returns its ETag."""
         key = self._key(path)
         try:
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=bytes(data))
+            resp = self.client.put_object(Bucket=self.bucket, Key=key, Body=bytes(data))
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
             self._raise(exc, path, "PUT")
+        etag = resp.get("ETag")
+        return str(etag).strip('"') if etag else None
 
     def put_bytes_if(self, path: str, data: bytes, *, if_version: str | None) -> bool:
         """A conditional PUT (``If-None-Match: *`` / ``If-Match: <etag>``); False on 412/409."""

@@ -28,15 +28,15 @@ logger = logging.getLogger(__name__)
 def write_adapter(
     adapter: Adapter,
     new_b: Mapping[str, torch.Tensor],
-    out_dir: str,
+    out_dir: str | None,
     storage_for_extras: Storage | None,
     prefix: str,
     digest: OutputDigest | None = None,
     *,
     new_a: Mapping[str, torch.Tensor] | None = None,
     config_bytes: bytes | None = None,
-) -> list[tuple[str, str]]:
-    """Write the sanitized adapter into the local directory ``out_dir``.
+) -> list[tuple[str, str | bytes]]:
+    """Write the sanitized adapter into the local directory ``out_dir`` (or into memory).
 
     ``adapter_model.safetensors`` gets the input's tensors in the input's order, dtypes and
     ``__metadata__``, with lora_B of each module in ``new_b`` replaced (cast to B's dtype);
@@ -47,7 +47,8 @@ def write_adapter(
     Args:
         adapter: The adapter as read by :func:`read_adapter`.
         new_b: Replacement B per module name (any float dtype, any device).
-        out_dir: Local directory to write into (created if needed).
+        out_dir: Local directory to write into (created if needed); None: into memory
+            (for an upload: no local file written, read back and removed).
         storage_for_extras: Storage the adapter was read from, to copy its extra files;
             None to copy none.
         prefix: The adapter directory inside ``storage_for_extras``.
@@ -60,7 +61,7 @@ def write_adapter(
 
     Returns:
         ``(relative path, local path)`` pairs in publish order, ``adapter_config.json`` last
-        (its presence marks an adapter as complete).
+        (its presence marks an adapter as complete); ``(relative path, bytes)`` in memory.
 
     Raises:
         AdapterError: ``new_b`` names an unknown module, has a wrong shape, or becomes
@@ -99,19 +100,21 @@ def write_adapter(
         raise fail(f"module {mod.module!r}: new lora_{which} has non-finite values in "
                    f"{replaced[bad].dtype}")
 
-    os.makedirs(out_dir, exist_ok=True)
-    files: list[tuple[str, str]] = []
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+    files: list[tuple[str, str | bytes]] = []
 
-    weights_local = os.path.join(out_dir, WEIGHTS_NAME)
+    weights_local = os.path.join(out_dir or "", WEIGHTS_NAME)
     layout = [(name, info.dtype, tuple(replaced[name].shape) if name in replaced else info.shape)
               for name, info in adapter.tensor_infos.items()]
     config_out = adapter.config_bytes if config_bytes is None else config_bytes
     if digest is not None:
         digest.start(config_out)
-    with SafetensorsWriter(weights_local, layout, adapter.metadata, hasher=digest) as writer:
+    with SafetensorsWriter(weights_local, layout, adapter.metadata, hasher=digest,
+                           in_memory=out_dir is None) as writer:
         for name in writer.tensors:
             writer.write(name, replaced.get(name, adapter.tensors[name]))
-    files.append((WEIGHTS_NAME, weights_local))
+    files.append((WEIGHTS_NAME, weights_local if writer.data is None else writer.data))
 
     if storage_for_extras is not None:
         prefix = prefix.strip("/")
@@ -122,15 +125,30 @@ def write_adapter(
                 raise fail(f"extra file {rel!r} has an unsafe path: {e}") from e
             if not rel_ok:
                 continue
+            src = posixpath.join(prefix, rel_ok)
+            if out_dir is None:
+                files.append((rel_ok, _read_extra(storage_for_extras, src, size, fail)))
+                continue
             local = os.path.join(out_dir, *rel_ok.split("/"))
-            _copy_extra(storage_for_extras, posixpath.join(prefix, rel_ok), size, local, fail)
+            _copy_extra(storage_for_extras, src, size, local, fail)
             files.append((rel_ok, local))
 
+    if out_dir is None:
+        files.append((CONFIG_NAME, bytes(config_out)))
+        return files
     config_local = os.path.join(out_dir, CONFIG_NAME)
     with open(config_local, "wb") as f:
         f.write(config_out)
     files.append((CONFIG_NAME, config_local))
     return files
+
+
+def _read_extra(storage: Storage, path: str, size: int, fail: Fail) -> bytes:
+    try:
+        # Extras are small (README, tokenizer files); allow some growth since listing.
+        return storage.read(path, max_bytes=max(size, 1) * 2 + 1024**2)
+    except SafeLoraError as e:
+        raise fail(f"cannot copy extra file {storage.describe(path)}: {e}") from e
 
 
 def _copy_extra(storage: Storage, path: str, size: int, local: str, fail: Fail) -> None:
@@ -140,7 +158,6 @@ def _copy_extra(storage: Storage, path: str, size: int, local: str, fail: Fail) 
         if src is not None:
             shutil.copyfile(src, local)
         else:
-            # Extras are small (README, tokenizer files); allow some growth since listing.
             data = storage.read(path, max_bytes=max(size, 1) * 2 + 1024**2)
             with open(local, "wb") as f:
                 f.write(data)
@@ -148,11 +165,12 @@ def _copy_extra(storage: Storage, path: str, size: int, local: str, fail: Fail) 
         raise fail(f"cannot copy extra file {storage.describe(path)}: {e}") from e
 
 
-def output_digest(files: Sequence[tuple[str, str]]) -> str:
+def output_digest(files: Sequence[tuple[str, str | bytes]]) -> str:
     """The :func:`adapter_digest` of a written adapter, from :func:`write_adapter`'s result.
 
     Args:
-        files: ``(relative path, local path)`` pairs including the config and the weights.
+        files: ``(relative path, local path or bytes)`` pairs including the config and the
+            weights.
 
     Returns:
         ``sha256:<hex>``, equal to :attr:`Adapter.digest` of the adapter read back.
@@ -191,7 +209,10 @@ class OutputDigest:
         return "sha256:" + self._h.hexdigest()
 
 
-def _hash_file(h: Any, path: str) -> None:
+def _hash_file(h: Any, path: str | bytes) -> None:
+    if isinstance(path, bytes):  # written in memory
+        h.update(path)
+        return
     with open(path, "rb") as f:
         while chunk := f.read(8 * 1024 * 1024):
             h.update(chunk)

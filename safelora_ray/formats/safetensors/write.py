@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import io
 import json
 import logging
 import operator
@@ -49,7 +50,8 @@ class SafetensorsWriter:
 
     Tensors must be written in layout order. The file is written to a temporary name in
     the same directory and renamed into place by :meth:`close`, so ``local_path`` never holds
-    a partial file; on error (or :meth:`abort`) the temporary file is removed.
+    a partial file; on error (or :meth:`abort`) the temporary file is removed. With
+    ``in_memory`` no file is made: :attr:`data` holds the finished bytes (for an upload).
 
     Example::
 
@@ -60,6 +62,7 @@ class SafetensorsWriter:
         local_path: Final path of the file.
         tensors: The planned tensor entries, in layout order.
         file_size: Size of the finished file.
+        data: The finished file's bytes, once closed, when written ``in_memory``.
     """
 
     def __init__(
@@ -68,6 +71,8 @@ class SafetensorsWriter:
         layout: Iterable[tuple[str, str, Iterable[int]]],
         metadata: Mapping[str, str] | None = None,
         hasher: FileHasher | None = None,
+        *,
+        in_memory: bool = False,
     ) -> None:
         """Plan the file and write its header.
 
@@ -76,6 +81,7 @@ class SafetensorsWriter:
             layout: ``(name, dtype string, shape)`` per tensor, in the order of writing.
             metadata: The ``__metadata__`` string map, if any.
             hasher: Digests every byte written (the file's SHA-256, each tensor's digest).
+            in_memory: Write into memory (:attr:`data`); ``local_path`` only names it.
 
         Raises:
             SafetensorsFormatError: The layout or metadata is invalid.
@@ -87,11 +93,17 @@ class SafetensorsWriter:
         self._order = list(self.tensors)
         self._next = 0
         self._closed = False
-        directory = os.path.dirname(os.path.abspath(self.local_path))
-        base = os.path.basename(self.local_path)
-        # ".tmp-" is the prefix LocalStorage hides from listings, should this be inside one.
-        self._tmp_path = os.path.join(directory, f".tmp-{uuid.uuid4().hex[:12]}-{base}")
-        self._file: BinaryIO | None = open(self._tmp_path, "wb")  # noqa: SIM115
+        self.data: bytes | None = None
+        self._tmp_path: str | None = None
+        self._file: BinaryIO | None
+        if in_memory:
+            self._file = io.BytesIO()
+        else:
+            directory = os.path.dirname(os.path.abspath(self.local_path))
+            base = os.path.basename(self.local_path)
+            # ".tmp-": the prefix LocalStorage hides from listings, should this be inside one.
+            self._tmp_path = os.path.join(directory, f".tmp-{uuid.uuid4().hex[:12]}-{base}")
+            self._file = open(self._tmp_path, "wb")  # noqa: SIM115
         self.hasher = hasher
         try:
             for part in (len(header_bytes).to_bytes(_N_LEN, "little"), header_bytes):
@@ -153,13 +165,21 @@ class SafetensorsWriter:
             )
         assert self._file is not None
         try:
-            self._file.close()
-            size = os.path.getsize(self._tmp_path)
+            if self._tmp_path is None:
+                data = self._file.getvalue()  # type: ignore[attr-defined]  # a BytesIO
+                self._file.close()
+                size = len(data)
+            else:
+                self._file.close()
+                size = os.path.getsize(self._tmp_path)
             if size != self.file_size:  # would mean a bug in _write_tensor
                 raise SafetensorsFormatError(
                     f"{self.local_path}: wrote {size} bytes, planned {self.file_size}"
                 )
-            os.replace(self._tmp_path, self.local_path)
+            if self._tmp_path is None:
+                self.data = data
+            else:
+                os.replace(self._tmp_path, self.local_path)
         except BaseException:
             self.abort()
             raise
@@ -175,8 +195,9 @@ class SafetensorsWriter:
                 self._file.close()
             finally:
                 self._file = None
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._tmp_path)
+        if self._tmp_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._tmp_path)
 
     def __enter__(self) -> SafetensorsWriter:
         return self

@@ -427,18 +427,22 @@ class FleetSanitizer:
                          "was projected (the number is per adapter)")
         compute_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        # Written next to the outputs when they are local: then moved into place, not copied.
-        tmp = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.out.scratch_dir())
+        # Written next to the outputs when they are local (then moved into place, not
+        # copied); in memory for an object store (no local file written, read back, removed).
+        tmp = (None if self.out.remote
+               else tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.out.scratch_dir()))
         try:
             digest = OutputDigest()  # hashed as written: no read-back
             files = write_adapter(adapter, new_b, tmp, self._storages.get(ref.uri), ref.prefix,
                                   digest, new_a=new_a, config_bytes=config_bytes)
             out_digest = digest.value()
-            sizes = {rel: os.path.getsize(p) for rel, p in files}
+            sizes = {rel: len(p) if isinstance(p, bytes) else os.path.getsize(p)
+                     for rel, p in files}
             bytes_out = sum(sizes.values())
             written = self.out.put_tree(ref.adapter_id, files, move=True)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
         # Each output's size and version, as a later run's listing will show them: told by
         # the writes themselves on an object store (the PUTs' ETags), else listed.
         outputs = ({rel: {"bytes": n, "version": written[rel]} for rel, n in sizes.items()}
