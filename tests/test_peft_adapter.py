@@ -269,7 +269,7 @@ def test_extra_files_and_subfolders(qv_copy: Path, tmp_path: Path) -> None:
     mem = write_adapter(ad, new, None, storage, "qv", in_mem)
     assert sorted(p for p in tmp_path.rglob("*")) == before
     assert [rel for rel, _ in mem] == [rel for rel, _ in disk]
-    assert all(isinstance(data, bytes) and data == Path(path).read_bytes()  # type: ignore[arg-type]
+    assert all(isinstance(data, (bytes, bytearray)) and data == Path(path).read_bytes()  # type: ignore[arg-type]
                for (_, data), (_, path) in zip(mem, disk, strict=True))
     assert in_mem.value() == on_disk.value() == output_digest(mem) == output_digest(disk)
 

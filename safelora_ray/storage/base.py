@@ -118,7 +118,7 @@ class Storage(abc.ABC):
         """The object's version token (see :class:`ObjectInfo`)."""
 
     # -- writing -----------------------------------------------------------------------------
-    def put_bytes(self, path: str, data: bytes) -> str | None:
+    def put_bytes(self, path: str, data: bytes | bytearray) -> str | None:
         """Atomically write ``data`` at ``path``: readers see the old object or the new one.
 
         Returns:
@@ -167,7 +167,7 @@ class Storage(abc.ABC):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
 
-    def put_tree(self, prefix: str, files: list[tuple[str, str | bytes]],
+    def put_tree(self, prefix: str, files: list[tuple[str, str | bytes | bytearray]],
                  move: bool = False) -> dict[str, str] | None:
         """Publish a set of files under ``prefix`` as one unit, as far as the backend allows.
 
@@ -185,7 +185,7 @@ class Storage(abc.ABC):
         versions: dict[str, str] = {}
         for rel, local in files:
             path = posixpath.join(prefix, rel)
-            v = (self.put_bytes(path, local) if isinstance(local, bytes)
+            v = (self.put_bytes(path, local) if isinstance(local, (bytes, bytearray))
                  else self.put_file(path, local))
             if v is not None:
                 versions[rel] = v

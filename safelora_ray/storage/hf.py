@@ -355,7 +355,7 @@ class HfStorage(Storage):
     def _read_only(self, path: str) -> StorageError:
         return StorageError(f"cannot write {self.describe(path)}: hf:// is read-only")
 
-    def put_bytes(self, path: str, data: bytes) -> None:
+    def put_bytes(self, path: str, data: bytes | bytearray) -> None:
         """Refused: hf:// is read-only."""
         raise self._read_only(path)
 

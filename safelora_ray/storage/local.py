@@ -202,7 +202,7 @@ class LocalStorage(Storage):
         return f"{st.st_mtime_ns}-{st.st_size}"
 
     # -- writing -----------------------------------------------------------------------------
-    def put_bytes(self, path: str, data: bytes) -> None:
+    def put_bytes(self, path: str, data: bytes | bytearray) -> None:
         """Atomically write ``data`` (temp file + fsync + rename)."""
         full = self._resolve(path)
         self._atomic_write(full, lambda f: f.write(data))
@@ -274,7 +274,7 @@ class LocalStorage(Storage):
         self._makedirs(self.root)
         return self.root
 
-    def put_tree(self, prefix: str, files: list[tuple[str, str | bytes]],
+    def put_tree(self, prefix: str, files: list[tuple[str, str | bytes | bytearray]],
                  move: bool = False) -> None:
         """Publish ``files`` as the directory ``prefix`` in one rename.
 
@@ -300,7 +300,7 @@ class LocalStorage(Storage):
                 target = os.path.join(staging, rel)
                 os.makedirs(os.path.dirname(target), exist_ok=True)
                 try:
-                    if isinstance(local, bytes):
+                    if isinstance(local, (bytes, bytearray)):
                         with open(target, "wb") as out:
                             out.write(local)
                     elif not (move and _moved(local, target)):

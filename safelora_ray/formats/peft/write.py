@@ -35,7 +35,7 @@ def write_adapter(
     *,
     new_a: Mapping[str, torch.Tensor] | None = None,
     config_bytes: bytes | None = None,
-) -> list[tuple[str, str | bytes]]:
+) -> list[tuple[str, str | bytes | bytearray]]:
     """Write the sanitized adapter into the local directory ``out_dir`` (or into memory).
 
     ``adapter_model.safetensors`` gets the input's tensors in the input's order, dtypes and
@@ -102,7 +102,7 @@ def write_adapter(
 
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
-    files: list[tuple[str, str | bytes]] = []
+    files: list[tuple[str, str | bytes | bytearray]] = []
 
     weights_local = os.path.join(out_dir or "", WEIGHTS_NAME)
     layout = [(name, info.dtype, tuple(replaced[name].shape) if name in replaced else info.shape)
@@ -165,7 +165,7 @@ def _copy_extra(storage: Storage, path: str, size: int, local: str, fail: Fail) 
         raise fail(f"cannot copy extra file {storage.describe(path)}: {e}") from e
 
 
-def output_digest(files: Sequence[tuple[str, str | bytes]]) -> str:
+def output_digest(files: Sequence[tuple[str, str | bytes | bytearray]]) -> str:
     """The :func:`adapter_digest` of a written adapter, from :func:`write_adapter`'s result.
 
     Args:
@@ -209,8 +209,8 @@ class OutputDigest:
         return "sha256:" + self._h.hexdigest()
 
 
-def _hash_file(h: Any, path: str | bytes) -> None:
-    if isinstance(path, bytes):  # written in memory
+def _hash_file(h: Any, path: str | bytes | bytearray) -> None:
+    if isinstance(path, (bytes, bytearray)):  # written in memory
         h.update(path)
         return
     with open(path, "rb") as f:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import io
 import json
 import logging
 import operator
@@ -62,7 +61,8 @@ class SafetensorsWriter:
         local_path: Final path of the file.
         tensors: The planned tensor entries, in layout order.
         file_size: Size of the finished file.
-        data: The finished file's bytes, once closed, when written ``in_memory``.
+        data: The finished file's bytes (one buffer of its planned size: no copy), once
+            closed, when written ``in_memory``.
     """
 
     def __init__(
@@ -93,11 +93,11 @@ class SafetensorsWriter:
         self._order = list(self.tensors)
         self._next = 0
         self._closed = False
-        self.data: bytes | None = None
+        self.data: bytearray | None = None
         self._tmp_path: str | None = None
-        self._file: BinaryIO | None
+        self._file: BinaryIO | _Filled | None
         if in_memory:
-            self._file = io.BytesIO()
+            self._file = _Filled(self.file_size)
         else:
             directory = os.path.dirname(os.path.abspath(self.local_path))
             base = os.path.basename(self.local_path)
@@ -165,10 +165,9 @@ class SafetensorsWriter:
             )
         assert self._file is not None
         try:
-            if self._tmp_path is None:
-                data = self._file.getvalue()  # type: ignore[attr-defined]  # a BytesIO
-                self._file.close()
-                size = len(data)
+            if isinstance(self._file, _Filled):
+                data = self._file.buf
+                size = self._file.pos
             else:
                 self._file.close()
                 size = os.path.getsize(self._tmp_path)
@@ -176,7 +175,7 @@ class SafetensorsWriter:
                 raise SafetensorsFormatError(
                     f"{self.local_path}: wrote {size} bytes, planned {self.file_size}"
                 )
-            if self._tmp_path is None:
+            if isinstance(self._file, _Filled):
                 self.data = data
             else:
                 os.replace(self._tmp_path, self.local_path)
@@ -212,6 +211,26 @@ class SafetensorsWriter:
             self.close()
         else:
             self.abort()
+
+
+class _Filled:
+    """The in-memory "file": a buffer of the planned size, filled in order (a BytesIO would
+    grow by reallocating, copying what it holds each time)."""
+
+    def __init__(self, size: int) -> None:
+        self.buf = bytearray(size)
+        self.pos = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        n = memoryview(data).nbytes
+        if self.pos + n > len(self.buf):  # would mean a bug in the plan
+            raise OSError(f"write past the planned {len(self.buf)} bytes")
+        self.buf[self.pos:self.pos + n] = data
+        self.pos += n
+        return n
+
+    def close(self) -> None:
+        pass
 
 
 def library_layout(tensors: Mapping[str, torch.Tensor]) -> Layout:
@@ -363,7 +382,7 @@ def _tensor_view(tensor: torch.Tensor, nbytes: int) -> tuple[memoryview, torch.T
     return memoryview(buf).cast("B"), t
 
 
-def _write_tensor(f: BinaryIO, tensor: torch.Tensor, nbytes: int,
+def _write_tensor(f: BinaryIO | _Filled, tensor: torch.Tensor, nbytes: int,
                   hasher: FileHasher | None = None, name: str | None = None) -> None:
     view, keep_alive = _tensor_view(tensor, nbytes)
     if hasher is not None:  # the bytes written, hashed while at hand (no second read)

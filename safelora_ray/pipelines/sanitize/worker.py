@@ -436,7 +436,7 @@ class FleetSanitizer:
             files = write_adapter(adapter, new_b, tmp, self._storages.get(ref.uri), ref.prefix,
                                   digest, new_a=new_a, config_bytes=config_bytes)
             out_digest = digest.value()
-            sizes = {rel: len(p) if isinstance(p, bytes) else os.path.getsize(p)
+            sizes = {rel: len(p) if isinstance(p, (bytes, bytearray)) else os.path.getsize(p)
                      for rel, p in files}
             bytes_out = sum(sizes.values())
             written = self.out.put_tree(ref.adapter_id, files, move=True)
