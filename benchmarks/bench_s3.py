@@ -12,7 +12,11 @@ catalog of ``--n`` PEFT LoRA adapters (r = 8 on q_proj and v_proj) uploaded to S
 - **list**: the listing of the catalog alone (``iter_catalog``), so its share is visible;
 - **requests**: every S3 call the product's clients make in this process, by operation (an
   ``inline`` run's are all of them: a deterministic measure, where the times are noisy), per
-  adapter, against the floor's 2 (a GET and a PUT per object).
+  adapter, against the floor's 2 (a GET and a PUT per object);
+- **CPU**: seconds of CPU spent during the floor and each sanitize by this process (the
+  client: all of an ``inline`` run's work), by the S3 server, and by the whole machine (Ray's
+  workers included): on a small machine shared by the server, whose they are says what a
+  change can still win.
 
 ``--arch 7b --layers L --null-product``: Llama-2-7B-shaped adapters (d = 4096, r = 8 on q/v;
 ``L`` of its 32 layers, so that the set's build fits a small machine) with the device's
