@@ -346,3 +346,29 @@ def test_adapter_rewritten_after_the_catalog_was_listed(
     r = sanitize(SanitizeConfig(**cfg))
     assert (r.ok, r.skipped, r.error) == (0, 2, 0), r.errors
     assert not [k for op, k in s3_calls if op == "GetObject" and k.endswith(".safetensors")]
+
+
+def test_cli_on_s3_shows_the_runs_lines_not_botocores(small_world: dict[str, Any],
+                                                     s3_bucket: str, s3_admin_client: Any,
+                                                     tmp_path: Path) -> None:
+    """At the default level a run on S3 prints its own lines, not botocore's INFO lines (a
+    "Found credentials in environment variables" for every client made); ``-v`` shows them."""
+    import subprocess
+    import sys
+
+    _upload(s3_admin_client, s3_bucket, "cat", small_world["cat"])
+    args = [sys.executable, "-m", "safelora_ray", "sanitize", "--alignment",
+            small_world["set"], "--adapters", f"s3://{s3_bucket}/cat", "--workers", "0",
+            "--no-progress", "--threshold", "0.35"]
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": repo}
+    quiet = subprocess.run([*args, "--out", f"s3://{s3_bucket}/o1"], capture_output=True,
+                           text=True, timeout=300, env=env, cwd=repo)
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert "safelora_ray.pipelines.sanitize.driver" in quiet.stderr
+    assert "botocore" not in quiet.stderr, quiet.stderr
+    loud = subprocess.run([*args, "--out", f"s3://{s3_bucket}/o2", "-v"], capture_output=True,
+                          text=True, timeout=300, env=env, cwd=repo)
+    assert loud.returncode == 0, loud.stderr[-3000:]
+    assert "INFO botocore." in loud.stderr and "DEBUG botocore" not in loud.stderr
+    assert ADMIN_SECRET not in quiet.stderr + loud.stderr

@@ -55,11 +55,14 @@ def quiet_wire_logs(min_level: int = logging.INFO) -> None:
 
 def configure_logging(level: str) -> None:
     """Logging of the entry points (CLI, nightly job): ``level`` by name, to stderr, with the
-    HTTP libraries kept quiet (their DEBUG output prints request headers, tokens included)."""
-    logging.basicConfig(level=getattr(logging, level),
+    HTTP libraries kept quiet (their DEBUG output prints request headers, tokens included;
+    their INFO lines, e.g. botocore's "Found credentials in environment variables" for every
+    client made, only with ``-v``)."""
+    numeric = getattr(logging, level)
+    logging.basicConfig(level=numeric,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    quiet_wire_logs()
+    quiet_wire_logs(logging.INFO if numeric < logging.INFO else logging.WARNING)
 
 
 __all__ = ["MASK", "SECRET_ENV", "configure_logging", "quiet_wire_logs", "redact"]
