@@ -158,9 +158,11 @@ def _copy_extra(storage: Storage, path: str, size: int, local: str, fail: Fail) 
         if src is not None:
             shutil.copyfile(src, local)
         else:
-            data = storage.read(path, max_bytes=max(size, 1) * 2 + 1024**2)
+            data = _read_extra(storage, path, size, fail)
             with open(local, "wb") as f:
                 f.write(data)
+    except AdapterError:  # already says which file
+        raise
     except (OSError, SafeLoraError) as e:
         raise fail(f"cannot copy extra file {storage.describe(path)}: {e}") from e
 

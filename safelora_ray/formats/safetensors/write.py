@@ -165,20 +165,17 @@ class SafetensorsWriter:
             )
         assert self._file is not None
         try:
-            if isinstance(self._file, _Filled):
-                data = self._file.buf
-                size = self._file.pos
-            else:
-                self._file.close()
-                size = os.path.getsize(self._tmp_path)
+            f = self._file
+            f.close()
+            size = f.pos if isinstance(f, _Filled) else os.path.getsize(str(self._tmp_path))
             if size != self.file_size:  # would mean a bug in _write_tensor
                 raise SafetensorsFormatError(
                     f"{self.local_path}: wrote {size} bytes, planned {self.file_size}"
                 )
-            if isinstance(self._file, _Filled):
-                self.data = data
+            if isinstance(f, _Filled):
+                self.data = f.buf
             else:
-                os.replace(self._tmp_path, self.local_path)
+                os.replace(str(self._tmp_path), self.local_path)
         except BaseException:
             self.abort()
             raise
