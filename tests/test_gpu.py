@@ -175,7 +175,8 @@ def test_gpu_node_paths_give_the_bits_of_the_in_process_run(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The GPU node's pipeline (a holder of the set on the GPU, two I/O workers) writes the
     bytes of the in-process run, whether the I/O workers compute on the holder's GPU memory
-    (``workers``: CUDA IPC; on a fake GPU the node's object store) or send B to the holder."""
+    (``workers``: CUDA IPC; on a fake GPU the set shared as on a CPU node) or send B to the
+    holder."""
     from safelora_ray.pipelines.sanitize import shared_set
 
     def run(name: str, workers: int) -> dict[str, str]:

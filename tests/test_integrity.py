@@ -1,9 +1,10 @@
 """A corrupt alignment set is refused, never used (issue 20, item 1): four bytes changed inside a
 shard, or an edited manifest, stop sanitize (in this process and on Ray workers, whose first
-worker puts the set in the node's object store), project-model and ``inspect --verify`` with a
-one-line error naming the shard, exit 1, nothing written at --out; the same for a SaLoRA set.
-A set written before digests still loads (a warning). An output the ledger calls done that was
-deleted or cut short since is written again by the next run (local and S3)."""
+worker shares the set on the node: its files mapped and checked), project-model and
+``inspect --verify`` with a one-line error naming the shard, exit 1, nothing written at
+--out; the same for a SaLoRA set. A set written before digests still loads (a warning). An
+output the ledger calls done that was deleted or cut short since is written again by the next
+run (local and S3)."""
 
 from __future__ import annotations
 

@@ -3,8 +3,9 @@
 - GPU nodes (fake GPUs here): I/O workers send their groups to the GPU's holder in bounded
   parts (what is in flight through Ray's object store is bounded whatever the batch and
   adapter sizes), and the parts' answers are the bits of the whole.
-- CPU-only nodes: the set is put once in the node's object store, every I/O worker maps those
-  pages (no copy of its own) and computes its own products.
+- CPU-only nodes: the set is shared once on the node (a local set's files mapped, a set on
+  S3 put in the node's object store), every I/O worker maps those pages (no copy of its own)
+  and computes its own products.
 """
 
 from __future__ import annotations
@@ -142,70 +143,141 @@ def _what_i_hold(ctx: Any) -> dict[str, Any]:
         obj = ctx.peek(slot)[1]
         engine = getattr(obj, "engine", None)
         rec: dict[str, Any] = {"type": type(obj).__name__,
-                               "store_bytes": getattr(obj, "store_bytes", None),
+                               "nbytes": getattr(obj, "nbytes", None),
                                "own_engine": getattr(obj, "_own_engine", None) is not None}
         if engine is not None:
             ms = [engine.matrices.get(m).tensor for m in engine.matrices.aset.rows]
             rec["mapped"] = engine.matrices.mapped
-            rec["in_store"] = all("plasma" in where(t) for t in ms)
+            rec["where"] = sorted({where(t) for t in ms})
         out[slot] = rec
     return out
 
 
-def test_cpu_node_shares_the_set_through_its_object_store(ray_one_fake_gpu: None, fleet: Any,
-                                                          tmp_path: Path) -> None:
+def _set_on_s3(fleet: Any, client: Any, bucket: str) -> str:
+    for f in Path(fleet[0]).rglob("*"):
+        if f.is_file():
+            client.upload_file(str(f), bucket, f"set/{f.relative_to(fleet[0]).as_posix()}")
+    return f"s3://{bucket}/set"
+
+
+def _shared_states(fleet: Any, aset: str, tmp_path: Path) -> list[dict[str, Any]]:
+    """Sanitize with ``aset`` on two CPU workers until both computed a batch (a run may end
+    before its second worker is ready: 8 tiny adapters), each run giving the in-process bytes;
+    then what each worker holds."""
     with worker_session() as sess:
-        # A run may end before its second worker is ready (8 tiny adapters): the runs go
-        # on, each with the same bytes, until both workers have computed a batch.
         for attempt in range(6):
-            got = _run(fleet, f"cpu-node-{attempt}", False, tmp_path)
+            got = _run((aset, fleet[1], fleet[2]), f"cpu-node-{attempt}", False, tmp_path)
             assert got == fleet[2]
             states = [ray.get(a.call.options(concurrency_group="control").remote(
                 _what_i_hold), timeout=60).result for _, a in sess._actors]
             if all("shared-set" in s for s in states):
                 break
     assert len(states) == 2, states
-    shared = [s["shared-set"] for s in states]
-    # The first I/O worker put the set in the store (once) and computes with the store's
-    # pages; the other maps those pages; neither keeps a copy of its own.
-    assert sorted(s["type"] for s in shared) == ["MappedSet", "SharedSet"]
-    owner = next(s for s in shared if s["type"] == "SharedSet")
-    assert owner["store_bytes"] > 0
-    assert all(s["mapped"] and s["in_store"] for s in shared), shared
     # ... and no sanitizer loaded the set on the side.
     assert [s["sanitizer"]["own_engine"] for s in states] == [False, False]
+    return [s["shared-set"] for s in states]
+
+
+def test_cpu_node_maps_a_local_sets_files(ray_one_fake_gpu: None, fleet: Any,
+                                          tmp_path: Path) -> None:
+    shared = _shared_states(fleet, fleet[0], tmp_path)
+    # The first I/O worker checked and mapped the set's shard files; the other maps the same
+    # files; both compute with the page cache's pages, neither keeps a copy of its own.
+    assert sorted(s["type"] for s in shared) == ["MappedSet", "SharedSet"]
+    assert next(s for s in shared if s["type"] == "SharedSet")["nbytes"] > 0
+    shards = sorted(str(p.resolve()) for p in Path(fleet[0], "shards").iterdir())
+    for s in shared:
+        assert s["mapped"] and s["where"] and set(s["where"]) <= set(shards), s
+
+
+def test_cpu_node_puts_a_set_on_s3_in_its_object_store(ray_one_fake_gpu: None, fleet: Any,
+                                                        s3_admin_client: Any, s3_bucket: str,
+                                                        tmp_path: Path) -> None:
+    shared = _shared_states(fleet, _set_on_s3(fleet, s3_admin_client, s3_bucket), tmp_path)
+    assert sorted(s["type"] for s in shared) == ["MappedSet", "SharedSet"]
+    assert next(s for s in shared if s["type"] == "SharedSet")["nbytes"] > 0
+    for s in shared:
+        assert s["mapped"] and s["where"] and all("plasma" in w for w in s["where"]), s
+
+
+def test_a_set_file_replaced_after_it_was_checked_is_not_mapped(tmp_path: Path) -> None:
+    from safelora_ray.core.errors import StorageError
+    from safelora_ray.formats.alignment_set import AlignmentSet
+    from safelora_ray.pipelines.sanitize import shared_set
+
+    # A set of its own (this test replaces one of its files).
+    arch = Arch(layers=1, hidden=32, heads=2, kv_heads=2, intermediate=48)
+    base = llama_tensors(arch)
+    write_model(tmp_path / "base", base)
+    write_model(tmp_path / "aligned", aligned_from(base))
+    uri = build(BuildConfig(base=str(tmp_path / "base"), aligned=str(tmp_path / "aligned"),
+                            out=str(tmp_path / "set"), workers=0, progress=False)).uri
+    aset = AlignmentSet.open(uri)
+    shared = shared_set.SharedSet.put(shared_set.SetKey(uri, aset.content_id))
+    h = shared.handles
+    assert h.kind == "file" and shared.nbytes == sum(n for _, _, n in h.refs.values())
+    for module in aset.rows:  # the mapped matrices are the loaded ones
+        assert torch.equal(shared.engine.matrices.get(module).tensor, aset.load(module).tensor)
+    # Another worker maps the files the holder checked ...
+    got = shared_set._open_files(aset, h, verify=False)
+    assert set(got._matrices) == set(aset.rows)
+    # ... but not a file replaced since (a rebuild renamed over it): its products would be
+    # computed with bytes nobody checked.
+    path, _ = next(iter(h.files.values()))
+    data = Path(path).read_bytes()
+    Path(path + ".new").write_bytes(data)
+    os.replace(path + ".new", path)
+    with pytest.raises(StorageError, match="changed since the worker holding alignment set"):
+        shared_set._open_files(aset, h, verify=False)
+    # A corrupt tensor is caught when the holder maps the files.
+    raw = bytearray(data)
+    raw[-1] ^= 0xFF
+    Path(path).write_bytes(bytes(raw))
+    from safelora_ray.core.errors import AlignmentSetError
+    with pytest.raises(AlignmentSetError, match="is corrupt"):
+        shared_set.SharedSet.put(shared_set.SetKey(uri, aset.content_id))
 
 
 def test_a_set_too_large_for_a_cpu_nodes_object_store_is_refused(
-        ray_one_fake_gpu: None, fleet: Any, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        ray_one_fake_gpu: None, fleet: Any, tmp_path: Path, s3_admin_client: Any,
+        s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from safelora_ray.core.errors import ConfigError
     from safelora_ray.execution.placement import NodeInfo
     from safelora_ray.formats.alignment_set import AlignmentSet
     from safelora_ray.pipelines.sanitize import shared_set as projection
 
-    aset = AlignmentSet.open(fleet[0])
+    on_s3 = _set_on_s3(fleet, s3_admin_client, s3_bucket)  # a CPU node puts it in its store
+    aset = AlignmentSet.open(on_s3)
     need = sum(4 * int(torch.tensor(r.stored_shape).prod()) for r in aset.rows.values())
     roomy = NodeInfo("n1", "10.0.0.1", 8, 0, store_bytes=need / projection.STORE_SHARE + 1)
     tight = NodeInfo("n2", "10.0.0.2", 8, 0, store_bytes=need / projection.STORE_SHARE - 1)
     projection.check_store_room(aset, [roomy, NodeInfo("n3", "10.0.0.3", 8, 0)])  # 0: unknown
     with pytest.raises(ConfigError, match=r"node 10\.0\.0\.2 .*--object-store-memory"):
         projection.check_store_room(aset, [roomy, tight])
+    # A local set is mapped from its files, not put in the store: no room needed there.
+    projection.check_store_room(AlignmentSet.open(fleet[0]), [tight])
     # A real run on this Ray (150 MB store) with a share too small for this set: refused
-    # before any worker computes, nothing written.
+    # before any worker computes, nothing written; the same set from local files runs.
     monkeypatch.setattr(projection, "STORE_SHARE", need / (150 * 1024**2) / 2)
     with pytest.raises(ConfigError, match="does not fit the Ray object store of node"):
-        sanitize(SanitizeConfig(alignment=fleet[0], adapters=str(fleet[1] / "cat"),
+        sanitize(SanitizeConfig(alignment=on_s3, adapters=str(fleet[1] / "cat"),
                                 out=str(tmp_path / "out"), threshold=0.35, workers=2,
                                 use_gpu=False, progress=False))
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.safetensors"))
+    assert not (tmp_path / "out").exists()
+    assert _run(fleet, "local-set", False, tmp_path) == fleet[2]
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
 def test_cpu_node_goes_on_when_its_holder_dies(ray_one_fake_gpu: None, fleet: Any,
-                                               tmp_path: Path) -> None:
-    """The holder (the node's first I/O worker, owner of the set in the store) killed between
-    two runs: the other I/O worker keeps computing with the pages it mapped, the restarted
-    holder puts the set again, and every output is still the in-process run's bytes."""
+                                               tmp_path: Path, where: str,
+                                               request: pytest.FixtureRequest) -> None:
+    """The holder (the node's first I/O worker, owner of the set in the store, or of the
+    files' check) killed between two runs: the other I/O worker keeps computing with the
+    pages it mapped, the restarted holder shares the set again, and every output is still
+    the in-process run's bytes."""
+    if where == "s3":
+        fleet = (_set_on_s3(fleet, request.getfixturevalue("s3_admin_client"),
+                            request.getfixturevalue("s3_bucket")), fleet[1], fleet[2])
     with worker_session() as sess:
         handles = [a for _, a in sess._actors]
         # Runs until both workers have computed (a run of 8 tiny adapters may end before
@@ -236,4 +308,9 @@ def test_cpu_node_goes_on_when_its_holder_dies(ray_one_fake_gpu: None, fleet: An
         mapper = handles[kinds.index("MappedSet")]
         after = ray.get(mapper.call.options(concurrency_group="control").remote(_what_i_hold),
                         timeout=60).result
-        assert after["shared-set"]["type"] == "MappedSet" and after["shared-set"]["in_store"]
+        mapped = after["shared-set"]
+        assert mapped["type"] == "MappedSet" and mapped["where"], mapped
+        if where == "s3":
+            assert all("plasma" in w for w in mapped["where"]), mapped
+        else:
+            assert all(w.startswith(str(Path(fleet[0]).resolve())) for w in mapped["where"])

@@ -22,15 +22,16 @@ logger = logging.getLogger(__name__)
 
 def _worker_state(ctx: Any) -> dict[str, Any]:
     """Runs on a worker (a task function): its pid, device, slots, and the bytes of the
-    alignment set it keeps resident: ``set_bytes`` its own copy (a GPU holder's, or the copy a
-    CPU node's first I/O worker put in the node's object store), ``mapped_bytes`` the object
-    store's pages it computes with (no copy of its own); an I/O worker of a GPU node holds the
-    set's metadata only."""
+    alignment set it keeps resident: ``set_bytes`` its own copy (a GPU holder's, or the set a
+    CPU node's first I/O worker shared: put in the node's object store, or its files mapped),
+    ``mapped_bytes`` the shared pages it computes with (no copy of its own); an I/O worker of
+    a GPU node holds the set's metadata only."""
     set_bytes = mapped = 0
     for slot in ctx.slots():
         held = ctx.peek(slot)
         obj = held[1] if held else None
-        set_bytes += int(getattr(obj, "store_bytes", 0) or 0)  # a CPU node's shared set
+        if type(obj).__name__ == "SharedSet":  # a CPU node's (or a fake GPU's) shared set
+            set_bytes += int(obj.nbytes)
         engine = getattr(obj, "engine", obj)  # a holder's service, or an engine
         matrices = getattr(engine, "matrices", None)
         if matrices is not None and hasattr(matrices, "nbytes"):

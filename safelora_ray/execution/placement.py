@@ -14,8 +14,9 @@ Two shapes of work:
   (one per remaining CPU) read, check and write adapters, sending each batch's B matrices to
   a holder of their own node for the products. The set is held once per GPU (or per node),
   however many I/O workers there are. On a CPU-only node the first I/O worker is the holder:
-  it puts the set in the node's object store, and every I/O worker computes its own products
-  with those pages (see :mod:`safelora_ray.pipelines.sanitize.projection`).
+  it shares the set on the node (its files mapped, or in the node's object store), and every
+  I/O worker computes its own products with those pages (see
+  :mod:`safelora_ray.pipelines.sanitize.shared_set`).
 """
 
 from __future__ import annotations

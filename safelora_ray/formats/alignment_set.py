@@ -23,7 +23,9 @@ import hashlib
 import io
 import json
 import logging
+import math
 import threading
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -288,45 +290,87 @@ class AlignmentSet:
                 page fault each; on a VM that first-touches them from the host, most of a
                 load's CPU). The matrix returned is a view of it.
         """
+        shard, start, nbytes = self.stored_range(module)
+        row = self.rows[module]
+        if scratch is not None and len(scratch) >= nbytes:
+            buf = memoryview(scratch)[:nbytes]
+        else:
+            buf = memoryview(bytearray(nbytes))
+        # The bytes are checked against the manifest's digest while they are read.
+        if row.digest is None:  # a set from before digests (warned about at open)
+            if nbytes:
+                self.storage.read_into(shard, start, buf)
+        else:
+            got = read_digested(self.storage, shard, start, buf) if nbytes else tensor_digest(b"")
+            if got != row.digest:
+                raise AlignmentSetError(
+                    f"{self.storage.describe(row.shard)}: tensor {row.module!r} is corrupt: "
+                    f"its bytes do not match the digest written when alignment set "
+                    f"{self.content_id} was built ({got}, expected {row.digest}); rebuild it")
+        m = self.from_bytes(module, buf, verify=False)
+        return AlignmentMatrix(m.form, m.tensor.to(device), m.norm)
+
+    def local_shards(self) -> dict[str, str] | None:
+        """Each shard's file on this machine (a local set, or the Hub's cache), or None when
+        any lies elsewhere (an object store): local shards can be mapped rather than read."""
+        paths = {}
+        for shard in sorted({r.shard for r in self.rows.values()}):
+            try:
+                path = self.storage.local_path(shard)
+            except SafeLoraError:
+                return None
+            if path is None:
+                return None
+            paths[shard] = path
+        return paths
+
+    def stored_range(self, module: str) -> tuple[str, int, int]:
+        """``(shard, offset, length)`` of the module's stored tensor, its header checked
+        against the manifest (float32, the stored shape).
+
+        Raises:
+            AlignmentSetError: an unknown module, or a header that disagrees.
+        """
         row = self.rows.get(module)
         if row is None:
             raise AlignmentSetError(f"{self.uri}: module {module!r} is not in the alignment set")
         header = self.header(row.shard)
         if module not in header.tensors:
             raise AlignmentSetError(f"{self.storage.describe(row.shard)}: no tensor {module!r}")
-        t = self._read(row, header, scratch)
-        if tuple(t.shape) != row.stored_shape or str(t.dtype) != "torch.float32":
-            raise AlignmentSetError(
-                f"{self.storage.describe(row.shard)}: tensor {module!r} is {t.dtype} "
-                f"{list(t.shape)}, the manifest says float32 {list(row.stored_shape)}"
-            )
-        return AlignmentMatrix(row.form, t.to(device), row.norm)  # type: ignore[arg-type]
-
-    def _read(self, row: ManifestRow, header: SafetensorsHeader,
-              scratch: bytearray | None = None) -> torch.Tensor:
-        """The module's stored tensor (one ranged read), its bytes checked against the
-        manifest's digest while they are read."""
-        require_little_endian()
-        info = header.tensor(row.module)
+        info = header.tensor(module)
         dtype, shape = torch_dtype_of(header.uri, info), torch_shape_of(header.uri, info)
-        if scratch is not None and len(scratch) >= info.nbytes:
-            buf = memoryview(scratch)[:info.nbytes]
-        else:
-            buf = memoryview(bytearray(info.nbytes))
-        if row.digest is None:  # a set from before digests (warned about at open)
-            if info.nbytes:
-                self.storage.read_into(header.path, info.start, buf)
-        else:
-            got = (read_digested(self.storage, header.path, info.start, buf)
-                   if info.nbytes else tensor_digest(b""))
-            if got != row.digest:
-                raise AlignmentSetError(
-                    f"{self.storage.describe(row.shard)}: tensor {row.module!r} is corrupt: "
-                    f"its bytes do not match the digest written when alignment set "
-                    f"{self.content_id} was built ({got}, expected {row.digest}); rebuild it")
-        if not buf:
-            return torch.empty(shape, dtype=dtype)  # frombuffer rejects empty buffers
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+        if tuple(shape) != row.stored_shape or dtype != torch.float32:
+            raise AlignmentSetError(
+                f"{self.storage.describe(row.shard)}: tensor {module!r} is {dtype} "
+                f"{list(shape)}, the manifest says float32 {list(row.stored_shape)}")
+        return row.shard, info.start, info.nbytes
+
+    def from_bytes(self, module: str, data: memoryview, verify: bool = True
+                   ) -> AlignmentMatrix:
+        """The module's matrix as a view of ``data``, its stored bytes (e.g. a slice of its
+        shard mapped read-only: no copy), checked against the manifest's digest unless
+        ``verify`` is false (this process, or the one that shared the bytes, checked them).
+
+        Raises:
+            AlignmentSetError: the bytes are not the module's (length or digest).
+        """
+        require_little_endian()
+        row = self.rows[module]
+        if len(data) != 4 * math.prod(row.stored_shape):
+            raise AlignmentSetError(f"{self.storage.describe(row.shard)}: tensor {module!r} "
+                                    f"has {len(data)} bytes, not float32 {list(row.stored_shape)}")
+        if verify and row.digest is not None and tensor_digest(data) != row.digest:
+            raise AlignmentSetError(
+                f"{self.storage.describe(row.shard)}: tensor {module!r} is corrupt: its bytes "
+                f"do not match the digest written when alignment set {self.content_id} was "
+                "built; rebuild it")
+        if not len(data):
+            return AlignmentMatrix(row.form, torch.empty(row.stored_shape), row.norm)  # type: ignore[arg-type]
+        with warnings.catch_warnings():
+            # "the given buffer is not writable": nothing writes to an alignment matrix
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.frombuffer(data, dtype=torch.float32).reshape(row.stored_shape)
+        return AlignmentMatrix(row.form, t, row.norm)  # type: ignore[arg-type]
 
     def verify(self) -> list[str]:
         """Read every shard whole and check its size and SHA-256 against ``alignment.json``

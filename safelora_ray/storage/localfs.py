@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import stat
 from collections.abc import Callable, Iterator
@@ -117,6 +118,48 @@ def read_into_fd(fd: int, start: int, buffer: memoryview, what: str) -> None:
             f"byte range [{start}, {start + len(view)}) is past the end of {what} ({size} bytes)"
         )
     pread_into(fd, view, start, what, size)
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """Which file, in which state: a file replaced (renamed over) or rewritten since has
+    another identity."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileIdentity:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def map_readonly(path: str) -> tuple[mmap.mmap, FileIdentity]:
+    """``path`` mapped whole, read-only and shared: its pages are the page cache's, one copy
+    however many processes map it. Writes to the file after this show through the mapping,
+    and truncating it makes reading past the new end fatal (SIGBUS): map only files that are
+    replaced by rename, never rewritten, and compare :class:`FileIdentity` before trusting a
+    mapping another process checked.
+
+    Raises:
+        StorageError: The file cannot be opened or mapped (missing, empty, not a file).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise StorageError(f"cannot open {path} to map it: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+            raise StorageError(f"cannot map {path}: not a regular, non-empty file")
+        try:
+            mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:
+            raise StorageError(f"cannot map {path}: {e}") from None
+    finally:
+        os.close(fd)
+    return mapping, FileIdentity.of(st)
 
 
 @dataclass(frozen=True)
