@@ -82,16 +82,20 @@ def _digests(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("adapter_model.safetensors"))}
 
 
+def _build_set(root: Path, arch: Arch) -> str:
+    """A base/aligned pair of ``arch`` under ``root``, and its alignment set's URI."""
+    base = llama_tensors(arch)
+    write_model(root / "base", base)
+    write_model(root / "aligned", aligned_from(base))
+    return build(BuildConfig(base=str(root / "base"), aligned=str(root / "aligned"),
+                             out=str(root / "set"), workers=0, progress=False)).uri
+
+
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, dict[str, str]]:
     """A set, a catalog of 8 adapters, and the digests of their in-process sanitize."""
     root = tmp_path_factory.mktemp("fleet")
-    arch = Arch(layers=2, hidden=64, heads=4, kv_heads=4, intermediate=96)
-    base = llama_tensors(arch)
-    write_model(root / "base", base)
-    write_model(root / "aligned", aligned_from(base))
-    aset = build(BuildConfig(base=str(root / "base"), aligned=str(root / "aligned"),
-                             out=str(root / "set"), workers=0, progress=False)).uri
+    aset = _build_set(root, Arch(layers=2, hidden=64, heads=4, kv_heads=4, intermediate=96))
     g = torch.Generator().manual_seed(3)
     for k in range(8):
         lora = {f"model.layers.{i}.self_attn.{t}": (torch.randn(4, 64, generator=g),
@@ -206,12 +210,7 @@ def test_a_set_file_replaced_after_it_was_checked_is_not_mapped(tmp_path: Path) 
     from safelora_ray.pipelines.sanitize import shared_set
 
     # A set of its own (this test replaces one of its files).
-    arch = Arch(layers=1, hidden=32, heads=2, kv_heads=2, intermediate=48)
-    base = llama_tensors(arch)
-    write_model(tmp_path / "base", base)
-    write_model(tmp_path / "aligned", aligned_from(base))
-    uri = build(BuildConfig(base=str(tmp_path / "base"), aligned=str(tmp_path / "aligned"),
-                            out=str(tmp_path / "set"), workers=0, progress=False)).uri
+    uri = _build_set(tmp_path, Arch(layers=1, hidden=32, heads=2, kv_heads=2, intermediate=48))
     aset = AlignmentSet.open(uri)
     shared = shared_set.SharedSet.put(shared_set.SetKey(uri, aset.content_id))
     h = shared.handles
@@ -229,6 +228,13 @@ def test_a_set_file_replaced_after_it_was_checked_is_not_mapped(tmp_path: Path) 
     os.replace(path + ".new", path)
     with pytest.raises(StorageError, match="changed since the worker holding alignment set"):
         shared_set._open_files(aset, h, verify=False)
+    # A shard gone, or emptied, is one line naming it.
+    from safelora_ray.storage.localfs import map_readonly
+    with pytest.raises(StorageError, match=r"cannot open .*nope.* to map it"):
+        map_readonly(str(tmp_path / "nope"))
+    (tmp_path / "empty").write_bytes(b"")
+    with pytest.raises(StorageError, match=r"cannot map .*empty: not a regular, non-empty"):
+        map_readonly(str(tmp_path / "empty"))
     # A corrupt tensor is caught when the holder maps the files.
     raw = bytearray(data)
     raw[-1] ^= 0xFF

@@ -365,11 +365,12 @@ class AlignmentSet:
                 f"do not match the digest written when alignment set {self.content_id} was "
                 "built; rebuild it")
         if not len(data):
-            return AlignmentMatrix(row.form, torch.empty(row.stored_shape), row.norm)  # type: ignore[arg-type]
-        with warnings.catch_warnings():
-            # "the given buffer is not writable": nothing writes to an alignment matrix
-            warnings.simplefilter("ignore", UserWarning)
-            t = torch.frombuffer(data, dtype=torch.float32).reshape(row.stored_shape)
+            t = torch.empty(row.stored_shape)  # frombuffer rejects empty buffers
+        else:
+            with warnings.catch_warnings():
+                # "the given buffer is not writable": nothing writes to an alignment matrix
+                warnings.simplefilter("ignore", UserWarning)
+                t = torch.frombuffer(data, dtype=torch.float32).reshape(row.stored_shape)
         return AlignmentMatrix(row.form, t, row.norm)  # type: ignore[arg-type]
 
     def verify(self) -> list[str]:

@@ -328,8 +328,8 @@ class HolderRestarted(SafeLoraError):
 class MappedSet:
     """A holder's set as an I/O worker sees it: the node's shared pages (its object store's,
     or the set's files', mapped read-only) or the holder's GPU memory (CUDA IPC), and an
-    engine computing this worker's
-    products with them; or, when the holder cannot share, its products asked of the holder.
+    engine computing this worker's products with them; or, when the holder cannot share, its
+    products asked of the holder.
 
     Args:
         key: The set.
