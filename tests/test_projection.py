@@ -218,7 +218,7 @@ def test_a_set_file_replaced_after_it_was_checked_is_not_mapped(tmp_path: Path) 
     for module in aset.rows:  # the mapped matrices are the loaded ones
         assert torch.equal(shared.engine.matrices.get(module).tensor, aset.load(module).tensor)
     # Another worker maps the files the holder checked ...
-    got = shared_set._open_files(aset, h, verify=False)
+    got = shared_set._open_files(aset, h)
     assert set(got._matrices) == set(aset.rows)
     # ... but not a file replaced since (a rebuild renamed over it): its products would be
     # computed with bytes nobody checked.
@@ -227,7 +227,7 @@ def test_a_set_file_replaced_after_it_was_checked_is_not_mapped(tmp_path: Path) 
     Path(path + ".new").write_bytes(data)
     os.replace(path + ".new", path)
     with pytest.raises(StorageError, match="changed since the worker holding alignment set"):
-        shared_set._open_files(aset, h, verify=False)
+        shared_set._open_files(aset, h)
     # A shard gone, or emptied, is one line naming it.
     from safelora_ray.storage.localfs import map_readonly
     with pytest.raises(StorageError, match=r"cannot open .*nope.* to map it"):

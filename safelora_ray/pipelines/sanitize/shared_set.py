@@ -182,13 +182,14 @@ class SharedSet:
     @classmethod
     def _map_files(cls, aset: AlignmentSet, paths: dict[str, str]) -> SharedSet:
         refs = {module: aset.stored_range(module) for module in aset.rows}
-        files = {}
+        maps, files = {}, {}
         for shard, path in paths.items():
-            _, identity = map_readonly(path)
+            mapping, identity = map_readonly(path)
+            maps[shard] = memoryview(mapping)
             files[shard] = (path, identity)
         handles = SetHandles("file", refs, _node_id(), os.getpid(), files=files)
         # Checked here, against the manifest's digests, once for the node.
-        matrices = _open_files(aset, handles, verify=True)
+        matrices = _views(aset, refs, maps, verify=True)
         return cls(handles, matrices, sum(n for _, _, n in refs.values()))
 
 
@@ -196,13 +197,20 @@ def _shared(ctx: WorkerContext, key: SetKey) -> SharedSet:
     return ctx.resident(SHARED_SLOT, key, lambda: SharedSet.put(key))
 
 
-def _open_files(aset: AlignmentSet, handles: SetHandles, verify: bool) -> MatrixCache:
-    """The set's matrices as views of its shard files mapped here (the page cache's pages).
+def _views(aset: AlignmentSet, refs: dict[str, tuple[str, int, int]],
+           maps: dict[str, memoryview], verify: bool) -> MatrixCache:
+    """The set's matrices as views of its shards mapped here (the page cache's pages)."""
+    return MatrixCache(aset, "cpu", {
+        module: aset.from_bytes(module, maps[shard][start:start + n], verify=verify)
+        for module, (shard, start, n) in refs.items()})
+
+
+def _open_files(aset: AlignmentSet, handles: SetHandles) -> MatrixCache:
+    """The holder's files mapped here, if they are still the files it checked.
 
     Raises:
         StorageError: a file is not the one the holder checked (replaced or rewritten since),
             or cannot be mapped.
-        AlignmentSetError: ``verify``, and a tensor's bytes do not match its digest.
     """
     maps = {}
     for shard, (path, identity) in handles.files.items():
@@ -211,9 +219,7 @@ def _open_files(aset: AlignmentSet, handles: SetHandles, verify: bool) -> Matrix
             raise StorageError(f"{path} changed since the worker holding alignment set "
                                f"{aset.content_id} checked it ({identity} → {now})")
         maps[shard] = memoryview(mapping)
-    matrices = {module: aset.from_bytes(module, maps[shard][start:start + n], verify=verify)
-                for module, (shard, start, n) in handles.refs.items()}
-    return MatrixCache(aset, "cpu", matrices)
+    return _views(aset, handles.refs, maps, verify=False)
 
 
 def _mapped(aset: AlignmentSet, refs: dict[str, Any], timeout_s: float) -> MatrixCache:
@@ -353,7 +359,7 @@ class MappedSet:
             why = "the holder is on another node"
         elif h.kind == "file":
             try:
-                self.engine = ProjectionEngine(_open_files(aset, h, verify=False))
+                self.engine = ProjectionEngine(_open_files(aset, h))
             except SafeLoraError as e:
                 why = f"its files do not map here: {e}"
         elif h.kind == "cuda-ipc":
