@@ -8,7 +8,7 @@ each of which computes its own products with it.
   manifest's digests; the others map the files after checking that they are the very files
   it checked (device, inode, size, mtime). A set on an object store is put in the node's Ray
   object store. Mapping saves the copy: 4 GiB of fresh shared memory for a 7B set, faulted in
-  page by page at every run's start (8-26 s of CPU on a 2-core VM against 0.5-2.3 s).
+  page by page at every run's start (8-40 s of CPU on a 2-core VM against 0.5-2.4 s).
 - **GPU nodes** (``SAFELORA_GPU_PRODUCTS=workers``, the default): the holder (one actor per
   GPU) loads the set on its GPU and exports CUDA IPC handles of its tensors; each I/O worker
   of the node opens them (the same GPU memory, no copy) and runs its own batch's products on
