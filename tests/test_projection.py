@@ -244,6 +244,23 @@ def test_a_set_file_replaced_after_it_was_checked_is_not_mapped(tmp_path: Path) 
         shared_set.SharedSet.put(shared_set.SetKey(uri, aset.content_id))
 
 
+def test_files_that_cannot_be_mapped_go_into_the_object_store(
+        ray_one_fake_gpu: None, fleet: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safelora_ray.core.errors import StorageError
+    from safelora_ray.formats.alignment_set import AlignmentSet
+    from safelora_ray.pipelines.sanitize import shared_set
+
+    def refuse(path: str) -> Any:
+        raise StorageError(f"cannot map {path}: this filesystem does not map files")
+
+    monkeypatch.setattr(shared_set, "map_readonly", refuse)
+    aset = AlignmentSet.open(fleet[0])
+    shared = shared_set.SharedSet.put(shared_set.SetKey(fleet[0], aset.content_id))
+    assert shared.handles.kind == "store" and shared.nbytes > 0
+    for module in aset.rows:
+        assert torch.equal(shared.engine.matrices.get(module).tensor, aset.load(module).tensor)
+
+
 def test_a_set_too_large_for_a_cpu_nodes_object_store_is_refused(
         ray_one_fake_gpu: None, fleet: Any, tmp_path: Path, s3_admin_client: Any,
         s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -154,10 +154,19 @@ class SharedSet:
         aset = AlignmentSet.open(key.uri, expect=key.content_id)
         t0 = time.perf_counter()
         paths = aset.local_shards()
-        shared = cls._map_files(aset, paths) if paths is not None else cls._put_store(aset)
+        shared = None
+        if paths is not None:
+            try:
+                shared = cls._map_files(aset, paths)
+            except StorageError as e:  # a filesystem that cannot map files: read them
+                logger.warning("alignment set %s: its files cannot be mapped (%s); it goes "
+                               "into this node's object store", key.content_id, e)
+        if shared is None:
+            shared = cls._put_store(aset)
         logger.info("alignment set %s shared on this node (%s): %d module(s), %.1f MiB in "
                     "%.2f s", key.content_id,
-                    "its files mapped" if paths is not None else "put in the object store",
+                    "its files mapped" if shared.handles.kind == "file"
+                    else "put in the object store",
                     len(aset.rows), shared.nbytes / 2**20, time.perf_counter() - t0)
         return shared
 
