@@ -26,11 +26,13 @@ def _worker_state(ctx: Any) -> dict[str, Any]:
     CPU node's first I/O worker shared: put in the node's object store, or its files mapped),
     ``mapped_bytes`` the shared pages it computes with (no copy of its own); an I/O worker of
     a GPU node holds the set's metadata only."""
+    from safelora_ray.pipelines.sanitize.shared_set import SharedSet
+
     set_bytes = mapped = 0
     for slot in ctx.slots():
         held = ctx.peek(slot)
         obj = held[1] if held else None
-        if type(obj).__name__ == "SharedSet":  # a CPU node's (or a fake GPU's) shared set
+        if isinstance(obj, SharedSet):  # a CPU node's (or a fake GPU's) shared set
             set_bytes += int(obj.nbytes)
         engine = getattr(obj, "engine", obj)  # a holder's service, or an engine
         matrices = getattr(engine, "matrices", None)

@@ -303,10 +303,7 @@ class AlignmentSet:
         else:
             got = read_digested(self.storage, shard, start, buf) if nbytes else tensor_digest(b"")
             if got != row.digest:
-                raise AlignmentSetError(
-                    f"{self.storage.describe(row.shard)}: tensor {row.module!r} is corrupt: "
-                    f"its bytes do not match the digest written when alignment set "
-                    f"{self.content_id} was built ({got}, expected {row.digest}); rebuild it")
+                raise self._corrupt(row, got)
         m = self.from_bytes(module, buf, verify=False)
         return AlignmentMatrix(m.form, m.tensor.to(device), m.norm)
 
@@ -359,11 +356,10 @@ class AlignmentSet:
         if len(data) != 4 * math.prod(row.stored_shape):
             raise AlignmentSetError(f"{self.storage.describe(row.shard)}: tensor {module!r} "
                                     f"has {len(data)} bytes, not float32 {list(row.stored_shape)}")
-        if verify and row.digest is not None and tensor_digest(data) != row.digest:
-            raise AlignmentSetError(
-                f"{self.storage.describe(row.shard)}: tensor {module!r} is corrupt: its bytes "
-                f"do not match the digest written when alignment set {self.content_id} was "
-                "built; rebuild it")
+        if verify and row.digest is not None:
+            got = tensor_digest(data)
+            if got != row.digest:
+                raise self._corrupt(row, got)
         if not len(data):
             t = torch.empty(row.stored_shape)  # frombuffer rejects empty buffers
         else:
@@ -372,6 +368,12 @@ class AlignmentSet:
                 warnings.simplefilter("ignore", UserWarning)
                 t = torch.frombuffer(data, dtype=torch.float32).reshape(row.stored_shape)
         return AlignmentMatrix(row.form, t, row.norm)  # type: ignore[arg-type]
+
+    def _corrupt(self, row: ManifestRow, got: str) -> AlignmentSetError:
+        return AlignmentSetError(
+            f"{self.storage.describe(row.shard)}: tensor {row.module!r} is corrupt: its bytes "
+            f"do not match the digest written when alignment set {self.content_id} was built "
+            f"({got}, expected {row.digest}); rebuild it")
 
     def verify(self) -> list[str]:
         """Read every shard whole and check its size and SHA-256 against ``alignment.json``

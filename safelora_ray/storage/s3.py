@@ -381,9 +381,8 @@ class S3Storage(Storage):
     def put_bytes(self, path: str, data: bytes | bytearray) -> str | None:
         """One PUT; S3 makes the object visible only once it is complete. Returns its ETag."""
         key = self._key(path)
-        body = data if isinstance(data, (bytes, bytearray)) else bytes(data)  # no copy
-        try:
-            resp = self.client.put_object(Bucket=self.bucket, Key=key, Body=body)
+        try:  # a bytearray goes as it is (bytes() of it would copy the adapter)
+            resp = self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
             self._raise(exc, path, "PUT")
         etag = resp.get("ETag")
