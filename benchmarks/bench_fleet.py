@@ -47,7 +47,9 @@ holders of the alignment set and I/O workers are reported apart, with the set's 
 ``--io-floor``: after each of our runs, the plain sequential I/O of the catalog, timed on the
 same disk (read every adapter file, write the same bytes to as many files, each fsynced),
 and the ratio sanitize time / that floor (the issue's bound where the disk is the limit: a
-ratio ≤ 1.25 is ≥ 80 % of what the disk can carry).
+ratio ≤ 1.25 is ≥ 80 % of what the disk can carry). The floor is also timed with each written
+file dropped from the page cache once fsynced (as our outputs are), and the ratio to the
+faster of the two is reported too: on a VM, whichever writes into fresh pages pays for them.
 
 ``--null-product --fake-gpu``: a CPU proxy of a GPU node's host path. ``--fake-gpu`` starts
 the local Ray with one GPU that is not there and runs ours with ``use_gpu=True`` (holders and
@@ -448,6 +450,14 @@ def main(argv: list[str] | None = None) -> int:
                 floor = io_floor(catalogs[n], root / f"io-floor-{tag}")
                 floor["sanitize_over_floor"] = round(ts["s"] / floor["s"], 2)
                 floor["cpu_ms_per_adapter"] = round(1e3 * floor["cpu_s"] / max(n, 1), 2)
+                # The same I/O with each written file dropped from the page cache, as our
+                # outputs are: on a VM a fresh page can cost more than the copy into it, so
+                # the floor is whichever of the two is faster (the stricter one).
+                unc = io_floor(catalogs[n], root / f"io-floor-{tag}", drop_cache=True)
+                unc["cpu_ms_per_adapter"] = round(1e3 * unc["cpu_s"] / max(n, 1), 2)
+                floor["uncached"] = unc
+                floor["sanitize_over_floor_uncached"] = round(ts["s"] / unc["s"], 2)
+                floor["sanitize_over_best_floor"] = round(ts["s"] / min(floor["s"], unc["s"]), 2)
                 rec["io_floor"] = floor
                 rec["io_floor_s"] = floor["s"]
             print(f"  {mode} N={n} run {rep}: {t['s']:.2f} s (build {tb['s']:.2f} s, "
@@ -455,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{rec['memory']['peak_total_rss'] / MiB:,.0f} MiB; busiest thread "
                   f"{cpu['max_thread_cpu_ms_per_adapter']:.2f} ms/adapter, all "
                   f"{cpu['total_cpu_ms_per_adapter']:.1f} ms/adapter"
-                  + (f"; sanitize / I/O floor {rec['io_floor']['sanitize_over_floor']}"
+                  + (f"; sanitize / I/O floor {rec['io_floor']['sanitize_over_floor']} "
+                     f"(uncached floor {rec['io_floor']['sanitize_over_floor_uncached']})"
                      if args.io_floor else "") + ")", flush=True)
             return rec
 
@@ -552,6 +563,10 @@ def main(argv: list[str] | None = None) -> int:
                 rec["sanitize_over_floor_median"] = round(san / rec["io_floor_s_median"], 2)
                 rec["io_floor_cpu_ms_per_adapter"] = median(
                     [r["io_floor"]["cpu_ms_per_adapter"] for r in rs])
+                rec["io_floor_uncached_s_median"] = median(
+                    [r["io_floor"]["uncached"]["s"] for r in rs])
+                rec["sanitize_over_best_floor_median"] = round(
+                    san / min(rec["io_floor_s_median"], rec["io_floor_uncached_s_median"]), 2)
                 floor_rows.append([mode, n, round(san, 2),
                                    round(median([r["io_floor"]["read_s"] for r in rs]), 3),
                                    round(median([r["io_floor"]["write_fsync_s"]
@@ -559,7 +574,9 @@ def main(argv: list[str] | None = None) -> int:
                                    round(rec["io_floor_s_median"], 3),
                                    rec["sanitize_over_floor_median"],
                                    f"{100 / rec['sanitize_over_floor_median']:.0f} %",
-                                   rec["io_floor_cpu_ms_per_adapter"]])
+                                   rec["io_floor_cpu_ms_per_adapter"],
+                                   round(rec["io_floor_uncached_s_median"], 3),
+                                   rec["sanitize_over_best_floor_median"]])
             results.append(rec)
             mem_rows.append([mode, n, round(san, 2), rec["sanitize_adapters_per_s"],
                              mib(peak), mib(peak_anon), mib(peak_pss),
@@ -635,7 +652,8 @@ def main(argv: list[str] | None = None) -> int:
         *([("sanitize against plain sequential I/O of the same catalog (--io-floor; "
             "target: ratio ≤ 1.25, i.e. ≥ 80 % of the disk)",
             ["mode", "N", "sanitize s", "read s", "write + fsync s", "floor s", "ratio",
-             "of the disk", "floor's own CPU, ms / adapter"], floor_rows)] if floor_rows
+             "of the disk", "floor's own CPU, ms / adapter", "uncached floor s",
+             "ratio to the faster floor"], floor_rows)] if floor_rows
           else []),
         ("CPU inside the sanitize, every thread of every process (median run; targets: the "
          "busiest thread ≤ 3 ms an adapter, all processes ≤ 30 ms)",

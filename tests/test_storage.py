@@ -469,6 +469,52 @@ def test_local_put_tree_moves_scratch_files(tmp_path: pathlib.Path) -> None:
     assert not [n for n in os.listdir(tmp_path / "root" / "a") if n.startswith(".")]
 
 
+def _resident_pages(path: str) -> int:
+    """How many of the file's pages are in the page cache (``mincore`` over a mapping)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = os.path.getsize(path)
+    pages = -(-size // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            pytest.skip(f"mmap failed: errno {ctypes.get_errno()}")
+        try:
+            if libc.mincore(addr, size, vec) != 0:
+                pytest.skip(f"mincore failed: errno {ctypes.get_errno()}")
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return sum(v & 1 for v in vec)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here")
+def test_local_put_tree_uncached_leaves_no_pages(tmp_path: pathlib.Path) -> None:
+    """``cache=False`` (a fleet's outputs): the published files are durable and in place, and
+    none of their pages stays in the page cache; the default keeps them (read soon)."""
+    s = LocalStorage(str(tmp_path / "root"))
+    data = os.urandom(4 << 20)
+    for name, cache in (("kept", True), ("dropped", False)):
+        scratch = tempfile.mkdtemp(prefix=".staging-", dir=s.scratch_dir())
+        pathlib.Path(scratch, "w.bin").write_bytes(data)
+        s.put_tree(name, [("w.bin", os.path.join(scratch, "w.bin")), ("cfg.json", b"{}")],
+                   move=True, cache=cache)
+    kept = _resident_pages(str(tmp_path / "root" / "kept" / "w.bin"))
+    if kept == 0:
+        pytest.skip("this filesystem keeps no written pages in the page cache")
+    assert _resident_pages(str(tmp_path / "root" / "dropped" / "w.bin")) == 0
+    assert s.read("dropped/w.bin") == data and s.read("dropped/cfg.json") == b"{}"
+
 def test_local_delete_directory_refused(tmp_path: pathlib.Path) -> None:
     s = LocalStorage(str(tmp_path))
     s.put_bytes("d/f", b"x")

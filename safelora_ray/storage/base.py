@@ -168,7 +168,7 @@ class Storage(abc.ABC):
                 os.unlink(tmp)
 
     def put_tree(self, prefix: str, files: list[tuple[str, str | bytes | bytearray]],
-                 move: bool = False) -> dict[str, str] | None:
+                 move: bool = False, cache: bool = True) -> dict[str, str] | None:
         """Publish a set of files under ``prefix`` as one unit, as far as the backend allows.
 
         ``files`` are ``(relative path, local file or bytes)`` pairs, in the order to publish
@@ -176,6 +176,8 @@ class Storage(abc.ABC):
         Backends with directories (local) stage the tree and rename it into place; object
         stores upload each object atomically and the marker last. ``move``: the local files
         are the caller's to give away (a backend may move them rather than copy them).
+        ``cache=False``: nothing will read the tree back soon (a fleet's outputs), so a
+        backend with a page cache drops its pages once they are durable.
 
         Returns:
             ``{relative path: version}`` of the objects written, when every write told its

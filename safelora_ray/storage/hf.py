@@ -363,7 +363,8 @@ class HfStorage(Storage):
         """Refused: hf:// is read-only."""
         raise self._read_only(path)
 
-    def put_tree(self, prefix: str, files: list[tuple[str, str]], move: bool = False) -> None:
+    def put_tree(self, prefix: str, files: list[tuple[str, str]], move: bool = False,
+                 cache: bool = True) -> None:
         """Refused: hf:// is read-only."""
         raise self._read_only(prefix)
 

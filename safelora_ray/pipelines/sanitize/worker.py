@@ -439,7 +439,8 @@ class FleetSanitizer:
             sizes = {rel: len(p) if isinstance(p, (bytes, bytearray)) else os.path.getsize(p)
                      for rel, p in files}
             bytes_out = sum(sizes.values())
-            written = self.out.put_tree(ref.adapter_id, files, move=True)
+            # Not read back by this run: kept out of the page cache (LocalStorage.put_tree).
+            written = self.out.put_tree(ref.adapter_id, files, move=True, cache=False)
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
