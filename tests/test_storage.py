@@ -921,3 +921,16 @@ def test_hf_online_with_fake_hub(fake_hub: _FakeHub, hf_cache: pathlib.Path) -> 
     assert pinned.size("config.json") == len(HF_FILES["config.json"])
     assert pinned.local_path("config.json") is not None
     assert fake_hub.calls == []  # a sha revision needs no resolution either
+
+
+def test_local_put_tree_uncached_where_advice_is_refused(tmp_path: pathlib.Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A filesystem that refuses the page-cache advice (some FUSE mounts answer EINVAL) still
+    gets the tree published: the advice never fails a durable write."""
+    def refuse(fd: int, offset: int, length: int, advice: int) -> None:
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(os, "posix_fadvise", refuse, raising=False)
+    s = LocalStorage(str(tmp_path / "root"))
+    s.put_tree("t", [("w.bin", b"w" * 9000), ("cfg.json", b"{}")], cache=False)
+    assert s.read("t/w.bin") == b"w" * 9000 and s.read("t/cfg.json") == b"{}"

@@ -406,7 +406,8 @@ def _fsync_file(path: str, drop_cache: bool = False) -> None:
     try:
         os.fsync(fd)
         if drop_cache and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            with contextlib.suppress(OSError):  # advice only: it never fails a durable write
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
 
