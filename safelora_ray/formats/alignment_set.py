@@ -164,6 +164,14 @@ def content_id(metadata_core: dict[str, Any], rows: Iterable[ManifestRow]) -> st
     return "als-" + h.hexdigest()[:32]
 
 
+def _zeroed(nbytes: int) -> memoryview:
+    """A new zeroed, writable buffer, allocated and faulted in by torch, which releases the
+    GIL meanwhile. ``bytearray(n)`` holds it through its memset and every first-touch page
+    fault: for a set's 64 MiB matrices, seconds per run in which an in-process sanitize's I/O
+    threads could not run (docs/benchmarks.md §15.3)."""
+    return memoryview(torch.zeros(nbytes, dtype=torch.uint8).numpy())
+
+
 @dataclass
 class AlignmentSet:
     """A complete alignment set opened for reading; tensors are loaded lazily per module.
@@ -295,7 +303,7 @@ class AlignmentSet:
         if scratch is not None and len(scratch) >= nbytes:
             buf = memoryview(scratch)[:nbytes]
         else:
-            buf = memoryview(bytearray(nbytes))
+            buf = _zeroed(nbytes)
         # The bytes are checked against the manifest's digest while they are read.
         if row.digest is None:  # a set from before digests (warned about at open)
             if nbytes:
