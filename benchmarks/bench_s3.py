@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", choices=sorted(ARCHS), default="tiny")
     p.add_argument("--modes", default="inline,auto")
     p.add_argument("--threshold", type=float, default=0.35)
+    p.add_argument("--max-in-flight", type=int, default=None,
+                   help="batches per worker (default: the product's, 3 on S3)")
     p.add_argument("--floor-threads", type=int, default=16)
     p.add_argument("--read-threads", type=int, default=8)
     p.add_argument("--reader-arch", choices=sorted(ARCHS), default="100m")
@@ -251,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                     r = sanitize(SanitizeConfig(
                         alignment=aset, adapters=cat, out=s3.uri(f"out-{mode}-{rep}"),
                         threshold=args.threshold, workers=0 if mode == "inline" else None,
-                        progress=False))
+                        max_in_flight=args.max_in_flight, progress=False))
                     s = time.perf_counter() - t0
                     cpu = CpuClock.spent(cpu0, clock.read())
                     calls = counter.take()  # this process's: all of an inline run's

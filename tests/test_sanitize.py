@@ -1102,3 +1102,19 @@ def test_a_batch_run_again_in_the_same_run_reports_ok(tmp_path: Path,
     assert [(r["projected"], r["modules"], r["output_digest"]) for r in retried] == [
         (r["projected"], r["modules"], r["output_digest"]) for r in first]
     assert {r["status"] for r in process("run-b")} == {"skipped"}
+
+
+def test_batches_in_flight_default_by_storage() -> None:
+    """Two batches in flight per worker on local storage, three where the catalog or the
+    output is on an object store (round trips to hide); an explicit value wins; zero is a
+    one-line error naming the flag."""
+    from safelora_ray.core.errors import ConfigError
+
+    cfg = SanitizeConfig(alignment="/x", adapters="/y", out="/z", threshold=0.35)
+    assert cfg.max_in_flight is None
+    assert cfg.in_flight(remote=False) == 2 and cfg.in_flight(remote=True) == 3
+    pinned = SanitizeConfig(alignment="/x", adapters="/y", out="/z", threshold=0.35,
+                            max_in_flight=1)
+    assert pinned.in_flight(remote=True) == 1 and pinned.in_flight(remote=False) == 1
+    with pytest.raises(ConfigError, match="max-in-flight"):
+        SanitizeConfig(alignment="/x", adapters="/y", out="/z", threshold=0.35, max_in_flight=0)

@@ -172,8 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-empty", action="store_true",
                    help="an empty catalog is not an error")
     s.add_argument("--batch-size", type=int, default=8, help="adapters per task (default 8)")
-    s.add_argument("--max-in-flight", type=int, default=2,
-                   help="batches queued per worker (default 2)")
+    s.add_argument("--max-in-flight", type=int, default=None,
+                   help="batches queued per worker (default 2; 3 where the catalog or the "
+                        "output is on an object store)")
     s.add_argument("--workers-per-gpu", type=int, default=1,
                    help="holders of the alignment set per GPU, each with its own copy "
                         "(default 1)")

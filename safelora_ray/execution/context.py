@@ -20,10 +20,11 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 #: Concurrency groups of a worker, and threads each: ``stream`` runs one call at a time (a
-#: build shard's files are read in order by one prefetch thread); ``batch`` runs two (one
-#: batch reads and writes, I/O releasing the GIL, while the other computes); ``serve`` answers
+#: build shard's files are read in order by one prefetch thread); ``batch`` runs up to three
+#: (while one batch computes, the others read and write, I/O releasing the GIL; a sanitize
+#: keeps two in flight, three on an object store); ``serve`` answers
 #: the I/O workers of its node (a holder's products: requests wait there to be coalesced).
-GROUPS = {"stream": 1, "batch": 2, "serve": 64}
+GROUPS = {"stream": 1, "batch": 3, "serve": 64}
 #: Cancellation and health checks reach a worker through their own group, never queued
 #: behind the work.
 CONTROL_GROUP = "control"

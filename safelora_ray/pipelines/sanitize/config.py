@@ -27,6 +27,11 @@ METHODS = ("safelora", "salora", "safemerge")
 REPORTS_PREFIX = "_reports"
 
 
+#: Batches in flight per worker unless ``max_in_flight`` says: local storage, and a catalog
+#: or output on an object store.
+IN_FLIGHT, IN_FLIGHT_REMOTE = 2, 3
+
+
 @dataclass
 class SanitizeConfig:
     """Parameters of one fleet sanitization run.
@@ -49,7 +54,8 @@ class SanitizeConfig:
         workers_per_gpu: Holders of the alignment set per GPU, each with its own copy (on a
             CPU-only node the first I/O worker puts it in the node's object store, once).
         batch_size: Adapters per task (their B matrices are batched per module).
-        max_in_flight: Batches queued per worker (backpressure).
+        max_in_flight: Batches queued per worker (backpressure); None: 2, or 3 where the
+            catalog or the output is on an object store (:meth:`in_flight`).
         run_id: Report folder name; default ``YYYYmmddTHHMMSSZ-<random>``.
         progress: Show a progress bar.
         task_timeout_s: Longest one batch may take.
@@ -80,7 +86,7 @@ class SanitizeConfig:
     use_gpu: bool | None = None
     workers_per_gpu: int = 1
     batch_size: int = 8
-    max_in_flight: int = 2
+    max_in_flight: int | None = None
     run_id: str | None = None
     progress: bool = True
     task_timeout_s: float = 1800.0
@@ -101,7 +107,8 @@ class SanitizeConfig:
         self._check_merge()
         Selection(self.threshold, self.num_proj_layers, self.strict_k, self.method)  # checks
         for name in ("batch_size", "max_in_flight", "workers_per_gpu", "tenant_depth"):
-            check_at_least(getattr(self, name), name, 1)
+            if getattr(self, name) is not None:
+                check_at_least(getattr(self, name), name, 1)
         if self.workers is not None:
             check_at_least(self.workers, "workers", 0, " (0 = in this process)")
         check_positive(self.task_timeout_s, "timeout")
@@ -122,6 +129,14 @@ class SanitizeConfig:
             ("--alignment", self.alignment, "the run would write into the alignment set"),
             *([("--safety-adapter", self.safety_adapter, "the run would write into the safety "
                 "adapter")] if self.safety_adapter else [])])
+
+    def in_flight(self, remote: bool) -> int:
+        """Batches in flight per worker: ``max_in_flight``, else 2, or 3 when the catalog or
+        the output is ``remote``: its requests wait on round trips, and a third batch keeps
+        the I/O threads busy meanwhile (docs/benchmarks.md §15.3)."""
+        if self.max_in_flight is not None:
+            return self.max_in_flight
+        return IN_FLIGHT_REMOTE if remote else IN_FLIGHT
 
     def _check_merge(self) -> None:
         """SafeMERGE's flags: a safety adapter required with it, none of them without it."""

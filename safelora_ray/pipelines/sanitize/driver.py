@@ -206,7 +206,8 @@ def _sanitize(config: SanitizeConfig) -> SanitizeResult:
     result = SanitizeResult(config.run_id, out.uri, out.describe(report_prefix),
                             alignment_id=aset.content_id, method=config.method)
     # Recorded as an absolute URI: a report read later, elsewhere, says where its inputs were.
-    catalog_uri = open_storage(config.adapters).uri
+    catalog = open_storage(config.adapters)
+    catalog_uri = catalog.uri
     report = ReportWriter(config.run_id, aset, selection if merge is None else
                           {**selection.record(), "merge": merge.record()}, catalog_uri,
                           tenant_depth=config.tenant_depth)
@@ -276,7 +277,7 @@ def _sanitize(config: SanitizeConfig) -> SanitizeResult:
     # the count): looked for every GROW_EVERY_S.
     elastic = not ex.in_process and config.workers is None
     policy = Policy("adapter batch", config.task_timeout_s, config.run_id, role="io",
-                    in_flight=config.max_in_flight, isolate=True,
+                    in_flight=config.in_flight(catalog.remote or out.remote), isolate=True,
                     grow_every_s=GROW_EVERY_S if elastic else None, plan_node=plan_node,
                     lost_errors=(*WORKER_LOST, HolderLost), mark_lost=_mark_lost)
 
