@@ -253,7 +253,10 @@ def main(argv: list[str] | None = None) -> int:
                     r = sanitize(SanitizeConfig(
                         alignment=aset, adapters=cat, out=s3.uri(f"out-{mode}-{rep}"),
                         threshold=args.threshold, workers=0 if mode == "inline" else None,
-                        max_in_flight=args.max_in_flight, progress=False))
+                        progress=False,
+                        # only when given: code before the default became None refuses None
+                        **({"max_in_flight": args.max_in_flight}
+                           if args.max_in_flight is not None else {})))
                     s = time.perf_counter() - t0
                     cpu = CpuClock.spent(cpu0, clock.read())
                     calls = counter.take()  # this process's: all of an inline run's
