@@ -20,11 +20,12 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 #: Concurrency groups of a worker, and threads each: ``stream`` runs one call at a time (a
-#: build shard's files are read in order by one prefetch thread); ``batch`` runs up to three
-#: (while one batch computes, the others read and write, I/O releasing the GIL; a sanitize
-#: keeps two in flight, three on an object store); ``serve`` answers
+#: build shard's files are read in order by one prefetch thread); ``batch`` runs two (one
+#: batch reads and writes, I/O releasing the GIL, while the other computes); ``io`` runs up to
+#: three, for batches that mostly wait on I/O (a sanitize's: two in flight, three on an object
+#: store, whose requests wait on round trips); ``serve`` answers
 #: the I/O workers of its node (a holder's products: requests wait there to be coalesced).
-GROUPS = {"stream": 1, "batch": 3, "serve": 64}
+GROUPS = {"stream": 1, "batch": 2, "io": 3, "serve": 64}
 #: Cancellation and health checks reach a worker through their own group, never queued
 #: behind the work.
 CONTROL_GROUP = "control"

@@ -252,7 +252,7 @@ def _sanitize(config: SanitizeConfig) -> SanitizeResult:
             again = next(runs) > 0
             return (job, batch, ex.holder_of(i), shared, None if again else recorded)
 
-        return Task(sanitize_batch, args, item=batch,
+        return Task(sanitize_batch, args, item=batch, group="io",
                     parts=lambda: [batch_task([ref], False) for ref in batch])
 
     def died_alone(alone: Task, e: BaseException) -> None:
