@@ -21,9 +21,20 @@ def test_a_buffer_comes_back_only_when_no_view_of_it_is_alive() -> None:
     again = Loans(pool, min_bytes=1 << 20, granule=1 << 20)
     assert len(again((2 << 20) - 3)) == 2 << 20  # a, reused
     other = again(3 << 20)  # b was not given back: a new buffer
-    other[0] = 7
-    assert int(view[0]) == 0
+    before = int(view[0])
+    other[0] = (before + 1) % 256
+    assert int(view[0]) == before
     del view
+
+
+def test_a_fresh_buffer_is_writable_memory_the_readers_take() -> None:
+    buf = BufferPool(max_free=0).get(5 << 20)
+    view = memoryview(buf)[:4 << 20]
+    assert not view.readonly and view.format == "B" and view.nbytes == 4 << 20
+    view[:3] = b"abc"
+    t = torch.frombuffer(view, dtype=torch.uint8)
+    assert bytes(t[:3].tolist()) == b"abc"
+    assert len(buf) == 5 << 20
 
 
 def test_small_reads_are_not_pooled_and_the_pool_is_bounded() -> None:

@@ -9,6 +9,16 @@ from typing import Any
 import torch
 
 
+def fresh_buffer(size: int) -> Any:
+    """A new writable uint8 buffer (a numpy array) of ``size`` bytes, not zero-filled: its
+    pages are faulted in by the read that fills it, which releases the GIL. ``bytearray(n)``
+    zero-fills and faults every page in holding the GIL: for a 7B adapter's 8 MB, a
+    millisecond or more in which no other thread of the process runs Python (it was 18 % of
+    an I/O worker's GIL-holding samples, docs/benchmarks.md §14.1e). The array's reference
+    count still says whether a view of it lives (see :class:`Loans`)."""
+    return torch.empty(size, dtype=torch.uint8).numpy()
+
+
 class BufferPool:
     """Read buffers kept for reuse, by size. A buffer read into once stays mapped: reading
     into fresh memory costs a page fault per 4 KiB, more than the read itself (1.4 GB/s into
@@ -18,7 +28,8 @@ class BufferPool:
     Args:
         max_free: Bytes of free buffers kept.
         pinned: Hand out page-locked uint8 tensors (for a GPU: its copies from them run
-            asynchronously, and pinning is paid once per buffer) instead of bytearrays.
+            asynchronously, and pinning is paid once per buffer) instead of
+            :func:`fresh_buffer`'s arrays.
     """
 
     def __init__(self, max_free: int, pinned: bool = False) -> None:
@@ -36,7 +47,7 @@ class BufferPool:
                 return bufs.pop()
         if self.pinned:
             return torch.empty(size, dtype=torch.uint8, pin_memory=True)
-        return bytearray(size)
+        return fresh_buffer(size)
 
     def put(self, buf: Any) -> None:
         size = buf.numel() if isinstance(buf, torch.Tensor) else len(buf)
@@ -56,7 +67,7 @@ class Loans:
 
     Args:
         pool: Where the buffers come from and go back to.
-        min_bytes: Smaller reads get a fresh bytearray (the allocator reuses small blocks).
+        min_bytes: Smaller reads get a fresh bytearray (malloc reuses small blocks itself).
         granule: Sizes are rounded up to a multiple of this, so that files of nearly the same
             size (another header) share buffers; the reader uses the first ``size`` bytes.
     """
@@ -92,4 +103,4 @@ class Loans:
         return back
 
 
-__all__ = ["BufferPool", "Loans"]
+__all__ = ["BufferPool", "Loans", "fresh_buffer"]

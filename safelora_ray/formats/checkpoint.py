@@ -48,16 +48,17 @@ class TensorRef(TensorInfo):
         return f"tensor {self.name!r} in {self.uri.rstrip('/')}/{self.path}"
 
 
-def read_ref(storage: Storage, ref: TensorRef, buffer: bytearray | torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, bytearray | memoryview]:
+def read_ref(storage: Storage, ref: TensorRef, buffer: Any = None
+             ) -> tuple[torch.Tensor, Any]:
     """Read one tensor's bytes with a single ranged read.
 
     Args:
         storage: Where the tensor's file is.
         ref: The tensor.
         buffer: A buffer of exactly ``ref.nbytes`` to read into (reused: its pages are
-            already mapped): a ``bytearray``, or a uint8 tensor (pinned host memory, from which
-            a copy to a GPU runs asynchronously); None allocates a fresh one.
+            already mapped): a ``bytearray`` or a uint8 numpy array, or a uint8 tensor (pinned
+            host memory, from which a copy to a GPU runs asynchronously); None allocates a
+            fresh one.
 
     Returns:
         The tensor (a view on the buffer, on CPU) and the raw bytes (for hashing).

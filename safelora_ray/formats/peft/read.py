@@ -180,10 +180,11 @@ def read_adapter(
     size = sizes[WEIGHTS_NAME]
     if size > max_bytes:
         raise fail(f"{WEIGHTS_NAME} is {size} bytes, more than the {max_bytes} allowed")
-    # A bytearray (not bytes) so the tensor views are writable; filled by one read.
-    buf: bytearray | memoryview = bytearray(size)
-    if buffer is not None and size:
-        buf = memoryview(buffer(size))[:size]
+    # Writable (not bytes) so the tensor views are; filled by one read. A caller's buffer is
+    # used as it is: no second one is allocated and zero-filled (8 MB under the GIL for a 7B
+    # adapter, docs/benchmarks.md §14.1e).
+    buf: bytearray | memoryview = (memoryview(buffer(size))[:size]
+                                   if buffer is not None and size else bytearray(size))
     try:
         if size:
             storage.read_into(weights_path, 0, memoryview(buf),

@@ -200,11 +200,13 @@ class _DuplicateKeyError(Exception):
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     # object_pairs_hook sees every object, nested ones too; dict() would keep the last value.
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise _DuplicateKeyError(k)
-        out[k] = v
+    out = dict(pairs)
+    if len(out) != len(pairs):  # the rare case: find the key, for the message
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _DuplicateKeyError(k)
+            seen.add(k)
     return out
 
 

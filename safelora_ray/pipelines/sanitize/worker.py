@@ -69,10 +69,11 @@ IO_THREADS = env_number("SAFELORA_IO_THREADS", 8, int)
 #: adapter's time is Python holding the GIL, where threads only add switching (measured: a
 #: 100M-parameter pair's 0.3 MB adapters went 60 % slower on 8 threads).
 IO_THREADS_MIN_BYTES = env_number("SAFELORA_IO_THREADS_MIN_BYTES", 2 * 1024**2, int)
-#: Bytes of read buffers a sanitizer keeps for its next batches (two batches of 16 7B
-#: adapters): a read into reused memory skips a page fault per 4 KiB, which cost more than
-#: the read itself (docs/benchmarks.md, section 14).
-READ_POOL_BYTES = env_number("SAFELORA_READ_POOL_MB", 256, int) * 1024**2
+#: Bytes of read buffers a sanitizer keeps for its next batches: three batches in flight of
+#: 16 7B adapters, each read into a 9 MiB buffer (432 MiB; 256 kept only 28 of two batches'
+#: 32). A read into reused memory skips a page fault per 4 KiB, which cost more than the
+#: read itself (docs/benchmarks.md, section 14).
+READ_POOL_BYTES = env_number("SAFELORA_READ_POOL_MB", 512, int) * 1024**2
 #: Adapters smaller than this are read into fresh memory (malloc reuses small blocks itself).
 POOLED_MIN_BYTES = 1024**2
 
