@@ -7,8 +7,13 @@ catalog of ``--n`` PEFT LoRA adapters (r = 8 on q_proj and v_proj) uploaded to S
 - **floor**: boto3, ``--floor-threads`` threads (16) sharing one client: GET every object of
   the catalog and PUT the same bytes to as many keys (what a sanitize cannot avoid moving);
 - **sanitize**: ``sanitize(s3 set, s3 catalog → s3 out)`` in each of ``--modes``
-  (``inline``: ``workers=0``; ``auto``: the product's default), a fresh output each repeat;
+  (``inline``: ``workers=0``; ``auto``: the product's default, which on one machine with no
+  cluster starts a private local Ray inside the run; ``ray``: a local Ray started before the
+  clock, as a cluster is), a fresh output each repeat;
   the ratio sanitize / floor is the issue's figure (≤ 2);
+- **settle**: before the floor and before each sanitize, the benchmark waits until the
+  machine is quiet (``--settle``: under 0.25 cores busy for two seconds running): SeaweedFS
+  digests a burst of writes for a while after it, and the phase that came next paid for it;
 - **list**: the listing of the catalog alone (``iter_catalog``), so its share is visible;
 - **requests**: every S3 call the product's clients make in this process, by operation (an
   ``inline`` run's are all of them: a deterministic measure, where the times are noisy), per
@@ -56,6 +61,7 @@ from benchlib.runs import (
     setup_logging,
     workdir,
 )
+from benchlib.runtime import start_ray
 from benchlib.s3 import SeaweedS3
 
 ARCHS = {"tiny": TINY, "100m": FLEET_100M, "7b": LLAMA2_7B}
@@ -117,6 +123,26 @@ class CpuClock:
     @staticmethod
     def spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
         return {k: round(after[k] - before[k], 2) for k in before}
+
+    def settle(self, below: float, window: float = 1.0, timeout: float = 120.0) -> float:
+        """Wait until the machine is quiet: under ``below`` cores busy over two windows in a
+        row (0 turns it off). Returns the seconds waited.
+
+        SeaweedFS keeps working for a while after a burst of writes (measured: the first
+        sanitize after the floor's 2.5 GB of PUTs met a server spending a third more CPU
+        than the second one, docs/benchmarks.md §15.3); without this, whichever phase runs
+        first after another pays for the one before."""
+        t0 = time.perf_counter()
+        if below <= 0:
+            return 0.0
+        quiet = 0
+        prev = self.read()["machine"]
+        while quiet < 2 and time.perf_counter() - t0 < timeout:
+            time.sleep(window)
+            now = self.read()["machine"]
+            quiet = quiet + 1 if (now - prev) / window < below else 0
+            prev = now
+        return round(time.perf_counter() - t0, 1)
 
 
 def upload_parallel(s3: SeaweedS3, local: Path, prefix: str, threads: int = 16) -> list[str]:
@@ -199,7 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     common_args(p, storage=False)
     p.add_argument("--n", type=int, default=600, help="adapters in the catalog")
     p.add_argument("--arch", choices=sorted(ARCHS), default="tiny")
-    p.add_argument("--modes", default="inline,auto")
+    p.add_argument("--modes", default="inline,auto",
+                   help="inline (workers=0), auto (the product's choice: here a private local "
+                        "Ray, its start counted), ray (Ray started before the clock, as a "
+                        "cluster a fleet runs on is)")
     p.add_argument("--threshold", type=float, default=0.35)
     p.add_argument("--max-in-flight", type=int, default=None,
                    help="batches per worker (default: the product's, 3 on S3)")
@@ -210,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=None, help="override the arch's layer count")
     p.add_argument("--null-product", action="store_true",
                    help=f"replace the product by a copy of B ({NULL_PRODUCT_ENV}=1)")
+    p.add_argument("--settle", type=float, default=0.25,
+                   help="before each timed phase, wait until under this many cores are busy "
+                        "(the server done with the last one's writes; 0: do not wait)")
     args = p.parse_args(argv)
     setup_logging()
     if args.smoke:
@@ -241,22 +273,33 @@ def main(argv: list[str] | None = None) -> int:
             runs: list[dict[str, Any]] = []
             clock = CpuClock(s3.weed.pid)
             for rep in range(args.repeats):
+                floor_settle_s = clock.settle(args.settle)
                 floor = s3_floor(s3, keys, f"floor-{rep}", args.floor_threads, clock)
                 t0 = time.perf_counter()
                 listed = sum(1 for _ in iter_catalog(cat))
                 list_s = time.perf_counter() - t0
                 assert listed == args.n
                 for mode in args.modes.split(","):
+                    # ray: a running Ray, as on a cluster (started before the clock); auto:
+                    # the product's choice with none configured (here: a private local Ray
+                    # that the run starts, counted)
+                    ray_init_s = start_ray() if mode == "ray" else None
+                    settle_s = clock.settle(args.settle)
                     counter.take()
                     cpu0 = clock.read()
                     t0 = time.perf_counter()
-                    r = sanitize(SanitizeConfig(
-                        alignment=aset, adapters=cat, out=s3.uri(f"out-{mode}-{rep}"),
-                        threshold=args.threshold, workers=0 if mode == "inline" else None,
-                        progress=False,
-                        # only when given: code before the default became None refuses None
-                        **({"max_in_flight": args.max_in_flight}
-                           if args.max_in_flight is not None else {})))
+                    try:
+                        r = sanitize(SanitizeConfig(
+                            alignment=aset, adapters=cat, out=s3.uri(f"out-{mode}-{rep}"),
+                            threshold=args.threshold, workers=0 if mode == "inline" else None,
+                            progress=False,
+                            # only when given: code before the default became None refuses it
+                            **({"max_in_flight": args.max_in_flight}
+                               if args.max_in_flight is not None else {})))
+                    finally:
+                        import ray
+                        if ray.is_initialized():  # ray, or auto's private Ray: none stays on
+                            ray.shutdown()
                     s = time.perf_counter() - t0
                     cpu = CpuClock.spent(cpu0, clock.read())
                     calls = counter.take()  # this process's: all of an inline run's
@@ -265,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "floor_s": floor["s"], "ratio": s / floor["s"],
                                  "floor_fraction": floor["s"] / s,
                                  "list_s": list_s, "per_adapter_ms": 1e3 * s / args.n,
+                                 "settle_s": settle_s, "floor_settle_s": floor_settle_s,
+                                 "ray_init_s": ray_init_s,
                                  "cpu_s": cpu, "floor_cpu_s": floor["cpu_s"],
                                  "requests": calls if mode == "inline" else None,
                                  "requests_per_adapter": (sum(calls.values()) / args.n
@@ -285,9 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     result = {"machine": machine_info(), "server": "seaweedfs 4.48 (loopback)",
               "n": args.n, "arch": args.arch, "layers": arch.layers,
               "null_product": args.null_product, "catalog_bytes": nbytes, "objects": len(keys),
-              "build_s": build_s, "floor_threads": args.floor_threads, "runs": runs,
+              "build_s": build_s, "floor_threads": args.floor_threads,
+              "settle_below_cores": args.settle, "runs": runs,
               "summary": summary, "reader": reader, "command": " ".join(sys.argv)}
-    rows = [[r["rep"], r["mode"], f"{r['sanitize_s']:.2f}", f"{r['floor_s']:.2f}",
+    rows = [[r["rep"], r["mode"], f"{r['floor_settle_s']:.0f} / {r['settle_s']:.0f}",
+             f"{r['sanitize_s']:.2f}", f"{r['floor_s']:.2f}",
              f"{r['ratio']:.2f}", f"{100 * r['floor_fraction']:.0f} %", f"{r['list_s']:.2f}",
              f"{r['per_adapter_ms']:.1f}",
              "/".join(f"{r['floor_cpu_s'][k]:.1f}" for k in ("client", "server", "machine")),
@@ -295,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
              "-" if r["requests"] is None else f"{r['requests_per_adapter']:.2f} "
              + str(dict(sorted(r["requests"].items())))] for r in runs]
     tables = [("sanitize s3 → s3 vs the GET+PUT floor",
-               ["rep", "mode", "sanitize s", "floor s", "ratio", "floor/ours", "list s",
+               ["rep", "mode", "settled s (floor / ours)", "sanitize s", "floor s", "ratio",
+                "floor/ours", "list s",
                 "ms/adapter", "floor CPU s (client/server/machine)",
                 "CPU s (client/server/machine)", "requests/adapter (inline: all, by op)"],
                rows)]
