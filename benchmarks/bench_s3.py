@@ -251,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         arch = dataclasses.replace(arch, layers=args.layers)
     if args.null_product:  # read when the product's modules are imported: set it first
         os.environ[NULL_PRODUCT_ENV] = "1"
+    import ray
+
     from safelora_ray import BuildConfig, SanitizeConfig, build, sanitize
     from safelora_ray.planning.catalog import iter_catalog
 
@@ -297,7 +299,6 @@ def main(argv: list[str] | None = None) -> int:
                             **({"max_in_flight": args.max_in_flight}
                                if args.max_in_flight is not None else {})))
                     finally:
-                        import ray
                         if ray.is_initialized():  # ray, or auto's private Ray: none stays on
                             ray.shutdown()
                     s = time.perf_counter() - t0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from safelora_ray.core.buffers import new_buffer
 from safelora_ray.execution.buffers import BufferPool, Loans
 from safelora_ray.execution.memory import keep_freed_memory
 
@@ -35,6 +36,12 @@ def test_a_fresh_buffer_is_writable_memory_the_readers_take() -> None:
     t = torch.frombuffer(view, dtype=torch.uint8)
     assert bytes(t[:3].tolist()) == b"abc"
     assert len(buf) == 5 << 20
+
+
+def test_new_buffer_zeroed_on_request() -> None:
+    z = new_buffer(3 << 20, zeroed=True)
+    assert len(z) == 3 << 20 and not memoryview(z).readonly and not z.any()
+    assert new_buffer(0).nbytes == 0
 
 
 def test_small_reads_are_not_pooled_and_the_pool_is_bounded() -> None:

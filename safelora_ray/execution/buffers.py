@@ -8,15 +8,7 @@ from typing import Any
 
 import torch
 
-
-def fresh_buffer(size: int) -> Any:
-    """A new writable uint8 buffer (a numpy array) of ``size`` bytes, not zero-filled: its
-    pages are faulted in by the read that fills it, which releases the GIL. ``bytearray(n)``
-    zero-fills and faults every page in holding the GIL: for a 7B adapter's 8 MB, a
-    millisecond or more in which no other thread of the process runs Python (it was 18 % of
-    an I/O worker's GIL-holding samples, docs/benchmarks.md §14.1e). The array's reference
-    count still says whether a view of it lives (see :class:`Loans`)."""
-    return torch.empty(size, dtype=torch.uint8).numpy()
+from safelora_ray.core.buffers import new_buffer
 
 
 class BufferPool:
@@ -29,7 +21,7 @@ class BufferPool:
         max_free: Bytes of free buffers kept.
         pinned: Hand out page-locked uint8 tensors (for a GPU: its copies from them run
             asynchronously, and pinning is paid once per buffer) instead of
-            :func:`fresh_buffer`'s arrays.
+            :func:`~safelora_ray.core.buffers.new_buffer`'s arrays.
     """
 
     def __init__(self, max_free: int, pinned: bool = False) -> None:
@@ -47,7 +39,7 @@ class BufferPool:
                 return bufs.pop()
         if self.pinned:
             return torch.empty(size, dtype=torch.uint8, pin_memory=True)
-        return fresh_buffer(size)
+        return new_buffer(size)
 
     def put(self, buf: Any) -> None:
         size = buf.numel() if isinstance(buf, torch.Tensor) else len(buf)
@@ -103,4 +95,4 @@ class Loans:
         return back
 
 
-__all__ = ["BufferPool", "Loans", "fresh_buffer"]
+__all__ = ["BufferPool", "Loans"]

@@ -36,6 +36,7 @@ import torch
 
 from safelora_ray._version import __version__
 from safelora_ray.core.alignment import AlignmentMatrix
+from safelora_ray.core.buffers import new_buffer
 from safelora_ray.core.errors import AlignmentSetError, NotFoundError, SafeLoraError
 from safelora_ray.formats.integrity import (
     TENSOR_SCHEME,
@@ -162,14 +163,6 @@ def content_id(metadata_core: dict[str, Any], rows: Iterable[ManifestRow]) -> st
         h.update(f"\n{r.module}|{r.source_digest}|{r.form}|{list(r.stored_shape)}{layout}"
                  .encode())
     return "als-" + h.hexdigest()[:32]
-
-
-def _zeroed(nbytes: int) -> memoryview:
-    """A new zeroed, writable buffer, allocated and faulted in by torch, which releases the
-    GIL meanwhile. ``bytearray(n)`` holds it through its memset and every first-touch page
-    fault: for a set's 64 MiB matrices, seconds per run in which an in-process sanitize's I/O
-    threads could not run (docs/benchmarks.md §15.3)."""
-    return memoryview(torch.zeros(nbytes, dtype=torch.uint8).numpy())
 
 
 @dataclass
@@ -303,7 +296,7 @@ class AlignmentSet:
         if scratch is not None and len(scratch) >= nbytes:
             buf = memoryview(scratch)[:nbytes]
         else:
-            buf = _zeroed(nbytes)
+            buf = memoryview(new_buffer(nbytes, zeroed=True))  # GIL released meanwhile
         # The bytes are checked against the manifest's digest while they are read.
         if row.digest is None:  # a set from before digests (warned about at open)
             if nbytes:

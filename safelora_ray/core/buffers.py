@@ -1,0 +1,31 @@
+"""Writable byte buffers allocated by torch, which releases the GIL while it does.
+
+``bytearray(n)`` zero-fills and faults in every page of its memory holding the GIL: for a 7B
+adapter's 8 MB a millisecond or more, for a set's 64 MiB matrix tens of milliseconds, in
+which no other thread of the process runs Python (18 % of an I/O worker's GIL-holding samples
+went there, docs/benchmarks.md §14.1e; 34 % of an in-process S3 sanitize's, §15.3).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def new_buffer(nbytes: int, zeroed: bool = False) -> Any:
+    """A new writable uint8 numpy array of ``nbytes`` bytes (buffer protocol, format ``B``).
+
+    Args:
+        nbytes: Its size.
+        zeroed: Zero-filled; else left as allocated, its pages faulted in by whatever fills it
+            first (a read, which releases the GIL).
+
+    Its reference count says whether a view of it lives (a ``memoryview`` or a tensor made
+    from one holds the array), which :class:`~safelora_ray.execution.buffers.Loans` relies on.
+    """
+    make = torch.zeros if zeroed else torch.empty
+    return make(nbytes, dtype=torch.uint8).numpy()
+
+
+__all__ = ["new_buffer"]
