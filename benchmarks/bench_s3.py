@@ -11,6 +11,10 @@ catalog of ``--n`` PEFT LoRA adapters (r = 8 on q_proj and v_proj) uploaded to S
   cluster starts a private local Ray inside the run; ``ray``: a local Ray started before the
   clock, as a cluster is), a fresh output each repeat;
   the ratio sanitize / floor is the issue's figure (≤ 2);
+- **set cache**: the set on S3 is copied to the node's disk by the first run that needs it
+  (``SAFELORA_SET_CACHE``, here under the workdir) and mapped from there by every run after
+  it; ``--set-cache warm`` (default) makes the copy before the clock, as a nightly run finds
+  it, ``cold`` removes it before each sanitize (the copy counted), ``off`` turns it off;
 - **settle**: before the floor and before each sanitize, the benchmark waits until the
   machine is quiet (``--settle``: under 0.25 cores busy for two seconds running): SeaweedFS
   digests a burst of writes for a while after it, and the phase that came next paid for it;
@@ -45,6 +49,7 @@ import collections
 import concurrent.futures as cf
 import dataclasses
 import os
+import shutil
 import sys
 import threading
 import time
@@ -239,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=None, help="override the arch's layer count")
     p.add_argument("--null-product", action="store_true",
                    help=f"replace the product by a copy of B ({NULL_PRODUCT_ENV}=1)")
+    p.add_argument("--set-cache", choices=("warm", "cold", "off"), default="warm",
+                   help="the node's copy of the S3 set (SAFELORA_SET_CACHE, here under the "
+                        "workdir): warm = made before the clock, as every run after a "
+                        "node's first finds it; cold = removed before each sanitize (its "
+                        "copy counted); off = none (the set read from S3 into memory)")
     p.add_argument("--settle", type=float, default=0.25,
                    help="before each timed phase, wait until under this many cores are busy "
                         "(the server done with the last one's writes; 0: do not wait)")
@@ -254,12 +264,16 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from safelora_ray import BuildConfig, SanitizeConfig, build, sanitize
+    from safelora_ray.formats.alignment_set import AlignmentSet
+    from safelora_ray.formats.set_cache import local_copy
     from safelora_ray.planning.catalog import iter_catalog
 
     counter = RequestCounter()
     counter.install()
 
     with workdir(args.workdir, args.keep, "bench-s3-") as root:
+        cache_dir = root / "set-cache"  # before Ray starts: its workers inherit it
+        os.environ["SAFELORA_SET_CACHE"] = "off" if args.set_cache == "off" else str(cache_dir)
         s3 = SeaweedS3(root)
         try:
             # A 7B-shaped pair's other tensors are sparse holes: only q/v are read or built.
@@ -286,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
                     # the product's choice with none configured (here: a private local Ray
                     # that the run starts, counted)
                     ray_init_s = start_ray() if mode == "ray" else None
+                    shutil.rmtree(cache_dir, ignore_errors=True)
+                    if args.set_cache == "warm":
+                        local_copy(AlignmentSet.open(aset))
                     settle_s = clock.settle(args.settle)
                     counter.take()
                     cpu0 = clock.read()
@@ -332,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
               "n": args.n, "arch": args.arch, "layers": arch.layers,
               "null_product": args.null_product, "catalog_bytes": nbytes, "objects": len(keys),
               "build_s": build_s, "floor_threads": args.floor_threads,
-              "settle_below_cores": args.settle, "runs": runs,
+              "settle_below_cores": args.settle, "set_cache": args.set_cache, "runs": runs,
               "summary": summary, "reader": reader, "command": " ".join(sys.argv)}
     rows = [[r["rep"], r["mode"], f"{r['floor_settle_s']:.0f} / {r['settle_s']:.0f}",
              f"{r['sanitize_s']:.2f}", f"{r['floor_s']:.2f}",

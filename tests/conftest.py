@@ -23,7 +23,7 @@ HOME_TOKEN = pathlib.Path.home() / ".ray" / "auth_token"
 
 
 _RAY_ENV = ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "RAY_TMPDIR", "RAY_AUTH_TOKEN",
-            "RAY_ADDRESS")
+            "RAY_ADDRESS", "SAFELORA_SET_CACHE")
 _saved_env: dict[str, str | None] = {}
 _ray_root: pathlib.Path | None = None
 _had_home_token = False
@@ -31,7 +31,8 @@ _had_home_token = False
 
 def pytest_configure(config: pytest.Config) -> None:
     """Every Ray the tests start (in this process, in CLI subprocesses, ``ray start``) keeps
-    its token, temp files and logs in one short temp dir of this run (Unix socket paths are
+    its token, temp files and logs (and every process its copies of alignment sets kept on
+    S3) in one short temp dir of this run (Unix socket paths are
     limited to ~107 bytes, so not under pytest's long tmp paths), with token auth on.
 
     Ray 2.60 turns token auth on for a new local instance and, without a token, writes one to
@@ -48,7 +49,9 @@ def pytest_configure(config: pytest.Config) -> None:
     for k in _RAY_ENV:
         _saved_env[k] = os.environ.pop(k, None)
     os.environ.update(RAY_AUTH_TOKEN_PATH=str(token), RAY_AUTH_MODE="token",
-                      RAY_TMPDIR=str(_ray_root))
+                      RAY_TMPDIR=str(_ray_root),
+                      # nodes' copies of sets on S3: this run's, never the user's cache
+                      SAFELORA_SET_CACHE=str(_ray_root / "set-cache"))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

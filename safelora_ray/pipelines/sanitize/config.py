@@ -48,11 +48,12 @@ class SanitizeConfig:
         force: Redo adapters the ledger says are already done.
         workers: I/O workers (read, check, write adapters); 0 = in this process; None = one
             per CPU left beside the holders of the set (in this process for a catalog of at
-            most ``INLINE_MAX_ADAPTERS`` adapters when no Ray cluster is configured: see
-            :mod:`safelora_ray.execution.workers`).
+            most :func:`~safelora_ray.execution.resolve.inline_max_adapters` adapters, 768 on
+            2 CPUs and 256 from 6 on, when no Ray cluster is configured).
         use_gpu: Force GPU/CPU workers; None = GPUs when the cluster has them.
         workers_per_gpu: Holders of the alignment set per GPU, each with its own copy (on a
-            CPU-only node the first I/O worker puts it in the node's object store, once).
+            CPU-only node the first I/O worker shares it with the others, once: its files
+            mapped).
         batch_size: Adapters per task (their B matrices are batched per module).
         max_in_flight: Batches queued per worker (backpressure); None: 2, or 3 where the
             catalog or the output is on an object store (:meth:`in_flight`).

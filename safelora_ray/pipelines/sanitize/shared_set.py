@@ -6,9 +6,11 @@ each of which computes its own products with it.
   :class:`MappedSet`). A set whose shards are files on the node (a local set) is mapped from
   them: its pages are the page cache's, checked once by the sharing worker against the
   manifest's digests; the others map the files after checking that they are the very files
-  it checked (device, inode, size, mtime). A set on an object store is put in the node's Ray
-  object store. Mapping saves the copy: 4 GiB of fresh shared memory for a 7B set, faulted in
-  page by page at every run's start (8-40 s of CPU on a 2-core VM against 0.5-2.4 s).
+  it checked (device, inode, size, mtime). A set on an object store is mapped from the
+  node's copy of it on disk (:mod:`~safelora_ray.formats.set_cache`), and put in the node's
+  Ray object store only where that copy cannot be made. Mapping saves the copy: 4 GiB of
+  fresh shared memory for a 7B set, faulted in page by page at every run's start (8-40 s of
+  CPU on a 2-core VM against 0.5-2.4 s). An in-process run maps the files the same way.
 - **GPU nodes** (``SAFELORA_GPU_PRODUCTS=workers``, the default): the holder (one actor per
   GPU) loads the set on its GPU and exports CUDA IPC handles of its tensors; each I/O worker
   of the node opens them (the same GPU memory, no copy) and runs its own batch's products on
@@ -41,11 +43,12 @@ from typing import Any
 import torch
 
 from safelora_ray.core.alignment import AlignmentMatrix
-from safelora_ray.core.errors import ConfigError, SafeLoraError, StorageError
+from safelora_ray.core.errors import AlignmentSetError, ConfigError, SafeLoraError, StorageError
 from safelora_ray.core.validate import env_number
 from safelora_ray.execution import REJOIN_TIMEOUT_S, WorkerContext
 from safelora_ray.execution.placement import NodeInfo
 from safelora_ray.formats.alignment_set import AlignmentSet
+from safelora_ray.formats.set_cache import evict, local_copy
 from safelora_ray.pipelines.sanitize.projection import (
     GroupKey,
     HolderLost,
@@ -151,24 +154,35 @@ class SharedSet:
 
     @classmethod
     def put(cls, key: SetKey) -> SharedSet:
-        aset = AlignmentSet.open(key.uri, expect=key.content_id)
         t0 = time.perf_counter()
-        paths = aset.local_shards()
-        shared = None
-        if paths is not None:
-            try:
-                shared = cls._map_files(aset, paths)
-            except StorageError as e:  # a filesystem that cannot map files: read them
-                logger.warning("alignment set %s: its files cannot be mapped (%s); it goes "
-                               "into this node's object store", key.content_id, e)
-        if shared is None:
-            shared = cls._put_store(aset)
+        aset = AlignmentSet.open(key.uri, expect=key.content_id)
+        shared = cls.map_local(aset) or cls._put_store(aset)
         logger.info("alignment set %s shared on this node (%s): %d module(s), %.1f MiB in "
                     "%.2f s", key.content_id,
                     "its files mapped" if shared.handles.kind == "file"
                     else "put in the object store",
                     len(aset.rows), shared.nbytes / 2**20, time.perf_counter() - t0)
         return shared
+
+    @classmethod
+    def map_local(cls, aset: AlignmentSet) -> SharedSet | None:
+        """The set's files on this node mapped: its own (a local set), or this node's copy of
+        a set on an object store (:mod:`~safelora_ray.formats.set_cache`); None where there
+        are none to map (the cache off or out of room, a filesystem that cannot map)."""
+        local = local_copy(aset)
+        paths = local.local_shards()
+        if paths is None:
+            return None
+        try:
+            return cls._map_files(local, paths)
+        except StorageError as e:  # a filesystem that cannot map files: read them
+            logger.warning("alignment set %s: its files cannot be mapped (%s); they are read",
+                           aset.content_id, e)
+        except AlignmentSetError as e:
+            if local is aset:
+                raise
+            evict(local, str(e))  # the node's copy went bad: the set is read
+        return None
 
     @classmethod
     def _put_store(cls, aset: AlignmentSet) -> SharedSet:
@@ -423,6 +437,20 @@ def shared_projector(ctx: WorkerContext, holder: Any | None, key: SetKey,
     return run
 
 
+def local_projector(ctx: WorkerContext, key: SetKey, aset: AlignmentSet) -> Projector | None:
+    """The driver's process on the CPU (an in-process run): products computed with the set's
+    files mapped, as a CPU node's workers do (its own files, or this node's copy of a set on
+    an object store), not with a copy of it in this process's memory. None on a GPU, or
+    where nothing can be mapped: the sanitizer's own engine loads the set."""
+    if ctx.device != "cpu":
+        return None
+    shared = ctx.resident(SHARED_SLOT, key, lambda: SharedSet.map_local(aset) or _UNMAPPED)
+    return None if shared is _UNMAPPED else shared.engine.run
+
+
+_UNMAPPED: Any = object()
+
+
 __all__ = ["EXPORT_SLOT", "GPU_PRODUCTS", "SHARED_SLOT", "STORE_SHARE", "MappedSet",
            "SetHandles", "SharedSet", "check_gpu_products", "check_store_room", "holder_pid",
-           "share_set", "shared_projector", "warm_set"]
+           "local_projector", "share_set", "shared_projector", "warm_set"]

@@ -51,7 +51,7 @@ from safelora_ray.pipelines.sanitize.safemerge import (
     merged_factors,
     read_safety,
 )
-from safelora_ray.pipelines.sanitize.shared_set import shared_projector
+from safelora_ray.pipelines.sanitize.shared_set import local_projector, shared_projector
 from safelora_ray.planning.catalog import AdapterRef
 from safelora_ray.storage import open_storage
 from safelora_ray.storage.base import ObjectInfo
@@ -598,8 +598,8 @@ def sanitize_batch(ctx: WorkerContext, job: SanitizeJob, refs: Sequence[AdapterR
                                                      job.task_timeout_s)
     elif holder is not None:
         project = remote_projector(holder, key, job.task_timeout_s)
-    else:  # the driver's process: the sanitizer's own engine
-        project = None
+    else:  # the driver's process: its set's files mapped, else the sanitizer's own engine
+        project = local_projector(ctx, key, san.aset)
     return san.process(refs, cancelled=lambda: ctx.cancelled(job.run_id), project=project,
                        recorded=recorded)
 

@@ -1,0 +1,193 @@
+"""A node's copy of an alignment set that lives on an object store, kept on its local disk.
+
+A set is immutable and named by its content id, so a copy made once serves every later run
+on the node: a nightly fleet reads its set (4 GiB for a 7B pair, 40 GiB for a 70B one) from
+the object store once, not every night, and its workers map the copy's files (the page
+cache's pages, one copy per node) instead of holding the set in fresh memory or in Ray's
+object store. The copy is made under ``$SAFELORA_SET_CACHE`` (default
+``$XDG_CACHE_HOME/safelora/sets``, else ``~/.cache/safelora/sets``; ``off`` turns it off), in
+``<content id>/``, as the set's own layout:
+
+- it is filled in a temporary directory, every shard checked against the size and SHA-256
+  that the set's ``alignment.json`` records, then renamed into place: a copy that exists is
+  whole (a run killed while filling leaves only a temporary directory, removed by the next
+  fill);
+- one process of a node fills it while the others wait (a lock file);
+- where the disk lacks room for it (and :data:`KEEP_FREE_FRACTION` of the disk besides, at
+  most 4 GiB), or it cannot be written, the run reads the set from the object store as
+  before, with a warning;
+- each run still checks the copy's tensors against the manifest's digests as it maps them;
+  a copy found corrupt is removed (:func:`evict`) and the set read from its origin.
+
+Nothing else is written there but a lock file per set, and any entry may be deleted at any
+time (a run that maps it keeps its pages until it ends).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from safelora_ray.core.buffers import new_buffer
+from safelora_ray.core.errors import AlignmentSetError, SafeLoraError
+from safelora_ray.formats.alignment_set import MANIFEST_FILE, METADATA_FILE, AlignmentSet
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "SAFELORA_SET_CACHE"
+#: What a copy must leave free on the cache's disk: this share of it, at most
+#: :data:`KEEP_FREE_MAX_BYTES` (a large disk is not held to a twentieth of itself).
+KEEP_FREE_FRACTION = 0.05
+KEEP_FREE_MAX_BYTES = 4 * 1024**3
+#: Shards copied at once, and the window each is streamed through.
+FILL_THREADS = 4
+WINDOW_BYTES = 64 * 1024 * 1024
+_OFF = {"", "0", "off", "none", "false", "no"}
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a content id, used as a folder name
+
+
+def cache_root() -> Path | None:
+    """Where copies are kept (``$SAFELORA_SET_CACHE``), or None when turned off."""
+    value = os.environ.get(CACHE_ENV)
+    if value is not None:
+        return None if value.strip().lower() in _OFF else Path(value).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "safelora" / "sets"
+
+
+def local_copy(aset: AlignmentSet) -> AlignmentSet:
+    """``aset`` itself where its shards are already files here or the cache is off; else this
+    node's copy of it, made now if there is none (see the module docstring).
+
+    Raises:
+        AlignmentSetError: the set's own bytes are corrupt (a shard that does not match its
+            recorded SHA-256 while it is copied).
+    """
+    root = cache_root()
+    integrity = aset.metadata.get("integrity")
+    if (root is None or aset.local_shards() is not None or not isinstance(integrity, dict)
+            or not _SAFE_NAME.fullmatch(aset.content_id)):
+        return aset  # (a set without digests could not be checked as it is copied)
+    final = root / aset.content_id
+    try:
+        if not final.is_dir():
+            root.mkdir(parents=True, exist_ok=True)
+            with _locked(root / f".{aset.content_id}.lock"):
+                if not final.is_dir():  # another process may have filled it meanwhile
+                    _fill(aset, integrity, root, final)
+        copy = AlignmentSet.open(str(final), expect=aset.content_id)
+    except AlignmentSetError as e:
+        if final.is_dir():  # the copy, not the set: read the set itself
+            evict(final, str(e))
+            return aset
+        raise
+    except (OSError, _NoRoom, SafeLoraError) as e:
+        logger.warning("alignment set %s: no copy on this node's disk (%s); it is read from "
+                       "%s", aset.content_id, e, aset.uri)
+        return aset
+    logger.debug("alignment set %s: this node's copy %s", aset.content_id, final)
+    return copy
+
+
+def evict(copy: AlignmentSet | Path, why: str) -> None:
+    """Remove this node's copy of a set (found corrupt or damaged: ``why``), renamed away
+    first: a run that maps it is unharmed, the next one copies the set again."""
+    path = copy if isinstance(copy, Path) else Path(str(copy.storage.local_path(METADATA_FILE))
+                                                    ).parent
+    logger.warning("alignment set copy %s removed (%s); the set is read from its origin and "
+                   "copied again by the next run", path, why)
+    gone = path.with_name(f".evicted-{path.name}-{uuid.uuid4().hex[:8]}")
+    with contextlib.suppress(OSError):
+        path.rename(gone)
+        shutil.rmtree(gone, ignore_errors=True)
+
+
+class _NoRoom(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _fill(aset: AlignmentSet, integrity: dict[str, Any], root: Path, final: Path) -> None:
+    """Copy the set into ``final`` (under the lock): checked, then renamed into place."""
+    shards: dict[str, Any] = integrity.get("shards") or {}
+    need = sum(int(rec.get("bytes") or 0) for rec in shards.values())
+    disk = shutil.disk_usage(root)
+    if disk.free - need < min(KEEP_FREE_FRACTION * disk.total, KEEP_FREE_MAX_BYTES):
+        raise _NoRoom(f"{need / 2**30:.2f} GiB needed in {root}, {disk.free / 2**30:.2f} GiB "
+                      f"free of {disk.total / 2**30:.2f} GiB")
+    for old in root.glob(f".tmp-{aset.content_id}-*"):  # a killed fill's (we hold the lock)
+        shutil.rmtree(old, ignore_errors=True)
+    tmp = root / f".tmp-{aset.content_id}-{uuid.uuid4().hex[:8]}"
+    try:
+        (tmp / "shards").mkdir(parents=True)
+        for name in (METADATA_FILE, MANIFEST_FILE):
+            (tmp / name).write_bytes(aset.storage.read(name))
+        logger.info("alignment set %s: copying %d shard(s), %.2f GiB, from %s to this node's "
+                    "cache %s", aset.content_id, len(shards), need / 2**30, aset.uri, final)
+        with ThreadPoolExecutor(min(FILL_THREADS, max(len(shards), 1)),
+                                thread_name_prefix="safelora-set-copy") as pool:
+            list(pool.map(lambda item: _copy_shard(aset, item[0], item[1], tmp),
+                          sorted(shards.items())))
+        os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _copy_shard(aset: AlignmentSet, path: str, rec: dict[str, Any], tmp: Path) -> None:
+    size = int(rec.get("bytes") or 0)
+    if Path(path).is_absolute() or ".." in Path(path).parts:
+        raise AlignmentSetError(f"{aset.uri}: shard path {path!r} in {METADATA_FILE} leaves "
+                                "the set")
+    dest = tmp / path
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha256()
+    buf = new_buffer(min(WINDOW_BYTES, max(size, 1)))
+    with open(dest, "wb") as f:
+        for off in range(0, size, WINDOW_BYTES):
+            view = memoryview(buf)[:min(WINDOW_BYTES, size - off)]
+            try:
+                aset.storage.read_into(path, off, view)
+            except SafeLoraError as e:
+                raise OSError(f"{aset.storage.describe(path)}: {e}") from None
+            h.update(view)
+            f.write(view)
+    # Not fsynced: a copy that a crash left short or zeroed fails the digests every run checks
+    # as it maps the copy, and is then removed (syncing 4 GiB would slow every first run).
+    if f"sha256:{h.hexdigest()}" != rec.get("sha256"):
+        _raise_for_tensor(aset, path, dest)
+        raise AlignmentSetError(
+            f"{aset.storage.describe(path)} is corrupt: its SHA-256 does not match the one "
+            f"written when alignment set {aset.content_id} was built; rebuild it")
+
+
+def _raise_for_tensor(aset: AlignmentSet, shard: str, copy: Path) -> None:
+    """The error naming the tensor whose bytes differ from its digest, where one does (the
+    damage may be elsewhere: its header)."""
+    data = memoryview(copy.read_bytes())  # a corrupt shard's: this path is the error's only
+    for module, row in aset.rows.items():
+        if row.shard == shard:
+            _, start, n = aset.stored_range(module)
+            aset.from_bytes(module, data[start:start + n], verify=True)
+
+
+__all__ = ["CACHE_ENV", "KEEP_FREE_FRACTION", "KEEP_FREE_MAX_BYTES", "cache_root", "evict",
+           "local_copy"]

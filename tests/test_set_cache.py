@@ -1,0 +1,138 @@
+"""A node's copy of an alignment set kept on S3 (``formats/set_cache.py``), on the real S3
+server: made once and checked, mapped by an in-process run, equal outputs, and every way it
+can go wrong (a corrupt origin, a damaged copy, no room, a killed fill) ending in a correct
+run or a one-line error."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from safelora_ray import SanitizeConfig, sanitize
+from safelora_ray.core.errors import AlignmentSetError
+from safelora_ray.formats import set_cache
+from safelora_ray.formats.alignment_set import AlignmentSet
+from tests.test_guardrails import _catalog, _digest_tree, tiny_world
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    w = tiny_world(tmp_path_factory.mktemp("set-cache"))
+    w["cat"] = _catalog(w, w["root"] / "cat", ["a1", "a2", "a3"])
+    return w
+
+
+@pytest.fixture
+def s3_set(world: dict[str, Any], s3_bucket: str, s3_admin_client: Any) -> str:
+    local = Path(world["set"])
+    for f in sorted(p for p in local.rglob("*") if p.is_file()):
+        s3_admin_client.upload_file(str(f), s3_bucket, f"set/{f.relative_to(local).as_posix()}")
+    return f"s3://{s3_bucket}/set"
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "set-cache"
+    monkeypatch.setenv(set_cache.CACHE_ENV, str(root))
+    return root
+
+
+def _run(world: dict[str, Any], aset: str, out: Path) -> Any:
+    r = sanitize(SanitizeConfig(alignment=aset, adapters=str(world["cat"]), out=str(out),
+                                threshold=0.35, workers=0, progress=False))
+    assert (r.ok, r.error) == (3, 0), r.errors
+    return r
+
+
+def _outputs(out: Path) -> dict[str, str]:
+    return {k: v for k, v in _digest_tree(out).items() if not k.startswith(("_", "."))}
+
+
+def test_copy_made_once_checked_and_mapped(world: dict[str, Any], s3_set: str, cache: Path,
+                                           tmp_path: Path) -> None:
+    origin = AlignmentSet.open(s3_set)
+    copy = set_cache.local_copy(origin)
+    assert copy.content_id == origin.content_id and copy.local_shards() is not None
+    entry = cache / origin.content_id
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        [origin.content_id, f".{origin.content_id}.lock"])
+    assert copy.verify()  # whole shards, against alignment.json's SHA-256s
+    # A second call reads nothing from S3 but the set's metadata.
+    before = origin.storage.bytes_read
+    assert set_cache.local_copy(origin).local_shards() == copy.local_shards()
+    assert origin.storage.bytes_read == before
+    # An in-process run with the S3 set maps the copy: the outputs are the local set's.
+    _run(world, world["set"], tmp_path / "ref")
+    _run(world, s3_set, tmp_path / "via-copy")
+    assert _outputs(tmp_path / "via-copy") == _outputs(tmp_path / "ref")
+    assert entry.is_dir()
+
+
+def test_cache_off_and_local_sets_are_used_as_they_are(world: dict[str, Any], s3_set: str,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    local = AlignmentSet.open(world["set"])
+    assert set_cache.local_copy(local) is local
+    for off in ("off", "0", ""):
+        monkeypatch.setenv(set_cache.CACHE_ENV, off)
+        origin = AlignmentSet.open(s3_set)
+        assert set_cache.cache_root() is None and set_cache.local_copy(origin) is origin
+    _run(world, s3_set, tmp_path / "out")  # no copy: read from S3 into memory, as before
+    monkeypatch.delenv(set_cache.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert set_cache.cache_root() == tmp_path / "xdg" / "safelora" / "sets"
+
+
+def test_damaged_copy_is_removed_and_the_run_reads_s3(world: dict[str, Any], s3_set: str,
+                                                      cache: Path, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    origin = AlignmentSet.open(s3_set)
+    shard = next(iter(set_cache.local_copy(origin).local_shards().values()))
+    data = bytearray(Path(shard).read_bytes())
+    data[-1] ^= 0xFF  # a flipped bit in a tensor's bytes
+    Path(shard).write_bytes(data)
+    _run(world, world["set"], tmp_path / "ref")
+    with caplog.at_level(logging.WARNING):
+        _run(world, s3_set, tmp_path / "out")
+    assert _outputs(tmp_path / "out") == _outputs(tmp_path / "ref")
+    assert any("removed" in r.getMessage() and "corrupt" in r.getMessage()
+               for r in caplog.records), caplog.text
+    assert not (cache / origin.content_id).exists()
+    # The next run copies it again, whole.
+    _run(world, s3_set, tmp_path / "again")
+    assert AlignmentSet.open(str(cache / origin.content_id)).verify()
+
+
+def test_corrupt_origin_is_a_one_line_error_and_leaves_no_copy(
+        world: dict[str, Any], s3_set: str, s3_bucket: str, s3_admin_client: Any,
+        cache: Path) -> None:
+    origin = AlignmentSet.open(s3_set)
+    key = f"set/{sorted({r.shard for r in origin.rows.values()})[0]}"
+    body = bytearray(s3_admin_client.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
+    body[-1] ^= 0xFF
+    s3_admin_client.put_object(Bucket=s3_bucket, Key=key, Body=bytes(body))
+    with pytest.raises(AlignmentSetError, match=r"tensor .* is corrupt") as e:
+        set_cache.local_copy(AlignmentSet.open(s3_set))
+    assert key in str(e.value) and "\n" not in str(e.value)
+    assert not [p for p in cache.iterdir() if not p.name.endswith(".lock")]
+
+
+def test_no_room_or_a_killed_fill(world: dict[str, Any], s3_set: str, cache: Path,
+                                  monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                  caplog: pytest.LogCaptureFixture) -> None:
+    origin = AlignmentSet.open(s3_set)
+    monkeypatch.setattr(set_cache, "KEEP_FREE_FRACTION", 1.0)  # no disk has that much room
+    monkeypatch.setattr(set_cache, "KEEP_FREE_MAX_BYTES", 2**62)
+    with caplog.at_level(logging.WARNING):
+        assert set_cache.local_copy(origin) is origin
+    assert "no copy on this node's disk" in caplog.text and "needed" in caplog.text
+    _run(world, s3_set, tmp_path / "out")
+    monkeypatch.setattr(set_cache, "KEEP_FREE_FRACTION", 0.0)
+    monkeypatch.setattr(set_cache, "KEEP_FREE_MAX_BYTES", 0)
+    stale = cache / f".tmp-{origin.content_id}-deadbeef"  # a fill killed half-way
+    (stale / "shards").mkdir(parents=True)
+    assert set_cache.local_copy(origin).local_shards() is not None
+    assert not stale.exists()
