@@ -93,6 +93,15 @@ def test_build_runs_here_on_a_machine_with_no_cluster(
     assert resolve_mod.in_process(requested, use_gpu, address, small, "build") is expected
 
 
+@pytest.mark.parametrize(("cpus", "bar"), [(1, 1536), (2, 768), (4, 384), (6, 256),
+                                           (64, 256)])
+def test_the_in_process_bar_falls_with_the_machines_cpus(monkeypatch, cpus, bar):
+    """A private Ray's start is fixed; what its processes add grows with the cores."""
+    assert resolve_mod.inline_max_adapters(cpus) == bar
+    monkeypatch.setattr(resolve_mod.os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    assert resolve_mod.inline_max_adapters() == bar
+
+
 def test_ray_address_env_counts_as_a_configured_cluster(monkeypatch):
     monkeypatch.setattr(resolve_mod.ray, "is_initialized", lambda: False)
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")

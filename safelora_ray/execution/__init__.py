@@ -39,10 +39,10 @@ from safelora_ray.execution.inline import InlineExecutor
 from safelora_ray.execution.ray_executor import RayExecutor, WorkerPlan
 from safelora_ray.execution.relay import Relayed, relay
 from safelora_ray.execution.resolve import (
-    INLINE_MAX_ADAPTERS,
     INLINE_MAX_BUILD_BYTES,
     cluster_configured,
     in_process,
+    inline_max_adapters,
     open_executor,
     resolve_workers,
 )
@@ -51,7 +51,6 @@ from safelora_ray.execution.session import WorkerSession, worker_session
 __all__ = [
     "CONTROL_GROUP",
     "GROUPS",
-    "INLINE_MAX_ADAPTERS",
     "INLINE_MAX_BUILD_BYTES",
     "REJOIN_TIMEOUT_S",
     "START_TIMEOUT_S",
@@ -71,6 +70,7 @@ __all__ = [
     "WorkerSlot",
     "cluster_configured",
     "in_process",
+    "inline_max_adapters",
     "live_nodes",
     "open_executor",
     "relay",

@@ -23,12 +23,32 @@ from safelora_ray.execution.session import active_session
 
 logger = logging.getLogger(__name__)
 
-#: A sanitize job of at most this many adapters runs in this process when no cluster is
-#: configured (``workers=None``). On 2 cores the break-even against a private local Ray is
-#: ~700 adapters; bigger machines gain more from Ray's processes, so the bar is lower.
-INLINE_MAX_ADAPTERS = 256
+#: The sanitize bar of :func:`inline_max_adapters`: this many adapters per CPU, and never
+#: below :data:`INLINE_MIN_ADAPTERS`.
+INLINE_ADAPTER_CPUS = 1536
+INLINE_MIN_ADAPTERS = 256
 #: The same for a build: target bytes of the pair (a ~1B-parameter pair's q/v).
 INLINE_MAX_BUILD_BYTES = 2 * 1024**3
+
+
+def inline_max_adapters(cpus: int | None = None) -> int:
+    """The most adapters a sanitize job runs in this process when no cluster is configured
+    (``workers=None``): :data:`INLINE_ADAPTER_CPUS` / this machine's CPUs, at least
+    :data:`INLINE_MIN_ADAPTERS` (768 on 2 CPUs, 384 on 4, 256 from 6 on).
+
+    Why: a private local Ray costs a fixed start (Ray 2.5-4 s, its workers' imports), and
+    what its processes add grows with the cores beyond the ~1.5 the in-process run keeps busy.
+    On 2 CPUs (docs/benchmarks.md §15.5) the in-process run was as fast as a private Ray
+    started for the job up to ~600 7B-shaped adapters on local disk (Ray ahead by 6-15 % at
+    1,024), faster at 600 on S3, and up to ~1,000-2,000 small adapters; above 2 CPUs the bar
+    is interpolated down to the 256 kept for larger machines.
+    """
+    if cpus is None:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):  # not on Linux
+            cpus = os.cpu_count() or 1
+    return max(INLINE_MIN_ADAPTERS, INLINE_ADAPTER_CPUS // max(cpus, 1))
 
 
 def cluster_configured(ray_address: str | None) -> bool:
@@ -114,5 +134,6 @@ def open_executor(plan: WorkerPlan, use_gpu: bool | None) -> Executor:
     return RayExecutor(plan)
 
 
-__all__ = ["INLINE_MAX_ADAPTERS", "INLINE_MAX_BUILD_BYTES", "cluster_configured", "in_process",
+__all__ = ["INLINE_ADAPTER_CPUS", "INLINE_MAX_BUILD_BYTES", "INLINE_MIN_ADAPTERS",
+           "cluster_configured", "in_process", "inline_max_adapters",
            "local_build", "open_executor", "resolve_workers"]

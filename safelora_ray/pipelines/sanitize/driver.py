@@ -21,8 +21,8 @@ from safelora_ray.core.errors import ConfigError
 from safelora_ray.core.redact import redact
 from safelora_ray.core.validate import env_number
 from safelora_ray.execution import (
-    INLINE_MAX_ADAPTERS,
     WORKER_LOST,
+    inline_max_adapters,
     open_executor,
     resolve_workers,
 )
@@ -177,14 +177,15 @@ def _sanitize(config: SanitizeConfig) -> SanitizeResult:
     items = iter_catalog(config.adapters)
     if is_manifest(config.adapters):  # a directory catalog was checked as a whole already
         items = _apart_from(items, config.out)
-    head = list(itertools.islice(items, INLINE_MAX_ADAPTERS + 1))
-    exhausted_head = len(head) <= INLINE_MAX_ADAPTERS
+    bar = inline_max_adapters()
+    head = list(itertools.islice(items, bar + 1))
+    exhausted_head = len(head) <= bar
     if not head and not config.allow_empty:
         raise ConfigError(
             f"--adapters {config.adapters}: no adapters found (no {CONFIG_FILE} under it); "
             "pass --allow-empty if an empty catalog is expected")
     plan = resolve_workers(config.workers, config.use_gpu, config.ray_address,
-                           small=len(head) <= INLINE_MAX_ADAPTERS, shape="pipeline",
+                           small=len(head) <= bar, shape="pipeline",
                            workers_per_gpu=config.workers_per_gpu)
     ex = open_executor(plan, config.use_gpu)
     key = SetKey(aset.uri, aset.content_id)
