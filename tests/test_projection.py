@@ -194,14 +194,41 @@ def test_cpu_node_maps_a_local_sets_files(ray_one_fake_gpu: None, fleet: Any,
         assert s["mapped"] and s["where"] and set(s["where"]) <= set(shards), s
 
 
-def test_cpu_node_puts_a_set_on_s3_in_its_object_store(ray_one_fake_gpu: None, fleet: Any,
-                                                        s3_admin_client: Any, s3_bucket: str,
-                                                        tmp_path: Path) -> None:
-    shared = _shared_states(fleet, _set_on_s3(fleet, s3_admin_client, s3_bucket), tmp_path)
+def _node_copy(uri: str) -> str:
+    """Where this machine's copy of the set at ``uri`` lies (the tests' ``SAFELORA_SET_CACHE``,
+    which the Ray workers inherit)."""
+    from safelora_ray.formats.alignment_set import AlignmentSet
+
+    return str(Path(os.environ["SAFELORA_SET_CACHE"], AlignmentSet.open(uri).content_id)
+               .resolve())
+
+
+def test_cpu_node_maps_its_copy_of_a_set_on_s3(ray_one_fake_gpu: None, fleet: Any,
+                                               s3_admin_client: Any, s3_bucket: str,
+                                               tmp_path: Path) -> None:
+    on_s3 = _set_on_s3(fleet, s3_admin_client, s3_bucket)
+    shared = _shared_states(fleet, on_s3, tmp_path)
     assert sorted(s["type"] for s in shared) == ["MappedSet", "SharedSet"]
     assert next(s for s in shared if s["type"] == "SharedSet")["nbytes"] > 0
-    for s in shared:
-        assert s["mapped"] and s["where"] and all("plasma" in w for w in s["where"]), s
+    for s in shared:  # the node's copy's files, mapped by both: no object store, no download
+        assert s["mapped"] and s["where"] and all(
+            w.startswith(_node_copy(on_s3)) for w in s["where"]), s
+
+
+def test_a_set_on_s3_goes_into_the_object_store_without_a_copy(
+        ray_one_fake_gpu: None, fleet: Any, s3_admin_client: Any, s3_bucket: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from safelora_ray.formats.alignment_set import AlignmentSet
+    from safelora_ray.pipelines.sanitize import shared_set
+
+    monkeypatch.setenv("SAFELORA_SET_CACHE", "off")  # (or no room for a copy on the disk)
+    on_s3 = _set_on_s3(fleet, s3_admin_client, s3_bucket)
+    aset = AlignmentSet.open(on_s3)
+    shared = shared_set.SharedSet.put(shared_set.SetKey(on_s3, aset.content_id))
+    assert shared.handles.kind == "store" and shared.nbytes > 0
+    local = AlignmentSet.open(fleet[0])
+    for module in aset.rows:
+        assert torch.equal(shared.engine.matrices.get(module).tensor, local.load(module).tensor)
 
 
 def test_a_set_file_replaced_after_it_was_checked_is_not_mapped(tmp_path: Path) -> None:
@@ -294,10 +321,10 @@ def test_a_set_too_large_for_a_cpu_nodes_object_store_is_refused(
 def test_cpu_node_goes_on_when_its_holder_dies(ray_one_fake_gpu: None, fleet: Any,
                                                tmp_path: Path, where: str,
                                                request: pytest.FixtureRequest) -> None:
-    """The holder (the node's first I/O worker, owner of the set in the store, or of the
-    files' check) killed between two runs: the other I/O worker keeps computing with the
-    pages it mapped, the restarted holder shares the set again, and every output is still
-    the in-process run's bytes."""
+    """The holder (the node's first I/O worker, owner of the files' check: a local set's, or
+    the node's copy of a set on S3) killed between two runs: the other I/O worker keeps
+    computing with the pages it mapped, the restarted holder shares the set again, and every
+    output is still the in-process run's bytes."""
     if where == "s3":
         fleet = (_set_on_s3(fleet, request.getfixturevalue("s3_admin_client"),
                             request.getfixturevalue("s3_bucket")), fleet[1], fleet[2])
@@ -333,7 +360,7 @@ def test_cpu_node_goes_on_when_its_holder_dies(ray_one_fake_gpu: None, fleet: An
                         timeout=60).result
         mapped = after["shared-set"]
         assert mapped["type"] == "MappedSet" and mapped["where"], mapped
-        if where == "s3":
-            assert all("plasma" in w for w in mapped["where"]), mapped
+        if where == "s3":  # the node's copy of the set
+            assert all(w.startswith(_node_copy(fleet[0])) for w in mapped["where"]), mapped
         else:
             assert all(w.startswith(str(Path(fleet[0]).resolve())) for w in mapped["where"])
