@@ -130,6 +130,13 @@ def test_no_room_or_a_killed_fill(world: dict[str, Any], s3_set: str, cache: Pat
         assert set_cache.local_copy(origin) is origin
     assert "no copy on this node's disk" in caplog.text and "needed" in caplog.text
     _run(world, s3_set, tmp_path / "out")
+    # A cache folder that cannot be made (a read-only home, a mistyped path): the same.
+    caplog.clear()
+    monkeypatch.setenv(set_cache.CACHE_ENV, "/proc/safelora-set-cache")
+    with caplog.at_level(logging.WARNING):
+        assert set_cache.local_copy(origin) is origin
+    assert "no copy on this node's disk" in caplog.text and "/proc/safelora" in caplog.text
+    monkeypatch.setenv(set_cache.CACHE_ENV, str(cache))
     monkeypatch.setattr(set_cache, "KEEP_FREE_FRACTION", 0.0)
     monkeypatch.setattr(set_cache, "KEEP_FREE_MAX_BYTES", 0)
     stale = cache / f".tmp-{origin.content_id}-deadbeef"  # a fill killed half-way
