@@ -13,8 +13,9 @@ catalog of ``--n`` PEFT LoRA adapters (r = 8 on q_proj and v_proj) uploaded to S
   the ratio sanitize / floor is the issue's figure (≤ 2);
 - **set cache**: the set on S3 is copied to the node's disk by the first run that needs it
   (``SAFELORA_SET_CACHE``, here under the workdir) and mapped from there by every run after
-  it; ``--set-cache warm`` (default) makes the copy before the clock, as a nightly run finds
-  it, ``cold`` removes it before each sanitize (the copy counted), ``off`` turns it off;
+  it; ``--set-cache warm`` (default) makes and maps the copy before the clock, as a nightly
+  run finds it after the run before (on disk, its pages in the page cache), ``cold`` removes
+  it before each sanitize (the copy counted), ``off`` turns it off;
 - **settle**: before the floor and before each sanitize, the benchmark waits until the
   machine is quiet (``--settle``: under 0.25 cores busy for two seconds running): SeaweedFS
   digests a burst of writes for a while after it, and the phase that came next paid for it;
@@ -246,9 +247,9 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"replace the product by a copy of B ({NULL_PRODUCT_ENV}=1)")
     p.add_argument("--set-cache", choices=("warm", "cold", "off"), default="warm",
                    help="the node's copy of the S3 set (SAFELORA_SET_CACHE, here under the "
-                        "workdir): warm = made before the clock, as every run after a "
-                        "node's first finds it; cold = removed before each sanitize (its "
-                        "copy counted); off = none (the set read from S3 into memory)")
+                        "workdir): warm = made and mapped before the clock, as a run after "
+                        "another finds it; cold = removed before each sanitize (its copy "
+                        "counted); off = none (the set read from S3 into memory)")
     p.add_argument("--settle", type=float, default=0.25,
                    help="before each timed phase, wait until under this many cores are busy "
                         "(the server done with the last one's writes; 0: do not wait)")
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from safelora_ray import BuildConfig, SanitizeConfig, build, sanitize
     from safelora_ray.formats.alignment_set import AlignmentSet
-    from safelora_ray.formats.set_cache import local_copy
+    from safelora_ray.pipelines.sanitize.shared_set import SharedSet
     from safelora_ray.planning.catalog import iter_catalog
 
     counter = RequestCounter()
@@ -301,8 +302,9 @@ def main(argv: list[str] | None = None) -> int:
                     # that the run starts, counted)
                     ray_init_s = start_ray() if mode == "ray" else None
                     shutil.rmtree(cache_dir, ignore_errors=True)
-                    if args.set_cache == "warm":
-                        local_copy(AlignmentSet.open(aset))
+                    if args.set_cache == "warm":  # as a run before this one left it: on
+                        # disk and, mapped by that run, in the page cache
+                        SharedSet.map_local(AlignmentSet.open(aset))
                     settle_s = clock.settle(args.settle)
                     counter.take()
                     cpu0 = clock.read()

@@ -143,3 +143,20 @@ def test_no_room_or_a_killed_fill(world: dict[str, Any], s3_set: str, cache: Pat
     (stale / "shards").mkdir(parents=True)
     assert set_cache.local_copy(origin).local_shards() is not None
     assert not stale.exists()
+
+
+def test_shard_files_written_around_the_page_cache_keep_every_byte(tmp_path: Path) -> None:
+    """Whole blocks go through O_DIRECT (where the filesystem has it), a shard's unaligned
+    tail through the page cache: the file is the bytes, in order."""
+    import mmap
+    import os
+
+    data = os.urandom(5 * 4096 + 123)
+    window = mmap.mmap(-1, 3 * 4096)
+    dest = tmp_path / "shard.safetensors"
+    with set_cache._DestFile(dest) as out:
+        for off in range(0, len(data), len(window)):
+            part = data[off:off + len(window)]
+            window[:len(part)] = part
+            out.write(memoryview(window)[:len(part)])
+    assert dest.read_bytes() == data
