@@ -38,9 +38,12 @@ def test_a_fresh_buffer_is_writable_memory_the_readers_take() -> None:
     assert len(buf) == 5 << 20
 
 
-def test_new_buffer_zeroed_on_request() -> None:
-    z = new_buffer(3 << 20, zeroed=True)
-    assert len(z) == 3 << 20 and not memoryview(z).readonly and not z.any()
+def test_new_buffer_is_writable_uint8_memory() -> None:
+    z = new_buffer(3 << 20)
+    view = memoryview(z)
+    assert len(z) == 3 << 20 and not view.readonly and view.format == "B"
+    view[-3:] = b"xyz"
+    assert bytes(z[-3:]) == b"xyz"
     assert new_buffer(0).nbytes == 0
 
 

@@ -13,19 +13,16 @@ from typing import Any
 import torch
 
 
-def new_buffer(nbytes: int, zeroed: bool = False) -> Any:
-    """A new writable uint8 numpy array of ``nbytes`` bytes (buffer protocol, format ``B``).
-
-    Args:
-        nbytes: Its size.
-        zeroed: Zero-filled; else left as allocated, its pages faulted in by whatever fills it
-            first (a read, which releases the GIL).
+def new_buffer(nbytes: int) -> Any:
+    """A new writable uint8 numpy array of ``nbytes`` bytes (buffer protocol, format ``B``),
+    not zero-filled: its pages are faulted in by whatever fills it first (a read, which
+    releases the GIL), a second pass over them saved. Its bytes are whatever the allocator
+    had, so a caller fills all of them or throws it away.
 
     Its reference count says whether a view of it lives (a ``memoryview`` or a tensor made
     from one holds the array), which :class:`~safelora_ray.execution.buffers.Loans` relies on.
     """
-    make = torch.zeros if zeroed else torch.empty
-    return make(nbytes, dtype=torch.uint8).numpy()
+    return torch.empty(nbytes, dtype=torch.uint8).numpy()
 
 
 __all__ = ["new_buffer"]

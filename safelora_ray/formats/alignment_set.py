@@ -296,7 +296,8 @@ class AlignmentSet:
         if scratch is not None and len(scratch) >= nbytes:
             buf = memoryview(scratch)[:nbytes]
         else:
-            buf = memoryview(new_buffer(nbytes, zeroed=True))  # GIL released meanwhile
+            # Not zero-filled (the read fills every byte, or raises): GIL released meanwhile.
+            buf = memoryview(new_buffer(nbytes))
         # The bytes are checked against the manifest's digest while they are read.
         if row.digest is None:  # a set from before digests (warned about at open)
             if nbytes:
