@@ -51,9 +51,10 @@ CACHE_ENV = "SAFELORA_SET_CACHE"
 KEEP_FREE_FRACTION = 0.05
 KEEP_FREE_MAX_BYTES = 4 * 1024**3
 #: Shards copied at once, and the window each is streamed through (reused: fresh memory is
-#: what costs on a VM).
+#: what costs on a VM). A window is several of an object store's parts, fetched in parallel:
+#: 64 MiB copied a 2 GiB shard from SeaweedFS in 4.2-4.4 s against 16 MiB's 5.0 s.
 FILL_THREADS = 4
-WINDOW_BYTES = 16 * 1024 * 1024
+WINDOW_BYTES = 64 * 1024 * 1024
 _BLOCK = 4096  # O_DIRECT's alignment of offsets and lengths (a multiple of any block size)
 _OFF = {"", "0", "off", "none", "false", "no"}
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a content id, used as a folder name
