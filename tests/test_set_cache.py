@@ -6,10 +6,12 @@ run or a one-line error."""
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from safelora_ray import SanitizeConfig, sanitize
 from safelora_ray.core.errors import AlignmentSetError
@@ -160,3 +162,91 @@ def test_shard_files_written_around_the_page_cache_keep_every_byte(tmp_path: Pat
             window[:len(part)] = part
             out.write(memoryview(window)[:len(part)])
     assert dest.read_bytes() == data
+
+
+def test_in_process_run_maps_the_set_as_it_starts_and_batches_wait_for_it(
+        world: dict[str, Any], s3_set: str, cache: Path) -> None:
+    """An in-process run begins the node's copy with :func:`map_set` as it starts; a batch's
+    projector maps the set only when its products need it (after its adapters are read), and
+    finds the mapping ``map_set`` made; on a GPU neither maps anything."""
+    from safelora_ray.execution import WorkerContext
+    from safelora_ray.pipelines.sanitize.projection import SetKey
+    from safelora_ray.pipelines.sanitize.shared_set import (
+        SHARED_SLOT,
+        local_projector,
+        map_set,
+    )
+
+    origin = AlignmentSet.open(s3_set)
+    key = SetKey(origin.uri, origin.content_id)
+    ctx = WorkerContext("cpu")
+
+    def fallback() -> Any:
+        raise AssertionError("the set could be mapped: the fallback is not used")
+
+    project = local_projector(ctx, key, origin, fallback)
+    assert project is not None and ctx.peek(SHARED_SLOT) is None
+    assert not (cache / origin.content_id).exists()  # nothing copied before products
+    assert map_set(ctx, key)
+    mapped = ctx.peek(SHARED_SLOT)
+    assert mapped is not None and mapped[1] is not None and (cache / origin.content_id).is_dir()
+    before = origin.storage.bytes_read
+    module = next(iter(origin.rows))
+    rank, d_out = 2, origin.rows[module].stored_shape[0]
+    b = torch.randn(1, d_out, rank)
+    out = project({(module, "float32", rank): (b, torch.eye(rank).expand(1, rank, rank))})
+    cb, _ = out[(module, "float32", rank)]
+    assert ctx.peek(SHARED_SLOT)[1] is mapped[1]  # the one map_set made, nothing read again
+    assert origin.storage.bytes_read == before
+    # C B against the set's own matrix (read from S3), in float64
+    c = origin.load(module).dense().double()
+    assert torch.allclose(cb.double(), c @ b[0].double(), rtol=1e-5, atol=1e-6)
+    assert local_projector(WorkerContext("cuda"), key, origin, fallback) is None
+    assert not map_set(WorkerContext("cuda"), key)
+
+
+def test_in_process_run_with_a_corrupt_origin_fails_in_one_line(
+        world: dict[str, Any], s3_set: str, s3_bucket: str, s3_admin_client: Any,
+        cache: Path, tmp_path: Path) -> None:
+    """The copy begun as the run starts finds the corruption; the batch that needs the set
+    reports it, in one line naming the S3 shard (not swallowed by the early start)."""
+    origin = AlignmentSet.open(s3_set)
+    key = f"set/{sorted({r.shard for r in origin.rows.values()})[0]}"
+    body = bytearray(s3_admin_client.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
+    body[-1] ^= 0xFF
+    s3_admin_client.put_object(Bucket=s3_bucket, Key=key, Body=bytes(body))
+    with pytest.raises(AlignmentSetError, match=r"tensor .* is corrupt") as e:
+        sanitize(SanitizeConfig(alignment=s3_set, adapters=str(world["cat"]),
+                                out=str(tmp_path / "out"), threshold=0.35, workers=0,
+                                progress=False))
+    assert key in str(e.value) and "\n" not in str(e.value)
+    assert not [p for p in cache.iterdir() if not p.name.endswith(".lock")]
+
+
+@pytest.mark.parametrize("out_kind", ["local", "s3"])
+def test_a_rerun_with_nothing_to_do_copies_no_set(world: dict[str, Any], s3_set: str,
+                                                 s3_bucket: str, cache: Path, tmp_path: Path,
+                                                 out_kind: str) -> None:
+    """The early start is for runs that need products: a rerun whose adapters all have their
+    ledger records (on a node that has no copy) skips them without copying the set; one
+    with an adapter more copies it."""
+    out = str(tmp_path / "out") if out_kind == "local" else f"s3://{s3_bucket}/out-rerun"
+
+    def run(catalog: Path) -> Any:
+        return sanitize(SanitizeConfig(alignment=s3_set, adapters=str(catalog), out=out,
+                                       threshold=0.35, workers=0, progress=False))
+
+    catalog = tmp_path / "cat"
+    shutil.copytree(world["cat"], catalog)
+    assert run(catalog).ok == 3
+    origin = AlignmentSet.open(s3_set)
+    entry = cache / origin.content_id
+    assert entry.is_dir()
+    set_cache.evict(entry, "a test: another node")
+    r = run(catalog)
+    assert (r.ok, r.skipped, r.error) == (0, 3, 0)
+    assert not entry.exists()
+    _catalog(world, catalog, ["a4"], seed=4)
+    r = run(catalog)
+    assert (r.ok, r.skipped, r.error) == (1, 3, 0), r.errors
+    assert entry.is_dir()

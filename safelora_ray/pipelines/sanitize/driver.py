@@ -36,13 +36,14 @@ from safelora_ray.pipelines.sanitize.config import (
     SanitizeResult,
     check_method,
 )
-from safelora_ray.pipelines.sanitize.ledger import LEDGER_PREFIX, recorded_ids
+from safelora_ray.pipelines.sanitize.ledger import LEDGER_PREFIX, all_recorded, recorded_ids
 from safelora_ray.pipelines.sanitize.projection import HolderLost, SetKey
 from safelora_ray.pipelines.sanitize.rows import base_row
 from safelora_ray.pipelines.sanitize.safemerge import SafetySpec, check_safety_set, read_safety
 from safelora_ray.pipelines.sanitize.shared_set import (
     check_gpu_products,
     check_store_room,
+    map_set,
     warm_set,
 )
 from safelora_ray.pipelines.sanitize.worker import SanitizeJob, sanitize_batch
@@ -218,6 +219,11 @@ def _sanitize(config: SanitizeConfig) -> SanitizeResult:
     # Which adapters have a ledger record, from one listing (an object store's): a new
     # adapter's record is then not asked for, one 404 per adapter saved.
     known = None if config.force else recorded_ids(out)
+    if ex.in_process and (config.force or not all_recorded(
+            out, (r.adapter_id for r in head if isinstance(r, AdapterRef)), known)):
+        # This process maps the set (copied to the node first) while its first batches read;
+        # not on a rerun whose first adapters all have records (it may need no product).
+        ex.submit(0, map_set, key, group="batch")
     counter = _adapter_counter() if not ex.in_process else None
     all_by_k = 0  # adapters with at most --num-proj-layers modules: all projected
     k = selection.num_proj_layers

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from safelora_ray.core.errors import AdapterError, NotFoundError, SafeLoraError
@@ -48,6 +48,15 @@ def recorded_ids(out: Storage) -> frozenset[str] | None:
     cut = len(LEDGER_PREFIX) + 1
     return frozenset(o.path[cut:-len(suffix)] for o in out.list(LEDGER_PREFIX)
                      if o.path.endswith(suffix))
+
+
+def all_recorded(out: Storage, ids: Iterable[str], known: frozenset[str] | None) -> bool:
+    """Whether every one of ``ids`` has a record under ``out`` (from ``known``, the listing
+    :func:`recorded_ids` took, else one existence check each): a run of only those may
+    skip them all and need no product."""
+    if known is not None:
+        return all(i in known for i in ids)
+    return all(out.exists(ledger_path(i)) for i in ids)
 
 
 class Ledger:
@@ -141,4 +150,5 @@ class Ledger:
         return found if names is None else {n: found[n] for n in names if n in found}
 
 
-__all__ = ["LEDGER_PREFIX", "Ledger", "ledger_path", "recorded_ids", "source_uri"]
+__all__ = ["LEDGER_PREFIX", "Ledger", "all_recorded", "ledger_path", "recorded_ids",
+           "source_uri"]

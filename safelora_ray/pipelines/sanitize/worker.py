@@ -149,7 +149,9 @@ class FleetSanitizer:
         # the caches are filled under this lock.
         self._lock = threading.Lock()
 
-    def _default_projector(self) -> Projector:
+    def default_projector(self) -> Projector:
+        """The products computed with this sanitizer's own engine (the set loaded on its
+        device, module by module as batches need them)."""
         with self._lock:
             if self._own_engine is None:
                 self._own_engine = ProjectionEngine(MatrixCache(self.aset, self.device))
@@ -306,7 +308,7 @@ class FleetSanitizer:
             t0 = time.perf_counter()
             projected, scores = self._project_all(
                 [(x.adapter, x.grams) for x in loaded.values()],
-                project or self._default_projector())
+                project or self.default_projector())
             share = (time.perf_counter() - t0) / len(loaded)  # batch compute, per adapter
 
             def write_one(item: tuple[str, Loaded]) -> list[dict[str, Any]]:
@@ -599,7 +601,7 @@ def sanitize_batch(ctx: WorkerContext, job: SanitizeJob, refs: Sequence[AdapterR
     elif holder is not None:
         project = remote_projector(holder, key, job.task_timeout_s)
     else:  # the driver's process: its set's files mapped, else the sanitizer's own engine
-        project = local_projector(ctx, key, san.aset)
+        project = local_projector(ctx, key, san.aset, san.default_projector)
     return san.process(refs, cancelled=lambda: ctx.cancelled(job.run_id), project=project,
                        recorded=recorded)
 
