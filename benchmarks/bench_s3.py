@@ -15,7 +15,9 @@ catalog of ``--n`` PEFT LoRA adapters (r = 8 on q_proj and v_proj) uploaded to S
   (``SAFELORA_SET_CACHE``, here under the workdir) and mapped from there by every run after
   it; ``--set-cache warm`` (default) makes and maps the copy before the clock, as a nightly
   run finds it after the run before (on disk, its pages in the page cache), ``cold`` removes
-  it before each sanitize (the copy counted), ``off`` turns it off;
+  it before each sanitize (the copy counted, and a second floor taken that also GETs the
+  set's objects in 16 MiB ranges, the bytes a node's first run moves besides), ``off``
+  turns it off;
 - **settle**: before the floor and before each sanitize, the benchmark waits until the
   machine is quiet (``--settle``: under 0.25 cores busy for two seconds running): SeaweedFS
   digests a burst of writes for a while after it, and the phase that came next paid for it;
@@ -162,8 +164,10 @@ def upload_parallel(s3: SeaweedS3, local: Path, prefix: str, threads: int = 16) 
 
 
 def s3_floor(s3: SeaweedS3, keys: list[str], dest: str, threads: int,
-             clock: CpuClock) -> dict[str, Any]:
-    """GET every key and PUT its bytes under ``dest``, ``threads`` at a time, one client."""
+             clock: CpuClock, gets: list[tuple[str, int, int]] | None = None) -> dict[str, Any]:
+    """GET every key and PUT its bytes under ``dest``, ``threads`` at a time, one client;
+    first, in the same pool, ranged GETs of ``gets`` (key, start, length) whose bytes are
+    only read (a node's first run's copy of the set)."""
     c = s3.client
     cpu0 = clock.read()
 
@@ -172,12 +176,29 @@ def s3_floor(s3: SeaweedS3, keys: list[str], dest: str, threads: int,
         c.put_object(Bucket=s3.bucket, Key=f"{dest}/{key}", Body=body)
         return len(body)
 
+    def part(r: tuple[str, int, int]) -> int:
+        key, start, n = r
+        return len(c.get_object(Bucket=s3.bucket, Key=key,
+                                Range=f"bytes={start}-{start + n - 1}")["Body"].read())
+
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(threads) as pool:
-        total = sum(pool.map(one, keys))
+        got = [pool.submit(part, r) for r in gets or []]
+        total = sum(pool.map(one, keys)) + sum(f.result() for f in got)
     s = time.perf_counter() - t0
     return {"objects": len(keys), "bytes": total, "s": s, "threads": threads,
             "cpu_s": CpuClock.spent(cpu0, clock.read())}
+
+
+def set_parts(s3: SeaweedS3, prefix: str, part: int = 16 * 2**20) -> list[tuple[str, int, int]]:
+    """The set's objects under ``prefix`` cut into ``part``-sized ranges."""
+    out = []
+    for page in s3.client.get_paginator("list_objects_v2").paginate(Bucket=s3.bucket,
+                                                                     Prefix=f"{prefix}/"):
+        for o in page.get("Contents", []):
+            out += [(o["Key"], off, min(part, o["Size"] - off))
+                    for off in range(0, o["Size"], part)]
+    return out
 
 
 def target_ranges(uri: str) -> list[tuple[str, int, int]]:
@@ -292,6 +313,12 @@ def main(argv: list[str] | None = None) -> int:
             for rep in range(args.repeats):
                 floor_settle_s = clock.settle(args.settle)
                 floor = s3_floor(s3, keys, f"floor-{rep}", args.floor_threads, clock)
+                # A node's first run also moves the set: the floor of those bytes too.
+                floor_set = None
+                if args.set_cache == "cold":
+                    clock.settle(args.settle)
+                    floor_set = s3_floor(s3, keys, f"floorset-{rep}", args.floor_threads,
+                                         clock, gets=set_parts(s3, "set"))
                 t0 = time.perf_counter()
                 listed = sum(1 for _ in iter_catalog(cat))
                 list_s = time.perf_counter() - t0
@@ -327,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
                     runs.append({"rep": rep, "mode": mode, "sanitize_s": s,
                                  "floor_s": floor["s"], "ratio": s / floor["s"],
                                  "floor_fraction": floor["s"] / s,
+                                 "floor_with_set_s": floor_set and floor_set["s"],
+                                 "floor_with_set_fraction": floor_set and floor_set["s"] / s,
                                  "list_s": list_s, "per_adapter_ms": 1e3 * s / args.n,
                                  "settle_s": settle_s, "floor_settle_s": floor_settle_s,
                                  "ray_init_s": ray_init_s,
@@ -355,7 +384,10 @@ def main(argv: list[str] | None = None) -> int:
               "summary": summary, "reader": reader, "command": " ".join(sys.argv)}
     rows = [[r["rep"], r["mode"], f"{r['floor_settle_s']:.0f} / {r['settle_s']:.0f}",
              f"{r['sanitize_s']:.2f}", f"{r['floor_s']:.2f}",
-             f"{r['ratio']:.2f}", f"{100 * r['floor_fraction']:.0f} %", f"{r['list_s']:.2f}",
+             f"{r['ratio']:.2f}", f"{100 * r['floor_fraction']:.0f} %",
+             "-" if r["floor_with_set_s"] is None
+             else f"{r['floor_with_set_s']:.2f} s, {100 * r['floor_with_set_fraction']:.0f} %",
+             f"{r['list_s']:.2f}",
              f"{r['per_adapter_ms']:.1f}",
              "/".join(f"{r['floor_cpu_s'][k]:.1f}" for k in ("client", "server", "machine")),
              "/".join(f"{r['cpu_s'][k]:.1f}" for k in ("client", "server", "machine")),
@@ -363,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
              + str(dict(sorted(r["requests"].items())))] for r in runs]
     tables = [("sanitize s3 → s3 vs the GET+PUT floor",
                ["rep", "mode", "settled s (floor / ours)", "sanitize s", "floor s", "ratio",
-                "floor/ours", "list s",
+                "floor/ours", "floor with the set's GETs (cold): s, floor/ours", "list s",
                 "ms/adapter", "floor CPU s (client/server/machine)",
                 "CPU s (client/server/machine)", "requests/adapter (inline: all, by op)"],
                rows)]
