@@ -250,3 +250,53 @@ def test_a_rerun_with_nothing_to_do_copies_no_set(world: dict[str, Any], s3_set:
     r = run(catalog)
     assert (r.ok, r.skipped, r.error) == (1, 3, 0), r.errors
     assert entry.is_dir()
+
+
+def test_old_copies_make_room_least_recently_used_first(
+        world: dict[str, Any], s3_set: str, cache: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Where the disk lacks room for a new set's copy, other sets' copies are removed for it,
+    the least recently used first (each use touches its copy); the copy in use is never
+    removed for another, and where removing every other is not enough, the set is read from
+    S3 with a warning."""
+    import os
+    import time
+
+    origin = AlignmentSet.open(s3_set)
+    entry = set_cache.local_copy(origin).local_shards()
+    size = sum(p.stat().st_size for p in (cache / origin.content_id).rglob("*") if p.is_file())
+    assert entry is not None and size > 0
+    # Two older sets' copies (the same bytes under other ids): one used long ago, one lately.
+    old_id, recent_id = "als-0ld", "als-recent"
+    for name, age in ((old_id, 3600.0), (recent_id, 60.0)):
+        shutil.copytree(cache / origin.content_id, cache / name)
+        os.utime(cache / name, (time.time() - age, time.time() - age))
+    set_cache.evict(cache / origin.content_id, "a test: as if never copied", damaged=False)
+    # A disk that holds 2.5 copies beside what it must keep free (nothing kept free here).
+    monkeypatch.setattr(set_cache, "KEEP_FREE_FRACTION", 0.0)
+
+    def disk(copies: float) -> Any:
+        def usage(root: Path) -> tuple[int, int]:
+            used = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+            return int(copies * size) - used, 10 * size
+        return usage
+
+    monkeypatch.setattr(set_cache, "_disk", disk(2.5))
+    with caplog.at_level(logging.INFO, logger=set_cache.__name__):
+        copy = set_cache.local_copy(origin)
+    assert copy.local_shards() is not None and copy.verify()
+    assert not (cache / old_id).exists() and (cache / recent_id).is_dir()
+    assert f"{old_id} removed: the least recently used" in caplog.text
+    # A later use touches its copy.
+    before = (cache / origin.content_id).stat().st_mtime
+    os.utime(cache / origin.content_id, (before - 10, before - 10))
+    set_cache.local_copy(origin)
+    assert (cache / origin.content_id).stat().st_mtime > before - 10
+    # Too little room even with every other copy gone: none is removed, the set is read.
+    set_cache.evict(cache / origin.content_id, "a test: as if never copied", damaged=False)
+    monkeypatch.setattr(set_cache, "_disk", disk(0.0))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert set_cache.local_copy(origin) is origin
+    assert "no copy on this node's disk" in caplog.text and "too small" in caplog.text
+    assert (cache / recent_id).is_dir() and not (cache / origin.content_id).exists()

@@ -14,8 +14,9 @@ object store. The copy is made under ``$SAFELORA_SET_CACHE`` (default
   fill);
 - one process of a node fills it while the others wait (a lock file);
 - where the disk lacks room for it (and :data:`KEEP_FREE_FRACTION` of the disk besides, at
-  most 4 GiB), or it cannot be written, the run reads the set from the object store as
-  before, with a warning;
+  most 4 GiB), the copies of other sets are removed for it, least recently used first (each
+  run touches the copy it uses); where that is not enough, or the copy cannot be written,
+  the run reads the set from the object store as before, with a warning;
 - each run still checks the copy's tensors against the manifest's digests as it maps them;
   a copy found corrupt is removed (:func:`evict`) and the set read from its origin.
 
@@ -89,6 +90,9 @@ def local_copy(aset: AlignmentSet) -> AlignmentSet:
             with _locked(root / f".{aset.content_id}.lock"):
                 if not final.is_dir():  # another process may have filled it meanwhile
                     _fill(aset, integrity, root, final)
+        else:
+            with contextlib.suppress(OSError):  # its last use: the last copy evicted for room
+                os.utime(final)
         copy = AlignmentSet.open(str(final), expect=aset.content_id)
     except AlignmentSetError as e:
         if final.is_dir():  # the copy, not the set: read the set itself
@@ -103,13 +107,16 @@ def local_copy(aset: AlignmentSet) -> AlignmentSet:
     return copy
 
 
-def evict(copy: AlignmentSet | Path, why: str) -> None:
-    """Remove this node's copy of a set (found corrupt or damaged: ``why``), renamed away
-    first: a run that maps it is unharmed, the next one copies the set again."""
+def evict(copy: AlignmentSet | Path, why: str, damaged: bool = True) -> None:
+    """Remove this node's copy of a set (found corrupt or damaged, or for room: ``why``),
+    renamed away first: a run that maps it is unharmed, the next one copies the set again."""
     path = copy if isinstance(copy, Path) else Path(str(copy.storage.local_path(METADATA_FILE))
                                                     ).parent
-    logger.warning("alignment set copy %s removed (%s); the set is read from its origin and "
-                   "copied again by the next run", path, why)
+    if damaged:
+        logger.warning("alignment set copy %s removed (%s); the set is read from its origin "
+                       "and copied again by the next run", path, why)
+    else:
+        logger.info("alignment set copy %s removed: %s", path, why)
     gone = path.with_name(f".evicted-{path.name}-{uuid.uuid4().hex[:8]}")
     with contextlib.suppress(OSError):
         path.rename(gone)
@@ -134,10 +141,7 @@ def _fill(aset: AlignmentSet, integrity: dict[str, Any], root: Path, final: Path
     """Copy the set into ``final`` (under the lock): checked, then renamed into place."""
     shards: dict[str, Any] = integrity.get("shards") or {}
     need = sum(int(rec.get("bytes") or 0) for rec in shards.values())
-    disk = shutil.disk_usage(root)
-    if disk.free - need < min(KEEP_FREE_FRACTION * disk.total, KEEP_FREE_MAX_BYTES):
-        raise _NoRoom(f"{need / 2**30:.2f} GiB needed in {root}, {disk.free / 2**30:.2f} GiB "
-                      f"free of {disk.total / 2**30:.2f} GiB")
+    _make_room(root, need, aset.content_id)
     for old in root.glob(f".tmp-{aset.content_id}-*"):  # a killed fill's (we hold the lock)
         shutil.rmtree(old, ignore_errors=True)
     tmp = root / f".tmp-{aset.content_id}-{uuid.uuid4().hex[:8]}"
@@ -154,6 +158,51 @@ def _fill(aset: AlignmentSet, integrity: dict[str, Any], root: Path, final: Path
         os.rename(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _make_room(root: Path, need: int, for_id: str) -> None:
+    """Room for ``need`` bytes in ``root`` (and the share of its disk kept free), the copies of
+    other sets removed for it least recently used first (a set's copy is touched at each run
+    that uses it: a rebuilt set's old copies go, not the one every night maps); none removed
+    where removing them all would not be enough.
+
+    Raises:
+        _NoRoom: not enough room, even with every other copy removed.
+    """
+    def lacking() -> int:
+        free, total = _disk(root)
+        return need + int(min(KEEP_FREE_FRACTION * total, KEEP_FREE_MAX_BYTES)) - free
+
+    short = lacking()
+    if short <= 0:
+        return
+    others = []
+    for entry in root.iterdir():
+        if entry.name != for_id and _SAFE_NAME.fullmatch(entry.name) and entry.is_dir():
+            with contextlib.suppress(OSError):
+                others.append((entry.stat().st_mtime, entry, _size(entry)))
+    free, total = _disk(root)
+    why = (f"{need / 2**30:.2f} GiB needed in {root}, {free / 2**30:.2f} GiB free of "
+           f"{total / 2**30:.2f} GiB")
+    if sum(n for _, _, n in others) < short:
+        raise _NoRoom(why + (f", {len(others)} other set cop{'y' if len(others) == 1 else 'ies'}"
+                             " too small to make room" if others else ""))
+    for _, entry, _ in sorted(others):
+        evict(entry, f"the least recently used, for alignment set {for_id}'s copy ({why})",
+              damaged=False)
+        if lacking() <= 0:
+            return
+    raise _NoRoom(why)
+
+
+def _size(entry: Path) -> int:
+    return sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
+
+
+def _disk(root: Path) -> tuple[int, int]:
+    """Free and total bytes of ``root``'s filesystem."""
+    usage = shutil.disk_usage(root)
+    return usage.free, usage.total
 
 
 def _copy_shard(aset: AlignmentSet, path: str, rec: dict[str, Any], tmp: Path) -> None:
