@@ -102,10 +102,10 @@ def test_damaged_copy_is_removed_and_the_run_reads_s3(world: dict[str, Any], s3_
     assert _outputs(tmp_path / "out") == _outputs(tmp_path / "ref")
     assert any("removed" in r.getMessage() and "corrupt" in r.getMessage()
                for r in caplog.records), caplog.text
-    assert not (cache / origin.content_id).exists()
-    # The next run copies it again, whole.
-    _run(world, s3_set, tmp_path / "again")
+    # The run went on with a fresh copy (its products read it, module by module), whole.
     assert AlignmentSet.open(str(cache / origin.content_id)).verify()
+    _run(world, s3_set, tmp_path / "again")
+    assert _outputs(tmp_path / "again") == _outputs(tmp_path / "ref")
 
 
 def test_corrupt_origin_is_a_one_line_error_and_leaves_no_copy(
@@ -300,3 +300,37 @@ def test_old_copies_make_room_least_recently_used_first(
         assert set_cache.local_copy(origin) is origin
     assert "no copy on this node's disk" in caplog.text and "too small" in caplog.text
     assert (cache / recent_id).is_dir() and not (cache / origin.content_id).exists()
+
+
+def test_a_holder_reads_its_matrices_from_the_node_copy(
+        world: dict[str, Any], s3_set: str, cache: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A set loaded module by module onto a device (a GPU holder's, here on the CPU) is read
+    from the node's copy, made by its first read: the next holder reads nothing of the set
+    from S3 but its metadata; a damaged copy is removed and the set itself read, with the
+    same matrices."""
+    from safelora_ray.pipelines.sanitize.projection import MatrixCache, SetKey
+
+    origin = AlignmentSet.open(s3_set)
+    key = SetKey(origin.uri, origin.content_id)
+    want = {m: origin.load(m).tensor for m in origin.rows}
+    first = MatrixCache.open(key, "cpu")
+    first.load_all()
+    assert (cache / origin.content_id).is_dir()
+    again = MatrixCache.open(key, "cpu")
+    before = again.aset.storage.bytes_read
+    again.load_all()
+    assert again.aset.storage.bytes_read == before  # all from the node's disk
+    for cached in (first, again):
+        assert all(torch.equal(cached.get(m).tensor, t) for m, t in want.items())
+    # A flipped bit in the copy's shard: found by the digests, the copy removed, S3 read.
+    shard = next(iter(set_cache.local_copy(origin).local_shards().values()))
+    data = bytearray(Path(shard).read_bytes())
+    data[-1] ^= 0xFF
+    Path(shard).write_bytes(data)
+    damaged = MatrixCache.open(key, "cpu")
+    with caplog.at_level(logging.WARNING):
+        damaged.load_all()
+    assert "removed" in caplog.text and "corrupt" in caplog.text
+    assert all(torch.equal(damaged.get(m).tensor, t) for m, t in want.items())
+    assert not (cache / origin.content_id).exists()

@@ -37,13 +37,14 @@ import numpy as np
 import torch
 
 from safelora_ray.core.alignment import AlignmentMatrix
-from safelora_ray.core.errors import ClusterError, SafeLoraError
+from safelora_ray.core.errors import AlignmentSetError, ClusterError, SafeLoraError
 from safelora_ray.core.once import OnceMap
 from safelora_ray.core.scores import project_stack
 from safelora_ray.core.validate import env_number
 from safelora_ray.execution import REJOIN_TIMEOUT_S, WorkerContext, wait_back
 from safelora_ray.execution.device import to_host
 from safelora_ray.formats.alignment_set import AlignmentSet
+from safelora_ray.formats.set_cache import evict, local_copy
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,8 @@ class MatrixCache:
         #: The matrices are views of the node's object store (a :class:`MappedSet`), not a
         #: copy of this process's own.
         self.mapped = matrices is not None
+        self._source: AlignmentSet | None = None  # where modules are read from (see _read)
+        self._source_lock = threading.Lock()
 
     @classmethod
     def open(cls, key: SetKey, device: str) -> MatrixCache:
@@ -112,7 +115,27 @@ class MatrixCache:
         return cls(AlignmentSet.open(key.uri, expect=key.content_id), device)
 
     def get(self, module: str) -> AlignmentMatrix:
-        return self._matrices.get(module, lambda: self.aset.load(module, device=self.device))
+        return self._matrices.get(module, lambda: self._read(module))
+
+    def _read(self, module: str) -> AlignmentMatrix:
+        """The module read from the node's copy of a set on an object store (made by the
+        first read: a GPU holder reads a nightly set from the node's disk, not from the
+        object store every night), else from the set itself; a copy found damaged is
+        removed and the set itself read from then on."""
+        with self._source_lock:
+            if self._source is None:
+                self._source = local_copy(self.aset)
+            source = self._source
+        try:
+            return source.load(module, device=self.device)
+        except AlignmentSetError as e:
+            if source is self.aset:
+                raise
+            with self._source_lock:
+                if self._source is source:
+                    evict(source, str(e))
+                    self._source = self.aset
+        return self.aset.load(module, device=self.device)
 
     def load_all(self) -> None:
         """Load every module now (a holder warms up while the I/O workers read)."""
