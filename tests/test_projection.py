@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 import time
@@ -290,18 +291,28 @@ def test_files_that_cannot_be_mapped_go_into_the_object_store(
 
 def test_a_set_too_large_for_a_cpu_nodes_object_store_is_refused(
         ray_one_fake_gpu: None, fleet: Any, tmp_path: Path, s3_admin_client: Any,
-        s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        s3_bucket: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     from safelora_ray.core.errors import ConfigError
     from safelora_ray.execution.placement import NodeInfo
+    from safelora_ray.formats import set_cache
     from safelora_ray.formats.alignment_set import AlignmentSet
     from safelora_ray.pipelines.sanitize import shared_set as projection
 
-    on_s3 = _set_on_s3(fleet, s3_admin_client, s3_bucket)  # a CPU node puts it in its store
+    on_s3 = _set_on_s3(fleet, s3_admin_client, s3_bucket)
     aset = AlignmentSet.open(on_s3)
     need = sum(4 * int(torch.tensor(r.stored_shape).prod()) for r in aset.rows.values())
     roomy = NodeInfo("n1", "10.0.0.1", 8, 0, store_bytes=need / projection.STORE_SHARE + 1)
     tight = NodeInfo("n2", "10.0.0.2", 8, 0, store_bytes=need / projection.STORE_SHARE - 1)
     projection.check_store_room(aset, [roomy, NodeInfo("n3", "10.0.0.3", 8, 0)])  # 0: unknown
+    # With the set cache on, the nodes map their copy on disk: a warning, not a refusal.
+    with caplog.at_level(logging.WARNING):
+        projection.check_store_room(aset, [roomy, tight])
+    assert "node 10.0.0.2" in caplog.text and "copy of the set on its disk" in caplog.text
+    # Off, a CPU node puts the set in its store: refused.
+    cache_on = os.environ.get(set_cache.CACHE_ENV)
+    assert set_cache.cache_root() is not None
+    monkeypatch.setenv(set_cache.CACHE_ENV, "off")
     with pytest.raises(ConfigError, match=r"node 10\.0\.0\.2 .*--object-store-memory"):
         projection.check_store_room(aset, [roomy, tight])
     # A local set is mapped from its files, not put in the store: no room needed there.
@@ -315,6 +326,13 @@ def test_a_set_too_large_for_a_cpu_nodes_object_store_is_refused(
                                 use_gpu=False, progress=False))
     assert not (tmp_path / "out").exists()
     assert _run(fleet, "local-set", False, tmp_path) == fleet[2]
+    # The cache on again (as the workers have it): the same S3 set runs, each node mapping
+    # its copy, the bits of the in-process run.
+    if cache_on is None:
+        monkeypatch.delenv(set_cache.CACHE_ENV)
+    else:
+        monkeypatch.setenv(set_cache.CACHE_ENV, cache_on)
+    assert _run((on_s3, fleet[1], fleet[2]), "s3-set-mapped", False, tmp_path) == fleet[2]
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])

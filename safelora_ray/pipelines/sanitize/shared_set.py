@@ -49,7 +49,7 @@ from safelora_ray.core.validate import env_number
 from safelora_ray.execution import REJOIN_TIMEOUT_S, WorkerContext
 from safelora_ray.execution.placement import NodeInfo
 from safelora_ray.formats.alignment_set import AlignmentSet
-from safelora_ray.formats.set_cache import evict, local_copy
+from safelora_ray.formats.set_cache import CACHE_ENV, cache_root, evict, local_copy
 from safelora_ray.pipelines.sanitize.projection import (
     GroupKey,
     HolderLost,
@@ -94,8 +94,11 @@ def check_gpu_products() -> str:
 
 
 def check_store_room(aset: AlignmentSet, nodes: Sequence[NodeInfo]) -> None:
-    """Refuse a run whose set cannot be held in the object store of a CPU-only node it uses
-    (a set of local files is mapped from them, not put there).
+    """Refuse a run whose set cannot be held in the object store of a CPU-only node it uses,
+    where the node would keep it there: a set of local files is mapped from them, and a set
+    on an object store from each node's copy on its disk while the set cache is on (then a
+    set too large for a store is only warned about: a node without room for the copy would
+    put it in its store, spilling).
 
     Raises:
         ConfigError: naming the set, its size, the node and its object store.
@@ -105,11 +108,18 @@ def check_store_room(aset: AlignmentSet, nodes: Sequence[NodeInfo]) -> None:
     need = sum(4 * math.prod(r.stored_shape) for r in aset.rows.values())
     for n in nodes:
         if n.store_bytes and need > STORE_SHARE * n.store_bytes:
+            what = (f"alignment set {aset.uri} ({need / 2**30:.2f} GiB of matrices) does not "
+                    f"fit the Ray object store of node {n.address} "
+                    f"({n.store_bytes / 2**30:.2f} GiB; at most {STORE_SHARE:.0%} of it)")
+            if cache_root() is not None:
+                logger.warning("%s: its workers map the node's copy of the set on its disk "
+                               "(%s); a node without room for the copy would spill it from "
+                               "its object store", what, CACHE_ENV)
+                return
             raise ConfigError(
-                f"alignment set {aset.uri} ({need / 2**30:.2f} GiB of matrices) does not fit "
-                f"the Ray object store of node {n.address} ({n.store_bytes / 2**30:.2f} GiB; "
-                f"a CPU-only node keeps the set there, at most {STORE_SHARE:.0%} of it): start "
-                "its Ray with a larger --object-store-memory, or sanitize on GPU nodes")
+                f"{what}, where a CPU-only node keeps the set with its copy on disk turned off "
+                f"({CACHE_ENV}): turn it on, start its Ray with a larger "
+                "--object-store-memory, or sanitize on GPU nodes")
 
 
 @dataclass(frozen=True)
