@@ -334,3 +334,39 @@ def test_a_holder_reads_its_matrices_from_the_node_copy(
     assert "removed" in caplog.text and "corrupt" in caplog.text
     assert all(torch.equal(damaged.get(m).tensor, t) for m, t in want.items())
     assert not (cache / origin.content_id).exists()
+
+
+def test_a_stopped_run_gives_up_the_copy(world: dict[str, Any], s3_set: str, cache: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C or SIGTERM while a node's copy is made (minutes for a 70B set): the copy stops
+    at its next window and nothing of it is left; the run's early start and a batch's
+    projector both give it up once their run is cancelled, and the next run copies it."""
+    from safelora_ray.execution import WorkerContext
+    from safelora_ray.pipelines.sanitize.projection import SetKey
+    from safelora_ray.pipelines.sanitize.shared_set import local_projector, map_set
+
+    origin = AlignmentSet.open(s3_set)
+    sizes = [int(r["bytes"]) for r in origin.metadata["integrity"]["shards"].values()]
+    monkeypatch.setattr(set_cache, "WINDOW_BYTES", 4096)
+    assert max(sizes) > 3 * 4096  # several windows: stopped half-way
+    polls = []
+
+    def stop_at_third() -> bool:
+        polls.append(1)
+        return len(polls) >= 3
+
+    with pytest.raises(set_cache.CopyCancelled, match="given up: its run was stopped"):
+        set_cache.local_copy(origin, cancelled=stop_at_third)
+    assert len(polls) == 3
+    assert not [p for p in cache.iterdir() if not p.name.endswith(".lock")]
+    key = SetKey(origin.uri, origin.content_id)
+    ctx = WorkerContext("cpu")
+    ctx.cancel("run-1")
+    assert not map_set(ctx, key, "run-1")
+    project = local_projector(ctx, key, origin, lambda: pytest.fail("not mapped: fallback"),
+                              cancelled=lambda: ctx.cancelled("run-1"))
+    assert project is not None
+    with pytest.raises(set_cache.CopyCancelled):
+        project({})
+    assert not [p for p in cache.iterdir() if not p.name.endswith(".lock")]
+    assert map_set(ctx, key, "run-2") and (cache / origin.content_id).is_dir()

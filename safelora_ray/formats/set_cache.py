@@ -36,7 +36,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -70,11 +70,18 @@ def cache_root() -> Path | None:
     return Path(base) / "safelora" / "sets"
 
 
-def local_copy(aset: AlignmentSet) -> AlignmentSet:
+def local_copy(aset: AlignmentSet, cancelled: Callable[[], bool] | None = None
+               ) -> AlignmentSet:
     """``aset`` itself where its shards are already files here or the cache is off; else this
     node's copy of it, made now if there is none (see the module docstring).
 
+    Args:
+        aset: The set.
+        cancelled: Polled between the windows of a copy being made: once it says so, the
+            copy is given up (a stopped run does not wait minutes for a 70B set's).
+
     Raises:
+        CopyCancelled: ``cancelled`` said so; nothing of the copy is left.
         AlignmentSetError: the set's own bytes are corrupt (a shard that does not match its
             recorded SHA-256 while it is copied).
     """
@@ -89,7 +96,7 @@ def local_copy(aset: AlignmentSet) -> AlignmentSet:
             root.mkdir(parents=True, exist_ok=True)
             with _locked(root / f".{aset.content_id}.lock"):
                 if not final.is_dir():  # another process may have filled it meanwhile
-                    _fill(aset, integrity, root, final)
+                    _fill(aset, integrity, root, final, cancelled)
         else:
             with contextlib.suppress(OSError):  # its last use: the last copy evicted for room
                 os.utime(final)
@@ -123,6 +130,10 @@ def evict(copy: AlignmentSet | Path, why: str, damaged: bool = True) -> None:
         shutil.rmtree(gone, ignore_errors=True)
 
 
+class CopyCancelled(Exception):
+    """A copy given up because its run was stopped (:func:`local_copy`'s ``cancelled``)."""
+
+
 class _NoRoom(Exception):
     pass
 
@@ -137,7 +148,8 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _fill(aset: AlignmentSet, integrity: dict[str, Any], root: Path, final: Path) -> None:
+def _fill(aset: AlignmentSet, integrity: dict[str, Any], root: Path, final: Path,
+          cancelled: Callable[[], bool] | None) -> None:
     """Copy the set into ``final`` (under the lock): checked, then renamed into place."""
     shards: dict[str, Any] = integrity.get("shards") or {}
     need = sum(int(rec.get("bytes") or 0) for rec in shards.values())
@@ -153,7 +165,7 @@ def _fill(aset: AlignmentSet, integrity: dict[str, Any], root: Path, final: Path
                     "cache %s", aset.content_id, len(shards), need / 2**30, aset.uri, final)
         with ThreadPoolExecutor(min(FILL_THREADS, max(len(shards), 1)),
                                 thread_name_prefix="safelora-set-copy") as pool:
-            list(pool.map(lambda item: _copy_shard(aset, item[0], item[1], tmp),
+            list(pool.map(lambda item: _copy_shard(aset, item[0], item[1], tmp, cancelled),
                           sorted(shards.items())))
         os.rename(tmp, final)
     finally:
@@ -205,7 +217,8 @@ def _disk(root: Path) -> tuple[int, int]:
     return usage.free, usage.total
 
 
-def _copy_shard(aset: AlignmentSet, path: str, rec: dict[str, Any], tmp: Path) -> None:
+def _copy_shard(aset: AlignmentSet, path: str, rec: dict[str, Any], tmp: Path,
+                cancelled: Callable[[], bool] | None) -> None:
     size = int(rec.get("bytes") or 0)
     if Path(path).is_absolute() or ".." in Path(path).parts:
         raise AlignmentSetError(f"{aset.uri}: shard path {path!r} in {METADATA_FILE} leaves "
@@ -216,6 +229,9 @@ def _copy_shard(aset: AlignmentSet, path: str, rec: dict[str, Any], tmp: Path) -
     buf = mmap.mmap(-1, max(min(WINDOW_BYTES, size), 1))  # page-aligned, as O_DIRECT needs
     with _DestFile(dest) as out:
         for off in range(0, size, WINDOW_BYTES):
+            if cancelled is not None and cancelled():
+                raise CopyCancelled(f"the copy of alignment set {aset.content_id} was given "
+                                    "up: its run was stopped")
             view = memoryview(buf)[:min(WINDOW_BYTES, size - off)]
             try:
                 aset.storage.read_into(path, off, view)
@@ -292,5 +308,5 @@ def _raise_for_tensor(aset: AlignmentSet, shard: str, copy: Path) -> None:
             aset.from_bytes(module, data[start:start + n], verify=True)
 
 
-__all__ = ["CACHE_ENV", "KEEP_FREE_FRACTION", "KEEP_FREE_MAX_BYTES", "cache_root", "evict",
-           "local_copy"]
+__all__ = ["CACHE_ENV", "KEEP_FREE_FRACTION", "KEEP_FREE_MAX_BYTES", "CopyCancelled",
+           "cache_root", "evict", "local_copy"]

@@ -223,7 +223,7 @@ def _sanitize(config: SanitizeConfig) -> SanitizeResult:
             out, (r.adapter_id for r in head if isinstance(r, AdapterRef)), known)):
         # This process maps the set (copied to the node first) while its first batches read;
         # not on a rerun whose first adapters all have records (it may need no product).
-        ex.submit(0, map_set, key, group="batch")
+        ex.submit(0, map_set, key, config.run_id, group="batch")
     counter = _adapter_counter() if not ex.in_process else None
     all_by_k = 0  # adapters with at most --num-proj-layers modules: all projected
     k = selection.num_proj_layers

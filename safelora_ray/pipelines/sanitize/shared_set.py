@@ -49,7 +49,13 @@ from safelora_ray.core.validate import env_number
 from safelora_ray.execution import REJOIN_TIMEOUT_S, WorkerContext
 from safelora_ray.execution.placement import NodeInfo
 from safelora_ray.formats.alignment_set import AlignmentSet
-from safelora_ray.formats.set_cache import CACHE_ENV, cache_root, evict, local_copy
+from safelora_ray.formats.set_cache import (
+    CACHE_ENV,
+    CopyCancelled,
+    cache_root,
+    evict,
+    local_copy,
+)
 from safelora_ray.pipelines.sanitize.projection import (
     GroupKey,
     HolderLost,
@@ -178,11 +184,13 @@ class SharedSet:
         return shared
 
     @classmethod
-    def map_local(cls, aset: AlignmentSet) -> SharedSet | None:
+    def map_local(cls, aset: AlignmentSet, cancelled: Callable[[], bool] | None = None
+                  ) -> SharedSet | None:
         """The set's files on this node mapped: its own (a local set), or this node's copy of
-        a set on an object store (:mod:`~safelora_ray.formats.set_cache`); None where there
-        are none to map (the cache off or out of room, a filesystem that cannot map)."""
-        local = local_copy(aset)
+        a set on an object store (:mod:`~safelora_ray.formats.set_cache`; ``cancelled``: see
+        its ``local_copy``); None where there are none to map (the cache off or out of room,
+        a filesystem that cannot map)."""
+        local = local_copy(aset, cancelled)
         paths = local.local_shards()
         if paths is None:
             return None
@@ -462,7 +470,8 @@ def shared_projector(ctx: WorkerContext, holder: Any | None, key: SetKey,
 
 
 def local_projector(ctx: WorkerContext, key: SetKey, aset: AlignmentSet,
-                    fallback: Callable[[], Projector]) -> Projector | None:
+                    fallback: Callable[[], Projector],
+                    cancelled: Callable[[], bool] | None = None) -> Projector | None:
     """The driver's process on the CPU (an in-process run): products computed with the set's
     files mapped, as a CPU node's workers do (its own files, or this node's copy of a set on
     an object store), not with a copy of it in this process's memory; ``fallback``'s where
@@ -470,35 +479,39 @@ def local_projector(ctx: WorkerContext, key: SetKey, aset: AlignmentSet,
 
     The set is mapped when a batch's products first need it, not before: a node's first
     run reads its first batches' adapters while the set is copied to the node (begun by
-    :func:`map_set` as the run starts)."""
+    :func:`map_set` as the run starts). A node's copy being made when ``cancelled`` says so
+    is given up (:class:`~safelora_ray.formats.set_cache.CopyCancelled` raised)."""
     if ctx.device != "cpu":
         return None
 
     def run(groups: dict[GroupKey, Pair]) -> dict[GroupKey, Pair]:
-        shared = _mapped_here(ctx, key, aset)
+        shared = _mapped_here(ctx, key, aset, cancelled)
         return (fallback() if shared is _UNMAPPED else shared.engine.run)(groups)
 
     return run
 
 
-def map_set(ctx: WorkerContext, key: SetKey) -> bool:
+def map_set(ctx: WorkerContext, key: SetKey, run_id: str | None = None) -> bool:
     """Task (an in-process run on the CPU, as it starts): map the set here now, the node's
     copy of a set on an object store made first where there is none, while the run lists its
-    outputs and reads its first adapters. False where nothing was mapped (a GPU, the cache
-    off, a broken set: reported by the first batch that needs it, in one line)."""
+    outputs and reads its first adapters; a copy given up once run ``run_id`` is cancelled.
+    False where nothing was mapped (a GPU, the cache off, the run stopped, a broken set:
+    reported by the first batch that needs it, in one line)."""
     if ctx.device != "cpu":
         return False
     try:
-        return _mapped_here(ctx, key) is not _UNMAPPED
-    except SafeLoraError as e:
+        stop = None if run_id is None else (lambda: ctx.cancelled(run_id))
+        return _mapped_here(ctx, key, cancelled=stop) is not _UNMAPPED
+    except (SafeLoraError, CopyCancelled) as e:
         logger.debug("alignment set %s not mapped ahead: %s", key.content_id, e)
         return False
 
 
-def _mapped_here(ctx: WorkerContext, key: SetKey, aset: AlignmentSet | None = None) -> Any:
+def _mapped_here(ctx: WorkerContext, key: SetKey, aset: AlignmentSet | None = None,
+                 cancelled: Callable[[], bool] | None = None) -> Any:
     def share() -> Any:
         opened = aset or AlignmentSet.open(key.uri, expect=key.content_id)
-        return SharedSet.map_local(opened) or _UNMAPPED
+        return SharedSet.map_local(opened, cancelled) or _UNMAPPED
 
     return ctx.resident(SHARED_SLOT, key, share)
 

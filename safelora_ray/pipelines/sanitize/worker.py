@@ -601,7 +601,8 @@ def sanitize_batch(ctx: WorkerContext, job: SanitizeJob, refs: Sequence[AdapterR
     elif holder is not None:
         project = remote_projector(holder, key, job.task_timeout_s)
     else:  # the driver's process: its set's files mapped, else the sanitizer's own engine
-        project = local_projector(ctx, key, san.aset, san.default_projector)
+        project = local_projector(ctx, key, san.aset, san.default_projector,
+                                  cancelled=lambda: ctx.cancelled(job.run_id))
     return san.process(refs, cancelled=lambda: ctx.cancelled(job.run_id), project=project,
                        recorded=recorded)
 
