@@ -108,14 +108,20 @@ def test_damaged_copy_is_removed_and_the_run_reads_s3(world: dict[str, Any], s3_
     assert _outputs(tmp_path / "again") == _outputs(tmp_path / "ref")
 
 
+def _corrupt_origin(s3_set: str, bucket: str, client: Any) -> str:
+    """A flipped bit in the last byte (a tensor's) of the set's first shard on S3; its key."""
+    origin = AlignmentSet.open(s3_set)
+    key = f"set/{sorted({r.shard for r in origin.rows.values()})[0]}"
+    body = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    body[-1] ^= 0xFF
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(body))
+    return key
+
+
 def test_corrupt_origin_is_a_one_line_error_and_leaves_no_copy(
         world: dict[str, Any], s3_set: str, s3_bucket: str, s3_admin_client: Any,
         cache: Path) -> None:
-    origin = AlignmentSet.open(s3_set)
-    key = f"set/{sorted({r.shard for r in origin.rows.values()})[0]}"
-    body = bytearray(s3_admin_client.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
-    body[-1] ^= 0xFF
-    s3_admin_client.put_object(Bucket=s3_bucket, Key=key, Body=bytes(body))
+    key = _corrupt_origin(s3_set, s3_bucket, s3_admin_client)
     with pytest.raises(AlignmentSetError, match=r"tensor .* is corrupt") as e:
         set_cache.local_copy(AlignmentSet.open(s3_set))
     assert key in str(e.value) and "\n" not in str(e.value)
@@ -210,11 +216,7 @@ def test_in_process_run_with_a_corrupt_origin_fails_in_one_line(
         cache: Path, tmp_path: Path) -> None:
     """The copy begun as the run starts finds the corruption; the batch that needs the set
     reports it, in one line naming the S3 shard (not swallowed by the early start)."""
-    origin = AlignmentSet.open(s3_set)
-    key = f"set/{sorted({r.shard for r in origin.rows.values()})[0]}"
-    body = bytearray(s3_admin_client.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
-    body[-1] ^= 0xFF
-    s3_admin_client.put_object(Bucket=s3_bucket, Key=key, Body=bytes(body))
+    key = _corrupt_origin(s3_set, s3_bucket, s3_admin_client)
     with pytest.raises(AlignmentSetError, match=r"tensor .* is corrupt") as e:
         sanitize(SanitizeConfig(alignment=s3_set, adapters=str(world["cat"]),
                                 out=str(tmp_path / "out"), threshold=0.35, workers=0,
