@@ -269,10 +269,15 @@ def test_old_copies_make_room_least_recently_used_first(
     size = sum(p.stat().st_size for p in (cache / origin.content_id).rglob("*") if p.is_file())
     assert entry is not None and size > 0
     # Two older sets' copies (the same bytes under other ids): one used long ago, one lately.
-    old_id, recent_id = "als-0ld", "als-recent"
+    old_id, recent_id = "als-" + "0" * 32, "als-" + "1" * 32
     for name, age in ((old_id, 3600.0), (recent_id, 60.0)):
         shutil.copytree(cache / origin.content_id, cache / name)
         os.utime(cache / name, (time.time() - age, time.time() - age))
+    # Not sets' copies (the cache folder may be shared): never removed, however old.
+    for name in ("als-notes", "als-" + "2" * 32):
+        (cache / name).mkdir()
+        (cache / name / "data.bin").write_bytes(bytes(size))
+        os.utime(cache / name, (0, 0))
     set_cache.evict(cache / origin.content_id, "a test: as if never copied", damaged=False)
     # A disk that holds 2.5 copies beside what it must keep free (nothing kept free here).
     monkeypatch.setattr(set_cache, "KEEP_FREE_FRACTION", 0.0)
@@ -280,7 +285,7 @@ def test_old_copies_make_room_least_recently_used_first(
     def disk(copies: float) -> Any:
         def usage(root: Path) -> tuple[int, int]:
             used = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-            return int(copies * size) - used, 10 * size
+            return int((copies + 2) * size) - used, 20 * size  # (+ the two strangers)
         return usage
 
     monkeypatch.setattr(set_cache, "_disk", disk(2.5))
@@ -302,6 +307,8 @@ def test_old_copies_make_room_least_recently_used_first(
         assert set_cache.local_copy(origin) is origin
     assert "no copy on this node's disk" in caplog.text and "too small" in caplog.text
     assert (cache / recent_id).is_dir() and not (cache / origin.content_id).exists()
+    assert (cache / "als-notes" / "data.bin").is_file()
+    assert (cache / ("als-" + "2" * 32) / "data.bin").is_file()
 
 
 def test_a_holder_reads_its_matrices_from_the_node_copy(

@@ -30,6 +30,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import json
 import logging
 import mmap
 import os
@@ -42,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from safelora_ray.core.errors import AlignmentSetError, SafeLoraError
-from safelora_ray.formats.alignment_set import MANIFEST_FILE, METADATA_FILE, AlignmentSet
+from safelora_ray.formats.alignment_set import FORMAT, MANIFEST_FILE, METADATA_FILE, AlignmentSet
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ WINDOW_BYTES = 64 * 1024 * 1024
 _BLOCK = 4096  # O_DIRECT's alignment of offsets and lengths (a multiple of any block size)
 _OFF = {"", "0", "off", "none", "false", "no"}
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a content id, used as a folder name
+_CONTENT_ID = re.compile(r"als-[0-9a-f]{8,64}")  # what a build names its sets
 
 
 def cache_root() -> Path | None:
@@ -189,8 +191,8 @@ def _make_room(root: Path, need: int, for_id: str) -> None:
     if short <= 0:
         return
     others = []
-    for entry in root.iterdir():
-        if entry.name != for_id and _SAFE_NAME.fullmatch(entry.name) and entry.is_dir():
+    for entry in root.iterdir():  # only sets' copies: the folder may be shared (e.g. /tmp)
+        if entry.name != for_id and _is_copy(entry):
             with contextlib.suppress(OSError):
                 others.append((entry.stat().st_mtime, entry, _size(entry)))
     free, total = _disk(root)
@@ -205,6 +207,18 @@ def _make_room(root: Path, need: int, for_id: str) -> None:
         if lacking() <= 0:
             return
     raise _NoRoom(why)
+
+
+def _is_copy(entry: Path) -> bool:
+    """Whether ``entry`` is a set's copy made here: named by a content id, holding the set's
+    metadata."""
+    if not _CONTENT_ID.fullmatch(entry.name):
+        return False
+    try:
+        meta = json.loads((entry / METADATA_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
 def _size(entry: Path) -> int:
