@@ -79,7 +79,7 @@ EXPORT_SLOT = "set-export"
 #: Threads that check a mapped set's modules against their digests (see :func:`_views`).
 CHECK_THREADS = min(4, max(2, os.cpu_count() or 2))
 #: Largest share of a CPU-only node's object store the set may take (the rest carries the
-#: run's other objects): a larger set is refused before the run starts.
+#: run's other objects): a larger set is refused before the run starts (the set cache off).
 STORE_SHARE = env_number("SAFELORA_SET_STORE_SHARE", 0.6)
 #: Where a GPU node's products run: ``workers`` (each I/O worker, on the holder's GPU memory
 #: through CUDA IPC) or ``holder`` (the holder computes every I/O worker's batch: one process
