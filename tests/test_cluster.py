@@ -202,16 +202,21 @@ def _objects_keys(s3: Any, bucket: str, prefix: str) -> list[str]:
 
 
 def _kill_a_worker_node_when(world: dict[str, Any], ready: Any) -> str:
+    """Kill a worker node that hosts a worker once ``ready()`` (the run under way). Both are
+    looked for together: the head's worker starts first and can be well into the run before
+    the worker nodes' workers have started (a worker's process title is also rewritten as it
+    takes each task: under load a first look can miss every one)."""
     cluster: LocalCluster = world["cluster"]
     deadline = time.monotonic() + 180
-    while not ready():
-        assert time.monotonic() < deadline, "the run made no progress"
-        time.sleep(0.1)
-    # A worker's process title is rewritten as it takes each task: under load a first look
-    # can miss every one, so look again (bounded) rather than give up.
-    while (victim := next((n for n in cluster.nodes if n.name != "head" and n.alive()
-                           and _hosts_a_worker(n.pgid)), None)) is None:
-        assert time.monotonic() < deadline, "no worker node hosts a worker"
+    started = False
+    while True:
+        started = started or ready()
+        victim = next((n for n in cluster.nodes if n.name != "head" and n.alive()
+                       and _hosts_a_worker(n.pgid)), None) if started else None
+        if victim is not None:
+            break
+        assert time.monotonic() < deadline, (
+            "no worker node hosts a worker" if started else "the run made no progress")
         time.sleep(0.1)
     victim.kill()
     return victim.name
@@ -236,7 +241,8 @@ def _hosts_a_worker(sid: int) -> bool:
 def test_a_lost_node_costs_nothing_to_a_sanitize(world, tmp_path, spare, caplog):
     b, s3, bucket = world["b"], world["s3"], world["bucket"]
     set_uri = _set(world, "main")
-    cat = _adapters(world, tmp_path / "cat", 60, seed=2)
+    n = 200  # enough work that the worker nodes' workers start well before the run ends
+    cat = _adapters(world, tmp_path / "cat", n, seed=2)
     prefix = f"cat-lost-{spare}"
     _upload(s3, bucket, prefix, cat)
     out = f"{b}/out-lost-{spare}"
@@ -259,15 +265,15 @@ def test_a_lost_node_costs_nothing_to_a_sanitize(world, tmp_path, spare, caplog)
     if "error" in box:
         raise box["error"]
     res = box["run"]
-    assert (res.total, res.ok, res.error) == (60, 60, 0)
+    assert (res.total, res.ok, res.error) == (n, n, 0)
     # With room on the other nodes, the lost worker got a successor there.
     assert ("and a new one" in caplog.text) == spare, caplog.text[-3000:]
     summary = json.loads(_objects(s3, bucket, f"out-lost-{spare}/_reports/{res.run_id}/")[
         "summary.json"])
-    assert summary["counts"]["ok"] == 60
+    assert summary["counts"]["ok"] == n
     configs = [k for k in _objects_keys(s3, bucket, f"out-lost-{spare}/")
                if k.endswith("adapter_config.json")]
-    assert len(configs) == 60
+    assert len(configs) == n
     _restore(world)
 
 
