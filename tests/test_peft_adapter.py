@@ -424,6 +424,56 @@ def test_refuses_bad_weights(qv_copy: Path, case: str) -> None:
     assert info.match(pattern)
 
 
+
+def _write_raw(path: Path, tensors: list[tuple[str, torch.Tensor]], pad: int) -> None:
+    """A safetensors file in exactly this tensor order, its header padded by ``pad`` spaces
+    (an odd total leaves every tensor at an odd offset: valid, if unusual)."""
+    names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+    header, blobs, off = {}, [], 0
+    for name, t in tensors:
+        raw = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [off, off + len(raw)]}
+        blobs.append(raw)
+        off += len(raw)
+    head = json.dumps(header).encode() + b" " * pad
+    (path / "adapter_model.safetensors").write_bytes(
+        len(head).to_bytes(8, "little") + head + b"".join(blobs))
+
+
+@pytest.mark.parametrize("where", ["none", "first", "last", "after_gap", "other_dtype"])
+@pytest.mark.parametrize("pad", [0, 1])
+def test_non_finite_found_in_any_layout(qv_copy: Path, where: str, pad: int) -> None:
+    """The finite check reads runs of same-dtype tensors in place: a bad value is found (and
+    its tensor named) wherever it lies: first or last of a run, past an untouched tensor that
+    breaks the run, among tensors of another dtype, at odd offsets."""
+    tensors = {k: t.clone() for k, t in read_weights(qv_copy)[0].items()}  # not the mmap
+    lora = sorted(k for k in tensors if ".lora_" in k)
+    # Every A in float32 back to back, then the B in bf16, an untouched tensor (holding a
+    # NaN: not a LoRA factor, not checked) between the first B and the others.
+    a_keys = [k for k in lora if ".lora_A." in k]
+    b_keys = [k for k in lora if ".lora_B." in k]
+    order = ([(k, tensors[k].to(torch.float32)) for k in a_keys]
+             + [(b_keys[0], tensors[b_keys[0]].to(torch.bfloat16))]
+             + [(f"{PFX}model.norm.weight", torch.full((32,), float("nan")))]
+             + [(k, tensors[k].to(torch.bfloat16)) for k in b_keys[1:]])
+    bad = {"none": None, "first": a_keys[0], "last": b_keys[-1], "after_gap": b_keys[1],
+           "other_dtype": b_keys[0]}[where]
+    value = {"first": float("nan"), "last": float("inf"), "after_gap": float("-inf"),
+             "other_dtype": float("nan")}.get(where)
+    order = [(k, t.clone().view(-1).index_fill_(0, torch.tensor([t.numel() - 1]), value)
+              .view(t.shape) if k == bad else t) for k, t in order]
+    _write_raw(qv_copy, order, pad)
+    if bad is None:  # the untouched tensor's NaN is not a LoRA factor's: not refused
+        ad = _read(qv_copy, "ok")
+        for k, t in order[:-1]:
+            if ".lora_" in k:
+                assert torch.equal(ad.tensors[k], t)
+        return
+    with pytest.raises(AdapterError, match=rf"^adapter 'bad': tensor '{bad}' has non-finite"):
+        _read(qv_copy, "bad")
+
+
 CONFIG_EDITS = {
     "dora": (lambda c: c.update(use_dora=True), r"DoRA adapter \(use_dora"),
     "peft_type": (lambda c: c.update(peft_type="LOHA"), r"peft_type 'LOHA' .* is not LoRA"),

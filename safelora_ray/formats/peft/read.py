@@ -205,7 +205,7 @@ def read_adapter(
         except SafeLoraError as e:
             raise fail(f"{WEIGHTS_NAME}: {e}") from e
 
-    modules, untouched = _pair_modules(config, header, tensors, fail)
+    modules, untouched = _pair_modules(config, header, tensors, fail, buf)
 
     extra_files: list[tuple[str, int]] = []
     skipped_files: list[str] = []
