@@ -221,7 +221,7 @@ def _first_non_finite_in(buf: bytearray | memoryview, header: SafetensorsHeader,
     """:func:`_first_non_finite` of tensors that are views into ``buf``, the file ``header``
     describes: those of one dtype lying back to back in the file (a PEFT adapter's A and B
     all do) are checked as one run, in place, by its minimum and maximum. One check per run
-    instead of one per tensor: a 16-layer q/v adapter's 64 tensors in 0.15 ms against 1 ms,
+    instead of one per tensor: a 16-layer q/v adapter's 64 tensors in 0.3 ms against 1 ms,
     and nothing copied."""
     infos = sorted((header.tensors[k] for k, t in named.items() if t.numel()),
                    key=lambda i: i.start)

@@ -28,24 +28,34 @@ from benchlib.models import LLAMA2_7B, write_adapters, write_pair
 from benchlib.s3 import SeaweedS3
 
 
-def main() -> None:
-    root = Path(tempfile.mkdtemp(prefix="prof-"))
-    out_dir = Path(os.environ.get("OUT", "/tmp"))
-    os.environ["SAFELORA_SET_CACHE"] = str(root / "set-cache")
-    from safelora_ray import BuildConfig, SanitizeConfig, build, sanitize
+def warm_catalog(root: Path, s3: SeaweedS3) -> str:
+    """The 16-layer 7B-shaped set built onto ``s3`` and N (600) adapters uploaded (``cat``),
+    the node's copy of the set made and mapped (SAFELORA_SET_CACHE under ``root``): a warm
+    run's start. Returns the set's URI."""
+    from safelora_ray import BuildConfig, build
     from safelora_ray.formats.alignment_set import AlignmentSet
     from safelora_ray.pipelines.sanitize.shared_set import SharedSet
 
+    os.environ["SAFELORA_SET_CACHE"] = str(root / "set-cache")
+    arch = dataclasses.replace(LLAMA2_7B, layers=16)
+    pair = write_pair(root / "pair", arch, fill="holes")
+    aset = build(BuildConfig(base=pair["base"], aligned=pair["aligned"],
+                             out=s3.uri("set"), workers=0, progress=False)).uri
+    shutil.rmtree(root / "pair")
+    write_adapters(root / "cat", arch, int(os.environ.get("N", "600")))
+    upload_parallel(s3, root / "cat", "cat")
+    SharedSet.map_local(AlignmentSet.open(aset))
+    return aset
+
+
+def main() -> None:
+    root = Path(tempfile.mkdtemp(prefix="prof-"))
+    out_dir = Path(os.environ.get("OUT", "/tmp"))
+    from safelora_ray import SanitizeConfig, sanitize
+
     s3 = SeaweedS3(root)
     try:
-        arch = dataclasses.replace(LLAMA2_7B, layers=16)
-        pair = write_pair(root / "pair", arch, fill="holes")
-        aset = build(BuildConfig(base=pair["base"], aligned=pair["aligned"],
-                                 out=s3.uri("set"), workers=0, progress=False)).uri
-        shutil.rmtree(root / "pair")
-        write_adapters(root / "cat", arch, int(os.environ.get("N", "600")))
-        upload_parallel(s3, root / "cat", "cat")
-        SharedSet.map_local(AlignmentSet.open(aset))
+        aset = warm_catalog(root, s3)
         spy_bin = str(Path(sys.executable).with_name("py-spy"))
         for rep, prof in enumerate(os.environ.get("PROFS", "none,pyspy").split(",")):
             time.sleep(5)

@@ -9,7 +9,6 @@ mean latency and the requests in flight every half second. Run from the reposito
 from __future__ import annotations
 
 import collections
-import dataclasses
 import os
 import shutil
 import sys
@@ -20,10 +19,10 @@ from typing import Any
 
 os.environ["SAFELORA_BENCH_NULL_PRODUCT"] = "1"  # read when the product's modules load
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "session7"))
 
-from bench_s3 import upload_parallel
-from benchlib.models import LLAMA2_7B, write_adapters, write_pair
 from benchlib.s3 import SeaweedS3
+from profile_inline import warm_catalog
 
 CALLS: list[tuple[str, str, float, float]] = []
 
@@ -51,23 +50,13 @@ def kind(call: str, path: str) -> str:
 
 
 def main() -> None:
-    from safelora_ray import BuildConfig, SanitizeConfig, build, sanitize
-    from safelora_ray.formats.alignment_set import AlignmentSet
-    from safelora_ray.pipelines.sanitize.shared_set import SharedSet
+    from safelora_ray import SanitizeConfig, sanitize
     from safelora_ray.storage.s3 import S3Storage
 
     root = Path(tempfile.mkdtemp(prefix="timeline-"))
-    os.environ["SAFELORA_SET_CACHE"] = str(root / "set-cache")
     s3 = SeaweedS3(root)
     try:
-        arch = dataclasses.replace(LLAMA2_7B, layers=16)
-        pair = write_pair(root / "pair", arch, fill="holes")
-        aset = build(BuildConfig(base=pair["base"], aligned=pair["aligned"],
-                                 out=s3.uri("set"), workers=0, progress=False)).uri
-        shutil.rmtree(root / "pair")
-        write_adapters(root / "cat", arch, int(os.environ.get("N", "600")))
-        upload_parallel(s3, root / "cat", "cat")
-        SharedSet.map_local(AlignmentSet.open(aset))
+        aset = warm_catalog(root, s3)
         record(S3Storage)
         time.sleep(5)
         t0 = time.perf_counter()
