@@ -65,10 +65,10 @@ def _pair_modules(
     header: SafetensorsHeader,
     tensors: Mapping[str, torch.Tensor],
     fail: Fail,
-    buf: bytearray | memoryview | None = None,
+    buf: bytearray | memoryview,
 ) -> tuple[dict[str, LoraModule], list[str]]:
     """Pair lora_A with lora_B by module name and validate each pair. ``buf``: the weights
-    file whose views ``tensors`` are (their values are then checked where they lie, in runs:
+    file whose views ``tensors`` are (their values are checked where they lie, in runs:
     :func:`_first_non_finite_in`)."""
     a_keys: dict[str, str] = {}
     b_keys: dict[str, str] = {}
@@ -114,9 +114,8 @@ def _pair_modules(
         modules[module] = _check_pair(config, header, tensors, module, a_key, b_key, fail)
     if not modules:
         raise fail(f"{WEIGHTS_NAME} has no LoRA modules (no lora_A/lora_B weight pairs)")
-    keys = [k for m in modules.values() for k in (m.a_key, m.b_key)]
-    bad = (_first_non_finite({k: tensors[k] for k in keys}) if buf is None
-           else _first_non_finite_in(buf, header, {k: tensors[k] for k in keys}))
+    bad = _first_non_finite_in(buf, header, {k: tensors[k] for m in modules.values()
+                                             for k in (m.a_key, m.b_key)})
     if bad is not None:
         t = tensors[bad]
         n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
