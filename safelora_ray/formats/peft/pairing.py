@@ -222,20 +222,20 @@ def _first_non_finite_in(buf: bytearray | memoryview, header: SafetensorsHeader,
     all do) are checked as one run, in place, by its minimum and maximum. One check per run
     instead of one per tensor: a 16-layer q/v adapter's 64 tensors in 0.3 ms against 1 ms,
     and nothing copied."""
-    infos = sorted((header.tensors[k] for k, t in named.items() if t.numel()),
-                   key=lambda i: i.start)
-    runs: list[list[Any]] = []  # [dtype, start, end, keys]
-    for i in infos:
-        dtype = named[i.name].dtype
-        if runs and runs[-1][0] == dtype and runs[-1][2] == i.start:
-            runs[-1][2] = i.end
-            runs[-1][3].append(i.name)
+    runs: list[list[str]] = []  # names of tensors lying back to back, of one dtype
+    end = -1
+    for i in sorted((header.tensors[k] for k, t in named.items() if t.numel()),
+                    key=lambda i: i.start):
+        if runs and i.start == end and named[i.name].dtype == named[runs[-1][0]].dtype:
+            runs[-1].append(i.name)
         else:
-            runs.append([dtype, i.start, i.end, [i.name]])
-    for dtype, start, end, keys in runs:
-        size = named[keys[0]].element_size()
-        run = torch.frombuffer(buf, dtype=dtype, count=(end - start) // size, offset=start)
-        if not _min_max_finite(run):
+            runs.append([i.name])
+        end = i.end
+    for keys in runs:
+        first, start = named[keys[0]], header.tensors[keys[0]].start
+        count = (header.tensors[keys[-1]].end - start) // first.element_size()
+        if not _min_max_finite(torch.frombuffer(buf, dtype=first.dtype, count=count,
+                                                offset=start)):
             return next(k for k in keys if not bool(torch.isfinite(named[k]).all()))
     return None
 
