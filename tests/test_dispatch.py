@@ -4,6 +4,8 @@ tasks, growth and Ctrl-C. No Ray: each call runs when the dispatcher asks for it
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -11,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from safelora_ray.core import interrupts
 from safelora_ray.core.errors import ClusterError
 from safelora_ray.execution import Executor, InlineExecutor, RayExecutor
 from safelora_ray.execution.dispatch import Dispatcher, Policy, Task, WorkerPool
@@ -526,6 +529,82 @@ def test_ctrl_c_in_on_result_winds_down_too():
         _run(ex, _policy(in_flight=1), [Task(echo, (k,), item=k) for k in range(3)], stop)
     assert [what for what, _ in ex.ended] == ["cancel", "drain", "stop"]
     assert ex.ended[1][1] == ex.pending  # the other call still in flight
+
+
+class SignalledAtSubmit(FakeExecutor):
+    """Sends ``sig`` to this process from inside its ``nth`` submit, once the call is made:
+    the signal lands while the worker already has the call and the dispatcher has not yet
+    recorded it (what a real Ctrl-C or ``kill`` can hit)."""
+
+    def __init__(self, n: int, nth: int, sig: int) -> None:
+        super().__init__(n)
+        self.nth, self.sig = nth, sig
+
+    def submit(self, i: int, fn: Callable[..., Any], *args: Any, group: str = "batch") -> Call:
+        call = super().submit(i, fn, *args, group=group)
+        if len(self.log) == self.nth:
+            os.kill(os.getpid(), self.sig)
+        return call
+
+
+@pytest.fixture
+def installed(monkeypatch):
+    """Ctrl-C, SIGTERM and SIGHUP handled as the CLI handles them, for this test only."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, *interrupts.SIGNALS)}
+    monkeypatch.setattr(interrupts, "_received_at", None)
+    monkeypatch.setattr(interrupts, "_installed", False)
+    # Ctrl-C as in a terminal: a shell's background job (CI's) starts with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    interrupts.install()
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],
+                         ids=["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_signal_inside_a_submit_still_waits_for_that_call(installed, sig):
+    # Before: the interrupt cut the submit in two and the wind-down stopped the worker
+    # without waiting for the call it had just been given (an output left without its
+    # ledger record when a sanitize was stopped).
+    ex = SignalledAtSubmit(2, nth=2, sig=sig)
+    with pytest.raises(KeyboardInterrupt):
+        _run(ex, _policy(in_flight=1), [Task(echo, (k,), item=k) for k in range(5)])
+    assert len(ex.log) == 2 and ex.pending == ex.log  # both calls handed out, none answered
+    assert ex.ended == [("cancel", "run-1"), ("drain", ex.log), ("stop", ex.log)]
+
+
+def test_held_delivers_the_first_signal_when_the_block_ends(installed):
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, *interrupts.SIGNALS)}
+    steps = []
+    with pytest.raises(interrupts.Terminated) as caught, interrupts.held():
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handlers ran by now: held, not raised
+        steps.append("block ended")
+    assert steps == ["block ended"]
+    assert caught.value.signum == signal.SIGTERM  # the first, as it would have been
+    assert {s: signal.getsignal(s) for s in before} == before  # handlers put back
+    with interrupts.held():
+        pass  # nothing came: nothing raised
+
+
+def test_held_holds_nothing_off_the_main_thread():
+    import threading
+
+    out: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            with interrupts.held():
+                out.append(None)
+        except BaseException as e:
+            out.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(5)
+    assert out == [None]
 
 
 def test_an_empty_run_returns_at_once():

@@ -11,10 +11,12 @@ at a safe point, nothing partial is left, leases are given back, and the command
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from types import FrameType
 
 from safelora_ray.core.validate import env_number
@@ -65,6 +67,32 @@ def reclaim() -> None:
         for s in SIGNALS:
             if signal.getsignal(s) is not _handler:
                 signal.signal(s, _handler)
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """Hold Ctrl-C, SIGTERM and SIGHUP until the block ends, then deliver the first that came.
+
+    For a step that must not be cut in two: a call handed to a worker is recorded as in
+    flight before an interrupt can land (else the wind-down would not wait for it, and the
+    worker would be stopped mid-write). Only the main thread receives signals; elsewhere
+    this holds nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    # None: a handler not set from Python, which cannot be put back: left alone.
+    saved = {s: h for s in (signal.SIGINT, *SIGNALS) if (h := signal.getsignal(s)) is not None}
+    for s in saved:
+        signal.signal(s, lambda signum, frame: came.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+        if came:
+            signal.raise_signal(came[0])  # now handled as it would have been
 
 
 def grace_left(grace_s: float) -> float:

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from safelora_ray.core import interrupts
 from safelora_ray.core.errors import ClusterError
 from safelora_ray.execution.actor import WORKER_LOST
 from safelora_ray.execution.executor import Executor, wind_down
@@ -234,7 +235,8 @@ class Dispatcher:
         task.runs += 1
         task.worker = i
         args = task.args(i) if callable(task.args) else task.args
-        self._pending[self.ex.submit(i, task.fn, *args, group=task.group)] = (i, task)
+        with interrupts.held():  # a call handed out is in _pending: the wind-down waits for it
+            self._pending[self.ex.submit(i, task.fn, *args, group=task.group)] = (i, task)
         self._load[i] += 1
 
     # -- a worker died with the task -------------------------------------------------------
