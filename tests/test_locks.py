@@ -128,6 +128,29 @@ def _record(lease: Lease) -> dict[str, Any]:
     return rec
 
 
+def test_a_lease_taken_as_ctrl_c_lands_is_given_back(storage, monkeypatch):
+    # The interrupt lands once the record is written but before acquire() returned (its
+    # confirming read, the heartbeat's start): no caller holds the lease to release it, so
+    # acquire() gives it back itself; the next run takes it at once.
+    take = Lease._take
+
+    def taken_then_interrupted(self: Lease, version: str | None) -> bool:
+        assert take(self, version)
+        assert storage.exists("_safelora/lease.json")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Lease, "_take", taken_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        Lease(storage, "_safelora/lease.json", owner="first", ttl_s=600).acquire()
+    assert not storage.exists("_safelora/lease.json")
+    monkeypatch.setattr(Lease, "_take", take)
+    # A run refused because another holds the lease leaves the holder's record alone.
+    with Lease(storage, "_safelora/lease.json", owner="holder", ttl_s=600) as held:
+        with pytest.raises(LeaseHeldError):
+            Lease(storage, "_safelora/lease.json", owner="refused").acquire()
+        assert _record(held)["owner"] == "holder"
+
+
 def test_a_live_lease_is_renewed_within_a_short_heartbeat(storage):
     with Lease(storage, "x/lease.json", owner="live", ttl_s=1.2) as held:
         first = _record(held)

@@ -92,9 +92,6 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, dry_run: bool = F
                           "--run-id out")
     lease = Lease(out, f"{NIGHTLY_PREFIX}/lock.json", owner=run_id, ttl_s=cfg.lock_ttl_s,
                   command="nightly")
-    if not dry_run:
-        probe_outputs(cfg.outputs)  # a read-only root is found now, not after the catalogs
-        lease.acquire()
     record: dict[str, Any] = {
         "run_id": run_id, "status": "running",
         "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -103,6 +100,10 @@ def run_nightly(cfg: NightlyConfig, run_id: str | None = None, dry_run: bool = F
         "errors": [], "catalog_errors": [],
         "models": {"total": 0, "ok": 0, "reused": 0, "error": 0, "items": []},
     }
+    if not dry_run:
+        probe_outputs(cfg.outputs)  # a read-only root is found now, not after the catalogs
+        # Taken right before the try whose finally gives it back: no Ctrl-C lands between.
+        lease.acquire()
     try:
         by_model = {mid: p for p in cfg.pairs for mid in p.base_model_ids}
         groups: dict[tuple[str, str], list[dict[str, str]]] = {}

@@ -14,6 +14,7 @@ start with ``_``: no catalog lists them and no sweep removes them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -192,6 +193,17 @@ class Lease:
         Raises:
             LeaseHeldError: a live run holds it (the message names the holder).
         """
+        try:
+            self._acquire(wait_s)
+        except BaseException:
+            # Ctrl-C or an error once the record may be written (a PUT whose answer was
+            # lost, the confirming read, the heartbeat's start): the caller gets no lease to
+            # release, so a record of ours goes now instead of blocking the next run.
+            with contextlib.suppress(Exception):
+                self.release()
+            raise
+
+    def _acquire(self, wait_s: float | None) -> None:
         deadline = None if wait_s is None else time.monotonic() + wait_s
         waiting, races = False, 0
         while True:
