@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -590,8 +591,6 @@ def test_held_delivers_the_first_signal_when_the_block_ends(installed):
 
 
 def test_held_holds_nothing_off_the_main_thread():
-    import threading
-
     out: list[BaseException | None] = []
 
     def run() -> None:

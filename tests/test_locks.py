@@ -144,6 +144,16 @@ def test_a_lease_taken_as_ctrl_c_lands_is_given_back(storage, monkeypatch):
         Lease(storage, "_safelora/lease.json", owner="first", ttl_s=600).acquire()
     assert not storage.exists("_safelora/lease.json")
     monkeypatch.setattr(Lease, "_take", take)
+    # A lease object given back so may be taken again, and is renewed then.
+    again = Lease(storage, "_safelora/lease.json", owner="again", ttl_s=1.2)
+    monkeypatch.setattr(Lease, "_take", taken_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        again.acquire()
+    monkeypatch.setattr(Lease, "_take", take)
+    with again:
+        first = _record(again)
+        time.sleep(0.6)
+        assert _record(again)["renewed_at"] > first["renewed_at"]
     # A run refused because another holds the lease leaves the holder's record alone.
     with Lease(storage, "_safelora/lease.json", owner="holder", ttl_s=600) as held:
         with pytest.raises(LeaseHeldError):

@@ -193,6 +193,7 @@ class Lease:
         Raises:
             LeaseHeldError: a live run holds it (the message names the holder).
         """
+        self._stop.clear()  # (a lease given back by a failed acquire may be taken again)
         try:
             self._acquire(wait_s)
         except BaseException:
