@@ -107,9 +107,17 @@ def publish(out: Path, run_id: str, rows: list[tuple[dict[str, Any], list[dict[s
             selection: dict[str, Any] | None = None, depth: int = 1,
             batch: int = 3) -> Report:
     """One run through ReportWriter (rows in batches, as the driver adds them)."""
+    publish_to(str(out), run_id, rows, selection, depth, batch)
+    return read_report(out, run_id)
+
+
+def publish_to(out: str, run_id: str, rows: list[tuple[dict[str, Any], list[dict[str, Any]]]],
+               selection: dict[str, Any] | None = None, depth: int = 1,
+               batch: int = 3) -> None:
+    """:func:`publish` into any output root (a local folder or an s3:// URI)."""
     selection = selection or {"mode": "threshold", "threshold": TAU}
     w = ReportWriter(run_id, FakeSet(), selection, "/cat", tenant_depth=depth)
-    res = SanitizeResult(run_id, str(out), str(out / "_reports" / run_id), alignment_id="x")
+    res = SanitizeResult(run_id, out, f"{out}/_reports/{run_id}", alignment_id="x")
     for i in range(0, len(rows), batch):
         chunk = rows[i:i + batch]
         for row, _ in chunk:
@@ -117,8 +125,7 @@ def publish(out: Path, run_id: str, rows: list[tuple[dict[str, Any], list[dict[s
             setattr(res, row["status"], getattr(res, row["status"]) + 1)
         w.add([r for r, _ in chunk], [x for _, ls in chunk for x in ls])
     res.duration_s = 1.0
-    w.finish(open_storage(str(out)), f"_reports/{run_id}", res)
-    return read_report(out, run_id)
+    w.finish(open_storage(out), f"_reports/{run_id}", res)
 
 
 def read_report(out: Path, run_id: str) -> Report:
@@ -313,6 +320,39 @@ def test_first_run_report(tmp_path: Path) -> None:
     assert latest["run_id"] == "r1" and latest["fleet"] == "r1/fleet.parquet"
     assert "r1/report.html" in (root / "latest.html").read_text()
     assert "★ latest" in text((root / "index.html").read_text())
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_report_cut_short_leaves_nothing_of_itself(tmp_path: Path, where: str,
+                                                     request: pytest.FixtureRequest) -> None:
+    # Ctrl-C (or the store gone) while the run's report is published: the files put so far
+    # go, so no report without its summary.json stays; the index and latest.json are as
+    # before (the run that made them is still the latest).
+    from safelora_ray.storage.base import Storage
+
+    uri = str(tmp_path / "out") if where == "local" else \
+        f"s3://{request.getfixturevalue('s3_bucket')}/out"
+    publish_to(uri, "r1", _first_rows())
+    out = open_storage(uri)
+    before = {o.path: out.read(o.path) for o in out.list("_reports")}
+    calls = []
+    put_file = type(out).put_file
+
+    def cut(self: Storage, path: str, local: str) -> None:
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        put_file(self, path, local)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(out), "put_file", cut)
+        with pytest.raises(KeyboardInterrupt):
+            publish_to(uri, "r2", _first_rows())
+    assert calls[-1] == "_reports/r2/fleet.parquet"
+    assert not [o.path for o in out.list("_reports/r2")]
+    assert {o.path: out.read(o.path) for o in out.list("_reports")} == before
+    if where == "local":
+        assert not (tmp_path / "out" / "_reports" / "r2").exists()
 
 
 def test_incremental_rerun_shows_the_fleet_and_the_changes(tmp_path: Path) -> None:
