@@ -328,6 +328,7 @@ def test_a_report_cut_short_leaves_nothing_of_itself(tmp_path: Path, where: str,
     # Ctrl-C (or the store gone) while the run's report is published: the files put so far
     # go, so no report without its summary.json stays; the index and latest.json are as
     # before (the run that made them is still the latest).
+    from safelora_ray.storage import local as local_mod
     from safelora_ray.storage.base import Storage
 
     uri = str(tmp_path / "out") if where == "local" else \
@@ -335,23 +336,38 @@ def test_a_report_cut_short_leaves_nothing_of_itself(tmp_path: Path, where: str,
     publish_to(uri, "r1", _first_rows())
     out = open_storage(uri)
     before = {o.path: out.read(o.path) for o in out.list("_reports")}
-    calls = []
-    put_file = type(out).put_file
+    calls: list[str] = []
 
-    def cut(self: Storage, path: str, local: str) -> None:
+    def third_cut(path: str) -> None:
         calls.append(path)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        put_file(self, path, local)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(type(out), "put_file", cut)
+        if where == "local":  # the third file staged: cut before the tree is renamed in
+            fsync = local_mod._fsync_file
+
+            def cut_fsync(path: str, drop_cache: bool = False) -> None:
+                third_cut(path)
+                fsync(path, drop_cache)
+
+            mp.setattr(local_mod, "_fsync_file", cut_fsync)
+        else:  # the third object: two are on the store already
+            put_file = type(out).put_file
+
+            def cut_put(self: Storage, path: str, local: str) -> None:
+                third_cut(path)
+                put_file(self, path, local)
+
+            mp.setattr(type(out), "put_file", cut_put)
         with pytest.raises(KeyboardInterrupt):
             publish_to(uri, "r2", _first_rows())
-    assert calls[-1] == "_reports/r2/fleet.parquet"
+    assert calls[-1].endswith("fleet.parquet")
     assert not [o.path for o in out.list("_reports/r2")]
     assert {o.path: out.read(o.path) for o in out.list("_reports")} == before
     if where == "local":
+        assert not [p.name for p in (tmp_path / "out" / "_reports").iterdir()
+                    if p.name.startswith(".")]  # no staging folder left either
         assert not (tmp_path / "out" / "_reports" / "r2").exists()
 
 

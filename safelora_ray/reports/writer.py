@@ -48,7 +48,6 @@ from safelora_ray.reports.fleet import (
     tenant_table,
 )
 from safelora_ray.storage import Storage
-from safelora_ray.storage.local import remove_empty_dir
 
 if TYPE_CHECKING:
     from safelora_ray.formats.alignment_set import AlignmentSet
@@ -311,22 +310,19 @@ class ReportWriter:
         up = "../" * (prefix.strip("/").count("/") + 1)
         with open(self._path("report.html"), "w", encoding="utf-8") as f:
             f.write(_html.render_report(summary, page, out_prefix=up))
-        written: list[str] = []
+        files: list[tuple[str, str | bytes | bytearray]] = [
+            (name, self._path(name)) for name in ("adapters.parquet", "layers.parquet",
+                                                  "fleet.parquet", "tenants.parquet",
+                                                  "report.html")]
+        files.append(("summary.json", json.dumps(summary, indent=1, ensure_ascii=False).encode()))
         try:
-            for name in ("adapters.parquet", "layers.parquet", "fleet.parquet",
-                         "tenants.parquet", "report.html"):
-                written.append(f"{prefix}/{name}")
-                out.put_file(written[-1], self._path(name))
-            out.put_bytes(f"{prefix}/summary.json",
-                          json.dumps(summary, indent=1, ensure_ascii=False).encode())
+            # One tree, summary.json last: on a local root one rename (never a partial report).
+            out.put_tree(prefix, files, move=True)
         except BaseException:
-            # Cut short (Ctrl-C, the store gone): no report without its summary stays.
-            for path in written:
-                with contextlib.suppress(Exception):
-                    out.delete(path)
-            folder = out.local_path(prefix)
-            if folder is not None:  # a local folder left empty goes too
-                remove_empty_dir(folder)
+            if out.remote:  # objects put one by one: this run's go, none without its summary
+                for name, _ in files:
+                    with contextlib.suppress(Exception):
+                        out.delete(f"{prefix}/{name}")
             raise
         # The index, then the pointer that makes this run's fleet state current.
         index = [*index, index_entry(summary)][-INDEX_KEEP:]
