@@ -42,6 +42,13 @@ RAYDIR=$($PY -c "import os, ray; print(os.path.dirname(ray.__file__))" 2>/dev/nu
 if [ -n "$RAYDIR" ] && [ -d "$RAYDIR/core/src" ] && [ -w "$RAYDIR/core/src" ]; then
   find "$RAYDIR/core/src" -type f ! -perm -u+x -exec chmod u+x {} + 2>/dev/null || true
 fi
+# blake3 (adapter digests) is not in the shared bundle: its wheel, downloaded into
+# .device-site beside it (docs/benchmarks.md §14.3), is unpacked where the bundle was.
+if ! $PY -c "import blake3" 2>/dev/null; then
+  for w in .device-site/blake3-*.whl; do
+    [ -f "$w" ] && $PY -m zipfile -e "$w" "${SITE:-/tmp/site}"
+  done
+fi
 device_info() {  # whatever the GPU is, its name and memory go with the figures
   $PY -c "import torch; print('device:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu', torch.__version__)"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true

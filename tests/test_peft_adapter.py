@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import blake3
 import pytest
 import torch
 
@@ -18,6 +19,7 @@ from safelora_ray.core.errors import AdapterError
 from safelora_ray.formats.peft import (
     Adapter,
     OutputDigest,
+    digest_scheme,
     get_pattern_key,
     output_digest,
     read_adapter,
@@ -659,7 +661,13 @@ def test_digest_stable_and_sensitive(qv_copy: Path) -> None:
     cfg = (qv_copy / "adapter_config.json").read_bytes()
     w = (qv_copy / "adapter_model.safetensors").read_bytes()
     framed = b"adapter_config.json\0" + cfg + b"\0adapter_model.safetensors\0" + w
-    assert d1 == "sha256:" + hashlib.sha256(framed).hexdigest()
+    assert d1 == "blake3:" + blake3.blake3(framed).hexdigest()
+    # The scheme records were keyed in before, taken beside it when asked for.
+    both = _read(qv_copy, schemes=("blake3", "sha256"))
+    assert both.digest == d1
+    assert both.digests == {"blake3": d1, "sha256": "sha256:" + hashlib.sha256(framed).hexdigest()}
+    assert digest_scheme(d1) == "blake3" and digest_scheme(both.digests["sha256"]) == "sha256"
+    assert digest_scheme("md5:00") is None and digest_scheme(None) is None
 
     # One flipped bit in the data section (a B value) changes the digest.
     (qv_copy / "adapter_model.safetensors").write_bytes(w[:-1] + bytes([w[-1] ^ 1]))

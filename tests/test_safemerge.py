@@ -10,6 +10,7 @@ rank_pattern and an alpha_pattern; threshold and number modes; both combinations
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -290,6 +291,14 @@ def test_incremental_rerun_redoes_when_safety_adapter_changes(world: dict[str, A
     kw = {"safety_adapter": str(safety), "threshold": 0.9, "combination": "cat"}
     first = _run(world, out, **kw)
     assert first.ok == 3
+    # The safety adapter's digest in every record's key stays SHA-256 (as before BLAKE3), so
+    # an upgrade does not redo a SafeMERGE fleet.
+    framed = b"".join([b"adapter_config.json\0", (safety / "adapter_config.json").read_bytes(),
+                       b"\0adapter_model.safetensors\0",
+                       (safety / "adapter_model.safetensors").read_bytes()])
+    record = json.loads((out / "_ledger" / "plain.json").read_text())
+    assert json.loads(record["key"]["params"])["merge"]["safety_adapter"] == (
+        "sha256:" + hashlib.sha256(framed).hexdigest())
     again = _run(world, out, **kw)
     assert again.skipped == 3 and again.ok == 0
     # Other weights are another key too.

@@ -835,6 +835,57 @@ def test_incremental_runs(tmp_path: Path, qv_catalog: Catalog) -> None:
     assert not _leftovers(out)
 
 
+def _framed_sha256(adapter_dir: Path) -> str:
+    """An adapter's content digest as records were keyed before BLAKE3: SHA-256 over the
+    framed config and weights (computed here, apart from the product's code)."""
+    h = hashlib.sha256(b"adapter_config.json\0")
+    h.update((adapter_dir / "adapter_config.json").read_bytes())
+    h.update(b"\0adapter_model.safetensors\0")
+    h.update((adapter_dir / "adapter_model.safetensors").read_bytes())
+    return "sha256:" + h.hexdigest()
+
+
+def test_records_keyed_by_sha256_still_count(tmp_path: Path, qv_catalog: Catalog) -> None:
+    """A ledger written before BLAKE3 digests: its adapters are not redone for the new scheme
+    alone, a rewrite with the same bytes is recognised by a SHA-256 taken beside the BLAKE3
+    one (and the record re-keyed), and a changed adapter is redone."""
+    cat = _copy_catalog(qv_catalog, tmp_path / "catalog")
+    out = tmp_path / "out"
+    first = _run(cat.alignment, cat.root, out, threshold=0.35, workers=0, run_id="r1")
+    assert set(_statuses(first).values()) == {"ok"}
+    for aid in cat.ids:  # as the version before wrote them
+        assert first.adapters[aid]["source_digest"] == adapter_digest(
+            (cat.root / aid / "adapter_config.json").read_bytes(),
+            (cat.root / aid / "adapter_model.safetensors").read_bytes())
+        path = out / ledger_path(aid)
+        record = json.loads(path.read_text())
+        assert record["key"]["content_digest"].startswith("blake3:")
+        record["key"]["content_digest"] = _framed_sha256(cat.root / aid)
+        path.write_text(json.dumps(record))
+    outputs = _mtimes(out)
+
+    again = _run(cat.alignment, cat.root, out, threshold=0.35, workers=0, run_id="r2")
+    assert set(_statuses(again).values()) == {"skipped"}
+    assert _mtimes(out) == outputs
+
+    os.utime(cat.root / "solo" / "adapter_model.safetensors")  # same bytes, new version
+    _scale_b(cat.root / "acme/chat-2", 3.0)  # other bytes
+    later = _run(cat.alignment, cat.root, out, threshold=0.35, workers=0, run_id="r3")
+    assert _statuses(later) == {"acme/chat-1": "skipped", "acme/chat-2": "ok",
+                                "globex/summarizer": "skipped", "solo": "skipped"}
+    assert later.adapters["solo"]["note"] == (
+        "already sanitized with this alignment set and selection")
+    _check_adapter(cat, later, "acme/chat-2", {"threshold": 0.35})
+    keys = {aid: json.loads((out / ledger_path(aid)).read_text())["key"]["content_digest"]
+            for aid in cat.ids}
+    for aid in ("solo", "acme/chat-2"):  # re-keyed in today's scheme
+        assert keys[aid] == later.adapters[aid]["source_digest"]
+        assert keys[aid].startswith("blake3:")
+    assert keys["acme/chat-1"] == _framed_sha256(cat.root / "acme/chat-1")
+    assert set(_statuses(_run(cat.alignment, cat.root, out, threshold=0.35, workers=0,
+                              run_id="r4")).values()) == {"skipped"}
+
+
 def test_manifest_catalogs(tmp_path: Path, qv_catalog: Catalog) -> None:
     root = qv_catalog.root
     by_dir = _run(qv_catalog.alignment, root, tmp_path / "by-dir", threshold=0.35, run_id="d")

@@ -9,7 +9,6 @@ A PEFT LoRA adapter is a directory holding ``adapter_config.json`` and
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import posixpath
 from collections.abc import Callable, Sequence
@@ -27,6 +26,7 @@ from safelora_ray.formats.peft.config import (
     _parse_config,
     check_config,
 )
+from safelora_ray.formats.peft.digest import DIGEST_SCHEME, adapter_digest
 from safelora_ray.formats.peft.pairing import LoraModule, _pair_modules
 from safelora_ray.formats.safetensors import (
     TensorInfo,
@@ -75,10 +75,13 @@ class Adapter:
         modules_to_save: Module names from the config's ``modules_to_save``.
         extra_files: ``(path relative to the adapter, size)`` of the other non-weight files.
         skipped_files: Relative paths of other weight files (never opened, never copied).
-        digest: ``sha256:<hex>`` over the config and weights bytes (see :func:`adapter_digest`).
+        digest: ``<scheme>:<hex>`` over the config and weights bytes (see
+            :func:`~safelora_ray.formats.peft.digest.adapter_digest`), in the first scheme
+            :func:`read_adapter` was asked for.
         base_model: The config's ``base_model_name_or_path`` (may be None).
         nbytes: Size of ``adapter_model.safetensors`` in bytes.
         tensor_infos: The header entry of every tensor (dtype string, shape, offsets).
+        digests: The digest in each scheme asked for, by scheme.
     """
 
     adapter_id: str
@@ -96,6 +99,7 @@ class Adapter:
     base_model: str | None
     nbytes: int
     tensor_infos: dict[str, TensorInfo] = field(default_factory=dict, repr=False)
+    digests: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 def read_adapter(
@@ -106,6 +110,7 @@ def read_adapter(
     max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
     buffer: Callable[[int], bytearray] | None = None,
     listing: Sequence[ObjectInfo] | None = None,
+    schemes: Sequence[str] = (DIGEST_SCHEME,),
 ) -> Adapter:
     """Read, validate and pair one PEFT LoRA adapter.
 
@@ -121,6 +126,8 @@ def read_adapter(
             on an object store). The files are then read as listed: one rewritten since is a
             :class:`~safelora_ray.core.errors.ChangedError` (raised as is, not as an
             :class:`AdapterError`: the caller lists again), never a mix of two versions.
+        schemes: The digests to take of its bytes; :attr:`Adapter.digest` is in the first
+            (a second one compares the adapter with a record keyed in another scheme).
 
     Returns:
         The adapter, its tensors views into a single buffer holding the weights file.
@@ -224,6 +231,7 @@ def read_adapter(
             WEIGHTS_NAME,
         )
 
+    digests = {sc: adapter_digest(config_bytes, buf, sc) for sc in dict.fromkeys(schemes)}
     return Adapter(
         adapter_id=adapter_id,
         uri=uri,
@@ -236,31 +244,17 @@ def read_adapter(
         modules_to_save=list(config.get("modules_to_save") or []),
         extra_files=extra_files,
         skipped_files=skipped_files,
-        digest=adapter_digest(config_bytes, buf),
+        digest=digests[schemes[0]],
         base_model=config.get("base_model_name_or_path"),
         nbytes=size,
         tensor_infos=dict(header.tensors),
+        digests=digests,
     )
 
 
 def is_weight_file(path: str) -> bool:
     """Whether ``path`` names a weights file (by suffix, case-insensitively)."""
     return path.lower().endswith(WEIGHT_SUFFIXES)
-
-
-def adapter_digest(config_bytes: bytes | memoryview,
-                   weights_bytes: bytes | bytearray | memoryview) -> str:
-    """``sha256:<hex>`` over the framed config and weights bytes.
-
-    The framing (``adapter_config.json\\0`` + config + ``\\0adapter_model.safetensors\\0`` +
-    weights) keeps the two parts from being confused with each other.
-    """
-    h = hashlib.sha256()
-    h.update(CONFIG_NAME.encode() + b"\0")
-    h.update(config_bytes)
-    h.update(b"\0" + WEIGHTS_NAME.encode() + b"\0")
-    h.update(memoryview(weights_bytes))
-    return "sha256:" + h.hexdigest()
 
 
 def _list_dir(storage: Storage, prefix: str,

@@ -4,18 +4,17 @@ some B replaced, the config byte for byte, and the adapter's other non-weight fi
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import posixpath
 import shutil
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping
 
 import torch
 
 from safelora_ray.core.errors import AdapterError, SafeLoraError
 from safelora_ray.formats.peft.config import CONFIG_NAME, WEIGHTS_NAME, Fail
+from safelora_ray.formats.peft.digest import OutputDigest
 from safelora_ray.formats.peft.pairing import _first_non_finite
 from safelora_ray.formats.peft.read import Adapter
 from safelora_ray.formats.safetensors import SafetensorsWriter
@@ -166,55 +165,3 @@ def _copy_extra(storage: Storage, path: str, size: int, local: str, fail: Fail) 
     except (OSError, SafeLoraError) as e:
         raise fail(f"cannot copy extra file {storage.describe(path)}: {e}") from e
 
-
-def output_digest(files: Sequence[tuple[str, str | bytes | bytearray]]) -> str:
-    """The :func:`adapter_digest` of a written adapter, from :func:`write_adapter`'s result.
-
-    Args:
-        files: ``(relative path, local path or bytes)`` pairs including the config and the
-            weights.
-
-    Returns:
-        ``sha256:<hex>``, equal to :attr:`Adapter.digest` of the adapter read back.
-
-    Raises:
-        AdapterError: ``files`` lacks the config or the weights.
-    """
-    paths = dict(files)
-    for need in (CONFIG_NAME, WEIGHTS_NAME):
-        if need not in paths:
-            raise AdapterError(f"written adapter files lack {need}: {sorted(paths)}")
-    h = hashlib.sha256()
-    h.update(CONFIG_NAME.encode() + b"\0")
-    _hash_file(h, paths[CONFIG_NAME])
-    h.update(b"\0" + WEIGHTS_NAME.encode() + b"\0")
-    _hash_file(h, paths[WEIGHTS_NAME])
-    return "sha256:" + h.hexdigest()
-
-
-class OutputDigest:
-    """:func:`output_digest` computed while :func:`write_adapter` writes (the config's bytes
-    first, as the digest frames them, then the weights file's as they go to disk)."""
-
-    def __init__(self) -> None:
-        self._h = hashlib.sha256()
-
-    def start(self, config_bytes: bytes) -> None:
-        self._h.update(CONFIG_NAME.encode() + b"\0")
-        self._h.update(config_bytes)
-        self._h.update(b"\0" + WEIGHTS_NAME.encode() + b"\0")
-
-    def update(self, data: bytes | bytearray | memoryview, tensor: str | None = None) -> None:
-        self._h.update(data)
-
-    def value(self) -> str:
-        return "sha256:" + self._h.hexdigest()
-
-
-def _hash_file(h: Any, path: str | bytes | bytearray) -> None:
-    if isinstance(path, (bytes, bytearray)):  # written in memory
-        h.update(path)
-        return
-    with open(path, "rb") as f:
-        while chunk := f.read(8 * 1024 * 1024):
-            h.update(chunk)

@@ -61,7 +61,10 @@ def read_safety(uri: str, max_bytes: int, expect: str | None = None) -> Adapter:
             its bytes are not those of ``expect`` (replaced during the run).
     """
     try:
-        safety = read_adapter(open_storage(uri), "", SAFETY_ID, max_bytes=max_bytes)
+        # Its digest is part of every record's key: kept in the scheme records were keyed
+        # in before BLAKE3 (one adapter read per worker), so no fleet is redone for it.
+        safety = read_adapter(open_storage(uri), "", SAFETY_ID, max_bytes=max_bytes,
+                              schemes=("sha256",))
     except SafeLoraError as e:
         raise ConfigError(f"--safety-adapter {uri}: {e}") from None
     if expect is not None and safety.digest != expect:

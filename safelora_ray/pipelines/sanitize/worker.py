@@ -33,7 +33,14 @@ from safelora_ray.core.validate import env_number
 from safelora_ray.execution import WorkerContext
 from safelora_ray.execution.buffers import BufferPool, Loans
 from safelora_ray.formats.alignment_set import AlignmentSet
-from safelora_ray.formats.peft import Adapter, OutputDigest, read_adapter, write_adapter
+from safelora_ray.formats.peft import (
+    DIGEST_SCHEME,
+    Adapter,
+    OutputDigest,
+    digest_scheme,
+    read_adapter,
+    write_adapter,
+)
 from safelora_ray.pipelines.sanitize.ledger import Ledger, source_uri
 from safelora_ray.pipelines.sanitize.projection import (
     GroupKey,
@@ -209,10 +216,14 @@ class FleetSanitizer:
                 record, ledger.key(record.get("key", {}).get("content_digest")), ref):
             mark_skipped(row, record, "unchanged since the last run (ledger)", self.run_id)
             return None, fp
+        # A record keyed in an older digest scheme is compared in its own (taken beside
+        # ours), so an adapter rewritten with the same bytes is still not redone.
+        theirs = digest_scheme((record or {}).get("key", {}).get("content_digest"))
+        theirs = theirs or DIGEST_SCHEME
         try:
             adapter = read_adapter(self._storages.get(ref.uri), ref.prefix, ref.adapter_id,
                                    max_bytes=self.max_adapter_bytes, buffer=buffer,
-                                   listing=listing)
+                                   listing=listing, schemes=(DIGEST_SCHEME, theirs))
         except ChangedError as e:
             if ref.listing is None:  # our own LIST a moment ago: being rewritten right now
                 raise AdapterError(f"adapter {ref.adapter_id!r}: {e}; try again once it is "
@@ -224,10 +235,10 @@ class FleetSanitizer:
         row["source_digest"] = adapter.digest
         row["bytes_in"] = adapter.nbytes
         row["base_model"] = adapter.base_model
-        if ledger.done(record, ledger.key(adapter.digest), ref):
+        if ledger.done(record, ledger.key(adapter.digests[theirs]), ref):
             assert record is not None
             if fp and record.get("fingerprint") != fp:  # rewritten with the same bytes
-                record = {**record, "fingerprint": fp}
+                record = {**record, "fingerprint": fp, "key": ledger.key(adapter.digest)}
                 ledger.write(ref.adapter_id, record)
             mark_skipped(row, record, "already sanitized with this alignment set and selection",
                          self.run_id)
