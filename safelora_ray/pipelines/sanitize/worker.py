@@ -218,8 +218,8 @@ class FleetSanitizer:
             return None, fp
         # A record keyed in an older digest scheme is compared in its own (taken beside
         # ours), so an adapter rewritten with the same bytes is still not redone.
-        theirs = digest_scheme((record or {}).get("key", {}).get("content_digest"))
-        theirs = theirs or DIGEST_SCHEME
+        theirs = (digest_scheme((record or {}).get("key", {}).get("content_digest"))
+                  or DIGEST_SCHEME)
         try:
             adapter = read_adapter(self._storages.get(ref.uri), ref.prefix, ref.adapter_id,
                                    max_bytes=self.max_adapter_bytes, buffer=buffer,
