@@ -237,3 +237,22 @@ def test_blocked_gram_equals_dense_and_is_symmetric(n):
     wb = torch.zeros(n, 48)
     am = compute_alignment(wb, v)  # the large path inside compute_alignment
     torch.testing.assert_close(am.dense().double(), dense_c(wb, v), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_lora_gram_in_pieces_equals_whole_and_naive(dtype: torch.dtype) -> None:
+    """G = A Aᵀ computed a cache-sized piece at a time (a 7B adapter's 64 A of 8 x 4096 go
+    in pieces) has the bits of the whole batched product, and the naive float64 value."""
+    from safelora_ray.core.scores import lora_gram
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(37, 8, 4096, generator=g).to(dtype)  # several pieces, a short last one
+    got = lora_gram(a)
+    a64 = a.to(torch.float64)
+    assert got.dtype == torch.float64 and torch.equal(got, a64 @ a64.transpose(1, 2))
+    for i in (0, 17, 36):
+        naive = [[sum(float(x) * float(y) for x, y in zip(a64[i, p].tolist(), a64[i, q].tolist(),
+                                                            strict=True))
+                  for q in range(8)] for p in range(2)]
+        assert torch.allclose(got[i, :2], torch.tensor(naive, dtype=torch.float64),
+                              rtol=1e-12, atol=1e-12)

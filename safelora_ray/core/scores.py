@@ -66,10 +66,23 @@ def module_scores(a: torch.Tensor, b: torch.Tensor, cb: torch.Tensor) -> list[Mo
     return scores_from_sums(gram_sums(lora_gram(a), b, cb))
 
 
+#: Bytes of float64 A converted at a time on a CPU: a 7B adapter's 64 A whole are 16 MB, and
+#: converting and multiplying them in cache-sized pieces takes half the time (same bits).
+_GRAM_PIECE_BYTES = 1 << 20
+
+
 def lora_gram(a: torch.Tensor) -> torch.Tensor:
     """G = A Aᵀ in float64 for a stack of A (n x r x d_in): all the scores need of A."""
-    a64 = a.to(torch.float64)
-    return a64 @ a64.transpose(1, 2)
+    n, r, d_in = a.shape
+    step = max(1, _GRAM_PIECE_BYTES // max(1, 8 * r * d_in))
+    if a.device.type != "cpu" or n <= step:
+        a64 = a.to(torch.float64)
+        return a64 @ a64.transpose(1, 2)
+    out = torch.empty((n, r, r), dtype=torch.float64)
+    for i in range(0, n, step):
+        a64 = a[i:i + step].to(torch.float64)
+        torch.bmm(a64, a64.transpose(1, 2), out=out[i:i + step])
+    return out
 
 
 def gram_sums(g: torch.Tensor, b: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
