@@ -171,6 +171,39 @@ def test_round_trip(tmp_path: Path, qv_copy: Path, base_dir: Path) -> None:
         assert torch.equal(a, ad.modules[name].a) and torch.equal(b, ad.modules[name].b)
 
 
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_kept_tensors_written_as_runs_of_the_input(tmp_path: Path, in_memory: bool) -> None:
+    """The tensors kept as they are go out whole from the input's bytes: the same file, and
+    the same digest, as writing every tensor by itself; a B replaced in the middle of the
+    file splits the run, and the library reads the result as the tensors it should hold."""
+    import dataclasses
+
+    import safetensors.torch as st
+
+    path, _ = make_adapter(tmp_path / "in" / "ad", dtype=torch.bfloat16)
+    storage = open_storage(str(path.parent))
+    ad = read_adapter(storage, "ad", "ad")
+    assert ad.weights is not None and len(ad.weights) == ad.nbytes
+    new = {V1: torch.full(ad.modules[V1].b.shape, 0.5)}
+
+    def write(adapter: Adapter, name: str) -> tuple[bytes, str]:
+        d = OutputDigest()
+        files = dict(write_adapter(adapter, new, None if in_memory else str(tmp_path / name),
+                                   None, "ad", d))
+        data = files["adapter_model.safetensors"]
+        return (bytes(data) if in_memory else Path(data).read_bytes()), d.value()
+
+    runs, runs_digest = write(ad, "runs")
+    alone, alone_digest = write(dataclasses.replace(ad, weights=None), "alone")
+    assert runs == alone and runs_digest == alone_digest
+    expected = {k: t.clone() for k, t in ad.tensors.items()}
+    expected[ad.modules[V1].b_key] = new[V1].to(torch.bfloat16)
+    got = st.load(runs)
+    assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in got)
+    assert (path / "adapter_model.safetensors").read_bytes() != runs  # the input untouched
+    assert read_adapter(storage, "ad", "ad").digest == ad.digest
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_replace_b_loads_in_peft(tmp_path: Path, base_dir: Path, dtype: torch.dtype) -> None:
     path, weights = make_adapter(tmp_path / "in" / "ad", dtype=dtype)

@@ -322,6 +322,65 @@ def test_writer_rejects_misuse_and_cleans_up(tmp_path) -> None:
     assert os.listdir(tmp_path) == ["x.safetensors"]
 
 
+def test_write_run_equals_tensor_writes_and_checks_its_size(tmp_path) -> None:
+    """A run of tensors written from another file's bytes gives the file, the SHA-256 and
+    the per-tensor digests that writing them one by one gives; misuse is refused."""
+    from safelora_ray.formats.integrity import FileHasher
+
+    tensors = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+               "b": torch.arange(4, dtype=torch.bfloat16), "c": torch.ones(3, dtype=torch.int64)}
+    layout = [(n, *sio._dtype_and_shape(n, t)) for n, t in tensors.items()]
+    one, many = FileHasher(), FileHasher()
+    with SafetensorsWriter(tmp_path / "one.safetensors", layout, hasher=one) as w:
+        for n, t in tensors.items():
+            w.write(n, t)
+    raw = (tmp_path / "one.safetensors").read_bytes()
+    infos = w.tensors
+    with SafetensorsWriter(tmp_path / "run.safetensors", layout, hasher=many) as w:
+        w.write_run(2, memoryview(raw)[infos["a"].start:infos["b"].end])
+        w.write("c", tensors["c"])
+    assert (tmp_path / "run.safetensors").read_bytes() == raw
+    assert many.file_digest() == one.file_digest() and many.tensors == one.tensors
+
+    w = SafetensorsWriter(tmp_path / "bad.safetensors", layout)
+    with pytest.raises(SafetensorsFormatError, match="holds 32 bytes, got 24"):
+        w.write_run(2, memoryview(raw)[infos["a"].start:infos["a"].end])
+    with pytest.raises(SafetensorsFormatError, match="run of 4 tensors asked for, 3 left"):
+        w.write_run(4, memoryview(raw))
+    w.abort()
+    assert sorted(os.listdir(tmp_path)) == ["one.safetensors", "run.safetensors"]
+
+
+def test_plans_and_headers_reused_only_when_equal(tmp_path) -> None:
+    """The plan and header caches give each caller its own maps, its own path in the result,
+    and never turn an invalid layout or header into a cached valid one."""
+    layout = [("a", "F32", (2, 2)), ("b", "BF16", (3,))]
+    first = SafetensorsWriter(tmp_path / "1.safetensors", layout, {"k": "v"})
+    first.abort()
+    with pytest.raises(SafetensorsFormatError, match="invalid shape"):
+        SafetensorsWriter(tmp_path / "2.safetensors", [("a", "F32", (2.0, 2)), layout[1]])
+    with pytest.raises(SafetensorsFormatError, match="metadata must map strings"):
+        SafetensorsWriter(tmp_path / "2.safetensors", layout, {"k": 1})  # type: ignore[dict-item]
+    second = SafetensorsWriter(tmp_path / "3.safetensors", layout, {"k": "v"})
+    second.tensors.clear()  # a caller's own map
+    third = SafetensorsWriter(tmp_path / "4.safetensors", layout, {"k": "v"})
+    assert list(third.tensors) == ["a", "b"]
+    second.abort()
+    third.abort()
+
+    raw = serialize({"x": torch.zeros(2)}, {"m": "1"})
+    n = int.from_bytes(raw[:8], "little")
+    hdr = raw[8:8 + n]
+    h1 = sio.parse_header(hdr, file_size=len(raw), path="p1", uri="u1")
+    h1.tensors.clear()
+    h1.metadata["m"] = "changed"  # type: ignore[index]
+    h2 = sio.parse_header(hdr, file_size=len(raw), path="p2", uri="u2")
+    assert (h2.path, h2.uri, list(h2.tensors), h2.metadata) == ("p2", "u2", ["x"], {"m": "1"})
+    # The same header over a file of another size is checked again, in that file's name.
+    with pytest.raises(SafetensorsFormatError, match=r"^u3: 4 bytes of trailing data"):
+        sio.parse_header(hdr, file_size=len(raw) + 4, path="p3", uri="u3")
+
+
 def test_library_layout_order() -> None:
     tensors = {"z": torch.zeros(1, dtype=torch.bool), "b": torch.zeros(1), "a": torch.zeros(1)}
     tensors["w"] = torch.zeros(1, dtype=torch.float64)

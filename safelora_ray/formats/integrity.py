@@ -146,6 +146,9 @@ def read_digested(storage: Any, path: str, start: int, buffer: memoryview) -> st
 class FileHasher:
     """The SHA-256 of a file as it is written, and the tensor digest of each tensor in it."""
 
+    #: Updates must come one tensor at a time (each tensor's digest is taken).
+    per_tensor = True
+
     def __init__(self) -> None:
         self.sha256 = hashlib.sha256()
         self.tensors: dict[str, str] = {}

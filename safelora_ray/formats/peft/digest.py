@@ -60,6 +60,9 @@ class OutputDigest:
     the digest frames them, then the weights file's as they go to disk): equal to
     :func:`adapter_digest` of the files, without reading them back."""
 
+    #: One update may span several tensors (no per-tensor digests are taken).
+    per_tensor = False
+
     def __init__(self, scheme: str = DIGEST_SCHEME) -> None:
         self.scheme = scheme
         self._h = new_hasher(scheme)

@@ -82,6 +82,9 @@ class Adapter:
         nbytes: Size of ``adapter_model.safetensors`` in bytes.
         tensor_infos: The header entry of every tensor (dtype string, shape, offsets).
         digests: The digest in each scheme asked for, by scheme.
+        weights: The bytes of ``adapter_model.safetensors`` that :attr:`tensors` view (a
+            writer copies runs of unchanged tensors from it whole); None when the tensors
+            were made otherwise.
     """
 
     adapter_id: str
@@ -100,6 +103,7 @@ class Adapter:
     nbytes: int
     tensor_infos: dict[str, TensorInfo] = field(default_factory=dict, repr=False)
     digests: dict[str, str] = field(default_factory=dict, repr=False)
+    weights: bytearray | memoryview | None = field(default=None, repr=False)
 
 
 def read_adapter(
@@ -249,6 +253,7 @@ def read_adapter(
         nbytes=size,
         tensor_infos=dict(header.tensors),
         digests=digests,
+        weights=buf,
     )
 
 

@@ -17,7 +17,7 @@ from safelora_ray.formats.peft.config import CONFIG_NAME, WEIGHTS_NAME, Fail
 from safelora_ray.formats.peft.digest import OutputDigest
 from safelora_ray.formats.peft.pairing import _first_non_finite
 from safelora_ray.formats.peft.read import Adapter
-from safelora_ray.formats.safetensors import SafetensorsWriter
+from safelora_ray.formats.safetensors import SafetensorsWriter, TensorInfo
 from safelora_ray.storage.base import Storage
 from safelora_ray.storage.uri import normalize_relpath
 
@@ -111,8 +111,11 @@ def write_adapter(
         digest.start(config_out)
     with SafetensorsWriter(weights_local, layout, adapter.metadata, hasher=digest,
                            in_memory=out_dir is None) as writer:
-        for name in writer.tensors:
-            writer.write(name, replaced.get(name, adapter.tensors[name]))
+        for names, data in _pieces(adapter, writer.tensors, replaced):
+            if data is None:
+                writer.write(names[0], replaced.get(names[0], adapter.tensors[names[0]]))
+            else:
+                writer.write_run(len(names), data)
     files.append((WEIGHTS_NAME, weights_local if writer.data is None else writer.data))
 
     if storage_for_extras is not None:
@@ -140,6 +143,36 @@ def write_adapter(
         f.write(config_out)
     files.append((CONFIG_NAME, config_local))
     return files
+
+
+def _pieces(adapter: Adapter, planned: Mapping[str, TensorInfo],
+            replaced: Mapping[str, torch.Tensor]) -> list[tuple[list[str], memoryview | None]]:
+    """The output's tensors in layout order, grouped for writing: runs of tensors kept as they
+    are and lying back to back in the input come with their bytes in the input's buffer
+    (written whole: one write and one hash a run, not one a tensor); any other tensor comes
+    alone, with None."""
+    src = None if adapter.weights is None else memoryview(adapter.weights)
+    pieces: list[tuple[list[str], memoryview | None]] = []
+    run: list[str] = []
+    start = end = 0
+    for name, info in planned.items():
+        old = adapter.tensor_infos.get(name)
+        kept = (src is not None and old is not None and name not in replaced
+                and old.nbytes == info.nbytes > 0 and old.end <= src.nbytes)
+        if kept and run and old.start == end:
+            run.append(name)
+            end = old.end
+            continue
+        if run:
+            pieces.append((run, src[start:end]))
+            run = []
+        if kept:
+            run, start, end = [name], old.start, old.end
+        else:
+            pieces.append(([name], None))
+    if run:
+        pieces.append((run, src[start:end]))
+    return pieces
 
 
 def _read_extra(storage: Storage, path: str, size: int, fail: Fail) -> bytes:

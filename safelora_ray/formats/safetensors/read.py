@@ -146,8 +146,8 @@ def buffer_tensor(buf: bytearray | memoryview, uri: str, info: TensorInfo) -> to
     shape = torch_shape_of(uri, info)
     if info.nbytes == 0:
         return torch.empty(shape, dtype=dtype)  # frombuffer rejects empty ranges
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    t = torch.frombuffer(buf, dtype=dtype, count=info.nbytes // itemsize, offset=info.start)
+    t = torch.frombuffer(buf, dtype=dtype, count=info.nbytes // dtype.itemsize,
+                         offset=info.start)
     return t.reshape(shape)
 
 
