@@ -204,6 +204,31 @@ def test_kept_tensors_written_as_runs_of_the_input(tmp_path: Path, in_memory: bo
     assert read_adapter(storage, "ad", "ad").digest == ad.digest
 
 
+def test_output_digest_hashed_unless_the_bytes_are_the_inputs(tmp_path: Path) -> None:
+    """Written back unchanged, an adapter's output digest is the one taken when it was read
+    (its bytes are the input's); an input whose header another writer formatted differently
+    comes out with this writer's header: other bytes, hashed as written."""
+    path, _ = make_adapter(tmp_path / "in" / "ad", dtype=torch.bfloat16)
+    storage = open_storage(str(path.parent))
+    ad = read_adapter(storage, "ad", "ad")
+    d = OutputDigest()
+    files = write_adapter(ad, {}, str(tmp_path / "same"), None, "ad", d)
+    assert d.value() == ad.digest == output_digest(files)
+
+    raw = (path / "adapter_model.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    spaced = json.dumps(json.loads(raw[8:8 + n]), indent=1).encode()  # another writer's JSON
+    spaced += b" " * (-len(spaced) % 8)
+    (path / "adapter_model.safetensors").write_bytes(
+        len(spaced).to_bytes(8, "little") + spaced + raw[8 + n:])
+    ad2 = read_adapter(storage, "ad", "ad")
+    assert ad2.digest != ad.digest
+    d2 = OutputDigest()
+    files2 = write_adapter(ad2, {}, str(tmp_path / "reformatted"), None, "ad", d2)
+    assert (tmp_path / "reformatted" / "adapter_model.safetensors").read_bytes() == raw
+    assert d2.value() == output_digest(files2) == ad.digest != ad2.digest
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_replace_b_loads_in_peft(tmp_path: Path, base_dir: Path, dtype: torch.dtype) -> None:
     path, weights = make_adapter(tmp_path / "in" / "ad", dtype=dtype)

@@ -17,7 +17,7 @@ from safelora_ray.formats.peft.config import CONFIG_NAME, WEIGHTS_NAME, Fail
 from safelora_ray.formats.peft.digest import OutputDigest
 from safelora_ray.formats.peft.pairing import _first_non_finite
 from safelora_ray.formats.peft.read import Adapter
-from safelora_ray.formats.safetensors import SafetensorsWriter, TensorInfo
+from safelora_ray.formats.safetensors import SafetensorsWriter, TensorInfo, file_prefix
 from safelora_ray.storage.base import Storage
 from safelora_ray.storage.uri import normalize_relpath
 
@@ -107,9 +107,18 @@ def write_adapter(
     layout = [(name, info.dtype, tuple(replaced[name].shape) if name in replaced else info.shape)
               for name, info in adapter.tensor_infos.items()]
     config_out = adapter.config_bytes if config_bytes is None else config_bytes
+    # An adapter written back as it was read (nothing replaced, the same header: the same
+    # bytes) has the digest taken when it was read: not hashed a second time.
+    same = (digest is not None and not replaced and config_out == adapter.config_bytes
+            and digest.scheme in adapter.digests and adapter.weights is not None
+            and _same_prefix(adapter.weights, file_prefix(layout, adapter.metadata)))
     if digest is not None:
-        digest.start(config_out)
-    with SafetensorsWriter(weights_local, layout, adapter.metadata, hasher=digest,
+        if same:
+            digest.adopt(adapter.digests[digest.scheme])
+        else:
+            digest.start(config_out)
+    with SafetensorsWriter(weights_local, layout, adapter.metadata,
+                           hasher=None if same else digest,
                            in_memory=out_dir is None) as writer:
         for names, data in _pieces(adapter, writer.tensors, replaced):
             if data is None:
@@ -143,6 +152,10 @@ def write_adapter(
         f.write(config_out)
     files.append((CONFIG_NAME, config_local))
     return files
+
+
+def _same_prefix(weights: bytearray | memoryview, prefix: bytes) -> bool:
+    return len(weights) >= len(prefix) and memoryview(weights)[:len(prefix)] == prefix
 
 
 def _pieces(adapter: Adapter, planned: Mapping[str, TensorInfo],

@@ -31,6 +31,7 @@ from safelora_ray.formats.safetensors.read import (
 from safelora_ray.formats.safetensors.write import (
     Layout,
     SafetensorsWriter,
+    file_prefix,
     library_layout,
     save_tensors,
     serialize,
@@ -48,6 +49,7 @@ __all__ = [
     "TensorInfo",
     "_dtype_and_shape",
     "buffer_tensor",
+    "file_prefix",
     "json_type",
     "library_layout",
     "parse_buffer_header",

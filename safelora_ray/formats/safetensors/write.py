@@ -346,6 +346,14 @@ def serialize(
     return b"".join(parts)
 
 
+def file_prefix(layout: Iterable[tuple[str, str, Iterable[int]]],
+                metadata: Mapping[str, str] | None = None) -> bytes:
+    """The first bytes of the file :class:`SafetensorsWriter` writes for ``layout`` and
+    ``metadata``: the header's length and the header, up to the first tensor's data."""
+    header_bytes, _ = _plan("<layout>", layout, metadata)
+    return len(header_bytes).to_bytes(_N_LEN, "little") + header_bytes
+
+
 def _check_matches(where: str, info: TensorInfo, tensor: torch.Tensor) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise SafetensorsFormatError(
