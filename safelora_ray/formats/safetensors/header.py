@@ -15,10 +15,9 @@ and each header entry's ``data_offsets`` are relative to the start of the data s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,13 +107,6 @@ class SafetensorsHeader:
             ) from None
 
 
-#: Headers validated lately, by their bytes and file size: a fleet's adapters share a few
-#: layouts, and parsing and checking 128 entries costs ~1 ms of Python per adapter.
-_PARSED: OrderedDict[tuple[bytes, int], SafetensorsHeader] = OrderedDict()
-_PARSED_MAX = 16
-_PARSED_LOCK = threading.Lock()
-
-
 def parse_header(
     raw: bytes, *, file_size: int, path: str = "", uri: str = "<bytes>"
 ) -> SafetensorsHeader:
@@ -132,20 +124,23 @@ def parse_header(
     Raises:
         SafetensorsFormatError: The header is invalid.
     """
-    key = (bytes(raw), file_size)
-    with _PARSED_LOCK:
-        seen = _PARSED.get(key)
-        if seen is not None:
-            _PARSED.move_to_end(key)
-    if seen is None:
-        seen = _parse_header(key[0], file_size, uri)  # raises for an invalid one: not kept
-        with _PARSED_LOCK:
-            _PARSED[key] = seen
-            while len(_PARSED) > _PARSED_MAX:
-                _PARSED.popitem(last=False)
+    raw = bytes(raw)
+    try:
+        seen = _validated(raw, file_size)
+    except SafetensorsFormatError:
+        _parse_header(raw, file_size, uri)  # the same check again, naming this file
+        raise
     # Fresh maps: a caller may change what it was given without touching the cached one.
     return dataclasses.replace(seen, path=path, uri=uri, tensors=dict(seen.tensors),
                                metadata=None if seen.metadata is None else dict(seen.metadata))
+
+
+@functools.lru_cache(maxsize=16)
+def _validated(raw: bytes, file_size: int) -> SafetensorsHeader:
+    """:func:`_parse_header`, kept for the headers seen lately (an invalid one raises and is
+    not kept): a fleet's adapters share a few layouts, and parsing and checking 128 entries
+    costs ~1 ms of Python per adapter."""
+    return _parse_header(raw, file_size)
 
 
 def _parse_header(raw: bytes, file_size: int, uri: str = "<bytes>") -> SafetensorsHeader:

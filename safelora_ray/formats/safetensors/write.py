@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import operator
 import os
-import threading
 import uuid
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any, BinaryIO
@@ -367,13 +366,6 @@ def _check_matches(where: str, info: TensorInfo, tensor: torch.Tensor) -> None:
         )
 
 
-#: Plans made lately, by layout and metadata: a fleet's outputs share a few layouts, and
-#: planning 128 entries costs ~1 ms of Python per adapter.
-_PLANNED: OrderedDict[Any, tuple[bytes, dict[str, TensorInfo]]] = OrderedDict()
-_PLANNED_MAX = 16
-_PLANNED_LOCK = threading.Lock()
-
-
 def _plan(
     where: str,
     layout: Iterable[tuple[str, str, Iterable[int]]],
@@ -382,16 +374,23 @@ def _plan(
     """The padded header bytes and the tensor entries for ``layout`` (offsets in order)."""
     layout = list(layout)
     key = _plan_key(layout, metadata)
-    with _PLANNED_LOCK:
-        seen = _PLANNED.get(key) if key is not None else None
-    if seen is None:
-        seen = _make_plan(where, layout, metadata)  # raises for an invalid one: not kept
-        if key is not None:
-            with _PLANNED_LOCK:
-                _PLANNED[key] = seen
-                while len(_PLANNED) > _PLANNED_MAX:
-                    _PLANNED.popitem(last=False)
-    return seen[0], dict(seen[1])
+    if key is None:
+        return _make_plan(where, layout, metadata)
+    try:
+        header_bytes, infos = _planned(key)
+    except SafetensorsFormatError:
+        _make_plan(where, layout, metadata)  # the same check again, naming this file
+        raise
+    return header_bytes, dict(infos)
+
+
+@functools.lru_cache(maxsize=16)
+def _planned(key: Any) -> tuple[bytes, dict[str, TensorInfo]]:
+    """:func:`_make_plan` of a :func:`_plan_key`, kept for the layouts seen lately (an invalid
+    one raises and is not kept): a fleet's outputs share a few layouts, and planning 128
+    entries costs ~1 ms of Python per adapter."""
+    entries, meta = key
+    return _make_plan("<layout>", entries, None if meta is None else dict(meta))
 
 
 def _plan_key(layout: list[tuple[str, str, Iterable[int]]],
