@@ -178,24 +178,16 @@ class SafetensorsWriter:
             if self.hasher is not None and getattr(self.hasher, "per_tensor", True):
                 for n in names:  # each tensor's digest is taken too
                     i = self.tensors[n]
-                    self._file_write(view[i.start - start:i.end - start], n)
+                    _put(self._file, view[i.start - start:i.end - start], self.hasher, n)
             else:
                 # Hashed and written a piece at a time: the second pass over each piece
                 # finds it in the CPU's cache (8 MB twice from memory costs more).
                 for off in range(0, view.nbytes, _RUN_PIECE):
-                    self._file_write(view[off:off + _RUN_PIECE], None)
+                    _put(self._file, view[off:off + _RUN_PIECE], self.hasher)
         except BaseException:
             self.abort()
             raise
         self._next += count
-
-    def _file_write(self, view: memoryview, name: str | None) -> None:
-        assert self._file is not None
-        if self.hasher is not None:
-            self.hasher.update(view, tensor=name)
-        written = self._file.write(view)
-        if written is not None and written != view.nbytes:
-            raise OSError(f"short write: {written} of {view.nbytes} bytes")
 
     def close(self) -> None:
         """Finish the file and move it into place.
@@ -486,9 +478,16 @@ def _tensor_view(tensor: torch.Tensor, nbytes: int) -> tuple[memoryview, torch.T
 def _write_tensor(f: BinaryIO | _Filled, tensor: torch.Tensor, nbytes: int,
                   hasher: FileHasher | None = None, name: str | None = None) -> None:
     view, keep_alive = _tensor_view(tensor, nbytes)
-    if hasher is not None:  # the bytes written, hashed while at hand (no second read)
+    _put(f, view, hasher, name)
+    del view, keep_alive
+
+
+def _put(f: BinaryIO | _Filled, view: memoryview, hasher: FileHasher | None,
+         name: str | None = None) -> None:
+    """Write ``view`` to ``f``, hashed while at hand (no second read) when there is a hasher
+    (``name``: the tensor it holds, for a hasher taking each tensor's digest)."""
+    if hasher is not None:
         hasher.update(view, tensor=name)
     written = f.write(view)
-    if written is not None and written != nbytes:
-        raise OSError(f"short write: {written} of {nbytes} bytes")
-    del view, keep_alive
+    if written is not None and written != view.nbytes:
+        raise OSError(f"short write: {written} of {view.nbytes} bytes")
