@@ -144,8 +144,6 @@ class Holder:
         self.batches = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        from safelora_ray.pipelines.sanitize.worker import adapter_grams
-
         n = len(batch["adapter_id"])
         loaded = [_load_obj(b) for b in batch["adapter"]]
         adapters = [a for a in loaded if a is not None]
@@ -153,8 +151,7 @@ class Holder:
         share = 0.0
         if adapters:
             t0 = time.perf_counter()
-            cast, sc = self.san._project_all([(a, adapter_grams(a)) for a in adapters],
-                                             self.engine.run)
+            cast, sc = self.san._project_all(adapters, self.engine.run)
             share = (time.perf_counter() - t0) / len(adapters)
             for i, a in enumerate(loaded):
                 if a is not None:

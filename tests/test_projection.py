@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import hashlib
 import logging
 import os
@@ -23,20 +24,29 @@ import pytest
 import ray
 import torch
 
-from safelora_ray import BuildConfig, SanitizeConfig, build, sanitize
+from safelora_ray import AlignmentSet, BuildConfig, SanitizeConfig, build, sanitize
 from safelora_ray.cli.demo import write_adapter, write_model
 from safelora_ray.execution import worker_session
-from safelora_ray.pipelines.sanitize.projection import split_groups
+from safelora_ray.pipelines.sanitize.projection import (
+    MatrixCache,
+    ProjectionEngine,
+    ProjectionService,
+    SetKey,
+    pack,
+    split_groups,
+    unpack,
+)
 from tests.factory import Arch, aligned_from, llama_tensors
 
 
 def _group(n: int, d: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.zeros(n, d, r, dtype=torch.bfloat16), torch.zeros(n, r, r, dtype=torch.float64)
+    return torch.zeros(n, d, r, dtype=torch.bfloat16), torch.zeros(n, r, 32, dtype=torch.float32)
 
 
 def test_split_groups_bounds_every_part() -> None:
-    groups = {(f"m{i}", "bfloat16", 8): _group(4, 64 * (1 + i % 3), 8) for i in range(20)}
-    sizes = {k: b.numel() * 2 + g.numel() * 8 for k, (b, g) in groups.items()}
+    groups = {(f"m{i}", "bfloat16", "float32", 8): _group(4, 64 * (1 + i % 3), 8)
+              for i in range(20)}
+    sizes = {k: b.numel() * 2 + a.numel() * 4 for k, (b, a) in groups.items()}
     limit = 3 * max(sizes.values())
     parts = split_groups(groups, limit)
     assert len(parts) > 1
@@ -94,13 +104,18 @@ def _build_set(root: Path, arch: Arch) -> str:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, dict[str, str]]:
-    """A set, a catalog of 8 adapters, and the digests of their in-process sanitize."""
+    """A set, a catalog of 8 adapters, and the digests of their in-process sanitize. Their
+    factors' dtypes differ (A float32 with B bfloat16, both float16, ...): a request's groups
+    carry both factors, each in its own dtype, to wherever G = A Aᵀ and C B are formed."""
     root = tmp_path_factory.mktemp("fleet")
     aset = _build_set(root, Arch(layers=2, hidden=64, heads=4, kv_heads=4, intermediate=96))
     g = torch.Generator().manual_seed(3)
+    dtypes = [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+              (torch.float16, torch.float16), (torch.bfloat16, torch.float32)]
     for k in range(8):
-        lora = {f"model.layers.{i}.self_attn.{t}": (torch.randn(4, 64, generator=g),
-                                                    torch.randn(64, 4, generator=g))
+        da, db = dtypes[k % len(dtypes)]
+        lora = {f"model.layers.{i}.self_attn.{t}": (torch.randn(4, 64, generator=g).to(da),
+                                                    torch.randn(64, 4, generator=g).to(db))
                 for i in range(2) for t in ("q_proj", "v_proj")}
         write_adapter(root / "cat" / f"a{k}", lora, 4)
     res = sanitize(SanitizeConfig(alignment=aset, adapters=str(root / "cat"),
@@ -110,6 +125,49 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, dict[str
     digests = _digests(root / "in-process")
     assert len(digests) == 8
     return aset, root, digests
+
+
+def test_engine_forms_g_from_a_beside_the_products(fleet: Any) -> None:
+    """An engine gets each group's A, in its own dtype, and forms G = A Aᵀ itself: its scores
+    are the naive float64 ones of SPEC §2, and a request shipped to a holder (packed and
+    unpacked) or coalesced with another by its service gives the same bits."""
+    aset = AlignmentSet.open(fleet[0])
+    engine = ProjectionEngine(MatrixCache.open(SetKey(aset.uri, aset.content_id), "cpu"))
+    gen = torch.Generator().manual_seed(5)
+    modules = sorted(aset.rows)[:2]
+    groups = {}
+    for m in modules:
+        d_out, d_in = aset.rows[m].shape
+        for da, db in ((torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)):
+            a = torch.randn(3, 4, d_in, generator=gen).to(da)
+            b = torch.randn(3, d_out, 4, generator=gen).to(db)
+            groups[(m, str(db).removeprefix("torch."), str(da).removeprefix("torch."), 4)] = (b, a)
+    out = engine.run(groups)
+    for key, (b, a) in groups.items():
+        cb, sums = out[key]
+        assert cb.dtype == b.dtype and sums.dtype == torch.float64
+        c = aset.load(key[0]).dense().double()
+        for i in range(b.shape[0]):
+            dw = b[i].double() @ a[i].double()
+            # the scores use the float32 product C B (SPEC §2), in float64 from there on
+            pw = (c.float() @ b[i].float()).double() @ a[i].double()
+            inner, nb2, nw2 = (dw * pw).sum(), (dw * dw).sum(), (pw * pw).sum()
+            torch.testing.assert_close(sums[i, :3], torch.stack([inner, nb2, nw2]),
+                                       rtol=1e-4, atol=1e-6)
+    shipped = engine.run(unpack(pack(groups)))
+    service = ProjectionService(engine, linger_s=0.5)
+    try:
+        halves = [dict(list(groups.items())[:2]), dict(list(groups.items())[2:])]
+        with cf.ThreadPoolExecutor(2) as pool:
+            coalesced = [f.result(timeout=60) for f in [pool.submit(service.submit, h)
+                                                        for h in halves]]
+    finally:
+        service.close()
+    assert service.batches == 1  # the two requests ran as one
+    for got in (shipped, {k: v for h in coalesced for k, v in h.items()}):
+        assert got.keys() == out.keys()
+        for key, (cb, sums) in out.items():
+            assert torch.equal(got[key][0], cb) and torch.equal(got[key][1], sums), key
 
 
 def _run(fleet: tuple[str, Path, dict[str, str]], name: str, use_gpu: bool,

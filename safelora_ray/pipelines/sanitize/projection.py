@@ -1,10 +1,12 @@
 """The products of a sanitize: C B and the scores' sums, for many adapters at once, next to
 the one copy of the alignment set a GPU or a node keeps.
 
-An I/O worker groups a batch's modules by (module, dtype, rank): per group, the stacked B
-(n x d_out x r, in the adapters' dtype) and G = A Aᵀ (n x r x r, float64), all the rule needs
-of A at r/d_in of its size. The products are C B in B's dtype and the n x 4 score sums
-(:func:`~safelora_ray.core.scores.gram_sums`). Where they are computed depends on the node:
+An I/O worker groups a batch's modules by (module, B's dtype, A's dtype, rank): per group,
+the stacked B (n x d_out x r) and A (n x r x d_in), in the adapters' dtypes. The products are
+C B in B's dtype and the n x 4 score sums (:func:`~safelora_ray.core.scores.gram_sums`), from
+G = A Aᵀ: all the rule needs of A. G is formed by the engine on the set's device, beside the
+products: on a GPU node the I/O worker's CPU never does the float64 arithmetic (2-3 ms of
+CPU per 7B adapter otherwise). Where the products are computed depends on the node:
 
 - **On the set's own device** (every node by default, see
   :mod:`~safelora_ray.pipelines.sanitize.shared_set`): each I/O worker computes its own
@@ -39,7 +41,7 @@ import torch
 from safelora_ray.core.alignment import AlignmentMatrix
 from safelora_ray.core.errors import AlignmentSetError, ClusterError, SafeLoraError
 from safelora_ray.core.once import OnceMap
-from safelora_ray.core.scores import project_stack
+from safelora_ray.core.scores import lora_gram, project_stack
 from safelora_ray.core.validate import env_number
 from safelora_ray.execution import REJOIN_TIMEOUT_S, WorkerContext, wait_back
 from safelora_ray.execution.device import to_host
@@ -48,10 +50,10 @@ from safelora_ray.formats.set_cache import evict, local_copy
 
 logger = logging.getLogger(__name__)
 
-#: A group of a request: (module, dtype name, rank).
-GroupKey = tuple[str, str, int]
-#: Tensors of a group: B (n x d_out x r) and G (n x r x r, float64) in; C B (n x d_out x r, B's
-#: dtype) and the score sums (n x 4, float64) out.
+#: A group of a request: (module, B's dtype name, A's dtype name, rank).
+GroupKey = tuple[str, str, str, int]
+#: Tensors of a group: B (n x d_out x r) and A (n x r x d_in) in, each in its own dtype; C B
+#: (n x d_out x r, B's dtype) and the score sums (n x 4, float64) out.
 Pair = tuple[torch.Tensor, torch.Tensor]
 
 #: Adapters one coalesced product may hold, and how long the first request waits for others.
@@ -169,11 +171,15 @@ class ProjectionEngine:
 
     def _run(self, groups: dict[GroupKey, Pair]) -> dict[GroupKey, Pair]:
         out: dict[GroupKey, Pair] = {}
-        for key, (b, g) in groups.items():
+        for key, (b, a) in groups.items():
             matrix = self.matrices.get(key[0])
             if self.cuda:  # asynchronous copies from pinned memory: no stall per module
-                b, g = _pinned(b), _pinned(g)
-            cb, sums = null_stack(matrix, b) if NULL_PRODUCT else project_stack(matrix, b, g)
+                b, a = _pinned(b), _pinned(a)
+            if NULL_PRODUCT:
+                cb, sums = null_stack(matrix, b, a)
+            else:
+                g = lora_gram(a.to(matrix.tensor.device, non_blocking=True))
+                cb, sums = project_stack(matrix, b, g)
             if self.cuda:
                 cb = to_host(cb)
                 sums = to_host(sums)
@@ -181,9 +187,11 @@ class ProjectionEngine:
         return out
 
 
-def null_stack(matrix: AlignmentMatrix, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:data:`NULL_PRODUCT`'s stand-in for :func:`project_stack`: B copied to the matrix's
-    device and back as "C B", with sums that score a cosine of 1 (nothing drifts)."""
+def null_stack(matrix: AlignmentMatrix, b: torch.Tensor, a: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:data:`NULL_PRODUCT`'s stand-in for G and :func:`project_stack`: A and B copied to the
+    matrix's device, B back as "C B", with sums that score a cosine of 1 (nothing drifts)."""
+    a.to(matrix.tensor.device, non_blocking=True)
     cb = b.to(matrix.tensor.device, non_blocking=True).clone()
     sums = torch.tensor([[1.0, 1.0, 1.0, 0.0]], dtype=torch.float64,
                         device=cb.device).expand(b.shape[0], 4)
@@ -263,7 +271,7 @@ class ProjectionService:
                 merged.setdefault(key, []).append(pair)
         try:
             groups = {k: (_cat([b for b, _ in v], self.engine.cuda),
-                          _cat([g for _, g in v], self.engine.cuda))
+                          _cat([a for _, a in v], self.engine.cuda))
                       if len(v) > 1 else v[0] for k, v in merged.items()}
             out = self.engine.run(groups)
         except BaseException as e:  # every waiting caller gets the error
@@ -300,30 +308,37 @@ _VIEW = {torch.bfloat16: torch.int16}  # numpy has no bfloat16: ship its bits
 
 
 def pack(groups: dict[GroupKey, Pair]) -> dict[GroupKey, tuple[np.ndarray, np.ndarray]]:
-    """Groups as numpy arrays (the dtype is in each key, or implied: G and sums are float64)."""
-    out = {}
-    for key, (x, y) in groups.items():
-        xv = x.contiguous()
-        xv = xv.view(_VIEW.get(xv.dtype, xv.dtype))
-        out[key] = (xv.numpy(), y.contiguous().numpy())
-    return out
+    """Groups as numpy arrays (bfloat16 as its bits: the dtypes are in each key, or implied:
+    the sums are float64)."""
+    return {key: (_numpy(x), _numpy(y)) for key, (x, y) in groups.items()}
 
 
-def unpack(groups: dict[GroupKey, tuple[np.ndarray, np.ndarray]], copy: bool = False
-           ) -> dict[GroupKey, Pair]:
-    """The inverse of :func:`pack`. Read-only arrays from the object store are wrapped, not
-    copied (nothing writes to them), unless ``copy``: then the store's copy can be freed at
-    once rather than when the tensors die."""
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.contiguous()
+    return t.view(_VIEW.get(t.dtype, t.dtype)).numpy()
+
+
+def unpack(groups: dict[GroupKey, tuple[np.ndarray, np.ndarray]], copy: bool = False,
+           answer: bool = False) -> dict[GroupKey, Pair]:
+    """The inverse of :func:`pack` for a request (``answer``: for its answer, C B and the
+    float64 sums). Read-only arrays from the object store are wrapped, not copied (nothing
+    writes to them), unless ``copy``: then the store's copy can be freed at once rather than
+    when the tensors die."""
     out = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "the given NumPy array is not writable"
         for key, (x, y) in groups.items():
-            dtype = getattr(torch, key[1])
             if copy:
                 x, y = np.array(x, copy=True), np.array(y, copy=True)
-            xt = torch.from_numpy(x)
-            out[key] = (xt.view(dtype) if xt.dtype != dtype else xt, torch.from_numpy(y))
+            out[key] = (_tensor(x, key[1]),
+                        torch.from_numpy(y) if answer else _tensor(y, key[2]))
     return out
+
+
+def _tensor(x: np.ndarray, dtype_name: str) -> torch.Tensor:
+    dtype = getattr(torch, dtype_name)
+    t = torch.from_numpy(x)
+    return t.view(dtype) if t.dtype != dtype else t
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -365,12 +380,12 @@ def split_groups(groups: dict[GroupKey, Pair], max_bytes: int
     parts: list[dict[GroupKey, Pair]] = []
     part: dict[GroupKey, Pair] = {}
     size = 0
-    for k, (b, g) in groups.items():
-        n = b.numel() * b.element_size() + g.numel() * g.element_size()
+    for k, (b, a) in groups.items():
+        n = b.numel() * b.element_size() + a.numel() * a.element_size()
         if part and size + n > max_bytes:
             parts.append(part)
             part, size = {}, 0
-        part[k] = (b, g)
+        part[k] = (b, a)
         size += n
     if part:
         parts.append(part)
@@ -414,7 +429,7 @@ def remote_projector(holder: Any, key: SetKey, timeout_s: float) -> Projector:
             # Copied out: the holder's store frees the answer when this returns, not when
             # this batch has been written.
             out.update(unpack(ask_holder(holder, timeout_s, project_request, key, pack(part)),
-                              copy=True))
+                              copy=True, answer=True))
         return out
 
     return call

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import torch
 
 from safelora_ray.core.errors import AdapterError, ChangedError, SafeLoraError
-from safelora_ray.core.scores import ModuleScore, lora_gram, pdst, scores_from_sums
+from safelora_ray.core.scores import ModuleScore, pdst, scores_from_sums
 from safelora_ray.core.selection import Selection
 from safelora_ray.core.validate import env_number
 from safelora_ray.execution import WorkerContext
@@ -92,23 +92,6 @@ class Loaded(NamedTuple):
     adapter: Adapter
     fingerprint: str | None
     read_s: float
-    grams: dict[str, torch.Tensor]  # per module, G = A Aᵀ (float64)
-
-
-def adapter_grams(adapter: Adapter) -> dict[str, torch.Tensor]:
-    """G = A Aᵀ (float64, r x r) of every module, one product per shape and dtype of A.
-
-    Computed by the thread that read the adapter (it releases the GIL), not by the one that
-    runs the batch's products: G is all the scores need of A, at r/d_in of its size.
-    """
-    by_shape: dict[tuple[Any, ...], list[str]] = {}
-    for m, lm in adapter.modules.items():
-        by_shape.setdefault((lm.a.dtype, *lm.a.shape), []).append(m)
-    out: dict[str, torch.Tensor] = {}
-    for names in by_shape.values():
-        g = lora_gram(torch.stack([adapter.modules[m].a for m in names]))
-        out.update(zip(names, g, strict=True))
-    return out
 
 
 class FleetSanitizer:
@@ -289,8 +272,7 @@ class FleetSanitizer:
                 adapter, fp = self.load(ref, row, loans, recorded)
                 if adapter is None:
                     return row, None
-                grams = adapter_grams(adapter)
-                return row, Loaded(ref, adapter, fp, time.perf_counter() - t0, grams)
+                return row, Loaded(ref, adapter, fp, time.perf_counter() - t0)
             except Exception as e:  # one bad adapter never stops the batch
                 mark_failed(row, e)
                 return row, None
@@ -317,13 +299,12 @@ class FleetSanitizer:
         layers: list[dict[str, Any]] = []
         if loaded:
             t0 = time.perf_counter()
-            projected, scores = self._project_all(
-                [(x.adapter, x.grams) for x in loaded.values()],
-                project or self.default_projector())
+            projected, scores = self._project_all([x.adapter for x in loaded.values()],
+                                                  project or self.default_projector())
             share = (time.perf_counter() - t0) / len(loaded)  # batch compute, per adapter
 
             def write_one(item: tuple[str, Loaded]) -> list[dict[str, Any]]:
-                adapter_id, (ref, adapter, fp, read_s, _) = item  # a Loaded
+                adapter_id, (ref, adapter, fp, read_s) = item  # a Loaded
                 row = rows[adapter_id]
                 if stop():
                     row["status"] = "cancelled"
@@ -387,36 +368,31 @@ class FleetSanitizer:
         for m in adapter.modules:
             check_orientation(adapter, m, self.aset)
 
-    def _project_all(self, loaded: Sequence[tuple[Adapter, dict[str, torch.Tensor]]],
-                     project: Projector) -> tuple[dict[str, dict[str, torch.Tensor]],
-                                                  dict[str, dict[str, ModuleScore]]]:
+    def _project_all(self, adapters: Sequence[Adapter], project: Projector
+                     ) -> tuple[dict[str, dict[str, torch.Tensor]],
+                                dict[str, dict[str, ModuleScore]]]:
         """C B and the scores of every adapter and module of a batch: one product per module
-        (and dtype and rank) for the whole batch (SPEC §2), computed by ``project``.
-
-        Args:
-            loaded: The adapters, each with its :func:`adapter_grams`.
-            project: Computes the products.
+        (and dtypes and rank) for the whole batch (SPEC §2), computed by ``project``.
 
         Returns:
             ``(cb, scores)``, each ``{adapter_id: {module: ...}}``; C B in each B's dtype (the
             scores use the float32 product).
         """
-        adapters = [ad for ad, _ in loaded]
-        members: dict[GroupKey, list[tuple[str, Any, torch.Tensor]]] = {}
-        for ad, grams in loaded:
+        members: dict[GroupKey, list[tuple[str, Any]]] = {}
+        for ad in adapters:
             for m, lm in ad.modules.items():
-                key = (m, dtype_name(lm.b.dtype), int(lm.rank))
-                members.setdefault(key, []).append((ad.adapter_id, lm, grams[m]))
-        groups = {key: (torch.stack([lm.b for _, lm, _ in items]),
-                        torch.stack([g for _, _, g in items]))
+                key = (m, dtype_name(lm.b.dtype), dtype_name(lm.a.dtype), int(lm.rank))
+                members.setdefault(key, []).append((ad.adapter_id, lm))
+        groups = {key: (torch.stack([lm.b for _, lm in items]),
+                        torch.stack([lm.a for _, lm in items]))
                   for key, items in members.items()}
         out = project(groups)
         cast: dict[str, dict[str, torch.Tensor]] = {ad.adapter_id: {} for ad in adapters}
         scores: dict[str, dict[str, ModuleScore]] = {ad.adapter_id: {} for ad in adapters}
         for key, items in members.items():
             cb, sums = out[key]
-            for (adapter_id, _, _), one, sc in zip(items, cb, scores_from_sums(sums),
-                                                    strict=True):
+            for (adapter_id, _), one, sc in zip(items, cb, scores_from_sums(sums),
+                                                strict=True):
                 cast[adapter_id][key[0]] = one
                 scores[adapter_id][key[0]] = sc
         return cast, scores

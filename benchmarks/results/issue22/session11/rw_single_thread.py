@@ -15,11 +15,22 @@ import sys
 import tempfile
 import time
 
+import torch
+
+from safelora_ray.core.scores import lora_gram
 from safelora_ray.formats.peft.digest import OutputDigest
 from safelora_ray.formats.peft.read import read_adapter
 from safelora_ray.formats.peft.write import write_adapter
-from safelora_ray.pipelines.sanitize.worker import adapter_grams
 from safelora_ray.storage import open_storage
+
+
+def adapter_grams(adapter):  # the I/O threads' G = A Aᵀ per adapter, as they did until 2026-12-07
+    by_shape = {}
+    for m, lm in adapter.modules.items():
+        by_shape.setdefault((lm.a.dtype, *lm.a.shape), []).append(m)
+    return [lora_gram(torch.stack([adapter.modules[m].a for m in names]))
+            for names in by_shape.values()]
+
 
 POOL = "/tmp/p22/pool"
 st = open_storage(POOL)

@@ -18,10 +18,18 @@ from pathlib import Path
 import torch
 from benchlib.models import LLAMA2_7B, write_adapters
 
+from safelora_ray.core.scores import lora_gram
 from safelora_ray.formats.peft import pairing
 from safelora_ray.formats.peft.read import WEIGHTS_NAME, parse_buffer_header, read_adapter
-from safelora_ray.pipelines.sanitize.worker import adapter_grams
 from safelora_ray.storage import open_storage
+
+
+def adapter_grams(adapter):  # the I/O threads' G = A Aᵀ per adapter, as they did until 2026-12-07
+    by_shape = {}
+    for m, lm in adapter.modules.items():
+        by_shape.setdefault((lm.a.dtype, *lm.a.shape), []).append(m)
+    return [lora_gram(torch.stack([adapter.modules[m].a for m in names]))
+            for names in by_shape.values()]
 
 
 def timed(name: str, f: Callable[[], object], reps: int = 200) -> None:
