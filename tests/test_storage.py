@@ -316,6 +316,27 @@ def test_local_symlink_escape_refused(tmp_path: pathlib.Path) -> None:
     assert [i.path for i in s.list()] == ["in/inside-link", "in/ok.txt"]
 
 
+def test_local_root_through_a_symlink(tmp_path: pathlib.Path) -> None:
+    """A root given as a symlink works, made before or after the storage is opened; re-pointed
+    while in use, its paths resolve outside the root it had and are refused (fail closed)."""
+    for a in ("a", "b"):
+        (tmp_path / a).mkdir()
+        (tmp_path / a / "f").write_bytes(a.encode())
+    link = tmp_path / "current"
+    s = LocalStorage(str(link))  # the link does not exist yet
+    with pytest.raises(StorageError):
+        s.read("f")
+    os.symlink(tmp_path / "a", link)
+    assert s.read("f") == b"a"
+    s.put_bytes("g", b"new")
+    assert (tmp_path / "a" / "g").read_bytes() == b"new"
+    link.unlink()
+    os.symlink(tmp_path / "b", link)
+    with pytest.raises(StorageError, match="outside the storage root"):
+        s.read("f")
+    assert LocalStorage(str(link)).read("f") == b"b"  # a storage opened now follows it
+
+
 def test_local_atomic_put_concurrent_reader(tmp_path: pathlib.Path) -> None:
     s = LocalStorage(str(tmp_path / "root"))
     n = 256 * 1024

@@ -48,6 +48,7 @@ class LocalStorage(Storage):
             raise StorageError(f"local storage root must be an absolute path, got {root!r}")
         self.root = os.path.normpath(root)
         self.uri = self.root
+        self._real: str | None = None
 
     def __repr__(self) -> str:
         return f"LocalStorage({self.root!r})"
@@ -56,6 +57,17 @@ class LocalStorage(Storage):
         return (LocalStorage, (self.root,))
 
     # -- paths -------------------------------------------------------------------------------
+    def _real_root(self) -> str:
+        """The root's real (symlink-resolved) path, looked up once the root exists: every
+        path's check needs it, and each lookup costs an ``lstat`` per component of the root.
+        A root re-pointed afterwards fails closed: its paths resolve outside the one kept."""
+        if self._real is not None:
+            return self._real
+        real = os.path.realpath(self.root)
+        if os.path.isdir(real):
+            self._real = real
+        return real
+
     def describe(self, path: str) -> str:
         """The full filesystem path of ``path`` (for messages; not validated)."""
         return os.path.join(self.root, path) if path else self.root
@@ -71,7 +83,7 @@ class LocalStorage(Storage):
             raise StorageError(f"empty object path under {self.root}")
         full = os.path.join(self.root, rel) if rel else self.root
         # realpath catches symlinks (in the root or below) that point outside the root.
-        real_root = os.path.realpath(self.root)
+        real_root = self._real_root()
         real = os.path.realpath(full)
         if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
             raise StorageError(
@@ -168,7 +180,7 @@ class LocalStorage(Storage):
         """
         top = self._resolve(prefix.rstrip("/"), allow_root=True)
         rel0 = normalize_relpath(prefix.rstrip("/"))
-        real_root = os.path.realpath(self.root).rstrip(os.sep) + os.sep
+        real_root = self._real_root().rstrip(os.sep) + os.sep
 
         def denied(rel: str, is_dir: bool, exc: OSError) -> None:
             if on_unreadable is not None:
