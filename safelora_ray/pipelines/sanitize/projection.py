@@ -5,7 +5,7 @@ An I/O worker groups a batch's modules by (module, B's dtype, A's dtype, rank): 
 the stacked B (n x d_out x r) and A (n x r x d_in), in the adapters' dtypes. The products are
 C B in B's dtype and the n x 4 score sums (:func:`~safelora_ray.core.scores.gram_sums`), from
 G = A Aᵀ: all the rule needs of A. G is formed by the engine on the set's device, beside the
-products: on a GPU node the I/O worker's CPU never does the float64 arithmetic (2-3 ms of
+products: on a GPU node the I/O worker's CPU never does the float64 arithmetic (2.5-4.5 ms of
 CPU per 7B adapter otherwise). Where the products are computed depends on the node:
 
 - **On the set's own device** (every node by default, see
