@@ -1,7 +1,7 @@
 """One thread's CPU per adapter of read_adapter + adapter_grams + write_adapter over the
 proxy's 7B pool (``/tmp/p22/pool``, as kept by ``bench_fleet.py --workdir /tmp/p22 --keep``).
 
-    OMP_NUM_THREADS=1 PYTHONPATH=<tree> python rw_single_thread.py 128    # to local files
+    OMP_NUM_THREADS=1 PYTHONPATH=<tree>:<tree>/benchmarks python rw_single_thread.py 128
     MEM=1 ...                                                             # in memory
     PROF=1 ...                                                            # with cProfile
 """
@@ -15,22 +15,12 @@ import sys
 import tempfile
 import time
 
-import torch
+from benchlib.gram import per_adapter_grams
 
-from safelora_ray.core.scores import lora_gram
 from safelora_ray.formats.peft.digest import OutputDigest
 from safelora_ray.formats.peft.read import read_adapter
 from safelora_ray.formats.peft.write import write_adapter
 from safelora_ray.storage import open_storage
-
-
-def adapter_grams(adapter):  # the I/O threads' G = A Aᵀ per adapter, as they did until 2026-12-07
-    by_shape = {}
-    for m, lm in adapter.modules.items():
-        by_shape.setdefault((lm.a.dtype, *lm.a.shape), []).append(m)
-    return [lora_gram(torch.stack([adapter.modules[m].a for m in names]))
-            for names in by_shape.values()]
-
 
 POOL = "/tmp/p22/pool"
 st = open_storage(POOL)
@@ -49,7 +39,7 @@ def buf(size: int) -> bytearray:
 
 def one(i: str) -> str:
     ad = read_adapter(st, i, i, buffer=buf)
-    adapter_grams(ad)
+    per_adapter_grams(ad)
     d = OutputDigest()
     dest = None if os.environ.get("MEM") else os.path.join(out, i.replace("/", "_"))
     write_adapter(ad, {}, dest, None, "", d)

@@ -2,15 +2,16 @@
 the batch's A for the engine (which forms G on the set's device now). One thread, 16 adapters
 of the proxy's pool (``bench_fleet.py --workdir /tmp/p22 --keep``):
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/results/issue22/session12/gram_host.py
+    OMP_NUM_THREADS=1 PYTHONPATH=.:benchmarks \\
+        python benchmarks/results/issue22/session12/gram_host.py
 """
 
 import os
 import time
 
 import torch
+from benchlib.gram import per_adapter_grams
 
-from safelora_ray.core.scores import lora_gram
 from safelora_ray.formats.peft.read import read_adapter
 from safelora_ray.storage import open_storage
 
@@ -21,18 +22,12 @@ ids = sorted(f"{t}/{a}" for t in os.listdir(POOL) for a in os.listdir(f"{POOL}/{
 ads = [read_adapter(st, i, i) for i in ids]
 
 
-def grams(ad):  # as the I/O threads did: one product per shape and dtype of A
-    by = {}
-    for m, lm in ad.modules.items():
-        by.setdefault((lm.a.dtype, *lm.a.shape), []).append(m)
-    return [lora_gram(torch.stack([ad.modules[m].a for m in n])) for n in by.values()]
-
-
 def stack(which):
     return {m: torch.stack([getattr(ad.modules[m], which) for ad in ads]) for m in ads[0].modules}
 
 
-for name, f in [("G per adapter (the I/O threads, before)", lambda: [grams(a) for a in ads]),
+for name, f in [("G per adapter (the I/O threads, before)",
+                 lambda: [per_adapter_grams(a) for a in ads]),
                 ("stack the batch's A (now)", lambda: stack("a")),
                 ("stack the batch's B (both)", lambda: stack("b"))]:
     f()

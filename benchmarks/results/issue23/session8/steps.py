@@ -16,20 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from benchlib.gram import per_adapter_grams
 from benchlib.models import LLAMA2_7B, write_adapters
 
-from safelora_ray.core.scores import lora_gram
 from safelora_ray.formats.peft import pairing
 from safelora_ray.formats.peft.read import WEIGHTS_NAME, parse_buffer_header, read_adapter
 from safelora_ray.storage import open_storage
-
-
-def adapter_grams(adapter):  # the I/O threads' G = A Aᵀ per adapter, as they did until 2026-12-07
-    by_shape = {}
-    for m, lm in adapter.modules.items():
-        by_shape.setdefault((lm.a.dtype, *lm.a.shape), []).append(m)
-    return [lora_gram(torch.stack([adapter.modules[m].a for m in names]))
-            for names in by_shape.values()]
 
 
 def timed(name: str, f: Callable[[], object], reps: int = 200) -> None:
@@ -57,7 +49,7 @@ def main() -> None:
     timed("finite check, per tensor (before)", lambda: pairing._first_non_finite(named))
     timed("finite check, in runs (now)",
           lambda: pairing._first_non_finite_in(raw, header, named))
-    timed("G = A A^T, float64 (adapter_grams)", lambda: adapter_grams(ad))
+    timed("G = A A^T, float64 (adapter_grams)", lambda: per_adapter_grams(ad))
 
 
 if __name__ == "__main__":
