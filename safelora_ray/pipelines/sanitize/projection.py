@@ -66,8 +66,9 @@ MAX_REQUEST_BYTES = env_number("SAFELORA_REQUEST_MAX_BYTES", 16 * 1024**2, int)
 #: The worker slot of a holder's service (one set resident at a time).
 SERVICE_SLOT = "projection"
 #: Benchmarks only (``bench_fleet.py --null-product``): the product is replaced by a copy of B
-#: on the set's device and scores of cosine 1, so the same bytes travel the same way with the
-#: arithmetic gone (what is left is the data path's own cost).
+#: on the set's device and scores of cosine 1, so the same bytes (A and B) travel the same way
+#: with the engine's arithmetic, G = A Aᵀ included, gone (what is left is the data path's own
+#: cost).
 NULL_PRODUCT = os.environ.get("SAFELORA_BENCH_NULL_PRODUCT") == "1"
 
 
