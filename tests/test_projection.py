@@ -32,6 +32,7 @@ from safelora_ray.pipelines.sanitize.projection import (
     ProjectionEngine,
     ProjectionService,
     SetKey,
+    dtype_name,
     pack,
     split_groups,
     unpack,
@@ -141,7 +142,7 @@ def test_engine_forms_g_from_a_beside_the_products(fleet: Any) -> None:
         for da, db in ((torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)):
             a = torch.randn(3, 4, d_in, generator=gen).to(da)
             b = torch.randn(3, d_out, 4, generator=gen).to(db)
-            groups[(m, str(db).removeprefix("torch."), str(da).removeprefix("torch."), 4)] = (b, a)
+            groups[(m, dtype_name(db), dtype_name(da), 4)] = (b, a)
     out = engine.run(groups)
     for key, (b, a) in groups.items():
         cb, sums = out[key]

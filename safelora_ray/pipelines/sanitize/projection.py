@@ -192,7 +192,7 @@ def null_stack(matrix: AlignmentMatrix, b: torch.Tensor, a: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """:data:`NULL_PRODUCT`'s stand-in for G and :func:`project_stack`: A and B copied to the
     matrix's device, B back as "C B", with sums that score a cosine of 1 (nothing drifts)."""
-    a.to(matrix.tensor.device, non_blocking=True)
+    a.to(matrix.tensor.device, non_blocking=True)  # A's trip a real G takes; G itself is gone
     cb = b.to(matrix.tensor.device, non_blocking=True).clone()
     sums = torch.tensor([[1.0, 1.0, 1.0, 0.0]], dtype=torch.float64,
                         device=cb.device).expand(b.shape[0], 4)
