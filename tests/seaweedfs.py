@@ -42,9 +42,10 @@ READER_KEY, READER_SECRET = "slr-reader", "slr-reader-secret-0123456789"
 
 _PORTS = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3",
           "s3_grpc")
-# One volume per growth step instead of seven: every bucket is a collection with its own
-# volumes, and the tests make hundreds of buckets. Read by ``weed`` from its working dir.
-_MASTER_TOML = "[master.volume_growth]\ncopy_1 = 1\ncopy_2 = 2\ncopy_3 = 3\ncopy_other = 1\n"
+# The tests' volume growth: one volume per step instead of seven (every bucket is a
+# collection with its own volumes, and the tests make hundreds of buckets); the first
+# number is ``volumes_per_growth``. Read by ``weed`` from its working dir.
+_MASTER_TOML = "[master.volume_growth]\ncopy_1 = {}\ncopy_2 = 2\ncopy_3 = 3\ncopy_other = 1\n"
 
 
 def weed_binary() -> str:
@@ -86,6 +87,8 @@ class SeaweedFS:
     Args:
         workdir: Data dir (created); the server's log is ``workdir/weed.log``.
         volume_size_mb: Master's volume size limit (small: volumes are sparse, many buckets).
+        volumes_per_growth: Volumes the master makes at once when a bucket needs one (1: the
+            tests' many buckets; SeaweedFS's own default is 7).
         startup_timeout_s: How long :meth:`start` waits for S3 to answer.
 
     Attributes:
@@ -93,10 +96,11 @@ class SeaweedFS:
         ports: The ports picked, by role.
     """
 
-    def __init__(self, workdir: Path, *, volume_size_mb: int = 64,
+    def __init__(self, workdir: Path, *, volume_size_mb: int = 64, volumes_per_growth: int = 1,
                  startup_timeout_s: float = 60.0) -> None:
         self.workdir = Path(workdir)
         self.volume_size_mb = volume_size_mb
+        self.volumes_per_growth = volumes_per_growth
         self.startup_timeout_s = startup_timeout_s
         self.ports: dict[str, int] = {}
         self.endpoint = ""
@@ -111,7 +115,7 @@ class SeaweedFS:
         self.workdir.mkdir(parents=True, exist_ok=True)
         data = self.workdir / "data"
         data.mkdir(exist_ok=True)
-        (self.workdir / "master.toml").write_text(_MASTER_TOML)
+        (self.workdir / "master.toml").write_text(_MASTER_TOML.format(self.volumes_per_growth))
         config = self.workdir / "s3.json"
         config.write_text(json.dumps({"identities": [
             {"name": "admin", "credentials": [{"accessKey": ADMIN_KEY,
@@ -248,6 +252,14 @@ class SeaweedFS:
 
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(put, items.items()))
+
+    def writable_volumes(self, bucket: str) -> int:
+        """How many volumes the master holds open for writes to ``bucket`` (its collection)."""
+        url = f"http://127.0.0.1:{self.ports['master']}/dir/status"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            layouts = json.load(resp)["Topology"].get("Layouts") or []
+        return sum(len(lay.get("writables") or []) for lay in layouts
+                   if lay.get("collection") == bucket)
 
     # -- clients -----------------------------------------------------------------------------
     def env(self, *, reader: bool = False) -> dict[str, str]:

@@ -258,4 +258,11 @@ def test_bench_s3_smoke(tmp_path):
     assert r["server"].startswith("seaweedfs") and r["n"] == 8
     (run,) = r["runs"]
     assert run["sanitize_s"] > 0 and run["floor_s"] > 0 and run["ratio"] > 0
+    # the floor taken again after the sanitize, and the run held to the mean of both
+    assert run["floor_after_s"] > 0
+    mean = (run["floor_s"] + run["floor_after_s"]) / 2
+    assert run["floor_mean_fraction"] == pytest.approx(mean / run["sanitize_s"])
+    # SeaweedFS's own growth, volumes of 1 GiB unless the disk is small
+    assert r["server_volumes"]["per_growth"] == 7
+    assert 64 <= r["server_volumes"]["size_mb"] <= 1024
     assert r["reader"]["ranges"] > 0 and r["reader"]["ratio"] > 0

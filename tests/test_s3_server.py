@@ -122,6 +122,19 @@ def test_conditional_writes_for_leases(s3_bucket: str) -> None:
     assert wins.count(True) == 1
 
 
+def test_the_server_grows_the_volumes_it_is_told(tmp_path: Path) -> None:
+    """The benchmarks' server makes SeaweedFS's seven volumes per growth step, the tests' one
+    (hundreds of buckets); each its own collection, so a bucket's first PUT shows it."""
+    from tests.seaweedfs import SeaweedFS
+
+    with SeaweedFS(tmp_path / "weed", volume_size_mb=128, volumes_per_growth=3) as srv:
+        client = srv.client()
+        for bucket in ("growth-three", "growth-three-b"):
+            client.create_bucket(Bucket=bucket)
+            client.put_object(Bucket=bucket, Key="k", Body=b"x")
+            assert srv.writable_volumes(bucket) == 3
+
+
 def test_listing_ten_thousand_keys(s3_bucket: str, seaweedfs: Any) -> None:
     keys = [f"cat/t{i % 7}/ad-{i:05d}/adapter_config.json" for i in range(10_000)]
     seaweedfs.put_many(s3_bucket, dict.fromkeys(keys, b"{}"))

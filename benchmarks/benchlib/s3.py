@@ -80,13 +80,15 @@ class SeaweedS3(MotoS3):
     stopped (by pid) by :meth:`stop`. Same interface as :class:`MotoS3`; its processes are
     not the driver's (their RSS is not in the driver's)."""
 
-    def __init__(self, workdir: Path, bucket: str = "safelora-bench") -> None:
+    def __init__(self, workdir: Path, bucket: str = "safelora-bench", *,
+                 volume_size_mb: int = 64, volumes_per_growth: int = 1) -> None:
         repo = str(Path(__file__).resolve().parents[2])
         if repo not in sys.path:
             sys.path.append(repo)
         from tests.seaweedfs import SeaweedFS
 
-        self.weed = SeaweedFS(Path(workdir) / "seaweedfs").start()
+        self.weed = SeaweedFS(Path(workdir) / "seaweedfs", volume_size_mb=volume_size_mb,
+                              volumes_per_growth=volumes_per_growth).start()
         self.endpoint = self.weed.endpoint
         _point_env(self.weed.env(), Path(workdir))
         self.client: Any = self.weed.client(max_pool_connections=64)
