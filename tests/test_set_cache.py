@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,37 @@ def test_corrupt_origin_is_a_one_line_error_and_leaves_no_copy(
     with pytest.raises(AlignmentSetError, match=r"tensor .* is corrupt") as e:
         set_cache.local_copy(AlignmentSet.open(s3_set))
     assert key in str(e.value) and "\n" not in str(e.value)
+    assert not [p for p in cache.iterdir() if not p.name.endswith(".lock")]
+
+
+def test_a_copy_in_many_windows_is_the_set_byte_for_byte(
+        world: dict[str, Any], s3_set: str, s3_bucket: str, s3_admin_client: Any, cache: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard copied in many windows (each fetched while the one before is hashed and
+    written) is its object on S3 byte for byte, an unaligned tail included; damage in its
+    last window is still found, and nothing of that copy is left."""
+    origin = AlignmentSet.open(s3_set)
+    shards = origin.metadata["integrity"]["shards"]
+    monkeypatch.setattr(set_cache, "WINDOW_BYTES", 4096)
+    assert max(int(r["bytes"]) for r in shards.values()) > 3 * 4096
+    assert any(int(r["bytes"]) % 4096 for r in shards.values())  # a tail past O_DIRECT's blocks
+    write = set_cache._DestFile.write
+
+    def slow_disk(self: Any, data: memoryview) -> None:  # the next window lands meanwhile
+        time.sleep(0.05)
+        write(self, data)
+
+    monkeypatch.setattr(set_cache._DestFile, "write", slow_disk)
+    copy = set_cache.local_copy(origin)
+    paths = copy.local_shards()
+    assert paths is not None and sorted(paths) == sorted(shards)
+    for shard, path in paths.items():
+        body = s3_admin_client.get_object(Bucket=s3_bucket, Key=f"set/{shard}")["Body"].read()
+        assert Path(path).read_bytes() == body
+    shutil.rmtree(cache)
+    _corrupt_origin(s3_set, s3_bucket, s3_admin_client)
+    with pytest.raises(AlignmentSetError, match=r"tensor .* is corrupt"):
+        set_cache.local_copy(AlignmentSet.open(s3_set))
     assert not [p for p in cache.iterdir() if not p.name.endswith(".lock")]
 
 

@@ -233,6 +233,13 @@ def _disk(root: Path) -> tuple[int, int]:
 
 def _copy_shard(aset: AlignmentSet, path: str, rec: dict[str, Any], tmp: Path,
                 cancelled: Callable[[], bool] | None) -> None:
+    """Copy one shard window by window, checked against its recorded SHA-256.
+
+    The three steps of a window overlap: while a window is hashed here and written by the
+    writer thread, the next one is fetched (the GETs, the hash and the disk each wait on
+    their own; one after the other, a 2 GiB shard took ~4.5 s on SeaweedFS with the two
+    cores half idle, docs/benchmarks.md §15.11). Two windows, each reused: fresh memory is
+    what costs on a VM."""
     size = int(rec.get("bytes") or 0)
     if Path(path).is_absolute() or ".." in Path(path).parts:
         raise AlignmentSetError(f"{aset.uri}: shard path {path!r} in {METADATA_FILE} leaves "
@@ -240,19 +247,34 @@ def _copy_shard(aset: AlignmentSet, path: str, rec: dict[str, Any], tmp: Path,
     dest = tmp / path
     dest.parent.mkdir(parents=True, exist_ok=True)
     h = hashlib.sha256()
-    buf = mmap.mmap(-1, max(min(WINDOW_BYTES, size), 1))  # page-aligned, as O_DIRECT needs
-    with _DestFile(dest) as out:
-        for off in range(0, size, WINDOW_BYTES):
+    window = max(min(WINDOW_BYTES, size), 1)
+    offsets = list(range(0, size, WINDOW_BYTES))
+    # page-aligned, as O_DIRECT needs
+    bufs = [mmap.mmap(-1, window) for _ in range(min(len(offsets), 2) or 1)]
+
+    def fetch(i: int) -> memoryview:
+        off = offsets[i]
+        view = memoryview(bufs[i % len(bufs)])[:min(WINDOW_BYTES, size - off)]
+        try:
+            aset.storage.read_into(path, off, view)
+        except SafeLoraError as e:
+            raise OSError(f"{aset.storage.describe(path)}: {e}") from None
+        return view
+
+    with _DestFile(dest) as out, ThreadPoolExecutor(
+            2, thread_name_prefix="safelora-set-window") as helpers:
+        nxt = helpers.submit(fetch, 0) if offsets else None
+        for i in range(len(offsets)):
             if cancelled is not None and cancelled():
                 raise CopyCancelled(f"the copy of alignment set {aset.content_id} was given "
                                     "up: its run was stopped")
-            view = memoryview(buf)[:min(WINDOW_BYTES, size - off)]
-            try:
-                aset.storage.read_into(path, off, view)
-            except SafeLoraError as e:
-                raise OSError(f"{aset.storage.describe(path)}: {e}") from None
+            assert nxt is not None
+            view = nxt.result()
+            # The other buffer is free: its window was hashed and written in the last turn.
+            nxt = helpers.submit(fetch, i + 1) if i + 1 < len(offsets) else None
+            written = helpers.submit(out.write, view)
             h.update(view)
-            out.write(view)
+            written.result()
     # Not fsynced: a copy that a crash left short or zeroed fails the digests every run checks
     # as it maps the copy, and is then removed (syncing 4 GiB would slow every first run).
     if f"sha256:{h.hexdigest()}" != rec.get("sha256"):
