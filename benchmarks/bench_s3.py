@@ -24,13 +24,15 @@ catalog of ``--n`` PEFT LoRA adapters (r = 8 on q_proj and v_proj) uploaded to S
 - **settle**: before the floor and before each sanitize, the benchmark waits until the
   machine is quiet (``--settle``: under 0.25 cores busy for two seconds running): SeaweedFS
   digests a burst of writes for a while after it, and the phase that came next paid for it;
-- **server volumes**: SeaweedFS's growth (7 volumes at a time) and 1 GiB volumes by default
-  (``--volume-size-mb``, ``--volumes-per-growth``). The tests' fixture makes 64 MiB volumes
-  one at a time (hundreds of small buckets); with it, every 64 MiB written stalls the PUT
-  that fills a volume ~0.2 s while the master grows the next (no CPU spent anywhere), which
-  no production store does and which a batch's PUTs wait on more than the floor's 16
-  independent threads (docs/benchmarks.md §15.11). SeaweedFS's own default size, 30 GB, is
-  more than this machine's disk holds seven of;
+- **server volumes**: SeaweedFS's growth (7 volumes at a time) and 4 GiB volumes by default
+  (``--volume-size-mb``, ``--volumes-per-growth``; smaller where half the disk's free space
+  would not hold a growth step): the bucket's first write makes room for every phase of a
+  run, so no phase waits on the master growing volumes. The tests' fixture makes 64 MiB
+  volumes one at a time (hundreds of small buckets); with it, every 64 MiB written stalls the
+  PUT that fills a volume ~0.2 s (no CPU spent anywhere), which no production store does and
+  which a batch's PUTs wait on more than the floor's 16 independent threads
+  (docs/benchmarks.md §15.11). SeaweedFS's own default size, 30 GB, is more than this
+  machine's disk holds seven of;
 - **list**: the listing of the catalog alone (``iter_catalog``), so its share is visible;
 - **requests**: every S3 call the product's clients make in this process, by operation (an
   ``inline`` run's are all of them: a deterministic measure, where the times are noisy), per
@@ -283,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                         "counted); off = none (the set read from S3 into memory)")
     p.add_argument("--no-bracket", dest="bracket", action="store_false",
                    help="do not take the floor(s) again after each repeat's sanitizes")
-    p.add_argument("--volume-size-mb", type=int, default=1024,
+    p.add_argument("--volume-size-mb", type=int, default=4096,
                    help="the server's volume size limit (the tests' fixture: 64)")
     p.add_argument("--volumes-per-growth", type=int, default=7,
                    help="volumes the server makes at once when it needs one (SeaweedFS's "

@@ -52,9 +52,11 @@ CACHE_ENV = "SAFELORA_SET_CACHE"
 #: :data:`KEEP_FREE_MAX_BYTES` (a large disk is not held to a twentieth of itself).
 KEEP_FREE_FRACTION = 0.05
 KEEP_FREE_MAX_BYTES = 4 * 1024**3
-#: Shards copied at once, and the window each is streamed through (reused: fresh memory is
-#: what costs on a VM). A window is several of an object store's parts, fetched in parallel:
-#: 64 MiB copied a 2 GiB shard from SeaweedFS in 4.2-4.4 s against 16 MiB's 5.0 s.
+#: Shards copied at once, and the window each is streamed through (two per shard, reused:
+#: fresh memory is what costs on a VM). A window is several of an object store's parts,
+#: fetched in parallel: 64 MiB copied a 2 GiB shard from SeaweedFS in 4.2-4.4 s against
+#: 16 MiB's 5.0 s, one step after another; with the next window fetched while one is hashed
+#: and written, 2.4-2.6 s.
 FILL_THREADS = 4
 WINDOW_BYTES = 64 * 1024 * 1024
 _BLOCK = 4096  # O_DIRECT's alignment of offsets and lengths (a multiple of any block size)
