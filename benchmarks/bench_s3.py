@@ -20,7 +20,7 @@ catalog of ``--n`` PEFT LoRA adapters (r = 8 on q_proj and v_proj) uploaded to S
   turns it off;
 - **bracket**: the floor (and in ``cold``, the floor with the set's GETs) is taken again
   after each repeat's sanitizes, and each run is also held to the mean of the two (on this
-  shared machine the same floor took 14-19 s minutes apart); ``--no-bracket``: only before;
+  shared machine the same floor took 14-22 s within the hour); ``--no-bracket``: only before;
 - **settle**: before the floor and before each sanitize, the benchmark waits until the
   machine is quiet (``--settle``: under 0.25 cores busy for two seconds running): SeaweedFS
   digests a burst of writes for a while after it, and the phase that came next paid for it;
@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
                                                           if mode == "inline" else None)})
                 if args.bracket:
                     # The floor again after the rep's sanitizes: on a shared machine the same
-                    # requests took 14-19 s minutes apart (§15.11), so each run is also held
+                    # requests took 14-22 s within the hour (§15.11), so each run is also held
                     # to the mean of the floors either side of it.
                     after, after_set, _ = floors(f"-after-{rep}")
                     for r in runs:
