@@ -294,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="before each timed phase, wait until under this many cores are busy "
                         "(the server done with the last one's writes; 0: do not wait)")
     args = p.parse_args(argv)
+    if args.volume_size_mb < 1 or args.volumes_per_growth < 1:
+        p.error("--volume-size-mb and --volumes-per-growth must be at least 1")
     setup_logging()
     if args.smoke:
         args.n, args.repeats, args.reader_arch = 8, 1, "tiny"
@@ -318,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         # A growth step's volumes must fit the disk (half its free space), else the server
         # refuses writes ("no free volumes left"): smaller volumes on a small disk.
         free_mb = shutil.disk_usage(root).free // 2**20
-        fit = max(64, free_mb // (2 * max(args.volumes_per_growth, 1)))
+        fit = max(64, free_mb // (2 * args.volumes_per_growth))
         if fit < args.volume_size_mb:
             print(f"note: {free_mb} MiB free in {root}: volumes of {fit} MiB, not "
                   f"{args.volume_size_mb}", file=sys.stderr)

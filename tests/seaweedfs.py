@@ -183,12 +183,16 @@ class SeaweedFS:
         raise RuntimeError(f"SeaweedFS S3 did not answer within {self.startup_timeout_s:.0f} s "
                            f"({last}): {self.log_tail()}")
 
-    def _data_nodes(self) -> int:
-        """Volume servers the master knows (from its ``/dir/status``; 0 on any error)."""
+    def _topology(self, timeout_s: float) -> dict[str, Any]:
+        """The master's view of its volume servers and volumes (its ``/dir/status``)."""
         url = f"http://127.0.0.1:{self.ports['master']}/dir/status"
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            return json.load(resp).get("Topology") or {}
+
+    def _data_nodes(self) -> int:
+        """Volume servers the master knows (0 on any error)."""
         try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                topo = json.load(resp).get("Topology") or {}
+            topo = self._topology(5)
         except (OSError, ValueError):
             return 0
         return sum(len(rack.get("DataNodes") or []) for dc in topo.get("DataCenters") or []
@@ -255,11 +259,8 @@ class SeaweedFS:
 
     def writable_volumes(self, bucket: str) -> int:
         """How many volumes the master holds open for writes to ``bucket`` (its collection)."""
-        url = f"http://127.0.0.1:{self.ports['master']}/dir/status"
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            layouts = json.load(resp)["Topology"].get("Layouts") or []
-        return sum(len(lay.get("writables") or []) for lay in layouts
-                   if lay.get("collection") == bucket)
+        return sum(len(lay.get("writables") or []) for lay in
+                   self._topology(10).get("Layouts") or [] if lay.get("collection") == bucket)
 
     # -- clients -----------------------------------------------------------------------------
     def env(self, *, reader: bool = False) -> dict[str, str]:

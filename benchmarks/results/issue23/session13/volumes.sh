@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 23, thirteenth session: the same code against two SeaweedFS volume settings,
-# alternating: the tests' fixture (64 MiB volumes, one made at a time) and the benchmark's
-# default since this session (1 GiB volumes, seven at a time: SeaweedFS's own growth). Each a
+# alternating: the tests' fixture (64 MiB volumes, one made at a time) and 1 GiB volumes made
+# seven at a time (SeaweedFS's own growth; bench_s3's default is now 4 GiB). Each a
 # bench_s3 run of the default path on 600 7B-shaped adapters with the null product, the
 # set's copy warm. Run from the repository root:
 # OUT=/tmp/vol bash benchmarks/results/issue23/session13/volumes.sh
